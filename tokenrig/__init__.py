@@ -1,0 +1,3 @@
+"""tokenrig: measure how fast and how cheaply LLMs serve and train on your own GPUs."""
+
+__version__ = "0.1.0"

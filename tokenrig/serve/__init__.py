@@ -1,0 +1,1 @@
+"""Stand up an LLM server: synthetic checkpoints, the HTTP API layer, engines and the launcher."""

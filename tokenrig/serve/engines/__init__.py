@@ -1,0 +1,36 @@
+"""Engines: what turns prompt token ids into a stream of generated token ids.
+
+The HTTP layer (`tokenrig.serve.api`) is shared; an engine only implements `Engine`. Engines never
+stop at EOS themselves: the API layer applies max_tokens / min_tokens / ignore_eos so every engine
+honours them the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+
+
+@dataclass
+class EngineLoad:
+    running: int
+    waiting: int
+    kv_cache_usage: float | None  # fraction 0..1, None when the engine cannot tell
+
+
+class Engine(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+        """Yield newly generated token ids as they are produced; closing the iterator cancels."""
+
+    def load(self) -> EngineLoad: ...

@@ -1,0 +1,92 @@
+"""The hf engine: a transformers model behind transformers' own continuous-batching manager.
+
+`model.init_continuous_batching()` gives a paged-KV, iteration-level scheduler running in a
+background thread; results come back on the event loop through `register_result_handler`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from tokenrig.serve.engines import EngineLoad, GenerationRequest
+
+NO_EOS = -1  # the API layer decides when to stop; the engine generates max_tokens
+
+
+class HFEngine:
+    def __init__(
+        self,
+        model_dir: str,
+        device: str = "cpu",
+        dtype: str = "bfloat16",
+        attn_implementation: str = "sdpa",
+        max_num_seqs: int | None = None,
+        max_batch_tokens: int | None = None,
+    ):
+        self.model_dir = model_dir
+        self.device = device
+        self.dtype = dtype
+        self.attn_implementation = attn_implementation
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self._manager = None
+        self._waiting: set[str] = set()
+        self._running: set[str] = set()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._start_manager)
+
+    def _start_manager(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=getattr(torch, self.dtype), attn_implementation=self.attn_implementation
+        ).to(self.device)
+        model.eval()
+        generation_config = GenerationConfig(do_sample=False, eos_token_id=NO_EOS, pad_token_id=model.config.pad_token_id)
+        cb_config = ContinuousBatchingConfig(
+            max_requests_per_batch=self.max_num_seqs, max_batch_tokens=self.max_batch_tokens
+        )
+        self._manager = model.init_continuous_batching(
+            generation_config=generation_config, continuous_batching_config=cb_config
+        )
+        self._manager.start()
+
+    async def stop(self) -> None:
+        if self._manager is not None:
+            await asyncio.to_thread(self._manager.stop, True, 30)
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(running=len(self._running), waiting=len(self._waiting), kv_cache_usage=None)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+        outputs: asyncio.Queue = asyncio.Queue()
+        rid = request.request_id
+        self._manager.register_result_handler(rid, outputs.put_nowait)
+        self._manager.add_request(
+            input_ids=request.prompt_ids, request_id=rid, max_new_tokens=request.max_tokens,
+            streaming=True, eos_token_id=NO_EOS,
+        )
+        self._waiting.add(rid)
+        sent, finished = 0, False
+        try:
+            while True:
+                output = await outputs.get()
+                if output.error:
+                    raise RuntimeError(f"engine error: {output.error}")
+                new = output.generated_tokens[sent:]
+                if new:
+                    self._waiting.discard(rid)
+                    self._running.add(rid)
+                    sent += len(new)
+                    yield new
+                if output.is_finished():
+                    finished = True
+                    return
+        finally:
+            self._waiting.discard(rid)
+            self._running.discard(rid)
+            if not finished:
+                self._manager.cancel_request(rid)

@@ -1,0 +1,239 @@
+"""The sim engine: a simulated LLM engine whose timing is known exactly.
+
+Two timing models:
+
+* `FixedSchedule` — token i of every request is due at arrival + ttft + i * tpot, whatever the
+  load. Deadlines are absolute, so sleep jitter never accumulates: the ground truth for checking
+  that a load generator measures what the server did.
+* `RooflineEngine` — a continuous-batching scheduler (iteration-level, like vLLM) whose step time
+  is the roofline of the work in the step: matmul and attention FLOPs over the GPU's BF16 peak,
+  weight and KV-cache bytes over its memory bandwidth, each derated by an efficiency. A KV-cache
+  capacity (GPU memory minus weights) bounds how many requests run at once; the rest wait. So
+  latency grows with load the way a real engine's does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from tokenrig.profiles import GpuProfile, ModelProfile
+from tokenrig.serve.engines import EngineLoad, GenerationRequest
+
+
+class _TokenSource:
+    """Random content-word token ids (never special tokens), seeded for reproducibility."""
+
+    def __init__(self, vocab_size: int, first_content_id: int, seed: int = 0):
+        self._rng = random.Random(seed)
+        self._low, self._high = first_content_id, vocab_size - 1
+
+    def next(self) -> int:
+        return self._rng.randint(self._low, self._high)
+
+
+class FixedSchedule:
+    def __init__(self, ttft_s: float, tpot_s: float, vocab_size: int, first_content_id: int):
+        self.ttft_s = ttft_s
+        self.tpot_s = tpot_s
+        self._tokens = _TokenSource(vocab_size, first_content_id)
+        self._active: set[str] = set()
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(running=len(self._active), waiting=0, kv_cache_usage=None)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+        loop = asyncio.get_running_loop()
+        arrival = loop.time()
+        self._active.add(request.request_id)
+        try:
+            for index in range(request.max_tokens):
+                delay = arrival + self.ttft_s + index * self.tpot_s - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                yield [self._tokens.next()]
+        finally:
+            self._active.discard(request.request_id)
+
+
+@dataclass
+class RooflineParams:
+    """Derating and limits of the roofline engine. Defaults are typical of a tuned engine."""
+
+    compute_efficiency: float = 0.6  # achieved / peak BF16 FLOP/s on large matmuls
+    bandwidth_efficiency: float = 0.8  # achieved / peak memory bandwidth on weight streaming
+    step_overhead_s: float = 0.002  # scheduler + kernel-launch cost per iteration
+    max_num_seqs: int = 256
+    max_batch_tokens: int = 8192  # prefill token budget per step (chunked prefill)
+    gpu_memory_utilization: float = 0.9
+    bytes_per_weight: float = 2.0
+    bytes_per_kv_value: float = 2.0
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    out: asyncio.Queue
+    prefilled: int = 0
+    generated: int = 0
+    done: bool = False
+
+    @property
+    def context(self) -> int:
+        return len(self.request.prompt_ids) + self.generated
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.request.prompt_ids) + self.request.max_tokens
+
+
+@dataclass
+class StepWork:
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    attention_flops: float = 0.0
+    kv_bytes_read: float = 0.0
+    kv_tokens_written: int = 0
+    sequences: list = field(default_factory=list)
+
+
+class RooflineEngine:
+    def __init__(
+        self, model: ModelProfile, gpu: GpuProfile, first_content_id: int, params: RooflineParams | None = None
+    ):
+        self.model = model
+        self.gpu = gpu
+        self.params = params or RooflineParams()
+        self.weight_bytes = model.num_params * self.params.bytes_per_weight
+        self.kv_bytes_per_token = model.kv_bytes_per_token(self.params.bytes_per_kv_value)
+        free = gpu.memory_bytes * self.params.gpu_memory_utilization - self.weight_bytes
+        if free <= 0:
+            raise ValueError(
+                f"{model.key} weights ({self.weight_bytes / 1e9:.1f} GB) do not fit in one {gpu.key} "
+                f"({gpu.memory_gb:g} GB x {self.params.gpu_memory_utilization})"
+            )
+        self.kv_capacity_tokens = int(free // self.kv_bytes_per_token)
+        self._tokens = _TokenSource(model.vocab_size, first_content_id)
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._kv_reserved = 0
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(
+            running=len(self._running),
+            waiting=len(self._waiting),
+            kv_cache_usage=self._kv_reserved / self.kv_capacity_tokens,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+        if len(request.prompt_ids) + request.max_tokens > self.kv_capacity_tokens:
+            raise ValueError("prompt + max_tokens exceed the whole KV cache")
+        sequence = _Sequence(request, asyncio.Queue())
+        self._waiting.append(sequence)
+        self._wake.set()
+        try:
+            while True:
+                token = await sequence.out.get()
+                if token is None:
+                    return
+                yield [token]
+        finally:
+            sequence.done = True
+
+    def step_time(self, work: StepWork) -> float:
+        """Roofline time of one engine iteration."""
+        p = self.params
+        tokens = work.prefill_tokens + work.decode_tokens
+        flops = 2 * self.model.num_matmul_params * tokens + work.attention_flops
+        bytes_moved = self.weight_bytes + work.kv_bytes_read + work.kv_tokens_written * self.kv_bytes_per_token
+        compute_s = flops / (self.gpu.flops_per_s * p.compute_efficiency)
+        memory_s = bytes_moved / (self.gpu.bandwidth_bytes_per_s * p.bandwidth_efficiency)
+        return max(compute_s, memory_s) + p.step_overhead_s
+
+    def _attention_flops(self, query_tokens: int, context_end: int) -> float:
+        # QK^T and AV: 2 matmuls x 2 FLOPs per multiply-add, over all heads, causal context
+        per_token_context = context_end - (query_tokens - 1) / 2
+        return 4 * self.model.num_layers * self.model.num_heads * self.model.head_dim * query_tokens * per_token_context
+
+    def _plan_step(self) -> StepWork:
+        p = self.params
+        self._running = [s for s in self._running if not s.done or self._release(s)]
+        while self._waiting and self._waiting[0].done:
+            self._waiting.popleft()
+        while (
+            self._waiting
+            and len(self._running) < p.max_num_seqs
+            and self._kv_reserved + self._waiting[0].reserved_tokens <= self.kv_capacity_tokens
+        ):
+            sequence = self._waiting.popleft()
+            self._kv_reserved += sequence.reserved_tokens
+            self._running.append(sequence)
+
+        work, budget = StepWork(), p.max_batch_tokens
+        for sequence in self._running:
+            prompt = len(sequence.request.prompt_ids)
+            if sequence.prefilled < prompt:
+                chunk = min(prompt - sequence.prefilled, budget)
+                if chunk == 0:
+                    continue
+                budget -= chunk
+                sequence.prefilled += chunk
+                work.prefill_tokens += chunk
+                work.attention_flops += self._attention_flops(chunk, sequence.prefilled)
+                work.kv_tokens_written += chunk
+                if sequence.prefilled == prompt:
+                    work.sequences.append(sequence)
+            else:
+                work.decode_tokens += 1
+                work.attention_flops += self._attention_flops(1, sequence.context + 1)
+                work.kv_bytes_read += sequence.context * self.kv_bytes_per_token
+                work.kv_tokens_written += 1
+                work.sequences.append(sequence)
+        return work
+
+    def _release(self, sequence: _Sequence) -> bool:
+        self._kv_reserved -= sequence.reserved_tokens
+        return False
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time()
+        while True:
+            work = self._plan_step()
+            if not work.sequences and not work.prefill_tokens:
+                self._wake.clear()
+                await self._wake.wait()
+                deadline = loop.time()
+                continue
+            deadline += self.step_time(work)
+            delay = deadline - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                deadline = loop.time()  # fell behind (host pause): do not try to catch up
+            for sequence in work.sequences:
+                if sequence.done:
+                    continue
+                sequence.generated += 1
+                sequence.out.put_nowait(self._tokens.next())
+                if sequence.generated >= sequence.request.max_tokens:
+                    sequence.out.put_nowait(None)
+                    sequence.done = True

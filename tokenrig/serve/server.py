@@ -1,0 +1,83 @@
+"""Server process entry point: `python -m tokenrig.serve.server --engine hf|sim ...`.
+
+The launcher runs this in its own process; it can also be run by hand. Prints one line when
+it listens and shuts down cleanly on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from aiohttp import web
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tokenrig.serve.server", description=__doc__)
+    parser.add_argument("--engine", choices=["hf", "sim"], required=True)
+    parser.add_argument("--model", required=True, help="model profile name (tiny, llama2-7b, ...)")
+    parser.add_argument("--model-dir", required=True, help="checkpoint (hf) or tokenizer (sim) directory")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--gpu", default="cpu", help="GPU profile whose roofline the sim engine follows")
+    parser.add_argument("--device", default="cpu", help="torch device for the hf engine")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--attn-implementation", default="sdpa", help="hf engine: eager, sdpa or flash_attention_2")
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument("--sim-ttft-ms", type=float, default=None,
+                        help="sim engine fixed schedule: time to first token (with --sim-tpot-ms)")
+    parser.add_argument("--sim-tpot-ms", type=float, default=None, help="sim engine fixed schedule: ms per token")
+    return parser
+
+
+def build_engine(args):
+    from tokenrig.profiles import resolve_gpu, resolve_model
+    from tokenrig.serve.tokenizer import SPECIAL_TOKENS, TEMPLATE_WORDS
+
+    model = resolve_model(args.model)
+    if args.engine == "hf":
+        from tokenrig.serve.engines.hf import HFEngine
+
+        return HFEngine(args.model_dir, device=args.device, dtype=args.dtype,
+                        attn_implementation=args.attn_implementation,
+                        max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens), model
+    from tokenrig.serve.engines.sim import FixedSchedule, RooflineEngine, RooflineParams
+
+    first_content_id = len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS)
+    if args.sim_ttft_ms is not None or args.sim_tpot_ms is not None:
+        if args.sim_ttft_ms is None or args.sim_tpot_ms is None:
+            raise SystemExit("--sim-ttft-ms and --sim-tpot-ms go together")
+        return FixedSchedule(args.sim_ttft_ms / 1000, args.sim_tpot_ms / 1000, model.vocab_size, first_content_id), model
+    params = RooflineParams()
+    if args.max_num_seqs:
+        params.max_num_seqs = args.max_num_seqs
+    if args.max_batch_tokens:
+        params.max_batch_tokens = args.max_batch_tokens
+    return RooflineEngine(model, resolve_gpu(args.gpu), first_content_id, params), model
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import AutoTokenizer
+
+    from tokenrig.serve.api import OpenAIServer
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine, model = build_engine(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    server = OpenAIServer(engine, tokenizer, args.served_model_name or model.key, model.max_context)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    print(f"tokenrig {args.engine} server for {model.key} on http://{args.host}:{args.port}", flush=True)
+    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=5)
+
+
+if __name__ == "__main__":
+    main()
