@@ -1,0 +1,204 @@
+"""The `tokenrig` command: one entry point, one subcommand per job.
+
+  tokenrig loadtest   start a server (or use --url), drive a scenario with Locust, report
+  tokenrig serve      start a server and keep it up until Ctrl-C
+  tokenrig model      make synthetic checkpoints, list model profiles
+  tokenrig gpus       list GPU profiles
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  tokenrig loadtest                                  tiny model, hf server on CPU, chat scenario
+  tokenrig loadtest --backend sim --gpu a800 --model 13b --users 32
+  tokenrig loadtest --backend sim --gpu h100-sxm --model 7b --rate 5 --duration 120
+  tokenrig serve --backend hf --model tiny --port 8000
+  tokenrig model make llama2-7b
+"""
+
+
+def _add_server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="hf", help="hf (transformers, default) or sim (simulated engine)")
+    parser.add_argument("--gpu", default="cpu", help="GPU profile: a800, a100-80g, h100-sxm, h200, rtx4090, "
+                                                    "rtx3090, l40s, cpu (default)")
+    parser.add_argument("--model", default="tiny", help="model profile: tiny (default), llama2-7b|7b, "
+                                                       "llama2-13b|13b, llama2-70b|70b, llama3-8b|8b")
+    parser.add_argument("--attn-implementation", default="sdpa", help="hf backend: eager, sdpa, flash_attention_2")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="engine batch limit (requests)")
+    parser.add_argument("--sim-ttft-ms", type=float, default=None,
+                        help="sim backend: fixed time to first token instead of the roofline model")
+    parser.add_argument("--sim-tpot-ms", type=float, default=None, help="sim backend: fixed time per output token")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenrig", description="Measure LLM serving and training speed and cost on your own hardware.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    loadtest = commands.add_parser(
+        "loadtest", help="run a load test against a server tokenrig starts (or --url)",
+        description="Start a server, drive a serving scenario with Locust, write results/<run-id>/ and print "
+                    "latency percentiles and throughput.", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_server_args(loadtest)
+    loadtest.add_argument("--scenario", default="chat", help="name in scenarios/serving/ or a path to a .yaml file")
+    loadtest.add_argument("--users", type=int, help="closed loop: this many concurrent streams")
+    loadtest.add_argument("--rate", type=float, help="open loop: requests per second (Poisson unless --arrival)")
+    loadtest.add_argument("--arrival", choices=["poisson", "constant"], default="poisson")
+    loadtest.add_argument("--duration", type=float, help="seconds of load (overrides the scenario)")
+    loadtest.add_argument("--warmup", type=float, help="seconds excluded at the start")
+    loadtest.add_argument("--url", help="load-test a server that is already running at this base URL")
+    loadtest.add_argument("--results", type=Path, default=Path("results"), help="where run directories go")
+
+    serve = commands.add_parser("serve", help="start a server and keep it up until Ctrl-C",
+                                description="Start a server with the launcher (health-checked, logged).")
+    _add_server_args(serve)
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1")
+
+    model = commands.add_parser("model", help="synthetic checkpoints and model profiles")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    make = model_commands.add_parser("make", help="write a local HF checkpoint with random weights",
+                                     description="Write config.json, a locally built tokenizer and random-weight "
+                                                 "safetensors for a model profile (no hub needed).")
+    make.add_argument("name", help="model profile name")
+    make.add_argument("--out", type=Path, default=None, help="parent directory (default ~/.cache/tokenrig/models)")
+    make.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    make.add_argument("--force", action="store_true", help="rewrite an existing checkpoint")
+    model_commands.add_parser("list", help="list model profiles")
+    commands.add_parser("gpus", help="list GPU profiles")
+    return parser
+
+
+def _server_spec(args):
+    from tokenrig.profiles import resolve_gpu, resolve_model
+    from tokenrig.serve.launcher import ServerSpec
+
+    gpu, model = resolve_gpu(args.gpu), resolve_model(args.model)
+    return ServerSpec(backend=args.backend, model=model, gpu=gpu, device="cpu" if gpu.key == "cpu" else "cuda",
+                      attn_implementation=args.attn_implementation, max_num_seqs=args.max_num_seqs,
+                      sim_ttft_ms=args.sim_ttft_ms, sim_tpot_ms=args.sim_tpot_ms,
+                      host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", None))
+
+
+def _check_hardware(spec, dry_run: bool) -> None:
+    """A GPU profile with the hf backend needs that GPU here; say what would run if it is absent."""
+    if spec.backend != "hf" or spec.device == "cpu" or dry_run:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from tokenrig.serve.checkpoint import checkpoint_dir
+    from tokenrig.serve.launcher import server_command
+
+    command = server_command(spec, checkpoint_dir(spec.model), spec.port or 8000)
+    raise SystemExit(
+        f"no CUDA GPU on this machine, so the hf backend cannot serve {spec.model.key} on {spec.gpu.key}.\n"
+        f"On a {spec.gpu.name} it would run:\n  {shlex.join(command)}\n"
+        f"To see how it would behave without the GPU, use the simulated engine: "
+        f"BACKEND=sim (make) or --backend sim (CLI).")
+
+
+def cmd_loadtest(args) -> int:
+    import locust  # noqa: F401  - gevent must patch the standard library before anything else imports it
+
+    from tokenrig.loadgen.scenario import load_scenario
+
+    spec = _server_spec(args)
+    scenario = load_scenario(args.scenario)
+    load = scenario.load
+    if args.users:
+        load = load.model_copy(update={"type": "concurrency", "users": args.users, "rate": None})
+    if args.rate:
+        load = load.model_copy(update={"type": args.arrival, "rate": args.rate})
+    updates = {k: v for k, v in {"duration_s": args.duration, "warmup_s": args.warmup}.items() if v is not None}
+    load = type(load).model_validate({**load.model_dump(), **updates})
+    scenario = scenario.model_copy(update={"load": load})
+    _check_hardware(spec, args.dry_run)
+    if args.dry_run:
+        from tokenrig.serve.checkpoint import checkpoint_dir
+        from tokenrig.serve.launcher import server_command
+
+        print("server:", shlex.join(server_command(spec, checkpoint_dir(spec.model), 0)))
+        print("scenario:", scenario.model_dump_json(indent=2))
+        return 0
+    from tokenrig.loadtest import run_session
+
+    return run_session(spec, scenario, args.results, url=args.url)
+
+
+def cmd_serve(args) -> int:
+    from tokenrig.serve.launcher import LaunchedServer, prepare_model_dir, server_command
+
+    spec = _server_spec(args)
+    _check_hardware(spec, args.dry_run)
+    if args.dry_run:
+        from tokenrig.serve.checkpoint import checkpoint_dir
+
+        print(shlex.join(server_command(spec, checkpoint_dir(spec.model), spec.port)))
+        return 0
+    prepare_model_dir(spec)
+    log = Path("results") / "serve" / f"{spec.backend}-{spec.model.key}-{spec.gpu.key}.log"
+    with LaunchedServer(spec, log) as server:
+        print(f"serving {spec.model.key} at {server.endpoint.base_url}/v1 (metrics: {server.endpoint.metrics_url}); "
+              f"log: {log}; Ctrl-C stops it")
+        try:
+            return server.wait()
+        except KeyboardInterrupt:
+            print("stopping server")
+            return 0
+
+
+def cmd_model(args) -> int:
+    from tokenrig.profiles import model_profiles, resolve_model
+
+    if args.model_command == "list":
+        for profile in model_profiles().values():
+            aliases = f" (aliases: {', '.join(profile.aliases)})" if profile.aliases else ""
+            print(f"{profile.key:<12} {profile.num_params / 1e9:7.2f}B params{aliases}  — {profile.source}")
+        return 0
+    from tokenrig.serve.checkpoint import make_checkpoint
+
+    model = resolve_model(args.name)
+    path = make_checkpoint(model, root=args.out, dtype=args.dtype, force=args.force)
+    print(f"{model.key}: {path} (random weights, locally built tokenizer)")
+    return 0
+
+
+def cmd_gpus(_args) -> int:
+    from tokenrig.profiles import gpu_profiles
+
+    print(f"{'gpu':<10}{'memory':>8}{'GB/s':>7}{'BF16 TF':>9}{'TDP W':>7}{'$/h':>7}  interconnect")
+    for g in gpu_profiles().values():
+        print(f"{g.key:<10}{g.memory_gb:>6g}GB{g.bandwidth_gbs:>7g}{g.tflops_bf16:>9g}{g.tdp_w:>7g}"
+              f"{g.price_usd_per_hour:>7.2f}  {g.interconnect}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tokenrig.loadgen.scenario import ScenarioError
+    from tokenrig.profiles import UnknownProfileError
+    from tokenrig.serve.launcher import LaunchError
+
+    args = build_parser().parse_args(argv)
+    handlers = {"loadtest": cmd_loadtest, "serve": cmd_serve, "model": cmd_model, "gpus": cmd_gpus}
+    try:
+        return handlers[args.command](args)
+    except (UnknownProfileError, ScenarioError, LaunchError) as error:
+        print(f"tokenrig: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Load generation: scenarios, request sampling, arrival plans, Locust users, per-request records."""

@@ -1,0 +1,66 @@
+"""Per-request records and the sinks they stream to.
+
+One `RequestRecord` per request, written the moment the request ends (append + flush), so a
+crash or Ctrl-C loses no finished request. Times are seconds; offsets are relative to the
+request's scheduled send time, the zero of every latency tokenrig reports.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RequestRecord:
+    request_id: int
+    request_class: str
+    api: str
+    scheduled_at: float  # unix time the request was due
+    send_lag_s: float  # actual send - scheduled send
+    slot_late: bool  # no free user at the due time (open-loop safety cap reached)
+    in_window: bool  # scheduled inside the steady-state window (not warm-up/cool-down)
+    prompt_tokens_sent: int
+    max_tokens: int
+    status: int | None = None
+    error: str | None = None
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    chunk_offsets_s: list[float] = field(default_factory=list)  # arrival of each content chunk
+    chunk_tokens: list[int] = field(default_factory=list)  # tokens each content chunk carried
+    output_tokens_usage: int | None = None
+    prompt_tokens_usage: int | None = None
+    output_tokens_tokenizer: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def output_tokens(self) -> int:
+        """Server-reported usage when present, else the client's tokenizer count."""
+        if self.output_tokens_usage is not None:
+            return self.output_tokens_usage
+        return self.output_tokens_tokenizer or 0
+
+
+class JsonlSink:
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = path.open("a", buffering=1)
+
+    def write(self, record: RequestRecord) -> None:
+        self._file.write(json.dumps(asdict(record), separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_records(path: Path) -> list[RequestRecord]:
+    records = []
+    with path.open() as handle:
+        for line in handle:
+            if line.strip():
+                records.append(RequestRecord(**json.loads(line)))
+    return records

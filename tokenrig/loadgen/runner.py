@@ -1,0 +1,72 @@
+"""Run a load plan with Locust in this process and report progress until it ends or Ctrl-C.
+
+Locust's `LocalRunner` drives a pool of `OpenAIStreamingUser` greenlets; the plan decides
+when each request is due. Whatever happens, every finished request is already in the sink.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+
+import gevent
+from locust.env import Environment
+
+from tokenrig.loadgen.users import LoadContext, OpenAIStreamingUser
+
+SPAWN_LEAD_S = 0.5  # users are spawned before the plan's first due time
+
+
+@dataclass
+class LoadOutcome:
+    wall_s: float
+    client_cpu_s: float
+    interrupted: bool
+    timed_out: bool
+
+    @property
+    def client_cpu_fraction(self) -> float:
+        return self.client_cpu_s / self.wall_s if self.wall_s else 0.0
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0) -> LoadOutcome:
+    environment = Environment(user_classes=[OpenAIStreamingUser])
+    environment.tokenrig = ctx
+    runner = environment.create_local_runner()
+    plan = ctx.plan
+    plan.start = time.perf_counter() + SPAWN_LEAD_S
+    plan.end = plan.start + plan.spec.duration_s
+    ctx.unix_offset = time.time() - time.perf_counter()
+    cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
+    interrupted = timed_out = False
+    runner.start(plan.pool_size, spawn_rate=plan.pool_size / (SPAWN_LEAD_S / 2))
+    give_up_at = plan.end + ctx.request_timeout_s
+    try:
+        next_report = plan.start + progress_every_s
+        while True:
+            gevent.sleep(0.05)
+            now = time.perf_counter()
+            if now > plan.end and ctx.in_flight == 0:
+                break
+            if now > give_up_at:
+                timed_out = True
+                break
+            if now >= next_report:
+                next_report += progress_every_s
+                elapsed = now - plan.start
+                progress(f"  [{min(elapsed, plan.spec.duration_s):5.0f}s/{plan.spec.duration_s:.0f}s] "
+                         f"done {ctx.completed:6d}  errors {ctx.failed:4d}  in flight {ctx.in_flight:4d}  "
+                         f"output {ctx.output_tokens / max(elapsed, 1e-9):8.1f} tok/s")
+    except KeyboardInterrupt:
+        interrupted = True
+        progress("  interrupted: stopping users, keeping every finished request")
+    finally:
+        runner.quit()
+    wall = time.perf_counter() - wall_start
+    return LoadOutcome(wall, _cpu_seconds() - cpu_start, interrupted, timed_out)

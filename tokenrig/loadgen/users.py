@@ -1,0 +1,150 @@
+"""Locust users that speak an LLM API and time every streamed chunk.
+
+Each user takes send slots from the shared `LoadPlan`, waits for the slot's due time, sends
+one streaming request and reads the response line by line as bytes arrive (Locust's own
+`iter_lines` waits for 1 KiB blocks and would delay every chunk). Per-chunk work is a
+readline, one JSON parse and one tokenizer call, so one client core keeps up with tens of
+thousands of tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import gevent
+from geventhttpclient import HTTPClient
+from locust import User, constant, task
+from locust.exception import StopUser
+from tokenizers import Tokenizer
+
+from tokenrig.loadgen.plan import LoadPlan
+from tokenrig.loadgen.records import RequestRecord
+from tokenrig.loadgen.workload import PreparedRequest, Workload
+
+HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+SLOT_LATE_TOLERANCE_S = 0.001
+
+
+@dataclass
+class LoadContext:
+    """What every user of a run shares; attached to the Locust environment."""
+
+    base_url: str
+    plan: LoadPlan
+    workload: Workload
+    tokenizer: Tokenizer
+    sink: object  # anything with write(RequestRecord)
+    unix_offset: float  # unix time - perf_counter
+    request_timeout_s: float = 600.0
+    in_flight: int = 0
+    completed: int = 0
+    failed: int = 0
+    output_tokens: int = 0
+    _next_id: int = 0
+
+    def new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+
+def parse_openai_chunk(payload: dict) -> tuple[str, dict | None]:
+    """Content text and usage (if any) of one OpenAI streaming chunk, chat or completions."""
+    text = ""
+    for choice in payload.get("choices") or ():
+        delta = choice.get("delta")
+        text += (delta.get("content") or "") if delta is not None else (choice.get("text") or "")
+    return text, payload.get("usage")
+
+
+class OpenAIStreamingUser(User):
+    """Sends OpenAI-compatible streaming requests (chat or completions) from the scenario."""
+
+    wait_time = constant(0)
+    host = "http://127.0.0.1"
+
+    def on_start(self) -> None:
+        self.ctx: LoadContext = self.environment.tokenrig
+        url = urlsplit(self.ctx.base_url)
+        self.client = HTTPClient(url.hostname, url.port, concurrency=1, connection_timeout=30,
+                                 network_timeout=self.ctx.request_timeout_s)
+        self.path_prefix = url.path.rstrip("/")
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    @task
+    def one_request(self) -> None:
+        ctx = self.ctx
+        prepared = ctx.workload.next()
+        picked = time.perf_counter()
+        due = ctx.plan.next_slot(picked)
+        if due is None:
+            raise StopUser()
+        wait = due - time.perf_counter()
+        if wait > 0:
+            gevent.sleep(wait)
+        record = RequestRecord(
+            request_id=ctx.new_id(), request_class=prepared.request_class, api=prepared.api,
+            scheduled_at=due + ctx.unix_offset, send_lag_s=0.0,
+            slot_late=ctx.plan.open_loop and picked > due + SLOT_LATE_TOLERANCE_S,
+            in_window=ctx.plan.in_steady_window(due),
+            prompt_tokens_sent=prepared.prompt_tokens, max_tokens=prepared.max_tokens,
+        )
+        ctx.in_flight += 1
+        try:
+            self._send(prepared, due, record)
+        finally:
+            ctx.in_flight -= 1
+            ctx.output_tokens += record.output_tokens
+            if record.ok:
+                ctx.completed += 1
+            else:
+                ctx.failed += 1
+            ctx.sink.write(record)
+            self.environment.events.request.fire(
+                request_type="POST", name=prepared.path, response_time=(record.e2e_s or 0) * 1000,
+                response_length=record.output_tokens, exception=record.error, context={})
+
+    def _send(self, prepared: PreparedRequest, due: float, record: RequestRecord) -> None:
+        ctx = self.ctx
+        sent = time.perf_counter()
+        record.send_lag_s = sent - due
+        text_parts: list[str] = []
+        try:
+            response = self.client.post(self.path_prefix + prepared.path, body=prepared.body, headers=HEADERS)
+            record.status = response.status_code
+            if response.status_code != 200:
+                record.error = f"HTTP {response.status_code}: {response.read()[:300].decode(errors='replace')}"
+                return
+            while True:
+                line = response.readline(b"\n")
+                now = time.perf_counter()
+                if not line:
+                    break
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                text, usage = parse_openai_chunk(json.loads(data))
+                if usage:
+                    record.output_tokens_usage = usage.get("completion_tokens")
+                    record.prompt_tokens_usage = usage.get("prompt_tokens")
+                if text:
+                    if record.ttft_s is None:
+                        record.ttft_s = now - due
+                    record.chunk_offsets_s.append(now - due)
+                    record.chunk_tokens.append(len(ctx.tokenizer.encode(text, add_special_tokens=False).ids))
+                    text_parts.append(text)
+            record.e2e_s = time.perf_counter() - due
+            record.output_tokens_tokenizer = len(ctx.tokenizer.encode("".join(text_parts), add_special_tokens=False).ids)
+            if record.ttft_s is None:
+                record.error = "stream ended without any content"
+        except Exception as error:  # noqa: BLE001 - every failure becomes a record, never a crash
+            record.error = f"{type(error).__name__}: {error}"
+        except BaseException:  # the run was stopped (Ctrl-C) while this request was in flight
+            record.error = "aborted: load test stopped before the response ended"
+            raise

@@ -1,0 +1,1 @@
+"""Reports: summaries with exact percentiles, the console table, run directories."""

@@ -1,0 +1,55 @@
+"""Run directories: results/<run-id>/ with metadata.json, requests.jsonl, summary.json, server.log.
+
+A run directory describes itself: versions, git commit, host, the resolved scenario and
+server command. It is written incrementally so a crash or Ctrl-C keeps what was measured.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import tokenrig
+
+PACKAGES = ("torch", "transformers", "locust", "tokenizers", "aiohttp", "prometheus-client", "deepspeed", "vllm")
+
+
+def new_run_dir(root: Path, *parts: str) -> Path:
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + "-".join(p for p in parts if p)
+    path = root / run_id
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = root / f"{run_id}-{suffix}"
+    path.mkdir(parents=True)
+    return path
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(tokenrig.__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_facts() -> dict:
+    versions = {"tokenrig": tokenrig.__version__, "python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"versions": versions, "git_sha": _git_sha(), "host": socket.gethostname(),
+            "platform": platform.platform(), "cpu_count": __import__("os").cpu_count()}
+
+
+def write_json(path: Path, document: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2, default=str))
+    tmp.replace(path)

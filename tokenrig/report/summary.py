@@ -1,0 +1,129 @@
+"""Summarise request records into the metrics defined in docs/metrics.md.
+
+Percentiles are exact (numpy, linear interpolation between order statistics) over every
+request of the steady-state window; ITL percentiles are over every inter-token gap of
+those requests, each gap divided by the tokens its chunk carried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tokenrig.loadgen.records import RequestRecord
+
+PERCENTILES = (50, 90, 95, 99, 99.9)
+# Load-generator health thresholds: past these the client, not the server, shaped the result.
+MAX_HEALTHY_LAG_P99_S = 0.010
+MAX_HEALTHY_CLIENT_CPU = 0.90
+
+
+def distribution(values) -> dict | None:
+    data = np.asarray(list(values), dtype=float)
+    if data.size == 0:
+        return None
+    stats = {f"p{p:g}": float(np.percentile(data, p)) for p in PERCENTILES}
+    stats.update(mean=float(data.mean()), min=float(data.min()), max=float(data.max()), count=int(data.size))
+    return stats
+
+
+def itl_gaps(record: RequestRecord) -> list[float]:
+    offsets, tokens = record.chunk_offsets_s, record.chunk_tokens
+    gaps = []
+    for index in range(1, len(offsets)):
+        per_token = (offsets[index] - offsets[index - 1]) / max(tokens[index], 1)
+        gaps.extend([per_token] * max(tokens[index], 1))
+    return gaps
+
+
+def tpot(record: RequestRecord) -> float | None:
+    if record.ttft_s is None or record.e2e_s is None or record.output_tokens < 2:
+        return None
+    return (record.e2e_s - record.ttft_s) / (record.output_tokens - 1)
+
+
+@dataclass
+class RunFacts:
+    """What the summary needs besides the records."""
+
+    duration_s: float
+    warmup_s: float
+    cooldown_s: float
+    plan_start_unix: float
+    target_rate: float | None
+    client_cpu_fraction: float
+    interrupted: bool = False
+
+
+def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
+    window_start = facts.plan_start_unix + facts.warmup_s
+    window_end = facts.plan_start_unix + facts.duration_s - facts.cooldown_s
+    measured = [r for r in records if r.in_window]
+    ok = [r for r in measured if r.ok]
+    failed = [r for r in measured if not r.ok]
+
+    # Throughput counts what arrived inside the window, whenever the request was sent.
+    tokens_in_window = 0
+    completions_in_window = 0
+    for record in records:
+        for offset, tokens in zip(record.chunk_offsets_s, record.chunk_tokens):
+            if window_start <= record.scheduled_at + offset < window_end:
+                tokens_in_window += tokens
+        if record.ok and record.e2e_s is not None and window_start <= record.scheduled_at + record.e2e_s < window_end:
+            completions_in_window += 1
+    window = max(window_end - window_start, 1e-9)
+
+    lag = distribution(r.send_lag_s for r in measured)
+    achieved_rate = len(measured) / window
+    usage_known = [r for r in ok if r.output_tokens_usage is not None and r.output_tokens_tokenizer is not None]
+    mismatched = [r for r in usage_known if r.output_tokens_usage != r.output_tokens_tokenizer]
+    slot_late = sum(r.slot_late for r in measured)
+
+    problems = []
+    if lag and lag["p99"] > MAX_HEALTHY_LAG_P99_S:
+        problems.append(f"schedule lag p99 {lag['p99'] * 1000:.1f} ms > {MAX_HEALTHY_LAG_P99_S * 1000:.0f} ms")
+    if facts.client_cpu_fraction > MAX_HEALTHY_CLIENT_CPU:
+        problems.append(f"load generator CPU {facts.client_cpu_fraction:.0%} of a core")
+    if slot_late:
+        problems.append(f"{slot_late} requests waited for a free user (open-loop safety cap reached)")
+
+    errors: dict[str, int] = {}
+    for record in failed:
+        key = (record.error or "").split(":")[0]
+        errors[key] = errors.get(key, 0) + 1
+
+    return {
+        "requests": {"total": len(records), "measured": len(measured), "ok": len(ok), "failed": len(failed),
+                     "excluded_warmup_cooldown": len(records) - len(measured), "errors_by_type": errors},
+        "window": {"start_unix": window_start, "end_unix": window_end, "seconds": window,
+                   "warmup_s": facts.warmup_s, "cooldown_s": facts.cooldown_s},
+        "latency_s": {
+            "ttft": distribution(r.ttft_s for r in ok),
+            "tpot": distribution(t for t in map(tpot, ok) if t is not None),
+            "itl": distribution(g for r in ok for g in itl_gaps(r)),
+            "e2e": distribution(r.e2e_s for r in ok),
+        },
+        "throughput": {
+            "output_tokens_per_s": tokens_in_window / window,
+            "requests_per_s": completions_in_window / window,
+            "input_tokens_per_s": sum(r.prompt_tokens_usage or r.prompt_tokens_sent for r in ok) / window,
+        },
+        "tokens": {
+            "output_total": sum(r.output_tokens for r in ok),
+            "input_total": sum(r.prompt_tokens_usage or r.prompt_tokens_sent for r in ok),
+            "usage_vs_tokenizer_mismatches": len(mismatched),
+            "requests_short_of_max_tokens": sum(r.output_tokens < r.max_tokens for r in ok),
+        },
+        "load_generator": {
+            "schedule_lag_s": lag,
+            "target_rate_rps": facts.target_rate,
+            "achieved_send_rate_rps": achieved_rate,
+            "slot_late_requests": slot_late,
+            "client_cpu_fraction": facts.client_cpu_fraction,
+            "valid": not problems,
+            "problems": problems,
+            "remedy": "add load-generator workers (--workers N) or lower the load" if problems else None,
+        },
+        "interrupted": facts.interrupted,
+    }
