@@ -110,7 +110,9 @@ def _check_hardware(spec, dry_run: bool) -> None:
 def cmd_loadtest(args) -> int:
     import locust  # noqa: F401  - gevent must patch the standard library before anything else imports it
 
-    from tokenrig.loadgen.scenario import load_scenario
+    from pydantic import ValidationError
+
+    from tokenrig.loadgen.scenario import ScenarioError, load_scenario
 
     spec = _server_spec(args)
     scenario = load_scenario(args.scenario)
@@ -120,7 +122,11 @@ def cmd_loadtest(args) -> int:
     if args.rate:
         load = load.model_copy(update={"type": args.arrival, "rate": args.rate})
     updates = {k: v for k, v in {"duration_s": args.duration, "warmup_s": args.warmup}.items() if v is not None}
-    load = type(load).model_validate({**load.model_dump(), **updates})
+    try:
+        load = type(load).model_validate({**load.model_dump(), **updates})
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ScenarioError(f"invalid load settings: {problems}") from None
     scenario = scenario.model_copy(update={"load": load})
     _check_hardware(spec, args.dry_run)
     if args.dry_run:

@@ -8,6 +8,7 @@ and scrapers written for vLLM work unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -83,8 +84,9 @@ class Sampling:
 
 
 def _sampling(body: dict, default_max: int) -> Sampling:
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_new_tokens") or default_max
-    min_tokens = body.get("min_tokens") or 0
+    given = [body.get(key) for key in ("max_completion_tokens", "max_tokens", "max_new_tokens")]
+    max_tokens = next((value for value in given if value is not None), default_max)
+    min_tokens = body.get("min_tokens", 0)
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise BadRequest(f"max_tokens must be a positive integer, got {max_tokens!r}")
     if not isinstance(min_tokens, int) or not 0 <= min_tokens <= max_tokens:
@@ -123,7 +125,8 @@ class OpenAIServer:
     async def _start(self, _app) -> None:
         await self.engine.start()
         # The first batch pays one-off costs (kernel selection, allocator growth): pay them before /health says ready.
-        warmup = self.engine.generate(GenerationRequest("warmup", [self.tokenizer.bos_token_id or 0] * 8, 4))
+        warmup = self.engine.generate(
+            GenerationRequest("warmup", [self.tokenizer.bos_token_id or 0] * 8, 4, asyncio.get_running_loop().time()))
         async for _ in warmup:
             pass
         self.ready = True
@@ -143,21 +146,22 @@ class OpenAIServer:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # -- generation core ----------------------------------------------------------------------
-    async def _tokens(self, prompt_ids: list[int], sampling: Sampling):
+    async def _tokens(self, prompt_ids: list[int], sampling: Sampling, arrival: float):
         """Yield (token_ids, finish_reason) from the engine, applying the stop rules."""
         if len(prompt_ids) + sampling.max_tokens > self.max_context:
             raise BadRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceed the model's "
                 f"context of {self.max_context} tokens")
-        request = GenerationRequest(uuid.uuid4().hex, prompt_ids, sampling.max_tokens)
+        request = GenerationRequest(uuid.uuid4().hex, prompt_ids, sampling.max_tokens, arrival)
         labels = (self.model_name,)
         self.metrics.prompt_tokens.labels(*labels).inc(len(prompt_ids))
-        start = last = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        start = last = arrival
         generated, finish = 0, "length"
         stream = self.engine.generate(request)
         try:
             async for token_ids in stream:
-                now = time.perf_counter()
+                now = loop.time()
                 if generated == 0:
                     self.metrics.ttft.labels(*labels).observe(now - start)
                 else:
@@ -175,7 +179,7 @@ class OpenAIServer:
                     break
         finally:
             await stream.aclose()
-        self.metrics.e2e.labels(*labels).observe(time.perf_counter() - start)
+        self.metrics.e2e.labels(*labels).observe(loop.time() - start)
         self.metrics.success.labels(self.model_name, finish).inc()
         yield [], finish
 
@@ -214,11 +218,12 @@ class OpenAIServer:
         return await self._openai(request, chat=True)
 
     async def _openai(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        arrival = asyncio.get_running_loop().time()
         try:
             body = await self._read_json(request)
             prompt_ids = self._encode_chat(body.get("messages")) if chat else self._encode_prompt(body.get("prompt"))
             sampling = _sampling(body, default_max=16)
-            tokens = self._tokens(prompt_ids, sampling)
+            tokens = self._tokens(prompt_ids, sampling, arrival)
             first = await anext(tokens)  # surfaces BadRequest before any byte is sent
         except BadRequest as error:
             return web.json_response({"error": {"message": str(error), "type": "BadRequestError", "code": 400}}, status=400)
@@ -277,13 +282,14 @@ class OpenAIServer:
 
     # -- TGI -----------------------------------------------------------------------------------
     async def _tgi_start(self, request: web.Request):
+        arrival = asyncio.get_running_loop().time()
         body = await self._read_json(request)
         if not isinstance(body.get("inputs"), str):
             raise BadRequest("inputs must be a string")
         parameters = body.get("parameters") or {}
         sampling = _sampling({"max_new_tokens": parameters.get("max_new_tokens"), "ignore_eos": True}, default_max=20)
         prompt_ids = self.tokenizer.encode(body["inputs"], add_special_tokens=True)
-        tokens = self._tokens(prompt_ids, sampling)
+        tokens = self._tokens(prompt_ids, sampling, arrival)
         first = await anext(tokens)
         return body, parameters, prompt_ids, _prepend(first, tokens)
 

@@ -16,6 +16,7 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     max_tokens: int
+    arrival: float  # event-loop time the HTTP request arrived, before parsing and tokenization
 
 
 @dataclass

@@ -53,7 +53,7 @@ class FixedSchedule:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
         loop = asyncio.get_running_loop()
-        arrival = loop.time()
+        arrival = request.arrival
         self._active.add(request.request_id)
         try:
             for index in range(request.max_tokens):

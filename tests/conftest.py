@@ -1,0 +1,60 @@
+"""Shared fixtures: real servers on loopback ports, started and stopped by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokenrig.profiles import resolve_gpu, resolve_model
+from tokenrig.serve.launcher import LaunchedServer, ServerSpec
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _models_cache(tmp_path_factory):
+    """Checkpoints go to one per-session cache unless the user points TOKENRIG_MODELS elsewhere."""
+    if "TOKENRIG_MODELS" not in os.environ:
+        os.environ["TOKENRIG_MODELS"] = str(tmp_path_factory.mktemp("models"))
+    yield
+
+
+def start_server(tmp_path_factory, backend: str, model: str = "tiny", gpu: str = "cpu", **kwargs) -> LaunchedServer:
+    spec = ServerSpec(backend=backend, model=resolve_model(model), gpu=resolve_gpu(gpu), **kwargs)
+    log = tmp_path_factory.mktemp(f"{backend}-server") / "server.log"
+    return LaunchedServer(spec, log, health_timeout_s=300, progress=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def hf_server(tmp_path_factory):
+    with start_server(tmp_path_factory, "hf") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sim_server(tmp_path_factory):
+    with start_server(tmp_path_factory, "sim", model="llama2-7b", gpu="h100-sxm") as server:
+        yield server
+
+
+def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `tokenrig ...` as a user would, in its own process (Locust patches the interpreter)."""
+    return subprocess.run([sys.executable, "-m", "tokenrig.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or REPO)
+
+
+def run_dir_of(result: subprocess.CompletedProcess) -> Path:
+    for line in result.stdout.splitlines():
+        if line.startswith("results: "):
+            return Path(line.split("results: ", 1)[1].strip())
+    raise AssertionError(f"no results line in output:\n{result.stdout}\n{result.stderr}")
+
+
+def load_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
