@@ -1,0 +1,42 @@
+# tokenrig — the two commands of the README: `make loadtest` and `make test`.
+# Every target sets itself up on first use (a local .venv with the CPU build of torch).
+
+PYTHON   ?= python3
+VENV     := .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed-stamp
+
+GPU      ?= cpu
+MODEL    ?= tiny
+BACKEND  ?= hf
+SCENARIO ?= chat
+USERS    ?=
+RATE     ?=
+DURATION ?=
+ARGS     ?=
+
+LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
+	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
+
+.PHONY: setup loadtest serve test clean
+
+$(STAMP): pyproject.toml
+	@echo "setting up $(VENV) (first run only)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,fast]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+loadtest: setup
+	$(BIN)/tokenrig loadtest --scenario $(SCENARIO) $(LOAD_ARGS)
+
+serve: setup
+	$(BIN)/tokenrig serve --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) results *.egg-info

@@ -1,0 +1,108 @@
+"""End-to-end load tests through the `tokenrig` CLI against real servers it starts itself."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA, REPO, load_summary, run_cli, run_dir_of
+from tokenrig.loadgen.records import read_records
+
+TIMING = str(DATA / "timing.yaml")
+
+
+def test_hf_tiny_load_test_end_to_end(tmp_path):
+    result = run_cli("loadtest", "--scenario", TIMING, "--users", "4", "--duration", "10",
+                     "--results", str(tmp_path), timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = run_dir_of(result)
+    for name in ("metadata.json", "requests.jsonl", "summary.json", "server.log"):
+        assert (run_dir / name).exists(), name
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert metadata["server"]["backend"] == "hf" and "tokenrig.serve.server" in " ".join(metadata["server"]["command"])
+    assert metadata["versions"]["torch"] and metadata["scenario"]["name"] == "timing"
+    records = read_records(run_dir / "requests.jsonl")
+    assert len(records) >= 8
+    assert all(r.ok for r in records), [r.error for r in records if not r.ok]
+    for record in records:
+        assert record.output_tokens_usage == record.max_tokens == 50
+        assert record.output_tokens_tokenizer == 50
+        assert sum(record.chunk_tokens) == 50
+    summary = load_summary(run_dir)
+    assert summary["requests"]["failed"] == 0
+    assert summary["tokens"]["usage_vs_tokenizer_mismatches"] == 0
+    assert summary["throughput"]["output_tokens_per_s"] > 0
+    for line in ("TTFT", "ITL", "TPOT", "E2E", "throughput"):
+        assert line in result.stdout
+
+
+@pytest.mark.parametrize("users", [1, 32])
+def test_measured_latency_matches_the_sim_schedule(tmp_path, users):
+    """The sim server sends token i at arrival + 100 ms + i * 10 ms: the client must measure that."""
+    result = run_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "100", "--sim-tpot-ms", "10",
+                     "--scenario", TIMING, "--users", str(users), "--duration", "10", "--results", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = load_summary(run_dir_of(result))
+    latency = summary["latency_s"]
+    assert summary["requests"]["failed"] == 0
+    assert latency["ttft"]["p50"] == pytest.approx(0.100, abs=0.002)
+    assert latency["itl"]["p50"] == pytest.approx(0.010, abs=0.002)
+    assert latency["tpot"]["p50"] == pytest.approx(0.010, abs=0.002)
+    # p99s are judged against a floor: these VMs pause for several ms now and then
+    assert latency["ttft"]["p99"] < 0.100 + 0.015
+
+
+def test_open_loop_poisson_against_roofline_sim(tmp_path):
+    result = run_cli("loadtest", "--backend", "sim", "--gpu", "a800", "--model", "13b", "--rate", "4",
+                     "--duration", "8", "--warmup", "1", "--results", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = run_dir_of(result)
+    summary = load_summary(run_dir)
+    health = summary["load_generator"]
+    assert health["target_rate_rps"] == 4
+    assert 1.5 < health["achieved_send_rate_rps"] < 8  # Poisson over 7 s: loose but not vacuous
+    assert health["valid"], health["problems"]
+    records = read_records(run_dir / "requests.jsonl")
+    gaps = [b.scheduled_at - a.scheduled_at for a, b in zip(records, sorted(records, key=lambda r: r.scheduled_at)[1:])]
+    assert len({round(g, 3) for g in gaps}) > 3  # random arrivals, not a fixed cadence
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_results(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenrig.cli", "loadtest", "--backend", "sim", "--sim-ttft-ms", "50",
+         "--sim-tpot-ms", "5", "--scenario", TIMING, "--users", "4", "--duration", "120", "--results", str(tmp_path)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        runs = list(Path(tmp_path).iterdir())
+        if runs and (runs[0] / "requests.jsonl").exists() and (runs[0] / "requests.jsonl").stat().st_size > 0:
+            run_dir = runs[0]
+            break
+        time.sleep(0.2)
+    assert run_dir, "load test never started"
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    summary = load_summary(run_dir)
+    assert summary["interrupted"] and summary["requests"]["ok"] > 0
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    server_port = metadata["endpoint"]["base_url"].rsplit(":", 1)[1]
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"--port {server_port}" not in ps, "server still running after Ctrl-C"
+    assert "interrupted" in output
+
+
+def test_scenario_errors_name_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nrequests:\n  - name: a\n    input_tokens: {dist: fixed, value: 10}\n"
+                   "    output_tokens: {dist: lognormal, median: -3, sigma: 1}\nload: {users: 2}\n")
+    result = run_cli("loadtest", "--backend", "sim", "--scenario", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}:5: requests.0.output_tokens.lognormal.median" in result.stderr

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from tokenrig.loadgen.records import RequestRecord
+from tokenrig.report.console import render
+from tokenrig.report.summary import RunFacts, distribution, itl_gaps, summarize, tpot
+
+
+def record(i, scheduled_at, ttft, offsets, tokens, e2e, usage, error=None, lag=0.0, in_window=True):
+    return RequestRecord(request_id=i, request_class="c", api="chat", scheduled_at=scheduled_at, send_lag_s=lag,
+                         slot_late=False, in_window=in_window, prompt_tokens_sent=10, max_tokens=usage or 0,
+                         status=200, error=error, ttft_s=ttft, e2e_s=e2e, chunk_offsets_s=offsets,
+                         chunk_tokens=tokens, output_tokens_usage=usage, prompt_tokens_usage=12,
+                         output_tokens_tokenizer=usage)
+
+
+def test_itl_divides_each_gap_by_the_tokens_its_chunk_carried():
+    r = record(1, 0.0, 0.1, [0.1, 0.12, 0.18], [1, 1, 3], 0.18, 5)
+    assert itl_gaps(r) == pytest.approx([0.02, 0.02, 0.02, 0.02])
+    assert tpot(r) == pytest.approx((0.18 - 0.1) / 4)
+
+
+def test_percentiles_are_exact():
+    values = list(range(1, 1001))
+    stats = distribution(values)
+    assert stats["p50"] == np.percentile(values, 50) == 500.5
+    assert stats["p99"] == pytest.approx(990.01)
+    assert stats["min"] == 1 and stats["max"] == 1000 and stats["count"] == 1000
+
+
+def test_summary_windows_errors_and_health():
+    start = 1000.0
+    records = [
+        record(1, start + 0.5, 0.1, [0.1, 0.2], [1, 1], 0.2, 2, in_window=False),  # warm-up
+        record(2, start + 2.0, 0.2, [0.2, 0.3, 0.4], [1, 1, 1], 0.4, 3),
+        record(3, start + 3.0, 0.3, [0.3, 0.5], [1, 1], 0.5, 2),
+        record(4, start + 4.0, None, [], [], None, None, error="HTTP 500: boom"),
+    ]
+    facts = RunFacts(duration_s=10, warmup_s=1, cooldown_s=0, plan_start_unix=start, target_rate=None,
+                     client_cpu_fraction=0.05)
+    summary = summarize(records, facts)
+    assert summary["requests"] == {"total": 4, "measured": 3, "ok": 2, "failed": 1, "excluded_warmup_cooldown": 1,
+                                   "errors_by_type": {"HTTP 500": 1}}
+    assert summary["latency_s"]["ttft"]["p50"] == pytest.approx(0.25)
+    # 5 tokens of requests 2 and 3 arrive in the 9-s window, plus none of request 1 (it ended at start+0.7)
+    assert summary["throughput"]["output_tokens_per_s"] == pytest.approx(5 / 9)
+    assert summary["load_generator"]["valid"]
+    busy = summarize(records, RunFacts(10, 1, 0, start, None, client_cpu_fraction=0.97))
+    assert not busy["load_generator"]["valid"] and "CPU" in busy["load_generator"]["problems"][0]
+    assert "INVALID RUN" in render(busy, "t") and "--workers" in render(busy, "t")
