@@ -18,7 +18,7 @@ ARGS     ?=
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup loadtest serve test clean
+.PHONY: setup loadtest serve test monitor dashboards clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
@@ -37,6 +37,12 @@ serve: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+monitor: setup
+	$(BIN)/python -m tokenrig.monitor.local
+
+dashboards: setup
+	$(BIN)/python -m tokenrig.monitor.dashboards grafana/dashboards
 
 clean:
 	rm -rf $(VENV) results *.egg-info

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--warmup", type=float, help="seconds excluded at the start")
     loadtest.add_argument("--url", help="load-test a server that is already running at this base URL")
     loadtest.add_argument("--results", type=Path, default=Path("results"), help="where run directories go")
+    loadtest.add_argument("--metrics-port", type=int, default=None,
+                          help="expose live Prometheus metrics on this port (0 = any free port)")
+    loadtest.add_argument("--prometheus-targets", type=Path, default=None,
+                          help="file_sd directory where the run announces its scrape targets "
+                               "(default grafana/targets, which grafana/prometheus.yml watches; implies --metrics-port 0)")
 
     serve = commands.add_parser("serve", help="start a server and keep it up until Ctrl-C",
                                 description="Start a server with the launcher (health-checked, logged).")
@@ -136,9 +141,14 @@ def cmd_loadtest(args) -> int:
         print("server:", shlex.join(server_command(spec, checkpoint_dir(spec.model), 0)))
         print("scenario:", scenario.model_dump_json(indent=2))
         return 0
-    from tokenrig.loadtest import run_session
+    from tokenrig.loadtest import MonitorOptions, run_session
 
-    return run_session(spec, scenario, args.results, url=args.url)
+    monitor = None
+    if args.metrics_port is not None or args.prometheus_targets is not None:
+        from tokenrig.monitor.discovery import DEFAULT_TARGETS_DIR
+
+        monitor = MonitorOptions(port=args.metrics_port or 0, targets_dir=args.prometheus_targets or DEFAULT_TARGETS_DIR)
+    return run_session(spec, scenario, args.results, url=args.url, monitor=monitor)
 
 
 def cmd_serve(args) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -32,8 +33,17 @@ def _existing_endpoint(url: str, spec: ServerSpec) -> Endpoint:
     return Endpoint(base, f"{base}/metrics", spec.model.key, tokenizer_dir(spec.model), spec.model.max_context)
 
 
+@dataclass
+class MonitorOptions:
+    """Live Prometheus metrics for the run: exporter port (0 = any free one) and discovery directory."""
+
+    port: int
+    targets_dir: Path
+    linger_s: float = 5.0
+
+
 def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: str | None = None,
-                progress=print) -> int:
+                monitor: MonitorOptions | None = None, progress=print) -> int:
     run_dir = new_run_dir(results_root, scenario.name, spec.backend, spec.model.key, spec.gpu.key)
     metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
                 "server": spec.describe(), **environment_facts()}
@@ -57,6 +67,13 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
         workload = Workload(scenario, tokenizer, endpoint.model_name, endpoint.max_context, seed=scenario.load.seed)
         plan = LoadPlan(scenario.load)
         ctx = LoadContext(endpoint.base_url, plan, workload, tokenizer, sink, unix_offset=0.0)
+        if monitor:
+            from tokenrig.monitor.exporter import live_loadgen_metrics
+
+            labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": spec.backend,
+                      "model": spec.model.key, "gpu": spec.gpu.key}
+            stack.enter_context(live_loadgen_metrics(ctx, labels, endpoint.metrics_url, monitor.port,
+                                                     monitor.targets_dir, monitor.linger_s, progress))
         mode = (f"{scenario.load.users} concurrent users" if not plan.open_loop
                 else f"{scenario.load.type} arrivals at {scenario.load.rate:g} req/s")
         progress(f"load: {mode} for {scenario.load.duration_s:g} s (warm-up {scenario.load.warmup_s:g} s)")

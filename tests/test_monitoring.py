@@ -1,0 +1,95 @@
+"""Monitoring against a real Prometheus: every dashboard query returns data from real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_cli, run_dir_of
+from tokenrig.monitor.dashboards import DASHBOARDS, panel_queries, render
+from tokenrig.serve.launcher import free_port
+
+DASHBOARD_DIR = REPO / "grafana" / "dashboards"
+
+needs_prometheus = pytest.mark.skipif(
+    shutil.which("prometheus") is None and not os.environ.get("TOKENRIG_REQUIRE_PROMETHEUS"),
+    reason="prometheus not installed (apt-get install prometheus; .ci/run does)")
+
+
+def test_committed_dashboards_match_the_code_and_grafanas_schema():
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    for name, build in DASHBOARDS.items():
+        committed = json.loads((DASHBOARD_DIR / f"tokenrig-{name}.json").read_text())
+        assert committed == render(build()), f"grafana/dashboards is stale: run make dashboards ({name})"
+        reparsed = json.loads(json.dumps(Dashboard.from_json(committed), cls=JSONEncoder))
+        assert reparsed == committed, f"{name}: fields outside Grafana's dashboard schema"
+        variables = {v["name"] for v in committed["templating"]["list"]}
+        if name != "gpu":
+            assert variables == {"run_id", "scenario", "backend", "model", "gpu"}
+        for panel in committed["panels"]:
+            if panel["type"] != "row":
+                assert panel["targets"] and len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])
+
+
+def _query_range(base: str, expr: str, start: float, end: float) -> list:
+    params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": "1"})
+    with urllib.request.urlopen(f"{base}/api/v1/query_range?{params}", timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def _has_values(result: list) -> bool:
+    return any(value != "NaN" for series in result for _, value in series["values"])
+
+
+def _concrete(expr: str) -> str:
+    """What Grafana would send with every variable at 'All'."""
+    return re.sub(r"\$\w+", ".*", expr.replace("$__rate_interval", "15s"))
+
+
+@needs_prometheus
+def test_every_panel_query_returns_data_from_real_runs(tmp_path):
+    config = yaml.safe_load((REPO / "grafana" / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "tokenrig"]
+    config["scrape_configs"][0]["file_sd_configs"][0]["refresh_interval"] = "1s"
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    prometheus = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        start = time.time()
+        result = run_cli("loadtest", "--backend", "sim", "--gpu", "a800", "--model", "13b", "--rate", "3",
+                         "--duration", "15", "--warmup", "1", "--prometheus-targets", str(tmp_path / "targets"),
+                         "--results", str(tmp_path / "results"))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert not list((tmp_path / "targets").iterdir()), "target files must be removed when the run ends"
+        end = time.time()
+        run_id = run_dir_of(result).name
+        up = _query_range(base, f'up{{run_id="{run_id}"}}', start, end)
+        assert {s["metric"]["role"] for s in up} == {"loadgen", "server"}
+        empty = []
+        for name in ("loadtest", "server"):
+            for title, expr in panel_queries(render(DASHBOARDS[name]())):
+                if not _has_values(_query_range(base, _concrete(expr), start, end)):
+                    empty.append(f"{name} / {title}: {expr}")
+        assert not empty, "panels without data:\n" + "\n".join(empty)
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)

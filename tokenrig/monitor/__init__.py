@@ -1,0 +1,1 @@
+"""Live monitoring: Prometheus exporters, scrape-target discovery files and Grafana dashboards."""

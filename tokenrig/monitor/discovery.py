@@ -1,0 +1,27 @@
+"""Prometheus file-based service discovery: each exporter announces itself with a target file.
+
+A load test (and each of its distributed workers), the server it started and a training run
+write `<dir>/<run-id>-<role>.json` in Prometheus' file_sd format, labelled with the run's
+identity; prometheus.yml watches the directory, so new runs and workers are found without
+editing any config. The file is removed when the exporter stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+DEFAULT_TARGETS_DIR = Path(os.environ.get("TOKENRIG_PROMETHEUS_TARGETS", "grafana/targets"))
+
+
+class TargetFile:
+    def __init__(self, directory: Path, name: str, targets: list[str], labels: dict[str, str]):
+        self.path = Path(directory) / f"{name}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([{"targets": targets, "labels": labels}], indent=2))
+        tmp.replace(self.path)  # Prometheus must never read a half-written file
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

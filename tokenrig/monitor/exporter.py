@@ -1,0 +1,138 @@
+"""The load generator's Prometheus exporter: a record sink plus live gauges.
+
+`PrometheusSink` is one more sink of the RequestRecord stream (next to requests.jsonl): each
+finished request feeds the latency histograms and the outcome/token counters. Gauges read the
+running LoadContext at scrape time. Names follow Prometheus conventions (base units,
+`_seconds`, `_total`) and every series carries run_id, scenario, backend, model and gpu labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from tokenrig.loadgen.records import RequestRecord
+from tokenrig.monitor.discovery import TargetFile
+from tokenrig.report.summary import itl_gaps, tpot
+
+# 1 ms .. 10 min, roughly 2.5x apart: resolves ITL milliseconds and minute-long E2E alike
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5,
+                   0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+RUN_LABELS = ("run_id", "scenario", "backend", "model", "gpu")
+
+
+class LoadgenMetrics:
+    def __init__(self, labels: dict[str, str]):
+        self.registry = CollectorRegistry()
+        names = list(RUN_LABELS)
+        self.label_values = [labels[name] for name in RUN_LABELS]
+
+        def histogram(name, doc):
+            return Histogram(name, doc, names, buckets=LATENCY_BUCKETS, registry=self.registry).labels(*self.label_values)
+
+        self.ttft = histogram("tokenrig_request_ttft_seconds", "Time to first token, from the scheduled send time")
+        self.itl = histogram("tokenrig_request_itl_seconds", "Inter-token latency, one observation per token")
+        self.tpot = histogram("tokenrig_request_tpot_seconds", "Time per output token after the first, per request")
+        self.e2e = histogram("tokenrig_request_e2e_seconds", "End-to-end latency, from the scheduled send time")
+        self.lag = histogram("tokenrig_schedule_lag_seconds", "Actual minus scheduled send time")
+        self.requests = Counter("tokenrig_requests", "Finished requests by outcome", names + ["outcome"],
+                                registry=self.registry)
+        self.input_tokens = Counter("tokenrig_input_tokens", "Prompt tokens of successful requests", names,
+                                    registry=self.registry).labels(*self.label_values)
+        self.output_tokens = Counter("tokenrig_output_tokens", "Output tokens of successful requests", names,
+                                     registry=self.registry).labels(*self.label_values)
+        self.users = Gauge("tokenrig_users", "Locust users running the plan", names, registry=self.registry)
+        self.in_flight = Gauge("tokenrig_requests_in_flight", "Requests sent and not yet finished", names,
+                               registry=self.registry)
+        self.target_rate = Gauge("tokenrig_target_request_rate", "Open-loop target arrival rate, requests per second",
+                                 names, registry=self.registry)
+        self.sent = Counter("tokenrig_requests_sent", "Requests sent (achieved rate = rate() of this)", names,
+                            registry=self.registry).labels(*self.label_values)
+
+    def bind(self, ctx, users: int) -> None:
+        """Gauges that read the live run state at scrape time."""
+        labels = self.label_values
+        self.users.labels(*labels).set(users)
+        self.in_flight.labels(*labels).set_function(lambda: ctx.in_flight)
+        if ctx.plan.target_rate:
+            self.target_rate.labels(*labels).set(ctx.plan.target_rate)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
+
+
+class PrometheusSink:
+    """Feeds every finished request into `LoadgenMetrics`."""
+
+    def __init__(self, metrics: LoadgenMetrics):
+        self.metrics = metrics
+
+    def write(self, record: RequestRecord) -> None:
+        m = self.metrics
+        m.sent.inc()
+        m.lag.observe(max(record.send_lag_s, 0.0))
+        outcome = "ok" if record.ok else ("aborted" if (record.error or "").startswith("aborted") else "error")
+        m.requests.labels(*m.label_values, outcome).inc()
+        if not record.ok:
+            return
+        m.ttft.observe(record.ttft_s)
+        m.e2e.observe(record.e2e_s)
+        per_token = tpot(record)
+        if per_token is not None:
+            m.tpot.observe(per_token)
+        for gap in itl_gaps(record):
+            m.itl.observe(gap)
+        m.output_tokens.inc(record.output_tokens)
+        m.input_tokens.inc(record.prompt_tokens_usage or record.prompt_tokens_sent)
+
+    def close(self) -> None:
+        pass
+
+
+class FanoutSink:
+    """Writes each record to several sinks (requests.jsonl first: it is the source of truth)."""
+
+    def __init__(self, *sinks):
+        self.sinks = sinks
+
+    def write(self, record: RequestRecord) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def wait_for_final_scrape(seconds: float) -> None:
+    """Keep the exporter up briefly after the run so Prometheus scrapes the final counts."""
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+@contextlib.contextmanager
+def live_loadgen_metrics(ctx, labels: dict[str, str], server_metrics_url: str | None, port: int,
+                         targets_dir: Path, linger_s: float, progress=print):
+    """Expose the run's metrics and announce them (and the server's /metrics) to Prometheus."""
+    metrics = LoadgenMetrics(labels)
+    bound_port = metrics.serve(port)
+    metrics.bind(ctx, ctx.plan.pool_size)
+    ctx.sink = FanoutSink(ctx.sink, PrometheusSink(metrics))
+    target_files = [TargetFile(targets_dir, f"{labels['run_id']}-loadgen", [f"127.0.0.1:{bound_port}"],
+                               {**labels, "role": "loadgen"})]
+    if server_metrics_url:
+        server = urlsplit(server_metrics_url)
+        target_files.append(TargetFile(targets_dir, f"{labels['run_id']}-server", [server.netloc],
+                                       {**labels, "role": "server"}))
+    progress(f"metrics: http://127.0.0.1:{bound_port}/metrics (Prometheus targets in {targets_dir})")
+    try:
+        yield metrics
+    finally:
+        wait_for_final_scrape(linger_s)
+        for target in target_files:
+            target.remove()
