@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,fast]'
+	# GPTQ/AWQ loading (transformers -> optimum -> gptqmodel). --no-deps: gptqmodel 7.7 declares torch>=2.14.1
+	# but its CPU torch kernels run on the torch installed above; these are the imports it needs.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+		optimum==2.3.0 gptqmodel==7.7.0 device-smi==0.5.7 logbar==0.4.15 tokenicer==0.0.14 pypcre==0.6.4 \
+		defuser==0.0.28 threadpoolctl==3.8.0
 	@touch $(STAMP)
 
 setup: $(STAMP)

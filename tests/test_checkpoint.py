@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from tokenizers import Tokenizer
 
@@ -46,3 +47,34 @@ def test_cli_model_make_and_list(tmp_path):
     assert (tmp_path / "tiny" / "model.safetensors").exists()
     listing = run_cli("model", "list").stdout
     assert "llama2-70b" in listing and "68.98B" in listing
+
+
+@pytest.mark.parametrize("quant", ["gptq", "awq"])
+def test_tiny_4bit_checkpoint_has_the_standard_layout_loads_and_generates(tmp_path, quant):
+    """The GPTQ / AWQ layouts, checked by loading them with transformers + gptqmodel (CPU kernels)."""
+    pytest.importorskip("gptqmodel", reason="GPTQ/AWQ loading needs gptqmodel + optimum (make setup installs them)")
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from tokenrig.serve.fit import weight_bytes
+
+    model_profile = resolve_model("tiny")
+    path = make_checkpoint(model_profile, root=tmp_path, quant=quant, progress=lambda *_: None)
+    assert path.name == f"tiny-{quant}"
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == quant and config["bits"] == 4 and config["group_size"] == 128
+    with safe_open(str(path / "model.safetensors"), "pt") as stored:
+        names = set(stored.keys())
+        down = "model.layers.0.mlp.down_proj"  # in 384, out 128
+        qweight, scales = stored.get_tensor(f"{down}.qweight"), stored.get_tensor(f"{down}.scales")
+        assert qweight.dtype == torch.int32 and scales.dtype == torch.float16
+        assert tuple(qweight.shape) == ((384 // 8, 128) if quant == "gptq" else (384, 128 // 8))
+        assert tuple(stored.get_tensor(f"{down}.qzeros").shape) == (3, 128 // 8) and tuple(scales.shape) == (3, 128)
+        assert (f"{down}.g_idx" in names) == (quant == "gptq") and f"{down}.weight" not in names
+        total = sum(stored.get_tensor(n).numel() * stored.get_tensor(n).element_size() for n in names)
+    assert total == weight_bytes(model_profile, quant)  # the fit planner counts exactly what is stored
+
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
+    assert model.hf_quantizer.quantization_config.quant_method.value == quant
+    out = model.generate(torch.tensor([[1, 40, 41, 42]]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert out.shape == (1, 12)

@@ -26,5 +26,5 @@ def test_stop_ends_the_process_and_frees_the_port(tmp_path_factory):
 def test_unknown_backend_is_refused(tmp_path_factory):
     server = start_server(tmp_path_factory, "sim")
     server.spec.backend = "trt"
-    with pytest.raises(LaunchError, match="known backends: hf, sim"):
+    with pytest.raises(LaunchError, match="known backends: hf, sim, vllm, tgi"):
         server_command(server.spec, tmp_path_factory.mktemp("m"), 1)

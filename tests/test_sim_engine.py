@@ -29,8 +29,9 @@ def test_large_prefill_is_compute_bound():
 
 
 def test_weights_that_do_not_fit_are_refused():
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="does not fit") as refused:
         engine(model="llama2-70b", gpu="rtx4090")
+    assert "--quant gptq --tp 4 --gpu rtx4090" in str(refused.value)  # the planner says what would fit
 
 
 async def _run(sim, requests):

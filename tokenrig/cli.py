@@ -2,7 +2,8 @@
 
   tokenrig loadtest   start a server (or use --url), drive a scenario with Locust, report
   tokenrig serve      start a server and keep it up until Ctrl-C
-  tokenrig model      make synthetic checkpoints, list model profiles
+  tokenrig model      make synthetic checkpoints (bf16, GPTQ/AWQ 4-bit), list model profiles
+  tokenrig fit        will this model fit on these GPUs, and with which TP / quantization
   tokenrig gpus       list GPU profiles
 """
 
@@ -18,18 +19,36 @@ EXAMPLES = """examples:
   tokenrig loadtest --backend sim --gpu a800 --model 13b --users 32
   tokenrig loadtest --backend sim --gpu h100-sxm --model 7b --rate 5 --duration 120
   tokenrig serve --backend hf --model tiny --port 8000
-  tokenrig model make llama2-7b
+  tokenrig serve --backend vllm --gpu a800 --model 13b --quant gptq --dry-run
+  tokenrig serve --backend tgi --gpu rtx4090 --model 70b --quant awq --dry-run
+  tokenrig fit --gpu rtx4090 --model 70b --concurrency 16
+  tokenrig model make llama2-7b --quant gptq
 """
 
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default="hf", help="hf (transformers, default) or sim (simulated engine)")
+    parser.add_argument("--backend", default="hf", choices=["hf", "sim", "vllm", "tgi"],
+                        help="hf (transformers, default), sim (simulated engine), vllm (vllm serve), "
+                             "tgi (text-generation-launcher)")
     parser.add_argument("--gpu", default="cpu", help="GPU profile: a800, a100-80g, h100-sxm, h200, rtx4090, "
                                                     "rtx3090, l40s, cpu (default)")
     parser.add_argument("--model", default="tiny", help="model profile: tiny (default), llama2-7b|7b, "
                                                        "llama2-13b|13b, llama2-70b|70b, llama3-8b|8b")
-    parser.add_argument("--attn-implementation", default="sdpa", help="hf backend: eager, sdpa, flash_attention_2")
+    parser.add_argument("--quant", default="bf16", help="bf16 (default), fp16, int8, gptq, awq (4-bit, group 128)")
+    parser.add_argument("--attention", "--attn-implementation", dest="attention", default=None,
+                        help="flash | noflash, or the backend's own name: hf eager/sdpa/flash_attention_2; "
+                             "vllm FLASH_ATTN/FLASHINFER/TRITON_ATTN/FLEX_ATTENTION; tgi flashinfer/flashdecoding/paged")
+    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel GPUs (default: the smallest that fits)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context per request (default: the model's)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="requests the KV cache must hold at once (default: the scenario's users, else 16)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.90, help="fraction of GPU memory to use")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="engine batch limit (requests)")
+    parser.add_argument("--compile-level", type=int, default=0, help="hf backend: torch.compile level 0-3")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="hf backend: CUDA graphs over the static paged cache")
+    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                        help="vllm/tgi: automatic prefix caching (default: the engine's)")
     parser.add_argument("--sim-ttft-ms", type=float, default=None,
                         help="sim backend: fixed time to first token instead of the roofline model")
     parser.add_argument("--sim-tpot-ms", type=float, default=None, help="sim backend: fixed time per output token")
@@ -76,21 +95,57 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("name", help="model profile name")
     make.add_argument("--out", type=Path, default=None, help="parent directory (default ~/.cache/tokenrig/models)")
     make.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    make.add_argument("--quant", choices=["gptq", "awq"], default=None,
+                      help="write a 4-bit checkpoint in the GPTQ or AWQ layout (group size 128, fp16 scales)")
     make.add_argument("--force", action="store_true", help="rewrite an existing checkpoint")
     model_commands.add_parser("list", help="list model profiles")
     commands.add_parser("gpus", help="list GPU profiles")
+    fit = commands.add_parser("fit", help="memory plan: smallest TP that fits weights + KV cache",
+                              description="Weights, activations, runtime and KV cache per GPU for a model on a GPU "
+                                          "type; says what would fit when it does not.")
+    fit.add_argument("--gpu", required=True)
+    fit.add_argument("--model", required=True)
+    fit.add_argument("--quant", default="bf16")
+    fit.add_argument("--tp", type=int, default=None)
+    fit.add_argument("--concurrency", type=int, default=16)
+    fit.add_argument("--context", type=int, default=None, help="tokens per request (default: the model's context)")
+    fit.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     return parser
 
 
-def _server_spec(args):
+DEFAULT_CONCURRENCY = 16
+
+
+def _server_spec(args, concurrency: int | None = None):
     from tokenrig.profiles import resolve_gpu, resolve_model
+    from tokenrig.serve.fit import normalise_quant
     from tokenrig.serve.launcher import ServerSpec
 
     gpu, model = resolve_gpu(args.gpu), resolve_model(args.model)
     return ServerSpec(backend=args.backend, model=model, gpu=gpu, device="cpu" if gpu.key == "cpu" else "cuda",
-                      attn_implementation=args.attn_implementation, max_num_seqs=args.max_num_seqs,
-                      sim_ttft_ms=args.sim_ttft_ms, sim_tpot_ms=args.sim_tpot_ms,
+                      quant=normalise_quant(args.quant), attention=args.attention, tp=args.tp,
+                      max_model_len=args.max_model_len,
+                      concurrency=args.concurrency or concurrency or DEFAULT_CONCURRENCY,
+                      max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+                      compile_level=args.compile_level, cuda_graphs=args.cuda_graphs,
+                      prefix_caching=args.prefix_caching, sim_ttft_ms=args.sim_ttft_ms, sim_tpot_ms=args.sim_tpot_ms,
                       host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", None))
+
+
+def print_launch(spec, port: int) -> None:
+    """--dry-run: the command, environment and memory plan, nothing started or written."""
+    from tokenrig.serve.backends import launch_plan, prepare_model_dir
+
+    plan = launch_plan(spec, prepare_model_dir(spec, write=False), port)
+    if plan.fit is not None:
+        print("fit:", plan.fit.describe())
+    for key, value in plan.env.items():
+        print(f"env: {key}={value}")
+    print("command:", shlex.join(plan.command))
+    if plan.docker:
+        print("docker:", shlex.join(plan.docker))
+    for note in plan.notes:
+        print("note:", note)
 
 
 def _check_hardware(spec, dry_run: bool) -> None:
@@ -101,10 +156,9 @@ def _check_hardware(spec, dry_run: bool) -> None:
 
     if torch.cuda.is_available():
         return
-    from tokenrig.serve.checkpoint import checkpoint_dir
-    from tokenrig.serve.launcher import server_command
+    from tokenrig.serve.backends import launch_plan, prepare_model_dir
 
-    command = server_command(spec, checkpoint_dir(spec.model), spec.port or 8000)
+    command = launch_plan(spec, prepare_model_dir(spec, write=False), spec.port or 8000).command
     raise SystemExit(
         f"no CUDA GPU on this machine, so the hf backend cannot serve {spec.model.key} on {spec.gpu.key}.\n"
         f"On a {spec.gpu.name} it would run:\n  {shlex.join(command)}\n"
@@ -119,7 +173,6 @@ def cmd_loadtest(args) -> int:
 
     from tokenrig.loadgen.scenario import ScenarioError, load_scenario
 
-    spec = _server_spec(args)
     scenario = load_scenario(args.scenario)
     load = scenario.load
     if args.users:
@@ -133,12 +186,11 @@ def cmd_loadtest(args) -> int:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise ScenarioError(f"invalid load settings: {problems}") from None
     scenario = scenario.model_copy(update={"load": load})
+    # the KV cache must hold the closed loop's users, or the open loop's in-flight cap (up to a typical batch limit)
+    spec = _server_spec(args, concurrency=load.users if load.type == "concurrency" else min(load.max_in_flight, 256))
     _check_hardware(spec, args.dry_run)
     if args.dry_run:
-        from tokenrig.serve.checkpoint import checkpoint_dir
-        from tokenrig.serve.launcher import server_command
-
-        print("server:", shlex.join(server_command(spec, checkpoint_dir(spec.model), 0)))
+        print_launch(spec, 0)
         print("scenario:", scenario.model_dump_json(indent=2))
         return 0
     from tokenrig.loadtest import MonitorOptions, run_session
@@ -152,17 +204,15 @@ def cmd_loadtest(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from tokenrig.serve.launcher import LaunchedServer, prepare_model_dir, server_command
+    from tokenrig.serve.launcher import LaunchedServer, prepare_model_dir
 
     spec = _server_spec(args)
     _check_hardware(spec, args.dry_run)
     if args.dry_run:
-        from tokenrig.serve.checkpoint import checkpoint_dir
-
-        print(shlex.join(server_command(spec, checkpoint_dir(spec.model), spec.port)))
+        print_launch(spec, spec.port)
         return 0
     prepare_model_dir(spec)
-    log = Path("results") / "serve" / f"{spec.backend}-{spec.model.key}-{spec.gpu.key}.log"
+    log = Path("results") / "serve" / f"{spec.backend}-{spec.model.key}-{spec.quant}-{spec.gpu.key}.log"
     with LaunchedServer(spec, log) as server:
         print(f"serving {spec.model.key} at {server.endpoint.base_url}/v1 (metrics: {server.endpoint.metrics_url}); "
               f"log: {log}; Ctrl-C stops it")
@@ -184,8 +234,21 @@ def cmd_model(args) -> int:
     from tokenrig.serve.checkpoint import make_checkpoint
 
     model = resolve_model(args.name)
-    path = make_checkpoint(model, root=args.out, dtype=args.dtype, force=args.force)
-    print(f"{model.key}: {path} (random weights, locally built tokenizer)")
+    path = make_checkpoint(model, root=args.out, dtype=args.dtype, force=args.force, quant=args.quant)
+    kind = f"{args.quant} 4-bit, group size 128" if args.quant else args.dtype
+    print(f"{model.key}: {path} ({kind}, random weights, locally built tokenizer)")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from tokenrig.profiles import resolve_gpu, resolve_model
+    from tokenrig.serve.fit import plan_fit
+
+    plan = plan_fit(resolve_model(args.model), resolve_gpu(args.gpu), args.quant, concurrency=args.concurrency,
+                    context_tokens=args.context, tp=args.tp, gpu_memory_utilization=args.gpu_memory_utilization)
+    print(plan.describe())
+    print(f"engine limits: --tensor-parallel-size {plan.tp} --max-model-len {plan.max_model_len} "
+          f"--max-num-seqs {plan.max_num_seqs} (TGI --max-batch-total-tokens {plan.max_batch_total_tokens})")
     return 0
 
 
@@ -202,13 +265,14 @@ def cmd_gpus(_args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from tokenrig.loadgen.scenario import ScenarioError
     from tokenrig.profiles import UnknownProfileError
+    from tokenrig.serve.fit import FitError
     from tokenrig.serve.launcher import LaunchError
 
     args = build_parser().parse_args(argv)
-    handlers = {"loadtest": cmd_loadtest, "serve": cmd_serve, "model": cmd_model, "gpus": cmd_gpus}
+    handlers = {"loadtest": cmd_loadtest, "serve": cmd_serve, "model": cmd_model, "gpus": cmd_gpus, "fit": cmd_fit}
     try:
         return handlers[args.command](args)
-    except (UnknownProfileError, ScenarioError, LaunchError) as error:
+    except (UnknownProfileError, ScenarioError, LaunchError, FitError) as error:
         print(f"tokenrig: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -59,7 +59,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
         else:
             server = stack.enter_context(LaunchedServer(spec, run_dir / "server.log", progress=progress))
             endpoint = server.endpoint
-            metadata["server"]["command"] = server.command
+            metadata["server"].update(server.plan.describe())  # the exact command, environment and memory plan
         metadata["endpoint"] = {"base_url": endpoint.base_url, "metrics_url": endpoint.metrics_url}
         write_json(run_dir / "metadata.json", metadata)
 

@@ -4,6 +4,11 @@ No model hub is reachable, and serving or training speed does not depend on weig
 tokenrig writes checkpoints with the exact architecture of a model profile and random weights.
 Tensors are generated and written one shard at a time, so even llama2-70b needs no more host
 memory than one shard. A finished directory carries `tokenrig-checkpoint.json` and is reused.
+
+`quant="gptq"|"awq"` writes the 4-bit layouts GPTQ and AWQ loaders expect (group size 128,
+fp16 scales, packed int32 weights and zeros; GPTQ also g_idx) with a quantization_config in
+config.json; `config_dir` writes config + tokenizer only, for engines that make their own
+random weights (vLLM's `--load-format dummy`).
 """
 
 from __future__ import annotations
@@ -17,19 +22,22 @@ from pathlib import Path
 import torch
 
 from tokenrig.profiles import ModelProfile
+from tokenrig.serve.fit import GROUP_SIZE
 from tokenrig.serve.tokenizer import CHAT_TEMPLATE, build_tokenizer
 
 MARKER = "tokenrig-checkpoint.json"
 SHARD_BYTES = 4 * 1024**3
 INIT_STD = 0.02
+BITS = 4
+PACK = 32 // BITS  # 4-bit values per int32
 
 
 def default_models_dir() -> Path:
     return Path(os.environ.get("TOKENRIG_MODELS", Path.home() / ".cache" / "tokenrig" / "models"))
 
 
-def checkpoint_dir(model: ModelProfile, root: Path | None = None) -> Path:
-    return (root or default_models_dir()) / model.key
+def checkpoint_dir(model: ModelProfile, root: Path | None = None, quant: str | None = None) -> Path:
+    return (root or default_models_dir()) / (model.key if quant is None else f"{model.key}-{quant}")
 
 
 def is_complete(path: Path) -> bool:
@@ -46,10 +54,69 @@ def parameter_shapes(model: ModelProfile) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+def quantization_config(quant: str) -> dict:
+    """config.json's quantization_config of tokenrig's GPTQ / AWQ checkpoints."""
+    if quant == "gptq":
+        return {"quant_method": "gptq", "bits": BITS, "group_size": GROUP_SIZE, "desc_act": False, "sym": True,
+                "damp_percent": 0.01, "true_sequential": True, "static_groups": False, "lm_head": False,
+                "checkpoint_format": "gptq"}
+    if quant == "awq":
+        return {"quant_method": "awq", "bits": BITS, "group_size": GROUP_SIZE, "zero_point": True,
+                "version": "gemm"}
+    raise ValueError(f"unknown checkpoint quantization {quant!r}; known: gptq, awq")
+
+
+def tensor_layout(model: ModelProfile, dtype: torch.dtype, quant: str | None) -> dict[str, tuple[tuple, torch.dtype]]:
+    """Name -> (shape, dtype) of every stored tensor; quantized linears expand to their packed tensors."""
+    from tokenrig.serve.fit import linear_shapes
+
+    layout = {name: (shape, dtype) for name, shape in parameter_shapes(model).items()}
+    if quant is None:
+        return layout
+    for name, fan_in, fan_out in linear_shapes(model):
+        del layout[f"{name}.weight"]
+        groups = fan_in // GROUP_SIZE
+        if quant == "gptq":  # packed along the input dimension
+            layout[f"{name}.qweight"] = ((fan_in // PACK, fan_out), torch.int32)
+            layout[f"{name}.g_idx"] = ((fan_in,), torch.int32)
+        else:  # AWQ GEMM packs along the output dimension
+            layout[f"{name}.qweight"] = ((fan_in, fan_out // PACK), torch.int32)
+        layout[f"{name}.qzeros"] = ((groups, fan_out // PACK), torch.int32)
+        layout[f"{name}.scales"] = ((groups, fan_out), torch.float16)
+    return layout
+
+
+def _packed_zero(quant: str) -> int:
+    """Every nibble the zero point of symmetric 4-bit: 8, which GPTQ's v1 format stores as 7."""
+    nibble = 7 if quant == "gptq" else 8
+    word = sum(nibble << (4 * i) for i in range(PACK))
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator,
+                   quant: str | None) -> torch.Tensor:
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=dtype)
+    if name.endswith(".qweight"):  # uniformly random 4-bit codes
+        return torch.empty(shape, dtype=torch.int32).random_(generator=generator)
+    if name.endswith(".qzeros"):
+        return torch.full(shape, _packed_zero(quant), dtype=torch.int32)
+    if name.endswith(".g_idx"):
+        return torch.arange(shape[0], dtype=torch.int32) // GROUP_SIZE
+    if name.endswith(".scales"):
+        # codes - zero span [-8, 7] (std ~4.6): this scale gives weights of about INIT_STD
+        return (torch.rand(shape, generator=generator) * 0.5 + 0.75).mul_(INIT_STD / 4.6).to(dtype)
     return (torch.randn(shape, generator=generator) * INIT_STD).to(dtype)
+
+
+def _write_config(model: ModelProfile, out: Path, dtype: str, quant: str | None) -> None:
+    config = dict(model.config, torch_dtype=dtype, dtype=dtype)
+    config["bos_token_id"], config["eos_token_id"], config["pad_token_id"] = 1, 2, 3
+    if quant is not None:
+        config["quantization_config"] = quantization_config(quant)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}))
+    write_tokenizer(model, out)
 
 
 def write_tokenizer(model: ModelProfile, out: Path) -> None:
@@ -68,31 +135,33 @@ def write_tokenizer(model: ModelProfile, out: Path) -> None:
 
 
 def make_checkpoint(
-    model: ModelProfile, root: Path | None = None, dtype: str = "bfloat16", seed: int = 0, force: bool = False, progress=print
+    model: ModelProfile, root: Path | None = None, dtype: str = "bfloat16", seed: int = 0, force: bool = False,
+    progress=print, quant: str | None = None,
 ) -> Path:
-    """Write (or reuse) the synthetic checkpoint for `model`; returns its directory."""
+    """Write (or reuse) the synthetic checkpoint for `model` (4-bit GPTQ/AWQ with `quant`); returns its directory."""
     from safetensors.torch import save_file
 
-    out = checkpoint_dir(model, root)
+    if quant is not None:
+        from tokenrig.serve.fit import tp_is_valid
+
+        quantization_config(quant)  # refuse unknown methods before writing anything
+        problem = tp_is_valid(model, quant, 1)
+        if problem:
+            raise ValueError(f"cannot write a {quant} checkpoint of {model.key}: {problem}")
+        dtype = "float16"  # GPTQ/AWQ kernels compute in fp16; their non-quantized tensors are stored so
+    out = checkpoint_dir(model, root, quant)
     if is_complete(out) and not force:
         return out
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    _write_config(model, staging, dtype, quant)
 
-    config = dict(model.config, torch_dtype=dtype, dtype=dtype)
-    config["bos_token_id"], config["eos_token_id"], config["pad_token_id"] = 1, 2, 3
-    (staging / "config.json").write_text(json.dumps(config, indent=2))
-    (staging / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}))
-    write_tokenizer(model, staging)
-
-    torch_dtype = getattr(torch, dtype)
-    element_bytes = torch.empty((), dtype=torch_dtype).element_size()
-    shapes = parameter_shapes(model)
+    layout = tensor_layout(model, getattr(torch, dtype), quant)
     shards: list[list[str]] = [[]]
     shard_bytes = 0
-    for name, shape in shapes.items():
-        size = element_bytes * int(torch.Size(shape).numel())
+    for name, (shape, tensor_dtype) in layout.items():
+        size = torch.empty((), dtype=tensor_dtype).element_size() * int(torch.Size(shape).numel())
         if shards[-1] and shard_bytes + size > SHARD_BYTES:
             shards.append([])
             shard_bytes = 0
@@ -103,26 +172,43 @@ def make_checkpoint(
     weight_map, total_bytes, started = {}, 0, time.monotonic()
     for index, names in enumerate(shards, start=1):
         filename = "model.safetensors" if len(shards) == 1 else f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: _random_tensor(name, shapes[name], generator, torch_dtype) for name in names}
+        tensors = {name: _random_tensor(name, *layout[name], generator, quant) for name in names}
         save_file(tensors, staging / filename, metadata={"format": "pt"})
         total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({name: filename for name in names})
+        del tensors
         progress(f"  wrote shard {index}/{len(shards)} ({total_bytes / 1e9:.1f} GB, {time.monotonic() - started:.0f} s)")
     if len(shards) > 1:
         index_doc = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
 
-    marker = {"model": model.key, "dtype": dtype, "seed": seed, "bytes": total_bytes, "random_weights": True}
+    marker = {"model": model.key, "dtype": dtype, "quant": quant, "seed": seed, "bytes": total_bytes,
+              "random_weights": True}
     (staging / MARKER).write_text(json.dumps(marker, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out
 
 
-def tokenizer_dir(model: ModelProfile, root: Path | None = None) -> Path:
+def config_dir(model: ModelProfile, root: Path | None = None, quant: str | None = None, write: bool = True) -> Path:
+    """config.json (with quantization_config for gptq/awq) and tokenizer, no weights: for engines that
+    initialise random weights themselves."""
+    name = f"{model.key}-config" if quant is None else f"{model.key}-{quant}-config"
+    out = (root or default_models_dir()) / name
+    if write and not (out / "config.json").exists():
+        staging = out.with_name(out.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        _write_config(model, staging, "float16" if quant else "bfloat16", quant)
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    return out
+
+
+def tokenizer_dir(model: ModelProfile, root: Path | None = None, write: bool = True) -> Path:
     """A directory with only the model's tokenizer (what the sim engine and clients need)."""
     out = (root or default_models_dir()) / f"{model.key}-tokenizer"
-    if not (out / "tokenizer.json").exists():
+    if write and not (out / "tokenizer.json").exists():
         staging = out.with_name(out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         write_tokenizer(model, staging)

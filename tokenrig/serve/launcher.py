@@ -1,18 +1,19 @@
 """Start a server process, wait until it is healthy, capture its log, stop it cleanly.
 
-`ServerSpec` says what to run; `LaunchedServer` is a context manager that spawns the process
-in its own session (so a terminal Ctrl-C reaches tokenrig, which then stops the server in
-order), polls /health, and on exit sends SIGTERM, then SIGKILL after a grace period.
+`ServerSpec` says what to run; a backend (`tokenrig.serve.backends`) turns it into a command and
+environment; `LaunchedServer` is a context manager that spawns that process in its own session
+(so a terminal Ctrl-C reaches tokenrig, which then stops the server in order), polls its health
+route, and on exit sends SIGTERM, then SIGKILL after a grace period.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,8 +22,6 @@ from pathlib import Path
 
 from tokenrig.profiles import GpuProfile, ModelProfile
 
-BACKENDS = ("hf", "sim")
-
 
 class LaunchError(RuntimeError):
     pass
@@ -30,12 +29,22 @@ class LaunchError(RuntimeError):
 
 @dataclass
 class ServerSpec:
+    """Everything that decides how a server is launched; backends turn it into a command."""
+
     backend: str
     model: ModelProfile
     gpu: GpuProfile
     device: str = "cpu"
-    attn_implementation: str = "sdpa"
-    max_num_seqs: int | None = None
+    quant: str = "bf16"  # bf16, fp16, int8, gptq, awq (4-bit, group 128)
+    attention: str | None = None  # backend's own name or the portable 'flash' / 'noflash'; None = its default
+    tp: int | None = None  # None: the fit planner picks the smallest that fits
+    max_model_len: int | None = None  # None: the model's context
+    concurrency: int = 16  # requests the KV cache must hold at once (fit planning and batch limits)
+    max_num_seqs: int | None = None  # engine batch limit; None: the plan's concurrency
+    gpu_memory_utilization: float = 0.90
+    compile_level: int = 0  # hf: torch.compile level of transformers' continuous batching (0 = off)
+    cuda_graphs: bool | None = None  # hf: CUDA graphs over the static paged cache (None = transformers decides)
+    prefix_caching: bool | None = None  # vllm/tgi: None = the engine's default
     sim_ttft_ms: float | None = None
     sim_tpot_ms: float | None = None
     host: str = "127.0.0.1"
@@ -44,7 +53,10 @@ class ServerSpec:
 
     def describe(self) -> dict:
         return {"backend": self.backend, "model": self.model.key, "gpu": self.gpu.key, "device": self.device,
-                "attn_implementation": self.attn_implementation, "max_num_seqs": self.max_num_seqs,
+                "quant": self.quant, "attention": self.attention, "tp": self.tp, "max_model_len": self.max_model_len,
+                "concurrency": self.concurrency, "max_num_seqs": self.max_num_seqs,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "compile_level": self.compile_level,
+                "cuda_graphs": self.cuda_graphs, "prefix_caching": self.prefix_caching,
                 "sim_ttft_ms": self.sim_ttft_ms, "sim_tpot_ms": self.sim_tpot_ms}
 
 
@@ -64,28 +76,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def server_command(spec: ServerSpec, model_dir: Path, port: int) -> list[str]:
-    if spec.backend not in BACKENDS:
-        raise LaunchError(f"unknown backend {spec.backend!r}; known backends: {', '.join(BACKENDS)}")
-    command = [sys.executable, "-m", "tokenrig.serve.server", "--engine", spec.backend, "--model", spec.model.key,
-               "--model-dir", str(model_dir), "--host", spec.host, "--port", str(port), "--gpu", spec.gpu.key]
-    if spec.backend == "hf":
-        command += ["--device", spec.device, "--attn-implementation", spec.attn_implementation]
-    if spec.max_num_seqs:
-        command += ["--max-num-seqs", str(spec.max_num_seqs)]
-    if spec.sim_ttft_ms is not None:
-        command += ["--sim-ttft-ms", str(spec.sim_ttft_ms), "--sim-tpot-ms", str(spec.sim_tpot_ms)]
-    return command + spec.extra_args
+    from tokenrig.serve.backends import launch_plan
+
+    return launch_plan(spec, model_dir, port).command
 
 
 def prepare_model_dir(spec: ServerSpec, progress=print) -> Path:
-    """The checkpoint the server reads: full weights for hf, only the tokenizer for sim."""
-    from tokenrig.serve.checkpoint import checkpoint_dir, is_complete, make_checkpoint, tokenizer_dir
+    """The checkpoint (or config/tokenizer directory) the backend's server reads, written on first use."""
+    from tokenrig.serve.backends import prepare_model_dir as backend_model_dir
 
-    if spec.backend == "sim":
-        return tokenizer_dir(spec.model)
-    if not is_complete(checkpoint_dir(spec.model)):
-        progress(f"writing synthetic {spec.model.key} checkpoint to {checkpoint_dir(spec.model)} (random weights)")
-    return make_checkpoint(spec.model, progress=progress)
+    return backend_model_dir(spec, progress)
 
 
 class LaunchedServer:
@@ -96,6 +96,7 @@ class LaunchedServer:
         self.progress = progress
         self.process: subprocess.Popen | None = None
         self.command: list[str] = []
+        self.plan = None  # the backend's LaunchPlan, once started
         self.endpoint: Endpoint | None = None
 
     def __enter__(self) -> LaunchedServer:
@@ -110,23 +111,31 @@ class LaunchedServer:
         self.stop()
 
     def start(self) -> Endpoint:
+        from tokenrig.serve.backends import launch_plan
+
         model_dir = prepare_model_dir(self.spec, self.progress)
         port = self.spec.port or free_port(self.spec.host)
-        self.command = server_command(self.spec, model_dir, port)
+        self.plan = launch_plan(self.spec, model_dir, port)
+        self.command = self.plan.command
+        if shutil.which(self.command[0]) is None:
+            raise LaunchError(f"{self.command[0]} is not installed on this machine. {self.plan.install_hint or ''}\n"
+                              f"The command it would run: {shlex.join(self.command)}")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        self.progress(f"starting {self.spec.backend} server: {shlex.join(self.command)}")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.plan.env.items())
+        self.progress(f"starting {self.spec.backend} server: {env_text + ' ' if env_text else ''}{shlex.join(self.command)}")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.plan.env)
         self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         log.close()
         base_url = f"http://{self.spec.host}:{port}"
-        self._wait_healthy(base_url)
-        self.endpoint = Endpoint(base_url, f"{base_url}/metrics", self.spec.model.key, model_dir,
-                                 self.spec.model.max_context)
+        self._wait_healthy(base_url + self.plan.health_path)
+        max_context = self.plan.fit.max_model_len if self.plan.fit is not None else self.spec.model.max_context
+        self.endpoint = Endpoint(base_url, base_url + self.plan.metrics_path, self.spec.model.key, model_dir,
+                                 max_context)
         return self.endpoint
 
-    def _wait_healthy(self, base_url: str) -> None:
+    def _wait_healthy(self, health_url: str) -> None:
         deadline = time.monotonic() + self.health_timeout_s
         started = time.monotonic()
         while time.monotonic() < deadline:
@@ -134,14 +143,15 @@ class LaunchedServer:
                 raise LaunchError(f"server exited with code {self.process.returncode} before it was healthy; "
                                   f"last log lines:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
+                with urllib.request.urlopen(health_url, timeout=2) as response:
                     if response.status == 200:
-                        self.progress(f"server healthy at {base_url} after {time.monotonic() - started:.1f} s")
+                        self.progress(f"server healthy at {health_url} after {time.monotonic() - started:.1f} s")
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.2)
-        raise LaunchError(f"server not healthy after {self.health_timeout_s:.0f} s; log: {self.log_path}")
+        raise LaunchError(f"server not healthy after {self.health_timeout_s:g} s (polled {health_url}); "
+                          f"log {self.log_path} ends:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attn-implementation", default="sdpa", help="hf engine: eager, sdpa or flash_attention_2")
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument("--compile-level", type=int, default=0,
+                        help="hf engine: torch.compile level of transformers' continuous batching (0 = off, 1-3)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="hf engine: CUDA graphs over the paged cache (default: transformers decides)")
     parser.add_argument("--sim-ttft-ms", type=float, default=None,
                         help="sim engine fixed schedule: time to first token (with --sim-tpot-ms)")
     parser.add_argument("--sim-tpot-ms", type=float, default=None, help="sim engine fixed schedule: ms per token")
@@ -43,7 +47,8 @@ def build_engine(args):
 
         return HFEngine(args.model_dir, device=args.device, dtype=args.dtype,
                         attn_implementation=args.attn_implementation,
-                        max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens), model
+                        max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+                        compile_level=args.compile_level, cuda_graphs=args.cuda_graphs), model
     from tokenrig.serve.engines.sim import FixedSchedule, RooflineEngine, RooflineParams
 
     first_content_id = len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS)
@@ -64,9 +69,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from tokenrig.serve.api import OpenAIServer
 
+    from tokenrig.serve.fit import FitError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine, model = build_engine(args)
+    try:
+        engine, model = build_engine(args)
+    except FitError as error:
+        raise SystemExit(f"tokenrig server: {error}") from None
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     server = OpenAIServer(engine, tokenizer, args.served_model_name or model.key, model.max_context)
     try:

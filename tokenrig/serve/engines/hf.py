@@ -2,6 +2,8 @@
 
 `model.init_continuous_batching()` gives a paged-KV, iteration-level scheduler running in a
 background thread; results come back on the event loop through `register_result_handler`.
+Works with transformers 5.17 and 5.24 (the GPU image and the CPU venv): the attention asked for
+is the one used, since continuous batching would otherwise swap sdpa/eager for flash-attn.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class HFEngine:
         attn_implementation: str = "sdpa",
         max_num_seqs: int | None = None,
         max_batch_tokens: int | None = None,
+        compile_level: int = 0,
+        cuda_graphs: bool | None = None,
     ):
         self.model_dir = model_dir
         self.device = device
@@ -30,6 +34,8 @@ class HFEngine:
         self.attn_implementation = attn_implementation
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
+        self.compile_level = compile_level
+        self.cuda_graphs = cuda_graphs
         self._manager = None
         self._waiting: set[str] = set()
         self._running: set[str] = set()
@@ -38,21 +44,37 @@ class HFEngine:
         await asyncio.to_thread(self._start_manager)
 
     def _start_manager(self) -> None:
+        import dataclasses
+        import logging
+
         import torch
         from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
+        # "paged|sdpa" / "paged|eager" keep transformers 5.17 from switching to flash-attn when it is installed
+        implementation = self.attn_implementation
+        if implementation in ("eager", "sdpa"):
+            implementation = f"paged|{implementation}"
         model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=getattr(torch, self.dtype), attn_implementation=self.attn_implementation
-        ).to(self.device)
+            self.model_dir, dtype=getattr(torch, self.dtype), attn_implementation=implementation,
+            device_map=self.device,
+        )
         model.eval()
         generation_config = GenerationConfig(do_sample=False, eos_token_id=NO_EOS, pad_token_id=model.config.pad_token_id)
-        cb_config = ContinuousBatchingConfig(
-            max_requests_per_batch=self.max_num_seqs, max_batch_tokens=self.max_batch_tokens
-        )
+        options = {"max_requests_per_batch": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
+                   "default_compile_level": self.compile_level, "use_cuda_graph": self.cuda_graphs}
+        known = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+        if "auto_switch_to_flash" in known:  # transformers >= 5.2x: the same guarantee as the "paged|" prefix
+            options["auto_switch_to_flash"] = False
+        cb_config = ContinuousBatchingConfig(**options)
         self._manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config
         )
         self._manager.start()
+        quantizer = getattr(model, "hf_quantizer", None)
+        logging.getLogger(__name__).warning(
+            "hf engine ready: attention %s, dtype %s, device %s, quantization %s",
+            model.config._attn_implementation, model.dtype, self.device,
+            quantizer.quantization_config.quant_method if quantizer else "none")
 
     async def stop(self) -> None:
         if self._manager is not None:

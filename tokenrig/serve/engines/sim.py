@@ -22,6 +22,7 @@ from typing import AsyncIterator
 
 from tokenrig.profiles import GpuProfile, ModelProfile
 from tokenrig.serve.engines import EngineLoad, GenerationRequest
+from tokenrig.serve.fit import FitError, plan_fit
 
 
 class _TokenSource:
@@ -117,10 +118,9 @@ class RooflineEngine:
         self.kv_bytes_per_token = model.kv_bytes_per_token(self.params.bytes_per_kv_value)
         free = gpu.memory_bytes * self.params.gpu_memory_utilization - self.weight_bytes
         if free <= 0:
-            raise ValueError(
-                f"{model.key} weights ({self.weight_bytes / 1e9:.1f} GB) do not fit in one {gpu.key} "
-                f"({gpu.memory_gb:g} GB x {self.params.gpu_memory_utilization})"
-            )
+            # one GPU, one request: the planner's error says which quantization, TP or GPU would fit
+            plan_fit(model, gpu, concurrency=1, tp=1, gpu_memory_utilization=self.params.gpu_memory_utilization)
+            raise FitError(f"{model.key} weights ({self.weight_bytes / 1e9:.1f} GB) leave no KV cache on one {gpu.key}")
         self.kv_capacity_tokens = int(free // self.kv_bytes_per_token)
         self._tokens = _TokenSource(model.vocab_size, first_content_id)
         self._waiting: deque[_Sequence] = deque()

@@ -1,0 +1,139 @@
+"""Launch commands of every backend x quantization x attention, parsed by the engines' own flags.
+
+vLLM and TGI cannot be installed without a GPU, so their commands are parsed by reference parsers
+built from their sources (tests/engine_flags.py, versions noted there); tokenrig's own server
+command is parsed by its real parser. The launcher's process handling runs against real servers.
+"""
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli, start_server
+from tests.engine_flags import parse_tgi, parse_vllm
+from tokenrig.profiles import resolve_gpu, resolve_model
+from tokenrig.serve.backends import launch_plan, prepare_model_dir
+from tokenrig.serve.launcher import LaunchError, ServerSpec
+
+MODEL_DIR = Path("/models/synthetic")
+
+
+def spec(backend, model="13b", gpu="a800", **kwargs) -> ServerSpec:
+    g = resolve_gpu(gpu)
+    return ServerSpec(backend=backend, model=resolve_model(model), gpu=g, device="cpu" if g.key == "cpu" else "cuda",
+                      **kwargs)
+
+
+@pytest.mark.parametrize("quant", ["bf16", "fp16", "gptq", "awq"])
+@pytest.mark.parametrize("attention", [None, "flash", "noflash", "FLASHINFER"])
+def test_vllm_command_parses_with_vllm_flags(quant, attention):
+    plan = launch_plan(spec("vllm", quant=quant, attention=attention), MODEL_DIR, 8123)
+    args = parse_vllm(plan.command, plan.env)
+    assert args.model_tag == str(MODEL_DIR) and args.served_model_name == ["llama2-13b"]
+    assert args.load_format == "dummy" and args.port == 8123
+    # 16 x 4096 tokens of KV is 53.7 GB: with 26 GB of bf16 weights that needs 2 A800s, with 7.3 GB of 4-bit one
+    assert args.tensor_parallel_size == plan.fit.tp == (1 if quant in ("gptq", "awq") else 2)
+    assert args.max_model_len == 4096 and args.max_num_seqs == 16 and args.gpu_memory_utilization == 0.9
+    assert args.quantization == {"gptq": "gptq_marlin", "awq": "awq_marlin"}.get(quant)
+    assert args.dtype == ("bfloat16" if quant == "bf16" else "float16")
+    expected_backend = {None: None, "flash": "FLASH_ATTN", "noflash": "TRITON_ATTN", "FLASHINFER": "FLASHINFER"}
+    assert plan.env.get("VLLM_ATTENTION_BACKEND") == expected_backend[attention]
+
+
+def test_vllm_tp_and_prefix_caching_follow_the_plan():
+    plan = launch_plan(spec("vllm", model="70b", gpu="h100-sxm", prefix_caching=False, concurrency=64), MODEL_DIR, 1)
+    args = parse_vllm(plan.command, plan.env)
+    assert args.tensor_parallel_size == 4 and args.enable_prefix_caching is False and args.max_num_seqs == 64
+
+
+@pytest.mark.parametrize("quant", ["bf16", "fp16", "int8", "gptq", "awq"])
+@pytest.mark.parametrize("attention", [None, "flash", "noflash", "flashinfer"])
+def test_tgi_command_and_docker_line_parse_with_tgi_flags(quant, attention):
+    plan = launch_plan(spec("tgi", quant=quant, attention=attention), MODEL_DIR, 8124)
+    assert plan.command[0] == "text-generation-launcher"
+    args = parse_tgi(plan.command[1:], plan.env)
+    assert args.model_id == str(MODEL_DIR) and args.port == 8124 and args.num_shard == plan.fit.tp
+    assert args.max_total_tokens == plan.fit.max_model_len
+    assert args.max_batch_total_tokens == max(plan.fit.max_batch_total_tokens, args.max_batch_prefill_tokens)
+    image = plan.docker.index("ghcr.io/huggingface/text-generation-inference:3.0.1")
+    in_container = parse_tgi(plan.docker[image + 1:], plan.env)
+    assert in_container.model_id == "/data/model" and f"{MODEL_DIR}:/data/model" in plan.docker
+    for key, value in plan.env.items():
+        assert f"{key}={value}" in plan.docker
+    assert args.quantize == {"gptq": "gptq", "awq": "awq", "int8": "eetq"}.get(quant)
+    assert args.dtype == {"bf16": "bfloat16", "fp16": "float16"}.get(quant)
+    expected = {None: None, "flash": "flashdecoding", "noflash": "paged", "flashinfer": "flashinfer"}[attention]
+    assert plan.env.get("ATTENTION") == expected
+
+
+def test_tgi_70b_4bit_on_4090s_shards_over_four():
+    plan = launch_plan(spec("tgi", model="70b", gpu="rtx4090", quant="awq"), MODEL_DIR, 1)
+    args = parse_tgi(plan.command[1:], plan.env)
+    assert args.num_shard == 4 and args.quantize == "awq" and args.dtype is None
+
+
+@pytest.mark.parametrize("quant", ["bf16", "fp16", "gptq", "awq"])
+@pytest.mark.parametrize("attention", [None, "eager", "sdpa", "flash_attention_2", "flash", "noflash"])
+def test_hf_command_parses_with_tokenrigs_server_parser(quant, attention):
+    from tokenrig.serve.server import build_parser
+
+    plan = launch_plan(spec("hf", model="7b", gpu="h200", quant=quant, attention=attention, compile_level=1,
+                            cuda_graphs=True), MODEL_DIR, 8125)
+    args = build_parser().parse_args(plan.command[3:])
+    assert plan.command[1:3] == ["-m", "tokenrig.serve.server"]
+    assert args.engine == "hf" and args.device == "cuda" and args.port == 8125
+    assert args.dtype == ("bfloat16" if quant == "bf16" else "float16")
+    assert args.attn_implementation == {None: "sdpa", "flash": "flash_attention_2", "noflash": "eager"}.get(
+        attention, attention)
+    assert args.compile_level == 1 and args.cuda_graphs is True and args.max_num_seqs == 16
+
+
+@pytest.mark.parametrize("backend,kwargs,message", [
+    ("vllm", {"quant": "int8"}, "no int8 weight-only path"),
+    ("hf", {"tp": 2}, "runs on one GPU"),
+    ("vllm", {"attention": "eager"}, "not available on the vllm backend"),
+    ("tgi", {"gpu": "cpu"}, "serves on a GPU"),
+])
+def test_impossible_configurations_are_refused_with_the_way_out(backend, kwargs, message):
+    with pytest.raises(LaunchError, match=message):
+        launch_plan(spec(backend, **kwargs), MODEL_DIR, 1)
+
+
+def test_quantized_model_dirs_are_named_by_quantization(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENRIG_MODELS", str(tmp_path))
+    assert prepare_model_dir(spec("vllm", quant="gptq"), write=False) == tmp_path / "llama2-13b-gptq-config"
+    assert prepare_model_dir(spec("tgi", quant="awq"), write=False) == tmp_path / "llama2-13b-awq"
+    assert prepare_model_dir(spec("hf", quant="bf16"), write=False) == tmp_path / "llama2-13b"
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_dry_run_prints_command_env_and_fit_without_starting_anything():
+    result = run_cli("serve", "--backend", "tgi", "--gpu", "rtx4090", "--model", "70b", "--quant", "gptq",
+                     "--attention", "flashinfer", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert "on 4 x rtx4090" in lines["fit"] and lines["env"] == "ATTENTION=flashinfer"
+    parse_tgi(shlex.split(lines["command"])[1:], {"ATTENTION": "flashinfer"})
+    assert lines["docker"].startswith("docker run --gpus all")
+    refused = run_cli("serve", "--backend", "vllm", "--gpu", "rtx4090", "--model", "70b", "--dry-run")
+    assert refused.returncode == 2 and "--quant gptq --tp 4 --gpu rtx4090" in refused.stderr
+
+
+def test_a_missing_engine_is_named_with_its_install_line(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    server = start_server(tmp_path_factory, "vllm", model="7b", gpu="h100-sxm", device="cuda")
+    with pytest.raises(LaunchError, match=r"(?s)vllm is not installed.*pip install vllm==0\.11\.0.*vllm serve"):
+        with server:
+            pass
+    assert server.process is None
+
+
+def test_health_wait_gives_up_stops_the_server_and_shows_its_log(tmp_path_factory):
+    # the sim server needs well over 0.5 s to import its dependencies and answer /health
+    server = start_server(tmp_path_factory, "sim", sim_ttft_ms=1, sim_tpot_ms=1)
+    server.health_timeout_s = 0.5
+    with pytest.raises(LaunchError, match=r"not healthy after 0\.5 s \(polled http://127\.0\.0\.1:\d+/health\)"):
+        with server:
+            pass
+    assert server.process.poll() is not None  # stopped, not left behind

@@ -1,0 +1,60 @@
+"""The hf backend: tokenrig's server over transformers' continuous batching, on CPU or one GPU.
+
+Attention is transformers' `attn_implementation` (eager, sdpa = PyTorch's fused kernels incl. its
+FlashAttention, flash_attention_2 when flash-attn is installed). GPTQ/AWQ checkpoints load through
+transformers' quantizers (gptqmodel). `compile_level` and `cuda_graphs` switch on torch.compile and
+CUDA graphs over the engine's statically allocated paged cache.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tokenrig.serve.backends import LaunchPlan, plan_for, resolve_attention
+
+ATTENTION = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash_attention_2",
+             "flash": "flash_attention_2", "noflash": "eager"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "gptq": "float16", "awq": "float16"}
+
+
+def _check(spec) -> None:
+    from tokenrig.serve.launcher import LaunchError
+
+    if spec.quant not in DTYPES:
+        raise LaunchError(f"the hf backend serves {', '.join(DTYPES)}; for 8-bit use --backend tgi --quant int8 (EETQ)")
+    if spec.tp not in (None, 1):
+        raise LaunchError("the hf backend runs on one GPU (--tp 1); use --backend vllm or tgi for tensor parallelism")
+
+
+def model_dir(spec, progress=print, write: bool = True) -> Path:
+    from tokenrig.serve.checkpoint import checkpoint_dir, is_complete, make_checkpoint
+
+    _check(spec)
+    quant = spec.quant if spec.quant in ("gptq", "awq") else None
+    dtype = DTYPES[spec.quant]
+    path = checkpoint_dir(spec.model, quant=quant)
+    if not write:
+        return path
+    if not is_complete(path):
+        progress(f"writing synthetic {spec.model.key} {spec.quant} checkpoint to {path} (random weights)")
+    return make_checkpoint(spec.model, dtype=dtype if quant is None else "float16", quant=quant, progress=progress)
+
+
+def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
+    _check(spec)
+    attention = resolve_attention(spec, ATTENTION, "sdpa")
+    fit = plan_for(spec) if spec.device != "cpu" else None
+    max_num_seqs = spec.max_num_seqs or (fit.max_num_seqs if fit else None)
+    command = [sys.executable, "-m", "tokenrig.serve.server", "--engine", "hf", "--model", spec.model.key,
+               "--model-dir", str(model_dir), "--host", spec.host, "--port", str(port), "--gpu", spec.gpu.key,
+               "--device", spec.device, "--dtype", DTYPES[spec.quant], "--attn-implementation", attention]
+    if max_num_seqs:
+        command += ["--max-num-seqs", str(max_num_seqs)]
+    if spec.compile_level:
+        command += ["--compile-level", str(spec.compile_level)]
+    if spec.cuda_graphs is not None:
+        command += ["--cuda-graphs" if spec.cuda_graphs else "--no-cuda-graphs"]
+    return LaunchPlan(command + spec.extra_args, env={}, fit=fit,
+                      install_hint="flash_attention_2 needs `pip install flash-attn`; GPTQ/AWQ need "
+                                   "`pip install optimum gptqmodel`")

@@ -1,0 +1,82 @@
+"""The tgi backend: Hugging Face text-generation-launcher, and the same server as a `docker run` line.
+
+Pinned: TGI 3.0.1. Flags were read from TGI's launcher reference (docs/source/reference/launcher.md:
+--model-id, --num-shard, --quantize {awq, eetq, gptq, ...}, --dtype, --max-input-tokens,
+--max-total-tokens, --max-batch-prefill-tokens, --max-batch-total-tokens, --max-concurrent-requests,
+--cuda-memory-fraction, --hostname, --port). Its attention kernel is the server's ATTENTION
+environment variable (paged | flashdecoding | flashinfer) and prefix caching PREFIX_CACHING.
+TGI's flash models always use FlashAttention for prefill; ATTENTION picks the decode kernel, so
+`noflash` here means vLLM's paged-attention kernel for decode, not a model without FlashAttention.
+TGI has no dummy-weight loader, so it reads a full synthetic checkpoint (quantized for gptq/awq).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenrig.serve.backends import LaunchPlan, plan_for, resolve_attention
+
+TGI_VERSION = "3.0.1"
+TGI_IMAGE = f"ghcr.io/huggingface/text-generation-inference:{TGI_VERSION}"
+ATTENTION = {"flashinfer": "flashinfer", "flashdecoding": "flashdecoding", "paged": "paged",
+             "flash": "flashdecoding", "noflash": "paged"}
+QUANTIZE = {"gptq": "gptq", "awq": "awq", "int8": "eetq"}  # eetq: 8-bit weight-only, quantized at load
+DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+MIN_CONCURRENT_REQUESTS = 128  # TGI's default; more would only queue in the router
+
+
+def _check(spec) -> None:
+    from tokenrig.serve.launcher import LaunchError
+
+    if spec.device == "cpu":
+        raise LaunchError("the tgi backend serves on a GPU: pick a GPU profile with --gpu")
+
+
+def model_dir(spec, progress=print, write: bool = True) -> Path:
+    from tokenrig.serve.checkpoint import checkpoint_dir, make_checkpoint
+
+    _check(spec)
+    quant = spec.quant if spec.quant in ("gptq", "awq") else None
+    dtype = "float16" if spec.quant in ("fp16", "gptq", "awq") else "bfloat16"
+    if not write:
+        return checkpoint_dir(spec.model, quant=quant)
+    return make_checkpoint(spec.model, dtype=dtype, quant=quant, progress=progress)
+
+
+def server_args(spec, fit, model_id: str) -> list[str]:
+    """The launcher arguments shared by the native and the docker form."""
+    context = fit.max_model_len
+    prefill = max(fit.prefill_chunk_tokens, context)
+    args = ["--model-id", model_id, "--num-shard", str(fit.tp),
+            "--max-input-tokens", str(context - 1), "--max-total-tokens", str(context),
+            "--max-batch-prefill-tokens", str(prefill),
+            "--max-batch-total-tokens", str(max(fit.max_batch_total_tokens, prefill)),
+            "--max-concurrent-requests", str(max(spec.max_num_seqs or fit.max_num_seqs, MIN_CONCURRENT_REQUESTS)),
+            "--cuda-memory-fraction", str(fit.gpu_memory_utilization)]
+    if spec.quant in QUANTIZE:
+        args += ["--quantize", QUANTIZE[spec.quant]]
+    else:
+        args += ["--dtype", DTYPES[spec.quant]]
+    return args
+
+
+def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
+    _check(spec)
+    fit = plan_for(spec)
+    env = {}
+    attention = resolve_attention(spec, ATTENTION, None)
+    if attention:
+        env["ATTENTION"] = attention
+    if spec.prefix_caching is not None:
+        env["PREFIX_CACHING"] = "1" if spec.prefix_caching else "0"
+    command = ["text-generation-launcher", *server_args(spec, fit, str(model_dir)),
+               "--hostname", spec.host, "--port", str(port)] + spec.extra_args
+    docker = ["docker", "run", "--gpus", "all", "--shm-size", "1g", "-p", f"{port}:80",
+              "-v", f"{model_dir}:/data/model"]
+    for key, value in env.items():
+        docker += ["-e", f"{key}={value}"]
+    docker += [TGI_IMAGE, *server_args(spec, fit, "/data/model")] + spec.extra_args
+    return LaunchPlan(command, env=env, fit=fit, docker=docker,
+                      install_hint=f"Run it as a container instead (see --dry-run's docker line), or install "
+                                   f"TGI {TGI_VERSION} from source on the GPU machine",
+                      notes=[f"flags checked against TGI {TGI_VERSION}'s launcher reference"])
