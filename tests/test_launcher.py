@@ -2,7 +2,8 @@ import pytest
 import requests
 
 from tests.conftest import start_server
-from tokenrig.serve.launcher import LaunchError, server_command
+from tokenrig.serve.backends import launch_plan
+from tokenrig.serve.launcher import LaunchError
 
 
 def test_server_that_dies_reports_its_log(tmp_path_factory):
@@ -27,4 +28,4 @@ def test_unknown_backend_is_refused(tmp_path_factory):
     server = start_server(tmp_path_factory, "sim")
     server.spec.backend = "trt"
     with pytest.raises(LaunchError, match="known backends: hf, sim, vllm, tgi"):
-        server_command(server.spec, tmp_path_factory.mktemp("m"), 1)
+        launch_plan(server.spec, tmp_path_factory.mktemp("m"), 1)

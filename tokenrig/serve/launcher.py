@@ -75,12 +75,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def server_command(spec: ServerSpec, model_dir: Path, port: int) -> list[str]:
-    from tokenrig.serve.backends import launch_plan
-
-    return launch_plan(spec, model_dir, port).command
-
-
 def prepare_model_dir(spec: ServerSpec, progress=print) -> Path:
     """The checkpoint (or config/tokenizer directory) the backend's server reads, written on first use."""
     from tokenrig.serve.backends import prepare_model_dir as backend_model_dir
