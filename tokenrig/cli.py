@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--scenario", default="chat", help="name in scenarios/serving/ or a path to a .yaml file")
     loadtest.add_argument("--users", type=int, help="closed loop: this many concurrent streams")
     loadtest.add_argument("--rate", type=float, help="open loop: requests per second (Poisson unless --arrival)")
-    loadtest.add_argument("--arrival", choices=["poisson", "constant"], default="poisson")
+    loadtest.add_argument("--arrival", choices=["poisson", "constant", "gamma"], default="poisson")
+    loadtest.add_argument("--burstiness", type=float, help="gamma arrivals: coefficient of variation of the gaps")
     loadtest.add_argument("--duration", type=float, help="seconds of load (overrides the scenario)")
     loadtest.add_argument("--warmup", type=float, help="seconds excluded at the start")
     loadtest.add_argument("--url", help="load-test a server that is already running at this base URL")
@@ -176,10 +177,12 @@ def cmd_loadtest(args) -> int:
     scenario = load_scenario(args.scenario)
     load = scenario.load
     if args.users:
-        load = load.model_copy(update={"type": "concurrency", "users": args.users, "rate": None})
+        load = load.model_copy(update={"type": "concurrency", "users": args.users, "rate": None, "stages": None,
+                                       "trace": None})
     if args.rate:
-        load = load.model_copy(update={"type": args.arrival, "rate": args.rate})
-    updates = {k: v for k, v in {"duration_s": args.duration, "warmup_s": args.warmup}.items() if v is not None}
+        load = load.model_copy(update={"type": args.arrival, "rate": args.rate, "stages": None, "trace": None})
+    updates = {k: v for k, v in {"duration_s": args.duration, "warmup_s": args.warmup,
+                                 "burstiness": args.burstiness}.items() if v is not None}
     try:
         load = type(load).model_validate({**load.model_dump(), **updates})
     except ValidationError as error:

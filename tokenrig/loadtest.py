@@ -74,8 +74,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
                       "model": spec.model.key, "gpu": spec.gpu.key}
             stack.enter_context(live_loadgen_metrics(ctx, labels, endpoint.metrics_url, monitor.port,
                                                      monitor.targets_dir, monitor.linger_s, progress))
-        mode = (f"{scenario.load.users} concurrent users" if not plan.open_loop
-                else f"{scenario.load.type} arrivals at {scenario.load.rate:g} req/s")
+        mode = plan.describe()
         progress(f"load: {mode} for {scenario.load.duration_s:g} s (warm-up {scenario.load.warmup_s:g} s)")
         outcome = run_load(ctx, progress=progress)
 

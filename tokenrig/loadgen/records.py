@@ -32,6 +32,10 @@ class RequestRecord:
     output_tokens_usage: int | None = None
     prompt_tokens_usage: int | None = None
     output_tokens_tokenizer: int | None = None
+    arrival_index: int = 0  # the plan's arrival this request belongs to (same on every worker)
+    turn: int = 0  # turn of a multi-turn conversation (0 = first)
+    prefix_id: int | None = None  # shared prefix sent, if any
+    prefix_reused: bool = False  # that prefix had been sent before
 
     @property
     def ok(self) -> bool:

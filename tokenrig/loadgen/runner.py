@@ -41,7 +41,6 @@ def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0) ->
     runner = environment.create_local_runner()
     plan = ctx.plan
     plan.start = time.perf_counter() + SPAWN_LEAD_S
-    plan.end = plan.start + plan.spec.duration_s
     ctx.unix_offset = time.time() - time.perf_counter()
     cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
     interrupted = timed_out = False

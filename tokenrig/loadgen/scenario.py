@@ -1,11 +1,17 @@
 """Serving scenarios: YAML files validated into typed objects, with errors that name the line.
 
-A scenario is a weighted mix of request classes (API, input/output length distributions) and
-a load plan (closed-loop concurrency or an open-loop arrival rate, duration, warm-up/cool-down).
+A scenario is a weighted mix of request classes (API, input/output length distributions,
+prompt source, optional multi-turn conversations and shared prefixes) and a load plan
+(closed-loop concurrency, an open-loop arrival process with optional stages, or a trace to
+replay; duration, warm-up/cool-down). Data files named in a scenario (traces, prompt files)
+resolve relative to `scenarios/`.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
+import json
 import math
 import random
 from pathlib import Path
@@ -15,6 +21,32 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios" / "serving"
+DATA_ROOT = SCENARIO_DIR.parent  # relative data paths in a scenario resolve here
+
+
+def resolve_data_path(path: str) -> Path:
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else DATA_ROOT / candidate
+
+
+@functools.lru_cache(maxsize=32)
+def column_values(path: str, column: str) -> tuple[float, ...]:
+    """One numeric column of a CSV (by header) or a JSONL file (by field), read once per process."""
+    file = resolve_data_path(path)
+    if not file.exists():
+        raise ValueError(f"file {file} does not exist")
+    with file.open(newline="") as handle:
+        if file.suffix == ".jsonl":
+            rows = (json.loads(line) for line in handle if line.strip())
+        else:
+            rows = csv.DictReader(handle)
+        try:
+            values = tuple(float(row[column]) for row in rows)
+        except KeyError:
+            raise ValueError(f"{file.name} has no column {column!r}") from None
+    if not values:
+        raise ValueError(f"{file.name} has no rows")
+    return values
 
 
 class ScenarioError(ValueError):
@@ -72,29 +104,146 @@ class LogNormal(_Strict):
         return _clamp(round(rng.lognormvariate(math.log(self.median), self.sigma)), self.min, self.max)
 
 
+class Empirical(_Strict):
+    """Lengths drawn from a column of a trace (CSV header or JSONL field), e.g. a public trace."""
+
+    dist: Literal["empirical"]
+    file: str
+    column: str
+    scale: float = Field(default=1.0, gt=0, description="multiply every drawn length (to shrink a trace)")
+    min: int = Field(default=1, ge=1)
+    max: int | None = None
+
+    @model_validator(mode="after")
+    def _readable(self):
+        column_values(self.file, self.column)  # fail at load time, naming the field
+        return self
+
+    def sample(self, rng: random.Random) -> int:
+        return _clamp(round(rng.choice(column_values(self.file, self.column)) * self.scale), self.min, self.max)
+
+
 def _clamp(value: int, low: int, high: int | None) -> int:
     value = max(value, low)
     return min(value, high) if high is not None else value
 
 
-LengthDist = Annotated[Union[Fixed, Uniform, Normal, LogNormal], Field(discriminator="dist")]
+LengthDist = Annotated[Union[Fixed, Uniform, Normal, LogNormal, Empirical], Field(discriminator="dist")]
+
+
+class SyntheticPrompt(_Strict):
+    """Random words of the served model's own vocabulary: exactly `input_tokens` tokens."""
+
+    source: Literal["synthetic"] = "synthetic"
+
+
+class FilePrompt(_Strict):
+    """Prompts read from a file: one per line (.txt) or a field of each JSON line (.jsonl)."""
+
+    source: Literal["file"]
+    path: str
+    field: str = "prompt"
+
+    @model_validator(mode="after")
+    def _readable(self):
+        if not self.prompts():
+            raise ValueError(f"no prompts in {resolve_data_path(self.path)}")
+        return self
+
+    def prompts(self) -> tuple[str, ...]:
+        return _prompt_lines(self.path, self.field)
+
+
+@functools.lru_cache(maxsize=8)
+def _prompt_lines(path: str, field: str) -> tuple[str, ...]:
+    file = resolve_data_path(path)
+    if not file.exists():
+        raise ValueError(f"prompt file {file} does not exist")
+    lines = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if file.suffix == ".jsonl":
+        try:
+            return tuple(str(json.loads(line)[field]) for line in lines)
+        except KeyError:
+            raise ValueError(f"{file.name}: a line has no field {field!r}") from None
+    return tuple(lines)
+
+
+PromptSource = Annotated[Union[SyntheticPrompt, FilePrompt], Field(discriminator="source")]
+
+
+class Conversation(_Strict):
+    """Multi-turn: each turn sends the whole history (earlier prompts and the replies received)
+    plus a new user message of `input_tokens`; the next turn goes out after the previous reply."""
+
+    turns: LengthDist
+    think_time_s: float = Field(default=0.0, ge=0, description="pause between a reply and the next turn")
+
+
+class SharedPrefix(_Strict):
+    """A pool of shared prompt prefixes (system prompts, retrieved documents). Each request, with
+    probability `hit_ratio`, reuses a prefix already sent (a prefix-cache hit on the server);
+    otherwise it sends a new prefix, which joins the pool (the oldest leaves once it is full)."""
+
+    tokens: int = Field(ge=1, description="prefix length; the prompt is prefix + input_tokens")
+    pool_size: int = Field(default=16, ge=1)
+    hit_ratio: float = Field(ge=0, le=1)
 
 
 class RequestClass(_Strict):
     name: str
     weight: float = Field(default=1.0, gt=0)
     api: Literal["chat", "completions"] = "chat"
-    input_tokens: LengthDist
-    output_tokens: LengthDist
+    prompt: PromptSource = Field(default_factory=SyntheticPrompt)
+    input_tokens: LengthDist | None = None
+    output_tokens: LengthDist | None = None
     temperature: float = 0.0
+    conversation: Conversation | None = None
+    shared_prefix: SharedPrefix | None = None
+
+
+class Stage(_Strict):
+    """An open-loop stage: `rate` req/s for `duration_s`; with `ramp`, the rate climbs linearly
+    from the previous stage's rate (0 for the first) to `rate`."""
+
+    duration_s: float = Field(gt=0)
+    rate: float = Field(ge=0)
+    ramp: bool = False
+
+
+class TraceReplay(_Strict):
+    """Arrival times and token lengths from a trace: Azure LLM inference CSV or Mooncake JSONL."""
+
+    path: str
+    format: Literal["azure", "mooncake"] | None = Field(default=None, description="default: from the file suffix")
+    speedup: float = Field(default=1.0, gt=0, description="replay k times faster (inter-arrival times / k)")
+    start_s: float = Field(default=0.0, ge=0, description="skip this many trace seconds")
+    length_scale: float = Field(default=1.0, gt=0, description="multiply token lengths (and Mooncake's block size)")
+    spread_buckets: bool = Field(default=True, description="Mooncake: spread each ~3-s timestamp bucket's requests "
+                                                           "uniformly over the bucket instead of sending them at once")
+
+    @model_validator(mode="after")
+    def _exists(self):
+        if not resolve_data_path(self.path).exists():
+            raise ValueError(f"trace file {resolve_data_path(self.path)} does not exist")
+        if self.format is None:
+            self.format = "mooncake" if self.path.endswith(".jsonl") else "azure"
+        return self
+
+
+OPEN_LOOP_TYPES = ("poisson", "constant", "gamma")
 
 
 class LoadPlanSpec(_Strict):
-    """closed: `users` loop back-to-back; poisson/constant: open loop at `rate` req/s."""
+    """concurrency: `users` loop back-to-back. poisson/constant/gamma: open loop at `rate` req/s
+    (or through `stages`); gamma's `burstiness` is the coefficient of variation of inter-arrival
+    times (1 = Poisson, >1 burstier, <1 more regular). trace: arrivals and lengths from `trace`."""
 
-    type: Literal["concurrency", "poisson", "constant"] = "concurrency"
+    type: Literal["concurrency", "poisson", "constant", "gamma", "trace"] = "concurrency"
     users: int | None = Field(default=None, ge=1)
     rate: float | None = Field(default=None, gt=0)
+    burstiness: float = Field(default=1.0, gt=0)
+    stages: list[Stage] | None = None
+    trace: TraceReplay | None = None
     duration_s: float = Field(default=60, gt=0)
     warmup_s: float = Field(default=0, ge=0)
     cooldown_s: float = Field(default=0, ge=0)
@@ -105,8 +254,16 @@ class LoadPlanSpec(_Strict):
     def _consistent(self):
         if self.type == "concurrency" and not self.users:
             raise ValueError("a concurrency plan needs users")
-        if self.type != "concurrency" and not self.rate:
-            raise ValueError(f"a {self.type} plan needs rate (requests/s)")
+        if self.type in OPEN_LOOP_TYPES and not self.rate and not self.stages:
+            raise ValueError(f"a {self.type} plan needs rate (requests/s) or stages")
+        if self.stages is not None:
+            if self.type not in OPEN_LOOP_TYPES:
+                raise ValueError("stages go with an open-loop plan (poisson, constant or gamma)")
+            if not self.stages or not any(stage.rate for stage in self.stages):
+                raise ValueError("stages need at least one stage with a rate > 0")
+            self.duration_s = sum(stage.duration_s for stage in self.stages)
+        if self.type == "trace" and self.trace is None:
+            raise ValueError("a trace plan needs trace: {path: ...}")
         if self.warmup_s + self.cooldown_s >= self.duration_s:
             raise ValueError("warmup_s + cooldown_s must be shorter than duration_s")
         return self
@@ -118,6 +275,23 @@ class Scenario(_Strict):
     source: str = Field(default="", description="where the lengths come from (citation)")
     requests: list[RequestClass] = Field(min_length=1)
     load: LoadPlanSpec
+
+    @model_validator(mode="after")
+    def _lengths_given(self):
+        trace = self.load.type == "trace"
+        for request_class in self.requests:
+            needs_input = isinstance(request_class.prompt, SyntheticPrompt)
+            if trace and (request_class.input_tokens or request_class.output_tokens):
+                raise ValueError(f"request class {request_class.name!r}: a trace plan takes token lengths from "
+                                 "the trace; remove input_tokens/output_tokens")
+            if not trace and request_class.output_tokens is None:
+                raise ValueError(f"request class {request_class.name!r} needs output_tokens")
+            if not trace and needs_input and request_class.input_tokens is None:
+                raise ValueError(f"request class {request_class.name!r} needs input_tokens (synthetic prompts)")
+            if trace and (request_class.conversation or request_class.shared_prefix or not needs_input):
+                raise ValueError(f"request class {request_class.name!r}: a trace plan sends single synthetic "
+                                 "prompts built from the trace (its prefix hashes give the prefix reuse)")
+        return self
 
 
 def _line_of(node: yaml.Node, location: tuple) -> int | None:

@@ -76,26 +76,45 @@ class OpenAIStreamingUser(User):
         self.client.close()
 
     @task
-    def one_request(self) -> None:
+    def one_arrival(self) -> None:
+        """Take the plan's next arrival and send its requests: one, or each turn of a conversation."""
         ctx = self.ctx
-        prepared = ctx.workload.next()
         picked = time.perf_counter()
-        due = ctx.plan.next_slot(picked)
-        if due is None:
+        slot = ctx.plan.next_slot(picked)
+        if slot is None:
             raise StopUser()
-        wait = due - time.perf_counter()
-        if wait > 0:
-            gevent.sleep(wait)
+        dialogue = ctx.workload.dialogue(slot.index, slot.trace_row)
+        prepared = dialogue.next_request()
+        due, slot_late = slot.due, ctx.plan.open_loop and picked > slot.due + SLOT_LATE_TOLERANCE_S
+        while prepared is not None:
+            wait = due - time.perf_counter()
+            if wait > 0:
+                gevent.sleep(wait)
+            reply, record = self._one_request(prepared, due, slot.index, slot_late)
+            if not record.ok:
+                return
+            dialogue.add_reply(reply, record.output_tokens)
+            # the next turn is due when the user has read the reply and thought; it is not sent after
+            # the plan's end, so a run's length does not depend on conversations still going
+            due = time.perf_counter() + dialogue.think_time_s
+            if due >= ctx.plan.end:
+                return
+            prepared, slot_late = dialogue.next_request(), False
+
+    def _one_request(self, prepared: PreparedRequest, due: float, index: int, slot_late: bool):
+        ctx = self.ctx
         record = RequestRecord(
             request_id=ctx.new_id(), request_class=prepared.request_class, api=prepared.api,
-            scheduled_at=due + ctx.unix_offset, send_lag_s=0.0,
-            slot_late=ctx.plan.open_loop and picked > due + SLOT_LATE_TOLERANCE_S,
+            scheduled_at=due + ctx.unix_offset, send_lag_s=0.0, slot_late=slot_late,
             in_window=ctx.plan.in_steady_window(due),
             prompt_tokens_sent=prepared.prompt_tokens, max_tokens=prepared.max_tokens,
+            arrival_index=index, turn=prepared.turn, prefix_id=prepared.prefix_id,
+            prefix_reused=prepared.prefix_reused,
         )
         ctx.in_flight += 1
+        reply = ""
         try:
-            self._send(prepared, due, record)
+            reply = self._send(prepared, due, record)
         finally:
             ctx.in_flight -= 1
             ctx.output_tokens += record.output_tokens
@@ -107,8 +126,10 @@ class OpenAIStreamingUser(User):
             self.environment.events.request.fire(
                 request_type="POST", name=prepared.path, response_time=(record.e2e_s or 0) * 1000,
                 response_length=record.output_tokens, exception=record.error, context={})
+        return reply, record
 
-    def _send(self, prepared: PreparedRequest, due: float, record: RequestRecord) -> None:
+    def _send(self, prepared: PreparedRequest, due: float, record: RequestRecord) -> str:
+        """Send, read the stream, fill the record; return the reply text."""
         ctx = self.ctx
         sent = time.perf_counter()
         record.send_lag_s = sent - due
@@ -118,7 +139,7 @@ class OpenAIStreamingUser(User):
             record.status = response.status_code
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {response.read()[:300].decode(errors='replace')}"
-                return
+                return ""
             while True:
                 line = response.readline(b"\n")
                 now = time.perf_counter()
@@ -140,11 +161,14 @@ class OpenAIStreamingUser(User):
                     record.chunk_tokens.append(len(ctx.tokenizer.encode(text, add_special_tokens=False).ids))
                     text_parts.append(text)
             record.e2e_s = time.perf_counter() - due
-            record.output_tokens_tokenizer = len(ctx.tokenizer.encode("".join(text_parts), add_special_tokens=False).ids)
+            reply = "".join(text_parts)
+            record.output_tokens_tokenizer = len(ctx.tokenizer.encode(reply, add_special_tokens=False).ids)
             if record.ttft_s is None:
                 record.error = "stream ended without any content"
+            return reply
         except Exception as error:  # noqa: BLE001 - every failure becomes a record, never a crash
             record.error = f"{type(error).__name__}: {error}"
+            return ""
         except BaseException:  # the run was stopped (Ctrl-C) while this request was in flight
             record.error = "aborted: load test stopped before the response ended"
             raise

@@ -1,21 +1,29 @@
 """Request sampling: turn a scenario's request mix into ready-to-send request bodies.
 
 Synthetic prompts are drawn from the served model's own tokenizer vocabulary, so their length
-in tokens is exact. Bodies are serialised before their send time, keeping the hot path small.
+in tokens is exact. What arrival k sends depends only on the seed and k (not on which process
+or when), so a distributed run sends the same requests as a single process. A `Dialogue` is
+the requests of one arrival: one request, or the turns of a conversation whose history grows
+with each reply. Shared prefixes come from a pool with a target hit ratio, or (trace replay)
+from Mooncake's prefix-block hashes: equal hash, equal block of text.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections import deque
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from tokenrig.loadgen.scenario import RequestClass, Scenario
+from tokenrig.loadgen.plan import TraceRow
+from tokenrig.loadgen.scenario import FilePrompt, RequestClass, Scenario, SharedPrefix
 from tokenrig.serve.tokenizer import content_words
 
 API_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+# chat template and special tokens add a few tokens around each message
+TEMPLATE_MARGIN = 8
 
 
 @dataclass
@@ -26,47 +34,175 @@ class PreparedRequest:
     body: bytes
     prompt_tokens: int  # content tokens the client put in the prompt (before any chat template)
     max_tokens: int
+    turn: int = 0
+    prefix_id: int | None = None  # shared prefix sent (pool prefixes and Mooncake's first block)
+    prefix_reused: bool = False  # that prefix had been sent before (a prefix-cache hit is possible)
+
+
+class PrefixPool:
+    """Assigns shared prefixes to arrivals: arrival k reuses a pooled prefix with probability
+    hit_ratio, else takes a new one. Decided in arrival order from its own seeded stream, so the
+    choice for arrival k is the same on every worker."""
+
+    def __init__(self, spec: SharedPrefix, seed: str):
+        self.spec = spec
+        self._rng = random.Random(seed)
+        self._pool: deque[int] = deque(maxlen=spec.pool_size)
+        self._decided: list[tuple[int, bool]] = []
+        self._next_new = 0
+
+    def assign(self, index: int) -> tuple[int, bool]:
+        """(prefix id, reused) for arrival `index`."""
+        while len(self._decided) <= index:
+            if self._pool and self._rng.random() < self.spec.hit_ratio:
+                self._decided.append((self._rng.choice(self._pool), True))
+            else:
+                self._pool.append(self._next_new)
+                self._decided.append((self._next_new, False))
+                self._next_new += 1
+        return self._decided[index]
 
 
 class Workload:
     def __init__(self, scenario: Scenario, tokenizer: Tokenizer, model_name: str, max_context: int, seed: int = 0):
         self.scenario = scenario
+        self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_context = max_context
-        self._rng = random.Random(seed)
+        self.seed = seed
         self._words = content_words(tokenizer)
         self._classes = scenario.requests
         self._weights = [c.weight for c in scenario.requests]
+        self._pools = {c.name: PrefixPool(c.shared_prefix, f"{seed}:pool:{c.name}")
+                       for c in scenario.requests if c.shared_prefix}
+        self._blocks: dict[tuple[str, int], list[str]] = {}
         self.clamped = 0  # requests shortened to fit the model's context
+        self.conversations_cut = 0  # conversations ended early because the history filled the context
 
-    # chat template and special tokens add a few tokens around the user's text
-    TEMPLATE_MARGIN = 8
+    def words(self, count: int, rng: random.Random) -> list[str]:
+        return rng.choices(self._words, k=count)
 
-    def next(self) -> PreparedRequest:
-        request_class = self._rng.choices(self._classes, self._weights)[0]
-        return self.build(request_class)
+    def block(self, kind: str, key: int, tokens: int) -> list[str]:
+        """A deterministic run of words for a shared prefix or a trace hash block."""
+        cache_key = (kind, key)
+        words = self._blocks.get(cache_key)
+        if words is None or len(words) < tokens:
+            words = self.words(tokens, random.Random(f"{self.seed}:{kind}:{key}"))
+            self._blocks[cache_key] = words
+        return words[:tokens]
 
-    def build(self, request_class: RequestClass) -> PreparedRequest:
-        input_tokens = request_class.input_tokens.sample(self._rng)
-        output_tokens = request_class.output_tokens.sample(self._rng)
-        room = self.max_context - self.TEMPLATE_MARGIN
-        if input_tokens + output_tokens > room:
-            self.clamped += 1
-            output_tokens = min(output_tokens, room // 2)
-            input_tokens = room - output_tokens
-        prompt = " ".join(self._rng.choices(self._words, k=input_tokens))
+    def dialogue(self, index: int, trace_row: TraceRow | None = None) -> Dialogue:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        request_class = rng.choices(self._classes, self._weights)[0]
+        return Dialogue(self, request_class, index, rng, trace_row)
+
+    def fit(self, input_tokens: int, output_tokens: int) -> tuple[int, int]:
+        room = self.max_context - TEMPLATE_MARGIN
+        if input_tokens + output_tokens <= room:
+            return input_tokens, output_tokens
+        self.clamped += 1
+        output_tokens = min(output_tokens, room // 2)
+        return room - output_tokens, output_tokens
+
+    def body(self, request_class: RequestClass, messages: list[dict], max_tokens: int) -> bytes:
         body = {
             "model": self.model_name,
-            "max_tokens": output_tokens,
-            "min_tokens": output_tokens,
+            "max_tokens": max_tokens,
+            "min_tokens": max_tokens,
             "ignore_eos": True,
             "temperature": request_class.temperature,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
         if request_class.api == "chat":
-            body["messages"] = [{"role": "user", "content": prompt}]
+            body["messages"] = messages
         else:
-            body["prompt"] = prompt
-        return PreparedRequest(request_class.name, request_class.api, API_PATHS[request_class.api],
-                               json.dumps(body).encode(), input_tokens, output_tokens)
+            body["prompt"] = " ".join(message["content"] for message in messages)
+        return json.dumps(body).encode()
+
+
+class Dialogue:
+    """The requests of one arrival. `next_request()` gives the next turn (None when done);
+    `add_reply(text)` appends the assistant's reply to the history before the next turn."""
+
+    def __init__(self, workload: Workload, request_class: RequestClass, index: int, rng: random.Random,
+                 trace_row: TraceRow | None):
+        self.workload = workload
+        self.request_class = request_class
+        self.index = index
+        self._rng = rng
+        self._trace_row = trace_row
+        conversation = request_class.conversation
+        self.turns = conversation.turns.sample(rng) if conversation else 1
+        self.think_time_s = conversation.think_time_s if conversation else 0.0
+        self.turn = 0
+        self._history: list[dict] = []
+        self._history_tokens = 0
+        self._prefix: tuple[list[str], int | None, bool] = self._shared_prefix()
+
+    def _shared_prefix(self) -> tuple[list[str], int | None, bool]:
+        spec = self.request_class.shared_prefix
+        if spec is None:
+            return [], None, False
+        prefix_id, reused = self.workload._pools[self.request_class.name].assign(self.index)
+        return self.workload.block(f"prefix-{self.request_class.name}", prefix_id, spec.tokens), prefix_id, reused
+
+    def _trace_prompt(self, row: TraceRow, tokens: int) -> tuple[list[str], int | None, bool]:
+        """Mooncake: the prompt is the text of its hash blocks, so equal hash ids share text."""
+        if not row.hash_ids:
+            return self.workload.words(tokens, self._rng), None, False
+        words: list[str] = []
+        for hash_id in row.hash_ids:
+            if len(words) >= tokens:
+                break
+            words += self.workload.block("trace", hash_id, row.block_tokens)
+        if len(words) < tokens:  # a row longer than its blocks: pad with unshared words
+            words += self.workload.words(tokens - len(words), self._rng)
+        return words[:tokens], row.hash_ids[0], False
+
+    def next_request(self) -> PreparedRequest | None:
+        if self.turn >= self.turns:
+            return None
+        workload, request_class, rng = self.workload, self.request_class, self._rng
+        prefix_words, prefix_id, reused = self._prefix if self.turn == 0 else ([], None, False)
+        row = self._trace_row
+        if row is not None:
+            new_tokens, output_tokens = workload.fit(row.input_tokens, row.output_tokens)
+            words, prefix_id, reused = self._trace_prompt(row, new_tokens)
+            text = " ".join(words)
+        elif isinstance(request_class.prompt, FilePrompt):
+            text = rng.choice(request_class.prompt.prompts())
+            new_tokens = len(workload.tokenizer.encode(text, add_special_tokens=False).ids)
+            output_tokens = request_class.output_tokens.sample(rng)
+            if self.turn == 0:
+                fitted, output_tokens = workload.fit(new_tokens, output_tokens)
+                if fitted < new_tokens:  # cut the prompt by words (exact for word-level tokenizers)
+                    text = " ".join(text.split()[:fitted])
+                    new_tokens = len(workload.tokenizer.encode(text, add_special_tokens=False).ids)
+        else:
+            new_tokens = request_class.input_tokens.sample(rng)
+            output_tokens = request_class.output_tokens.sample(rng)
+            if self.turn == 0:
+                new_tokens, output_tokens = workload.fit(len(prefix_words) + new_tokens, output_tokens)
+                new_tokens -= len(prefix_words)
+                if new_tokens < 0:  # the prefix alone fills the context
+                    prefix_words, new_tokens = prefix_words[:len(prefix_words) + new_tokens], 0
+            text = " ".join(prefix_words + workload.words(new_tokens, rng))
+        prompt_tokens = self._history_tokens + len(prefix_words) + new_tokens
+        if self.turn > 0:
+            room = workload.max_context - TEMPLATE_MARGIN * (self.turn + 1)
+            if prompt_tokens + output_tokens > room:
+                workload.conversations_cut += 1
+                self.turns = self.turn
+                return None
+        self._history.append({"role": "user", "content": text})
+        self._history_tokens = prompt_tokens
+        prepared = PreparedRequest(request_class.name, request_class.api, API_PATHS[request_class.api],
+                                   workload.body(request_class, self._history, output_tokens), prompt_tokens,
+                                   output_tokens, self.turn, prefix_id, reused)
+        self.turn += 1
+        return prepared
+
+    def add_reply(self, text: str, tokens: int) -> None:
+        self._history.append({"role": "assistant", "content": text})
+        self._history_tokens += tokens
