@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   tokenrig loadtest                                  tiny model, hf server on CPU, chat scenario
   tokenrig loadtest --backend sim --gpu a800 --model 13b --users 32
   tokenrig loadtest --backend sim --gpu h100-sxm --model 7b --rate 5 --duration 120
+  tokenrig loadtest --backend sim --gpu a800 --model 13b --find-max --slo ttft_p99=500ms,tpot_p99=50ms
+  tokenrig loadtest --backend sim --scenario rag --sweep 1,2,4,8 --slo ttft_p90=1s
   tokenrig serve --backend hf --model tiny --port 8000
   tokenrig serve --backend vllm --gpu a800 --model 13b --quant gptq --dry-run
   tokenrig serve --backend tgi --gpu rtx4090 --model 70b --quant awq --dry-run
@@ -68,12 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_server_args(loadtest)
     loadtest.add_argument("--scenario", default="chat", help="name in scenarios/serving/ or a path to a .yaml file")
-    loadtest.add_argument("--users", type=int, help="closed loop: this many concurrent streams")
+    loadtest.add_argument("--users", help="closed loop: this many concurrent streams ('sweep' with --sweep)")
     loadtest.add_argument("--rate", type=float, help="open loop: requests per second (Poisson unless --arrival)")
     loadtest.add_argument("--arrival", choices=["poisson", "constant", "gamma"], default="poisson")
     loadtest.add_argument("--burstiness", type=float, help="gamma arrivals: coefficient of variation of the gaps")
     loadtest.add_argument("--duration", type=float, help="seconds of load (overrides the scenario)")
     loadtest.add_argument("--warmup", type=float, help="seconds excluded at the start")
+    loadtest.add_argument("--slo", help="service-level objectives, e.g. ttft_p99=500ms,tpot_p99=50ms: judged with a "
+                                        "confidence statement, goodput reported")
+    loadtest.add_argument("--find-max", action="store_true",
+                          help="with --slo: find the highest open-loop rate meeting every SLO (exponential probe "
+                               "from --rate, then bisection); writes search.json and the curve walked")
+    loadtest.add_argument("--sweep", help="comma-separated rates (req/s), or user counts with --users sweep, "
+                                          "one step each, e.g. --sweep 1,2,4,8")
+    loadtest.add_argument("--tail-samples", type=int, default=10,
+                          help="--find-max: samples beyond the judged percentile each step must collect (default 10: "
+                               "1000 requests for a p99)")
+    loadtest.add_argument("--precision", type=float, default=0.05, help="--find-max: stop when the bracket is this tight")
+    loadtest.add_argument("--max-step", type=float, default=300, help="--find-max: longest step, seconds")
     loadtest.add_argument("--url", help="load-test a server that is already running at this base URL")
     loadtest.add_argument("--results", type=Path, default=Path("results"), help="where run directories go")
     loadtest.add_argument("--metrics-port", type=int, default=None,
@@ -173,9 +187,37 @@ def cmd_loadtest(args) -> int:
     from pydantic import ValidationError
 
     from tokenrig.loadgen.scenario import ScenarioError, load_scenario
+    from tokenrig.loadtest import SearchOptions
+    from tokenrig.report.slo import SloError, parse_slos
 
     scenario = load_scenario(args.scenario)
     load = scenario.load
+    try:
+        slos = parse_slos(args.slo) if args.slo else None
+    except SloError as error:
+        raise ScenarioError(str(error)) from None
+    search = None
+    sweep_users = args.users == "sweep"
+    if args.find_max:
+        if not slos:
+            raise ScenarioError("--find-max needs --slo, e.g. --slo ttft_p99=500ms,tpot_p99=50ms")
+        search = SearchOptions("find-max", start_rate=args.rate or 1.0, precision=args.precision,
+                               tail_samples=args.tail_samples, max_step_s=args.max_step)
+    elif args.sweep:
+        try:
+            values = [float(v) for v in args.sweep.split(",") if v.strip()]
+        except ValueError:
+            raise ScenarioError(f"--sweep takes comma-separated numbers, not {args.sweep!r}") from None
+        search = SearchOptions("sweep", loads=values, sweep_users=sweep_users)
+        if not sweep_users and load.type == "concurrency" and not args.rate:
+            args.rate = values[0]  # a rate sweep runs open loop
+    if sweep_users:
+        args.users = None
+    elif args.users is not None:
+        try:
+            args.users = int(args.users)
+        except ValueError:
+            raise ScenarioError(f"--users takes a number (or 'sweep' with --sweep), not {args.users!r}") from None
     if args.users:
         load = load.model_copy(update={"type": "concurrency", "users": args.users, "rate": None, "stages": None,
                                        "trace": None})
@@ -203,7 +245,7 @@ def cmd_loadtest(args) -> int:
         from tokenrig.monitor.discovery import DEFAULT_TARGETS_DIR
 
         monitor = MonitorOptions(port=args.metrics_port or 0, targets_dir=args.prometheus_targets or DEFAULT_TARGETS_DIR)
-    return run_session(spec, scenario, args.results, url=args.url, monitor=monitor)
+    return run_session(spec, scenario, args.results, url=args.url, monitor=monitor, slos=slos, search=search)
 
 
 def cmd_serve(args) -> int:

@@ -1,13 +1,15 @@
-"""One load-test run, end to end: server → load plan → request records → summary.
+"""Load tests end to end: server → load plan(s) → request records → summaries.
 
 Opens the run directory first and writes metadata, starts (or reuses, with --url) a server,
-runs the plan with Locust, then summarises requests.jsonl into summary.json and the console
-table. Ctrl-C at any point stops the server and still summarises what finished.
+then runs one load step (a plain run), a sweep of steps, or an SLO search (`--find-max`), each
+step with its own requests.jsonl and summary.json. Ctrl-C at any point stops the server and
+still summarises what finished.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,13 @@ from tokenizers import Tokenizer
 from tokenrig.loadgen.plan import LoadPlan
 from tokenrig.loadgen.records import JsonlSink, read_records
 from tokenrig.loadgen.runner import run_load
-from tokenrig.loadgen.scenario import Scenario
+from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
+from tokenrig.loadgen.search import SloWatch, StepResult, find_max_rate, step_duration
 from tokenrig.loadgen.users import LoadContext
 from tokenrig.loadgen.workload import Workload
-from tokenrig.report.console import render
+from tokenrig.report.console import render, render_steps
 from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
+from tokenrig.report.slo import Slo, judge
 from tokenrig.report.summary import RunFacts, summarize
 from tokenrig.serve.launcher import Endpoint, LaunchedServer, ServerSpec
 
@@ -42,17 +46,111 @@ class MonitorOptions:
     linger_s: float = 5.0
 
 
+@dataclass
+class SearchOptions:
+    """--sweep (fixed list of rates or user counts) or --find-max (SLO search over rates)."""
+
+    mode: str  # "sweep" | "find-max"
+    loads: list[float] | None = None  # sweep values
+    sweep_users: bool = False  # the sweep values are concurrencies, not rates
+    start_rate: float = 1.0
+    precision: float = 0.05
+    tail_samples: int = 10
+    min_step_s: float = 10.0
+    max_step_s: float = 300.0
+    max_steps: int = 16
+
+
+@dataclass
+class Session:
+    """What every step of a run shares: the run directory, server endpoint, tokenizer, scenario."""
+
+    run_dir: Path
+    endpoint: Endpoint
+    tokenizer: Tokenizer
+    scenario: Scenario
+    labels: dict
+    slos: list[Slo] | None
+    monitor: MonitorOptions | None
+    progress: object
+
+    def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False) -> tuple[dict, object]:
+        """Run one load plan; write step_dir/requests.jsonl and summary.json; return (summary, outcome)."""
+        step_dir.mkdir(parents=True, exist_ok=True)
+        scenario = self.scenario.model_copy(update={"load": load})
+        sink = JsonlSink(step_dir / "requests.jsonl")
+        workload = Workload(scenario, self.tokenizer, self.endpoint.model_name, self.endpoint.max_context,
+                            seed=load.seed)
+        plan = LoadPlan(load)
+        ctx = LoadContext(self.endpoint.base_url, plan, workload, self.tokenizer, sink, unix_offset=0.0)
+        watch = None
+        if stop_early and self.slos and plan.open_loop:
+            from tokenrig.monitor.exporter import FanoutSink
+
+            watch = SloWatch(self.slos, plan.scheduled_in_window())
+            ctx.sink = FanoutSink(sink, watch)
+        with contextlib.ExitStack() as stack:
+            stack.callback(ctx.sink.close)
+            if self.monitor:
+                from tokenrig.monitor.exporter import live_loadgen_metrics
+
+                stack.enter_context(live_loadgen_metrics(ctx, self.labels, self.endpoint.metrics_url,
+                                                         self.monitor.port, self.monitor.targets_dir,
+                                                         self.monitor.linger_s, self.progress))
+            self.progress(f"load: {plan.describe()} for {load.duration_s:g} s (warm-up {load.warmup_s:g} s)")
+            outcome = run_load(ctx, progress=self.progress, stop_when=watch.decided if watch else None)
+        records = read_records(step_dir / "requests.jsonl")
+        facts = RunFacts(duration_s=load.duration_s, warmup_s=load.warmup_s, cooldown_s=load.cooldown_s,
+                         plan_start_unix=plan.start + ctx.unix_offset, target_rate=plan.target_rate,
+                         client_cpu_fraction=outcome.client_cpu_fraction, interrupted=outcome.interrupted,
+                         scheduled_in_window=None if outcome.stopped_early else plan.scheduled_in_window())
+        summary = summarize(records, facts)
+        if self.slos:
+            summary["slo"] = judge(records, self.slos, summary["window"]["seconds"])
+        summary["workload"] = {"requests_clamped_to_context": workload.clamped,
+                               "conversations_cut_at_context": workload.conversations_cut}
+        summary["load"] = {"plan": plan.describe(), "stopped_early_slo_missed": outcome.stopped_early}
+        write_json(step_dir / "summary.json", summary)
+        return summary, outcome
+
+
+IDLE_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+
+
+def wait_server_idle(metrics_url: str, timeout_s: float = 300, progress=print) -> None:
+    """Before a step: wait until the server has no running or waiting requests (vLLM metric names),
+    so a step is not measured against the backlog the previous one left behind."""
+    import urllib.request
+
+    deadline, announced = time.monotonic() + timeout_s, False
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return  # no metrics endpoint: nothing to wait on
+        busy = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(IDLE_METRICS))
+        if busy == 0:
+            return
+        if not announced:
+            progress(f"  waiting for the server to drain {busy:.0f} requests left from the previous step")
+            announced = True
+        time.sleep(0.5)
+    progress(f"  server still busy after {timeout_s:.0f} s; measuring anyway")
+
+
 def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: str | None = None,
-                monitor: MonitorOptions | None = None, progress=print) -> int:
+                monitor: MonitorOptions | None = None, progress=print, slos: list[Slo] | None = None,
+                search: SearchOptions | None = None) -> int:
     run_dir = new_run_dir(results_root, scenario.name, spec.backend, spec.model.key, spec.gpu.key)
     metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
-                "server": spec.describe(), **environment_facts()}
+                "server": spec.describe(), "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
+                "search": search.__dict__ if search else None, **environment_facts()}
     write_json(run_dir / "metadata.json", metadata)
     progress(f"run {run_dir.name}: scenario {scenario.name}, {spec.backend} backend, {spec.model.key} on {spec.gpu.key}")
 
-    sink = JsonlSink(run_dir / "requests.jsonl")
     with contextlib.ExitStack() as stack:
-        stack.callback(sink.close)
         if url:
             endpoint = _existing_endpoint(url, spec)
             metadata["server"]["url"] = url
@@ -62,33 +160,70 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
             metadata["server"].update(server.plan.describe())  # the exact command, environment and memory plan
         metadata["endpoint"] = {"base_url": endpoint.base_url, "metrics_url": endpoint.metrics_url}
         write_json(run_dir / "metadata.json", metadata)
-
         tokenizer = Tokenizer.from_file(str(Path(endpoint.tokenizer_dir) / "tokenizer.json"))
-        workload = Workload(scenario, tokenizer, endpoint.model_name, endpoint.max_context, seed=scenario.load.seed)
-        plan = LoadPlan(scenario.load)
-        ctx = LoadContext(endpoint.base_url, plan, workload, tokenizer, sink, unix_offset=0.0)
-        if monitor:
-            from tokenrig.monitor.exporter import live_loadgen_metrics
-
-            labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": spec.backend,
-                      "model": spec.model.key, "gpu": spec.gpu.key}
-            stack.enter_context(live_loadgen_metrics(ctx, labels, endpoint.metrics_url, monitor.port,
-                                                     monitor.targets_dir, monitor.linger_s, progress))
-        mode = plan.describe()
-        progress(f"load: {mode} for {scenario.load.duration_s:g} s (warm-up {scenario.load.warmup_s:g} s)")
-        outcome = run_load(ctx, progress=progress)
-
-    sink.close()
-    records = read_records(run_dir / "requests.jsonl")
-    facts = RunFacts(duration_s=scenario.load.duration_s, warmup_s=scenario.load.warmup_s,
-                     cooldown_s=scenario.load.cooldown_s, plan_start_unix=plan.start + ctx.unix_offset,
-                     target_rate=plan.target_rate, client_cpu_fraction=outcome.client_cpu_fraction,
-                     interrupted=outcome.interrupted)
-    summary = summarize(records, facts)
-    summary["workload"] = {"requests_clamped_to_context": workload.clamped}
-    write_json(run_dir / "summary.json", summary)
-    title = f"{scenario.name} | {spec.backend} | {spec.model.key} | {spec.gpu.key} | {mode}"
-    progress("")
-    progress(render(summary, title))
+        labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": spec.backend,
+                  "model": spec.model.key, "gpu": spec.gpu.key}
+        session = Session(run_dir, endpoint, tokenizer, scenario, labels, slos, monitor, progress)
+        title = f"{scenario.name} | {spec.backend} | {spec.model.key} | {spec.gpu.key}"
+        if search is None:
+            summary, outcome = session.run_step(scenario.load, run_dir)
+            progress("")
+            progress(render(summary, f"{title} | {summary['load']['plan']}"))
+            interrupted = outcome.interrupted
+        else:
+            interrupted = _run_search(session, search, title)
     progress(f"\nresults: {run_dir}")
-    return 130 if outcome.interrupted else 0
+    return 130 if interrupted else 0
+
+
+def _run_search(session: Session, search: SearchOptions, title: str) -> bool:
+    """Sweep or SLO search; writes search.json and prints the curve. Returns True if interrupted."""
+    base, progress = session.scenario.load, session.progress
+    steps: list[StepResult] = []
+    interrupted = False
+
+    def measure(value: float) -> StepResult:
+        nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt
+        if search.sweep_users:
+            load = base.model_copy(update={"type": "concurrency", "users": int(value), "rate": None,
+                                           "stages": None, "trace": None})
+        else:
+            open_type = base.type if base.type in ("poisson", "constant", "gamma") else "poisson"
+            duration = (step_duration(session.slos, value, search.tail_samples, base.warmup_s, search.min_step_s,
+                                      search.max_step_s) if session.slos and search.mode == "find-max"
+                        else base.duration_s)
+            load = LoadPlanSpec.model_validate({**base.model_dump(), "type": open_type, "rate": value,
+                                                "stages": None, "trace": None, "duration_s": duration,
+                                                "cooldown_s": min(base.cooldown_s, duration / 4)})
+        label = f"{'users' if search.sweep_users else 'rate'}-{value:.4g}"
+        step_dir = session.run_dir / "steps" / f"{len(steps) + 1:02d}-{label}"
+        wait_server_idle(session.endpoint.metrics_url, progress=progress)
+        summary, outcome = session.run_step(load, step_dir, stop_early=search.mode == "find-max")
+        step = StepResult(value, summary, stopped_early=outcome.stopped_early)
+        steps.append(step)
+        if outcome.interrupted:
+            interrupted = True
+        document = {"mode": search.mode, "steps": [s.row() for s in steps]}
+        write_json(session.run_dir / "search.json", document)
+        return step
+
+    document: dict = {"mode": search.mode}
+    try:
+        if search.mode == "sweep":
+            for value in search.loads:
+                step = measure(value)
+                progress(f"step {len(steps)}: {value:g} {'users' if search.sweep_users else 'req/s'} done")
+        else:
+            result = find_max_rate(measure, search.start_rate, search.precision, search.max_steps, progress)
+            document.update(result.document())
+    except KeyboardInterrupt:
+        interrupted = True
+        progress("  interrupted: the curve below covers the steps finished so far")
+        document["stop_reason"] = "interrupted"
+    document["steps"] = [s.row() for s in steps]
+    write_json(session.run_dir / "search.json", document)
+    progress("")
+    progress(render_steps(document, title, session.slos))
+    return interrupted

@@ -220,6 +220,13 @@ class LoadPlan:
             return len(self._offsets) / self.spec.duration_s
         return self.spec.rate
 
+    def scheduled_in_window(self) -> int | None:
+        """Open loop: arrivals of the whole plan due inside the steady-state window."""
+        if not self.open_loop:
+            return None
+        low, high = self.spec.warmup_s, self.spec.duration_s - self.spec.cooldown_s
+        return bisect.bisect_left(self._offsets, high) - bisect.bisect_left(self._offsets, low)
+
     def describe(self) -> str:
         spec = self.spec
         if not self.open_loop:

@@ -24,6 +24,7 @@ class LoadOutcome:
     client_cpu_s: float
     interrupted: bool
     timed_out: bool
+    stopped_early: bool = False  # `stop_when` decided the outcome before the plan ended
 
     @property
     def client_cpu_fraction(self) -> float:
@@ -35,7 +36,8 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0) -> LoadOutcome:
+def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0, stop_when=None) -> LoadOutcome:
+    """Run the plan to its end (and until in-flight requests finish), Ctrl-C, or `stop_when()`."""
     environment = Environment(user_classes=[OpenAIStreamingUser])
     environment.tokenrig = ctx
     runner = environment.create_local_runner()
@@ -43,7 +45,7 @@ def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0) ->
     plan.start = time.perf_counter() + SPAWN_LEAD_S
     ctx.unix_offset = time.time() - time.perf_counter()
     cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
-    interrupted = timed_out = False
+    interrupted = timed_out = stopped_early = False
     runner.start(plan.pool_size, spawn_rate=plan.pool_size / (SPAWN_LEAD_S / 2))
     give_up_at = plan.end + ctx.request_timeout_s
     try:
@@ -55,6 +57,9 @@ def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0) ->
                 break
             if now > give_up_at:
                 timed_out = True
+                break
+            if stop_when is not None and stop_when():
+                stopped_early = True
                 break
             if now >= next_report:
                 next_report += progress_every_s
@@ -68,4 +73,4 @@ def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0) ->
     finally:
         runner.quit()
     wall = time.perf_counter() - wall_start
-    return LoadOutcome(wall, _cpu_seconds() - cpu_start, interrupted, timed_out)
+    return LoadOutcome(wall, _cpu_seconds() - cpu_start, interrupted, timed_out, stopped_early)

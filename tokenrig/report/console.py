@@ -30,9 +30,47 @@ def render(summary: dict, title: str) -> str:
         + (f", target {health['target_rate_rps']:.2f} req/s achieved {health['achieved_send_rate_rps']:.2f}"
            if health["target_rate_rps"] else ""),
     ]
+    slo = summary.get("slo")
+    if slo:
+        for name, verdict in slo["slos"].items():
+            value = f"{verdict['value_s'] * 1000:.1f} ms" if verdict["value_s"] is not None else "-"
+            lines.append(f"SLO {name:<10} {value} vs {verdict['threshold_s'] * 1000:g} ms: "
+                         f"{'met' if verdict['met'] else 'MISSED'} ({verdict['confidence']})")
+        lines.append(f"goodput      {slo['goodput_rps']:.2f} req/s meet every SLO "
+                     f"({slo['good_fraction']:.0%} of measured requests)")
     if not health["valid"]:
         lines.append(f"INVALID RUN: the load generator was the bottleneck ({'; '.join(health['problems'])}). "
                      f"Remedy: {health['remedy']}.")
     if summary["interrupted"]:
         lines.append("interrupted: the summary covers the requests finished before Ctrl-C")
+    return "\n".join(lines)
+
+
+def render_steps(document: dict, title: str, slos) -> str:
+    """The curve a sweep or SLO search walked, one line per step, and its conclusion."""
+    def ms(value):
+        return f"{value * 1000:9.1f}" if value is not None else f"{'-':>9}"
+
+    lines = [f"{title} | {document['mode']}", "",
+             f"{'load':>9}{'sent/s':>9}{'done/s':>9}{'tok/s':>9}{'TTFT p50':>9}{'TTFT p99':>9}"
+             f"{'TPOT p50':>9}{'TPOT p99':>9}{'goodput':>9}  verdict"]
+    for row in document["steps"]:
+        if slos:
+            verdict = "meets SLOs" if row["slo_met"] else "misses SLOs"
+        else:
+            verdict = ""
+        if row["saturated"]:
+            verdict += " saturated" if not row["stopped_early"] else " stopped early (SLO already missed)"
+        if not row["loadgen_valid"]:
+            verdict += " LOADGEN INVALID"
+        goodput = f"{row['goodput_rps']:9.2f}" if row["goodput_rps"] is not None else f"{'-':>9}"
+        lines.append(f"{row['load']:9.3g}{row['achieved_rps']:9.2f}{row['completed_rps']:9.2f}"
+                     f"{row['output_tokens_per_s']:9.0f}{ms(row['ttft_p50_s'])}{ms(row['ttft_p99_s'])}"
+                     f"{ms(row['tpot_p50_s'])}{ms(row['tpot_p99_s'])}{goodput}  {verdict.strip()}")
+    if document["mode"] == "find-max":
+        best = document.get("max_rate_meeting_slos")
+        lines += ["", f"max rate meeting every SLO: {best:.3g} req/s" if best is not None
+                  else "no rate tried met every SLO", f"search: {document.get('stop_reason', '')}"]
+        for name, verdict in (document["steps"][-1]["slos"] if document["steps"] else {}).items():
+            lines.append(f"last step {name}: {verdict['samples']} samples, {verdict['confidence']}")
     return "\n".join(lines)

@@ -17,6 +17,8 @@ PERCENTILES = (50, 90, 95, 99, 99.9)
 # Load-generator health thresholds: past these the client, not the server, shaped the result.
 MAX_HEALTHY_LAG_P99_S = 0.010
 MAX_HEALTHY_CLIENT_CPU = 0.90
+# Open loop: every scheduled arrival must go out; fewer sent means the client fell behind or stopped.
+MIN_SENT_FRACTION = 0.99
 
 
 def distribution(values) -> dict | None:
@@ -54,6 +56,7 @@ class RunFacts:
     target_rate: float | None
     client_cpu_fraction: float
     interrupted: bool = False
+    scheduled_in_window: int | None = None  # open loop: arrivals the plan had due inside the window
 
 
 def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
@@ -75,7 +78,9 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
     window = max(window_end - window_start, 1e-9)
 
     lag = distribution(r.send_lag_s for r in measured)
-    achieved_rate = len(measured) / window
+    # arrivals, not requests: later turns of a conversation are not part of the arrival process
+    arrivals_sent = sum(1 for r in measured if r.turn == 0)
+    achieved_rate = arrivals_sent / window
     usage_known = [r for r in ok if r.output_tokens_usage is not None and r.output_tokens_tokenizer is not None]
     mismatched = [r for r in usage_known if r.output_tokens_usage != r.output_tokens_tokenizer]
     slot_late = sum(r.slot_late for r in measured)
@@ -87,6 +92,9 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
         problems.append(f"load generator CPU {facts.client_cpu_fraction:.0%} of a core")
     if slot_late:
         problems.append(f"{slot_late} requests waited for a free user (open-loop safety cap reached)")
+    if (facts.scheduled_in_window and not facts.interrupted
+            and arrivals_sent < MIN_SENT_FRACTION * facts.scheduled_in_window):
+        problems.append(f"sent {arrivals_sent} of {facts.scheduled_in_window} scheduled arrivals")
 
     errors: dict[str, int] = {}
     for record in failed:
@@ -119,6 +127,8 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
             "schedule_lag_s": lag,
             "target_rate_rps": facts.target_rate,
             "achieved_send_rate_rps": achieved_rate,
+            "scheduled_arrivals": facts.scheduled_in_window,
+            "sent_arrivals": arrivals_sent,
             "slot_late_requests": slot_late,
             "client_cpu_fraction": facts.client_cpu_fraction,
             "valid": not problems,

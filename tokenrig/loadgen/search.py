@@ -1,0 +1,157 @@
+"""SLO search and sweeps: which load a server sustains while meeting its SLOs.
+
+`find_max_rate` probes open-loop rates exponentially (×2) until a step misses an SLO or the
+server saturates, then bisects between the last rate that met every SLO and the first that did
+not, until they are within `precision`. Each step runs long enough that the percentile it
+judges has `tail_samples` samples beyond it (10 beyond p99 = 1000 requests); a step whose SLO
+is already lost (more violations than the percentile allows over the whole step) stops early.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tokenrig.loadgen.records import RequestRecord
+from tokenrig.report.slo import Slo, samples_for
+
+# A server is saturated when it completes fewer requests than were sent: the queue grows.
+SATURATION_COMPLETION_RATIO = 0.9
+
+
+@dataclass
+class StepResult:
+    load: float  # rate (req/s) or users
+    summary: dict
+    stopped_early: bool = False
+
+    @property
+    def slo_met(self) -> bool:
+        return bool(self.summary.get("slo", {}).get("all_met")) and not self.stopped_early
+
+    @property
+    def valid(self) -> bool:
+        return self.summary["load_generator"]["valid"]
+
+    @property
+    def saturated(self) -> bool:
+        """Fewer completions than arrivals over the window, or errors: the server fell behind."""
+        requests, throughput = self.summary["requests"], self.summary["throughput"]
+        sent = self.summary["load_generator"]["achieved_send_rate_rps"]
+        return (self.stopped_early or requests["failed"] > 0
+                or throughput["requests_per_s"] < SATURATION_COMPLETION_RATIO * sent)
+
+    def row(self) -> dict:
+        latency, slo = self.summary["latency_s"], self.summary.get("slo") or {}
+        return {
+            "load": self.load,
+            "achieved_rps": self.summary["load_generator"]["achieved_send_rate_rps"],
+            "completed_rps": self.summary["throughput"]["requests_per_s"],
+            "output_tokens_per_s": self.summary["throughput"]["output_tokens_per_s"],
+            "goodput_rps": slo.get("goodput_rps"),
+            "ttft_p50_s": (latency["ttft"] or {}).get("p50"), "ttft_p99_s": (latency["ttft"] or {}).get("p99"),
+            "tpot_p50_s": (latency["tpot"] or {}).get("p50"), "tpot_p99_s": (latency["tpot"] or {}).get("p99"),
+            "slo_met": self.slo_met, "saturated": self.saturated, "stopped_early": self.stopped_early,
+            "loadgen_valid": self.valid,
+            "slos": {name: {k: v for k, v in verdict.items() if k in ("value_s", "met", "samples", "confidence")}
+                     for name, verdict in (slo.get("slos") or {}).items()},
+        }
+
+
+@dataclass
+class SearchResult:
+    steps: list[StepResult] = field(default_factory=list)
+    best: float | None = None  # highest rate that met every SLO
+    lowest_failing: float | None = None
+    stop_reason: str = ""
+
+    def document(self) -> dict:
+        return {"max_rate_meeting_slos": self.best, "lowest_failing_rate": self.lowest_failing,
+                "stop_reason": self.stop_reason, "steps": [step.row() for step in self.steps]}
+
+
+def step_duration(slos: list[Slo], rate: float, tail_samples: int, warmup_s: float, min_s: float,
+                  max_s: float) -> float:
+    """Seconds a step at `rate` needs for `tail_samples` samples beyond the highest judged percentile."""
+    needed = max(samples_for(slo.percentile, tail_samples) for slo in slos)
+    return min(max(min_s, warmup_s + needed / rate), max_s)
+
+
+def find_max_rate(measure, start_rate: float, precision: float = 0.05, max_steps: int = 16,
+                  progress=print) -> SearchResult:
+    """`measure(rate) -> StepResult`; returns the highest rate meeting every SLO and the curve walked."""
+    result = SearchResult()
+
+    def run(rate: float) -> StepResult:
+        step = measure(rate)
+        result.steps.append(step)
+        verdict = "meets SLOs" if step.slo_met else ("saturated" if step.saturated else "misses SLOs")
+        progress(f"step {len(result.steps)}: {rate:.3g} req/s -> {verdict}"
+                 + ("" if step.valid else " (load generator INVALID)"))
+        return step
+
+    rate = start_rate
+    while len(result.steps) < max_steps:  # exponential probe
+        step = run(rate)
+        if not step.valid:
+            result.stop_reason = f"load generator saturated at {rate:.3g} req/s: add --workers"
+            return result
+        if step.slo_met:
+            result.best = rate
+            if result.lowest_failing is not None:
+                break
+            rate *= 2
+        else:
+            result.lowest_failing = rate
+            if result.best is not None:
+                break
+            rate /= 2
+            if rate < start_rate / 64:
+                result.stop_reason = f"SLOs missed even at {result.lowest_failing:.3g} req/s"
+                return result
+    while (len(result.steps) < max_steps and result.best is not None and result.lowest_failing is not None
+           and result.lowest_failing > result.best * (1 + precision)):  # bisection
+        rate = (result.best + result.lowest_failing) / 2
+        step = run(rate)
+        if not step.valid:
+            result.stop_reason = f"load generator saturated at {rate:.3g} req/s: add --workers"
+            return result
+        if step.slo_met:
+            result.best = rate
+        else:
+            result.lowest_failing = rate
+    if result.best is not None and result.lowest_failing is not None:
+        gap = result.lowest_failing / result.best - 1
+        result.stop_reason = (f"bracketed within {gap:.1%}" if gap <= precision
+                              else f"step limit reached (bracket {gap:.1%} wide)")
+    elif not result.stop_reason:
+        result.stop_reason = "step limit reached while probing"
+    return result
+
+
+class SloWatch:
+    """A record sink that decides early when a step has already missed an SLO: once more requests
+    violate it than the percentile allows over all the step's scheduled requests, no later
+    request can bring the percentile back under the threshold."""
+
+    def __init__(self, slos: list[Slo], expected_requests: int):
+        self.slos = slos
+        self.expected = expected_requests
+        self.violations = {slo.name: 0 for slo in slos}
+
+    def write(self, record: RequestRecord) -> None:
+        if not record.in_window:
+            return
+        for slo in self.slos:
+            if slo.metric == "itl":
+                continue  # judged per token, not per request
+            value = slo.request_value(record) if record.ok else math.inf
+            if value is not None and value > slo.threshold_s:
+                self.violations[slo.name] += 1
+
+    def close(self) -> None:
+        pass
+
+    def decided(self) -> bool:
+        return any(self.violations[slo.name] > (1 - slo.percentile / 100) * self.expected
+                   for slo in self.slos if slo.metric != "itl")
