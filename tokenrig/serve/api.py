@@ -47,6 +47,11 @@ class ServerMetrics:
                              buckets=LATENCY_BUCKETS, registry=self.registry)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last token", labels,
                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      labels, registry=self.registry)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", labels,
+                                   registry=self.registry)
+        self._prefix_seen = (0, 0)
 
     def observe_load(self, engine: Engine) -> None:
         load = engine.load()
@@ -54,6 +59,11 @@ class ServerMetrics:
         self.waiting.labels(self.model_name).set(load.waiting)
         if load.kv_cache_usage is not None:
             self.kv_usage.labels(self.model_name).set(load.kv_cache_usage)
+        if load.prefix_cache_queries is not None:  # engines report totals; counters take the increase
+            queries, hits = self._prefix_seen
+            self.prefix_queries.labels(self.model_name).inc(load.prefix_cache_queries - queries)
+            self.prefix_hits.labels(self.model_name).inc(load.prefix_cache_hits - hits)
+            self._prefix_seen = (load.prefix_cache_queries, load.prefix_cache_hits)
 
 
 class Detokenizer:

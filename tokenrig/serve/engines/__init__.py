@@ -24,6 +24,8 @@ class EngineLoad:
     running: int
     waiting: int
     kv_cache_usage: float | None  # fraction 0..1, None when the engine cannot tell
+    prefix_cache_queries: int | None = None  # prompt tokens looked up in the prefix cache, cumulative
+    prefix_cache_hits: int | None = None  # of those, tokens found cached (not recomputed), cumulative
 
 
 class Engine(Protocol):

@@ -9,14 +9,16 @@ Two timing models:
   is the roofline of the work in the step: matmul and attention FLOPs over the GPU's BF16 peak,
   weight and KV-cache bytes over its memory bandwidth, each derated by an efficiency. A KV-cache
   capacity (GPU memory minus weights) bounds how many requests run at once; the rest wait. So
-  latency grows with load the way a real engine's does.
+  latency grows with load the way a real engine's does. Automatic prefix caching (as vLLM's):
+  full 16-token prompt blocks are kept by the hash of their whole prefix, least recently used
+  first out, and a request skips the prefill of its leading cached blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -80,6 +82,37 @@ class RooflineParams:
     bytes_per_kv_value: float = 2.0
 
 
+class PrefixCache:
+    """Prompt blocks by the hash of everything up to and including them (so a block hits only
+    after the same prefix), evicted least recently used once `capacity_blocks` are held."""
+
+    BLOCK_TOKENS = 16
+
+    def __init__(self, capacity_blocks: int):
+        self.capacity_blocks = capacity_blocks
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+        self.queries = 0
+        self.hits = 0
+
+    def lookup_and_insert(self, prompt_ids: list[int]) -> int:
+        """Prompt tokens already cached (leading full blocks); caches the prompt's full blocks."""
+        size, chain, cached, missed = self.BLOCK_TOKENS, 0, 0, False
+        for start in range(0, len(prompt_ids) - size + 1, size):
+            chain = hash((chain, tuple(prompt_ids[start:start + size])))
+            if not missed and chain in self._blocks:
+                cached += size
+            else:
+                missed = True
+            self._blocks[chain] = None
+            self._blocks.move_to_end(chain)
+        while len(self._blocks) > self.capacity_blocks:
+            self._blocks.popitem(last=False)
+        cached = min(cached, len(prompt_ids) - 1)  # the last prompt token is always computed
+        self.queries += len(prompt_ids)
+        self.hits += cached
+        return cached
+
+
 @dataclass
 class _Sequence:
     request: GenerationRequest
@@ -122,6 +155,7 @@ class RooflineEngine:
             plan_fit(model, gpu, concurrency=1, tp=1, gpu_memory_utilization=self.params.gpu_memory_utilization)
             raise FitError(f"{model.key} weights ({self.weight_bytes / 1e9:.1f} GB) leave no KV cache on one {gpu.key}")
         self.kv_capacity_tokens = int(free // self.kv_bytes_per_token)
+        self.prefix_cache = PrefixCache(self.kv_capacity_tokens // PrefixCache.BLOCK_TOKENS)
         self._tokens = _TokenSource(model.vocab_size, first_content_id)
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -141,6 +175,8 @@ class RooflineEngine:
             running=len(self._running),
             waiting=len(self._waiting),
             kv_cache_usage=self._kv_reserved / self.kv_capacity_tokens,
+            prefix_cache_queries=self.prefix_cache.queries,
+            prefix_cache_hits=self.prefix_cache.hits,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
@@ -185,6 +221,7 @@ class RooflineEngine:
         ):
             sequence = self._waiting.popleft()
             self._kv_reserved += sequence.reserved_tokens
+            sequence.prefilled = self.prefix_cache.lookup_and_insert(sequence.request.prompt_ids)
             self._running.append(sequence)
 
         work, budget = StepWork(), p.max_batch_tokens

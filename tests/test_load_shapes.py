@@ -1,0 +1,167 @@
+"""Realistic load end to end through the CLI: trace replay, conversations, shared prefixes on the
+sim server's prefix cache, scheduled-time latency under a slow phase, and the SLO search."""
+
+import json
+import urllib.request
+
+import pytest
+
+from tests.conftest import load_summary, run_cli, run_dir_of
+from tokenrig.loadgen.plan import trace_schedule
+from tokenrig.loadgen.records import read_records
+from tokenrig.loadgen.scenario import load_scenario
+from tokenrig.profiles import resolve_gpu, resolve_model
+from tokenrig.serve.engines.sim import PrefixCache, RooflineEngine, StepWork
+
+
+def scrape(metrics_url: str) -> dict[str, float]:
+    with urllib.request.urlopen(metrics_url) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = values.get(name.split("{")[0], 0.0) + float(value)
+    return values
+
+
+def against(server, *args, timeout=300):
+    result = run_cli("loadtest", "--backend", "sim", "--model", "7b", "--gpu", "h100-sxm",
+                     "--url", server.endpoint.base_url, *args, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, run_dir_of(result)
+
+
+def test_trace_replay_sends_the_traces_arrivals_and_lengths(sim_server, tmp_path):
+    _, run_dir = against(sim_server, "--scenario", "mooncake_replay", "--duration", "8", "--results", str(tmp_path))
+    records = sorted(read_records(run_dir / "requests.jsonl"), key=lambda r: r.arrival_index)
+    scenario = load_scenario("mooncake_replay")
+    schedule = trace_schedule(scenario.load.model_copy(update={"duration_s": 8}))
+    assert [r.arrival_index for r in records] == list(range(len(schedule)))
+    start = records[0].scheduled_at - schedule[0][0]
+    for record, (offset, row) in zip(records, schedule):
+        assert record.scheduled_at - start == pytest.approx(offset, abs=1e-4)
+        assert record.max_tokens == row.output_tokens
+        # prompts past llama2-7b's 4096-token context are shortened to fit (and counted)
+        assert record.prompt_tokens_sent == min(row.input_tokens, 4096 - 8 - row.output_tokens)
+        assert record.ok and record.output_tokens_usage == row.output_tokens
+    assert max(r.send_lag_s for r in records) < 0.05
+    clamped = sum(row.input_tokens + row.output_tokens > 4088 for _, row in schedule)
+    assert load_summary(run_dir)["workload"]["requests_clamped_to_context"] == clamped
+
+
+def test_multi_turn_history_grows_on_the_wire(sim_server, tmp_path):
+    _, run_dir = against(sim_server, "--scenario", "multi_turn_chat", "--rate", "3", "--duration", "8",
+                         "--results", str(tmp_path))
+    records = read_records(run_dir / "requests.jsonl")
+    conversations = {}
+    for record in records:
+        conversations.setdefault(record.arrival_index, []).append(record)
+    multi = [sorted(turns, key=lambda r: r.turn) for turns in conversations.values() if len(turns) > 1]
+    assert len(multi) >= 3
+    for turns in multi:
+        assert [r.turn for r in turns] == list(range(len(turns)))
+        for previous, current in zip(turns, turns[1:]):
+            # the history holds the previous prompt and the reply received, then the new message
+            assert current.prompt_tokens_sent > previous.prompt_tokens_sent + previous.output_tokens
+            # the next turn is due after the reply arrived plus the 1-s think time
+            assert current.scheduled_at >= previous.scheduled_at + previous.e2e_s + 1.0 - 1e-3
+        for record in turns:
+            # server-side count = client content + chat template: <s>, a role word per message, "assistant:"
+            assert record.prompt_tokens_usage == record.prompt_tokens_sent + 2 + (2 * record.turn + 1)
+
+
+def test_shared_prefixes_hit_the_sim_servers_prefix_cache(sim_server, tmp_path):
+    scenario = tmp_path / "rag.yaml"
+    scenario.write_text("""name: rag-test
+source: test
+requests:
+  - name: rag
+    api: chat
+    shared_prefix: {tokens: 254, pool_size: 6, hit_ratio: 0.6}
+    input_tokens: {dist: fixed, value: 40}
+    output_tokens: {dist: fixed, value: 4}
+load: {type: poisson, rate: 12, duration_s: 6, seed: 4}
+""")
+    before = scrape(sim_server.endpoint.metrics_url)
+    _, run_dir = against(sim_server, "--scenario", str(scenario), "--results", str(tmp_path))
+    after = scrape(sim_server.endpoint.metrics_url)
+    records = read_records(run_dir / "requests.jsonl")
+    assert len(records) > 40 and all(r.ok for r in records)
+    reused = sum(r.prefix_reused for r in records)
+    assert reused / len(records) == pytest.approx(0.6, abs=0.2)
+    # "<s> user:" + 254 prefix words = 256 tokens = 16 full cache blocks shared by every reuse
+    expected_hits = 256 * reused
+    hits = after["vllm:prefix_cache_hits_total"] - before.get("vllm:prefix_cache_hits_total", 0)
+    queries = after["vllm:prefix_cache_queries_total"] - before.get("vllm:prefix_cache_queries_total", 0)
+    assert queries == sum(r.prompt_tokens_usage for r in records)
+    assert hits == expected_hits
+    prefix_share = expected_hits / queries
+    assert hits / queries == pytest.approx(prefix_share)
+
+
+def test_prefix_cache_blocks_hit_only_after_the_same_prefix():
+    cache = PrefixCache(capacity_blocks=100)
+    a = list(range(40))
+    assert cache.lookup_and_insert(a) == 0
+    assert cache.lookup_and_insert(a[:32] + [999] * 8) == 32
+    assert cache.lookup_and_insert([999] * 16 + a[16:]) == 0  # same block after a different prefix
+    assert cache.lookup_and_insert(a) == 32  # two full blocks; the partial third is never cached
+
+
+def test_latency_counts_the_wait_for_a_free_user(tmp_path):
+    """Open loop with a safety cap of 2 in-flight requests and a burst the cap cannot absorb: the
+    burst's requests are sent late, and their TTFT counts from the time they were due."""
+    scenario = tmp_path / "burst.yaml"
+    scenario.write_text("""name: burst
+source: test
+requests:
+  - {name: r, api: chat, input_tokens: {dist: fixed, value: 16}, output_tokens: {dist: fixed, value: 20}}
+load:
+  type: constant
+  max_in_flight: 2
+  stages: [{duration_s: 3, rate: 2}, {duration_s: 2, rate: 10}, {duration_s: 3, rate: 1}]
+""")
+    result = run_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "100", "--sim-tpot-ms", "10",
+                     "--scenario", str(scenario), "--results", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = run_dir_of(result)
+    records = read_records(run_dir / "requests.jsonl")
+    summary = load_summary(run_dir)
+    start = summary["window"]["start_unix"]  # no warm-up: the plan's start
+    calm = [r for r in records if r.scheduled_at - start < 2.9]
+    burst = [r for r in records if 3.2 < r.scheduled_at - start < 5]
+    assert [round(r.ttft_s, 3) for r in calm] == pytest.approx([0.1] * len(calm), abs=0.01)
+    assert sum(r.slot_late for r in burst) >= len(burst) - 3
+    for record in burst:
+        # TTFT = the wait to be sent + the server's 100 ms
+        assert record.ttft_s == pytest.approx(record.send_lag_s + 0.1, abs=0.01)
+    assert max(r.send_lag_s for r in burst) > 0.5  # ~6 of the 20 burst arrivals still queued at its end
+    assert not summary["load_generator"]["valid"]
+    assert any("safety cap" in problem for problem in summary["load_generator"]["problems"])
+    assert "INVALID RUN" in result.stdout
+
+
+def test_find_max_finds_the_roofline_knee(tmp_path):
+    """13B on an A800 with 4 sequences at a time: each request holds a slot for 1 prefill + 49
+    decode steps, so the server completes at most 4 / (50 x step time) requests/s; above that the
+    queue, and TTFT, grow without bound. Constant arrivals make the knee sharp."""
+    engine = RooflineEngine(resolve_model("13b"), resolve_gpu("a800"), first_content_id=7)
+    context = 64 + 4 + 25  # prompt + template + half the output, on average
+    decode_step = engine.step_time(StepWork(decode_tokens=4, kv_tokens_written=4,
+                                            kv_bytes_read=4 * context * engine.kv_bytes_per_token,
+                                            attention_flops=4 * engine._attention_flops(1, context)))
+    knee = 4 / (50 * decode_step)
+    result = run_cli("loadtest", "--backend", "sim", "--model", "13b", "--gpu", "a800", "--max-num-seqs", "4",
+                     "--scenario", "tests/data/timing.yaml", "--find-max", "--rate", "2", "--arrival", "constant",
+                     "--slo", "ttft_p90=200ms", "--tail-samples", "3", "--max-step", "8", "--precision", "0.08",
+                     "--results", str(tmp_path), timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = run_dir_of(result)
+    search = json.loads((run_dir / "search.json").read_text())
+    assert search["max_rate_meeting_slos"] == pytest.approx(knee, rel=0.10), (knee, result.stdout)
+    assert search["lowest_failing_rate"] > search["max_rate_meeting_slos"]
+    assert len(search["steps"]) == len(list((run_dir / "steps").iterdir()))
+    assert "max rate meeting every SLO" in result.stdout and "bracketed" in result.stdout
+    failing = [s for s in search["steps"] if not s["slo_met"]]
+    assert failing and all(s["slos"]["ttft_p90"]["value_s"] > 0.2 or s["stopped_early"] for s in failing)
