@@ -52,7 +52,8 @@ async def _run(sim, requests):
 
 
 def _requests(n, prompt=256, out=16):
-    return [GenerationRequest(str(i), [7] * prompt, out, 0.0) for i in range(n)]
+    # distinct prompts, so the prefix cache does not shorten any prefill
+    return [GenerationRequest(str(i), [7 + i] * prompt, out, 0.0) for i in range(n)]
 
 
 def test_latency_grows_with_load_and_kv_capacity_queues_requests():

@@ -86,6 +86,8 @@ class OpenAIStreamingUser(User):
         dialogue = ctx.workload.dialogue(slot.index, slot.trace_row)
         prepared = dialogue.next_request()
         due, slot_late = slot.due, ctx.plan.open_loop and picked > slot.due + SLOT_LATE_TOLERANCE_S
+        if not ctx.plan.open_loop:  # closed loop: due once the request is built, as a user would send it
+            due = max(due, time.perf_counter())
         while prepared is not None:
             wait = due - time.perf_counter()
             if wait > 0:
