@@ -1,0 +1,158 @@
+"""Real training runs on CPU: DeepSpeed's own launcher, gloo, the tiny model, a few steps each."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli
+from tokenrig.train import breakdown
+from tokenrig.train.exporter import TrainMetrics
+from tokenrig.train.flops import training_flops
+from tokenrig.train.records import Outcome, StepRecord, write_outcome
+from tokenrig.train.session import finish
+from tokenrig.train.spec import make_spec
+
+TINY = ["--gpu", "cpu", "--model", "tiny", "--seq-len", "128", "--micro-batch", "2", "--warmup-steps", "1"]
+
+
+def only_run_dir(results: Path) -> Path:
+    (run_dir,) = [p for p in results.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def train(tmp_path: Path, *args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess, dict, Path]:
+    results = tmp_path / "results"
+    done = run_cli("train", *TINY, *args, "--results", str(results), timeout=timeout)
+    run_dir = only_run_dir(results)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return done, summary, run_dir
+
+
+def test_zero2_pretrain_with_breakdown_that_adds_up(tmp_path):
+    done, summary, run_dir = train(tmp_path, "--zero", "2", "--seq-len", "256", "--steps", "4",
+                                   "--profile-steps", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert summary["status"] == "ok" and summary["measured_steps"] == 4 and summary["warmup_steps"] == 1
+    assert summary["loss"]["finite"] and summary["tokens_per_s"] > 0
+    steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [s["phase"] for s in steps] == ["warmup"] + ["measured"] * 4 + ["profiled"] * 2
+    # tokens/s and MFU follow from the step records and docs/metrics.md's formula
+    measured = [s["step_time_s"] for s in steps if s["phase"] == "measured"]
+    assert summary["tokens_per_s"] == pytest.approx(2 * 256 * 4 / sum(measured))
+    flops = training_flops(make_spec(seq_len=256).model_profile, 256, "pretrain", False).model_per_token
+    assert summary["mfu"] == pytest.approx(flops * summary["tokens_per_s"] / 0.2e12)
+    # the breakdown: every module category got time, in the right phases, and the rows add up
+    rows = {r["category"]: r for r in json.loads((run_dir / "breakdown.json").read_text())["rows"]}
+    for category in (breakdown.EMBEDDING, breakdown.ATTENTION, breakdown.PROJECTIONS, breakdown.MLP,
+                     breakdown.NORMS, breakdown.HEAD):
+        assert rows[category]["forward_ms"] > 0 and rows[category]["backward_ms"] > 0, category
+    assert rows[breakdown.OPTIMIZER]["optimizer_ms"] > 0
+    check = summary["breakdown_check"]
+    assert check["ok"], check  # rows within 5% of the step timer for the profiled steps
+    assert check["attributed_fraction"] > 0.5
+    assert (run_dir / "breakdown.png").stat().st_size > 10_000 and "| MLP |" in (run_dir / "breakdown.md").read_text()
+    assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
+    assert "deepspeed.launcher.runner" in " ".join(json.loads((run_dir / "metadata.json").read_text())["launcher_command"])
+
+
+def test_zero3_on_two_processes_communicates(tmp_path):
+    done, summary, run_dir = train(tmp_path, "--zero", "3", "--gpus", "2", "--steps", "3", "--profile-steps", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert summary["status"] == "ok" and summary["spec"]["gpus"] == 2
+    assert summary["tokens_per_step"] == 2 * 128 * 2
+    assert summary["tokens_per_s_per_gpu"] == pytest.approx(summary["tokens_per_s"] / 2)
+    rows = {r["category"]: r for r in json.loads((run_dir / "breakdown.json").read_text())["rows"]}
+    assert rows[breakdown.ALL_GATHER]["total_ms"] > 0  # ZeRO-3 gathers partitioned weights
+    assert rows[breakdown.REDUCE_SCATTER]["total_ms"] > 0  # and scatters gradients
+    assert summary["comm_share"] > 0
+
+
+def test_zero0_lora_trains_only_the_adapters(tmp_path):
+    done, summary, _ = train(tmp_path, "--mode", "lora", "--zero", "0", "--lora-rank", "4", "--steps", "2",
+                             "--profile-steps", "0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert summary["status"] == "ok" and summary["loss"]["finite"]
+    # rank 4 adapters on q,k,v,o of 2 layers of hidden size 128: 2 x 4 x 4 x (128 + 128)
+    assert summary["trainable_params"] == 2 * 4 * 4 * 256
+    assert summary["flops_per_token"]["model"] < summary["flops_per_token"]["nominal_6n"]
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_measured_steps(tmp_path):
+    results = tmp_path / "results"
+    process = subprocess.Popen([sys.executable, "-m", "tokenrig.cli", "train", *TINY, "--zero", "1", "--steps", "500",
+                                "--results", str(results)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        steps = list(results.glob("*/steps.jsonl"))
+        if steps and steps[0].read_text().count('"measured"') >= 3:
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    summary = json.loads((only_run_dir(results) / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 3 <= summary["measured_steps"] < 500
+    assert "Traceback" not in output
+
+
+def test_out_of_memory_is_a_status_not_a_crash(tmp_path):
+    spec = make_spec(steps=3)
+    write_outcome(tmp_path, Outcome(status="oom", rank=0, message="CUDA out of memory. Tried to allocate 25.10 GiB."))
+    summary = finish(spec, tmp_path, returncode=1, interrupted=False, say=lambda *_: None)
+    assert summary["status"] == "oom" and "Tried to allocate" in summary["message"]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "oom"
+
+
+def test_matrix_writes_one_comparison_table(tmp_path):
+    matrix = tmp_path / "grid.yaml"
+    matrix.write_text("name: tiny-grid\nbase: {gpu: cpu, model: tiny, seq_len: 64, micro_batch: 1, steps: 2,\n"
+                      "       warmup_steps: 1, profile_steps: 0}\ngrid:\n  zero: [2]\n  gpus: [1, 4]\n")
+    done = run_cli("train", "--matrix", str(matrix), "--max-gpus", "2", "--results", str(tmp_path / "r"), timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (matrix_dir,) = (tmp_path / "r").glob("*-matrix-tiny-grid")
+    rows = json.loads((matrix_dir / "comparison.json").read_text())
+    assert [r["status"] for r in rows] == ["ok", "skipped"]
+    assert "needs 4 GPUs" in rows[1]["message"]
+    assert "| tiny-pretrain-z2-1xcpu-b1x64-sdpa | ok |" in (matrix_dir / "comparison.md").read_text()
+
+
+def test_prometheus_gauges_in_base_units():
+    spec = make_spec(gpu="h200", model="7b", seq_len=2048, gpus=2)
+    flops = training_flops(spec.model_profile, 2048, "pretrain", False)
+    metrics = TrainMetrics({"run_id": "r1", "model": "llama2-7b", "gpu": "h200", "mode": "pretrain"}, flops, 2, 989)
+    port = metrics.serve(0)
+    metrics.observe(StepRecord(step=1, phase="measured", step_time_s=0.5, loss=10.5, tokens=8192, time=0.0,
+                               host_rss_bytes=2**30, gpu_allocated_peak_bytes=2**35, gpu_reserved_peak_bytes=2**36))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    labels = 'gpu="h200",mode="pretrain",model="llama2-7b",run_id="r1"'
+    assert samples[f"tokenrig_train_tokens_per_second{{{labels}}}"] == 16384
+    assert samples[f"tokenrig_train_step_time_seconds{{{labels}}}"] == 0.5
+    mfu = flops.model_per_token * 8192 / 0.5 / 2 / 989e12
+    assert samples[f"tokenrig_train_mfu_ratio{{{labels}}}"] == pytest.approx(mfu)
+    assert samples[f"tokenrig_train_gpu_memory_allocated_peak_bytes{{{labels}}}"] == 2**35
+    assert samples[f"tokenrig_train_host_memory_bytes{{{labels}}}"] == 2**30
+    by_phase = 'gpu="h200",mode="pretrain",model="llama2-7b",phase="measured",run_id="r1"'
+    assert samples[f"tokenrig_train_steps_total{{{by_phase}}}"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiny_pretrain_and_qlora_on_gpu(tmp_path):
+    for mode, zero in (("pretrain", "2"), ("qlora", "2")):
+        done, summary, run_dir = train(tmp_path / mode, "--gpu", "h200", "--mode", mode, "--zero", zero,
+                                       "--steps", "3", "--profile-steps", "1")
+        assert summary["status"] == "ok", done.stdout + done.stderr
+        assert summary["memory"]["gpu_allocated_peak_bytes"] > 0
+        assert (run_dir / "breakdown.json").exists()

@@ -1,0 +1,175 @@
+"""One rank of a training run, as DeepSpeed's launcher starts it: `python -m tokenrig.train.worker RUN_DIR`.
+
+Reads RUN_DIR/spec.json and ds_config.json, builds the model and the DeepSpeed engine, trains on
+random token batches (speed does not depend on the data) and, on rank 0, appends one StepRecord
+per step to steps.jsonl as it finishes. After the measured steps it profiles a few more for the
+module breakdown. Out-of-memory and Ctrl-C end the run with an outcome file, never a traceback,
+and keep every step already written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import psutil
+import torch
+
+from tokenrig.train.records import Outcome, StepRecord, StepSink, write_outcome
+from tokenrig.train.spec import TrainSpec
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: the loop finishes the step in progress, then stops."""
+
+    def __init__(self):
+        self.set = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, _signum, _frame):
+        self.set = True
+
+
+def make_optimizer(spec: TrainSpec, parameters: list, device: torch.device):
+    """The client optimizer, unless ZeRO-Offload asks DeepSpeed for its CPU Adam (see dsconfig).
+
+    torch's AdamW (fused on CUDA) needs no DeepSpeed op build, so a run starts in seconds.
+    """
+    if spec.offload != "none":
+        return None
+    return torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=0.0, fused=device.type == "cuda")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_fields(device: torch.device) -> dict:
+    fields = {"host_rss_bytes": psutil.Process().memory_info().rss}
+    if device.type == "cuda":
+        fields.update(gpu_allocated_peak_bytes=torch.cuda.max_memory_allocated(device),
+                      gpu_reserved_peak_bytes=torch.cuda.max_memory_reserved(device))
+    return fields
+
+
+def train_step(engine, spec: TrainSpec, device: torch.device, phase_ranges: bool) -> float:
+    """One optimizer step (grad_accum micro-batches); returns the last micro-batch's loss."""
+    from torch.autograd.profiler import record_function
+
+    from tokenrig.train.breakdown import PHASE_PREFIX
+
+    vocab = spec.model_profile.vocab_size
+    loss_value = 0.0
+    for _ in range(spec.grad_accum):
+        tokens = torch.randint(0, vocab, (spec.micro_batch, spec.seq_len), device=device)
+        with record_function(PHASE_PREFIX + "forward") if phase_ranges else nullcontext():
+            loss = engine(input_ids=tokens, labels=tokens).loss
+        with record_function(PHASE_PREFIX + "backward") if phase_ranges else nullcontext():
+            engine.backward(loss)
+        with record_function(PHASE_PREFIX + "optimizer") if phase_ranges else nullcontext():
+            engine.step()
+        loss_value = loss.detach().float()
+    return float(loss_value)
+
+
+def run(run_dir: Path) -> int:
+    import deepspeed
+
+    spec = TrainSpec.model_validate_json((run_dir / "spec.json").read_text())
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    stop = StopFlag()
+    cuda = spec.device == "cuda"
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.manual_seed(spec.seed + rank)
+    sink = StepSink(run_dir / "steps.jsonl") if rank == 0 else None
+
+    from tokenrig.train.model import build_model, trainable_parameters
+
+    try:
+        model = build_model(spec, device, ds_config)
+        parameters = trainable_parameters(model)
+        optimizer = make_optimizer(spec, parameters, device)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=parameters, optimizer=optimizer,
+                                          config=ds_config)
+        if rank == 0:
+            write_outcome(run_dir, Outcome(status="running", rank=rank,
+                                           trainable_params=sum(p.numel() for p in parameters)))
+        total = spec.warmup_steps + spec.steps
+        step = 0
+        while step < total and not stop.set:
+            synchronize(device)
+            started = time.perf_counter()
+            loss = train_step(engine, spec, device, phase_ranges=False)
+            synchronize(device)
+            elapsed = time.perf_counter() - started
+            step += 1
+            if sink:
+                sink.write(StepRecord(step=step, phase="warmup" if step <= spec.warmup_steps else "measured",
+                                      step_time_s=elapsed, loss=loss, tokens=spec.tokens_per_step,
+                                      time=time.time(), **memory_fields(device)))
+        if spec.profile_steps and not stop.set:
+            profile_steps(engine, spec, device, run_dir, rank, sink, step)
+        status = "interrupted" if stop.set else "ok"
+    except torch.OutOfMemoryError as error:
+        write_outcome(run_dir, Outcome(status="oom", rank=rank, message=str(error).splitlines()[0][:400]))
+        return 3
+    if rank == 0:
+        write_outcome(run_dir, Outcome(status=status, rank=rank, trainable_params=sum(p.numel() for p in parameters)))
+    return 0
+
+
+def profile_steps(engine, spec: TrainSpec, device: torch.device, run_dir: Path, rank: int, sink, step: int) -> None:
+    """Profile `spec.profile_steps` more steps with module ranges; rank 0 writes the breakdown."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    from tokenrig.train.breakdown import STEP_RANGE, analyse, module_scopes
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with module_scopes(engine.module), profile(activities=activities) as profiler:
+        for _ in range(spec.profile_steps):
+            synchronize(device)
+            started = time.perf_counter()
+            with record_function(STEP_RANGE):
+                loss = train_step(engine, spec, device, phase_ranges=True)
+                synchronize(device)
+            step += 1
+            if sink:
+                sink.write(StepRecord(step=step, phase="profiled", step_time_s=time.perf_counter() - started,
+                                      loss=loss, tokens=spec.tokens_per_step, time=time.time(),
+                                      **memory_fields(device)))
+    if rank == 0:
+        try:
+            result = analyse(profiler.events(), device.type)
+        except Exception as error:  # the measured steps stand even if this torch's trace cannot be read
+            (run_dir / "breakdown-error.txt").write_text(f"{type(error).__name__}: {error}\n")
+            return
+        (run_dir / "breakdown-raw.json").write_text(json.dumps(result, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tokenrig.train.worker")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--local_rank", type=int, help="added by DeepSpeed's launcher (LOCAL_RANK is used)")
+    try:
+        return run(parser.parse_args(argv).run_dir)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
