@@ -1,4 +1,4 @@
-# tokenrig — the two commands of the README: `make loadtest` and `make test`.
+# tokenrig — the commands of the README: `make loadtest`, `make train`, `make test`.
 # Every target sets itself up on first use (a local .venv with the CPU build of torch).
 
 PYTHON   ?= python3
@@ -14,17 +14,20 @@ USERS    ?=
 RATE     ?=
 DURATION ?=
 ARGS     ?=
+MODE     ?= pretrain
+ZERO     ?= 2
+MATRIX   ?= study-7b
 
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup loadtest serve test monitor dashboards clean
+.PHONY: setup loadtest serve train finetune train-matrix test monitor dashboards clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,fast]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,fast,train]'
 	# GPTQ/AWQ loading (transformers -> optimum -> gptqmodel). --no-deps: gptqmodel 7.7 declares torch>=2.14.1
 	# but its CPU torch kernels run on the torch installed above; these are the imports it needs.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
@@ -39,6 +42,18 @@ loadtest: setup
 
 serve: setup
 	$(BIN)/tokenrig serve --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) $(ARGS)
+
+# training throughput with DeepSpeed (GPU=cpu: one CPU process): tokens/s, MFU, memory, breakdown
+train: setup
+	$(BIN)/tokenrig train --gpu $(GPU) --model $(MODEL) --mode $(MODE) --zero $(ZERO) $(ARGS)
+
+# fine-tuning: LoRA unless MODE=qlora (a GPU with bitsandbytes: pip install '.[qlora]')
+finetune: setup
+	$(BIN)/tokenrig train --gpu $(GPU) --model $(MODEL) --mode $(if $(filter qlora,$(MODE)),qlora,lora) --zero $(ZERO) $(ARGS)
+
+# a grid of training runs into one comparison table (scenarios/train/, scenarios/matrix/)
+train-matrix: setup
+	$(BIN)/tokenrig train --matrix $(MATRIX) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

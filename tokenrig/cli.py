@@ -2,6 +2,7 @@
 
   tokenrig loadtest   start a server (or use --url), drive a scenario with Locust, report
   tokenrig serve      start a server and keep it up until Ctrl-C
+  tokenrig train      training throughput (pre-training, LoRA, QLoRA) with DeepSpeed: MFU, memory, breakdown
   tokenrig model      make synthetic checkpoints (bf16, GPTQ/AWQ 4-bit), list model profiles
   tokenrig fit        will this model fit on these GPUs, and with which TP / quantization
   tokenrig gpus       list GPU profiles
@@ -25,6 +26,9 @@ EXAMPLES = """examples:
   tokenrig serve --backend tgi --gpu rtx4090 --model 70b --quant awq --dry-run
   tokenrig fit --gpu rtx4090 --model 70b --concurrency 16
   tokenrig model make llama2-7b --quant gptq
+  tokenrig train                                     tiny model, ZeRO-2, one CPU process
+  tokenrig train --gpu h100-sxm --model 7b --mode lora --zero 2 --recompute --micro-batch 8 --seq-len 1024
+  tokenrig train --matrix study-7b                   the study's grid, one comparison table
 """
 
 
@@ -102,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--host", default="127.0.0.1")
 
+    _add_train_parser(commands)
+
     model = commands.add_parser("model", help="synthetic checkpoints and model profiles")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     make = model_commands.add_parser("make", help="write a local HF checkpoint with random weights",
@@ -126,6 +132,93 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--context", type=int, default=None, help="tokens per request (default: the model's context)")
     fit.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     return parser
+
+
+TRAIN_FIELDS = ("gpu", "model", "mode", "zero", "offload", "recompute", "attention", "micro_batch", "seq_len",
+                "grad_accum", "gpus", "nodes", "hostfile", "steps", "warmup_steps", "profile_steps", "lora_rank")
+
+
+def _add_train_parser(commands) -> None:
+    train = commands.add_parser(
+        "train", help="measure training throughput with DeepSpeed (tokens/s, MFU, memory, module breakdown)",
+        description="Train a model profile with random weights on random tokens under DeepSpeed, started by "
+                    "DeepSpeed's launcher; write results/<run-id>/ (steps.jsonl, summary.json, breakdown.md/.png). "
+                    "Options left out take TrainSpec's defaults (or the matrix's values with --matrix).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--gpu", help="GPU profile whose peak BF16 TFLOP/s MFU is measured against (cpu: no GPU)")
+    train.add_argument("--model", help="model profile: tiny (default), llama2-7b|7b, llama2-13b|13b, llama2-70b|70b, llama3-8b|8b")
+    train.add_argument("--mode", choices=["pretrain", "lora", "qlora"])
+    train.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (default 2)")
+    train.add_argument("--offload", choices=["none", "optimizer", "params"], help="ZeRO-Offload to host memory")
+    train.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
+                       help="activation recomputation (gradient checkpointing) of every decoder layer")
+    train.add_argument("--attention", choices=["eager", "sdpa", "flash_attention_2"])
+    train.add_argument("--micro-batch", type=int, help="sequences per GPU per micro-step")
+    train.add_argument("--seq-len", type=int, help="tokens per sequence")
+    train.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step")
+    train.add_argument("--gpus", type=int, help="GPUs (processes) per node")
+    train.add_argument("--nodes", type=int, help="nodes, listed in --hostfile")
+    train.add_argument("--hostfile", help="DeepSpeed hostfile for several nodes ('host slots=N' lines)")
+    train.add_argument("--steps", type=int, help="measured steps (default 10)")
+    train.add_argument("--warmup-steps", type=int, help="steps excluded from the figures (default 3)")
+    train.add_argument("--profile-steps", type=int, help="steps profiled for the breakdown (default 2; 0 = none)")
+    train.add_argument("--lora-rank", type=int, help="LoRA rank (default 16)")
+    train.add_argument("--matrix", help="run a training matrix: a name in scenarios/train/ or scenarios/matrix/, "
+                                        "or a .yaml path; the options above override every run")
+    train.add_argument("--runs", help="with --matrix: only these runs, by 1-based number (e.g. 1,3,5)")
+    train.add_argument("--max-gpus", type=int, help="with --matrix: skip runs needing more GPUs "
+                                                   "(default: the CUDA GPUs this host has)")
+    train.add_argument("--compare", nargs="+", type=Path, metavar="DIR",
+                       help="no run: one comparison table of every training run under these directories "
+                            "(written to --results/comparison.md)")
+    train.add_argument("--results", type=Path, default=Path("results"), help="where run directories go")
+    train.add_argument("--metrics-port", type=int, default=None,
+                       help="expose live Prometheus gauges on this port (0 = any free port)")
+    train.add_argument("--prometheus-targets", type=Path, default=None,
+                       help="file_sd directory where the run announces its scrape target (implies --metrics-port 0)")
+    train.add_argument("--dry-run", action="store_true", help="print the DeepSpeed config and launcher command, and exit")
+
+
+def cmd_train(args) -> int:
+    from tokenrig.train.session import MonitorOptions
+
+    given = {field: getattr(args, field) for field in TRAIN_FIELDS if getattr(args, field) is not None}
+    if args.compare:
+        from tokenrig.train.matrix import compare_dirs
+
+        print(compare_dirs(args.compare, args.results))
+        return 0
+    if args.matrix:
+        from tokenrig.train.matrix import expand, load_matrix, run_matrix
+
+        matrix = load_matrix(args.matrix)
+        if args.dry_run:
+            for spec in expand(matrix, given):
+                print(spec.label())
+            return 0
+        only = [int(n) for n in args.runs.split(",")] if args.runs else None
+        from tokenrig.train.matrix import available_gpus
+
+        run_matrix(matrix, args.results, given, only=only,
+                   max_gpus=args.max_gpus if args.max_gpus is not None else available_gpus())
+        return 0
+    from tokenrig.train.dsconfig import deepspeed_config
+    from tokenrig.train.session import launcher_command, run_training
+    from tokenrig.train.spec import make_spec
+
+    spec = make_spec(**given)
+    if args.dry_run:
+        import json
+
+        print("spec:", spec.model_dump_json(indent=2))
+        print("ds_config:", json.dumps(deepspeed_config(spec), indent=2))
+        print("launcher:", shlex.join(launcher_command(spec, args.results / "<run-id>", 29500)))
+        return 0
+    monitor = None
+    if args.metrics_port is not None or args.prometheus_targets is not None:
+        monitor = MonitorOptions(port=args.metrics_port or 0, targets_dir=args.prometheus_targets)
+    summary = run_training(spec, args.results, monitor=monitor)
+    return {"ok": 0, "interrupted": 130, "oom": 3}.get(summary["status"], 1)
 
 
 DEFAULT_CONCURRENCY = 16
@@ -312,12 +405,14 @@ def main(argv: list[str] | None = None) -> int:
     from tokenrig.profiles import UnknownProfileError
     from tokenrig.serve.fit import FitError
     from tokenrig.serve.launcher import LaunchError
+    from tokenrig.train.spec import TrainSpecError
 
     args = build_parser().parse_args(argv)
-    handlers = {"loadtest": cmd_loadtest, "serve": cmd_serve, "model": cmd_model, "gpus": cmd_gpus, "fit": cmd_fit}
+    handlers = {"loadtest": cmd_loadtest, "serve": cmd_serve, "train": cmd_train, "model": cmd_model,
+                "gpus": cmd_gpus, "fit": cmd_fit}
     try:
         return handlers[args.command](args)
-    except (UnknownProfileError, ScenarioError, LaunchError, FitError) as error:
+    except (UnknownProfileError, ScenarioError, LaunchError, FitError, TrainSpecError) as error:
         print(f"tokenrig: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
