@@ -8,11 +8,16 @@ directly (no checkpoint to read), which takes seconds even for 70B-class shapes.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 import torch
 from torch import nn
 
 from tokenrig.train.spec import TrainSpec
 
+FLASH_ATTN_MISSING = ("attention=flash_attention_2 needs the flash-attn package (GPU only): pip install 'tokenrig[flash]'; "
+                      "--attention sdpa runs PyTorch's own FlashAttention-2 kernels for causal BF16 on Ampere and newer")
 BITSANDBYTES_MISSING = ("mode=qlora needs bitsandbytes (a GPU-only optional extra): "
                         "pip install 'tokenrig[qlora]' or pip install bitsandbytes")
 
@@ -20,12 +25,12 @@ BITSANDBYTES_MISSING = ("mode=qlora needs bitsandbytes (a GPU-only optional extr
 def build_model(spec: TrainSpec, device: torch.device, ds_config: dict) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if spec.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise RuntimeError(FLASH_ATTN_MISSING)
     profile = spec.model_profile
     config = AutoConfig.for_model(**profile.config)
     config.use_cache = False  # training: no KV cache
     if spec.zero == 3:
-        import importlib
-
         import deepspeed
 
         importlib.import_module("torch._dynamo")  # imported lazily it would meet zero.Init's patched tensor constructors

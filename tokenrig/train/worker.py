@@ -124,6 +124,9 @@ def run(run_dir: Path) -> int:
     except torch.OutOfMemoryError as error:
         write_outcome(run_dir, Outcome(status="oom", rank=rank, message=str(error).splitlines()[0][:400]))
         return 3
+    except Exception as error:  # the summary names the cause; the traceback stays in launcher.log
+        write_outcome(run_dir, Outcome(status="error", rank=rank, message=f"{type(error).__name__}: {error}"[:400]))
+        raise
     if rank == 0:
         write_outcome(run_dir, Outcome(status=status, rank=rank, trainable_params=sum(p.numel() for p in parameters)))
     return 0
