@@ -86,11 +86,11 @@ def test_zero0_lora_trains_only_the_adapters(tmp_path):
     assert summary["flops_per_token"]["model"] < summary["flops_per_token"]["nominal_6n"]
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_measured_steps(tmp_path):
+def test_ctrl_c_stops_both_ranks_cleanly_and_keeps_measured_steps(tmp_path):
     results = tmp_path / "results"
-    process = subprocess.Popen([sys.executable, "-m", "tokenrig.cli", "train", *TINY, "--zero", "1", "--steps", "500",
-                                "--results", str(results)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    command = [sys.executable, "-m", "tokenrig.cli", "train", *TINY, "--zero", "1", "--gpus", "2", "--steps", "500",
+               "--results", str(results)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         steps = list(results.glob("*/steps.jsonl"))

@@ -40,9 +40,6 @@ class StepFlops:
     hardware_per_token: float
     nominal_6n_per_token: float  # 6 x all parameters: the figure most public MFU numbers quote
 
-    def per_step(self, tokens: int) -> tuple[float, float]:
-        return self.model_per_token * tokens, self.hardware_per_token * tokens
-
 
 def training_flops(model: ModelProfile, seq_len: int, mode: str, recompute: bool, lora_rank: int = 16,
                    lora_targets: tuple[str, ...] = LORA_DEFAULT_TARGETS) -> StepFlops:

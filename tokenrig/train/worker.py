@@ -59,6 +59,19 @@ def memory_fields(device: torch.device) -> dict:
     return fields
 
 
+def all_ranks_agree_to_stop(stop_here: bool, device: torch.device) -> bool:
+    """True on every rank once any rank was asked to stop, so all leave after the same step.
+
+    A Ctrl-C reaches the ranks at slightly different times; a rank that left alone would leave
+    the others waiting in the next collective.
+    """
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return stop_here
+    flag = torch.tensor([1.0 if stop_here else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def train_step(engine, spec: TrainSpec, device: torch.device, phase_ranges: bool) -> float:
     """One optimizer step (grad_accum micro-batches); returns the last micro-batch's loss."""
     from torch.autograd.profiler import record_function
@@ -106,8 +119,8 @@ def run(run_dir: Path) -> int:
             write_outcome(run_dir, Outcome(status="running", rank=rank,
                                            trainable_params=sum(p.numel() for p in parameters)))
         total = spec.warmup_steps + spec.steps
-        step = 0
-        while step < total and not stop.set:
+        step, stopped = 0, False
+        while step < total and not stopped:
             synchronize(device)
             started = time.perf_counter()
             loss = train_step(engine, spec, device, phase_ranges=False)
@@ -118,9 +131,10 @@ def run(run_dir: Path) -> int:
                 sink.write(StepRecord(step=step, phase="warmup" if step <= spec.warmup_steps else "measured",
                                       step_time_s=elapsed, loss=loss, tokens=spec.tokens_per_step,
                                       time=time.time(), **memory_fields(device)))
-        if spec.profile_steps and not stop.set:
+            stopped = all_ranks_agree_to_stop(stop.set, device)
+        if spec.profile_steps and not stopped:
             profile_steps(engine, spec, device, run_dir, rank, sink, step)
-        status = "interrupted" if stop.set else "ok"
+        status = "interrupted" if stopped or stop.set else "ok"
     except torch.OutOfMemoryError as error:
         write_outcome(run_dir, Outcome(status="oom", rank=rank, message=str(error).splitlines()[0][:400]))
         return 3
