@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -126,25 +127,34 @@ def test_matrix_writes_one_comparison_table(tmp_path):
     assert "| tiny-pretrain-z2-1xcpu-b1x64-sdpa | ok |" in (matrix_dir / "comparison.md").read_text()
 
 
-def test_prometheus_gauges_in_base_units():
+def test_prometheus_gauges_in_base_units_under_the_dashboard_names():
     spec = make_spec(gpu="h200", model="7b", seq_len=2048, gpus=2)
     flops = training_flops(spec.model_profile, 2048, "pretrain", False)
-    metrics = TrainMetrics({"run_id": "r1", "model": "llama2-7b", "gpu": "h200", "mode": "pretrain"}, flops, 2, 989)
+    identity = {"run_id": "r1", "scenario": spec.label(), "backend": "deepspeed", "model": "llama2-7b",
+                "gpu": "h200", "mode": "pretrain"}
+    metrics = TrainMetrics(identity, flops, 2, 989)
     port = metrics.serve(0)
     metrics.observe(StepRecord(step=1, phase="measured", step_time_s=0.5, loss=10.5, tokens=8192, time=0.0,
                                host_rss_bytes=2**30, gpu_allocated_peak_bytes=2**35, gpu_reserved_peak_bytes=2**36))
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line and not line.startswith("#")}
-    labels = 'gpu="h200",mode="pretrain",model="llama2-7b",run_id="r1"'
-    assert samples[f"tokenrig_train_tokens_per_second{{{labels}}}"] == 16384
-    assert samples[f"tokenrig_train_step_time_seconds{{{labels}}}"] == 0.5
-    mfu = flops.model_per_token * 8192 / 0.5 / 2 / 989e12
-    assert samples[f"tokenrig_train_mfu_ratio{{{labels}}}"] == pytest.approx(mfu)
-    assert samples[f"tokenrig_train_gpu_memory_allocated_peak_bytes{{{labels}}}"] == 2**35
-    assert samples[f"tokenrig_train_host_memory_bytes{{{labels}}}"] == 2**30
-    by_phase = 'gpu="h200",mode="pretrain",model="llama2-7b",phase="measured",run_id="r1"'
-    assert samples[f"tokenrig_train_steps_total{{{by_phase}}}"] == 1
+
+    def sample(name, **extra):
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted({**identity, **extra}.items()))
+        return samples[f"{name}{{{labels}}}"]
+
+    assert sample("tokenrig_train_tokens_per_second") == 16384
+    assert sample("tokenrig_train_step_seconds") == 0.5
+    assert sample("tokenrig_train_mfu_ratio") == pytest.approx(flops.model_per_token * 8192 / 0.5 / 2 / 989e12)
+    assert sample("tokenrig_train_memory_bytes", kind="gpu_allocated_peak") == 2**35
+    assert sample("tokenrig_train_memory_bytes", kind="host_resident") == 2**30
+    assert sample("tokenrig_train_loss") == 10.5
+    assert sample("tokenrig_train_steps_total", phase="measured") == 1
+    # every metric the Grafana training dashboard queries is exported
+    queried = set(re.findall(r"tokenrig_train_\w+", (REPO / "grafana/dashboards/tokenrig-training.json").read_text()))
+    exported = {line.split("{")[0] for line in text.splitlines() if line.startswith("tokenrig_train_")}
+    assert queried and queried <= exported, queried - exported
 
 
 @pytest.mark.gpu

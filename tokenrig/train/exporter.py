@@ -1,7 +1,8 @@
 """Training's Prometheus exporter: gauges set from each StepRecord as the run writes it.
 
-Names are in base units (seconds, bytes, FLOP/s, ratios) and every series carries run_id,
-model, gpu and mode labels, like the load generator's exporter.
+Names are in base units (seconds, bytes, FLOP/s, ratios) and are the ones the Grafana training
+dashboard (tokenrig/monitor/dashboards.py) queries. Every series carries run_id, scenario (the
+run's configuration label), backend (deepspeed), model, gpu and mode labels.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from tokenrig.train.flops import StepFlops
 from tokenrig.train.records import StepRecord
 
-RUN_LABELS = ("run_id", "model", "gpu", "mode")
+RUN_LABELS = ("run_id", "scenario", "backend", "model", "gpu", "mode")
 
 
 class TrainMetrics:
@@ -25,14 +26,16 @@ class TrainMetrics:
             return Gauge(name, doc, names, registry=self.registry).labels(*values)
 
         self.tokens_per_second = gauge("tokenrig_train_tokens_per_second", "Tokens trained per second, all GPUs, last step")
-        self.step_time = gauge("tokenrig_train_step_time_seconds", "Duration of the last optimizer step")
+        self.step_time = gauge("tokenrig_train_step_seconds", "Duration of the last optimizer step")
         self.flops_per_second = gauge("tokenrig_train_model_flops_per_second_per_gpu",
                                       "Model FLOP/s per GPU achieved in the last step")
         self.mfu = gauge("tokenrig_train_mfu_ratio", "Model FLOPs utilisation of the last step (0..1)")
         self.hfu = gauge("tokenrig_train_hfu_ratio", "Hardware FLOPs utilisation (recomputation counted), last step")
-        self.allocated = gauge("tokenrig_train_gpu_memory_allocated_peak_bytes", "Rank 0's peak allocated GPU memory")
-        self.reserved = gauge("tokenrig_train_gpu_memory_reserved_peak_bytes", "Rank 0's peak reserved GPU memory")
-        self.host = gauge("tokenrig_train_host_memory_bytes", "Rank 0's resident host memory")
+        memory = Gauge("tokenrig_train_memory_bytes", "Rank 0's memory: peak GPU allocated/reserved, host resident",
+                       names + ["kind"], registry=self.registry)
+        self.allocated = memory.labels(*values, "gpu_allocated_peak")
+        self.reserved = memory.labels(*values, "gpu_reserved_peak")
+        self.host = memory.labels(*values, "host_resident")
         self.loss = gauge("tokenrig_train_loss", "Training loss of the last step")
         self.steps = Counter("tokenrig_train_steps", "Finished steps by phase", names + ["phase"], registry=self.registry)
         self.label_values = values

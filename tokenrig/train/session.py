@@ -100,7 +100,8 @@ def run_training(spec: TrainSpec, results: Path, monitor: MonitorOptions | None 
     if monitor is not None:
         from tokenrig.train.exporter import TrainMetrics
 
-        labels = {"run_id": run_dir.name, "model": spec.model_profile.key, "gpu": spec.gpu_profile.key, "mode": spec.mode}
+        labels = {"run_id": run_dir.name, "scenario": spec.label(), "backend": "deepspeed",
+                  "model": spec.model_profile.key, "gpu": spec.gpu_profile.key, "mode": spec.mode}
         metrics = TrainMetrics(labels, flops, spec.world_size, spec.gpu_profile.tflops_bf16)
         port = metrics.serve(monitor.port)
         say(f"Prometheus metrics: http://127.0.0.1:{port}/metrics")
@@ -108,7 +109,7 @@ def run_training(spec: TrainSpec, results: Path, monitor: MonitorOptions | None 
             from tokenrig.monitor.discovery import TargetFile
 
             target = TargetFile(monitor.targets_dir, f"{run_dir.name}-train", [f"127.0.0.1:{port}"],
-                                {"job": "tokenrig-train", **labels})
+                                {**labels, "role": "train"})
 
     say(f"training {spec.label()} -> {run_dir}")
     say(f"  {shlex.join(command)}")
