@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -36,8 +37,10 @@ def test_committed_dashboards_match_the_code_and_grafanas_schema():
         reparsed = json.loads(json.dumps(Dashboard.from_json(committed), cls=JSONEncoder))
         assert reparsed == committed, f"{name}: fields outside Grafana's dashboard schema"
         variables = {v["name"] for v in committed["templating"]["list"]}
-        if name != "gpu":
+        if name in ("loadtest", "server"):
             assert variables == {"run_id", "scenario", "backend", "model", "gpu"}
+        if name == "training":
+            assert variables == {"run_id", "scenario", "backend", "model", "gpu", "mode"}
         for panel in committed["panels"]:
             if panel["type"] != "row":
                 assert panel["targets"] and len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])
@@ -75,17 +78,25 @@ def test_every_panel_query_returns_data_from_real_runs(tmp_path):
          f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         start = time.time()
+        training = subprocess.Popen(
+            [sys.executable, "-m", "tokenrig.cli", "train", "--model", "tiny", "--gpu", "cpu", "--zero", "0",
+             "--steps", "6", "--warmup-steps", "1", "--profile-steps", "0", "--seq-len", "64", "--micro-batch", "2",
+             "--prometheus-targets", str(tmp_path / "targets"), "--results", str(tmp_path / "results")],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         result = run_cli("loadtest", "--backend", "sim", "--gpu", "a800", "--model", "13b", "--rate", "3",
                          "--duration", "15", "--warmup", "1", "--prometheus-targets", str(tmp_path / "targets"),
                          "--results", str(tmp_path / "results"))
         assert result.returncode == 0, result.stdout + result.stderr
-        assert not list((tmp_path / "targets").iterdir()), "target files must be removed when the run ends"
+        training_output, _ = training.communicate(timeout=600)
+        assert training.returncode == 0, training_output
+        assert not list((tmp_path / "targets").iterdir()), "target files must be removed when the runs end"
         end = time.time()
         run_id = run_dir_of(result).name
         up = _query_range(base, f'up{{run_id="{run_id}"}}', start, end)
         assert {s["metric"]["role"] for s in up} == {"loadgen", "server"}
+        assert _has_values(_query_range(base, 'up{role="train"}', start, end))
         empty = []
-        for name in ("loadtest", "server"):
+        for name in ("loadtest", "server", "training"):
             for title, expr in panel_queries(render(DASHBOARDS[name]())):
                 if not _has_values(_query_range(base, _concrete(expr), start, end)):
                     empty.append(f"{name} / {title}: {expr}")

@@ -179,9 +179,16 @@ def _add_train_parser(commands) -> None:
     train.add_argument("--dry-run", action="store_true", help="print the DeepSpeed config and launcher command, and exit")
 
 
-def cmd_train(args) -> int:
-    from tokenrig.train.session import MonitorOptions
+def _monitor_options(args):
+    """Live Prometheus metrics when --metrics-port or --prometheus-targets is given."""
+    if args.metrics_port is None and args.prometheus_targets is None:
+        return None
+    from tokenrig.monitor.discovery import DEFAULT_TARGETS_DIR, MonitorOptions
 
+    return MonitorOptions(port=args.metrics_port or 0, targets_dir=args.prometheus_targets or DEFAULT_TARGETS_DIR)
+
+
+def cmd_train(args) -> int:
     given = {field: getattr(args, field) for field in TRAIN_FIELDS if getattr(args, field) is not None}
     if args.compare:
         from tokenrig.train.matrix import compare_dirs
@@ -214,10 +221,7 @@ def cmd_train(args) -> int:
         print("ds_config:", json.dumps(deepspeed_config(spec), indent=2))
         print("launcher:", shlex.join(launcher_command(spec, args.results / "<run-id>", 29500)))
         return 0
-    monitor = None
-    if args.metrics_port is not None or args.prometheus_targets is not None:
-        monitor = MonitorOptions(port=args.metrics_port or 0, targets_dir=args.prometheus_targets)
-    summary = run_training(spec, args.results, monitor=monitor)
+    summary = run_training(spec, args.results, monitor=_monitor_options(args))
     return {"ok": 0, "interrupted": 130, "oom": 3}.get(summary["status"], 1)
 
 
@@ -331,14 +335,10 @@ def cmd_loadtest(args) -> int:
         print_launch(spec, 0)
         print("scenario:", scenario.model_dump_json(indent=2))
         return 0
-    from tokenrig.loadtest import MonitorOptions, run_session
+    from tokenrig.loadtest import run_session
 
-    monitor = None
-    if args.metrics_port is not None or args.prometheus_targets is not None:
-        from tokenrig.monitor.discovery import DEFAULT_TARGETS_DIR
-
-        monitor = MonitorOptions(port=args.metrics_port or 0, targets_dir=args.prometheus_targets or DEFAULT_TARGETS_DIR)
-    return run_session(spec, scenario, args.results, url=args.url, monitor=monitor, slos=slos, search=search)
+    return run_session(spec, scenario, args.results, url=args.url, monitor=_monitor_options(args), slos=slos,
+                       search=search)
 
 
 def cmd_serve(args) -> int:

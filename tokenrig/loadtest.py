@@ -23,6 +23,7 @@ from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
 from tokenrig.loadgen.search import SloWatch, StepResult, find_max_rate, step_duration
 from tokenrig.loadgen.users import LoadContext
 from tokenrig.loadgen.workload import Workload
+from tokenrig.monitor.discovery import MonitorOptions
 from tokenrig.report.console import render, render_steps
 from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
 from tokenrig.report.slo import Slo, judge
@@ -35,15 +36,6 @@ def _existing_endpoint(url: str, spec: ServerSpec) -> Endpoint:
 
     base = url.rstrip("/").removesuffix("/v1")
     return Endpoint(base, f"{base}/metrics", spec.model.key, tokenizer_dir(spec.model), spec.model.max_context)
-
-
-@dataclass
-class MonitorOptions:
-    """Live Prometheus metrics for the run: exporter port (0 = any free one) and discovery directory."""
-
-    port: int
-    targets_dir: Path
-    linger_s: float = 5.0
 
 
 @dataclass

@@ -101,17 +101,25 @@ def server_dashboard() -> db.Dashboard:
 
 
 def training_dashboard() -> db.Dashboard:
-    s = SELECTOR
+    labels = RUN_VARIABLES + ("mode",)
+    s = ",".join(f'{label}=~"${label}"' for label in labels)
     d = (db.Dashboard("tokenrig — training").uid("tokenrig-train").tags(["tokenrig", "train"])
          .refresh("5s").time("now-30m", "now"))
-    d = _variables(d, "tokenrig_train_tokens_per_second")
+    d = _variables(d, "tokenrig_train_tokens_per_second", labels)
     d = d.with_panel(_panel("Tokens/s (all GPUs)", "short",
                             (f"sum by (run_id) (tokenrig_train_tokens_per_second{{{s}}})", "{{run_id}}")))
-    d = d.with_panel(_panel("MFU", "percentunit", (f"avg by (run_id) (tokenrig_train_mfu_ratio{{{s}}})", "{{run_id}}")))
+    d = d.with_panel(_panel("MFU and HFU", "percentunit",
+                            (f"avg by (run_id) (tokenrig_train_mfu_ratio{{{s}}})", "MFU {{run_id}}"),
+                            (f"avg by (run_id) (tokenrig_train_hfu_ratio{{{s}}})", "HFU {{run_id}}")))
     d = d.with_panel(_panel("Step time", "s", (f"max by (run_id) (tokenrig_train_step_seconds{{{s}}})", "{{run_id}}")))
-    d = d.with_panel(_panel("GPU memory (peak)", "bytes",
+    d = d.with_panel(_panel("Model FLOP/s per GPU", "flops",
+                            (f"avg by (run_id) (tokenrig_train_model_flops_per_second_per_gpu{{{s}}})", "{{run_id}}")))
+    d = d.with_panel(_panel("Memory (rank 0)", "bytes",
                             (f"max by (run_id, kind) (tokenrig_train_memory_bytes{{{s}}})", "{{kind}} {{run_id}}")))
     d = d.with_panel(_panel("Loss", "short", (f"avg by (run_id) (tokenrig_train_loss{{{s}}})", "{{run_id}}")))
+    d = d.with_panel(_panel("Steps/s by phase", "short",
+                            (f"sum by (run_id, phase) (rate(tokenrig_train_steps_total{{{s}}}[$__rate_interval]))",
+                             "{{phase}} {{run_id}}")))
     return d
 
 

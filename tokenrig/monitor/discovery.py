@@ -10,9 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_TARGETS_DIR = Path(os.environ.get("TOKENRIG_PROMETHEUS_TARGETS", "grafana/targets"))
+
+
+@dataclass
+class MonitorOptions:
+    """Live Prometheus metrics for a run: exporter port (0 = any free one), discovery directory, and how
+    long the exporter stays up after the run so Prometheus scrapes the final values."""
+
+    port: int = 0
+    targets_dir: Path = DEFAULT_TARGETS_DIR
+    linger_s: float = 5.0
 
 
 class TargetFile:

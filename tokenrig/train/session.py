@@ -16,9 +16,10 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from tokenrig.monitor.discovery import MonitorOptions, TargetFile
+from tokenrig.monitor.exporter import wait_for_final_scrape
 from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
 from tokenrig.train import breakdown
 from tokenrig.train.dsconfig import deepspeed_config
@@ -30,12 +31,6 @@ from tokenrig.train.summary import summarize
 # leave the shared hosts' NVLink multicast off in every rank (see the device notes in docs/results)
 RANK_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 STOP_GRACE_S = 90
-
-
-@dataclass
-class MonitorOptions:
-    port: int = 0
-    targets_dir: Path | None = None
 
 
 def _package_versions() -> dict[str, str]:
@@ -105,11 +100,8 @@ def run_training(spec: TrainSpec, results: Path, monitor: MonitorOptions | None 
         metrics = TrainMetrics(labels, flops, spec.world_size, spec.gpu_profile.tflops_bf16)
         port = metrics.serve(monitor.port)
         say(f"Prometheus metrics: http://127.0.0.1:{port}/metrics")
-        if monitor.targets_dir is not None:
-            from tokenrig.monitor.discovery import TargetFile
-
-            target = TargetFile(monitor.targets_dir, f"{run_dir.name}-train", [f"127.0.0.1:{port}"],
-                                {**labels, "role": "train"})
+        target = TargetFile(monitor.targets_dir, f"{run_dir.name}-train", [f"127.0.0.1:{port}"],
+                            {**labels, "role": "train"})
 
     say(f"training {spec.label()} -> {run_dir}")
     say(f"  {shlex.join(command)}")
@@ -143,6 +135,7 @@ def run_training(spec: TrainSpec, results: Path, monitor: MonitorOptions | None 
                 _signal_group(process, signal.SIGKILL)
                 process.wait()
     if target:
+        wait_for_final_scrape(monitor.linger_s)
         target.remove()
     return finish(spec, run_dir, process.returncode, interrupted, say)
 
