@@ -258,7 +258,7 @@ def table(breakdown: dict, verdict: dict) -> str:
         lines.append(f"| {row['category']} | {cell(row['forward_ms'])} | {cell(row['backward_ms'])} | "
                      f"{cell(row['optimizer_ms'])} | {row['total_ms']:.2f} | {row['total_ms'] / step:.1%} |")
     lines.append(f"| **sum of rows** | | | | {verdict['rows_total_ms']:.2f} | {verdict['rows_total_ms'] / step:.1%} |")
-    lines.append(f"| profiled step, step timer (median) | | | | {step:.2f} | 100% |")
+    lines.append(f"| profiled step, step timer (mean) | | | | {step:.2f} | 100% |")
     lines.append(f"| unprofiled step, step timer (median) | | | | {verdict['unprofiled_step_ms']:.2f} | |")
     status = "within" if verdict["ok"] else "OUTSIDE"
     lines.append("")
