@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "1000 requests for a p99)")
     loadtest.add_argument("--precision", type=float, default=0.05, help="--find-max: stop when the bracket is this tight")
     loadtest.add_argument("--max-step", type=float, default=300, help="--find-max: longest step, seconds")
+    loadtest.add_argument("--workers", type=int, help="distributed load: a Locust master here and N worker processes "
+                                                       "splitting the schedule (spawned here unless --local-workers)")
+    loadtest.add_argument("--local-workers", type=int, help="how many of --workers to spawn on this machine "
+                                                            "(default all); the rest connect from elsewhere")
+    loadtest.add_argument("--master-host", default="127.0.0.1",
+                          help="address the master binds for workers (0.0.0.0 for workers on other machines)")
+    loadtest.add_argument("--master-port", type=int, help="master port (default: a free one, 5557 with remote workers)")
     loadtest.add_argument("--url", help="load-test a server that is already running at this base URL")
     loadtest.add_argument("--results", type=Path, default=Path("results"), help="where run directories go")
     loadtest.add_argument("--metrics-port", type=int, default=None,
@@ -335,10 +342,16 @@ def cmd_loadtest(args) -> int:
         print_launch(spec, 0)
         print("scenario:", scenario.model_dump_json(indent=2))
         return 0
-    from tokenrig.loadtest import run_session
+    from tokenrig.loadtest import WorkerOptions, run_session
 
+    workers = None
+    if args.workers:
+        local = args.workers if args.local_workers is None else args.local_workers
+        if not 0 <= local <= args.workers:
+            raise ScenarioError("--local-workers must be between 0 and --workers")
+        workers = WorkerOptions(args.workers, local, args.master_host, args.master_port)
     return run_session(spec, scenario, args.results, url=args.url, monitor=_monitor_options(args), slos=slos,
-                       search=search)
+                       search=search, workers=workers)
 
 
 def cmd_serve(args) -> int:

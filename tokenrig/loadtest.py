@@ -54,6 +54,16 @@ class SearchOptions:
 
 
 @dataclass
+class WorkerOptions:
+    """Distributed load: `workers` in all, `local` of them spawned here, the master's bind address."""
+
+    workers: int
+    local: int
+    bind_host: str = "127.0.0.1"
+    port: int | None = None
+
+
+@dataclass
 class Session:
     """What every step of a run shares: the run directory, server endpoint, tokenizer, scenario."""
 
@@ -65,6 +75,7 @@ class Session:
     slos: list[Slo] | None
     monitor: MonitorOptions | None
     progress: object
+    master: object = None  # a distributed.Master when the load runs on worker processes
 
     def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False) -> tuple[dict, object]:
         """Run one load plan; write step_dir/requests.jsonl and summary.json; return (summary, outcome)."""
@@ -90,13 +101,20 @@ class Session:
                                                          self.monitor.port, self.monitor.targets_dir,
                                                          self.monitor.linger_s, self.progress))
             self.progress(f"load: {plan.describe()} for {load.duration_s:g} s (warm-up {load.warmup_s:g} s)")
-            outcome = run_load(ctx, progress=self.progress, stop_when=watch.decided if watch else None)
+            stop_when = watch.decided if watch else None
+            if self.master:
+                outcome = self.master.run(ctx, scenario, self.tokenizer.to_str(), stop_when=stop_when)
+            else:
+                outcome = run_load(ctx, progress=self.progress, stop_when=stop_when)
         records = read_records(step_dir / "requests.jsonl")
         facts = RunFacts(duration_s=load.duration_s, warmup_s=load.warmup_s, cooldown_s=load.cooldown_s,
                          plan_start_unix=plan.start + ctx.unix_offset, target_rate=plan.target_rate,
                          client_cpu_fraction=outcome.client_cpu_fraction, interrupted=outcome.interrupted,
                          scheduled_in_window=None if outcome.stopped_early else plan.scheduled_in_window())
         summary = summarize(records, facts)
+        if self.master:
+            summary["load_generator"]["workers"] = [
+                {"index": w.index, "cpu_fraction": w.cpu_fraction, "cpu_s": w.cpu_s} for w in outcome.workers]
         if self.slos:
             summary["slo"] = judge(records, self.slos, summary["window"]["seconds"])
         summary["workload"] = {"requests_clamped_to_context": workload.clamped,
@@ -134,7 +152,7 @@ def wait_server_idle(metrics_url: str, timeout_s: float = 300, progress=print) -
 
 def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: str | None = None,
                 monitor: MonitorOptions | None = None, progress=print, slos: list[Slo] | None = None,
-                search: SearchOptions | None = None) -> int:
+                search: SearchOptions | None = None, workers: WorkerOptions | None = None) -> int:
     run_dir = new_run_dir(results_root, scenario.name, spec.backend, spec.model.key, spec.gpu.key)
     metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
                 "server": spec.describe(), "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
@@ -156,6 +174,16 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
         labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": spec.backend,
                   "model": spec.model.key, "gpu": spec.gpu.key}
         session = Session(run_dir, endpoint, tokenizer, scenario, labels, slos, monitor, progress)
+        if workers:
+            from tokenrig.loadgen.distributed import DEFAULT_MASTER_PORT, Master
+            from tokenrig.serve.launcher import free_port
+
+            port = workers.port or (free_port() if workers.local == workers.workers else DEFAULT_MASTER_PORT)
+            session.master = Master(workers.workers, workers.local, workers.bind_host, port, progress)
+            stack.callback(session.master.close)
+            metadata["load_generator_workers"] = {"workers": workers.workers, "local": workers.local,
+                                                  "master": f"{workers.bind_host}:{port}"}
+            write_json(run_dir / "metadata.json", metadata)
         title = f"{scenario.name} | {spec.backend} | {spec.model.key} | {spec.gpu.key}"
         if search is None:
             summary, outcome = session.run_step(scenario.load, run_dir)

@@ -1,0 +1,259 @@
+"""Distributed load: a Locust master in the `tokenrig loadtest` process and N worker processes.
+
+The schedule is split, not re-drawn: worker i of n sends arrivals i, i+n, i+2n, ... of the one
+seeded plan (and closed-loop users are spread over the workers by Locust), so the workers
+together send exactly what one process would, and each worker's share of a Poisson stream is
+still scheduled at the stream's own times. Workers start the plan at one wall-clock time the
+master chooses (their clocks must agree, e.g. NTP, when they run on other machines) and ship
+every finished request's record to the master in batches; the master writes them all to one
+requests.jsonl, so percentiles are computed over every record, never averaged across workers.
+
+Workers: `--workers N` spawns N local worker processes; workers elsewhere run
+`python -m tokenrig.loadgen.distributed --master-host HOST [--master-port PORT]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from tokenrig.loadgen.runner import LoadOutcome
+
+CONFIG, READY, RECORDS, DONE = "tokenrig_config", "tokenrig_ready", "tokenrig_records", "tokenrig_done"
+SHIP_EVERY_S = 0.25
+START_LEAD_S = 2.0  # between the master choosing the start time and the plan's first due time
+DEFAULT_MASTER_PORT = 5557
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class WorkerReport:
+    index: int
+    cpu_s: float
+    wall_s: float
+    clamped: int
+    conversations_cut: int
+
+    @property
+    def cpu_fraction(self) -> float:
+        return self.cpu_s / self.wall_s if self.wall_s else 0.0
+
+
+@dataclass
+class DistributedOutcome(LoadOutcome):
+    workers: list[WorkerReport] = field(default_factory=list)
+
+
+class Master:
+    """A Locust master that stays up for every step of a run, with its local worker processes."""
+
+    def __init__(self, workers: int, local_workers: int, bind_host: str, port: int, progress=print,
+                 connect_timeout_s: float = 120):
+        from locust.env import Environment
+
+        from tokenrig.loadgen.users import OpenAIStreamingUser
+
+        self.expected = workers
+        self.progress = progress
+        self.environment = Environment(user_classes=[OpenAIStreamingUser])
+        self.runner = self.environment.create_master_runner(master_bind_host=bind_host, master_bind_port=port)
+        self.runner.register_message(READY, self._on_ready)
+        self.runner.register_message(RECORDS, self._on_records)
+        self.runner.register_message(DONE, self._on_done)
+        self.processes: list[subprocess.Popen] = []
+        self._sink = None
+        self._ready: set[str] = set()
+        self._done: dict[str, WorkerReport] = {}
+        self.received = 0
+        connect_host = "127.0.0.1" if bind_host in ("0.0.0.0", "*", "") else bind_host
+        for _ in range(local_workers):
+            self.processes.append(subprocess.Popen(
+                [sys.executable, "-m", "tokenrig.loadgen.distributed", "--master-host", connect_host,
+                 "--master-port", str(port)], env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True))
+        if workers > local_workers:
+            progress(f"waiting for {workers - local_workers} remote workers: run on each "
+                     f"`python -m tokenrig.loadgen.distributed --master-host <this host> --master-port {port}`")
+        deadline = time.monotonic() + connect_timeout_s
+        import gevent
+
+        while len(self.runner.clients) < workers:
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"only {len(self.runner.clients)} of {workers} load-generator workers connected "
+                                   f"within {connect_timeout_s:.0f} s")
+            if any(p.poll() is not None for p in self.processes):
+                self.close()
+                raise RuntimeError("a local load-generator worker exited before connecting")
+            gevent.sleep(0.1)
+        progress(f"{workers} load-generator workers connected")
+
+    def _on_ready(self, environment, msg, **_kwargs) -> None:
+        self._ready.add(msg.node_id)
+
+    def _on_records(self, environment, msg, **_kwargs) -> None:
+        from tokenrig.loadgen.records import RequestRecord
+
+        for item in msg.data:
+            self._sink.write(RequestRecord(**item))
+        self.received += len(msg.data)
+
+    def _on_done(self, environment, msg, **_kwargs) -> None:
+        self._done[msg.node_id] = WorkerReport(**msg.data)
+
+    def run(self, ctx, scenario, tokenizer_json: str, stop_when=None, progress_every_s: float = 5.0
+            ) -> DistributedOutcome:
+        """One step: configure every worker, start the plan at one wall-clock time, collect records."""
+        import gevent
+
+        plan = ctx.plan
+        self._sink, self._ready, self._done = ctx.sink, set(), {}
+        clients = sorted(self.runner.clients.keys())[: self.expected]
+        start_unix = time.time() + START_LEAD_S
+        for index, client_id in enumerate(clients):
+            self.runner.send_message(CONFIG, {
+                "index": index, "workers": len(clients), "start_unix": start_unix,
+                "base_url": ctx.base_url, "model_name": ctx.workload.model_name,
+                "max_context": ctx.workload.max_context, "seed": ctx.workload.seed,
+                "scenario": scenario.model_dump(mode="json"), "tokenizer": tokenizer_json,
+                "request_timeout_s": ctx.request_timeout_s}, client_id=client_id)
+        deadline = time.monotonic() + 60
+        while len(self._ready) < len(clients):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(self._ready)} of {len(clients)} workers confirmed the plan")
+            gevent.sleep(0.05)
+        ctx.unix_offset = time.time() - time.perf_counter()
+        plan.start = start_unix - ctx.unix_offset
+        users = max(plan.pool_size, len(clients))
+        self.runner.start(users, spawn_rate=users / (START_LEAD_S / 4))
+        wall_start = time.perf_counter()
+        interrupted = timed_out = stopped_early = False
+        give_up_at = plan.end + ctx.request_timeout_s + 30
+        next_report = plan.start + progress_every_s
+        try:
+            while len(self._done) < len(clients):
+                gevent.sleep(0.05)
+                now = time.perf_counter()
+                if now > give_up_at:
+                    timed_out = True
+                    break
+                if stop_when is not None and stop_when():
+                    stopped_early = True
+                    break
+                if now >= next_report:
+                    next_report += progress_every_s
+                    progress = min(now - plan.start, plan.spec.duration_s)
+                    self.progress(f"  [{progress:5.0f}s/{plan.spec.duration_s:.0f}s] records {self.received:6d}  "
+                                  f"workers done {len(self._done)}/{len(clients)}")
+        except KeyboardInterrupt:
+            interrupted = True
+            self.progress("  interrupted: stopping workers, keeping every record received")
+        finally:
+            self.runner.stop()
+            gevent.sleep(SHIP_EVERY_S * 2)  # last batches the workers flush on stop
+        reports = sorted(self._done.values(), key=lambda r: r.index)
+        ctx.workload.clamped = sum(r.clamped for r in reports)
+        ctx.workload.conversations_cut = sum(r.conversations_cut for r in reports)
+        wall = time.perf_counter() - wall_start
+        # each worker is one process on (at most) one core: the busiest one judges the client
+        busiest = max(reports, key=lambda r: r.cpu_fraction, default=None)
+        return DistributedOutcome(wall, busiest.cpu_fraction * wall if busiest else 0.0, interrupted, timed_out,
+                                  stopped_early, workers=reports)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.runner.quit()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.terminate()
+                process.wait(timeout=10)
+
+
+class _RecordShipper:
+    """The worker's sink: batches finished records to the master."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.buffer: list[dict] = []
+
+    def write(self, record) -> None:
+        self.buffer.append(asdict(record))
+
+    def flush(self) -> None:
+        if self.buffer:
+            batch, self.buffer = self.buffer, []
+            self.runner.send_message(RECORDS, batch)
+
+    def close(self) -> None:
+        self.flush()
+
+
+def worker_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tokenrig.loadgen.distributed",
+                                     description="A tokenrig load-generator worker: connects to the master of "
+                                                 "`tokenrig loadtest --workers N` and sends its share of the plan.")
+    parser.add_argument("--master-host", required=True)
+    parser.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT)
+    args = parser.parse_args(argv)
+
+    import gevent
+    from locust.env import Environment
+    from tokenizers import Tokenizer
+
+    from tokenrig.loadgen.plan import LoadPlan
+    from tokenrig.loadgen.scenario import Scenario
+    from tokenrig.loadgen.users import LoadContext, OpenAIStreamingUser
+    from tokenrig.loadgen.workload import Workload
+
+    environment = Environment(user_classes=[OpenAIStreamingUser])
+    runner = environment.create_worker_runner(args.master_host, args.master_port)
+    shipper = _RecordShipper(runner)
+
+    def ship_forever():
+        while True:
+            gevent.sleep(SHIP_EVERY_S)
+            shipper.flush()
+
+    def report_when_done(ctx, index, cpu_start, wall_start):
+        plan = ctx.plan
+        while not (time.perf_counter() > plan.end and ctx.in_flight == 0):
+            gevent.sleep(0.05)
+        shipper.flush()
+        runner.send_message(DONE, asdict(WorkerReport(index, _cpu_seconds() - cpu_start,
+                                                      time.perf_counter() - wall_start, ctx.workload.clamped,
+                                                      ctx.workload.conversations_cut)))
+
+    def on_config(environment, msg, **_kwargs):
+        data = msg.data
+        scenario = Scenario.model_validate(data["scenario"])
+        tokenizer = Tokenizer.from_str(data["tokenizer"])
+        unix_offset = time.time() - time.perf_counter()
+        plan = LoadPlan(scenario.load, start=data["start_unix"] - unix_offset, share=(data["index"], data["workers"]))
+        workload = Workload(scenario, tokenizer, data["model_name"], data["max_context"], seed=data["seed"])
+        ctx = LoadContext(data["base_url"], plan, workload, tokenizer, shipper, unix_offset=unix_offset,
+                          request_timeout_s=data["request_timeout_s"])
+        environment.tokenrig = ctx
+        gevent.spawn(report_when_done, ctx, data["index"], _cpu_seconds(), time.perf_counter())
+        runner.send_message(READY, None)
+
+    runner.register_message(CONFIG, on_config)
+    environment.events.test_stop.add_listener(lambda **_kwargs: shipper.flush())
+    gevent.spawn(ship_forever)
+    runner.greenlet.join()
+
+
+if __name__ == "__main__":
+    import locust  # noqa: F401  - gevent must patch the standard library first
+
+    worker_main()
