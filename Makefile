@@ -21,7 +21,7 @@ MATRIX   ?= study-7b
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup loadtest serve train finetune train-matrix test monitor dashboards clean
+.PHONY: setup loadtest serve train finetune train-matrix test monitor dashboards bench-loadgen clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
@@ -60,6 +60,9 @@ test: setup
 
 monitor: setup
 	$(BIN)/python -m tokenrig.monitor.local
+
+bench-loadgen: setup  # the load generator's own ceiling per core; table -> docs/results/loadgen-capacity.md
+	$(BIN)/python benchmarks/loadgen.py --out docs/results/loadgen-capacity.md
 
 dashboards: setup
 	$(BIN)/python -m tokenrig.monitor.dashboards grafana/dashboards

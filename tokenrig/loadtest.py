@@ -9,7 +9,6 @@ still summarises what finished.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path

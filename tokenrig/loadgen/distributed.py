@@ -188,7 +188,7 @@ class _RecordShipper:
         self.buffer: list[dict] = []
 
     def write(self, record) -> None:
-        self.buffer.append(asdict(record))
+        self.buffer.append(vars(record))  # shallow: the record is finished and never changed again
 
     def flush(self) -> None:
         if self.buffer:

@@ -96,7 +96,7 @@ def synthetic_offsets(spec: LoadPlanSpec) -> list[float]:
     stages = spec.stages or [Stage(duration_s=spec.duration_s, rate=spec.rate)]
     curve = RateCurve(stages)
     rng = random.Random(spec.seed)
-    offsets, u = [], 0.0
+    offsets = []
     # start the stationary process at a random phase so a constant plan does not fire at t=0 and
     # Poisson/gamma plans are not conditioned on an arrival at the origin
     gaps = unit_gaps(spec.type, spec.burstiness, rng)

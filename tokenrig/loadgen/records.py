@@ -8,7 +8,7 @@ request's scheduled send time, the zero of every latency tokenrig reports.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -55,7 +55,9 @@ class JsonlSink:
         self._file = path.open("a", buffering=1)
 
     def write(self, record: RequestRecord) -> None:
-        self._file.write(json.dumps(asdict(record), separators=(",", ":")) + "\n")
+        # vars(), not dataclasses.asdict(): asdict deep-copies the per-chunk lists, 180 µs a record
+        # against 33 µs, and at hundreds of streams those microseconds delay the other greenlets
+        self._file.write(json.dumps(vars(record), separators=(",", ":")) + "\n")
 
     def close(self) -> None:
         self._file.close()
