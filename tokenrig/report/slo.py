@@ -68,7 +68,7 @@ def parse_slos(text: str) -> list[Slo]:
 
 def samples_for(percentile: float, beyond: int) -> int:
     """Samples needed so that `beyond` of them are expected past the percentile (10 past p99: 1000)."""
-    return math.ceil(beyond / (1 - percentile / 100))
+    return math.ceil(beyond * 100 / (100 - percentile) - 1e-9)  # 1e-9: 5 / (1 - 0.9) is 50.000000000000014
 
 
 def percentile_interval(values: np.ndarray, percentile: float) -> tuple[float, float] | None:

@@ -1,0 +1,51 @@
+"""SLO parsing, percentile confidence intervals, goodput, and the search's step arithmetic."""
+
+import random
+
+import numpy as np
+import pytest
+
+from tests.test_summary import record
+from tokenrig.loadgen.search import step_duration
+from tokenrig.report.slo import Slo, SloError, judge, parse_slos, percentile_interval, samples_for
+
+
+def test_parse_slos_reads_units_and_rejects_nonsense():
+    assert parse_slos("ttft_p99=500ms, tpot_p99=50ms,e2e_p50=2") == [
+        Slo("ttft", 99, 0.5), Slo("tpot", 99, 0.05), Slo("e2e", 50, 2.0)]
+    assert parse_slos("itl_p99.9=800us")[0].threshold_s == pytest.approx(0.0008)
+    for bad in ("ttft=5ms", "latency_p99=1s", "ttft_p100=1s", ""):
+        with pytest.raises(SloError):
+            parse_slos(bad)
+
+
+def test_percentile_interval_covers_the_true_percentile_95_percent_of_the_time():
+    rng = random.Random(1)
+    true_p99 = -np.log(0.01)  # exponential(1)
+    covered = 0
+    for _ in range(400):
+        values = np.asarray([rng.expovariate(1.0) for _ in range(1000)])
+        low, high = percentile_interval(values, 99)
+        covered += low <= true_p99 <= high
+    assert 0.91 <= covered / 400 <= 0.99
+    assert percentile_interval(np.arange(50.0), 99) is None  # too few samples for a p99 interval
+    assert samples_for(99, 10) == 1000 and samples_for(90, 5) == 50
+
+
+def test_goodput_counts_requests_meeting_every_slo():
+    records = [record(1, 0, 0.1, [0.1, 0.2, 0.3], [1, 1, 1], 0.3, 3),  # TTFT 100 ms, TPOT 100 ms
+               record(2, 1, 0.6, [0.6, 0.65, 0.7], [1, 1, 1], 0.7, 3),  # TTFT 600 ms: misses
+               record(3, 2, 0.2, [0.2, 0.25, 0.3], [1, 1, 1], 0.3, 3),  # meets both
+               record(4, 3, None, [], [], None, None, error="HTTP 500: x")]  # failed: never good
+    verdict = judge(records, parse_slos("ttft_p50=500ms,tpot_p50=120ms"), window_s=10)
+    assert verdict["good_requests"] == 2 and verdict["goodput_rps"] == pytest.approx(0.2)
+    assert verdict["good_fraction"] == pytest.approx(0.5)
+    assert verdict["slos"]["ttft_p50"]["met"] and verdict["slos"]["ttft_p50"]["value_s"] == pytest.approx(0.2)
+    assert not judge(records, parse_slos("ttft_p90=500ms"), 10)["all_met"]
+
+
+def test_step_duration_collects_the_tail_samples():
+    slos = parse_slos("ttft_p99=1s,tpot_p90=50ms")
+    assert step_duration(slos, rate=10, tail_samples=10, warmup_s=5, min_s=10, max_s=1000) == pytest.approx(105)
+    assert step_duration(slos, rate=10, tail_samples=10, warmup_s=5, min_s=10, max_s=60) == 60
+    assert step_duration(slos, rate=1000, tail_samples=10, warmup_s=0, min_s=10, max_s=60) == 10
