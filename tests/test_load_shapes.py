@@ -4,6 +4,7 @@ sim server's prefix cache, scheduled-time latency under a slow phase, and the SL
 import json
 import urllib.request
 
+import numpy as np
 import pytest
 
 from tests.conftest import load_summary, run_cli, run_dir_of
@@ -131,11 +132,13 @@ load:
     start = summary["window"]["start_unix"]  # no warm-up: the plan's start
     calm = [r for r in records if r.scheduled_at - start < 2.9]
     burst = [r for r in records if 3.2 < r.scheduled_at - start < 5]
-    assert [round(r.ttft_s, 3) for r in calm] == pytest.approx([0.1] * len(calm), abs=0.01)
+    # medians tightly, single requests only by causality: these VMs pause for several ms now and then
+    assert np.median([r.ttft_s for r in calm]) == pytest.approx(0.1, abs=0.003)
+    assert not any(r.slot_late for r in calm)
     assert sum(r.slot_late for r in burst) >= len(burst) - 3
-    for record in burst:
-        # TTFT = the wait to be sent + the server's 100 ms
-        assert record.ttft_s == pytest.approx(record.send_lag_s + 0.1, abs=0.01)
+    # TTFT = the wait to be sent + the server's 100 ms
+    assert all(r.ttft_s >= r.send_lag_s + 0.1 - 0.001 for r in burst)
+    assert np.median([r.ttft_s - r.send_lag_s for r in burst]) == pytest.approx(0.1, abs=0.003)
     assert max(r.send_lag_s for r in burst) > 0.5  # ~6 of the 20 burst arrivals still queued at its end
     assert not summary["load_generator"]["valid"]
     assert any("safety cap" in problem for problem in summary["load_generator"]["problems"])
