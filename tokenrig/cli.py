@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--master-port", type=int, help="master port (default: a free one, 5557 with remote workers)")
     loadtest.add_argument("--url", help="load-test a server that is already running at this base URL")
     loadtest.add_argument("--results", type=Path, default=Path("results"), help="where run directories go")
+    loadtest.add_argument("--client", choices=["openai", "tgi"], default=None,
+                          help="request API: OpenAI streaming, or TGI's /generate_stream through huggingface_hub's "
+                               "InferenceClient (default: tgi for --backend tgi, else openai)")
+    loadtest.add_argument("--scrape-interval", type=float, default=1.0,
+                          help="seconds between scrapes of the server's /metrics into server_metrics.jsonl")
     loadtest.add_argument("--metrics-port", type=int, default=None,
                           help="expose live Prometheus metrics on this port (0 = any free port)")
     loadtest.add_argument("--prometheus-targets", type=Path, default=None,
@@ -350,8 +355,12 @@ def cmd_loadtest(args) -> int:
         if not 0 <= local <= args.workers:
             raise ScenarioError("--local-workers must be between 0 and --workers")
         workers = WorkerOptions(args.workers, local, args.master_host, args.master_port)
+    client = args.client or ("tgi" if spec.backend == "tgi" else "openai")
+    if client == "tgi" and workers:
+        raise ScenarioError("the TGI client runs in the tokenrig process only; drop --workers or use --client openai")
     return run_session(spec, scenario, args.results, url=args.url, monitor=_monitor_options(args), slos=slos,
-                       search=search, workers=workers)
+                       search=search, workers=workers, client=client,
+                       scrape_interval_s=args.scrape_interval)
 
 
 def cmd_serve(args) -> int:

@@ -2,7 +2,8 @@
 
 Opens the run directory first and writes metadata, starts (or reuses, with --url) a server,
 then runs one load step (a plain run), a sweep of steps, or an SLO search (`--find-max`), each
-step with its own requests.jsonl and summary.json. Ctrl-C at any point stops the server and
+step with its own requests.jsonl, server_metrics.jsonl (the server's /metrics scraped at a fixed
+interval) and summary.json. Ctrl-C at any point stops the server and
 still summarises what finished.
 """
 
@@ -28,6 +29,7 @@ from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
 from tokenrig.report.slo import Slo, judge
 from tokenrig.report.summary import RunFacts, summarize
 from tokenrig.serve.launcher import Endpoint, LaunchedServer, ServerSpec
+from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics
 
 
 def _existing_endpoint(url: str, spec: ServerSpec) -> Endpoint:
@@ -75,6 +77,8 @@ class Session:
     monitor: MonitorOptions | None
     progress: object
     master: object = None  # a distributed.Master when the load runs on worker processes
+    client: str = "openai"  # "tgi": requests go to /generate_stream through InferenceClient
+    scrape_interval_s: float = 1.0  # the server's /metrics -> server_metrics.jsonl, every this many seconds
 
     def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False) -> tuple[dict, object]:
         """Run one load plan; write step_dir/requests.jsonl and summary.json; return (summary, outcome)."""
@@ -84,7 +88,8 @@ class Session:
         workload = Workload(scenario, self.tokenizer, self.endpoint.model_name, self.endpoint.max_context,
                             seed=load.seed)
         plan = LoadPlan(load)
-        ctx = LoadContext(self.endpoint.base_url, plan, workload, self.tokenizer, sink, unix_offset=0.0)
+        ctx = LoadContext(self.endpoint.base_url, plan, workload, self.tokenizer, sink, unix_offset=0.0,
+                          client=self.client)
         watch = None
         if stop_early and self.slos and plan.open_loop:
             from tokenrig.monitor.exporter import FanoutSink
@@ -99,6 +104,8 @@ class Session:
                 stack.enter_context(live_loadgen_metrics(ctx, self.labels, self.endpoint.metrics_url,
                                                          self.monitor.port, self.monitor.targets_dir,
                                                          self.monitor.linger_s, self.progress))
+            scraper = stack.enter_context(MetricsScraper(self.endpoint.metrics_url, step_dir / "server_metrics.jsonl",
+                                                         self.scrape_interval_s))
             self.progress(f"load: {plan.describe()} for {load.duration_s:g} s (warm-up {load.warmup_s:g} s)")
             stop_when = watch.decided if watch else None
             if self.master:
@@ -119,6 +126,8 @@ class Session:
         summary["workload"] = {"requests_clamped_to_context": workload.clamped,
                                "conversations_cut_at_context": workload.conversations_cut}
         summary["load"] = {"plan": plan.describe(), "stopped_early_slo_missed": outcome.stopped_early}
+        summary["server"] = summarize_server_metrics(step_dir / "server_metrics.jsonl", summary["window"]["start_unix"],
+                                                     summary["window"]["end_unix"], scraper.errors)
         write_json(step_dir / "summary.json", summary)
         return summary, outcome
 
@@ -151,7 +160,8 @@ def wait_server_idle(metrics_url: str, timeout_s: float = 300, progress=print) -
 
 def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: str | None = None,
                 monitor: MonitorOptions | None = None, progress=print, slos: list[Slo] | None = None,
-                search: SearchOptions | None = None, workers: WorkerOptions | None = None) -> int:
+                search: SearchOptions | None = None, workers: WorkerOptions | None = None,
+                client: str = "openai", scrape_interval_s: float = 1.0) -> int:
     run_dir = new_run_dir(results_root, scenario.name, spec.backend, spec.model.key, spec.gpu.key)
     metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
                 "server": spec.describe(), "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
@@ -172,7 +182,8 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
         tokenizer = Tokenizer.from_file(str(Path(endpoint.tokenizer_dir) / "tokenizer.json"))
         labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": spec.backend,
                   "model": spec.model.key, "gpu": spec.gpu.key}
-        session = Session(run_dir, endpoint, tokenizer, scenario, labels, slos, monitor, progress)
+        session = Session(run_dir, endpoint, tokenizer, scenario, labels, slos, monitor, progress,
+                          client=client, scrape_interval_s=scrape_interval_s)
         if workers:
             from tokenrig.loadgen.distributed import DEFAULT_MASTER_PORT, Master
             from tokenrig.serve.launcher import free_port

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import gevent
 from locust.env import Environment
 
-from tokenrig.loadgen.users import LoadContext, OpenAIStreamingUser
+from tokenrig.loadgen.users import LoadContext, OpenAIStreamingUser, TGIStreamingUser
 
 SPAWN_LEAD_S = 0.5  # users are spawned before the plan's first due time
 
@@ -38,7 +38,7 @@ def _cpu_seconds() -> float:
 
 def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0, stop_when=None) -> LoadOutcome:
     """Run the plan to its end (and until in-flight requests finish), Ctrl-C, or `stop_when()`."""
-    environment = Environment(user_classes=[OpenAIStreamingUser])
+    environment = Environment(user_classes=[TGIStreamingUser if ctx.client == "tgi" else OpenAIStreamingUser])
     environment.tokenrig = ctx
     runner = environment.create_local_runner()
     plan = ctx.plan

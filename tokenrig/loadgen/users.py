@@ -39,6 +39,7 @@ class LoadContext:
     sink: object  # anything with write(RequestRecord)
     unix_offset: float  # unix time - perf_counter
     request_timeout_s: float = 600.0
+    client: str = "openai"  # "tgi": TGIStreamingUser over /generate_stream
     in_flight: int = 0
     completed: int = 0
     failed: int = 0
@@ -48,6 +49,22 @@ class LoadContext:
     def new_id(self) -> int:
         self._next_id += 1
         return self._next_id
+
+
+def note_content(ctx: LoadContext, record: RequestRecord, due: float, now: float, text: str) -> None:
+    """Timestamp one content chunk that arrived at `now` and count its tokens (every client user does this)."""
+    if record.ttft_s is None:
+        record.ttft_s = now - due
+    record.chunk_offsets_s.append(now - due)
+    record.chunk_tokens.append(len(ctx.tokenizer.encode(text, add_special_tokens=False).ids))
+
+
+def finish_stream(ctx: LoadContext, record: RequestRecord, due: float, reply: str) -> None:
+    """Close the record when the stream has ended: E2E, the client's token count, empty streams as errors."""
+    record.e2e_s = time.perf_counter() - due
+    record.output_tokens_tokenizer = len(ctx.tokenizer.encode(reply, add_special_tokens=False).ids)
+    if record.ttft_s is None:
+        record.error = "stream ended without any content"
 
 
 def parse_openai_chunk(payload: dict) -> tuple[str, dict | None]:
@@ -157,16 +174,10 @@ class OpenAIStreamingUser(User):
                     record.output_tokens_usage = usage.get("completion_tokens")
                     record.prompt_tokens_usage = usage.get("prompt_tokens")
                 if text:
-                    if record.ttft_s is None:
-                        record.ttft_s = now - due
-                    record.chunk_offsets_s.append(now - due)
-                    record.chunk_tokens.append(len(ctx.tokenizer.encode(text, add_special_tokens=False).ids))
+                    note_content(ctx, record, due, now, text)
                     text_parts.append(text)
-            record.e2e_s = time.perf_counter() - due
             reply = "".join(text_parts)
-            record.output_tokens_tokenizer = len(ctx.tokenizer.encode(reply, add_special_tokens=False).ids)
-            if record.ttft_s is None:
-                record.error = "stream ended without any content"
+            finish_stream(ctx, record, due, reply)
             return reply
         except Exception as error:  # noqa: BLE001 - every failure becomes a record, never a crash
             record.error = f"{type(error).__name__}: {error}"
@@ -174,3 +185,50 @@ class OpenAIStreamingUser(User):
         except BaseException:  # the run was stopped (Ctrl-C) while this request was in flight
             record.error = "aborted: load test stopped before the response ended"
             raise
+
+
+class TGIStreamingUser(OpenAIStreamingUser):
+    """Sends the same requests to TGI's /generate_stream through huggingface_hub's InferenceClient
+    (streaming with details), timed by the same code as the OpenAI user. TGI takes raw text, so a
+    chat request is sent as its messages' contents; `details.generated_tokens` is the server's count."""
+
+    def on_start(self) -> None:
+        from huggingface_hub import InferenceClient
+
+        self.ctx: LoadContext = self.environment.tokenrig
+        base = self.ctx.base_url.rstrip("/").removesuffix("/v1")
+        self.client = InferenceClient(model=f"{base}/generate_stream", timeout=self.ctx.request_timeout_s)
+
+    def on_stop(self) -> None:
+        pass  # InferenceClient keeps no connection of its own to close
+
+    def _send(self, prepared: PreparedRequest, due: float, record: RequestRecord) -> str:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        ctx = self.ctx
+        body = json.loads(prepared.body)
+        prompt = "\n".join(m["content"] for m in body["messages"]) if "messages" in body else body["prompt"]
+        record.send_lag_s = time.perf_counter() - due
+        text_parts: list[str] = []
+        try:
+            stream = self.client.text_generation(prompt, max_new_tokens=prepared.max_tokens, stream=True, details=True)
+            record.status = 200  # the client raises before yielding when the status is not 200
+            for output in stream:
+                now = time.perf_counter()
+                if output.details is not None:
+                    record.output_tokens_usage = output.details.generated_tokens
+                if output.token.text and not output.token.special:
+                    note_content(ctx, record, due, now, output.token.text)
+                    text_parts.append(output.token.text)
+            reply = "".join(text_parts)
+            finish_stream(ctx, record, due, reply)
+            return reply
+        except HfHubHTTPError as error:
+            record.status = error.response.status_code if error.response is not None else None
+            record.error = f"HTTP {record.status}: {str(error)[:300]}"
+        except Exception as error:  # noqa: BLE001 - every failure becomes a record, never a crash
+            record.error = f"{type(error).__name__}: {error}"
+        except BaseException:  # the run was stopped (Ctrl-C) while this request was in flight
+            record.error = "aborted: load test stopped before the response ended"
+            raise
+        return ""

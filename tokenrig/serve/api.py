@@ -301,11 +301,11 @@ class OpenAIServer:
         prompt_ids = self.tokenizer.encode(body["inputs"], add_special_tokens=True)
         tokens = self._tokens(prompt_ids, sampling, arrival)
         first = await anext(tokens)
-        return body, parameters, prompt_ids, _prepend(first, tokens)
+        return sampling, parameters, prompt_ids, _prepend(first, tokens)
 
     async def tgi_generate(self, request: web.Request) -> web.Response:
         try:
-            body, parameters, prompt_ids, tokens = await self._tgi_start(request)
+            _, parameters, prompt_ids, tokens = await self._tgi_start(request)
         except BadRequest as error:
             return web.json_response({"error": str(error), "error_type": "validation"}, status=422)
         detokenizer, text, count, finish = Detokenizer(self.tokenizer), "", 0, None
@@ -320,27 +320,26 @@ class OpenAIServer:
 
     async def tgi_generate_stream(self, request: web.Request) -> web.StreamResponse:
         try:
-            body, parameters, prompt_ids, tokens = await self._tgi_start(request)
+            sampling, parameters, prompt_ids, tokens = await self._tgi_start(request)
         except BadRequest as error:
             return web.json_response({"error": str(error), "error_type": "validation"}, status=422)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         detokenizer, text, index = Detokenizer(self.tokenizer), "", 0
-        pending = None  # TGI puts generated_text/details on the event of the last token
-        async for token_ids, finish in tokens:
+        # Each token goes out as it is generated, like TGI's router; the event of the last token (the
+        # max_new_tokens-th: TGI requests never stop early here) also carries generated_text and details.
+        async for token_ids, _finish in tokens:
             for token_id in token_ids:
-                if pending is not None:
-                    await response.write(_sse(pending))
                 piece = detokenizer.add([token_id])
                 text += piece
                 index += 1
-                pending = {"index": index, "token": {"id": token_id, "text": piece, "logprob": 0.0, "special": False},
-                           "generated_text": None, "details": None, "top_tokens": None}
-            if finish and pending is not None:
-                pending["generated_text"] = text
-                pending["details"] = {"finish_reason": finish, "generated_tokens": index, "seed": None,
-                                      "input_length": len(prompt_ids)}
-                await response.write(_sse(pending))
+                event = {"index": index, "token": {"id": token_id, "text": piece, "logprob": 0.0, "special": False},
+                         "generated_text": None, "details": None, "top_tokens": None}
+                if index == sampling.max_tokens:
+                    event["generated_text"] = text
+                    event["details"] = {"finish_reason": "length", "generated_tokens": index, "seed": None,
+                                        "input_length": len(prompt_ids)}
+                await response.write(_sse(event))
         await response.write_eof()
         return response
 

@@ -1,0 +1,87 @@
+"""Server /metrics scraping (vLLM, TGI and tokenrig names) and the TGI client user, over real servers."""
+
+import json
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.conftest import DATA, load_summary, run_cli, run_dir_of
+from tokenrig.loadgen.records import read_records
+from tokenrig.serve.scrape import MetricsScraper, parse_metrics, summarize_server_metrics
+
+VLLM_PAGE = """# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 1.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+# TYPE vllm:prefix_cache_queries counter
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1000.0
+# TYPE vllm:prefix_cache_hits counter
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 400.0
+"""
+TGI_PAGE = """# TYPE tgi_batch_current_size gauge
+tgi_batch_current_size 7
+# TYPE tgi_queue_size gauge
+tgi_queue_size 2
+# TYPE tgi_batch_current_max_tokens gauge
+tgi_batch_current_max_tokens 5120
+"""
+
+
+def test_engine_names_map_to_one_vocabulary():
+    assert parse_metrics(VLLM_PAGE) == {"running": 3, "waiting": 1, "kv_cache_usage": 0.25,
+                                        "prefix_cache_queries": 1000, "prefix_cache_hits": 400}
+    assert parse_metrics(TGI_PAGE) == {"running": 7, "waiting": 2, "batch_tokens": 5120}
+
+
+def test_summary_of_gauges_and_counter_deltas_inside_the_window(tmp_path):
+    path = tmp_path / "server_metrics.jsonl"
+    rows = [{"t": 10.0, "running": 1, "prefix_cache_queries": 0, "prefix_cache_hits": 0},
+            {"t": 11.0, "running": 3, "prefix_cache_queries": 100, "prefix_cache_hits": 10},
+            {"t": 12.0, "running": 5, "prefix_cache_queries": 300, "prefix_cache_hits": 70},
+            {"t": 13.0, "running": 50, "prefix_cache_queries": 900, "prefix_cache_hits": 900}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = summarize_server_metrics(path, 11.0, 13.0)
+    assert summary["scrapes_in_window"] == 2 and summary["running"] == {"mean": 4, "max": 5}
+    assert summary["prefix_cache_queries"] == {"increase": 200, "per_s": 200}
+    assert summary["prefix_cache_hit_rate"] == pytest.approx(60 / 200)
+
+
+def test_scraping_the_hf_server_while_it_serves(hf_server, tmp_path):
+    base = hf_server.endpoint.base_url
+    out = tmp_path / "server_metrics.jsonl"
+    body = {"prompt": "fana gele", "max_tokens": 200, "ignore_eos": True}
+    request = threading.Thread(target=requests.post, args=(f"{base}/v1/completions",), kwargs={"json": body,
+                                                                                             "timeout": 120})
+    with MetricsScraper(hf_server.endpoint.metrics_url, out, interval_s=0.1) as scraper:
+        request.start()
+        request.join()
+        time.sleep(0.25)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert scraper.errors == 0 and len(rows) >= 3
+    gaps = [b["t"] - a["t"] for a, b in zip(rows, rows[1:])]
+    assert sorted(gaps)[len(gaps) // 2] == pytest.approx(0.1, abs=0.03)  # fixed cadence
+    assert max(row["running"] for row in rows) == 1  # the request was seen in the batch
+    assert rows[-1]["generation_tokens"] - rows[0].get("generation_tokens", 0) == 200  # exported from the 1st request
+
+
+def test_tgi_user_measures_the_sim_schedule_through_generate_stream(tmp_path):
+    """InferenceClient against the sim server's TGI API: TTFT 100 ms and 10 ms per token, as the OpenAI user sees."""
+    result = run_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "100", "--sim-tpot-ms", "10", "--client", "tgi",
+                     "--scenario", str(DATA / "timing.yaml"), "--users", "4", "--duration", "8",
+                     "--scrape-interval", "0.5", "--results", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = run_dir_of(result)
+    summary = load_summary(run_dir)
+    assert summary["requests"]["failed"] == 0 and summary["requests"]["ok"] >= 8
+    latency = summary["latency_s"]
+    # InferenceClient builds each request through httpx after the due time: ~1-3 ms more than the OpenAI user's
+    # geventhttpclient on these 2-core VMs, counted against TTFT as client-side time should be
+    assert latency["ttft"]["p50"] == pytest.approx(0.100, abs=0.006)
+    assert latency["itl"]["p50"] == pytest.approx(0.010, abs=0.002)
+    assert latency["tpot"]["p50"] == pytest.approx(0.010, abs=0.002)
+    for record in read_records(run_dir / "requests.jsonl"):
+        assert record.output_tokens_usage == record.output_tokens_tokenizer == 50  # details.generated_tokens
+    assert summary["server"]["scrapes_in_window"] >= 10 and summary["server"]["running"]["max"] >= 1
+    assert (run_dir / "server_metrics.jsonl").exists()

@@ -1,0 +1,104 @@
+"""Server-side metrics during a load test: scrape the server's Prometheus /metrics at a fixed interval.
+
+Each scrape becomes one line of server_metrics.jsonl (unix time + the engine's figures under
+engine-neutral names: running/waiting requests, KV-cache usage, prefix-cache queries/hits, token
+counters), read from vLLM's names (which tokenrig's own servers also export) or TGI's. The summary
+puts gauge means/maxima and counter deltas over the steady-state window next to client metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+# engine-neutral name -> the sample names engines export it under (vLLM 0.11 / older vLLM / TGI 3)
+GAUGES = {
+    "running": ("vllm:num_requests_running", "tgi_batch_current_size"),
+    "waiting": ("vllm:num_requests_waiting", "tgi_queue_size"),
+    "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    "batch_tokens": ("tgi_batch_current_max_tokens",),
+}
+COUNTERS = {
+    "prefix_cache_queries": ("vllm:prefix_cache_queries_total",),
+    "prefix_cache_hits": ("vllm:prefix_cache_hits_total",),
+    "prompt_tokens": ("vllm:prompt_tokens_total",),
+    "generation_tokens": ("vllm:generation_tokens_total",),
+    "preemptions": ("vllm:num_preemptions_total",),
+}
+_SAMPLE_TO_KEY = {name: key for table in (GAUGES, COUNTERS) for key, names in table.items() for name in names}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The known figures of one /metrics page, summed over label sets (one model, one or more engines)."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = _SAMPLE_TO_KEY.get(sample.name)
+            if key is not None:
+                values[key] = values.get(key, 0.0) + sample.value
+    return values
+
+
+class MetricsScraper:
+    """Background thread (a greenlet under Locust's monkey-patching) appending one JSON line per scrape."""
+
+    def __init__(self, metrics_url: str, out: Path, interval_s: float = 1.0):
+        self.metrics_url = metrics_url
+        self.out = out
+        self.interval_s = interval_s
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="server-metrics", daemon=True)
+
+    def __enter__(self) -> MetricsScraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s + 5)
+
+    def scrape_once(self) -> dict:
+        with urllib.request.urlopen(self.metrics_url, timeout=max(self.interval_s, 2)) as response:
+            return {"t": time.time(), **parse_metrics(response.read().decode())}
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        with self.out.open("a", buffering=1) as sink:
+            while not self._stop.is_set():
+                try:
+                    sink.write(json.dumps(self.scrape_once()) + "\n")
+                except (OSError, ValueError):  # a busy or restarting server: count it, keep the interval
+                    self.errors += 1
+                next_at += self.interval_s  # fixed cadence, whatever one scrape took
+                self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+
+def summarize_server_metrics(path: Path, window_start: float, window_end: float, errors: int = 0) -> dict | None:
+    """Gauges: mean and max over the scrapes inside the window; counters: increase and rate over it."""
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    inside = [row for row in rows if window_start <= row["t"] < window_end]
+    if not inside:
+        return {"scrapes": len(rows), "scrapes_in_window": 0, "scrape_errors": errors}
+    summary: dict = {"scrapes": len(rows), "scrapes_in_window": len(inside), "scrape_errors": errors}
+    for key in GAUGES:
+        values = [row[key] for row in inside if key in row]
+        if values:
+            summary[key] = {"mean": sum(values) / len(values), "max": max(values)}
+    span = inside[-1]["t"] - inside[0]["t"]
+    for key in COUNTERS:
+        values = [row[key] for row in inside if key in row]
+        if len(values) >= 2:
+            increase = values[-1] - values[0]
+            summary[key] = {"increase": increase, "per_s": increase / span if span > 0 else None}
+    queries, hits = summary.get("prefix_cache_queries"), summary.get("prefix_cache_hits")
+    if queries and hits and queries["increase"] > 0:
+        summary["prefix_cache_hit_rate"] = hits["increase"] / queries["increase"]
+    return summary
