@@ -1,3 +1,7 @@
+import signal
+import subprocess
+import sys
+
 import pytest
 import requests
 
@@ -29,3 +33,26 @@ def test_unknown_backend_is_refused(tmp_path_factory):
     server.spec.backend = "trt"
     with pytest.raises(LaunchError, match="known backends: hf, sim, vllm, tgi"):
         launch_plan(server.spec, tmp_path_factory.mktemp("m"), 1)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_tokenrig_serve_stops_its_server_on_sigterm_and_on_sigint_even_when_started_in_the_background(
+        tmp_path, stop_signal):
+    """`tokenrig serve ... &` in a script inherits SIGINT ignored; kill/systemd send SIGTERM: both must stop it."""
+    from tokenrig.serve.launcher import free_port
+
+    port = free_port()
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "tokenrig.cli", "serve", "--backend", "sim", "--sim-ttft-ms", "1", "--sim-tpot-ms", "1",
+         "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    lines = []
+    while not any(line.startswith("serving tiny") for line in lines):  # healthy, and the launcher said so
+        lines.append(cli.stdout.readline())
+        assert lines[-1], "".join(lines)
+    assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+    cli.send_signal(stop_signal)
+    output, _ = cli.communicate(timeout=60)
+    assert cli.returncode == 0 and "stopping server" in output, "".join(lines) + output
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/health", timeout=2)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -371,11 +372,15 @@ def cmd_serve(args) -> int:
     if args.dry_run:
         print_launch(spec, spec.port)
         return 0
+    # Started with `&` from a script, a process inherits SIGINT ignored; systemd, docker and kill send SIGTERM.
+    # Either must stop the server through the launcher (its own session, so it would outlive us otherwise).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     prepare_model_dir(spec)
     log = Path("results") / "serve" / f"{spec.backend}-{spec.model.key}-{spec.quant}-{spec.gpu.key}.log"
     with LaunchedServer(spec, log) as server:
         print(f"serving {spec.model.key} at {server.endpoint.base_url}/v1 (metrics: {server.endpoint.metrics_url}); "
-              f"log: {log}; Ctrl-C stops it")
+              f"log: {log}; Ctrl-C or SIGTERM stops it", flush=True)
         try:
             return server.wait()
         except KeyboardInterrupt:
