@@ -87,6 +87,7 @@ def test_hf_command_parses_with_tokenrigs_server_parser(quant, attention):
     assert args.attn_implementation == {None: "sdpa", "flash": "flash_attention_2", "noflash": "eager"}.get(
         attention, attention)
     assert args.compile_level == 1 and args.cuda_graphs is True and args.max_num_seqs == 16
+    assert args.kv_cache_tokens == plan.fit.kv_capacity_tokens and args.max_batch_tokens == 8192
 
 
 @pytest.mark.parametrize("backend,kwargs,message", [
@@ -98,6 +99,14 @@ def test_hf_command_parses_with_tokenrigs_server_parser(quant, attention):
 def test_impossible_configurations_are_refused_with_the_way_out(backend, kwargs, message):
     with pytest.raises(LaunchError, match=message):
         launch_plan(spec(backend, **kwargs), MODEL_DIR, 1)
+
+
+def test_hf_on_cpu_bounds_its_kv_cache_instead_of_taking_host_memory():
+    from tokenrig.serve.server import build_parser
+
+    plan = launch_plan(spec("hf", model="tiny", gpu="cpu"), MODEL_DIR, 1)
+    args = build_parser().parse_args(plan.command[3:])
+    assert args.kv_cache_tokens == 64 * 2048 and args.max_batch_tokens == 2048  # ~130 MB of KV for tiny
 
 
 def test_quantized_model_dirs_are_named_by_quantization(tmp_path, monkeypatch):

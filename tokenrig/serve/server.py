@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--compile-level", type=int, default=0,
                         help="hf engine: torch.compile level of transformers' continuous batching (0 = off, 1-3)")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None,
+                        help="hf engine: paged KV cache size in tokens (default: transformers sizes it from free memory)")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="hf engine: CUDA graphs over the paged cache (default: transformers decides)")
     parser.add_argument("--sim-ttft-ms", type=float, default=None,
@@ -48,7 +50,8 @@ def build_engine(args):
         return HFEngine(args.model_dir, device=args.device, dtype=args.dtype,
                         attn_implementation=args.attn_implementation,
                         max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-                        compile_level=args.compile_level, cuda_graphs=args.cuda_graphs), model
+                        compile_level=args.compile_level, cuda_graphs=args.cuda_graphs,
+                        kv_cache_tokens=args.kv_cache_tokens), model
     from tokenrig.serve.engines.sim import FixedSchedule, RooflineEngine, RooflineParams
 
     first_content_id = len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS)

@@ -16,6 +16,7 @@ from tokenrig.serve.backends import LaunchPlan, plan_for, resolve_attention
 ATTENTION = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash_attention_2",
              "flash": "flash_attention_2", "noflash": "eager"}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "gptq": "float16", "awq": "float16"}
+CPU_MAX_NUM_SEQS = 64  # on CPU there is no fit plan: room for this many full-context requests
 
 
 def _check(spec) -> None:
@@ -51,6 +52,11 @@ def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
                "--device", spec.device, "--dtype", DTYPES[spec.quant], "--attn-implementation", attention]
     if max_num_seqs:
         command += ["--max-num-seqs", str(max_num_seqs)]
+    # The KV cache and per-step token budget the planner set (GPU), or bounded ones on CPU: left to
+    # itself transformers sizes both from free memory, which on CPU is host RAM (14 GB for tiny).
+    kv_tokens = fit.kv_capacity_tokens if fit else (max_num_seqs or CPU_MAX_NUM_SEQS) * spec.model.max_context
+    batch_tokens = fit.prefill_chunk_tokens if fit else spec.model.max_context
+    command += ["--kv-cache-tokens", str(kv_tokens), "--max-batch-tokens", str(batch_tokens)]
     if spec.compile_level:
         command += ["--compile-level", str(spec.compile_level)]
     if spec.cuda_graphs is not None:

@@ -27,6 +27,7 @@ class HFEngine:
         max_batch_tokens: int | None = None,
         compile_level: int = 0,
         cuda_graphs: bool | None = None,
+        kv_cache_tokens: int | None = None,
     ):
         self.model_dir = model_dir
         self.device = device
@@ -36,6 +37,7 @@ class HFEngine:
         self.max_batch_tokens = max_batch_tokens
         self.compile_level = compile_level
         self.cuda_graphs = cuda_graphs
+        self.kv_cache_tokens = kv_cache_tokens
         self._manager = None
         self._waiting: set[str] = set()
         self._running: set[str] = set()
@@ -66,6 +68,10 @@ class HFEngine:
         if "auto_switch_to_flash" in known:  # transformers >= 5.2x: the same guarantee as the "paged|" prefix
             options["auto_switch_to_flash"] = False
         cb_config = ContinuousBatchingConfig(**options)
+        if self.kv_cache_tokens:
+            # Left to itself the paged cache takes a share of *free* memory: on CPU that is host RAM.
+            tokens_per_block = getattr(cb_config, "page_size", None) or cb_config.block_size
+            cb_config.num_blocks = -(-self.kv_cache_tokens // tokens_per_block)
         self._manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config
         )
