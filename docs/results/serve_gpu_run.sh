@@ -51,7 +51,8 @@ run_config() {  # $1 = label, rest = server flags
   rps=$($PY -c "import json,glob; s=json.load(open(sorted(glob.glob('$RES/$label/*/summary.json'))[-1]));
 print(round(0.9 * s['throughput']['requests_per_s'], 2))")
   echo "--- $label poisson rate=$rps (90% of the 32-stream request rate) $(date +%T)"
-  cli "${common[@]}" --rate "$rps" 2>&1 | tail -12
+  if [ "$rps" = "0.0" ]; then echo "no request ended inside the 32-stream window: no Poisson step"
+  else cli "${common[@]}" --rate "$rps" 2>&1 | tail -12; fi
   nvidia-smi --query-gpu=memory.used --format=csv,noheader 2> /dev/null
   kill -TERM $server; wait $server  # tokenrig serve stops its server on SIGTERM (SIGINT is ignored under `&`)
   if curl -sf http://127.0.0.1:8000/health > /dev/null; then echo "port 8000 still served after $label: stop"; exit 4; fi
