@@ -7,7 +7,6 @@ it listens and shuts down cleanly on SIGINT/SIGTERM.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from aiohttp import web

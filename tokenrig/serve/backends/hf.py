@@ -33,13 +33,12 @@ def model_dir(spec, progress=print, write: bool = True) -> Path:
 
     _check(spec)
     quant = spec.quant if spec.quant in ("gptq", "awq") else None
-    dtype = DTYPES[spec.quant]
     path = checkpoint_dir(spec.model, quant=quant)
     if not write:
         return path
     if not is_complete(path):
         progress(f"writing synthetic {spec.model.key} {spec.quant} checkpoint to {path} (random weights)")
-    return make_checkpoint(spec.model, dtype=dtype if quant is None else "float16", quant=quant, progress=progress)
+    return make_checkpoint(spec.model, dtype=DTYPES[spec.quant], quant=quant, progress=progress)
 
 
 def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
