@@ -113,7 +113,11 @@ class Session:
             else:
                 outcome = run_load(ctx, progress=self.progress, stop_when=stop_when)
         records = read_records(step_dir / "requests.jsonl")
-        facts = RunFacts(duration_s=load.duration_s, warmup_s=load.warmup_s, cooldown_s=load.cooldown_s,
+        duration = load.duration_s
+        if outcome.interrupted or outcome.stopped_early:  # the window ends when the load stopped
+            ran = time.perf_counter() - plan.start
+            duration = max(min(duration, ran + load.cooldown_s), load.warmup_s + load.cooldown_s + 1e-3)
+        facts = RunFacts(duration_s=duration, warmup_s=load.warmup_s, cooldown_s=load.cooldown_s,
                          plan_start_unix=plan.start + ctx.unix_offset, target_rate=plan.target_rate,
                          client_cpu_fraction=outcome.client_cpu_fraction, interrupted=outcome.interrupted,
                          scheduled_in_window=None if outcome.stopped_early else plan.scheduled_in_window())

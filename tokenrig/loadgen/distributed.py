@@ -225,14 +225,24 @@ def worker_main(argv: list[str] | None = None) -> None:
             gevent.sleep(SHIP_EVERY_S)
             shipper.flush()
 
-    def report_when_done(ctx, index, cpu_start, wall_start):
-        plan = ctx.plan
-        while not (time.perf_counter() > plan.end and ctx.in_flight == 0):
-            gevent.sleep(0.05)
+    step: dict = {}  # the step in progress: its context, index, start CPU/wall time, report sent or not
+
+    def send_report():
+        """Ship what is left and this worker's CPU use, once per step: at the plan's end or on stop."""
+        if not step or step["reported"]:
+            return
+        step["reported"] = True
         shipper.flush()
-        runner.send_message(DONE, asdict(WorkerReport(index, _cpu_seconds() - cpu_start,
-                                                      time.perf_counter() - wall_start, ctx.workload.clamped,
+        ctx = step["ctx"]
+        runner.send_message(DONE, asdict(WorkerReport(step["index"], _cpu_seconds() - step["cpu"],
+                                                      time.perf_counter() - step["wall"], ctx.workload.clamped,
                                                       ctx.workload.conversations_cut)))
+
+    def report_when_done(ctx):
+        while not (time.perf_counter() > ctx.plan.end and ctx.in_flight == 0):
+            gevent.sleep(0.05)
+        if step.get("ctx") is ctx:
+            send_report()
 
     def on_config(environment, msg, **_kwargs):
         data = msg.data
@@ -244,11 +254,12 @@ def worker_main(argv: list[str] | None = None) -> None:
         ctx = LoadContext(data["base_url"], plan, workload, tokenizer, shipper, unix_offset=unix_offset,
                           request_timeout_s=data["request_timeout_s"])
         environment.tokenrig = ctx
-        gevent.spawn(report_when_done, ctx, data["index"], _cpu_seconds(), time.perf_counter())
+        step.update(ctx=ctx, index=data["index"], cpu=_cpu_seconds(), wall=time.perf_counter(), reported=False)
+        gevent.spawn(report_when_done, ctx)
         runner.send_message(READY, None)
 
     runner.register_message(CONFIG, on_config)
-    environment.events.test_stop.add_listener(lambda **_kwargs: shipper.flush())
+    environment.events.test_stop.add_listener(lambda **_kwargs: send_report())
     gevent.spawn(ship_forever)
     runner.greenlet.join()
 
