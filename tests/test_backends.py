@@ -101,6 +101,22 @@ def test_impossible_configurations_are_refused_with_the_way_out(backend, kwargs,
         launch_plan(spec(backend, **kwargs), MODEL_DIR, 1)
 
 
+def test_hf_plans_for_the_one_gpu_it_runs_on():
+    """The hf backend is single-GPU: its KV cache is what one card holds, not a TP-2 plan's per-GPU share."""
+    from tokenrig.serve.fit import FitError, plan_fit
+    from tokenrig.serve.server import build_parser
+
+    plan = launch_plan(spec("hf", model="7b", gpu="h200", concurrency=64, max_model_len=1024,
+                            quant="gptq", quant_kernel="gptq_triton"), MODEL_DIR, 1)
+    args = build_parser().parse_args(plan.command[3:])
+    one_gpu = plan_fit(resolve_model("7b"), resolve_gpu("h200"), "gptq", concurrency=64, context_tokens=1024, tp=1)
+    assert plan.fit.tp == 1 and args.kv_cache_tokens == one_gpu.kv_capacity_tokens
+    assert args.quant_kernel == "gptq_triton" and args.max_num_seqs == 64
+    # 64 x 4096 tokens of KV (137 GB) plus weights exceed one H200: refused, not silently planned for two
+    with pytest.raises(FitError, match="does not fit on 1 x h200"):
+        launch_plan(spec("hf", model="7b", gpu="h200", concurrency=64), MODEL_DIR, 1)
+
+
 def test_hf_on_cpu_bounds_its_kv_cache_instead_of_taking_host_memory():
     from tokenrig.serve.server import build_parser
 

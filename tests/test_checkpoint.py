@@ -78,3 +78,26 @@ def test_tiny_4bit_checkpoint_has_the_standard_layout_loads_and_generates(tmp_pa
     assert model.hf_quantizer.quantization_config.quant_method.value == quant
     out = model.generate(torch.tensor([[1, 40, 41, 42]]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert out.shape == (1, 12)
+
+
+@pytest.mark.parametrize("quant,kernel,layer", [("gptq", "gptq_torch", "TorchLinear"),
+                                                ("awq", "torch_awq", "AwqTorchLinear")])
+def test_hf_engine_loads_4bit_checkpoints_with_the_kernel_asked_for(tmp_path, quant, kernel, layer):
+    """--quant-kernel picks gptqmodel's kernel: left to itself it takes the CPU's AVX-512 kernels here, and on
+    Hopper JIT-builds Machete after downloading CUTLASS, which an offline GPU host cannot."""
+    pytest.importorskip("gptqmodel", reason="GPTQ/AWQ loading needs gptqmodel + optimum (make setup installs them)")
+    from transformers import AutoModelForCausalLM
+
+    from tokenrig.serve.engines.hf import HFEngine
+
+    path = make_checkpoint(resolve_model("tiny"), root=tmp_path, quant=quant, progress=lambda *_: None)
+    override = HFEngine(str(path), quant_kernel=kernel)._quantization_override()
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", **override)
+    assert model.hf_quantizer.quantization_config.backend == kernel
+    down_proj = type(model.model.layers[0].mlp.down_proj)
+    assert down_proj.__name__ == layer
+    out = model.generate(torch.tensor([[1, 40, 41, 42]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 8)
+    with pytest.raises(ValueError, match="not a quantized checkpoint"):
+        HFEngine(str(make_checkpoint(resolve_model("tiny"), root=tmp_path, progress=lambda *_: None)),
+                 quant_kernel=kernel)._quantization_override()

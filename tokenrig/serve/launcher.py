@@ -45,6 +45,7 @@ class ServerSpec:
     compile_level: int = 0  # hf: torch.compile level of transformers' continuous batching (0 = off)
     cuda_graphs: bool | None = None  # hf: CUDA graphs over the static paged cache (None = transformers decides)
     prefix_caching: bool | None = None  # vllm/tgi: None = the engine's default
+    quant_kernel: str | None = None  # hf: gptqmodel kernel for GPTQ/AWQ (None = gptqmodel's own choice)
     sim_ttft_ms: float | None = None
     sim_tpot_ms: float | None = None
     host: str = "127.0.0.1"
@@ -56,7 +57,7 @@ class ServerSpec:
                 "quant": self.quant, "attention": self.attention, "tp": self.tp, "max_model_len": self.max_model_len,
                 "concurrency": self.concurrency, "max_num_seqs": self.max_num_seqs,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "compile_level": self.compile_level,
-                "cuda_graphs": self.cuda_graphs, "prefix_caching": self.prefix_caching,
+                "cuda_graphs": self.cuda_graphs, "prefix_caching": self.prefix_caching, "quant_kernel": self.quant_kernel,
                 "sim_ttft_ms": self.sim_ttft_ms, "sim_tpot_ms": self.sim_tpot_ms}
 
 

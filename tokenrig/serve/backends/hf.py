@@ -8,6 +8,7 @@ CUDA graphs over the engine's statically allocated paged cache.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def model_dir(spec, progress=print, write: bool = True) -> Path:
 def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
     _check(spec)
     attention = resolve_attention(spec, ATTENTION, "sdpa")
-    fit = plan_for(spec) if spec.device != "cpu" else None
+    # one GPU: the KV cache and batch limits are what one card holds, never a larger TP's share
+    fit = plan_for(dataclasses.replace(spec, tp=1)) if spec.device != "cpu" else None
     max_num_seqs = spec.max_num_seqs or (fit.max_num_seqs if fit else None)
     command = [sys.executable, "-m", "tokenrig.serve.server", "--engine", "hf", "--model", spec.model.key,
                "--model-dir", str(model_dir), "--host", spec.host, "--port", str(port), "--gpu", spec.gpu.key,
@@ -58,6 +60,8 @@ def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
     command += ["--kv-cache-tokens", str(kv_tokens), "--max-batch-tokens", str(batch_tokens)]
     if spec.compile_level:
         command += ["--compile-level", str(spec.compile_level)]
+    if spec.quant_kernel:
+        command += ["--quant-kernel", spec.quant_kernel]
     if spec.cuda_graphs is not None:
         command += ["--cuda-graphs" if spec.cuda_graphs else "--no-cuda-graphs"]
     return LaunchPlan(command + spec.extra_args, env={}, fit=fit,

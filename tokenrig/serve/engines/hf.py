@@ -28,6 +28,7 @@ class HFEngine:
         compile_level: int = 0,
         cuda_graphs: bool | None = None,
         kv_cache_tokens: int | None = None,
+        quant_kernel: str | None = None,
     ):
         self.model_dir = model_dir
         self.device = device
@@ -38,6 +39,7 @@ class HFEngine:
         self.compile_level = compile_level
         self.cuda_graphs = cuda_graphs
         self.kv_cache_tokens = kv_cache_tokens
+        self.quant_kernel = quant_kernel
         self._manager = None
         self._waiting: set[str] = set()
         self._running: set[str] = set()
@@ -58,7 +60,7 @@ class HFEngine:
             implementation = f"paged|{implementation}"
         model = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=getattr(torch, self.dtype), attn_implementation=implementation,
-            device_map=self.device,
+            device_map=self.device, **self._quantization_override(),
         )
         model.eval()
         generation_config = GenerationConfig(do_sample=False, eos_token_id=NO_EOS, pad_token_id=model.config.pad_token_id)
@@ -81,6 +83,18 @@ class HFEngine:
             "hf engine ready: attention %s, dtype %s, device %s, quantization %s",
             model.config._attn_implementation, model.dtype, self.device,
             quantizer.quantization_config.quant_method if quantizer else "none")
+
+    def _quantization_override(self) -> dict:
+        """The checkpoint's own GPTQ/AWQ config with the kernel asked for (transformers merges `backend` in)."""
+        if not self.quant_kernel:
+            return {}
+        from transformers import AutoConfig
+        from transformers.quantizers.auto import AutoQuantizationConfig
+
+        stored = getattr(AutoConfig.from_pretrained(self.model_dir), "quantization_config", None)
+        if stored is None:
+            raise ValueError(f"--quant-kernel {self.quant_kernel}: {self.model_dir} is not a quantized checkpoint")
+        return {"quantization_config": AutoQuantizationConfig.from_dict({**stored, "backend": self.quant_kernel})}
 
     async def stop(self) -> None:
         if self._manager is not None:
