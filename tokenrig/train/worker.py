@@ -46,6 +46,11 @@ def make_optimizer(spec: TrainSpec, parameters: list, device: torch.device):
     return torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=0.0, fused=device.type == "cuda")
 
 
+def parameter_count(parameters: list) -> int:
+    """Elements in `parameters`, whole: a ZeRO-3 partitioned parameter keeps its full size in ds_numel."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in parameters)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -117,7 +122,7 @@ def run(run_dir: Path) -> int:
                                           config=ds_config)
         if rank == 0:
             write_outcome(run_dir, Outcome(status="running", rank=rank,
-                                           trainable_params=sum(p.numel() for p in parameters)))
+                                           trainable_params=parameter_count(parameters)))
         total = spec.warmup_steps + spec.steps
         step, stopped = 0, False
         while step < total and not stopped:
@@ -142,7 +147,7 @@ def run(run_dir: Path) -> int:
         write_outcome(run_dir, Outcome(status="error", rank=rank, message=f"{type(error).__name__}: {error}"[:400]))
         raise
     if rank == 0:
-        write_outcome(run_dir, Outcome(status=status, rank=rank, trainable_params=sum(p.numel() for p in parameters)))
+        write_outcome(run_dir, Outcome(status=status, rank=rank, trainable_params=parameter_count(parameters)))
     return 0
 
 
