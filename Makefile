@@ -21,7 +21,7 @@ MATRIX   ?= study-7b
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup loadtest serve train finetune train-matrix test monitor dashboards bench-loadgen clean
+.PHONY: setup loadtest serve train finetune train-matrix train-gpu-run test monitor dashboards bench-loadgen clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
@@ -54,6 +54,11 @@ finetune: setup
 # a grid of training runs into one comparison table (scenarios/train/, scenarios/matrix/)
 train-matrix: setup
 	$(BIN)/tokenrig train --matrix $(MATRIX) $(ARGS)
+
+# issue 6 on a host of 4 or 8 GPUs (.venv with a CUDA torch): the eight-gpu matrix, most important first, under
+# BUDGET_S seconds; results.tgz, comparison.md, card.txt, gpu.csv in results/gpu-run (docs/results/train_gpu_run.sh)
+train-gpu-run: setup
+	PY=$(BIN)/python OUT=results/gpu-run RES=results/gpu-run/runs bash docs/results/train_gpu_run.sh
 
 test: setup
 	$(BIN)/python -m pytest -q
