@@ -54,6 +54,9 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-level", type=int, default=0, help="hf backend: torch.compile level 0-3")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="hf backend: CUDA graphs over the static paged cache")
+    parser.add_argument("--kv-padding-tokens", type=int, default=None,
+                        help="hf backend with CUDA graphs: pad each step's KV read to a multiple of this "
+                             "(transformers' default 16384 makes short requests attend over 16k masked slots)")
     parser.add_argument("--quant-kernel", default=None,
                         help="hf backend: gptqmodel kernel for GPTQ/AWQ, e.g. gptq_triton, gptq_torch, gptq_marlin "
                              "(default: gptqmodel's choice, which on Hopper JIT-builds Machete and downloads CUTLASS)")
@@ -257,7 +260,8 @@ def _server_spec(args, concurrency: int | None = None):
                       max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
                       compile_level=args.compile_level, cuda_graphs=args.cuda_graphs,
                       prefix_caching=args.prefix_caching,
-                      quant_kernel=getattr(args, "quant_kernel", None), sim_ttft_ms=args.sim_ttft_ms, sim_tpot_ms=args.sim_tpot_ms,
+                      quant_kernel=getattr(args, "quant_kernel", None),
+                      kv_padding_tokens=getattr(args, "kv_padding_tokens", None), sim_ttft_ms=args.sim_ttft_ms, sim_tpot_ms=args.sim_tpot_ms,
                       host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", None))
 
 

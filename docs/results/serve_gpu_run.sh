@@ -2,10 +2,14 @@
 # The GPU run behind docs/results/serve-h200-hf.md, as sent to the device machine (one H200):
 # synthetic llama2-7b on tokenrig's hf backend, attention sdpa vs eager, then GPTQ 4-bit; for each a
 # load test at 1, 8, 32 concurrent streams and a Poisson rate at 90% of the 32-stream request rate.
-# Run from a directory holding tokenrig/ and this file's scenario; wheels in $WHEELS; results to $OUT.
+# CONFIGS picks the server configurations (sdpa eager sdpa-graphs eager-graphs gptq), DECODE the batch-1
+# engine configurations benchmarks/hf_decode.py times first (none when empty).
+# Run from a directory holding tokenrig/, benchmarks/ and this file's scenario; wheels in $WHEELS; results
+# to $OUT, re-packed after every load step so a run cut short still returns what it measured.
 # Rehearse the same flow on CPU first (no device time): GPU=cpu MODEL=tiny DURATION=4 WHEELS= OUT=/tmp/o bash ...
 set -u
-GPU=${GPU:-h200} MODEL=${MODEL:-llama2-7b} DURATION=${DURATION:-14} RES=${RES:-/tmp/results}
+GPU=${GPU:-h200} MODEL=${MODEL:-llama2-7b} DURATION=${DURATION:-25} WARMUP=${WARMUP:-4} RES=${RES:-/tmp/results}
+CONFIGS=${CONFIGS:-sdpa eager gptq} DECODE=${DECODE:-} GPTQ_KERNEL=${GPTQ_KERNEL:-gptq_triton}
 export PYTHONUNBUFFERED=1 TOKENRIG_MODELS=${TOKENRIG_MODELS:-/tmp/models} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 if [ -n "${WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl || exit 1
@@ -26,11 +30,27 @@ $PY -c "import torch, transformers, locust, sys; print('python', sys.version.spl
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -l 1 > "$OUT/gpu.csv" 2>&1 &
 SMI=$!
 cli() { $PY -m tokenrig.cli "$@"; }
+pack() { tar czf "$OUT/results.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"; }
 time cli model make "$MODEL"
+if [ -n "$DECODE" ]; then
+  echo "=== batch-1 decode through the engine, no HTTP: $DECODE $(date +%T)"
+  $PY benchmarks/hf_decode.py --gpu "$GPU" --model "$MODEL" --configs $DECODE --output-tokens 64 --repeats 2 \
+    --out "$RES/decode-bf16" 2>&1 | grep -v "^\.\.\."
+  pack
+fi
 [ -n "${PYPCRE:-}" ] && wait "$PYPCRE"
-# GPTQ only where gptqmodel imports (7.7 declares torch>=2.14.1; its torch kernels are what can run here)
-if $PY -c "import gptqmodel, optimum" 2> "$OUT/gptqmodel-import.log"; then GPTQ=1; time cli model make "$MODEL" --quant gptq
-else GPTQ=0; echo "gptqmodel does not import: no GPTQ configuration"; tail -3 "$OUT/gptqmodel-import.log"; fi
+# GPTQ only where asked and gptqmodel imports (7.7 declares torch>=2.14.1; its torch kernels are what can run here)
+GPTQ=0
+case " $CONFIGS " in *" gptq "*)
+  if $PY -c "import gptqmodel, optimum" 2> "$OUT/gptqmodel-import.log"; then GPTQ=1; time cli model make "$MODEL" --quant gptq
+  else echo "gptqmodel does not import: no GPTQ configuration"; tail -3 "$OUT/gptqmodel-import.log"; fi;;
+esac
+if [ "$GPTQ" = 1 ] && [ -n "${DECODE_GPTQ:-}" ]; then
+  echo "=== batch-1 decode, GPTQ 4-bit ($GPTQ_KERNEL kernel): $DECODE_GPTQ $(date +%T)"
+  $PY benchmarks/hf_decode.py --gpu "$GPU" --model "$MODEL" --quant gptq --quant-kernel "$GPTQ_KERNEL" \
+    --configs $DECODE_GPTQ --output-tokens 64 --repeats 2 --out "$RES/decode-gptq" 2>&1 | grep -v "^\.\.\."
+  pack
+fi
 
 run_config() {  # $1 = label, rest = server flags
   local label=$1; shift
@@ -45,32 +65,38 @@ run_config() {  # $1 = label, rest = server flags
     kill -0 $server 2> /dev/null || { echo "server for $label exited"; tail -20 "$RES/serve-$label.log"; return 1; }
     sleep 0.5
   done
-  grep -h "hf engine ready" "$RES/serve-$label.log" results/serve/*.log 2> /dev/null | tail -1
+  grep -h "hf engine ready" "$RES/serve-$label.log" | tail -1
   local common=(loadtest --url http://127.0.0.1:8000 --backend hf --gpu "$GPU" --model "$MODEL" "$@"
-                --scenario "$SCENARIO" --results "$RES/$label" --duration "$DURATION" --warmup 3)
+                --scenario "$SCENARIO" --results "$RES/$label" --duration "$DURATION" --warmup "$WARMUP")
   for users in 1 8 32; do
     echo "--- $label users=$users $(date +%T)"; nvidia-smi --query-gpu=memory.used --format=csv,noheader 2> /dev/null
     cli "${common[@]}" --users $users 2>&1 | tail -12
+    pack
   done
   local rps
   rps=$($PY -c "import json,glob; s=json.load(open(sorted(glob.glob('$RES/$label/*/summary.json'))[-1]));
 print(round(0.9 * s['throughput']['requests_per_s'], 2))")
   echo "--- $label poisson rate=$rps (90% of the 32-stream request rate) $(date +%T)"
   if [ "$rps" = "0.0" ]; then echo "no request ended inside the 32-stream window: no Poisson step"
-  else cli "${common[@]}" --rate "$rps" 2>&1 | tail -12; fi
+  else cli "${common[@]}" --rate "$rps" 2>&1 | tail -12; pack; fi
   nvidia-smi --query-gpu=memory.used --format=csv,noheader 2> /dev/null
   kill -TERM $server; wait $server  # tokenrig serve stops its server on SIGTERM (SIGINT is ignored under `&`)
   if curl -sf http://127.0.0.1:8000/health > /dev/null; then echo "port 8000 still served after $label: stop"; exit 4; fi
 }
 # one GPU: KV room for 64 streams of up to 1024 tokens (the scenario's 512 + 128), the rest of the card's budget too
 LIMITS="--concurrency 64 --max-model-len 1024"
-run_config sdpa --attention sdpa
-run_config eager --attention eager
-# gptqmodel's own kernel choice on Hopper (Machete) downloads CUTLASS and JIT-builds: name a kernel instead
-if [ "$GPTQ" = 1 ]; then
-  run_config gptq --attention sdpa --quant gptq --quant-kernel "${GPTQ_KERNEL:-gptq_triton}" ||
-    run_config gptq-torch --attention sdpa --quant gptq --quant-kernel gptq_torch
-fi
+# CUDA graphs pad each step's KV read: to 1024-token multiples here, not transformers' 16384
+GRAPHS="--cuda-graphs --kv-padding-tokens 1024"
+for config in $CONFIGS; do
+  case $config in
+    sdpa|eager) run_config "$config" --attention "$config";;
+    sdpa-graphs|eager-graphs) run_config "$config" --attention "${config%-graphs}" $GRAPHS;;
+    # gptqmodel's own kernel choice on Hopper (Machete) downloads CUTLASS and JIT-builds: name a kernel instead
+    gptq) [ "$GPTQ" = 1 ] && { run_config gptq --attention sdpa --quant gptq --quant-kernel "$GPTQ_KERNEL" ||
+            run_config gptq-torch --attention sdpa --quant gptq --quant-kernel gptq_torch; };;
+    *) echo "unknown configuration $config";;
+  esac
+done
 kill $SMI
-cp /tmp/models/*/tokenrig-checkpoint.json "$RES/" 2> /dev/null; cp results/serve/*.log "$RES/" 2> /dev/null
-tar czf "$OUT/results.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"
+for dir in "$TOKENRIG_MODELS"/*/; do cp "$dir/tokenrig-checkpoint.json" "$RES/checkpoint-$(basename "$dir").json" 2> /dev/null; done
+pack

@@ -46,6 +46,7 @@ class ServerSpec:
     cuda_graphs: bool | None = None  # hf: CUDA graphs over the static paged cache (None = transformers decides)
     prefix_caching: bool | None = None  # vllm/tgi: None = the engine's default
     quant_kernel: str | None = None  # hf: gptqmodel kernel for GPTQ/AWQ (None = gptqmodel's own choice)
+    kv_padding_tokens: int | None = None  # hf with CUDA graphs: KV read padded to a multiple of this
     sim_ttft_ms: float | None = None
     sim_tpot_ms: float | None = None
     host: str = "127.0.0.1"
@@ -58,6 +59,7 @@ class ServerSpec:
                 "concurrency": self.concurrency, "max_num_seqs": self.max_num_seqs,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "compile_level": self.compile_level,
                 "cuda_graphs": self.cuda_graphs, "prefix_caching": self.prefix_caching, "quant_kernel": self.quant_kernel,
+                "kv_padding_tokens": self.kv_padding_tokens,
                 "sim_ttft_ms": self.sim_ttft_ms, "sim_tpot_ms": self.sim_tpot_ms}
 
 

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hf engine: paged KV cache size in tokens (default: transformers sizes it from free memory)")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="hf engine: CUDA graphs over the paged cache (default: transformers decides)")
+    parser.add_argument("--kv-padding-tokens", type=int, default=None,
+                        help="hf engine with CUDA graphs: pad each step's KV read to a multiple of this (default 16384)")
     parser.add_argument("--quant-kernel", default=None,
                         help="hf engine: gptqmodel kernel for a GPTQ/AWQ checkpoint (default: gptqmodel's choice)")
     parser.add_argument("--sim-ttft-ms", type=float, default=None,
@@ -52,7 +54,8 @@ def build_engine(args):
                         attn_implementation=args.attn_implementation,
                         max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
                         compile_level=args.compile_level, cuda_graphs=args.cuda_graphs,
-                        kv_cache_tokens=args.kv_cache_tokens, quant_kernel=args.quant_kernel), model
+                        kv_cache_tokens=args.kv_cache_tokens, quant_kernel=args.quant_kernel,
+                        kv_padding_tokens=args.kv_padding_tokens), model
     from tokenrig.serve.engines.sim import FixedSchedule, RooflineEngine, RooflineParams
 
     first_content_id = len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS)

@@ -42,21 +42,28 @@ def model_dir(spec, progress=print, write: bool = True) -> Path:
     return make_checkpoint(spec.model, dtype=DTYPES[spec.quant], quant=quant, progress=progress)
 
 
+def engine_limits(spec):
+    """(fit plan or None, max_num_seqs, KV-cache tokens, per-step tokens) that the hf engine runs with.
+
+    One GPU: what one card holds, never a larger TP's share. On CPU, bounded: left to itself
+    transformers sizes the cache and step from free memory, which on CPU is host RAM (14 GB for tiny).
+    """
+    fit = plan_for(dataclasses.replace(spec, tp=1)) if spec.device != "cpu" else None
+    max_num_seqs = spec.max_num_seqs or (fit.max_num_seqs if fit else None)
+    kv_tokens = fit.kv_capacity_tokens if fit else (max_num_seqs or CPU_MAX_NUM_SEQS) * spec.model.max_context
+    batch_tokens = fit.prefill_chunk_tokens if fit else spec.model.max_context
+    return fit, max_num_seqs, kv_tokens, batch_tokens
+
+
 def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
     _check(spec)
     attention = resolve_attention(spec, ATTENTION, "sdpa")
-    # one GPU: the KV cache and batch limits are what one card holds, never a larger TP's share
-    fit = plan_for(dataclasses.replace(spec, tp=1)) if spec.device != "cpu" else None
-    max_num_seqs = spec.max_num_seqs or (fit.max_num_seqs if fit else None)
+    fit, max_num_seqs, kv_tokens, batch_tokens = engine_limits(spec)
     command = [sys.executable, "-m", "tokenrig.serve.server", "--engine", "hf", "--model", spec.model.key,
                "--model-dir", str(model_dir), "--host", spec.host, "--port", str(port), "--gpu", spec.gpu.key,
                "--device", spec.device, "--dtype", DTYPES[spec.quant], "--attn-implementation", attention]
     if max_num_seqs:
         command += ["--max-num-seqs", str(max_num_seqs)]
-    # The KV cache and per-step token budget the planner set (GPU), or bounded ones on CPU: left to
-    # itself transformers sizes both from free memory, which on CPU is host RAM (14 GB for tiny).
-    kv_tokens = fit.kv_capacity_tokens if fit else (max_num_seqs or CPU_MAX_NUM_SEQS) * spec.model.max_context
-    batch_tokens = fit.prefill_chunk_tokens if fit else spec.model.max_context
     command += ["--kv-cache-tokens", str(kv_tokens), "--max-batch-tokens", str(batch_tokens)]
     if spec.compile_level:
         command += ["--compile-level", str(spec.compile_level)]
@@ -64,6 +71,8 @@ def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
         command += ["--quant-kernel", spec.quant_kernel]
     if spec.cuda_graphs is not None:
         command += ["--cuda-graphs" if spec.cuda_graphs else "--no-cuda-graphs"]
+    if spec.kv_padding_tokens:
+        command += ["--kv-padding-tokens", str(spec.kv_padding_tokens)]
     return LaunchPlan(command + spec.extra_args, env={}, fit=fit,
                       install_hint="flash_attention_2 needs `pip install flash-attn`; GPTQ/AWQ need "
                                    "`pip install optimum gptqmodel`")

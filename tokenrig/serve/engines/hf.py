@@ -29,6 +29,7 @@ class HFEngine:
         cuda_graphs: bool | None = None,
         kv_cache_tokens: int | None = None,
         quant_kernel: str | None = None,
+        kv_padding_tokens: int | None = None,
     ):
         self.model_dir = model_dir
         self.device = device
@@ -40,6 +41,7 @@ class HFEngine:
         self.cuda_graphs = cuda_graphs
         self.kv_cache_tokens = kv_cache_tokens
         self.quant_kernel = quant_kernel
+        self.kv_padding_tokens = kv_padding_tokens
         self._manager = None
         self._waiting: set[str] = set()
         self._running: set[str] = set()
@@ -66,6 +68,10 @@ class HFEngine:
         generation_config = GenerationConfig(do_sample=False, eos_token_id=NO_EOS, pad_token_id=model.config.pad_token_id)
         options = {"max_requests_per_batch": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
                    "default_compile_level": self.compile_level, "use_cuda_graph": self.cuda_graphs}
+        if self.kv_padding_tokens:
+            # CUDA graphs need static shapes, so each step's KV read is padded up to a multiple of this;
+            # transformers' default (16384) makes a short request attend over 16k masked slots every layer
+            options["kv_padding_interval_size"] = self.kv_padding_tokens
         known = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
         if "auto_switch_to_flash" in known:  # transformers >= 5.2x: the same guarantee as the "paged|" prefix
             options["auto_switch_to_flash"] = False
