@@ -93,3 +93,36 @@ def test_tgi_generate_stream_on_sim(sim_server):
 def test_sim_kv_usage_is_reported(sim_server):
     text = requests.get(f"{sim_server.endpoint.base_url}/metrics", timeout=5).text
     assert "vllm:kv_cache_usage_perc" in text
+
+
+def test_hf_server_stops_taking_requests_when_its_generation_thread_is_gone(tmp_path):
+    """A request queued behind a dead transformers generation thread would wait forever: refuse it, say why."""
+    import asyncio
+    import time
+
+    from aiohttp.test_utils import TestClient, TestServer
+    from transformers import AutoTokenizer
+
+    from tokenrig.profiles import resolve_model
+    from tokenrig.serve.api import OpenAIServer
+    from tokenrig.serve.checkpoint import make_checkpoint
+    from tokenrig.serve.engines.hf import HFEngine
+
+    model = resolve_model("tiny")
+    checkpoint = make_checkpoint(model, root=tmp_path, progress=lambda *_: None)
+    engine = HFEngine(str(checkpoint), kv_cache_tokens=4096, max_batch_tokens=512)
+    server = OpenAIServer(engine, AutoTokenizer.from_pretrained(checkpoint), model.key, model.max_context)
+
+    async def scenario():
+        async with TestClient(TestServer(server.app())) as client:
+            assert (await client.get("/health")).status == 200
+            reply = await client.post("/v1/completions", json={"prompt": "fana", "max_tokens": 3, "ignore_eos": True})
+            assert (await reply.json())["usage"]["completion_tokens"] == 3
+            await engine.stop()  # the generation thread ends, as when it dies
+            health = await client.get("/health")
+            assert health.status == 503 and "generation thread stopped" in await health.text()
+            started = time.monotonic()
+            reply = await client.post("/v1/completions", json={"prompt": "fana", "max_tokens": 3})
+            assert reply.status >= 500 and time.monotonic() - started < 10
+
+    asyncio.run(scenario())

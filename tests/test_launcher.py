@@ -56,3 +56,30 @@ def test_tokenrig_serve_stops_its_server_on_sigterm_and_on_sigint_even_when_star
     assert cli.returncode == 0 and "stopping server" in output, "".join(lines) + output
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_a_server_does_not_outlive_a_killed_tokenrig(tmp_path):
+    """SIGKILL gives tokenrig no chance to stop its server: the kernel must (a GPU server would keep its memory)."""
+    import time
+
+    from tokenrig.serve.launcher import free_port
+
+    port = free_port()
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "tokenrig.cli", "serve", "--backend", "sim", "--sim-ttft-ms", "1", "--sim-tpot-ms", "1",
+         "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    while not any(line.startswith("serving tiny") for line in lines):
+        lines.append(cli.stdout.readline())
+        assert lines[-1], "".join(lines)
+    assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+    cli.kill()
+    cli.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=1)
+        except requests.ConnectionError:
+            return
+        time.sleep(0.2)
+    pytest.fail("the server still answers 15 s after tokenrig was killed")

@@ -1,10 +1,12 @@
 """End-to-end load tests through the `tokenrig` CLI against real servers it starts itself."""
 
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,6 +99,42 @@ def test_ctrl_c_stops_cleanly_and_keeps_results(tmp_path):
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"--port {server_port}" not in ps, "server still running after Ctrl-C"
     assert "interrupted" in output
+
+
+class _StallingServer(http.server.BaseHTTPRequestHandler):
+    """Accepts a streaming request, sends one chunk, then goes silent: an engine that hung mid-batch."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        self.wfile.write(b'data: {"choices": [{"index": 0, "delta": {"content": " a"}}]}\n\n')
+        self.wfile.flush()
+        time.sleep(60)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_stalled_server_fails_requests_after_the_request_timeout(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StallingServer)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        result = run_cli("loadtest", "--url", f"http://127.0.0.1:{server.server_port}", "--backend", "hf",
+                         "--model", "tiny", "--scenario", TIMING, "--users", "2", "--duration", "2", "--warmup", "0",
+                         "--request-timeout", "1.5", "--results", str(tmp_path), timeout=120)
+        took = time.monotonic() - started
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stdout + result.stderr
+    # the run ends by itself, about duration + timeout after the start, instead of waiting on the server
+    assert took < 40, f"load test took {took:.0f} s against a silent server"
+    summary = load_summary(run_dir_of(result))
+    assert summary["requests"]["ok"] == 0 and summary["requests"]["failed"] >= 2
+    assert any("timeout" in kind.lower() or "timed out" in kind.lower() for kind in summary["requests"]["errors_by_type"])
 
 
 def test_scenario_errors_name_the_line(tmp_path):

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--burstiness", type=float, help="gamma arrivals: coefficient of variation of the gaps")
     loadtest.add_argument("--duration", type=float, help="seconds of load (overrides the scenario)")
     loadtest.add_argument("--warmup", type=float, help="seconds excluded at the start")
+    loadtest.add_argument("--request-timeout", type=float, default=600.0,
+                          help="seconds without a byte from the server before a request counts as failed; after "
+                               "the load ends, in-flight requests get this long to finish (default 600)")
     loadtest.add_argument("--slo", help="service-level objectives, e.g. ttft_p99=500ms,tpot_p99=50ms: judged with a "
                                         "confidence statement, goodput reported")
     loadtest.add_argument("--find-max", action="store_true",
@@ -369,7 +372,7 @@ def cmd_loadtest(args) -> int:
         raise ScenarioError("the TGI client runs in the tokenrig process only; drop --workers or use --client openai")
     return run_session(spec, scenario, args.results, url=args.url, monitor=_monitor_options(args), slos=slos,
                        search=search, workers=workers, client=client,
-                       scrape_interval_s=args.scrape_interval)
+                       scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout)
 
 
 def cmd_serve(args) -> int:

@@ -79,6 +79,7 @@ class Session:
     master: object = None  # a distributed.Master when the load runs on worker processes
     client: str = "openai"  # "tgi": requests go to /generate_stream through InferenceClient
     scrape_interval_s: float = 1.0  # the server's /metrics -> server_metrics.jsonl, every this many seconds
+    request_timeout_s: float = 600.0  # silence that fails a request; also how long in-flight ones may drain
 
     def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False) -> tuple[dict, object]:
         """Run one load plan; write step_dir/requests.jsonl and summary.json; return (summary, outcome)."""
@@ -89,7 +90,7 @@ class Session:
                             seed=load.seed)
         plan = LoadPlan(load)
         ctx = LoadContext(self.endpoint.base_url, plan, workload, self.tokenizer, sink, unix_offset=0.0,
-                          client=self.client)
+                          client=self.client, request_timeout_s=self.request_timeout_s)
         watch = None
         if stop_early and self.slos and plan.open_loop:
             from tokenrig.monitor.exporter import FanoutSink
@@ -165,7 +166,7 @@ def wait_server_idle(metrics_url: str, timeout_s: float = 300, progress=print) -
 def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: str | None = None,
                 monitor: MonitorOptions | None = None, progress=print, slos: list[Slo] | None = None,
                 search: SearchOptions | None = None, workers: WorkerOptions | None = None,
-                client: str = "openai", scrape_interval_s: float = 1.0) -> int:
+                client: str = "openai", scrape_interval_s: float = 1.0, request_timeout_s: float = 600.0) -> int:
     run_dir = new_run_dir(results_root, scenario.name, spec.backend, spec.model.key, spec.gpu.key)
     metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
                 "server": spec.describe(), "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
@@ -187,7 +188,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
         labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": spec.backend,
                   "model": spec.model.key, "gpu": spec.gpu.key}
         session = Session(run_dir, endpoint, tokenizer, scenario, labels, slos, monitor, progress,
-                          client=client, scrape_interval_s=scrape_interval_s)
+                          client=client, scrape_interval_s=scrape_interval_s, request_timeout_s=request_timeout_s)
         if workers:
             from tokenrig.loadgen.distributed import DEFAULT_MASTER_PORT, Master
             from tokenrig.serve.launcher import free_port

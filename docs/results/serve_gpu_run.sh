@@ -30,7 +30,7 @@ $PY -c "import torch, transformers, locust, sys; print('python', sys.version.spl
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -l 1 > "$OUT/gpu.csv" 2>&1 &
 SMI=$!
 cli() { $PY -m tokenrig.cli "$@"; }
-pack() { tar czf "$OUT/results.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"; }
+pack() { cp results/serve/*.log "$RES/" 2> /dev/null; tar czf "$OUT/results.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"; }
 time cli model make "$MODEL"
 if [ -n "$DECODE" ]; then
   echo "=== batch-1 decode through the engine, no HTTP: $DECODE $(date +%T)"
@@ -67,7 +67,8 @@ run_config() {  # $1 = label, rest = server flags
   done
   grep -h "hf engine ready" "$RES/serve-$label.log" | tail -1
   local common=(loadtest --url http://127.0.0.1:8000 --backend hf --gpu "$GPU" --model "$MODEL" "$@"
-                --scenario "$SCENARIO" --results "$RES/$label" --duration "$DURATION" --warmup "$WARMUP")
+                --scenario "$SCENARIO" --results "$RES/$label" --duration "$DURATION" --warmup "$WARMUP"
+                --request-timeout 60)
   for users in 1 8 32; do
     echo "--- $label users=$users $(date +%T)"; nvidia-smi --query-gpu=memory.used --format=csv,noheader 2> /dev/null
     cli "${common[@]}" --users $users 2>&1 | tail -12

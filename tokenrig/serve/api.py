@@ -145,6 +145,9 @@ class OpenAIServer:
         await self.engine.stop()
 
     async def health(self, _request: web.Request) -> web.Response:
+        problem = self.engine.failure()
+        if problem:
+            return web.Response(status=503, text=problem)
         return web.Response(status=200 if self.ready else 503)
 
     async def models(self, _request: web.Request) -> web.Response:

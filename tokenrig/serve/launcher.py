@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,21 @@ from tokenrig.profiles import GpuProfile, ModelProfile
 class LaunchError(RuntimeError):
     pass
 
+
+
+def _die_with_parent():
+    """A preexec hook asking Linux to SIGTERM the server when tokenrig dies, even by SIGKILL.
+
+    The server runs in its own session (so Ctrl-C reaches tokenrig, which stops it in order); without
+    this, a tokenrig killed outright leaves a GPU server holding its memory and port.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork: the hook only calls into libc
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 @dataclass
 class ServerSpec:
@@ -123,7 +139,7 @@ class LaunchedServer:
         self.progress(f"starting {self.spec.backend} server: {env_text + ' ' if env_text else ''}{shlex.join(self.command)}")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.plan.env)
         self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent())
         log.close()
         base_url = f"http://{self.spec.host}:{port}"
         self._wait_healthy(base_url + self.plan.health_path)

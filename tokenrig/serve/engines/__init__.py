@@ -37,3 +37,6 @@ class Engine(Protocol):
         """Yield newly generated token ids as they are produced; closing the iterator cancels."""
 
     def load(self) -> EngineLoad: ...
+
+    def failure(self) -> str | None:
+        """Why the engine can no longer generate (its worker died), or None while it can."""

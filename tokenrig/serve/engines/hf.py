@@ -109,7 +109,17 @@ class HFEngine:
     def load(self) -> EngineLoad:
         return EngineLoad(running=len(self._running), waiting=len(self._waiting), kv_cache_usage=None)
 
+    def failure(self) -> str | None:
+        # A request queued after transformers' generation thread has died would wait forever
+        if self._manager is None or self._manager.is_running():
+            return None
+        fatal = getattr(getattr(self._manager, "background_thread_status", None), "fatal_error", None)
+        return f"transformers' generation thread stopped{f': {fatal}' if fatal else ''}"
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+        problem = self.failure()
+        if problem:
+            raise RuntimeError(f"engine error: {problem}")
         outputs: asyncio.Queue = asyncio.Queue()
         rid = request.request_id
         self._manager.register_result_handler(rid, outputs.put_nowait)

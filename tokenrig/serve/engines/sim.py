@@ -54,6 +54,9 @@ class FixedSchedule:
     def load(self) -> EngineLoad:
         return EngineLoad(running=len(self._active), waiting=0, kv_cache_usage=None)
 
+    def failure(self) -> str | None:
+        return None
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
         loop = asyncio.get_running_loop()
         arrival = request.arrival
@@ -178,6 +181,12 @@ class RooflineEngine:
             prefix_cache_queries=self.prefix_cache.queries,
             prefix_cache_hits=self.prefix_cache.hits,
         )
+
+    def failure(self) -> str | None:
+        task = self._loop_task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return f"scheduler loop ended: {task.exception()!r}"
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
         if len(request.prompt_ids) + request.max_tokens > self.kv_capacity_tokens:
