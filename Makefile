@@ -17,11 +17,12 @@ ARGS     ?=
 MODE     ?= pretrain
 ZERO     ?= 2
 MATRIX   ?= study-7b
+DECODE_CONFIGS ?= eager sdpa sdpa+graphs+kvpad=1024
 
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup loadtest serve train finetune train-matrix train-gpu-run test monitor dashboards bench-loadgen clean
+.PHONY: setup loadtest serve train finetune train-matrix train-gpu-run test monitor dashboards bench-loadgen bench-hf-decode clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
@@ -68,6 +69,9 @@ monitor: setup
 
 bench-loadgen: setup  # the load generator's own ceiling per core; table -> docs/results/loadgen-capacity.md
 	$(BIN)/python benchmarks/loadgen.py --out docs/results/loadgen-capacity.md
+
+bench-hf-decode: setup  # batch-1 decode of the hf engine vs the bandwidth roofline, e.g. GPU=h200 MODEL=7b
+	$(BIN)/python benchmarks/hf_decode.py --gpu $(GPU) --model $(MODEL) --configs $(DECODE_CONFIGS) $(ARGS)
 
 dashboards: setup
 	$(BIN)/python -m tokenrig.monitor.dashboards grafana/dashboards

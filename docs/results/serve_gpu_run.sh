@@ -9,7 +9,7 @@
 # Rehearse the same flow on CPU first (no device time): GPU=cpu MODEL=tiny DURATION=4 WHEELS= OUT=/tmp/o bash ...
 set -u
 GPU=${GPU:-h200} MODEL=${MODEL:-llama2-7b} DURATION=${DURATION:-25} WARMUP=${WARMUP:-4} RES=${RES:-/tmp/results}
-CONFIGS=${CONFIGS:-sdpa eager gptq} DECODE=${DECODE:-} GPTQ_KERNEL=${GPTQ_KERNEL:-gptq_triton}
+CONFIGS=${CONFIGS-sdpa eager gptq} DECODE=${DECODE:-} GPTQ_KERNEL=${GPTQ_KERNEL:-gptq_triton}
 export PYTHONUNBUFFERED=1 TOKENRIG_MODELS=${TOKENRIG_MODELS:-/tmp/models} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 if [ -n "${WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl || exit 1
