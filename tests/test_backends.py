@@ -87,7 +87,8 @@ def test_hf_command_parses_with_tokenrigs_server_parser(quant, attention):
     assert args.attn_implementation == {None: "sdpa", "flash": "flash_attention_2", "noflash": "eager"}.get(
         attention, attention)
     assert args.compile_level == 1 and args.cuda_graphs is True and args.max_num_seqs == 16
-    assert args.kv_cache_tokens == plan.fit.kv_capacity_tokens and args.max_batch_tokens == 8192
+    eager = args.attn_implementation == "eager"
+    assert args.kv_cache_tokens == plan.fit.kv_capacity_tokens and args.max_batch_tokens == (2048 if eager else 8192)
 
 
 @pytest.mark.parametrize("backend,kwargs,message", [
@@ -115,6 +116,17 @@ def test_hf_plans_for_the_one_gpu_it_runs_on():
     # 64 x 4096 tokens of KV (137 GB) plus weights exceed one H200: refused, not silently planned for two
     with pytest.raises(FitError, match="does not fit on 1 x h200"):
         launch_plan(spec("hf", model="7b", gpu="h200", concurrency=64), MODEL_DIR, 1)
+
+
+def test_hf_eager_steps_are_small_enough_for_its_materialised_attention_scores():
+    from tokenrig.serve.server import build_parser
+
+    def step_tokens(attention):
+        plan = launch_plan(spec("hf", model="7b", gpu="h200", concurrency=64, max_model_len=1024,
+                                attention=attention), MODEL_DIR, 1)
+        return build_parser().parse_args(plan.command[3:]).max_batch_tokens
+
+    assert step_tokens("sdpa") == 8192 and step_tokens("eager") == 2048
 
 
 def test_hf_on_cpu_bounds_its_kv_cache_instead_of_taking_host_memory():

@@ -18,6 +18,9 @@ ATTENTION = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash_atten
              "flash": "flash_attention_2", "noflash": "eager"}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "gptq": "float16", "awq": "float16"}
 CPU_MAX_NUM_SEQS = 64  # on CPU there is no fit plan: room for this many full-context requests
+# eager materialises a step's attention scores: heads x step tokens x KV read, in bf16, fp32 (softmax)
+# and bf16 again. For 7B at 8192 tokens that is ~17 GB on top of the plan; at 2048, ~1 GB.
+EAGER_MAX_STEP_TOKENS = 2048
 
 
 def _check(spec) -> None:
@@ -52,6 +55,8 @@ def engine_limits(spec):
     max_num_seqs = spec.max_num_seqs or (fit.max_num_seqs if fit else None)
     kv_tokens = fit.kv_capacity_tokens if fit else (max_num_seqs or CPU_MAX_NUM_SEQS) * spec.model.max_context
     batch_tokens = fit.prefill_chunk_tokens if fit else spec.model.max_context
+    if resolve_attention(spec, ATTENTION, "sdpa") == "eager":
+        batch_tokens = min(batch_tokens, EAGER_MAX_STEP_TOKENS)
     return fit, max_num_seqs, kv_tokens, batch_tokens
 
 
