@@ -121,17 +121,16 @@ QUEUE_B=$!
 wait "$QUEUE_A" "$QUEUE_B"  # these two only: a bare `wait` would wait for the sampler above, i.e. forever
 
 echo "$(date +%T) phase 2: 4 GPUs and more, one run at a time"
-for n in 4 8; do
-  [ "$n" -le "$NGPU" ] || continue
-  all=$(seq -s, 0 $((n - 1)))
-  point 7b-z2-${n}gpu "$all" "" "$DEADLINE" 60 llama2-7b pretrain 2 "$n"
-  point 7b-z3-${n}gpu "$all" "" "$DEADLINE" 60 llama2-7b pretrain 3 "$n"
-done
-for n in 4 8; do
-  [ "$n" -le "$NGPU" ] || continue
-  all=$(seq -s, 0 $((n - 1)))
-  point 13b-z3-${n}gpu "$all" "" "$DEADLINE" 90 llama2-13b pretrain 3 "$n"
-  point 13b-z2-${n}gpu "$all" "" "$DEADLINE" 90 llama2-13b pretrain 2 "$n"
+# 7B at every size before any 13B; 13B tries ZeRO-3 first (ZeRO-2 is the tighter fit)
+for model in "7b 60 2 3" "13b 90 3 2"; do
+  read -r size budget first second <<< "$model"
+  for n in 4 8; do
+    [ "$n" -le "$NGPU" ] || continue
+    all=$(seq -s, 0 $((n - 1)))
+    for zero in "$first" "$second"; do
+      point "$size-z$zero-${n}gpu" "$all" "" "$DEADLINE" "$budget" "llama2-$size" pretrain "$zero" "$n"
+    done
+  done
 done
 # 70B LoRA across every GPU (the matrix asks for 8; fewer here is an override of gpus only)
 all=$(seq -s, 0 $((NGPU - 1)))
