@@ -74,11 +74,14 @@ def test_open_loop_poisson_against_roofline_sim(tmp_path):
     assert len({round(g, 3) for g in gaps}) > 3  # random arrivals, not a fixed cadence
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_results(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_cleanly_and_keeps_results(tmp_path, stop_signal):
+    """Ctrl-C, SIGINT to a load test started with `&` (it inherits SIGINT ignored), and SIGTERM all stop it cleanly."""
     process = subprocess.Popen(
         [sys.executable, "-m", "tokenrig.cli", "loadtest", "--backend", "sim", "--sim-ttft-ms", "50",
          "--sim-tpot-ms", "5", "--scenario", TIMING, "--users", "4", "--duration", "120", "--results", str(tmp_path)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     run_dir = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -89,7 +92,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_results(tmp_path):
         time.sleep(0.2)
     assert run_dir, "load test never started"
     time.sleep(2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop_signal)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 130, output
     summary = load_summary(run_dir)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -376,6 +375,7 @@ def cmd_loadtest(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from tokenrig.interrupts import stop_signals_interrupt
     from tokenrig.serve.launcher import LaunchedServer, prepare_model_dir
 
     spec = _server_spec(args)
@@ -383,13 +383,10 @@ def cmd_serve(args) -> int:
     if args.dry_run:
         print_launch(spec, spec.port)
         return 0
-    # Started with `&` from a script, a process inherits SIGINT ignored; systemd, docker and kill send SIGTERM.
-    # Either must stop the server through the launcher (its own session, so it would outlive us otherwise).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     prepare_model_dir(spec)
     log = Path("results") / "serve" / f"{spec.backend}-{spec.model.key}-{spec.quant}-{spec.gpu.key}.log"
-    with LaunchedServer(spec, log) as server:
+    # the server runs in its own session: any stop signal must go through the launcher to reach it
+    with stop_signals_interrupt(), LaunchedServer(spec, log) as server:
         print(f"serving {spec.model.key} at {server.endpoint.base_url}/v1 (metrics: {server.endpoint.metrics_url}); "
               f"log: {log}; Ctrl-C or SIGTERM stops it", flush=True)
         try:

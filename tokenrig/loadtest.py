@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from tokenrig.interrupts import stop_signals_interrupt
 from tokenrig.loadgen.plan import LoadPlan
 from tokenrig.loadgen.records import JsonlSink, read_records
 from tokenrig.loadgen.runner import run_load
@@ -175,6 +176,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
     progress(f"run {run_dir.name}: scenario {scenario.name}, {spec.backend} backend, {spec.model.key} on {spec.gpu.key}")
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(stop_signals_interrupt())  # SIGTERM and an inherited-ignored SIGINT stop it too
         if url:
             endpoint = _existing_endpoint(url, spec)
             metadata["server"]["url"] = url

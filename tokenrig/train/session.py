@@ -15,11 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
+from tokenrig.interrupts import stop_signals_interrupt
 from tokenrig.monitor.discovery import MonitorOptions, TargetFile
 from tokenrig.monitor.exporter import wait_for_final_scrape
 from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
@@ -68,27 +67,6 @@ def launcher_command(spec: TrainSpec, run_dir: Path, master_port: int) -> list[s
     return command + ["--module", "tokenrig.train.worker", str(run_dir)]
 
 
-@contextmanager
-def _stop_signals_interrupt():
-    """SIGINT and SIGTERM both stop the run like a Ctrl-C, also where SIGINT came ignored.
-
-    A process started with `&` from a script inherits SIGINT ignored, and `timeout`, kill, docker and
-    systemd send SIGTERM; either way the ranks (in the launcher's own session) must be stopped through
-    os.killpg below, or they would outlive this process holding their GPUs.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def _progress_line(spec: TrainSpec, record: StepRecord, flops_per_token: float) -> str:
     total = spec.warmup_steps + spec.steps + spec.profile_steps
     tokens_per_s = record.tokens / record.step_time_s
@@ -132,7 +110,7 @@ def run_training(spec: TrainSpec, results: Path, monitor: MonitorOptions | None 
     environment = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ, **RANK_ENVIRONMENT}
     interrupted = False
     seen = 0
-    with _stop_signals_interrupt(), open(run_dir / "launcher.log", "w") as log:
+    with stop_signals_interrupt(), open(run_dir / "launcher.log", "w") as log:
         # its own process group: a Ctrl-C here reaches the ranks once, through os.killpg below
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
                                    start_new_session=True)
