@@ -2,21 +2,23 @@
 # The GPU run behind docs/results/serve-h200-hf.md, as sent to the device machine (one H200):
 # synthetic llama2-7b on tokenrig's hf backend, attention sdpa vs eager, then GPTQ 4-bit; for each a
 # load test at 1, 8, 32 concurrent streams and a Poisson rate at 90% of the 32-stream request rate.
-# CONFIGS picks the server configurations (sdpa eager sdpa-graphs eager-graphs gptq), DECODE the batch-1
+# CONFIGS picks the server configurations (sdpa eager sdpa-graphs eager-graphs gptq), STREAMS the closed-loop
+# steps (the Poisson step follows the last), DECODE the batch-1
 # engine configurations benchmarks/hf_decode.py times first (none when empty).
 # Run from a directory holding tokenrig/, benchmarks/ and this file's scenario; wheels in $WHEELS; results
 # to $OUT, re-packed after every load step so a run cut short still returns what it measured.
 # Rehearse the same flow on CPU first (no device time): GPU=cpu MODEL=tiny DURATION=4 WHEELS= OUT=/tmp/o bash ...
 set -u
 GPU=${GPU:-h200} MODEL=${MODEL:-llama2-7b} DURATION=${DURATION:-25} WARMUP=${WARMUP:-4} RES=${RES:-/tmp/results}
-CONFIGS=${CONFIGS-sdpa eager gptq} DECODE=${DECODE:-} GPTQ_KERNEL=${GPTQ_KERNEL:-gptq_triton}
+CONFIGS=${CONFIGS-sdpa eager gptq} STREAMS=${STREAMS-1 8 32} POISSON=${POISSON:-1} DECODE=${DECODE:-} GPTQ_KERNEL=${GPTQ_KERNEL:-gptq_triton}
 export PYTHONUNBUFFERED=1 TOKENRIG_MODELS=${TOKENRIG_MODELS:-/tmp/models} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 if [ -n "${WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl || exit 1
   # gptqmodel's regex engine is a C extension built from its sdist there: built while the bf16 checkpoint is written
-  (timeout 240 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
+  case " $CONFIGS " in *" gptq "*) (timeout 240 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
     "$WHEELS"/sdist/pypcre-0.6.4.tar.gz > "$OUT/pypcre-build.log" 2>&1 || echo "pypcre (gptqmodel's regex) did not build") &
-  PYPCRE=$!
+    PYPCRE=$!;;
+  esac
   export PYTHONPATH=/tmp/site:$PWD
 fi
 PY=${PY:-python3}
@@ -69,7 +71,7 @@ run_config() {  # $1 = label, rest = server flags
   local common=(loadtest --url http://127.0.0.1:8000 --backend hf --gpu "$GPU" --model "$MODEL" "$@"
                 --scenario "$SCENARIO" --results "$RES/$label" --duration "$DURATION" --warmup "$WARMUP"
                 --request-timeout 60)
-  for users in 1 8 32; do
+  for users in $STREAMS; do
     echo "--- $label users=$users $(date +%T)"; nvidia-smi --query-gpu=memory.used --format=csv,noheader 2> /dev/null
     cli "${common[@]}" --users $users 2>&1 | tail -12
     pack
@@ -78,7 +80,8 @@ run_config() {  # $1 = label, rest = server flags
   rps=$($PY -c "import json,glob; s=json.load(open(sorted(glob.glob('$RES/$label/*/summary.json'))[-1]));
 print(round(0.9 * s['throughput']['requests_per_s'], 2))")
   echo "--- $label poisson rate=$rps (90% of the 32-stream request rate) $(date +%T)"
-  if [ "$rps" = "0.0" ]; then echo "no request ended inside the 32-stream window: no Poisson step"
+  if [ "$POISSON" = 0 ]; then echo "no Poisson step (POISSON=0)"
+  elif [ "$rps" = "0.0" ]; then echo "no request ended inside the 32-stream window: no Poisson step"
   else cli "${common[@]}" --rate "$rps" 2>&1 | tail -12; pack; fi
   nvidia-smi --query-gpu=memory.used --format=csv,noheader 2> /dev/null
   kill -TERM $server; wait $server  # tokenrig serve stops its server on SIGTERM (SIGINT is ignored under `&`)
