@@ -79,7 +79,7 @@ def test_hf_command_parses_with_tokenrigs_server_parser(quant, attention):
     from tokenrig.serve.server import build_parser
 
     plan = launch_plan(spec("hf", model="7b", gpu="h200", quant=quant, attention=attention, compile_level=1,
-                            cuda_graphs=True), MODEL_DIR, 8125)
+                            cuda_graphs=True, kv_padding_tokens=1024), MODEL_DIR, 8125)
     args = build_parser().parse_args(plan.command[3:])
     assert plan.command[1:3] == ["-m", "tokenrig.serve.server"]
     assert args.engine == "hf" and args.device == "cuda" and args.port == 8125
@@ -87,6 +87,7 @@ def test_hf_command_parses_with_tokenrigs_server_parser(quant, attention):
     assert args.attn_implementation == {None: "sdpa", "flash": "flash_attention_2", "noflash": "eager"}.get(
         attention, attention)
     assert args.compile_level == 1 and args.cuda_graphs is True and args.max_num_seqs == 16
+    assert args.kv_padding_tokens == 1024
     eager = args.attn_implementation == "eager"
     assert args.kv_cache_tokens == plan.fit.kv_capacity_tokens and args.max_batch_tokens == (2048 if eager else 8192)
 
