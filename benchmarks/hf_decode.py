@@ -4,15 +4,15 @@ Each configuration runs in its own process: it loads the synthetic checkpoint in
 HFEngine that `tokenrig serve --backend hf` runs, with the same KV-cache and step limits, and times
 single requests (--prompt-tokens in, --output-tokens out) with no HTTP in between, so what the
 server adds and what the engine costs can be told apart. A configuration is an attention
-implementation with optional `+graphs` (CUDA graphs), `+compile=N` (torch.compile level) and
-`+kv=N` (KV-cache tokens instead of the planner's), `+kvpad=N` (KV read padded to a multiple of N
-under CUDA graphs). Ratios are against the first configuration,
-measured in the same run, and against the roofline: every weight byte but the input embedding
-table is read once per token, so a token takes at least streamed bytes / memory bandwidth.
+implementation with optional `+graphs` (CUDA graphs), `+compile=N` (torch.compile level), `+kv=N`
+(KV-cache tokens instead of the planner's) and `+kvpad=N` (KV read padded to a multiple of N under
+CUDA graphs). Ratios are against the first configuration, measured in the same run, and against the
+roofline: every weight byte but the input embedding table is read once per token, so a token takes
+at least streamed bytes / memory bandwidth.
 
     python benchmarks/hf_decode.py --gpu h200 --model llama2-7b --configs eager sdpa sdpa+graphs
 
-Ctrl-C stops after the configuration in progress and prints what was measured.
+Ctrl-C abandons the configuration in progress and prints the ones already measured.
 """
 
 from __future__ import annotations
