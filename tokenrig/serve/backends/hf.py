@@ -18,9 +18,13 @@ ATTENTION = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash_atten
              "flash": "flash_attention_2", "noflash": "eager"}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "gptq": "float16", "awq": "float16"}
 CPU_MAX_NUM_SEQS = 64  # on CPU there is no fit plan: room for this many full-context requests
-# eager materialises a step's attention scores: heads x step tokens x KV read, in bf16, fp32 (softmax)
-# and bf16 again. For 7B at 8192 tokens that is ~17 GB on top of the plan; at 2048, ~1 GB.
-EAGER_MAX_STEP_TOKENS = 2048
+# eager materialises a step's attention scores over the whole packed batch: heads x step tokens x every
+# request's KV, as bf16 scores, bf16 after the mask, fp32 softmax and bf16 again (10 bytes a score).
+# They must fit in part of the memory the plan leaves unallocated. Seen on an H200 (7B, 32 streams):
+# 8192-token steps hung the engine at 137 GB; 2048-token steps (~14 GB of scores) peaked at 139.9 GB.
+EAGER_SCORE_BYTES = 2 + 2 + 4 + 2
+EAGER_HEADROOM_SHARE = 0.5
+EAGER_MIN_STEP_TOKENS = 128
 
 
 def _check(spec) -> None:
@@ -55,8 +59,11 @@ def engine_limits(spec):
     max_num_seqs = spec.max_num_seqs or (fit.max_num_seqs if fit else None)
     kv_tokens = fit.kv_capacity_tokens if fit else (max_num_seqs or CPU_MAX_NUM_SEQS) * spec.model.max_context
     batch_tokens = fit.prefill_chunk_tokens if fit else spec.model.max_context
-    if resolve_attention(spec, ATTENTION, "sdpa") == "eager":
-        batch_tokens = min(batch_tokens, EAGER_MAX_STEP_TOKENS)
+    if fit and resolve_attention(spec, ATTENTION, "sdpa") == "eager":
+        kv_span = min(kv_tokens, fit.max_num_seqs * fit.max_model_len)  # the most KV one step can read
+        budget = EAGER_HEADROOM_SHARE * (1 - spec.gpu_memory_utilization) * spec.gpu.memory_bytes
+        fits = int(budget / (spec.model.num_heads * (kv_span + batch_tokens) * EAGER_SCORE_BYTES))
+        batch_tokens = max(EAGER_MIN_STEP_TOKENS, min(batch_tokens, fits))
     return fit, max_num_seqs, kv_tokens, batch_tokens
 
 
