@@ -126,3 +126,26 @@ def test_hf_server_stops_taking_requests_when_its_generation_thread_is_gone(tmp_
             assert reply.status >= 500 and time.monotonic() - started < 10
 
     asyncio.run(scenario())
+
+
+def test_streams_send_their_headers_before_the_first_token(tmp_path_factory):
+    """Headers and the chat role chunk go out on arrival; sent with the first token, their cost at a burst of
+    first tokens would be measured as TTFT by every client."""
+    import time
+
+    from tests.conftest import start_server
+
+    with start_server(tmp_path_factory, "sim", sim_ttft_ms=600, sim_tpot_ms=1) as server:
+        body = {"messages": [{"role": "user", "content": "fana"}], "max_tokens": 3, "stream": True, "ignore_eos": True}
+        started = time.monotonic()
+        with requests.post(f"{server.endpoint.base_url}/v1/chat/completions", json=body, stream=True,
+                           timeout=30) as response:
+            headers_after = time.monotonic() - started
+            lines = response.iter_lines()
+            role = next(line for line in lines if line.startswith(b"data:"))
+            role_after = time.monotonic() - started
+            events = [role] + [line for line in lines if line.startswith(b"data:")]
+            first_token_after = time.monotonic() - started
+    assert response.status_code == 200 and headers_after < 0.3 and role_after < 0.3
+    assert json.loads(role[5:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert first_token_after >= 0.6 and events[-1].strip() == b"data: [DONE]"

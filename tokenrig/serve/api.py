@@ -28,6 +28,10 @@ class BadRequest(ValueError):
     pass
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine can no longer generate (its worker died): 503, not a request that waits forever."""
+
+
 class ServerMetrics:
     """vLLM-named Prometheus metrics for what a tokenrig engine can measure."""
 
@@ -159,12 +163,18 @@ class OpenAIServer:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # -- generation core ----------------------------------------------------------------------
-    async def _tokens(self, prompt_ids: list[int], sampling: Sampling, arrival: float):
-        """Yield (token_ids, finish_reason) from the engine, applying the stop rules."""
+    def _admit(self, prompt_ids: list[int], sampling: Sampling) -> None:
+        """Refuse, before any byte of a reply is sent, what the engine cannot serve."""
         if len(prompt_ids) + sampling.max_tokens > self.max_context:
             raise BadRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceed the model's "
                 f"context of {self.max_context} tokens")
+        problem = self.engine.failure()
+        if problem:
+            raise EngineUnavailable(problem)
+
+    async def _tokens(self, prompt_ids: list[int], sampling: Sampling, arrival: float):
+        """Yield (token_ids, finish_reason) from the engine, applying the stop rules (after `_admit`)."""
         request = GenerationRequest(uuid.uuid4().hex, prompt_ids, sampling.max_tokens, arrival)
         labels = (self.model_name,)
         self.metrics.prompt_tokens.labels(*labels).inc(len(prompt_ids))
@@ -236,10 +246,13 @@ class OpenAIServer:
             body = await self._read_json(request)
             prompt_ids = self._encode_chat(body.get("messages")) if chat else self._encode_prompt(body.get("prompt"))
             sampling = _sampling(body, default_max=16)
-            tokens = self._tokens(prompt_ids, sampling, arrival)
-            first = await anext(tokens)  # surfaces BadRequest before any byte is sent
+            self._admit(prompt_ids, sampling)
         except BadRequest as error:
             return web.json_response({"error": {"message": str(error), "type": "BadRequestError", "code": 400}}, status=400)
+        except EngineUnavailable as error:
+            return web.json_response({"error": {"message": str(error), "type": "ServiceUnavailable", "code": 503}},
+                                     status=503)
+        tokens = self._tokens(prompt_ids, sampling, arrival)
 
         object_name = "chat.completion" if chat else "text_completion"
         response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -253,13 +266,15 @@ class OpenAIServer:
 
         if not body.get("stream"):
             text, count, finish = "", 0, None
-            async for token_ids, finish in _prepend(first, tokens):
+            async for token_ids, finish in tokens:
                 count += len(token_ids)
                 text += detokenizer.add(token_ids) if token_ids else ""
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
                       if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
             return web.json_response({**base, "object": object_name, "choices": [choice], "usage": usage(count)})
 
+        # Headers (and the chat role chunk) go out now, not with the first token: at a burst of first tokens
+        # their cost would land inside the measured TTFT of every stream but the first.
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         chunk_object = "chat.completion.chunk" if chat else "text_completion"
@@ -281,7 +296,7 @@ class OpenAIServer:
             role_chunk["choices"][0]["delta"] = {"role": "assistant", "content": ""}
             await response.write(_sse(role_chunk))
         count = 0
-        async for token_ids, finish in _prepend(first, tokens):
+        async for token_ids, finish in tokens:
             if token_ids:
                 count += len(token_ids)
                 await response.write(_sse(chunk(detokenizer.add(token_ids), None)))
@@ -302,15 +317,16 @@ class OpenAIServer:
         parameters = body.get("parameters") or {}
         sampling = _sampling({"max_new_tokens": parameters.get("max_new_tokens"), "ignore_eos": True}, default_max=20)
         prompt_ids = self.tokenizer.encode(body["inputs"], add_special_tokens=True)
-        tokens = self._tokens(prompt_ids, sampling, arrival)
-        first = await anext(tokens)
-        return sampling, parameters, prompt_ids, _prepend(first, tokens)
+        self._admit(prompt_ids, sampling)
+        return sampling, parameters, prompt_ids, self._tokens(prompt_ids, sampling, arrival)
 
     async def tgi_generate(self, request: web.Request) -> web.Response:
         try:
             _, parameters, prompt_ids, tokens = await self._tgi_start(request)
         except BadRequest as error:
             return web.json_response({"error": str(error), "error_type": "validation"}, status=422)
+        except EngineUnavailable as error:
+            return web.json_response({"error": str(error), "error_type": "unavailable"}, status=503)
         detokenizer, text, count, finish = Detokenizer(self.tokenizer), "", 0, None
         async for token_ids, finish in tokens:
             count += len(token_ids)
@@ -326,6 +342,8 @@ class OpenAIServer:
             sampling, parameters, prompt_ids, tokens = await self._tgi_start(request)
         except BadRequest as error:
             return web.json_response({"error": str(error), "error_type": "validation"}, status=422)
+        except EngineUnavailable as error:
+            return web.json_response({"error": str(error), "error_type": "unavailable"}, status=503)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         detokenizer, text, index = Detokenizer(self.tokenizer), "", 0
@@ -345,9 +363,3 @@ class OpenAIServer:
                 await response.write(_sse(event))
         await response.write_eof()
         return response
-
-
-async def _prepend(first, rest):
-    yield first
-    async for item in rest:
-        yield item
