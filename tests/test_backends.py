@@ -134,6 +134,9 @@ def test_hf_eager_steps_are_small_enough_for_its_materialised_attention_scores()
     eager_64 = step_tokens("eager", 64)
     assert 128 <= eager_64 < 2048 and 32 * eager_64 * (64 * 1024 + eager_64) * 10 <= 0.05 * 141e9
     assert step_tokens("eager", 8) > eager_64  # fewer streams, less KV per step, larger steps
+    capped = launch_plan(spec("hf", model="7b", gpu="h200", concurrency=64, max_model_len=1024, attention="eager",
+                              max_num_seqs=8), MODEL_DIR, 1)
+    assert build_parser().parse_args(capped.command[3:]).max_batch_tokens > eager_64  # the engine's own batch limit
 
 
 def test_hf_on_cpu_bounds_its_kv_cache_instead_of_taking_host_memory():

@@ -60,7 +60,7 @@ def engine_limits(spec):
     kv_tokens = fit.kv_capacity_tokens if fit else (max_num_seqs or CPU_MAX_NUM_SEQS) * spec.model.max_context
     batch_tokens = fit.prefill_chunk_tokens if fit else spec.model.max_context
     if fit and resolve_attention(spec, ATTENTION, "sdpa") == "eager":
-        kv_span = min(kv_tokens, fit.max_num_seqs * fit.max_model_len)  # the most KV one step can read
+        kv_span = min(kv_tokens, max_num_seqs * fit.max_model_len)  # the most KV one step can read
         budget = EAGER_HEADROOM_SHARE * (1 - spec.gpu_memory_utilization) * spec.gpu.memory_bytes
         fits = int(budget / (spec.model.num_heads * (kv_span + batch_tokens) * EAGER_SCORE_BYTES))
         batch_tokens = max(EAGER_MIN_STEP_TOKENS, min(batch_tokens, fits))
