@@ -48,3 +48,15 @@ def test_summary_windows_errors_and_health():
     busy = summarize(records, RunFacts(10, 1, 0, start, None, client_cpu_fraction=0.97))
     assert not busy["load_generator"]["valid"] and "CPU" in busy["load_generator"]["problems"][0]
     assert "INVALID RUN" in render(busy, "t") and "--workers" in render(busy, "t")
+    assert summary["window"]["problem"] is None and "NO MEASUREMENT" not in render(summary, "t")
+
+
+def test_a_window_shorter_than_every_request_says_so_instead_of_reporting_nothing():
+    """32 users whose 21-s requests all went out in warm-up: nothing was scheduled in the 17-s window."""
+    start = 1000.0
+    records = [record(i, start, 0.5, [0.5, 21.0], [1, 1], 21.0, 2, in_window=False) for i in range(32)]
+    summary = summarize(records, RunFacts(20, 3, 0, start, None, client_cpu_fraction=0.02))
+    assert summary["requests"]["measured"] == 0 and summary["latency_s"]["ttft"] is None
+    assert summary["window"]["problem"] == ("no request was scheduled inside the 17.0-s window "
+                                            "(requests took 21.0 s, median E2E); lengthen --duration")
+    assert "NO MEASUREMENT: no request was scheduled" in render(summary, "t")

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # The GPU run behind docs/results/serve-h200-hf.md, as sent to the device machine (one H200):
-# synthetic llama2-7b on tokenrig's hf backend, attention sdpa vs eager, then GPTQ 4-bit; for each a
+# synthetic llama2-7b on tokenrig's hf backend, attention sdpa vs eager, then GPTQ and AWQ 4-bit; for each a
 # load test at 1, 8, 32 concurrent streams and a Poisson rate at 90% of the 32-stream request rate.
-# CONFIGS picks the server configurations (sdpa eager sdpa-graphs eager-graphs gptq), STREAMS the closed-loop
-# steps (the Poisson step follows the last), DECODE the batch-1
+# CONFIGS picks the server configurations (sdpa eager gptq awq, each with -graphs for CUDA graphs), STREAMS the closed-loop
+# steps (the Poisson step follows the last), DECODE (DECODE_GPTQ, DECODE_AWQ) the batch-1
 # engine configurations benchmarks/hf_decode.py times first (none when empty).
 # Run from a directory holding tokenrig/, benchmarks/ and this file's scenario; wheels in $WHEELS; results
 # to $OUT, re-packed after every load step so a run cut short still returns what it measured.
 # Rehearse the same flow on CPU first (no device time): GPU=cpu MODEL=tiny DURATION=4 WHEELS= OUT=/tmp/o bash ...
 set -u
 GPU=${GPU:-h200} MODEL=${MODEL:-llama2-7b} DURATION=${DURATION:-25} WARMUP=${WARMUP:-4} RES=${RES:-/tmp/results}
-CONFIGS=${CONFIGS-sdpa eager gptq} STREAMS=${STREAMS-1 8 32} POISSON=${POISSON:-1} DECODE=${DECODE:-} GPTQ_KERNEL=${GPTQ_KERNEL:-gptq_triton}
+CONFIGS=${CONFIGS-sdpa eager gptq}
+BASES=" $(for config in $CONFIGS; do printf '%s ' "${config%-graphs}"; done)" STREAMS=${STREAMS-1 8 32} POISSON=${POISSON:-1} DECODE=${DECODE:-} GPTQ_KERNEL=${GPTQ_KERNEL:-gptq_triton}
+AWQ_KERNEL=${AWQ_KERNEL:-gemm_triton}
 export PYTHONUNBUFFERED=1 TOKENRIG_MODELS=${TOKENRIG_MODELS:-/tmp/models} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 if [ -n "${WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl || exit 1
   # gptqmodel's regex engine is a C extension built from its sdist there: built while the bf16 checkpoint is written
-  case " $CONFIGS " in *" gptq "*) (timeout 240 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
+  case "$BASES" in *" gptq "*|*" awq "*) (timeout 240 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
     "$WHEELS"/sdist/pypcre-0.6.4.tar.gz > "$OUT/pypcre-build.log" 2>&1 || echo "pypcre (gptqmodel's regex) did not build") &
     PYPCRE=$!;;
   esac
@@ -33,7 +35,9 @@ nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,nohead
 SMI=$!
 cli() { $PY -m tokenrig.cli "$@"; }
 pack() { cp results/serve/*.log "$RES/" 2> /dev/null; tar czf "$OUT/results.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"; }
-time cli model make "$MODEL"
+# the bf16 checkpoint only where a bf16 server or the bf16 decode benchmark reads it (70-90 s of device time)
+case "$BASES" in *" sdpa "*|*" eager "*) BF16=1;; *) BF16=${DECODE:+1};; esac
+[ -n "$BF16" ] && time cli model make "$MODEL"
 if [ -n "$DECODE" ]; then
   echo "=== batch-1 decode through the engine, no HTTP: $DECODE $(date +%T)"
   $PY benchmarks/hf_decode.py --gpu "$GPU" --model "$MODEL" --configs $DECODE --output-tokens 64 --repeats 2 \
@@ -41,18 +45,26 @@ if [ -n "$DECODE" ]; then
   pack
 fi
 [ -n "${PYPCRE:-}" ] && wait "$PYPCRE"
-# GPTQ only where asked and gptqmodel imports (7.7 declares torch>=2.14.1; its torch kernels are what can run here)
-GPTQ=0
-case " $CONFIGS " in *" gptq "*)
-  if $PY -c "import gptqmodel, optimum" 2> "$OUT/gptqmodel-import.log"; then GPTQ=1; time cli model make "$MODEL" --quant gptq
-  else echo "gptqmodel does not import: no GPTQ configuration"; tail -3 "$OUT/gptqmodel-import.log"; fi;;
-esac
-if [ "$GPTQ" = 1 ] && [ -n "${DECODE_GPTQ:-}" ]; then
-  echo "=== batch-1 decode, GPTQ 4-bit ($GPTQ_KERNEL kernel): $DECODE_GPTQ $(date +%T)"
-  $PY benchmarks/hf_decode.py --gpu "$GPU" --model "$MODEL" --quant gptq --quant-kernel "$GPTQ_KERNEL" \
-    --configs $DECODE_GPTQ --output-tokens 64 --repeats 2 --out "$RES/decode-gptq" 2>&1 | grep -v "^\.\.\."
+# 4-bit checkpoints only where asked and gptqmodel imports (7.7 declares torch>=2.14.1; its torch and Triton
+# kernels are what can run here)
+QUANTIZED=""
+for quant in gptq awq; do
+  case "$BASES" in *" $quant "*)
+    if $PY -c "import gptqmodel, optimum" 2> "$OUT/gptqmodel-import.log"; then
+      time cli model make "$MODEL" --quant $quant && QUANTIZED="$QUANTIZED $quant"
+    else echo "gptqmodel does not import: no $quant configuration"; tail -3 "$OUT/gptqmodel-import.log"; fi;;
+  esac
+done
+made() { case " $QUANTIZED " in *" $1 "*) return 0;; esac; return 1; }
+for quant in $QUANTIZED; do  # DECODE_GPTQ / DECODE_AWQ: batch-1 engine configurations of that checkpoint
+  configs_var=DECODE_${quant^^} kernel_var=${quant^^}_KERNEL
+  configs=${!configs_var:-} kernel=${!kernel_var}
+  [ -z "$configs" ] && continue
+  echo "=== batch-1 decode, $quant 4-bit ($kernel kernel): $configs $(date +%T)"
+  $PY benchmarks/hf_decode.py --gpu "$GPU" --model "$MODEL" --quant $quant --quant-kernel "$kernel" \
+    --configs $configs --output-tokens 64 --repeats 2 --out "$RES/decode-$quant" 2>&1 | grep -v "^\.\.\."
   pack
-fi
+done
 
 run_config() {  # $1 = label, rest = server flags
   local label=$1; shift
@@ -67,7 +79,9 @@ run_config() {  # $1 = label, rest = server flags
     kill -0 $server 2> /dev/null || { echo "server for $label exited"; tail -20 "$RES/serve-$label.log"; return 1; }
     sleep 0.5
   done
-  grep -h "hf engine ready" "$RES/serve-$label.log" | tail -1
+  local server_log  # the engine's own log, named by tokenrig serve's banner
+  server_log=$(sed -n 's/.*; log: \(.*\); Ctrl-C.*/\1/p' "$RES/serve-$label.log")
+  grep -h "hf engine ready" "$server_log" | tail -1
   local common=(loadtest --url http://127.0.0.1:8000 --backend hf --gpu "$GPU" --model "$MODEL" "$@"
                 --scenario "$SCENARIO" --results "$RES/$label" --duration "$DURATION" --warmup "$WARMUP"
                 --request-timeout 60)
@@ -92,12 +106,16 @@ LIMITS="--concurrency 64 --max-model-len 1024"
 # CUDA graphs pad each step's KV read: to 1024-token multiples here, not transformers' 16384
 GRAPHS="--cuda-graphs --kv-padding-tokens 1024"
 for config in $CONFIGS; do
-  case $config in
-    sdpa|eager) run_config "$config" --attention "$config";;
-    sdpa-graphs|eager-graphs) run_config "$config" --attention "${config%-graphs}" $GRAPHS;;
-    # gptqmodel's own kernel choice on Hopper (Machete) downloads CUTLASS and JIT-builds: name a kernel instead
-    gptq) [ "$GPTQ" = 1 ] && { run_config gptq --attention sdpa --quant gptq --quant-kernel "$GPTQ_KERNEL" ||
-            run_config gptq-torch --attention sdpa --quant gptq --quant-kernel gptq_torch; };;
+  base=${config%-graphs} graphs=""
+  [ "$base" != "$config" ] && graphs=$GRAPHS
+  case $base in
+    sdpa|eager) run_config "$config" --attention "$base" $graphs;;
+    # gptqmodel's own kernel choice on Hopper (Machete) downloads CUTLASS and JIT-builds: name a kernel instead,
+    # falling back to its plain torch kernel
+    gptq) made gptq && { run_config "$config" --attention sdpa --quant gptq --quant-kernel "$GPTQ_KERNEL" $graphs ||
+            run_config "$config-torch" --attention sdpa --quant gptq --quant-kernel gptq_torch $graphs; };;
+    awq) made awq && { run_config "$config" --attention sdpa --quant awq --quant-kernel "$AWQ_KERNEL" $graphs ||
+            run_config "$config-torch" --attention sdpa --quant awq --quant-kernel torch_awq $graphs; };;
     *) echo "unknown configuration $config";;
   esac
 done

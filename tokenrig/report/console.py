@@ -38,6 +38,8 @@ def render(summary: dict, title: str) -> str:
                          f"{'met' if verdict['met'] else 'MISSED'} ({verdict['confidence']})")
         lines.append(f"goodput      {slo['goodput_rps']:.2f} req/s meet every SLO "
                      f"({slo['good_fraction']:.0%} of measured requests)")
+    if summary["window"].get("problem"):
+        lines.append(f"NO MEASUREMENT: {summary['window']['problem']}.")
     if not health["valid"]:
         lines.append(f"INVALID RUN: the load generator was the bottleneck ({'; '.join(health['problems'])}). "
                      f"Remedy: {health['remedy']}.")

@@ -96,6 +96,15 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
             and arrivals_sent < MIN_SENT_FRACTION * facts.scheduled_in_window):
         problems.append(f"sent {arrivals_sent} of {facts.scheduled_in_window} scheduled arrivals")
 
+    # A closed loop whose requests outlast the window schedules nothing inside it: no latency at all, which
+    # must read as "measure longer", not as an empty result.
+    window_problem = None
+    if records and not measured and not facts.interrupted:
+        e2e_all = distribution(r.e2e_s for r in records if r.ok and r.e2e_s is not None)
+        window_problem = (f"no request was scheduled inside the {window:.1f}-s window"
+                          + (f" (requests took {e2e_all['p50']:.1f} s, median E2E)" if e2e_all else "")
+                          + "; lengthen --duration")
+
     errors: dict[str, int] = {}
     for record in failed:
         key = (record.error or "").split(":")[0]
@@ -105,7 +114,7 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
         "requests": {"total": len(records), "measured": len(measured), "ok": len(ok), "failed": len(failed),
                      "excluded_warmup_cooldown": len(records) - len(measured), "errors_by_type": errors},
         "window": {"start_unix": window_start, "end_unix": window_end, "seconds": window,
-                   "warmup_s": facts.warmup_s, "cooldown_s": facts.cooldown_s},
+                   "warmup_s": facts.warmup_s, "cooldown_s": facts.cooldown_s, "problem": window_problem},
         "latency_s": {
             "ttft": distribution(r.ttft_s for r in ok),
             "tpot": distribution(t for t in map(tpot, ok) if t is not None),
