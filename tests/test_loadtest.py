@@ -147,3 +147,31 @@ def test_scenario_errors_name_the_line(tmp_path):
     result = run_cli("loadtest", "--backend", "sim", "--scenario", str(bad))
     assert result.returncode == 2
     assert f"{bad}:5: requests.0.output_tokens.lognormal.median" in result.stderr
+
+
+def test_compare_tables_real_runs_and_marks_a_window_nothing_was_scheduled_in(tmp_path):
+    """Two sim runs: one measured, one whose 5-s requests outlast its 2-s window; --compare tables both."""
+    common = ["loadtest", "--backend", "sim", "--scenario", TIMING, "--users", "2", "--warmup", "1"]
+    measured = run_cli(*common, "--sim-ttft-ms", "100", "--sim-tpot-ms", "10", "--duration", "4",
+                       "--results", str(tmp_path / "fast"))
+    slow = run_cli(*common, "--sim-ttft-ms", "100", "--sim-tpot-ms", "100", "--duration", "3",
+                   "--results", str(tmp_path / "slow"))
+    assert measured.returncode == slow.returncode == 0, measured.stderr + slow.stderr
+    assert "NO MEASUREMENT: no request was scheduled inside the 2.0-s window" in slow.stdout
+    assert "NO MEASUREMENT" not in measured.stdout
+    fast_summary = load_summary(run_dir_of(measured))
+
+    table = run_cli("loadtest", "--compare", str(tmp_path / "fast"), str(tmp_path / "slow"))
+    assert table.returncode == 0, table.stderr
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| sim ")]
+    assert len(rows) == 2 and all("2 concurrent users" in row for row in rows)
+    cells = [cell.strip() for cell in rows[0].split("|")[1:-1]]
+    assert cells[0] == "sim tiny cpu, bf16, sim TTFT 100 ms, TPOT 10 ms" and cells[2] == "3"
+    assert cells[3] == str(fast_summary["requests"]["ok"])
+    tpot = fast_summary["latency_s"]["tpot"]
+    assert cells[5] == f"{tpot['p50'] * 1000:.1f} / {tpot['p99'] * 1000:.1f}"
+    assert rows[1].split("|")[4].strip() == "0"
+    assert f"{run_dir_of(slow).name} (sim" in table.stdout and "no measurement: no request was scheduled" in table.stdout
+
+    empty = run_cli("loadtest", "--compare", str(tmp_path / "nothing-here"))
+    assert empty.returncode == 2 and "no load-test runs" in empty.stderr

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--master-port", type=int, help="master port (default: a free one, 5557 with remote workers)")
     loadtest.add_argument("--url", help="load-test a server that is already running at this base URL")
     loadtest.add_argument("--results", type=Path, default=Path("results"), help="where run directories go")
+    loadtest.add_argument("--compare", nargs="+", type=Path, metavar="DIR",
+                          help="no run: one markdown table of every load-test run under these directories")
     loadtest.add_argument("--client", choices=["openai", "tgi"], default=None,
                           help="request API: OpenAI streaming, or TGI's /generate_stream through huggingface_hub's "
                                "InferenceClient (default: tgi for --backend tgi, else openai)")
@@ -302,6 +304,11 @@ def _check_hardware(spec, dry_run: bool) -> None:
 
 
 def cmd_loadtest(args) -> int:
+    if args.compare:
+        from tokenrig.report.compare import compare_runs, markdown
+
+        print(markdown(compare_runs(args.compare)), end="")
+        return 0
     import locust  # noqa: F401  - gevent must patch the standard library before anything else imports it
 
     from pydantic import ValidationError
@@ -438,6 +445,7 @@ def cmd_gpus(_args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from tokenrig.loadgen.scenario import ScenarioError
     from tokenrig.profiles import UnknownProfileError
+    from tokenrig.report.compare import CompareError
     from tokenrig.serve.fit import FitError
     from tokenrig.serve.launcher import LaunchError
     from tokenrig.train.spec import TrainSpecError
@@ -447,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                 "gpus": cmd_gpus, "fit": cmd_fit}
     try:
         return handlers[args.command](args)
-    except (UnknownProfileError, ScenarioError, LaunchError, FitError, TrainSpecError) as error:
+    except (UnknownProfileError, ScenarioError, LaunchError, FitError, TrainSpecError, CompareError) as error:
         print(f"tokenrig: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

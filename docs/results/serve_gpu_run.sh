@@ -119,6 +119,6 @@ for config in $CONFIGS; do
     *) echo "unknown configuration $config";;
   esac
 done
-kill $SMI
+kill $SMI 2> /dev/null  # gone already where there is no nvidia-smi
 for dir in "$TOKENRIG_MODELS"/*/; do cp "$dir/tokenrig-checkpoint.json" "$RES/checkpoint-$(basename "$dir").json" 2> /dev/null; done
 pack

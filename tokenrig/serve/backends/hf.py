@@ -21,7 +21,9 @@ CPU_MAX_NUM_SEQS = 64  # on CPU there is no fit plan: room for this many full-co
 # eager materialises a step's attention scores over the whole packed batch: heads x step tokens x every
 # request's KV, as bf16 scores, bf16 after the mask, fp32 softmax and bf16 again (10 bytes a score).
 # They must fit in part of the memory the plan leaves unallocated. Seen on an H200 (7B, 32 streams):
-# 8192-token steps hung the engine at 137 GB; 2048-token steps (~14 GB of scores) peaked at 139.9 GB.
+# 8192-token steps hung the engine at 137.0k MiB; 2048-token steps peaked at 139.9k MiB and the 298-token
+# steps this sizing gives at 142.1k MiB (1-s nvidia-smi samples of 143.8k), both completing: the peak is
+# not the step's scores alone (docs/results/serve-h200-hf.md).
 EAGER_SCORE_BYTES = 2 + 2 + 4 + 2
 EAGER_HEADROOM_SHARE = 0.5
 EAGER_MIN_STEP_TOKENS = 128

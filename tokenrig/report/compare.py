@@ -1,0 +1,99 @@
+"""One markdown table over finished load-test runs: `tokenrig loadtest --compare DIR...`.
+
+Reads each run directory's metadata.json (server configuration, load plan) and summary.json
+(docs/metrics.md definitions), so a results page is regenerated from the data, not typed.
+Runs that measured nothing, or whose load generator was the bottleneck, are kept and marked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class CompareError(ValueError):
+    pass
+
+
+def server_label(server: dict) -> str:
+    """What distinguishes one serving configuration from another, in the words of the serve flags."""
+    quant = server.get("quant") or "bf16"
+    if server.get("quant_kernel"):
+        quant += f" ({server['quant_kernel']})"
+    parts = [server.get("backend", "?"), server.get("model", "?"), server.get("gpu", "?"), quant]
+    if server.get("attention"):
+        parts.append(server["attention"])
+    if server.get("cuda_graphs"):
+        padding = server.get("kv_padding_tokens")
+        parts.append("CUDA graphs" + (f", KV padding {padding}" if padding else ""))
+    if server.get("sim_ttft_ms") is not None:
+        parts.append(f"sim TTFT {server['sim_ttft_ms']:g} ms, TPOT {server['sim_tpot_ms']:g} ms")
+    if server.get("compile_level"):
+        parts.append(f"compile {server['compile_level']}")
+    return " ".join(parts[:3]) + ", " + ", ".join(parts[3:])
+
+
+def _ms(distribution: dict | None, key: str) -> float | None:
+    return distribution[key] * 1000 if distribution else None
+
+
+def run_row(run_dir: Path) -> dict:
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    latency, server_metrics = summary["latency_s"], summary.get("server") or {}
+    running = server_metrics.get("running") or {}
+    notes = []
+    if summary["window"].get("problem"):
+        notes.append("no measurement: " + summary["window"]["problem"])
+    if not summary["load_generator"]["valid"]:
+        notes.append("load generator invalid: " + "; ".join(summary["load_generator"]["problems"]))
+    if summary.get("interrupted"):
+        notes.append("interrupted")
+    return {
+        "run_id": metadata.get("run_id", run_dir.name),
+        "config": server_label(metadata.get("server") or {}),
+        "load": summary.get("load", {}).get("plan", ""),
+        "window_s": summary["window"]["seconds"],
+        "ok": summary["requests"]["ok"], "failed": summary["requests"]["failed"],
+        **{f"{metric}_{key}_ms": _ms(latency[metric], key)
+           for metric in ("ttft", "tpot", "itl") for key in ("p50", "p99")},
+        "output_tokens_per_s": summary["throughput"]["output_tokens_per_s"],
+        "requests_per_s": summary["throughput"]["requests_per_s"],
+        "server_running_mean": running.get("mean"), "server_running_max": running.get("max"),
+        "notes": notes,
+    }
+
+
+def compare_runs(directories: list[Path]) -> list[dict]:
+    """A row per run directory (metadata.json + summary.json) under `directories`, in creation order per directory."""
+    rows = []
+    for directory in directories:
+        run_dirs = sorted({path.parent for path in Path(directory).rglob("summary.json")
+                           if (path.parent / "metadata.json").exists()}, key=lambda p: p.name)
+        rows += [run_row(run_dir) for run_dir in run_dirs]
+    if not rows:
+        raise CompareError(f"no load-test runs (summary.json + metadata.json) under {', '.join(map(str, directories))}")
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    def number(value, fmt=".1f"):
+        return "–" if value is None else format(value, fmt)
+
+    def pair(row, metric):
+        return f"{number(row[f'{metric}_p50_ms'])} / {number(row[f'{metric}_p99_ms'])}"
+
+    lines = ["| config | load | window s | ok | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms | output tok/s "
+             "| req/s | server running mean / max |",
+             "|---|---|---:|---:|---|---|---|---:|---:|---|"]
+    for row in rows:
+        running = (f"{number(row['server_running_mean'])} / {number(row['server_running_max'], '.0f')}"
+                   if row["server_running_mean"] is not None else "–")
+        lines.append(f"| {row['config']} | {row['load']} | {number(row['window_s'], '.0f')} | {row['ok']}" + (f" (+{row['failed']} failed)" if row["failed"] else "")
+                     + f" | {pair(row, 'ttft')} | {pair(row, 'tpot')} | {pair(row, 'itl')} "
+                     f"| {number(row['output_tokens_per_s'])} | {number(row['requests_per_s'], '.2f')} | {running} |")
+    marked = [row for row in rows if row["notes"]]
+    if marked:
+        lines += [""] + [f"- {row['run_id']} ({row['config']}, {row['load']}): {'; '.join(row['notes'])}"
+                         for row in marked]
+    return "\n".join(lines) + "\n"
