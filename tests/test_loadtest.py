@@ -173,5 +173,11 @@ def test_compare_tables_real_runs_and_marks_a_window_nothing_was_scheduled_in(tm
     assert rows[1].split("|")[4].strip() == "0"
     assert f"{run_dir_of(slow).name} (sim" in table.stdout and "no measurement: no request was scheduled" in table.stdout
 
+    older = json.loads((run_dir_of(slow) / "summary.json").read_text())  # as written before window.problem
+    del older["window"]["problem"]
+    (run_dir_of(slow) / "summary.json").write_text(json.dumps(older))
+    again = run_cli("loadtest", "--compare", str(tmp_path / "slow"))
+    assert "no measurement: no request was scheduled inside the window" in again.stdout
+
     empty = run_cli("loadtest", "--compare", str(tmp_path / "nothing-here"))
     assert empty.returncode == 2 and "no load-test runs" in empty.stderr

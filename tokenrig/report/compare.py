@@ -43,8 +43,11 @@ def run_row(run_dir: Path) -> dict:
     latency, server_metrics = summary["latency_s"], summary.get("server") or {}
     running = server_metrics.get("running") or {}
     notes = []
-    if summary["window"].get("problem"):
-        notes.append("no measurement: " + summary["window"]["problem"])
+    # summaries written before window.problem existed say it only through the count
+    window_problem = summary["window"].get("problem") or (
+        None if summary["requests"]["measured"] else "no request was scheduled inside the window")
+    if window_problem:
+        notes.append(f"no measurement: {window_problem}")
     if not summary["load_generator"]["valid"]:
         notes.append("load generator invalid: " + "; ".join(summary["load_generator"]["problems"]))
     if summary.get("interrupted"):
@@ -89,8 +92,9 @@ def markdown(rows: list[dict]) -> str:
     for row in rows:
         running = (f"{number(row['server_running_mean'])} / {number(row['server_running_max'], '.0f')}"
                    if row["server_running_mean"] is not None else "–")
-        lines.append(f"| {row['config']} | {row['load']} | {number(row['window_s'], '.0f')} | {row['ok']}" + (f" (+{row['failed']} failed)" if row["failed"] else "")
-                     + f" | {pair(row, 'ttft')} | {pair(row, 'tpot')} | {pair(row, 'itl')} "
+        ok = f"{row['ok']}" + (f" (+{row['failed']} failed)" if row["failed"] else "")
+        lines.append(f"| {row['config']} | {row['load']} | {number(row['window_s'], '.0f')} | {ok} "
+                     f"| {pair(row, 'ttft')} | {pair(row, 'tpot')} | {pair(row, 'itl')} "
                      f"| {number(row['output_tokens_per_s'])} | {number(row['requests_per_s'], '.2f')} | {running} |")
     marked = [row for row in rows if row["notes"]]
     if marked:
