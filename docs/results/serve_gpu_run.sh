@@ -10,9 +10,9 @@
 # Rehearse the same flow on CPU first (no device time): GPU=cpu MODEL=tiny DURATION=4 WHEELS= OUT=/tmp/o bash ...
 set -u
 GPU=${GPU:-h200} MODEL=${MODEL:-llama2-7b} DURATION=${DURATION:-25} WARMUP=${WARMUP:-4} RES=${RES:-/tmp/results}
-CONFIGS=${CONFIGS-sdpa eager gptq}
-BASES=" $(for config in $CONFIGS; do printf '%s ' "${config%-graphs}"; done)" STREAMS=${STREAMS-1 8 32} POISSON=${POISSON:-1} DECODE=${DECODE:-} GPTQ_KERNEL=${GPTQ_KERNEL:-gptq_triton}
-AWQ_KERNEL=${AWQ_KERNEL:-gemm_triton}
+CONFIGS=${CONFIGS-sdpa eager gptq} STREAMS=${STREAMS-1 8 32} POISSON=${POISSON:-1} DECODE=${DECODE:-}
+GPTQ_KERNEL=${GPTQ_KERNEL:-gptq_triton} AWQ_KERNEL=${AWQ_KERNEL:-gemm_triton}
+BASES=" $(for config in $CONFIGS; do printf '%s ' "${config%-graphs}"; done)"  # the configurations without -graphs
 export PYTHONUNBUFFERED=1 TOKENRIG_MODELS=${TOKENRIG_MODELS:-/tmp/models} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 if [ -n "${WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl || exit 1
