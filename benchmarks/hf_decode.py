@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -125,8 +126,11 @@ def measure_one(args, config: dict) -> dict:
 
 
 def run_child(args, config_text: str) -> dict:
+    from tokenrig.serve.backends import hf
+
     command = [sys.executable, __file__, "--child", config_text] + args.passthrough
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    env = dict(os.environ, **hf.allocator_env(server_spec(args, parse_config(config_text)).device))  # as the server's
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     if result.returncode != 0:
         return {**parse_config(config_text), "error": (result.stderr.strip().splitlines() or ["exit " + str(result.returncode)])[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -184,3 +184,15 @@ def test_health_wait_gives_up_stops_the_server_and_shows_its_log(tmp_path_factor
         with server:
             pass
     assert server.process.poll() is not None  # stopped, not left behind
+
+
+def test_hf_gpu_engines_get_expandable_segments_unless_the_user_chose_an_allocator(monkeypatch):
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert launch_plan(spec("hf", model="7b", gpu="h200"), MODEL_DIR, 1).env == {
+        "PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+    assert launch_plan(spec("hf", model="tiny", gpu="cpu"), MODEL_DIR, 1).env == {}
+    dry = run_cli("serve", "--backend", "hf", "--gpu", "h200", "--model", "7b", "--dry-run")
+    assert dry.returncode == 0 and "env: PYTORCH_ALLOC_CONF=expandable_segments:True" in dry.stdout, dry.stderr
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the older name counts too
+    assert launch_plan(spec("hf", model="7b", gpu="h200"), MODEL_DIR, 1).env == {}

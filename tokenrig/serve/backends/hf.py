@@ -9,6 +9,7 @@ CUDA graphs over the engine's statically allocated paged cache.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +23,8 @@ CPU_MAX_NUM_SEQS = 64  # on CPU there is no fit plan: room for this many full-co
 # request's KV, as bf16 scores, bf16 after the mask, fp32 softmax and bf16 again (10 bytes a score).
 # They must fit in part of the memory the plan leaves unallocated. Seen on an H200 (7B, 32 streams):
 # 8192-token steps hung the engine at 137.0k MiB; 2048-token steps peaked at 139.9k MiB and the 298-token
-# steps this sizing gives at 142.1k MiB (1-s nvidia-smi samples of 143.8k), both completing: the peak is
-# not the step's scores alone (docs/results/serve-h200-hf.md).
+# steps this sizing gives at 142.1k MiB (1-s nvidia-smi samples of 143.8k), both completing; the rest was
+# the caching allocator (122.1k MiB with expandable segments, see allocator_env).
 EAGER_SCORE_BYTES = 2 + 2 + 4 + 2
 EAGER_HEADROOM_SHARE = 0.5
 EAGER_MIN_STEP_TOKENS = 128
@@ -49,6 +50,18 @@ def model_dir(spec, progress=print, write: bool = True) -> Path:
     if not is_complete(path):
         progress(f"writing synthetic {spec.model.key} {spec.quant} checkpoint to {path} (random weights)")
     return make_checkpoint(spec.model, dtype=DTYPES[spec.quant], quant=quant, progress=progress)
+
+
+def allocator_env(device: str) -> dict[str, str]:
+    """The engine process's PyTorch allocator setting: expandable segments on a GPU, unless the user set one.
+
+    Continuous batching changes the step's shapes every step; PyTorch's default caching allocator kept
+    blocks of each: eager at 32 streams on an H200 peaked at 142.1k MiB with it, 122.1k with expandable
+    segments (same load, 0 failures either way; docs/results/serve-h200-hf.md).
+    """
+    if device == "cpu" or {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & os.environ.keys():
+        return {}
+    return {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
 
 
 def engine_limits(spec):
@@ -87,6 +100,6 @@ def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
         command += ["--cuda-graphs" if spec.cuda_graphs else "--no-cuda-graphs"]
     if spec.kv_padding_tokens:
         command += ["--kv-padding-tokens", str(spec.kv_padding_tokens)]
-    return LaunchPlan(command + spec.extra_args, env={}, fit=fit,
+    return LaunchPlan(command + spec.extra_args, env=allocator_env(spec.device), fit=fit,
                       install_hint="flash_attention_2 needs `pip install flash-attn`; GPTQ/AWQ need "
                                    "`pip install optimum gptqmodel`")
