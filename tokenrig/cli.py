@@ -40,7 +40,8 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
                                                     "rtx3090, l40s, cpu (default)")
     parser.add_argument("--model", default="tiny", help="model profile: tiny (default), llama2-7b|7b, "
                                                        "llama2-13b|13b, llama2-70b|70b, llama3-8b|8b")
-    parser.add_argument("--quant", default="bf16", help="bf16 (default), fp16, int8, gptq, awq (4-bit, group 128)")
+    parser.add_argument("--quant", default="bf16",
+                        help="bf16 (default), fp16, int8, fp8 (vllm: online FP8), gptq, awq (4-bit, group 128)")
     parser.add_argument("--attention", "--attn-implementation", dest="attention", default=None,
                         help="flash | noflash, or the backend's own name: hf eager/sdpa/flash_attention_2; "
                              "vllm FLASH_ATTN/FLASHINFER/TRITON_ATTN/FLEX_ATTENTION; tgi flashinfer/flashdecoding/paged")
@@ -61,6 +62,9 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
                              "(default: gptqmodel's choice, which on Hopper JIT-builds Machete and downloads CUTLASS)")
     parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help="vllm/tgi: automatic prefix caching (default: the engine's)")
+    parser.add_argument("--nvls", action="store_true",
+                        help="vllm at TP > 1: allow NVLink multicast (FlashInfer all-reduce fusion, symmetric memory, "
+                             "NCCL NVLS), which tokenrig turns off unless asked; only on NVSwitch hosts you own")
     parser.add_argument("--sim-ttft-ms", type=float, default=None,
                         help="sim backend: fixed time to first token instead of the roofline model")
     parser.add_argument("--sim-tpot-ms", type=float, default=None, help="sim backend: fixed time per output token")
@@ -263,7 +267,7 @@ def _server_spec(args, concurrency: int | None = None):
                       concurrency=args.concurrency or concurrency or DEFAULT_CONCURRENCY,
                       max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
                       compile_level=args.compile_level, cuda_graphs=args.cuda_graphs,
-                      prefix_caching=args.prefix_caching,
+                      prefix_caching=args.prefix_caching, nvls=args.nvls,
                       quant_kernel=getattr(args, "quant_kernel", None),
                       kv_padding_tokens=getattr(args, "kv_padding_tokens", None), sim_ttft_ms=args.sim_ttft_ms, sim_tpot_ms=args.sim_tpot_ms,
                       host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", None))

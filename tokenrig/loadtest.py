@@ -184,6 +184,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
             server = stack.enter_context(LaunchedServer(spec, run_dir / "server.log", progress=progress))
             endpoint = server.endpoint
             metadata["server"].update(server.plan.describe())  # the exact command, environment and memory plan
+            metadata["server"]["served"] = server.served  # what the engine's log says it loaded and chose
         metadata["endpoint"] = {"base_url": endpoint.base_url, "metrics_url": endpoint.metrics_url}
         write_json(run_dir / "metadata.json", metadata)
         tokenizer = Tokenizer.from_file(str(Path(endpoint.tokenizer_dir) / "tokenizer.json"))

@@ -59,7 +59,12 @@ def quantization_config(quant: str) -> dict:
     if quant == "gptq":
         return {"quant_method": "gptq", "bits": BITS, "group_size": GROUP_SIZE, "desc_act": False, "sym": True,
                 "damp_percent": 0.01, "true_sequential": True, "static_groups": False, "lm_head": False,
-                "checkpoint_format": "gptq"}
+                "checkpoint_format": "gptq",
+                # named, as GPTQModel writes it: without it vLLM 0.26 infers the quantized layers from the
+                # safetensors' dtypes, finds none under --load-format dummy and serves every linear in bf16
+                "modules_in_block_to_quantize": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                                 ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"],
+                                                 ["mlp.down_proj"]]}
     if quant == "awq":
         return {"quant_method": "awq", "bits": BITS, "group_size": GROUP_SIZE, "zero_point": True,
                 "version": "gemm"}

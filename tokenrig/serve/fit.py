@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from tokenrig.profiles import GpuProfile, ModelProfile, gpu_profiles
 
 GROUP_SIZE = 128  # quantization group along the input dimension (GPTQ/AWQ default)
-QUANTS = ("bf16", "fp16", "int8", "gptq", "awq")
+QUANTS = ("bf16", "fp16", "int8", "fp8", "gptq", "awq")
 QUANT_ALIASES = {"none": "bf16", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
-                 "gptq-4bit": "gptq", "awq-4bit": "awq", "int8": "int8", "w8": "int8"}
+                 "gptq-4bit": "gptq", "awq-4bit": "awq", "int8": "int8", "w8": "int8", "float8": "fp8"}
 TP_SIZES = (1, 2, 4, 8)
 MAX_GPUS = 8
 # CUDA context, cuBLAS/NCCL workspaces and CUDA-graph pools: what an engine holds besides weights,
@@ -59,6 +59,8 @@ def linear_bytes(quant: str, fan_in: int, fan_out: int) -> int:
         return 2 * fan_in * fan_out
     if quant == "int8":
         return fan_in * fan_out + 2 * fan_out  # int8 weight + one fp16 scale per output channel
+    if quant == "fp8":
+        return fan_in * fan_out + 4  # fp8 e4m3 weight + one fp32 scale per tensor (vLLM's online FP8)
     groups = fan_in // GROUP_SIZE  # tp_is_valid refuses dimensions that are not whole groups
     qweight = fan_in * fan_out // 2  # 8 4-bit values per int32
     qzeros = groups * (fan_out // 8) * 4

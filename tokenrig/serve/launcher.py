@@ -61,6 +61,7 @@ class ServerSpec:
     compile_level: int = 0  # hf: torch.compile level of transformers' continuous batching (0 = off)
     cuda_graphs: bool | None = None  # hf: CUDA graphs over the static paged cache (None = transformers decides)
     prefix_caching: bool | None = None  # vllm/tgi: None = the engine's default
+    nvls: bool = False  # vllm at TP > 1: allow NVLink multicast (off unless asked: it can take shared GPUs down)
     quant_kernel: str | None = None  # hf: gptqmodel kernel for GPTQ/AWQ (None = gptqmodel's own choice)
     kv_padding_tokens: int | None = None  # hf with CUDA graphs: KV read padded to a multiple of this
     sim_ttft_ms: float | None = None
@@ -74,7 +75,8 @@ class ServerSpec:
                 "quant": self.quant, "attention": self.attention, "tp": self.tp, "max_model_len": self.max_model_len,
                 "concurrency": self.concurrency, "max_num_seqs": self.max_num_seqs,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "compile_level": self.compile_level,
-                "cuda_graphs": self.cuda_graphs, "prefix_caching": self.prefix_caching, "quant_kernel": self.quant_kernel,
+                "cuda_graphs": self.cuda_graphs, "prefix_caching": self.prefix_caching, "nvls": self.nvls,
+                "quant_kernel": self.quant_kernel,
                 "kv_padding_tokens": self.kv_padding_tokens,
                 "sim_ttft_ms": self.sim_ttft_ms, "sim_tpot_ms": self.sim_tpot_ms}
 
@@ -102,10 +104,13 @@ def prepare_model_dir(spec: ServerSpec, progress=print) -> Path:
 
 
 class LaunchedServer:
-    def __init__(self, spec: ServerSpec, log_path: Path, health_timeout_s: float = 900, progress=print):
+    def __init__(self, spec: ServerSpec, log_path: Path, health_timeout_s: float = 900, progress=print,
+                 progress_every_s: float = 15):
         self.spec = spec
         self.log_path = log_path
         self.health_timeout_s = health_timeout_s
+        self.progress_every_s = progress_every_s
+        self.served: dict = {}  # what the engine's log says it served (backends that read it)
         self.progress = progress
         self.process: subprocess.Popen | None = None
         self.command: list[str] = []
@@ -143,14 +148,18 @@ class LaunchedServer:
         log.close()
         base_url = f"http://{self.spec.host}:{port}"
         self._wait_healthy(base_url + self.plan.health_path)
+        self._check_served()
         max_context = self.plan.fit.max_model_len if self.plan.fit is not None else self.spec.model.max_context
         self.endpoint = Endpoint(base_url, base_url + self.plan.metrics_path, self.spec.model.key, model_dir,
                                  max_context)
         return self.endpoint
 
     def _wait_healthy(self, health_url: str) -> None:
-        deadline = time.monotonic() + self.health_timeout_s
+        """Poll the health route; every `progress_every_s` say how long it has taken and the log's last line
+        (vLLM compiles and captures CUDA graphs for minutes before it answers)."""
         started = time.monotonic()
+        deadline = started + self.health_timeout_s
+        next_report = started + self.progress_every_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise LaunchError(f"server exited with code {self.process.returncode} before it was healthy; "
@@ -162,9 +171,25 @@ class LaunchedServer:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
+            if time.monotonic() >= next_report:
+                last = self.log_tail(1).strip()[-160:]
+                self.progress(f"  waiting for the server: {time.monotonic() - started:.0f} s of "
+                              f"{self.health_timeout_s:g} s; log: {last}")
+                next_report += self.progress_every_s
             time.sleep(0.2)
         raise LaunchError(f"server not healthy after {self.health_timeout_s:g} s (polled {health_url}); "
                           f"log {self.log_path} ends:\n{self.log_tail()}")
+
+    def _check_served(self) -> None:
+        """Read from the log what the engine served; refuse a server that is not what was asked for."""
+        if self.plan.read_served is None:
+            return
+        self.served = self.plan.read_served(self.log_path.read_text(errors="replace"))
+        if self.served:
+            self.progress("served: " + ", ".join(f"{key} {value}" for key, value in self.served.items()))
+        problem = self.plan.check_served(self.spec, self.plan, self.served) if self.plan.check_served else None
+        if problem:
+            raise LaunchError(problem)
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -8,6 +8,7 @@ TP size, max model length and batch limits come from the fit planner.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +24,10 @@ class LaunchPlan:
     health_path: str = "/health"
     metrics_path: str = "/metrics"
     notes: list[str] = field(default_factory=list)
+    # server log -> what the engine says it served (weights loaded, kernels, attention backend)
+    read_served: Callable[[str], dict] | None = None
+    # (spec, plan, served facts) -> why the served engine is not what was asked for, or None
+    check_served: Callable[[object, LaunchPlan, dict], str | None] | None = None
 
     def describe(self) -> dict:
         return {"command": self.command, "env": self.env, "docker": self.docker,

@@ -20,7 +20,7 @@ TGI_VERSION = "3.0.1"
 TGI_IMAGE = f"ghcr.io/huggingface/text-generation-inference:{TGI_VERSION}"
 ATTENTION = {"flashinfer": "flashinfer", "flashdecoding": "flashdecoding", "paged": "paged",
              "flash": "flashdecoding", "noflash": "paged"}
-QUANTIZE = {"gptq": "gptq", "awq": "awq", "int8": "eetq"}  # eetq: 8-bit weight-only, quantized at load
+QUANTIZE = {"gptq": "gptq", "awq": "awq", "int8": "eetq", "fp8": "fp8"}  # eetq, fp8: quantized at load
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 MIN_CONCURRENT_REQUESTS = 128  # TGI's default; more would only queue in the router
 

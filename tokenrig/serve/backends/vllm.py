@@ -1,33 +1,56 @@
-"""The vllm backend: `vllm serve` with flags checked against vLLM's own argument parser.
+"""The vllm backend: `vllm serve` (vLLM 0.26.0) with flags checked against vLLM's own source.
 
-Pinned: vLLM 0.11.0. Flags were read from vllm/engine/arg_utils.py (EngineArgs.add_cli_args, the
-v0.11 series whose deprecations say "will be removed in v0.12.0") and the OpenAI frontend's
---host/--port/--served-model-name; the attention backend is the environment variable
-VLLM_ATTENTION_BACKEND with a name of vllm/attention/backends/registry.py's `_Backend`.
-Synthetic checkpoints use `--load-format dummy`: vLLM fills the weights (quantized ones too,
-from config.json's quantization_config) with random values, so only config + tokenizer are read.
-vLLM is a GPU-only optional dependency: `pip install vllm==0.11.0` on the GPU box.
+Pinned: vLLM 0.26.0, the release that pins torch 2.11. Every flag and VLLM_* variable used here is in
+the list `scripts/gen_vllm_cli.py` generates from that wheel (tests/data/vllm-0.26.0-cli.json), which
+the CPU tests parse the generated commands against. Since 0.11 the attention backend is the flag
+`--attention-backend` (the variable VLLM_ATTENTION_BACKEND is gone).
+
+Synthetic checkpoints use `--load-format dummy`: vLLM fills the weights (quantized ones too, from
+config.json's quantization_config) with random values, so only config + tokenizer are read. FP8 is
+vLLM's online quantization of a bf16 model (`--quantization fp8`, native on Hopper and Ada).
+
+Tensor parallelism on NVSwitch hosts: vLLM 0.26 fuses all-reduce with RMSNorm through FlashInfer,
+whose 'mnnvl' backend and torch symmetric memory use NVLink multicast. Unless `--nvls` asks for it,
+tokenrig turns all of that off at TP > 1 (docs/serving.md says why and what else could reach it).
+
+The server log proves what was served: `served_facts` reads the weight memory vLLM loaded, the
+linear kernels and the attention backend it chose, and `check_served` refuses a run whose weight
+memory is far from what the requested quantization would take.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import re
+import shutil
+import sys
 from pathlib import Path
 
 from tokenrig.serve.backends import LaunchPlan, plan_for, resolve_attention
 
-VLLM_VERSION = "0.11.0"
+VLLM_VERSION = "0.26.0"
 ATTENTION = {"FLASH_ATTN": "FLASH_ATTN", "FLASHINFER": "FLASHINFER", "TRITON_ATTN": "TRITON_ATTN",
              "FLEX_ATTENTION": "FLEX_ATTENTION", "flash": "FLASH_ATTN", "noflash": "TRITON_ATTN"}
-# Marlin kernels serve GPTQ/AWQ on Ampere and newer (every GPU profile tokenrig ships).
-QUANTIZATION = {"gptq": "gptq_marlin", "awq": "awq_marlin"}
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "gptq": "float16", "awq": "float16"}
+# Marlin kernels serve GPTQ/AWQ on Ampere and newer (every GPU profile tokenrig ships); fp8 is online.
+QUANTIZATION = {"gptq": "gptq_marlin", "awq": "awq_marlin", "fp8": "fp8"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "gptq": "float16", "awq": "float16", "fp8": "bfloat16"}
+CHECKPOINT_QUANT = ("gptq", "awq")  # quantized in config.json; fp8 quantizes a bf16 model at load
+# At TP > 1: no FlashInfer all-reduce fusion (its 'mnnvl' backend is multicast), its one-shot/two-shot
+# kernels through TensorRT-LLM's backend where anything still asks for it, no symmetric-memory
+# all-reduce (multimem on NVSwitch) and torch's multicast in symmetric memory, NCCL without NVLink SHARP (NVLS).
+NO_MULTICAST_ENV = {"VLLM_FLASHINFER_ALLREDUCE_BACKEND": "trtllm", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
+                    "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+NO_MULTICAST_COMPILATION = {"pass_config": {"fuse_allreduce_rms": False}}
+# How a weight memory this far from the planned bytes reads: not the quantization that was asked for.
+WEIGHT_TOLERANCE = 0.35
 
 
 def _check(spec) -> None:
     from tokenrig.serve.launcher import LaunchError
 
     if spec.quant not in DTYPES:
-        raise LaunchError("vLLM has no int8 weight-only path for Llama checkpoints; use --quant gptq or awq, "
+        raise LaunchError("vLLM has no int8 weight-only path for Llama checkpoints; use --quant gptq, awq or fp8, "
                           "or --backend tgi --quant int8 (EETQ)")
     if spec.device == "cpu":
         raise LaunchError("the vllm backend serves on a GPU: pick a GPU profile with --gpu")
@@ -37,14 +60,22 @@ def model_dir(spec, progress=print, write: bool = True) -> Path:
     from tokenrig.serve.checkpoint import config_dir
 
     _check(spec)
-    return config_dir(spec.model, quant=spec.quant if spec.quant in QUANTIZATION else None, write=write)
+    return config_dir(spec.model, quant=spec.quant if spec.quant in CHECKPOINT_QUANT else None, write=write)
+
+
+def vllm_entrypoint() -> list[str]:
+    """`vllm` where its script is on PATH; else this Python's `-m vllm.entrypoints.cli.main` where vLLM
+    imports from here (an offline host with vLLM's wheels unpacked on PYTHONPATH has no script)."""
+    if shutil.which("vllm") is None and importlib.util.find_spec("vllm") is not None:
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    return ["vllm"]
 
 
 def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
     _check(spec)
     fit = plan_for(spec)
     attention = resolve_attention(spec, ATTENTION, None)
-    command = ["vllm", "serve", str(model_dir), "--served-model-name", spec.model.key,
+    command = [*vllm_entrypoint(), "serve", str(model_dir), "--served-model-name", spec.model.key,
                "--host", spec.host, "--port", str(port),
                "--tensor-parallel-size", str(fit.tp), "--dtype", DTYPES[spec.quant],
                "--load-format", "dummy", "--max-model-len", str(fit.max_model_len),
@@ -53,9 +84,50 @@ def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
                "--gpu-memory-utilization", str(fit.gpu_memory_utilization)]
     if spec.quant in QUANTIZATION:
         command += ["--quantization", QUANTIZATION[spec.quant]]
+    if attention:
+        command += ["--attention-backend", attention]
     if spec.prefix_caching is not None:
         command += ["--enable-prefix-caching" if spec.prefix_caching else "--no-enable-prefix-caching"]
-    env = {"VLLM_ATTENTION_BACKEND": attention} if attention else {}
+    env: dict[str, str] = {}
+    notes = [f"flags checked against vLLM {VLLM_VERSION}"]
+    if fit.tp > 1 and not spec.nvls:
+        command += ["--compilation-config", json.dumps(NO_MULTICAST_COMPILATION, separators=(",", ":"))]
+        env.update(NO_MULTICAST_ENV)
+        notes.append("TP > 1: NVLink multicast off (no FlashInfer all-reduce fusion, no symmetric-memory "
+                     "all-reduce, NCCL_NVLS_ENABLE=0); --nvls allows it")
     return LaunchPlan(command + spec.extra_args, env=env, fit=fit,
-                      install_hint=f"Install it on the GPU machine: pip install vllm=={VLLM_VERSION}",
-                      notes=[f"flags checked against vLLM {VLLM_VERSION}"])
+                      install_hint=f"Install it on the GPU machine: pip install vllm=={VLLM_VERSION} "
+                                   "(make setup-vllm: a separate venv, vLLM pins torch 2.11)",
+                      notes=notes, read_served=served_facts, check_served=check_served)
+
+
+# vllm/v1/worker/gpu_model_runner.py, kernels/linear/__init__.py, platforms/cuda.py (0.26.0)
+_LOADED = re.compile(r"Model loading took ([\d.]+) GiB")
+_KERNEL = re.compile(r"Selected (\w+) for (\w+)")
+_ATTENTION = re.compile(r"Using (\w+) attention backend out of|Using (\w+) backend\.")
+
+
+def served_facts(log_text: str) -> dict:
+    """What the vLLM log says it served: weight GiB per GPU, linear kernel per method, attention backend."""
+    facts: dict = {}
+    loaded = _LOADED.findall(log_text)
+    if loaded:
+        facts["weights_gib_per_gpu"] = max(float(value) for value in loaded)
+    kernels = {method: kernel for kernel, method in _KERNEL.findall(log_text)}
+    if kernels:
+        facts["linear_kernels"] = kernels
+    for first, second in _ATTENTION.findall(log_text):
+        facts["attention_backend"] = first or second
+    return facts
+
+
+def check_served(spec, plan: LaunchPlan, facts: dict) -> str | None:
+    """A problem when the loaded weights are not the size the requested quantization gives, else None."""
+    loaded = facts.get("weights_gib_per_gpu")
+    if loaded is None or plan.fit is None:
+        return None
+    planned = plan.fit.weight_bytes / 2**30
+    if abs(loaded - planned) > WEIGHT_TOLERANCE * planned:
+        return (f"vLLM loaded {loaded:.2f} GiB of weights per GPU; {spec.quant} {spec.model.key} at TP "
+                f"{plan.fit.tp} takes {planned:.2f} GiB: the served weights are not {spec.quant}")
+    return None
