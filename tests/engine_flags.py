@@ -1,31 +1,27 @@
 """Reference parsers for the engines tokenrig launches but cannot install here (no GPU): vLLM and TGI.
 
-Built by hand from the engines' own sources, independently of tokenrig's backends, so a wrong or
-renamed flag in a generated command fails to parse:
+Built independently of tokenrig's backends, so a wrong or renamed flag or environment variable in
+a generated command fails to parse:
 
-* vLLM 0.11.0 — vllm/engine/arg_utils.py (EngineArgs.add_cli_args; types from the config
-  dataclasses: Literal -> choices, bool -> BooleanOptionalAction, max_model_len -> human-readable
-  int), vllm/entrypoints/openai/cli_args.py (--host, --port), vllm/entrypoints/cli/serve.py
-  (`vllm serve [model_tag]`), quantization names from vllm/model_executor/layers/quantization,
-  attention backends from vllm/attention/backends/registry.py (`_Backend`).
-* TGI 3.0.1 — docs/source/reference/launcher.md (the launcher's clap arguments and possible
-  values) and the launcher's checks between them; ATTENTION values from the server's globals.
+* vLLM — a strict argparse parser built from tests/data/vllm-<version>-cli.json, which
+  scripts/gen_vllm_cli.py generates from the vLLM wheel's own source (the version is in the file):
+  `vllm serve` and `vllm bench serve` with their types, choices and BooleanOptionalAction flags, the
+  names vLLM checks after parsing (quantization methods, load formats, attention backends, the
+  fields of --compilation-config's JSON) and the VLLM_* environment variables vllm/envs.py reads.
+* TGI 3.0.1 — by hand from docs/source/reference/launcher.md (the launcher's clap arguments and
+  possible values) and the launcher's checks between them; ATTENTION values from the server's globals.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+from functools import cache
+from pathlib import Path
 
-VLLM_QUANTIZATION = ["aqlm", "awq", "deepspeedfp", "tpu_int8", "fp8", "ptpc_fp8", "fbgemm_fp8", "modelopt",
-                     "modelopt_fp4", "marlin", "bitblas", "gguf", "gptq_marlin_24", "gptq_marlin", "gptq_bitblas",
-                     "awq_marlin", "gptq", "compressed-tensors", "bitsandbytes", "qqq", "hqq", "experts_int8",
-                     "ipex", "quark", "moe_wna16", "torchao", "auto-round"]
-VLLM_LOAD_FORMATS = ["auto", "pt", "safetensors", "npcache", "dummy", "tensorizer", "runai_streamer",
-                     "bitsandbytes", "sharded_state", "gguf", "mistral"]
-VLLM_ATTENTION_BACKENDS = {"FLASH_ATTN", "TRITON_ATTN", "XFORMERS", "ROCM_FLASH", "TORCH_SDPA", "FLASHINFER",
-                           "FLASHINFER_MLA", "TRITON_MLA", "CUTLASS_MLA", "FLASHMLA", "FLASH_ATTN_MLA", "PALLAS",
-                           "IPEX", "FLEX_ATTENTION", "TREE_ATTN", "ROCM_ATTN"}
+DATA = Path(__file__).parent / "data"
+VLLM_PROGRAMS = (["vllm"], ["-m", "vllm.entrypoints.cli.main"])  # `vllm ...` or `<python> -m vllm.entrypoints.cli.main ...`
 TGI_QUANTIZE = ["awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4",
                 "bitsandbytes-fp4", "fp8"]
 TGI_ATTENTION = {"paged", "flashdecoding", "flashinfer"}
@@ -36,41 +32,148 @@ class _Strict(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def _human_readable_int(value: str) -> int:
-    match = re.fullmatch(r"(\d+)([kKmMgG]?)", value)
+@cache
+def vllm_cli() -> dict:
+    """The generated vLLM command-line description (one committed file, named by its version)."""
+    (path,) = DATA.glob("vllm-*-cli.json")
+    return json.loads(path.read_text())
+
+
+def human_readable_int(value: str) -> int:
+    """vllm/utils/argparse_utils.py human_readable_int: 1k = 1000, 1K = 1024, 25.6k; no decimals with K/M/G/T."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT])", value.strip())
     if not match:
-        raise argparse.ArgumentTypeError(value)
-    return int(match.group(1)) * {"": 1, "k": 1000, "m": 10**6, "g": 10**9}[match.group(2).lower()]
+        return int(value)
+    number, suffix = match.groups()
+    if suffix.islower():
+        return int(float(number) * 10 ** (3 * ("kmgt".index(suffix) + 1)))
+    return int(number) * 2 ** (10 * ("KMGT".index(suffix) + 1))
 
 
-def vllm_serve_parser() -> argparse.ArgumentParser:
-    parser = _Strict(prog="vllm serve", allow_abbrev=False)
-    parser.add_argument("model_tag", nargs="?")
-    parser.add_argument("--served-model-name", nargs="+")
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int)
-    parser.add_argument("--dtype", choices=["auto", "half", "float16", "bfloat16", "float", "float32"])
-    parser.add_argument("--load-format", choices=VLLM_LOAD_FORMATS)
-    parser.add_argument("--max-model-len", type=_human_readable_int)
-    parser.add_argument("--max-num-seqs", type=int)
-    parser.add_argument("--max-num-batched-tokens", type=_human_readable_int)
-    parser.add_argument("--gpu-memory-utilization", type=float)
-    parser.add_argument("--quantization", "-q", choices=VLLM_QUANTIZATION)
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction)
-    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction)
+def human_readable_int_or_auto(value: str) -> int:
+    return -1 if value.strip() in ("-1", "auto", "AUTO", "Auto") else human_readable_int(value)
+
+
+def json_or_str(value: str):
+    """arg_utils.union_dict_and_str: JSON when it looks like an object, else the string."""
+    return json.loads(value) if re.match(r"(?s)^\s*{.*}\s*$", value) else value
+
+
+def check_config_fields(value: dict, schema: str, where: str) -> None:
+    """vLLM's config dataclasses forbid unknown keys (config/utils.py: extra="forbid"); bools must be bools."""
+    fields = vllm_cli()["json_config_fields"][schema]
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{where} must be a JSON object")
+    for key, item in value.items():
+        if key not in fields:
+            raise argparse.ArgumentTypeError(f"{where}: {schema} has no field {key!r}")
+        kind = fields[key]
+        if isinstance(kind, str):
+            check_config_fields(item, kind, f"{where}.{key}")
+        elif kind == ["bool"] and not isinstance(item, bool):
+            raise argparse.ArgumentTypeError(f"{where}.{key} must be true or false, got {item!r}")
+
+
+TYPES = {"str": str, "int": int, "float": float, "custom": str, "human_int": human_readable_int,
+         "human_int_or_auto": human_readable_int_or_auto, "json": json.loads, "json_or_str": json_or_str,
+         "lower_underscore": lambda s: s.lower().replace("-", "_")}
+
+
+def _argument_type(spec: dict):
+    convert = TYPES[spec.get("type", "str")]
+    if spec.get("schema"):
+        def convert(value: str, schema=spec["schema"], flag=spec["flags"][0]):
+            parsed = json.loads(value)
+            check_config_fields(parsed, schema, flag)
+            return parsed
+    if spec.get("none_ok"):  # arg_utils.optional_type: "" and "None" mean None
+        return lambda value, inner=convert: None if value in ("", "None") else inner(value)
+    return convert
+
+
+def build_parser(section: str) -> argparse.ArgumentParser:
+    """A strict parser (no abbreviations, errors raise) for the generated `serve` or `bench_serve` section."""
+    description = vllm_cli()[section]
+    parser = _Strict(prog=description["prog"], allow_abbrev=False)
+    for positional in description["positionals"]:
+        parser.add_argument(positional["dest"], nargs=positional.get("nargs"))
+    for spec in description["options"]:
+        action = spec.get("action", "store")
+        if action == "boolean_optional":
+            parser.add_argument(*spec["flags"], dest=spec["dest"], action=argparse.BooleanOptionalAction)
+        elif action == "store_true":
+            parser.add_argument(*spec["flags"], dest=spec["dest"], action="store_true")
+        else:
+            kwargs = {key: spec[key] for key in ("nargs", "const") if key in spec}
+            if "choices" in spec:
+                kwargs["choices"] = spec["choices"]
+            parser.add_argument(*spec["flags"], dest=spec["dest"], action=action, type=_argument_type(spec), **kwargs)
     return parser
 
 
+def _expand_shorthands(arguments: list[str]) -> list[str]:
+    """FlexibleArgumentParser's -O3 / -O=3 / -O 3 for --optimization-level."""
+    out = []
+    for index, arg in enumerate(arguments):
+        if arg.startswith("-O") and arg != "-O":
+            out += ["--optimization-level", arg[3:] if arg[2:3] == "=" else arg[2:]]
+        elif arg == "-O" and index + 1 < len(arguments) and arguments[index + 1] in {"0", "1", "2", "3"}:
+            out.append("--optimization-level")
+        else:
+            out.append(arg)
+    return out
+
+
+def _subcommand(command: list[str], words: list[str]) -> list[str]:
+    """The arguments after `vllm <words>` or `<python> -m vllm.entrypoints.cli.main <words>`."""
+    for program in VLLM_PROGRAMS:
+        start = 0 if program == ["vllm"] else 1
+        head = command[start:start + len(program) + len(words)]
+        if head == program + words:
+            return command[start + len(program) + len(words):]
+    raise ValueError(f"not a `vllm {' '.join(words)}` command: {command[:5]}")
+
+
+def check_vllm_env(env: dict[str, str]) -> None:
+    """Every VLLM_* variable must be one vllm/envs.py reads, with a value it accepts."""
+    known = vllm_cli()["env_vars"]
+    for name, value in env.items():
+        if not name.startswith("VLLM_"):
+            continue
+        if name not in known:
+            raise ValueError(f"{name} is not an environment variable of vLLM {vllm_cli()['vllm_version']}")
+        choices = known[name].get("choices")
+        folded = value if known[name].get("case_sensitive", True) else value.lower()
+        if choices and folded not in choices:
+            raise ValueError(f"{name}={value} is not one of {choices}")
+        if known[name].get("type") == "int" and not re.fullmatch(r"-?\d+", value):
+            raise ValueError(f"{name}={value}: vLLM reads it with int()")
+
+
 def parse_vllm(command: list[str], env: dict[str, str]) -> argparse.Namespace:
-    if command[:2] != ["vllm", "serve"]:
-        raise ValueError(f"not a `vllm serve` command: {command[:2]}")
-    args = vllm_serve_parser().parse_args(command[2:])
-    backend = env.get("VLLM_ATTENTION_BACKEND")
-    if backend is not None and backend not in VLLM_ATTENTION_BACKENDS:
-        raise ValueError(f"VLLM_ATTENTION_BACKEND={backend} is not a vLLM attention backend")
-    if not 0 < args.gpu_memory_utilization <= 1:
-        raise ValueError("--gpu-memory-utilization must be in (0, 1]")
+    """A `vllm serve` command line and its environment, with the checks vLLM makes right after parsing."""
+    cli = vllm_cli()
+    args = build_parser("serve").parse_args(_expand_shorthands(_subcommand(command, ["serve"])))
+    if args.quantization is not None and args.quantization not in cli["quantization_methods"]:
+        raise ValueError(f"--quantization {args.quantization} is not a vLLM quantization method")
+    if args.load_format not in (None, *cli["load_formats"]):
+        raise ValueError(f"--load-format {args.load_format} is not a vLLM load format")
+    for spec in cli["serve"]["options"]:  # enum-valued flags, e.g. --attention-backend, --optimization-level
+        value = getattr(args, spec["dest"])
+        if "values" in spec and value is not None:
+            folded = value.upper() if spec.get("values_case") == "upper" and value.lower() != "auto" else value
+            if folded not in spec["values"]:
+                raise ValueError(f"{spec['flags'][0]} {value} is not one of {spec['values']}")
+    if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
+        raise ValueError("--gpu-memory-utilization must be in (0, 1]")  # config/cache.py: Field(gt=0, le=1)
+    check_vllm_env(env)
+    return args
+
+
+def parse_vllm_bench_serve(command: list[str], env: dict[str, str] | None = None) -> argparse.Namespace:
+    """A `vllm bench serve` command line."""
+    args = build_parser("bench_serve").parse_args(_subcommand(command, ["bench", "serve"]))
+    check_vllm_env(env or {})
     return args
 
 
