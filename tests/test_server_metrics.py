@@ -35,6 +35,18 @@ def test_engine_names_map_to_one_vocabulary():
     assert parse_metrics(TGI_PAGE) == {"running": 7, "waiting": 2, "batch_tokens": 5120}
 
 
+def test_an_older_vllm_exporting_old_and_new_names_side_by_side_is_not_counted_twice():
+    page = VLLM_PAGE + """# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{engine="0",model_name="m"} 0.25
+# TYPE vllm:gpu_prefix_cache_queries counter
+vllm:gpu_prefix_cache_queries_total{engine="0",model_name="m"} 1000.0
+"""
+    assert parse_metrics(page)["kv_cache_usage"] == 0.25 and parse_metrics(page)["prefix_cache_queries"] == 1000
+    only_old = page.replace("vllm:kv_cache_usage_perc{", "vllm:other{").replace("vllm:prefix_cache_queries_total{",
+                                                                                 "vllm:other_total{")
+    assert parse_metrics(only_old)["kv_cache_usage"] == 0.25 and parse_metrics(only_old)["prefix_cache_queries"] == 1000
+
+
 def test_summary_of_gauges_and_counter_deltas_inside_the_window(tmp_path):
     path = tmp_path / "server_metrics.jsonl"
     rows = [{"t": 10.0, "running": 1, "prefix_cache_queries": 0, "prefix_cache_hits": 0},

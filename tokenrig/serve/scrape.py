@@ -4,6 +4,8 @@ Each scrape becomes one line of server_metrics.jsonl (unix time + the engine's f
 engine-neutral names: running/waiting requests, KV-cache usage, prefix-cache queries/hits, token
 counters), read from vLLM's names (which tokenrig's own servers also export) or TGI's. The summary
 puts gauge means/maxima and counter deltas over the steady-state window next to client metrics.
+Where engine versions differ, each figure lists its names newest first and takes the first one a
+page has (vLLM 0.10 exported the old and the new KV-cache and prefix-cache names side by side).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-# engine-neutral name -> the sample names engines export it under (vLLM 0.11 / older vLLM / TGI 3)
+# engine-neutral name -> the sample names engines export it under, preferred first: vLLM 0.11-0.26
+# (tests/data/vllm-*-cli.json lists 0.26's), vLLM <= 0.10 (gpu_*; hidden in 0.11, gone since), TGI 3
 GAUGES = {
     "running": ("vllm:num_requests_running", "tgi_batch_current_size"),
     "waiting": ("vllm:num_requests_waiting", "tgi_queue_size"),
@@ -24,24 +27,26 @@ GAUGES = {
     "batch_tokens": ("tgi_batch_current_max_tokens",),
 }
 COUNTERS = {
-    "prefix_cache_queries": ("vllm:prefix_cache_queries_total",),
-    "prefix_cache_hits": ("vllm:prefix_cache_hits_total",),
+    "prefix_cache_queries": ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"),
+    "prefix_cache_hits": ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"),
     "prompt_tokens": ("vllm:prompt_tokens_total",),
     "generation_tokens": ("vllm:generation_tokens_total",),
     "preemptions": ("vllm:num_preemptions_total",),
 }
-_SAMPLE_TO_KEY = {name: key for table in (GAUGES, COUNTERS) for key, names in table.items() for name in names}
+_NAMES = {key: names for table in (GAUGES, COUNTERS) for key, names in table.items()}
+_SAMPLE_NAMES = {name for names in _NAMES.values() for name in names}
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """The known figures of one /metrics page, summed over label sets (one model, one or more engines)."""
-    values: dict[str, float] = {}
+    """The known figures of one /metrics page, summed over label sets (one model, one or more engines);
+    of a figure's alternative names, the first the page has."""
+    sums: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            key = _SAMPLE_TO_KEY.get(sample.name)
-            if key is not None:
-                values[key] = values.get(key, 0.0) + sample.value
-    return values
+            if sample.name in _SAMPLE_NAMES:
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    return {key: sums[next(name for name in names if name in sums)]
+            for key, names in _NAMES.items() if any(name in sums for name in names)}
 
 
 class MetricsScraper:
