@@ -38,7 +38,10 @@ def test_vllm_command_parses_with_vllm_flags(quant, attention):
     assert args.quantization == {"gptq": "gptq_marlin", "awq": "awq_marlin"}.get(quant)
     assert args.dtype == ("bfloat16" if quant == "bf16" else "float16")
     expected_backend = {None: None, "flash": "FLASH_ATTN", "noflash": "TRITON_ATTN", "FLASHINFER": "FLASHINFER"}
-    assert plan.env.get("VLLM_ATTENTION_BACKEND") == expected_backend[attention]
+    assert args.attention_backend == expected_backend[attention]  # a flag since 0.26: VLLM_ATTENTION_BACKEND is gone
+    multicast_off = args.tensor_parallel_size > 1  # every VLLM_* name was checked against vLLM's envs.py above
+    assert (args.compilation_config == {"pass_config": {"fuse_allreduce_rms": False}}) == multicast_off
+    assert (plan.env.get("VLLM_FLASHINFER_ALLREDUCE_BACKEND") == "trtllm") == multicast_off
 
 
 def test_vllm_tp_and_prefix_caching_follow_the_plan():
@@ -170,7 +173,7 @@ def test_dry_run_prints_command_env_and_fit_without_starting_anything():
 def test_a_missing_engine_is_named_with_its_install_line(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     server = start_server(tmp_path_factory, "vllm", model="7b", gpu="h100-sxm", device="cuda")
-    with pytest.raises(LaunchError, match=r"(?s)vllm is not installed.*pip install vllm==0\.11\.0.*vllm serve"):
+    with pytest.raises(LaunchError, match=r"(?s)vllm is not installed.*pip install vllm==0\.26\.0.*vllm serve"):
         with server:
             pass
     assert server.process is None

@@ -114,12 +114,16 @@ def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, genera
     return (torch.randn(shape, generator=generator) * INIT_STD).to(dtype)
 
 
-def _write_config(model: ModelProfile, out: Path, dtype: str, quant: str | None) -> None:
+def _config_json(model: ModelProfile, dtype: str, quant: str | None) -> str:
     config = dict(model.config, torch_dtype=dtype, dtype=dtype)
     config["bos_token_id"], config["eos_token_id"], config["pad_token_id"] = 1, 2, 3
     if quant is not None:
         config["quantization_config"] = quantization_config(quant)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return json.dumps(config, indent=2)
+
+
+def _write_config(model: ModelProfile, out: Path, dtype: str, quant: str | None) -> None:
+    (out / "config.json").write_text(_config_json(model, dtype, quant))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}))
     write_tokenizer(model, out)
 
@@ -197,14 +201,17 @@ def make_checkpoint(
 
 def config_dir(model: ModelProfile, root: Path | None = None, quant: str | None = None, write: bool = True) -> Path:
     """config.json (with quantization_config for gptq/awq) and tokenizer, no weights: for engines that
-    initialise random weights themselves."""
+    initialise random weights themselves. A directory an older tokenrig wrote with another config.json
+    (GPTQ without modules_in_block_to_quantize: vLLM 0.26 served it in bf16) is rewritten."""
     name = f"{model.key}-config" if quant is None else f"{model.key}-{quant}-config"
     out = (root or default_models_dir()) / name
-    if write and not (out / "config.json").exists():
+    dtype = "float16" if quant else "bfloat16"
+    current = out / "config.json"
+    if write and not (current.exists() and current.read_text() == _config_json(model, dtype, quant)):
         staging = out.with_name(out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        _write_config(model, staging, "float16" if quant else "bfloat16", quant)
+        _write_config(model, staging, dtype, quant)
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
     return out
