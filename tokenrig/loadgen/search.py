@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 from tokenrig.loadgen.records import RequestRecord
 from tokenrig.report.slo import Slo, samples_for
 
-# A server is saturated when it completes fewer requests than were sent: the queue grows.
-SATURATION_COMPLETION_RATIO = 0.9
+# A server is saturated when it completes fewer requests than were sent: the queue grows. Over a window,
+# completions trail sends by the growth of the requests in flight; for a server that keeps up the two counts
+# differ only by chance (Poisson-like: standard deviation ~ sqrt(sends + completions), ~10 % at 150 requests),
+# so a deficit counts when it is larger than both SATURATION_DEFICIT of the sends and SATURATION_SIGMAS of that.
+SATURATION_DEFICIT = 0.1
+SATURATION_SIGMAS = 3.0
 
 
 @dataclass
@@ -27,7 +31,9 @@ class StepResult:
 
     @property
     def slo_met(self) -> bool:
-        return bool(self.summary.get("slo", {}).get("all_met")) and not self.stopped_early
+        """Every SLO met over a step the server kept up with: a server that falls behind meets latency SLOs
+        only until its queue has grown, so that rate is not sustainable whatever the step's percentiles say."""
+        return bool(self.summary.get("slo", {}).get("all_met")) and not self.stopped_early and not self.saturated
 
     @property
     def valid(self) -> bool:
@@ -35,11 +41,14 @@ class StepResult:
 
     @property
     def saturated(self) -> bool:
-        """Fewer completions than arrivals over the window, or errors: the server fell behind."""
+        """Errors, or completions behind arrivals by more than chance over the window: the server fell behind."""
         requests, throughput = self.summary["requests"], self.summary["throughput"]
-        sent = self.summary["load_generator"]["achieved_send_rate_rps"]
+        window_s = self.summary["window"]["seconds"]
+        sent = self.summary["load_generator"]["achieved_send_rate_rps"] * window_s
+        completed = throughput["requests_per_s"] * window_s
+        deficit = sent - completed
         return (self.stopped_early or requests["failed"] > 0
-                or throughput["requests_per_s"] < SATURATION_COMPLETION_RATIO * sent)
+                or deficit > max(SATURATION_DEFICIT * sent, SATURATION_SIGMAS * math.sqrt(sent + completed)))
 
     def row(self) -> dict:
         latency, slo = self.summary["latency_s"], self.summary.get("slo") or {}

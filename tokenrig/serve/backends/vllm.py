@@ -101,14 +101,21 @@ def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
                       notes=notes, read_served=served_facts, check_served=check_served)
 
 
-# vllm/v1/worker/gpu_model_runner.py, kernels/linear/__init__.py, platforms/cuda.py (0.26.0)
+# Log lines of vLLM 0.26.0: v1/worker/gpu/model_runner.py ("Model loading took %s GiB and ..."),
+# quantization/auto_gptq.py and auto_awq.py ("Using %s for %s"), kernels/linear/__init__.py (FP8/INT8:
+# "Selected %s for %s"), platforms/cuda.py ("Using %s attention backend out of ..." when vLLM chooses,
+# "Using AttentionBackendEnum.%s backend." when --attention-backend names it), and
+# distributed/device_communicators/cuda_communicator.py ("Using [...] all-reduce backends").
 _LOADED = re.compile(r"Model loading took ([\d.]+) GiB")
-_KERNEL = re.compile(r"Selected (\w+) for (\w+)")
-_ATTENTION = re.compile(r"Using (\w+) attention backend out of|Using (\w+) backend\.")
+_KERNEL = re.compile(r"(?:Using|Selected) (\w+) for (\w+LinearMethod)\b")
+_ATTENTION = re.compile(r"Using (\w+) attention backend out of|Using (?:AttentionBackendEnum\.)?(\w+) backend\.")
+_ALLREDUCE = re.compile(r"Using \[([^\]]*)\] all-reduce backends")
+MULTICAST_ALLREDUCE = ("SYMM_MEM", "NCCL_SYMM_MEM", "FLASHINFER")  # all-reduce backends that can use multicast
 
 
 def served_facts(log_text: str) -> dict:
-    """What the vLLM log says it served: weight GiB per GPU, linear kernel per method, attention backend."""
+    """What the vLLM log says it served: weight GiB per GPU, linear kernel per method, attention backend,
+    and at TP > 1 the all-reduce backends in use."""
     facts: dict = {}
     loaded = _LOADED.findall(log_text)
     if loaded:
@@ -118,16 +125,23 @@ def served_facts(log_text: str) -> dict:
         facts["linear_kernels"] = kernels
     for first, second in _ATTENTION.findall(log_text):
         facts["attention_backend"] = first or second
+    allreduce = _ALLREDUCE.findall(log_text)
+    if allreduce:
+        facts["allreduce_backends"] = re.findall(r"'(\w+)'", allreduce[-1])
     return facts
 
 
 def check_served(spec, plan: LaunchPlan, facts: dict) -> str | None:
-    """A problem when the loaded weights are not the size the requested quantization gives, else None."""
+    """Why the served engine is not what was asked for (weights of another size than the requested
+    quantization takes, or a multicast all-reduce that was not allowed), else None."""
     loaded = facts.get("weights_gib_per_gpu")
-    if loaded is None or plan.fit is None:
-        return None
-    planned = plan.fit.weight_bytes / 2**30
-    if abs(loaded - planned) > WEIGHT_TOLERANCE * planned:
-        return (f"vLLM loaded {loaded:.2f} GiB of weights per GPU; {spec.quant} {spec.model.key} at TP "
-                f"{plan.fit.tp} takes {planned:.2f} GiB: the served weights are not {spec.quant}")
+    if loaded is not None and plan.fit is not None:
+        planned = plan.fit.weight_bytes / 2**30
+        if abs(loaded - planned) > WEIGHT_TOLERANCE * planned:
+            return (f"vLLM loaded {loaded:.2f} GiB of weights per GPU; {spec.quant} {spec.model.key} at TP "
+                    f"{plan.fit.tp} takes {planned:.2f} GiB: the served weights are not {spec.quant}")
+    multicast = sorted(set(facts.get("allreduce_backends", ())) & set(MULTICAST_ALLREDUCE))
+    if multicast and not spec.nvls:
+        return (f"vLLM uses the all-reduce backends {', '.join(multicast)}, which can use NVLink multicast, "
+                "though tokenrig turned them off; stopped (--nvls allows multicast)")
     return None
