@@ -398,9 +398,9 @@ def cmd_serve(args) -> int:
     log = Path("results") / "serve" / f"{spec.backend}-{spec.model.key}-{spec.quant}-{spec.gpu.key}.log"
     # the server runs in its own session: any stop signal must go through the launcher to reach it
     with stop_signals_interrupt(), LaunchedServer(spec, log) as server:
-        print(f"serving {spec.model.key} at {server.endpoint.base_url}/v1 (metrics: {server.endpoint.metrics_url}); "
-              f"log: {log}; Ctrl-C or SIGTERM stops it", flush=True)
-        try:
+        try:  # from the announcement on: whoever read it may stop the server the next instant
+            print(f"serving {spec.model.key} at {server.endpoint.base_url}/v1 (metrics: {server.endpoint.metrics_url}); "
+                  f"log: {log}; Ctrl-C or SIGTERM stops it", flush=True)
             return server.wait()
         except KeyboardInterrupt:
             print("stopping server")
