@@ -2,13 +2,14 @@
 # Every target sets itself up on first use (a local .venv with the CPU build of torch).
 
 PYTHON   ?= python3
-VENV     := .venv
+BACKEND  ?= hf
+# vLLM 0.26 pins torch 2.11 (CUDA), the default venv has torch 2.13: BACKEND=vllm gets a venv of its own
+VENV     := $(if $(filter vllm,$(BACKEND)),.venv-vllm,.venv)
 BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed-stamp
 
 GPU      ?= cpu
 MODEL    ?= tiny
-BACKEND  ?= hf
 SCENARIO ?= chat
 USERS    ?=
 RATE     ?=
@@ -22,11 +23,15 @@ DECODE_CONFIGS ?= eager sdpa sdpa+graphs+kvpad=1024
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup loadtest serve train finetune train-matrix train-gpu-run test monitor dashboards bench-loadgen bench-hf-decode clean
+.PHONY: setup setup-vllm loadtest serve train finetune train-matrix train-gpu-run test monitor dashboards bench-loadgen bench-hf-decode clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
 	$(PYTHON) -m venv $(VENV)
+ifeq ($(BACKEND),vllm)
+	# a CUDA machine with internet access: vLLM 0.26.0 brings its torch 2.11 (CUDA 12.9 or 13 builds)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[vllm,test]'
+else
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,fast,train]'
 	# GPTQ/AWQ loading (transformers -> optimum -> gptqmodel). --no-deps: gptqmodel 7.7 declares torch>=2.14.1
@@ -34,9 +39,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
 		optimum==2.3.0 gptqmodel==7.7.0 device-smi==0.5.7 logbar==0.4.15 tokenicer==0.0.14 pypcre==0.6.4 \
 		defuser==0.0.28 threadpoolctl==3.8.0
+endif
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+setup-vllm:  # tokenrig + vLLM 0.26.0 in .venv-vllm; then make loadtest BACKEND=vllm GPU=h200 MODEL=7b
+	$(MAKE) setup BACKEND=vllm
 
 loadtest: setup
 	$(BIN)/tokenrig loadtest --scenario $(SCENARIO) $(LOAD_ARGS)

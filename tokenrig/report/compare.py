@@ -37,8 +37,16 @@ def _ms(distribution: dict | None, key: str) -> float | None:
     return distribution[key] * 1000 if distribution else None
 
 
+def _metadata_path(result_dir: Path) -> Path | None:
+    """A run's metadata.json, also for one step of a sweep or search (RUN/steps/NN-.../summary.json)."""
+    for candidate in (result_dir / "metadata.json", result_dir.parent.parent / "metadata.json"):
+        if candidate.exists() and (candidate.parent == result_dir or result_dir.parent.name == "steps"):
+            return candidate
+    return None
+
+
 def run_row(run_dir: Path) -> dict:
-    metadata = json.loads((run_dir / "metadata.json").read_text())
+    metadata = json.loads(_metadata_path(run_dir).read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     latency, server_metrics = summary["latency_s"], summary.get("server") or {}
     running = server_metrics.get("running") or {}
@@ -53,7 +61,7 @@ def run_row(run_dir: Path) -> dict:
     if summary.get("interrupted"):
         notes.append("interrupted")
     return {
-        "run_id": metadata.get("run_id", run_dir.name),
+        "run_id": metadata.get("run_id", run_dir.name) + (f"/{run_dir.name}" if run_dir.parent.name == "steps" else ""),
         "config": server_label(metadata.get("server") or {}),
         "load": summary.get("load", {}).get("plan", ""),
         "window_s": summary["window"]["seconds"],
@@ -72,7 +80,8 @@ def compare_runs(directories: list[Path]) -> list[dict]:
     rows = []
     for directory in directories:
         run_dirs = sorted({path.parent for path in Path(directory).rglob("summary.json")
-                           if (path.parent / "metadata.json").exists()}, key=lambda p: p.name)
+                           if _metadata_path(path.parent) is not None},
+                          key=lambda p: (p.parent.parent.name, p.name) if p.parent.name == "steps" else (p.name, ""))
         rows += [run_row(run_dir) for run_dir in run_dirs]
     if not rows:
         raise CompareError(f"no load-test runs (summary.json + metadata.json) under {', '.join(map(str, directories))}")
