@@ -7,7 +7,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.conftest import load_summary, run_cli, run_dir_of
+from tests.conftest import load_summary, run_cli, run_dir_of, start_server
 from tokenrig.loadgen.plan import trace_schedule
 from tokenrig.loadgen.records import read_records
 from tokenrig.loadgen.scenario import load_scenario
@@ -207,3 +207,16 @@ def test_find_max_skips_rates_whose_steps_fell_behind():
     tolerance = max(SATURATION_DEFICIT * sent_at_best, SATURATION_SIGMAS * (sent_at_best + done_at_best) ** 0.5)
     assert capacity <= result.best and sent_at_best - done_at_best <= tolerance
     assert result.lowest_failing <= result.best * 1.02 < 20
+
+
+def test_a_running_servers_context_sizes_the_prompts_sent_to_it(tmp_path_factory, tmp_path):
+    """`--url` reads the context the server serves (`max_model_len` in /v1/models). On the H200, Mooncake's
+    replay against vLLM at --max-model-len 2048 got HTTP 400 for 20 of 70 requests: prompts were sized for
+    Llama-2's 4096."""
+    with start_server(tmp_path_factory, "sim", model="llama2-7b", gpu="h100-sxm", max_model_len=1024,
+                      sim_ttft_ms=5, sim_tpot_ms=1) as server:
+        _, run_dir = against(server, "--scenario", "mooncake_replay", "--duration", "8", "--warmup", "1",
+                             "--results", str(tmp_path))
+    summary = load_summary(run_dir)
+    assert summary["requests"]["failed"] == 0 and summary["requests"]["ok"] > 10
+    assert summary["workload"]["requests_clamped_to_context"] > 0

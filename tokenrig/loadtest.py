@@ -10,6 +10,8 @@ still summarises what finished.
 from __future__ import annotations
 
 import contextlib
+import json
+import urllib.request
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +35,31 @@ from tokenrig.serve.launcher import Endpoint, LaunchedServer, ServerSpec
 from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics
 
 
-def _existing_endpoint(url: str, spec: ServerSpec) -> Endpoint:
+def served_context(base: str, model_name: str) -> int | None:
+    """The context the running server serves the model with: `max_model_len` of its /v1/models entry
+    (vLLM and tokenrig's servers say it; prompts past it are refused with HTTP 400), else None."""
+    try:
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as response:
+            models = json.load(response).get("data") or []
+    except (OSError, ValueError):
+        return None
+    entry = next((m for m in models if m.get("id") == model_name), models[0] if len(models) == 1 else {})
+    value = entry.get("max_model_len")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _existing_endpoint(url: str, spec: ServerSpec, progress=print) -> Endpoint:
     from tokenrig.serve.checkpoint import tokenizer_dir
 
     base = url.rstrip("/").removesuffix("/v1")
-    return Endpoint(base, f"{base}/metrics", spec.model.key, tokenizer_dir(spec.model), spec.model.max_context)
+    served = served_context(base, spec.model.key)
+    if served is None:
+        context = spec.max_model_len or spec.model.max_context
+        progress(f"the server at {base} does not say its context length: prompts are sized for {context} tokens "
+                 "(--max-model-len sets it)")
+    else:
+        context = min(served, spec.max_model_len or served)
+    return Endpoint(base, f"{base}/metrics", spec.model.key, tokenizer_dir(spec.model), context)
 
 
 @dataclass
@@ -178,7 +200,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
     with contextlib.ExitStack() as stack:
         stack.enter_context(stop_signals_interrupt())  # SIGTERM and an inherited-ignored SIGINT stop it too
         if url:
-            endpoint = _existing_endpoint(url, spec)
+            endpoint = _existing_endpoint(url, spec, progress)
             metadata["server"]["url"] = url
         else:
             server = stack.enter_context(LaunchedServer(spec, run_dir / "server.log", progress=progress))

@@ -149,7 +149,8 @@ class LaunchedServer:
         base_url = f"http://{self.spec.host}:{port}"
         self._wait_healthy(base_url + self.plan.health_path)
         self._check_served()
-        max_context = self.plan.fit.max_model_len if self.plan.fit is not None else self.spec.model.max_context
+        max_context = (self.plan.fit.max_model_len if self.plan.fit is not None
+                       else self.spec.max_model_len or self.spec.model.max_context)
         self.endpoint = Endpoint(base_url, base_url + self.plan.metrics_path, self.spec.model.key, model_dir,
                                  max_context)
         return self.endpoint

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device for the hf engine")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--attn-implementation", default="sdpa", help="hf engine: eager, sdpa or flash_attention_2")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context served: prompt + max_tokens beyond it get HTTP 400 (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--compile-level", type=int, default=0,
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     except FitError as error:
         raise SystemExit(f"tokenrig server: {error}") from None
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    server = OpenAIServer(engine, tokenizer, args.served_model_name or model.key, model.max_context)
+    server = OpenAIServer(engine, tokenizer, args.served_model_name or model.key,
+                          args.max_model_len or model.max_context)
     try:
         import uvloop
 

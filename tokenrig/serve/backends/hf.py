@@ -92,6 +92,9 @@ def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
     if max_num_seqs:
         command += ["--max-num-seqs", str(max_num_seqs)]
     command += ["--kv-cache-tokens", str(kv_tokens), "--max-batch-tokens", str(batch_tokens)]
+    context = fit.max_model_len if fit else spec.max_model_len
+    if context:
+        command += ["--max-model-len", str(context)]
     if spec.compile_level:
         command += ["--compile-level", str(spec.compile_level)]
     if spec.quant_kernel:

@@ -26,6 +26,8 @@ def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
                "--model-dir", str(model_dir), "--host", spec.host, "--port", str(port), "--gpu", spec.gpu.key]
     if spec.max_num_seqs:
         command += ["--max-num-seqs", str(spec.max_num_seqs)]
+    if spec.max_model_len:
+        command += ["--max-model-len", str(spec.max_model_len)]
     if spec.sim_ttft_ms is not None:
         command += ["--sim-ttft-ms", str(spec.sim_ttft_ms), "--sim-tpot-ms", str(spec.sim_tpot_ms)]
     return LaunchPlan(command + spec.extra_args, env={})
