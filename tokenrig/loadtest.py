@@ -273,7 +273,7 @@ def _run_search(session: Session, search: SearchOptions, title: str) -> bool:
     try:
         if search.mode == "sweep":
             for value in search.loads:
-                step = measure(value)
+                measure(value)
                 progress(f"step {len(steps)}: {value:g} {'users' if search.sweep_users else 'req/s'} done")
         else:
             result = find_max_rate(measure, search.start_rate, search.precision, search.max_steps, progress)
