@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_cli, run_dir_of
+from tests.conftest import REPO, VLLM_0_26_PAGE, run_cli, run_dir_of
 from tokenrig.monitor.dashboards import DASHBOARDS, panel_queries, render
+from tokenrig.monitor.discovery import TargetFile
 from tokenrig.serve.launcher import free_port
 
 DASHBOARD_DIR = REPO / "grafana" / "dashboards"
@@ -63,8 +67,10 @@ def _concrete(expr: str) -> str:
     return re.sub(r"\$\w+", ".*", expr.replace("$__rate_interval", "15s"))
 
 
-@needs_prometheus
-def test_every_panel_query_returns_data_from_real_runs(tmp_path):
+@contextlib.contextmanager
+def _prometheus(tmp_path: Path):
+    """A real Prometheus running grafana/prometheus.yml's tokenrig job, scraping and rediscovering every second;
+    yields its URL and the targets directory it watches."""
     config = yaml.safe_load((REPO / "grafana" / "prometheus.yml").read_text())
     config["global"]["scrape_interval"] = "1s"
     config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "tokenrig"]
@@ -72,24 +78,32 @@ def test_every_panel_query_returns_data_from_real_runs(tmp_path):
     (tmp_path / "targets").mkdir()
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
     prometheus = subprocess.Popen(
         ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
+        yield f"http://127.0.0.1:{port}", tmp_path / "targets"
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
+
+
+@needs_prometheus
+def test_every_panel_query_returns_data_from_real_runs(tmp_path):
+    with _prometheus(tmp_path) as (base, targets):
         start = time.time()
         training = subprocess.Popen(
             [sys.executable, "-m", "tokenrig.cli", "train", "--model", "tiny", "--gpu", "cpu", "--zero", "0",
              "--steps", "6", "--warmup-steps", "1", "--profile-steps", "0", "--seq-len", "64", "--micro-batch", "2",
-             "--prometheus-targets", str(tmp_path / "targets"), "--results", str(tmp_path / "results")],
+             "--prometheus-targets", str(targets), "--results", str(tmp_path / "results")],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         result = run_cli("loadtest", "--backend", "sim", "--gpu", "a800", "--model", "13b", "--rate", "3",
-                         "--duration", "15", "--warmup", "1", "--prometheus-targets", str(tmp_path / "targets"),
+                         "--duration", "15", "--warmup", "1", "--prometheus-targets", str(targets),
                          "--results", str(tmp_path / "results"))
         assert result.returncode == 0, result.stdout + result.stderr
         training_output, _ = training.communicate(timeout=600)
         assert training.returncode == 0, training_output
-        assert not list((tmp_path / "targets").iterdir()), "target files must be removed when the runs end"
+        assert not list(targets.iterdir()), "target files must be removed when the runs end"
         end = time.time()
         run_id = run_dir_of(result).name
         up = _query_range(base, f'up{{run_id="{run_id}"}}', start, end)
@@ -101,6 +115,63 @@ def test_every_panel_query_returns_data_from_real_runs(tmp_path):
                 if not _has_values(_query_range(base, _concrete(expr), start, end)):
                     empty.append(f"{name} / {title}: {expr}")
         assert not empty, "panels without data:\n" + "\n".join(empty)
+
+
+def _replayed(page: str, elapsed_s: float) -> str:
+    """The page as a live server would show it elapsed_s later: every counter and histogram sample grows in
+    proportion (buckets stay monotonic), gauges stay."""
+    lines, growing = [], False
+    for line in page.splitlines():
+        if line.startswith("# TYPE "):
+            growing = line.split()[3] in ("counter", "histogram")
+        elif growing and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            line = f"{series} {float(value) * (1 + elapsed_s / 10)!r}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def _live_vllm(page: str):
+    """A loopback /metrics replaying the page; yields its host:port."""
+    started = time.monotonic()
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = _replayed(page, time.monotonic() - started).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
     finally:
-        prometheus.terminate()
-        prometheus.wait(timeout=30)
+        server.shutdown()
+        server.server_close()
+
+
+@needs_prometheus
+def test_every_server_panel_query_returns_data_from_a_real_vllm_0_26_page(tmp_path):
+    run_id = "vllm-0.26.0-fixture"
+    labels = {"run_id": run_id, "scenario": "fixed-512x128", "backend": "vllm", "model": "llama2-7b", "gpu": "h200"}
+    queries = panel_queries(render(DASHBOARDS["server"]()))
+    with _prometheus(tmp_path) as (base, targets), _live_vllm(VLLM_0_26_PAGE.read_text()) as address:
+        TargetFile.announce(targets, "server", address, labels)
+        start = time.time()
+        while True:  # 1-s scrapes until every panel, filtered on this run, has data
+            time.sleep(1)
+            end = time.time()
+            empty = [f"{title}: {expr}" for title, expr in queries
+                     if not _has_values(_query_range(base, _concrete(expr.replace("$run_id", run_id)), start, end))]
+            if not empty or end - start > 25:
+                break
+        up = _query_range(base, f'up{{run_id="{run_id}",role="server"}}', start, end)
+        assert up and {value for _, value in up[0]["values"]} == {"1"}, up
+        assert not empty, "server panels without data from vLLM 0.26:\n" + "\n".join(empty)

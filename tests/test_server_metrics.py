@@ -7,9 +7,9 @@ import time
 import pytest
 import requests
 
-from tests.conftest import DATA, load_summary, run_cli, run_dir_of
+from tests.conftest import DATA, VLLM_0_26_PAGE, load_summary, run_cli, run_dir_of
 from tokenrig.loadgen.records import read_records
-from tokenrig.serve.scrape import MetricsScraper, parse_metrics, summarize_server_metrics
+from tokenrig.serve.scrape import COUNTERS, GAUGES, MetricsScraper, parse_metrics, summarize_server_metrics
 
 VLLM_PAGE = """# TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0",model_name="m"} 3.0
@@ -45,6 +45,16 @@ vllm:gpu_prefix_cache_queries_total{engine="0",model_name="m"} 1000.0
     only_old = page.replace("vllm:kv_cache_usage_perc{", "vllm:other{").replace("vllm:prefix_cache_queries_total{",
                                                                                  "vllm:other_total{")
     assert parse_metrics(only_old)["kv_cache_usage"] == 0.25 and parse_metrics(only_old)["prefix_cache_queries"] == 1000
+
+
+def test_a_real_vllm_0_26_page_gives_every_figure_tokenrig_reads_from_vllm():
+    """Scraped just after `vllm bench serve` (128 streams, 1833 requests of 512 in / 128 out) ended: gauges idle."""
+    figures = parse_metrics(VLLM_0_26_PAGE.read_text())
+    assert figures == {"running": 0, "waiting": 0, "kv_cache_usage": 0, "preemptions": 0,
+                       "prompt_tokens": 938496, "generation_tokens": 234624,  # 1833 x 512, 1833 x 128
+                       "prefix_cache_queries": 938496, "prefix_cache_hits": 37696}
+    vllm_figures = {key for key, names in {**GAUGES, **COUNTERS}.items() if any(n.startswith("vllm:") for n in names)}
+    assert vllm_figures <= figures.keys()
 
 
 def test_summary_of_gauges_and_counter_deltas_inside_the_window(tmp_path):

@@ -34,5 +34,10 @@ class TargetFile:
         tmp.write_text(json.dumps([{"targets": targets, "labels": labels}], indent=2))
         tmp.replace(self.path)  # Prometheus must never read a half-written file
 
+    @classmethod
+    def announce(cls, directory: Path, role: str, address: str, labels: dict[str, str]) -> TargetFile:
+        """`<run-id>-<role>.json`: one exporter at host:port, labelled with the run and its role."""
+        return cls(directory, f"{labels['run_id']}-{role}", [address], {**labels, "role": role})
+
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -123,12 +123,9 @@ def live_loadgen_metrics(ctx, labels: dict[str, str], server_metrics_url: str | 
     bound_port = metrics.serve(port)
     metrics.bind(ctx, ctx.plan.pool_size)
     ctx.sink = FanoutSink(ctx.sink, PrometheusSink(metrics))
-    target_files = [TargetFile(targets_dir, f"{labels['run_id']}-loadgen", [f"127.0.0.1:{bound_port}"],
-                               {**labels, "role": "loadgen"})]
+    target_files = [TargetFile.announce(targets_dir, "loadgen", f"127.0.0.1:{bound_port}", labels)]
     if server_metrics_url:
-        server = urlsplit(server_metrics_url)
-        target_files.append(TargetFile(targets_dir, f"{labels['run_id']}-server", [server.netloc],
-                                       {**labels, "role": "server"}))
+        target_files.append(TargetFile.announce(targets_dir, "server", urlsplit(server_metrics_url).netloc, labels))
     progress(f"metrics: http://127.0.0.1:{bound_port}/metrics (Prometheus targets in {targets_dir})")
     try:
         yield metrics

@@ -101,8 +101,7 @@ def run_training(spec: TrainSpec, results: Path, monitor: MonitorOptions | None 
         metrics = TrainMetrics(labels, flops, spec.world_size, spec.gpu_profile.tflops_bf16)
         port = metrics.serve(monitor.port)
         say(f"Prometheus metrics: http://127.0.0.1:{port}/metrics")
-        target = TargetFile(monitor.targets_dir, f"{run_dir.name}-train", [f"127.0.0.1:{port}"],
-                            {**labels, "role": "train"})
+        target = TargetFile.announce(monitor.targets_dir, "train", f"127.0.0.1:{port}", labels)
 
     say(f"training {spec.label()} -> {run_dir}")
     say(f"  {shlex.join(command)}")
