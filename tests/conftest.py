@@ -15,7 +15,7 @@ from tokenrig.serve.launcher import LaunchedServer, ServerSpec
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
-VLLM_0_26_PAGE = Path(__file__).resolve().parent / "fixtures" / "vllm-0.26.0-metrics-under-load.txt"
+VLLM_0_26_PAGE = Path(__file__).resolve().parent / "fixtures" / "vllm-0.26.0-metrics.txt"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -48,7 +48,8 @@ vllm:gpu_prefix_cache_queries_total{engine="0",model_name="m"} 1000.0
 
 
 def test_a_real_vllm_0_26_page_gives_every_figure_tokenrig_reads_from_vllm():
-    """Scraped just after `vllm bench serve` (128 streams, 1833 requests of 512 in / 128 out) ended: gauges idle."""
+    """Scraped on an H200 between load steps, after 1833 requests of 512 in / 128 out (tokenrig's cross-check
+    sweep, then `vllm bench serve` at 1 and 32 streams): the gauges are idle, the counters are not."""
     figures = parse_metrics(VLLM_0_26_PAGE.read_text())
     assert figures == {"running": 0, "waiting": 0, "kv_cache_usage": 0, "preemptions": 0,
                        "prompt_tokens": 938496, "generation_tokens": 234624,  # 1833 x 512, 1833 x 128

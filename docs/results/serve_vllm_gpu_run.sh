@@ -66,7 +66,10 @@ track_a() {  # GPU $1
   label=xcheck-tokenrig; lt --scenario "$COMPLETIONS" --users sweep --sweep 1,32,128 --results "$RES/xcheck"
   bench $port 1 40 bf16
   bench $port 32 480 bf16
-  (sleep 12; curl -s "http://127.0.0.1:$port/metrics" > "$RES/vllm-0.26.0-metrics-under-load.txt") &
+  # the /metrics page while requests run (the benchmark spends ~20 s importing vLLM before it sends)
+  (for _ in $(seq 1 90); do sleep 1; curl -s "http://127.0.0.1:$port/metrics" > "$RES/metrics.tmp"
+     grep -q '^vllm:num_requests_running{.*} [1-9]' "$RES/metrics.tmp" && { sleep 5
+       curl -s "http://127.0.0.1:$port/metrics" > "$RES/vllm-0.26.0-metrics-under-load.txt"; break; }; done) &
   bench $port 128 1024 bf16
   label=fixed-chat; lt --scenario "$FIXED" --users sweep --sweep 1,8,32,128,256 --duration 15 --warmup 3 \
     --results "$RES/bf16-fixed"
