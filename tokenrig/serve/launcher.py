@@ -66,6 +66,9 @@ class ServerSpec:
     kv_padding_tokens: int | None = None  # hf with CUDA graphs: KV read padded to a multiple of this
     sim_ttft_ms: float | None = None
     sim_tpot_ms: float | None = None
+    sim_compute_efficiency: float | None = None  # sim roofline: None = RooflineParams' default
+    sim_bandwidth_efficiency: float | None = None
+    sim_step_overhead_ms: float | None = None
     host: str = "127.0.0.1"
     port: int | None = None
     extra_args: list[str] = field(default_factory=list)
@@ -78,7 +81,10 @@ class ServerSpec:
                 "cuda_graphs": self.cuda_graphs, "prefix_caching": self.prefix_caching, "nvls": self.nvls,
                 "quant_kernel": self.quant_kernel,
                 "kv_padding_tokens": self.kv_padding_tokens,
-                "sim_ttft_ms": self.sim_ttft_ms, "sim_tpot_ms": self.sim_tpot_ms}
+                "sim_ttft_ms": self.sim_ttft_ms, "sim_tpot_ms": self.sim_tpot_ms,
+                "sim_compute_efficiency": self.sim_compute_efficiency,
+                "sim_bandwidth_efficiency": self.sim_bandwidth_efficiency,
+                "sim_step_overhead_ms": self.sim_step_overhead_ms}
 
 
 @dataclass

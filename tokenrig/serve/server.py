@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sim-ttft-ms", type=float, default=None,
                         help="sim engine fixed schedule: time to first token (with --sim-tpot-ms)")
     parser.add_argument("--sim-tpot-ms", type=float, default=None, help="sim engine fixed schedule: ms per token")
+    parser.add_argument("--quant", default="bf16", help="sim engine: weight format whose bytes each step streams")
+    parser.add_argument("--tp", type=int, default=1, help="sim engine: tensor-parallel GPUs")
+    parser.add_argument("--sim-compute-efficiency", type=float, default=None,
+                        help="sim engine roofline: achieved / peak BF16 FLOP/s (default 0.6)")
+    parser.add_argument("--sim-bandwidth-efficiency", type=float, default=None,
+                        help="sim engine roofline: achieved / peak memory bandwidth (default 0.8)")
+    parser.add_argument("--sim-step-overhead-ms", type=float, default=None,
+                        help="sim engine roofline: fixed cost of each engine step (default 2 ms)")
     return parser
 
 
@@ -70,7 +78,13 @@ def build_engine(args):
         params.max_num_seqs = args.max_num_seqs
     if args.max_batch_tokens:
         params.max_batch_tokens = args.max_batch_tokens
-    return RooflineEngine(model, resolve_gpu(args.gpu), first_content_id, params), model
+    if args.sim_compute_efficiency is not None:
+        params.compute_efficiency = args.sim_compute_efficiency
+    if args.sim_bandwidth_efficiency is not None:
+        params.bandwidth_efficiency = args.sim_bandwidth_efficiency
+    if args.sim_step_overhead_ms is not None:
+        params.step_overhead_s = args.sim_step_overhead_ms / 1000
+    return RooflineEngine(model, resolve_gpu(args.gpu), first_content_id, params, args.quant, args.tp), model
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,10 +5,11 @@ Two timing models:
 * `FixedSchedule` — token i of every request is due at arrival + ttft + i * tpot, whatever the
   load. Deadlines are absolute, so sleep jitter never accumulates: the ground truth for checking
   that a load generator measures what the server did.
-* `RooflineEngine` — a continuous-batching scheduler (iteration-level, like vLLM) whose step time
-  is the roofline of the work in the step: matmul and attention FLOPs over the GPU's BF16 peak,
-  weight and KV-cache bytes over its memory bandwidth, each derated by an efficiency. A KV-cache
-  capacity (GPU memory minus weights) bounds how many requests run at once; the rest wait. So
+* `RooflineEngine` — a continuous-batching scheduler (iteration-level, like vLLM; the clock-free
+  `RooflineScheduler`) whose step time is the roofline of the work in the step: matmul and
+  attention FLOPs over the GPU's BF16 peak, weight and KV-cache bytes over its memory bandwidth,
+  each derated by an efficiency (`RooflineParams`, settable per server). A KV-cache capacity (GPU
+  memory minus weights) bounds how many requests run at once; the rest wait. So
   latency grows with load the way a real engine's does. Automatic prefix caching (as vLLM's):
   full 16-token prompt blocks are kept by the hash of their whole prefix, least recently used
   first out, and a request skips the prefill of its leading cached blocks.
@@ -24,7 +25,7 @@ from typing import AsyncIterator
 
 from tokenrig.profiles import GpuProfile, ModelProfile
 from tokenrig.serve.engines import EngineLoad, GenerationRequest
-from tokenrig.serve.fit import FitError, plan_fit
+from tokenrig.serve.fit import FitError, plan_fit, weight_bytes
 
 
 class _TokenSource:
@@ -81,7 +82,6 @@ class RooflineParams:
     max_num_seqs: int = 256
     max_batch_tokens: int = 8192  # prefill token budget per step (chunked prefill)
     gpu_memory_utilization: float = 0.9
-    bytes_per_weight: float = 2.0
     bytes_per_kv_value: float = 2.0
 
 
@@ -119,7 +119,7 @@ class PrefixCache:
 @dataclass
 class _Sequence:
     request: GenerationRequest
-    out: asyncio.Queue
+    out: asyncio.Queue | None = None  # the asyncio engine's token queue; a virtual-time replay reads tokens itself
     prefilled: int = 0
     generated: int = 0
     done: bool = False
@@ -143,35 +143,37 @@ class StepWork:
     sequences: list = field(default_factory=list)
 
 
-class RooflineEngine:
-    def __init__(
-        self, model: ModelProfile, gpu: GpuProfile, first_content_id: int, params: RooflineParams | None = None
-    ):
+class RooflineScheduler:
+    """The engine's timing model without a clock: admission, step planning, step time, tokens out.
+
+    The sim server drives it in real time (`RooflineEngine`); capacity projections drive the same
+    object in virtual time (`tokenrig.capacity.simulate`), so both follow one model. Weights are the
+    fit planner's bytes for the quantization; with tensor parallelism over `tp` GPUs, FLOPs, bytes
+    and memory are shared by the GPUs and each step adds two ring all-reduces of the hidden state
+    per layer over the GPU's interconnect.
+    """
+
+    def __init__(self, model: ModelProfile, gpu: GpuProfile, first_content_id: int,
+                 params: RooflineParams | None = None, quant: str = "bf16", tp: int = 1):
         self.model = model
         self.gpu = gpu
         self.params = params or RooflineParams()
-        self.weight_bytes = model.num_params * self.params.bytes_per_weight
+        self.quant = quant
+        self.tp = tp
+        self.weight_bytes = weight_bytes(model, quant)
         self.kv_bytes_per_token = model.kv_bytes_per_token(self.params.bytes_per_kv_value)
-        free = gpu.memory_bytes * self.params.gpu_memory_utilization - self.weight_bytes
+        free = tp * gpu.memory_bytes * self.params.gpu_memory_utilization - self.weight_bytes
         if free <= 0:
-            # one GPU, one request: the planner's error says which quantization, TP or GPU would fit
-            plan_fit(model, gpu, concurrency=1, tp=1, gpu_memory_utilization=self.params.gpu_memory_utilization)
-            raise FitError(f"{model.key} weights ({self.weight_bytes / 1e9:.1f} GB) leave no KV cache on one {gpu.key}")
+            # with this TP and quantization: the planner's error says which quantization, TP or GPU would fit
+            plan_fit(model, gpu, quant, concurrency=1, tp=tp, gpu_memory_utilization=self.params.gpu_memory_utilization)
+            raise FitError(f"{model.key} {quant} weights ({self.weight_bytes / 1e9:.1f} GB) leave no KV cache on "
+                           f"{tp} x {gpu.key}")
         self.kv_capacity_tokens = int(free // self.kv_bytes_per_token)
         self.prefix_cache = PrefixCache(self.kv_capacity_tokens // PrefixCache.BLOCK_TOKENS)
         self._tokens = _TokenSource(model.vocab_size, first_content_id)
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._kv_reserved = 0
-        self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        self._loop_task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._loop_task:
-            self._loop_task.cancel()
 
     def load(self) -> EngineLoad:
         return EngineLoad(
@@ -182,43 +184,38 @@ class RooflineEngine:
             prefix_cache_hits=self.prefix_cache.hits,
         )
 
-    def failure(self) -> str | None:
-        task = self._loop_task
-        if task is None or not task.done() or task.cancelled():
-            return None
-        return f"scheduler loop ended: {task.exception()!r}"
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+    def check_fits(self, request: GenerationRequest) -> None:
         if len(request.prompt_ids) + request.max_tokens > self.kv_capacity_tokens:
             raise ValueError("prompt + max_tokens exceed the whole KV cache")
-        sequence = _Sequence(request, asyncio.Queue())
+
+    def submit(self, sequence: _Sequence) -> None:
         self._waiting.append(sequence)
-        self._wake.set()
-        try:
-            while True:
-                token = await sequence.out.get()
-                if token is None:
-                    return
-                yield [token]
-        finally:
-            sequence.done = True
 
     def step_time(self, work: StepWork) -> float:
         """Roofline time of one engine iteration."""
-        p = self.params
+        p, tp = self.params, self.tp
         tokens = work.prefill_tokens + work.decode_tokens
         flops = 2 * self.model.num_matmul_params * tokens + work.attention_flops
         bytes_moved = self.weight_bytes + work.kv_bytes_read + work.kv_tokens_written * self.kv_bytes_per_token
-        compute_s = flops / (self.gpu.flops_per_s * p.compute_efficiency)
-        memory_s = bytes_moved / (self.gpu.bandwidth_bytes_per_s * p.bandwidth_efficiency)
-        return max(compute_s, memory_s) + p.step_overhead_s
+        compute_s = flops / (tp * self.gpu.flops_per_s * p.compute_efficiency)
+        memory_s = bytes_moved / (tp * self.gpu.bandwidth_bytes_per_s * p.bandwidth_efficiency)
+        return max(compute_s, memory_s) + p.step_overhead_s + self.all_reduce_s(tokens)
+
+    def all_reduce_s(self, tokens: int) -> float:
+        """Two ring all-reduces of the bf16 hidden state per layer (after attention and after the MLP)."""
+        if self.tp == 1:
+            return 0.0
+        size = tokens * self.model.hidden_size * 2
+        sent_per_gpu = 2 * (self.tp - 1) / self.tp * size
+        return 2 * self.model.num_layers * sent_per_gpu / (self.gpu.interconnect_gbs * 1e9)
 
     def _attention_flops(self, query_tokens: int, context_end: int) -> float:
         # QK^T and AV: 2 matmuls x 2 FLOPs per multiply-add, over all heads, causal context
         per_token_context = context_end - (query_tokens - 1) / 2
         return 4 * self.model.num_layers * self.model.num_heads * self.model.head_dim * query_tokens * per_token_context
 
-    def _plan_step(self) -> StepWork:
+    def plan_step(self) -> StepWork:
+        """Admit what fits, then the step's work: prefill chunks within the token budget, one decode token each."""
         p = self.params
         self._running = [s for s in self._running if not s.done or self._release(s)]
         while self._waiting and self._waiting[0].done:
@@ -255,15 +252,64 @@ class RooflineEngine:
                 work.sequences.append(sequence)
         return work
 
+    def finish_step(self, work: StepWork) -> list[tuple[_Sequence, int]]:
+        """The step has ended: one new token for each of its live sequences; the last one marks it done."""
+        emitted = []
+        for sequence in work.sequences:
+            if sequence.done:
+                continue
+            sequence.generated += 1
+            emitted.append((sequence, self._tokens.next()))
+            if sequence.generated >= sequence.request.max_tokens:
+                sequence.done = True
+        return emitted
+
     def _release(self, sequence: _Sequence) -> bool:
         self._kv_reserved -= sequence.reserved_tokens
         return False
+
+
+class RooflineEngine(RooflineScheduler):
+    """The scheduler on the event loop: each step sleeps until its roofline deadline, then streams tokens."""
+
+    def __init__(self, model: ModelProfile, gpu: GpuProfile, first_content_id: int,
+                 params: RooflineParams | None = None, quant: str = "bf16", tp: int = 1):
+        super().__init__(model, gpu, first_content_id, params, quant, tp)
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+
+    def failure(self) -> str | None:
+        task = self._loop_task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return f"scheduler loop ended: {task.exception()!r}"
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+        self.check_fits(request)
+        sequence = _Sequence(request, asyncio.Queue())
+        self.submit(sequence)
+        self._wake.set()
+        try:
+            while True:
+                token = await sequence.out.get()
+                if token is None:
+                    return
+                yield [token]
+        finally:
+            sequence.done = True
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time()
         while True:
-            work = self._plan_step()
+            work = self.plan_step()
             if not work.sequences and not work.prefill_tokens:
                 self._wake.clear()
                 await self._wake.wait()
@@ -275,11 +321,7 @@ class RooflineEngine:
                 await asyncio.sleep(delay)
             else:
                 deadline = loop.time()  # fell behind (host pause): do not try to catch up
-            for sequence in work.sequences:
+            for sequence, token in self.finish_step(work):
+                sequence.out.put_nowait(token)
                 if sequence.done:
-                    continue
-                sequence.generated += 1
-                sequence.out.put_nowait(self._tokens.next())
-                if sequence.generated >= sequence.request.max_tokens:
                     sequence.out.put_nowait(None)
-                    sequence.done = True
