@@ -6,6 +6,8 @@
   tokenrig model      make synthetic checkpoints (bf16, GPTQ/AWQ 4-bit), list model profiles
   tokenrig fit        will this model fit on these GPUs, and with which TP / quantization
   tokenrig gpus       list GPU profiles
+  tokenrig capacity   GPUs needed for a target load within SLOs, and the cost: measured or projected
+  tokenrig report     one self-contained HTML report (and CSV exports) of finished runs
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ EXAMPLES = """examples:
   tokenrig train                                     tiny model, ZeRO-2, one CPU process
   tokenrig train --gpu h100-sxm --model 7b --mode lora --zero 2 --recompute --micro-batch 8 --seq-len 1024
   tokenrig train --matrix study-7b                   the study's grid, one comparison table
+  tokenrig capacity --from docs/results --gpu h100-sxm,a800,rtx4090 --model 13b --quant bf16,awq \
+      --scenario chat --slo ttft_p99=500ms,tpot_p99=50ms --target-rps 50
+  tokenrig report results/RUN_ID results/OTHER_RUN -o report.html --csv exports/
 """
 
 
@@ -74,6 +79,8 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
                         help="sim backend roofline: achieved / peak memory bandwidth (default 0.8)")
     parser.add_argument("--sim-step-overhead-ms", type=float, default=None,
                         help="sim backend roofline: fixed cost of each engine step (default 2)")
+    parser.add_argument("--sim-sequence-overhead-us", type=float, default=None,
+                        help="sim backend roofline: host cost per sequence in a step (default 0)")
     parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
 
 
@@ -164,7 +171,62 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--concurrency", type=int, default=16)
     fit.add_argument("--context", type=int, default=None, help="tokens per request (default: the model's context)")
     fit.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    _add_capacity_parser(commands)
+    _add_report_parser(commands)
     return parser
+
+
+def _add_capacity_parser(commands) -> None:
+    capacity = commands.add_parser(
+        "capacity", help="replicas, GPUs and cost per GPU type for a target load within SLOs (measured or projected)",
+        description="For each GPU type x weight format x engine: the highest goodput one replica sustains within "
+                    "the SLOs — measured by a --find-max run where one exists (--from, or run here with --backend), "
+                    "projected elsewhere by the roofline calibrated on the measured steps, with its held-out error "
+                    "band — then replicas and GPUs for --target-rps, $/hour, $/month, $ per million tokens and energy "
+                    "at TDP. One table, cheapest first (docs/capacity.md).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    capacity.add_argument("--gpu", required=True, help="comma-separated GPU profiles, e.g. h100-sxm,a800,rtx4090")
+    capacity.add_argument("--model", required=True, help="model profile, e.g. 13b")
+    capacity.add_argument("--quant", default="bf16", help="comma-separated weight formats (default bf16), e.g. bf16,awq")
+    capacity.add_argument("--scenario", default="chat", help="name in scenarios/serving/ or a path (default chat)")
+    capacity.add_argument("--slo", required=True, help="service-level objectives, e.g. ttft_p99=500ms,tpot_p99=50ms")
+    capacity.add_argument("--target-rps", type=float, help="requests/s to serve (default: size one replica)")
+    capacity.add_argument("--headroom", type=float, default=0.2,
+                          help="spare capacity: replicas = ceil(target x (1 + headroom) / goodput) (default 0.2)")
+    capacity.add_argument("--from", dest="inputs", nargs="+", type=Path, default=[], metavar="DIR",
+                          help="results directories of load tests: --find-max runs answer their configuration; "
+                               "every measured step calibrates its engine (e.g. docs/results)")
+    capacity.add_argument("--backend", choices=["hf", "sim", "vllm", "tgi"],
+                          help="run the --find-max searches here first, one per GPU type and weight format")
+    capacity.add_argument("--engine", help="comma-separated: only engines whose label contains one of these "
+                                           "(e.g. 'CUDA graphs', vllm)")
+    capacity.add_argument("--price", action="append", default=[], metavar="GPU=USD",
+                          help="replace a GPU's price per hour, e.g. --price h100-sxm=2.49 (repeatable)")
+    capacity.add_argument("--tail-samples", type=int, default=10,
+                          help="SLO searches: samples beyond the judged percentile per step (default 10)")
+    capacity.add_argument("--precision", type=float, default=0.05, help="SLO searches: bracket width (default 0.05)")
+    capacity.add_argument("--max-step", type=float, default=300, help="SLO searches: longest step, seconds")
+    capacity.add_argument("--results", type=Path, default=Path("results"),
+                          help="where --backend searches write their run directories")
+    capacity.add_argument("-o", "--out", type=Path,
+                          help="capacity.json (default results/capacity-TIME.json), for `tokenrig report --capacity`")
+    capacity.add_argument("--csv", type=Path, help="also write the table as CSV to this file")
+
+
+def _add_report_parser(commands) -> None:
+    report = commands.add_parser(
+        "report", help="one self-contained HTML report of finished runs (and CSV exports)",
+        description="Write one offline HTML file (plotly, inlined) over run directories: latency CDFs, a per-second "
+                    "timeline with the server's scraped metrics, load-generator health, sweep and SLO-search "
+                    "curves, a comparison of several runs, training runs, and a capacity table (docs/report.md).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run directories, or directories holding them")
+    report.add_argument("-o", "--out", type=Path, default=Path("report.html"), help="HTML file (default report.html)")
+    report.add_argument("--capacity", type=Path, help="a capacity.json written by `tokenrig capacity`")
+    report.add_argument("--csv", type=Path, metavar="DIR",
+                        help="also write requests.csv (one row per request) and summary.csv (one row per run or step)")
+    report.add_argument("--title", default="tokenrig report")
 
 
 TRAIN_FIELDS = ("gpu", "model", "mode", "zero", "offload", "recompute", "attention", "micro_batch", "seq_len",
@@ -279,6 +341,7 @@ def _server_spec(args, concurrency: int | None = None):
                       sim_compute_efficiency=args.sim_compute_efficiency,
                       sim_bandwidth_efficiency=args.sim_bandwidth_efficiency,
                       sim_step_overhead_ms=args.sim_step_overhead_ms,
+                      sim_sequence_overhead_us=args.sim_sequence_overhead_us,
                       host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", None))
 
 
@@ -327,7 +390,7 @@ def cmd_loadtest(args) -> int:
     from pydantic import ValidationError
 
     from tokenrig.loadgen.scenario import ScenarioError, load_scenario
-    from tokenrig.loadtest import SearchOptions
+    from tokenrig.loadgen.search import SearchOptions
     from tokenrig.report.slo import SloError, parse_slos
 
     scenario = load_scenario(args.scenario)
@@ -448,10 +511,88 @@ def cmd_fit(args) -> int:
 def cmd_gpus(_args) -> int:
     from tokenrig.profiles import gpu_profiles
 
-    print(f"{'gpu':<10}{'memory':>8}{'GB/s':>7}{'BF16 TF':>9}{'TDP W':>7}{'$/h':>7}  interconnect")
+    print(f"{'gpu':<10}{'memory':>8}{'GB/s':>7}{'BF16 TF':>9}{'TDP W':>7}{'$/h':>7}{'priced':>12}  interconnect")
     for g in gpu_profiles().values():
         print(f"{g.key:<10}{g.memory_gb:>6g}GB{g.bandwidth_gbs:>7g}{g.tflops_bf16:>9g}{g.tdp_w:>7g}"
-              f"{g.price_usd_per_hour:>7.2f}  {g.interconnect}")
+              f"{g.price_usd_per_hour:>7.2f}{g.price_date:>12}  {g.interconnect}")
+    print("prices: tokenrig/profiles/gpus.yaml names each source; tokenrig capacity --price GPU=USD replaces one")
+    return 0
+
+
+def cmd_capacity(args) -> int:
+    import time
+
+    from tokenrig.capacity.inputs import read_results
+    from tokenrig.capacity.planner import CapacityPlanner, CapacityQuestion
+    from tokenrig.capacity.table import render, write_csv
+    from tokenrig.loadgen.scenario import ScenarioError, load_scenario
+    from tokenrig.loadgen.search import SearchOptions
+    from tokenrig.profiles import resolve_gpu, resolve_model
+    from tokenrig.report.rundir import write_json
+    from tokenrig.report.slo import SloError, parse_slos
+    from tokenrig.serve.fit import normalise_quant
+
+    if not args.inputs and not args.backend:
+        raise ScenarioError("give --from DIR (results of load tests, e.g. docs/results) or --backend to run the "
+                            "SLO searches here")
+    try:
+        slos = parse_slos(args.slo)
+    except SloError as error:
+        raise ScenarioError(str(error)) from None
+    prices = {}
+    for item in args.price:
+        gpu, _, usd = item.partition("=")
+        try:
+            prices[resolve_gpu(gpu).key] = float(usd)
+        except ValueError:
+            raise ScenarioError(f"--price takes GPU=USD, e.g. h100-sxm=2.49, not {item!r}") from None
+    gpus = [resolve_gpu(name) for name in args.gpu.split(",") if name.strip()]
+    quants = [normalise_quant(name) for name in args.quant.split(",") if name.strip()]
+    options = SearchOptions("find-max", tail_samples=args.tail_samples, precision=args.precision,
+                            max_step_s=args.max_step)
+    question = CapacityQuestion(gpus, resolve_model(args.model), quants, load_scenario(args.scenario), slos,
+                                target_rps=args.target_rps, headroom=args.headroom, prices=prices,
+                                engines=[e.strip() for e in args.engine.split(",")] if args.engine else None,
+                                search=options)
+    inputs = list(args.inputs)
+    if args.backend:
+        import locust  # noqa: F401  - gevent must patch the standard library before the load test's imports
+
+        from tokenrig.capacity.searches import run_searches
+
+        specs = [_server_spec(argparse.Namespace(**{**vars(_capacity_server_defaults()), "backend": args.backend,
+                                                    "gpu": gpu.key, "model": args.model, "quant": quant}))
+                 for gpu in gpus for quant in quants]
+        inputs += run_searches(specs, question.scenario, slos, options, args.results)
+    steps, searches = read_results(inputs)
+    if not steps:
+        raise ScenarioError(f"no load-test runs under {', '.join(map(str, inputs))}")
+    print(f"capacity inputs: {len(steps)} measured steps, {len(searches)} --find-max runs")
+    answer = CapacityPlanner(question, steps, searches).answer()
+    document = answer.document()
+    out = args.out or args.results / f"capacity-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, document)
+    print("")
+    print(render(document))
+    if args.csv:
+        write_csv(document, args.csv)
+        print(f"csv: {args.csv}")
+    print(f"capacity.json: {out} (tokenrig report RUN_DIR... --capacity {out})")
+    return 0
+
+
+def _capacity_server_defaults() -> argparse.Namespace:
+    """The serve options a `tokenrig capacity --backend` search starts its servers with: every default."""
+    parser = argparse.ArgumentParser()
+    _add_server_args(parser)
+    return parser.parse_args([])
+
+
+def cmd_report(args) -> int:
+    from tokenrig.report.html import write_report
+
+    write_report(args.runs, args.out, capacity=args.capacity, csv_dir=args.csv, title=args.title)
     return 0
 
 
@@ -465,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     handlers = {"loadtest": cmd_loadtest, "serve": cmd_serve, "train": cmd_train, "model": cmd_model,
-                "gpus": cmd_gpus, "fit": cmd_fit}
+                "gpus": cmd_gpus, "fit": cmd_fit, "capacity": cmd_capacity, "report": cmd_report}
     try:
         return handlers[args.command](args)
     except (UnknownProfileError, ScenarioError, LaunchError, FitError, TrainSpecError, CompareError) as error:

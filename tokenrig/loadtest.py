@@ -23,7 +23,7 @@ from tokenrig.loadgen.plan import LoadPlan
 from tokenrig.loadgen.records import JsonlSink, read_records
 from tokenrig.loadgen.runner import run_load
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
-from tokenrig.loadgen.search import SloWatch, StepResult, find_max_rate, step_duration
+from tokenrig.loadgen.search import SearchOptions, SloWatch, StepResult, find_max_rate
 from tokenrig.loadgen.users import LoadContext
 from tokenrig.loadgen.workload import Workload
 from tokenrig.monitor.discovery import MonitorOptions
@@ -60,21 +60,6 @@ def _existing_endpoint(url: str, spec: ServerSpec, progress=print) -> Endpoint:
     else:
         context = min(served, spec.max_model_len or served)
     return Endpoint(base, f"{base}/metrics", spec.model.key, tokenizer_dir(spec.model), context)
-
-
-@dataclass
-class SearchOptions:
-    """--sweep (fixed list of rates or user counts) or --find-max (SLO search over rates)."""
-
-    mode: str  # "sweep" | "find-max"
-    loads: list[float] | None = None  # sweep values
-    sweep_users: bool = False  # the sweep values are concurrencies, not rates
-    start_rate: float = 1.0
-    precision: float = 0.05
-    tail_samples: int = 10
-    min_step_s: float = 10.0
-    max_step_s: float = 300.0
-    max_steps: int = 16
 
 
 @dataclass
@@ -246,17 +231,7 @@ def _run_search(session: Session, search: SearchOptions, title: str) -> bool:
         nonlocal interrupted
         if interrupted:
             raise KeyboardInterrupt
-        if search.sweep_users:
-            load = base.model_copy(update={"type": "concurrency", "users": int(value), "rate": None,
-                                           "stages": None, "trace": None})
-        else:
-            open_type = base.type if base.type in ("poisson", "constant", "gamma") else "poisson"
-            duration = (step_duration(session.slos, value, search.tail_samples, base.warmup_s, search.min_step_s,
-                                      search.max_step_s) if session.slos and search.mode == "find-max"
-                        else base.duration_s)
-            load = LoadPlanSpec.model_validate({**base.model_dump(), "type": open_type, "rate": value,
-                                                "stages": None, "trace": None, "duration_s": duration,
-                                                "cooldown_s": min(base.cooldown_s, duration / 4)})
+        load = search.step_load(base, value, session.slos)
         label = f"{'users' if search.sweep_users else 'rate'}-{value:.4g}"
         step_dir = session.run_dir / "steps" / f"{len(steps) + 1:02d}-{label}"
         wait_server_idle(session.endpoint.metrics_url, progress=progress)

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from tokenrig.loadgen.records import RequestRecord
+from tokenrig.loadgen.scenario import LoadPlanSpec
 from tokenrig.report.slo import Slo, samples_for
 
 # A server is saturated when it completes fewer requests than were sent: the queue grows. Over a window,
@@ -21,6 +22,33 @@ from tokenrig.report.slo import Slo, samples_for
 # so a deficit counts when it is larger than both SATURATION_DEFICIT of the sends and SATURATION_SIGMAS of that.
 SATURATION_DEFICIT = 0.1
 SATURATION_SIGMAS = 3.0
+
+
+@dataclass
+class SearchOptions:
+    """--sweep (fixed list of rates or user counts) or --find-max (SLO search over rates)."""
+
+    mode: str  # "sweep" | "find-max"
+    loads: list[float] | None = None  # sweep values
+    sweep_users: bool = False  # the sweep values are concurrencies, not rates
+    start_rate: float = 1.0
+    precision: float = 0.05
+    tail_samples: int = 10
+    min_step_s: float = 10.0
+    max_step_s: float = 300.0
+    max_steps: int = 16
+
+    def step_load(self, base: LoadPlanSpec, value: float, slos: list[Slo] | None) -> LoadPlanSpec:
+        """The load plan of the step at `value` (users, or an open-loop rate long enough for its SLOs)."""
+        if self.sweep_users:
+            return base.model_copy(update={"type": "concurrency", "users": int(value), "rate": None,
+                                           "stages": None, "trace": None})
+        open_type = base.type if base.type in ("poisson", "constant", "gamma") else "poisson"
+        duration = (step_duration(slos, value, self.tail_samples, base.warmup_s, self.min_step_s, self.max_step_s)
+                    if slos and self.mode == "find-max" else base.duration_s)
+        return LoadPlanSpec.model_validate({**base.model_dump(), "type": open_type, "rate": value,
+                                            "stages": None, "trace": None, "duration_s": duration,
+                                            "cooldown_s": min(base.cooldown_s, duration / 4)})
 
 
 @dataclass

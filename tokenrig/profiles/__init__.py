@@ -31,6 +31,7 @@ class GpuProfile(BaseModel):
     interconnect_gbs: float
     tdp_w: float
     price_usd_per_hour: float
+    price_date: str  # ISO date the price source gives its figure for
     sources: dict[str, str]
 
     @property

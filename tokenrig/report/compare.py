@@ -15,12 +15,14 @@ class CompareError(ValueError):
     pass
 
 
-def server_label(server: dict) -> str:
-    """What distinguishes one serving configuration from another, in the words of the serve flags."""
+def quant_label(server: dict) -> str:
     quant = server.get("quant") or "bf16"
-    if server.get("quant_kernel"):
-        quant += f" ({server['quant_kernel']})"
-    parts = [server.get("backend", "?"), server.get("model", "?"), server.get("gpu", "?"), quant]
+    return quant + (f" ({server['quant_kernel']})" if server.get("quant_kernel") else "")
+
+
+def engine_details(server: dict) -> list[str]:
+    """The engine settings besides backend, model, GPU and weights, in the words of the serve flags."""
+    parts = []
     if server.get("attention"):
         parts.append(server["attention"])
     if server.get("cuda_graphs"):
@@ -28,9 +30,26 @@ def server_label(server: dict) -> str:
         parts.append("CUDA graphs" + (f", KV padding {padding}" if padding else ""))
     if server.get("sim_ttft_ms") is not None:
         parts.append(f"sim TTFT {server['sim_ttft_ms']:g} ms, TPOT {server['sim_tpot_ms']:g} ms")
+    roofline = [f"{name} {server[key]:g}{unit}" for key, name, unit in (
+        ("sim_compute_efficiency", "compute", ""), ("sim_bandwidth_efficiency", "bandwidth", ""),
+        ("sim_step_overhead_ms", "overhead", " ms"), ("sim_sequence_overhead_us", "per sequence", " us"))
+        if server.get(key) is not None]
+    if roofline:
+        parts.append("roofline " + " ".join(roofline))
     if server.get("compile_level"):
         parts.append(f"compile {server['compile_level']}")
-    return " ".join(parts[:3]) + ", " + ", ".join(parts[3:])
+    return parts
+
+
+def engine_label(server: dict) -> str:
+    """The serving engine as configured, whatever the model, GPU and weight format: e.g. 'hf, sdpa, CUDA graphs'."""
+    return ", ".join([server.get("backend", "?")] + engine_details(server))
+
+
+def server_label(server: dict) -> str:
+    """What distinguishes one serving configuration from another, in the words of the serve flags."""
+    return (f"{server.get('backend', '?')} {server.get('model', '?')} {server.get('gpu', '?')}, "
+            + ", ".join([quant_label(server)] + engine_details(server)))
 
 
 def _ms(distribution: dict | None, key: str) -> float | None:

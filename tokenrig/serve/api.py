@@ -113,6 +113,28 @@ def _sse(payload: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """A completions prompt (text, or token ids) as the engine receives it."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("prompt must be a string or a list of token ids (one prompt per request)")
+    return tokenizer.encode(prompt, add_special_tokens=True)
+
+
+def encode_chat(tokenizer, messages) -> list[int]:
+    """Chat messages through the model's chat template, as the engine receives them."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list of {role, content}")
+    for message in messages:
+        if isinstance(message.get("content"), list):  # OpenAI content parts: keep the text parts
+            message["content"] = " ".join(p.get("text", "") for p in message["content"] if p.get("type") == "text")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 class OpenAIServer:
     def __init__(self, engine: Engine, tokenizer, model_name: str, max_context: int):
         self.engine = engine
@@ -206,24 +228,6 @@ class OpenAIServer:
         self.metrics.success.labels(self.model_name, finish).inc()
         yield [], finish
 
-    def _encode_prompt(self, prompt) -> list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            return prompt
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise BadRequest("prompt must be a string or a list of token ids (one prompt per request)")
-        return self.tokenizer.encode(prompt, add_special_tokens=True)
-
-    def _encode_chat(self, messages) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("messages must be a non-empty list of {role, content}")
-        for message in messages:
-            if isinstance(message.get("content"), list):  # OpenAI content parts: keep the text parts
-                message["content"] = " ".join(p.get("text", "") for p in message["content"] if p.get("type") == "text")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
     async def _read_json(self, request: web.Request) -> dict:
         try:
             body = await request.json()
@@ -244,7 +248,8 @@ class OpenAIServer:
         arrival = asyncio.get_running_loop().time()
         try:
             body = await self._read_json(request)
-            prompt_ids = self._encode_chat(body.get("messages")) if chat else self._encode_prompt(body.get("prompt"))
+            prompt_ids = (encode_chat(self.tokenizer, body.get("messages")) if chat
+                          else encode_prompt(self.tokenizer, body.get("prompt")))
             sampling = _sampling(body, default_max=16)
             self._admit(prompt_ids, sampling)
         except BadRequest as error:

@@ -69,6 +69,7 @@ class ServerSpec:
     sim_compute_efficiency: float | None = None  # sim roofline: None = RooflineParams' default
     sim_bandwidth_efficiency: float | None = None
     sim_step_overhead_ms: float | None = None
+    sim_sequence_overhead_us: float | None = None
     host: str = "127.0.0.1"
     port: int | None = None
     extra_args: list[str] = field(default_factory=list)
@@ -84,7 +85,8 @@ class ServerSpec:
                 "sim_ttft_ms": self.sim_ttft_ms, "sim_tpot_ms": self.sim_tpot_ms,
                 "sim_compute_efficiency": self.sim_compute_efficiency,
                 "sim_bandwidth_efficiency": self.sim_bandwidth_efficiency,
-                "sim_step_overhead_ms": self.sim_step_overhead_ms}
+                "sim_step_overhead_ms": self.sim_step_overhead_ms,
+                "sim_sequence_overhead_us": self.sim_sequence_overhead_us}
 
 
 @dataclass

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sim engine roofline: achieved / peak memory bandwidth (default 0.8)")
     parser.add_argument("--sim-step-overhead-ms", type=float, default=None,
                         help="sim engine roofline: fixed cost of each engine step (default 2 ms)")
+    parser.add_argument("--sim-sequence-overhead-us", type=float, default=None,
+                        help="sim engine roofline: host cost per sequence in a step (default 0)")
     return parser
 
 
@@ -84,6 +86,8 @@ def build_engine(args):
         params.bandwidth_efficiency = args.sim_bandwidth_efficiency
     if args.sim_step_overhead_ms is not None:
         params.step_overhead_s = args.sim_step_overhead_ms / 1000
+    if args.sim_sequence_overhead_us is not None:
+        params.sequence_overhead_s = args.sim_sequence_overhead_us / 1e6
     return RooflineEngine(model, resolve_gpu(args.gpu), first_content_id, params, args.quant, args.tp), model
 
 

@@ -32,7 +32,8 @@ def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
         command += ["--max-model-len", str(spec.max_model_len)]
     for flag, value in (("--sim-compute-efficiency", spec.sim_compute_efficiency),
                         ("--sim-bandwidth-efficiency", spec.sim_bandwidth_efficiency),
-                        ("--sim-step-overhead-ms", spec.sim_step_overhead_ms)):
+                        ("--sim-step-overhead-ms", spec.sim_step_overhead_ms),
+                        ("--sim-sequence-overhead-us", spec.sim_sequence_overhead_us)):
         if value is not None:
             command += [flag, str(value)]
     if spec.sim_ttft_ms is not None:

@@ -79,6 +79,7 @@ class RooflineParams:
     compute_efficiency: float = 0.6  # achieved / peak BF16 FLOP/s on large matmuls
     bandwidth_efficiency: float = 0.8  # achieved / peak memory bandwidth on weight streaming
     step_overhead_s: float = 0.002  # scheduler + kernel-launch cost per iteration
+    sequence_overhead_s: float = 0.0  # host cost per sequence in the step (batch bookkeeping, sampling)
     max_num_seqs: int = 256
     max_batch_tokens: int = 8192  # prefill token budget per step (chunked prefill)
     gpu_memory_utilization: float = 0.9
@@ -184,6 +185,11 @@ class RooflineScheduler:
             prefix_cache_hits=self.prefix_cache.hits,
         )
 
+    @property
+    def busy(self) -> bool:
+        """Requests are waiting or still generating."""
+        return bool(self._waiting) or any(not s.done for s in self._running)
+
     def check_fits(self, request: GenerationRequest) -> None:
         if len(request.prompt_ids) + request.max_tokens > self.kv_capacity_tokens:
             raise ValueError("prompt + max_tokens exceed the whole KV cache")
@@ -199,7 +205,8 @@ class RooflineScheduler:
         bytes_moved = self.weight_bytes + work.kv_bytes_read + work.kv_tokens_written * self.kv_bytes_per_token
         compute_s = flops / (tp * self.gpu.flops_per_s * p.compute_efficiency)
         memory_s = bytes_moved / (tp * self.gpu.bandwidth_bytes_per_s * p.bandwidth_efficiency)
-        return max(compute_s, memory_s) + p.step_overhead_s + self.all_reduce_s(tokens)
+        host_s = p.step_overhead_s + p.sequence_overhead_s * len(work.sequences)
+        return max(compute_s, memory_s) + host_s + self.all_reduce_s(tokens)
 
     def all_reduce_s(self, tokens: int) -> float:
         """Two ring all-reduces of the bf16 hidden state per layer (after attention and after the MLP)."""

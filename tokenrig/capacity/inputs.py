@@ -1,0 +1,176 @@
+"""Measured load tests as capacity inputs: every step of every run directory, and the --find-max searches.
+
+Reads what `tokenrig loadtest` writes (metadata.json, summary.json, search.json, steps/NN-*/), so
+results copied from another machine (docs/results) serve as they are. Each step becomes a
+`MeasuredStep`: the serving configuration (engine, weights, model, GPU, TP, the engine's batch
+limits read from the server command), the scenario and the exact load plan it ran, and its
+summary. Runs against `--url` record no server command: their batch limits are the sim engine's
+defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenrig.loadgen.records import RequestRecord, read_records
+from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
+from tokenrig.loadgen.search import SearchOptions
+from tokenrig.report.compare import engine_label
+from tokenrig.report.slo import Slo, judge, parse_slos
+
+# engine batch limits as each launcher spells them: requests per step, tokens per step
+MAX_SEQS_FLAGS = ("--max-num-seqs", "--max-batch-size")
+MAX_BATCH_TOKENS_FLAGS = ("--max-batch-tokens", "--max-num-batched-tokens", "--max-batch-prefill-tokens")
+
+
+def _flag(command: list[str], names: tuple[str, ...]) -> int | None:
+    for index, word in enumerate(command[:-1]):
+        if word in names:
+            return int(command[index + 1])
+    return None
+
+
+def recorded_slos(metadata: dict) -> list[Slo]:
+    """The SLOs a run was judged against, from metadata's 'ttft_p99<=0.5s' form."""
+    return parse_slos(",".join(text.replace("<=", "=") for text in metadata.get("slos") or [])) \
+        if metadata.get("slos") else []
+
+
+@dataclass
+class MeasuredStep:
+    """One measured load step: the configuration served, the load it ran, what it measured."""
+
+    path: Path
+    server: dict
+    scenario: Scenario
+    load: LoadPlanSpec
+    summary: dict
+
+    @property
+    def engine(self) -> str:
+        return engine_label(self.server)
+
+    @property
+    def quant(self) -> str:
+        return self.server.get("quant") or "bf16"
+
+    @property
+    def model(self) -> str:
+        return self.server["model"]
+
+    @property
+    def gpu(self) -> str:
+        return self.server["gpu"]
+
+    @property
+    def tp(self) -> int:
+        return (self.server.get("fit") or {}).get("tp") or self.server.get("tp") or 1
+
+    @property
+    def max_num_seqs(self) -> int | None:
+        return _flag(self.server.get("command") or [], MAX_SEQS_FLAGS) or self.server.get("max_num_seqs")
+
+    @property
+    def max_batch_tokens(self) -> int | None:
+        return _flag(self.server.get("command") or [], MAX_BATCH_TOKENS_FLAGS)
+
+    def records(self) -> list[RequestRecord] | None:
+        path = self.path / "requests.jsonl"
+        return read_records(path) if path.exists() else None
+
+    def unusable(self) -> str | None:
+        """Why this step cannot calibrate a model of the engine, or None."""
+        summary = self.summary
+        if summary.get("interrupted"):
+            return "interrupted"
+        if (summary.get("load") or {}).get("stopped_early_slo_missed"):
+            return "stopped early (SLO already missed)"
+        if not summary["load_generator"]["valid"]:
+            return "load generator invalid"
+        if summary["window"].get("problem") or not summary["requests"]["ok"]:
+            return "no measured request"
+        if summary["requests"]["failed"]:
+            return f"{summary['requests']['failed']} failed requests"
+        if not summary["latency_s"]["ttft"] or not summary["latency_s"]["tpot"]:
+            return "no TTFT/TPOT"
+        return None
+
+
+@dataclass
+class SearchRun:
+    """A --find-max run: its SLOs, search.json and the step it reached, step by step."""
+
+    path: Path
+    slos: list[Slo]
+    document: dict
+    steps: list[MeasuredStep] = field(default_factory=list)
+
+    @property
+    def server(self) -> dict:
+        return self.steps[0].server
+
+    def best_for(self, slos: list[Slo]) -> tuple[MeasuredStep, dict] | str:
+        """The highest-rate step meeting `slos` and its verdict (goodput, SLOs), or why none can be named.
+
+        With the SLOs the run searched for, its own verdicts count; with others, each step is judged
+        again from its requests.jsonl (a copy without it cannot answer other SLOs)."""
+        same = set(slos) == set(self.slos)
+        best = None
+        for step, row in zip(self.steps, self.document["steps"]):
+            if same:
+                verdict = step.summary.get("slo") or {}
+                met = row["slo_met"]
+            else:
+                records = step.records()
+                if records is None:
+                    return (f"searched for {', '.join(s.name for s in self.slos)}; judging other SLOs needs "
+                            f"requests.jsonl, not kept in {step.path}")
+                verdict = judge(records, slos, step.summary["window"]["seconds"])
+                met = verdict["all_met"] and not row["stopped_early"]
+            if met and row["loadgen_valid"] and (best is None or row["load"] > best[0]):
+                best = (row["load"], step, verdict)
+        if best is None:
+            return "no step met the SLOs"
+        return best[1], best[2]
+
+
+def _step_dirs(run_dir: Path) -> list[Path]:
+    return sorted(path for path in (run_dir / "steps").iterdir() if (path / "summary.json").exists())
+
+
+def read_run(run_dir: Path) -> tuple[list[MeasuredStep], SearchRun | None]:
+    """The measured steps of one load-test run directory, and its search if it was a --find-max run."""
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    scenario = Scenario.model_validate(metadata["scenario"])
+    server = metadata["server"]
+    search_file = run_dir / "search.json"
+    if not search_file.exists():
+        if not (run_dir / "summary.json").exists():
+            return [], None
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return [MeasuredStep(run_dir, server, scenario, scenario.load, summary)], None
+    document = json.loads(search_file.read_text())
+    options = SearchOptions(**metadata["search"])
+    slos = recorded_slos(metadata)
+    steps = [MeasuredStep(step_dir, server, scenario, options.step_load(scenario.load, row["load"], slos),
+                          json.loads((step_dir / "summary.json").read_text()))
+             for step_dir, row in zip(_step_dirs(run_dir), document["steps"])]
+    search = SearchRun(run_dir, slos, document, steps) if document["mode"] == "find-max" and steps else None
+    return steps, search
+
+
+def read_results(directories: list[Path]) -> tuple[list[MeasuredStep], list[SearchRun]]:
+    """Every load-test run directory under `directories` (metadata.json with a scenario and a server)."""
+    steps, searches = [], []
+    for directory in directories:
+        for metadata in sorted(Path(directory).rglob("metadata.json")):
+            document = json.loads(metadata.read_text())
+            if "scenario" not in document or "server" not in document:
+                continue  # a training run or a matrix
+            run_steps, search = read_run(metadata.parent)
+            steps += run_steps
+            if search:
+                searches.append(search)
+    return steps, searches

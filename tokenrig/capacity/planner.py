@@ -1,0 +1,198 @@
+"""`tokenrig capacity`: how many GPUs of each type serve a target load within the SLOs, and what it costs.
+
+For every GPU type x weight format x engine asked about, one row:
+
+- measured: a --find-max run of exactly that configuration, model and scenario answers the SLOs
+  (its best step's goodput);
+- projected: otherwise the engine's calibration (calibrate.py, fitted on every measured step of
+  that engine and weight format) replays the scenario's SLO search on that GPU type in virtual
+  time (simulate.py); the row carries the calibration's held-out error band and the GPU types it
+  was calibrated on;
+- neither (it does not fit, nothing measured that engine with those weights, no rate meets the
+  SLOs): a note instead of a row.
+
+cost.py turns each goodput into replicas, GPUs, dollars and energy; rows come cheapest first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenrig.capacity.calibrate import Calibration, Calibrator
+from tokenrig.capacity.cost import ReplicaCapacity, size
+from tokenrig.capacity.inputs import MeasuredStep, SearchRun
+from tokenrig.capacity.simulate import EngineSetup, RequestBook, VirtualSearch
+from tokenrig.loadgen.scenario import Scenario
+from tokenrig.loadgen.search import SearchOptions
+from tokenrig.profiles import GpuProfile, ModelProfile
+from tokenrig.report.slo import Slo
+from tokenrig.serve.fit import FitError, plan_fit
+
+# the replica a projection sizes: the smallest TP holding the weights plus KV for this many of the
+# scenario's largest requests at once (the fit planner's rule, `tokenrig fit --concurrency 16`)
+PLANNING_CONCURRENCY = 16
+LARGEST_REQUEST_SAMPLE = 256  # arrivals looked at to find the scenario's largest request
+
+
+@dataclass
+class CapacityQuestion:
+    gpus: list[GpuProfile]
+    model: ModelProfile
+    quants: list[str]
+    scenario: Scenario
+    slos: list[Slo]
+    target_rps: float | None = None
+    headroom: float = 0.2
+    prices: dict[str, float] = field(default_factory=dict)  # GPU key -> $/hour replacing the profile's
+    engines: list[str] | None = None  # only engines whose label contains one of these
+    search: SearchOptions = field(default_factory=lambda: SearchOptions("find-max"))
+
+    def price(self, gpu: GpuProfile) -> float:
+        return self.prices.get(gpu.key, gpu.price_usd_per_hour)
+
+    def document(self) -> dict:
+        return {"gpus": [g.key for g in self.gpus], "model": self.model.key, "quants": self.quants,
+                "scenario": self.scenario.name, "slos": {s.name: s.threshold_s for s in self.slos},
+                "target_rps": self.target_rps, "headroom": self.headroom, "engines": self.engines,
+                "prices": {g.key: {"usd_per_hour": self.price(g), "overridden": g.key in self.prices,
+                                   "source": g.sources.get("price"), "date": g.price_date} for g in self.gpus},
+                "tdp_w": {g.key: g.tdp_w for g in self.gpus}}
+
+
+@dataclass
+class CapacityRow:
+    gpu: str
+    quant: str
+    engine: str
+    tp: int
+    source: str  # measured | projected
+    basis: str  # the run directory, or what the calibration rests on
+    band: float | None  # projected: worst held-out relative error of the calibration
+    goodput_rps: float
+    goodput_output_tokens_per_s: float
+    output_tokens_per_request: float
+    input_tokens_per_request: float
+    sizing: dict
+
+    def document(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass
+class CapacityAnswer:
+    question: CapacityQuestion
+    rows: list[CapacityRow]
+    notes: list[str]
+    calibrations: list[Calibration]
+
+    def document(self) -> dict:
+        return {"question": self.question.document(), "rows": [row.document() for row in self.rows],
+                "notes": self.notes, "calibrations": [c.document() for c in self.calibrations]}
+
+
+def _per_request(summary: dict) -> tuple[float, float]:
+    ok = summary["requests"]["ok"]
+    return summary["tokens"]["output_total"] / ok, summary["tokens"]["input_total"] / ok
+
+
+class CapacityPlanner:
+    def __init__(self, question: CapacityQuestion, steps: list[MeasuredStep], searches: list[SearchRun],
+                 progress=print):
+        self.question = question
+        self.steps = steps
+        self.searches = searches
+        self.progress = progress
+        self.calibrator = Calibrator(progress)
+        self._book: RequestBook | None = None
+
+    def engines(self) -> list[str]:
+        names = sorted({step.engine for step in self.steps})
+        wanted = self.question.engines
+        return [n for n in names if not wanted or any(w in n for w in wanted)]
+
+    def answer(self) -> CapacityAnswer:
+        q = self.question
+        rows, notes, calibrations = [], [], {}
+        for engine in self.engines():
+            for quant in q.quants:
+                for gpu in q.gpus:
+                    label = f"{gpu.key} {quant} {engine}"
+                    row = self._measured(engine, quant, gpu, notes)
+                    if row is None:
+                        key = (engine, quant)
+                        if key not in calibrations:
+                            calibrations[key] = self._calibration(engine, quant, notes)
+                        if calibrations[key] is None:
+                            continue
+                        self.progress(f"projecting {label} (virtual-time SLO search)")
+                        row = self._projected(calibrations[key], gpu, notes)
+                    if row is not None:
+                        rows.append(row)
+        rows.sort(key=lambda r: (r.sizing["usd_per_hour"], r.sizing["usd_per_million_output_tokens"]))
+        return CapacityAnswer(q, rows, notes, [c for c in calibrations.values() if c is not None])
+
+    def _row(self, engine: str, quant: str, gpu: GpuProfile, tp: int, source: str, basis: str, band: float | None,
+             goodput_rps: float, summary: dict) -> CapacityRow:
+        out_per_request, in_per_request = _per_request(summary)
+        capacity = ReplicaCapacity(goodput_rps, out_per_request, in_per_request, tp)
+        sizing = size(capacity, self.question.price(gpu), gpu.tdp_w, self.question.target_rps, self.question.headroom)
+        return CapacityRow(gpu.key, quant, engine, tp, source, basis, band, goodput_rps,
+                           goodput_rps * out_per_request, out_per_request, in_per_request, sizing.as_dict())
+
+    def _measured(self, engine: str, quant: str, gpu: GpuProfile, notes: list[str]) -> CapacityRow | None:
+        q = self.question
+        matching = [s for s in self.searches if s.steps[0].engine == engine and s.steps[0].quant == quant
+                    and s.steps[0].gpu == gpu.key and s.steps[0].model == q.model.key
+                    and s.steps[0].scenario.name == q.scenario.name]
+        for search in sorted(matching, key=lambda s: s.path.name, reverse=True):  # the latest run that answers
+            best = search.best_for(q.slos)
+            if isinstance(best, str):
+                notes.append(f"{gpu.key} {quant} {engine}: measured run {search.path} not used: {best}")
+                continue
+            step, verdict = best
+            if not verdict.get("goodput_rps"):
+                continue
+            return self._row(engine, quant, gpu, step.tp, "measured", str(search.path), None,
+                             verdict["goodput_rps"], step.summary)
+        return None
+
+    def _calibration(self, engine: str, quant: str, notes: list[str]) -> Calibration | None:
+        usable = [s for s in self.steps if s.engine == engine and s.quant == quant and s.unusable() is None]
+        if not usable:
+            notes.append(f"{engine} with {quant} weights: no measured step to calibrate a projection on")
+            return None
+        return self.calibrator.calibrate(engine, quant, usable)
+
+    def book(self) -> RequestBook:
+        if self._book is None:
+            q = self.question
+            self._book = RequestBook(q.scenario, q.model, q.scenario.load.seed)
+        return self._book
+
+    def largest_request(self) -> int:
+        book = self.book()
+        return max(len(turn.prompt_ids) + turn.prepared.max_tokens for index in range(LARGEST_REQUEST_SAMPLE)
+                   for turn in book.conversation(index, None).turns)
+
+    def _projected(self, calibration: Calibration, gpu: GpuProfile, notes: list[str]) -> CapacityRow | None:
+        q = self.question
+        label = f"{gpu.key} {calibration.quant} {calibration.engine}"
+        try:
+            tp = plan_fit(q.model, gpu, calibration.quant, concurrency=PLANNING_CONCURRENCY,
+                          context_tokens=min(self.largest_request(), q.model.max_context)).tp
+        except FitError:
+            notes.append(f"{label}: {q.model.key} does not fit with {PLANNING_CONCURRENCY} of the scenario's "
+                         f"largest requests on up to 8 GPUs")
+            return None
+        setup = EngineSetup(q.model, gpu, calibration.quant, tp, calibration.params)
+        search = VirtualSearch(setup, self.book(), q.scenario.load, q.slos, q.search, self.progress)
+        best = search.best_step()
+        if best is None:
+            notes.append(f"{label}: projected, no rate meets the SLOs ({search.result.stop_reason})")
+            return None
+        transfers = gpu.key in calibration.gpus
+        basis = (f"calibrated on {len(calibration.steps)} steps on {', '.join(calibration.gpus)}"
+                 + ("" if transfers else f"; {gpu.key} not among them"))
+        return self._row(calibration.engine, calibration.quant, gpu, tp, "projected", basis, calibration.band,
+                         best.summary["slo"]["goodput_rps"], best.summary)

@@ -1,0 +1,252 @@
+"""A load test in virtual time: a scenario's load plan replayed through the sim engine's scheduler.
+
+No server and no sleeping. The requests are the ones a real run sends (the scenario's Workload
+with the plan's seed; prompt ids as tokenrig's API layer builds them), the engine is the sim
+server's `RooflineScheduler` stepping a virtual clock, and each request becomes a RequestRecord
+timed as a perfect client would time it (no network, no client lag). Summaries, SLO verdicts and
+the SLO search are then the code a real run uses, and minutes of load replay in seconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+from dataclasses import dataclass
+from functools import cached_property
+
+from tokenrig.loadgen.plan import LoadPlan, TraceRow
+from tokenrig.loadgen.records import RequestRecord
+from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
+from tokenrig.loadgen.search import SearchOptions, SearchResult, SloWatch, StepResult, find_max_rate
+from tokenrig.loadgen.workload import PreparedRequest, Workload
+from tokenrig.profiles import GpuProfile, ModelProfile
+from tokenrig.report.slo import Slo, judge
+from tokenrig.report.summary import RunFacts, summarize
+from tokenrig.serve.engines import GenerationRequest
+from tokenrig.serve.engines.sim import RooflineParams, RooflineScheduler, _Sequence
+from tokenrig.serve.tokenizer import SPECIAL_TOKENS, TEMPLATE_WORDS
+
+# how long requests still in flight at the plan's end may run on (the load test's --request-timeout default)
+DRAIN_S = 600.0
+# a request the engine refuses (larger than the whole KV cache) comes back as an HTTP error after this long
+REFUSAL_S = 0.001
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """One simulated serving replica: model, GPU type, weight format, TP size and roofline parameters."""
+
+    model: ModelProfile
+    gpu: GpuProfile
+    quant: str
+    tp: int
+    params: RooflineParams
+
+    def scheduler(self) -> RooflineScheduler:
+        return RooflineScheduler(self.model, self.gpu, len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS), self.params,
+                                 self.quant, self.tp)
+
+
+@dataclass
+class Turn:
+    prepared: PreparedRequest
+    prompt_ids: list[int]
+
+
+@dataclass
+class Conversation:
+    turns: list[Turn]
+    think_time_s: float
+
+
+class RequestBook:
+    """The scenario's requests by arrival index, prompt ids included, built once and reused by every replay.
+
+    Later turns of a conversation carry the earlier replies: the sim engine streams random content
+    words, so a reply is `max_tokens` random words, as the real client would have received."""
+
+    def __init__(self, scenario: Scenario, model: ModelProfile, seed: int):
+        from tokenizers import Tokenizer
+        from transformers import AutoTokenizer
+
+        from tokenrig.serve.checkpoint import tokenizer_dir
+
+        directory = tokenizer_dir(model)
+        self.model = model
+        self.workload = Workload(scenario, Tokenizer.from_file(str(directory / "tokenizer.json")), model.key,
+                                 model.max_context, seed=seed)
+        self._encoder = AutoTokenizer.from_pretrained(directory)
+        self._conversations: dict[int, Conversation] = {}
+
+    def conversation(self, index: int, trace_row: TraceRow | None) -> Conversation:
+        if index not in self._conversations:
+            self._conversations[index] = self._build(index, trace_row)
+        return self._conversations[index]
+
+    def _build(self, index: int, trace_row: TraceRow | None) -> Conversation:
+        from tokenrig.serve.api import encode_chat, encode_prompt
+
+        dialogue = self.workload.dialogue(index, trace_row)
+        replies = random.Random(f"replies:{index}")
+        turns = []
+        while (prepared := dialogue.next_request()) is not None:
+            body = json.loads(prepared.body)
+            ids = (encode_chat(self._encoder, body["messages"]) if "messages" in body
+                   else encode_prompt(self._encoder, body["prompt"]))
+            turns.append(Turn(prepared, ids))
+            dialogue.add_reply(" ".join(self.workload.words(prepared.max_tokens, replies)), prepared.max_tokens)
+        return Conversation(turns, dialogue.think_time_s)
+
+
+@dataclass
+class Replay:
+    summary: dict
+    records: list[RequestRecord]
+    stopped_early: bool
+
+
+@dataclass
+class _Pending:
+    """A turn due at the virtual clock's `due`: which arrival, which turn, and whether it came from a closed-loop user."""
+
+    due: float
+    arrival: int
+    trace_row: TraceRow | None
+    turn: int
+
+
+def replay(setup: EngineSetup, book: RequestBook, load: LoadPlanSpec, slos: list[Slo] | None = None,
+           stop_early: bool = False) -> Replay:
+    """Run `load` against the simulated replica; with `stop_early`, stop once an SLO can no longer be met."""
+    scheduler = setup.scheduler()
+    plan = LoadPlan(load, start=0.0)
+    watch = SloWatch(slos, plan.scheduled_in_window() or 0) if stop_early and slos and plan.open_loop else None
+    queue: list[tuple[float, int, _Pending]] = []
+    order = 0
+
+    def schedule(pending: _Pending) -> None:
+        nonlocal order
+        heapq.heappush(queue, (pending.due, order, pending))
+        order += 1
+
+    def take_slot(now: float) -> None:
+        slot = plan.next_slot(now)
+        if slot is not None:
+            schedule(_Pending(slot.due, slot.index, slot.trace_row, 0))
+
+    for _ in range(plan.pool_size if not plan.open_loop else plan.scheduled_total):
+        take_slot(0.0)
+
+    records: list[RequestRecord] = []
+    active: dict[int, tuple[RequestRecord, _Pending]] = {}
+    clock = 0.0
+
+    def start(pending: _Pending) -> None:
+        conversation = book.conversation(pending.arrival, pending.trace_row)
+        turn = conversation.turns[pending.turn]
+        record = RequestRecord(
+            request_id=len(records) + len(active) + 1, request_class=turn.prepared.request_class,
+            api=turn.prepared.api, scheduled_at=pending.due, send_lag_s=0.0, slot_late=False,
+            in_window=plan.in_steady_window(pending.due), prompt_tokens_sent=turn.prepared.prompt_tokens,
+            max_tokens=turn.prepared.max_tokens, status=200, prompt_tokens_usage=len(turn.prompt_ids),
+            arrival_index=pending.arrival, turn=pending.turn, prefix_id=turn.prepared.prefix_id,
+            prefix_reused=turn.prepared.prefix_reused)
+        request = GenerationRequest(str(record.request_id), turn.prompt_ids, turn.prepared.max_tokens, pending.due)
+        try:
+            scheduler.check_fits(request)
+        except ValueError as error:
+            record.status, record.error, record.e2e_s = 400, f"HTTP 400: {error}", REFUSAL_S
+            finish(record, pending, pending.due + REFUSAL_S)
+            return
+        sequence = _Sequence(request)
+        scheduler.submit(sequence)
+        active[id(sequence)] = (record, pending)
+
+    def finish(record: RequestRecord, pending: _Pending, ended: float) -> None:
+        records.append(record)
+        if watch:
+            watch.write(record)
+        conversation = book.conversation(pending.arrival, pending.trace_row)
+        if record.ok and pending.turn + 1 < len(conversation.turns):
+            due = ended + conversation.think_time_s
+            if due < plan.end:
+                schedule(_Pending(due, pending.arrival, pending.trace_row, pending.turn + 1))
+                return
+        if not plan.open_loop:
+            take_slot(ended)  # a closed-loop user takes its next arrival the moment it is done
+
+    stopped_early = False
+    while True:
+        if watch and watch.decided():
+            stopped_early = True
+            break
+        if scheduler.busy:
+            # the engine plans its next step the moment the last one ends, before a request sent in
+            # reply to its tokens can arrive: what is due now waits for the step after
+            while queue and queue[0][0] < clock:
+                start(heapq.heappop(queue)[2])
+        else:
+            if not queue:
+                break
+            clock = max(clock, queue[0][0])  # an idle engine wakes for the next request
+            while queue and queue[0][0] <= clock:
+                start(heapq.heappop(queue)[2])
+            continue
+        if clock > plan.end + DRAIN_S:
+            break
+        work = scheduler.plan_step()
+        clock += scheduler.step_time(work)
+        for sequence, _token in scheduler.finish_step(work):
+            record, pending = active[id(sequence)]
+            offset = clock - pending.due
+            if record.ttft_s is None:
+                record.ttft_s = offset
+            record.chunk_offsets_s.append(offset)
+            record.chunk_tokens.append(1)
+            if sequence.done:
+                del active[id(sequence)]
+                record.e2e_s = offset
+                record.output_tokens_usage = record.output_tokens_tokenizer = sequence.generated
+                finish(record, pending, clock)
+    for record, _pending in active.values():  # still running when the replay stopped
+        record.error = "aborted: load test stopped before the response ended"
+        records.append(record)
+
+    duration = load.duration_s
+    if stopped_early:  # as a real step stopped early: the window ends when the load stopped
+        duration = max(min(duration, clock + load.cooldown_s), load.warmup_s + load.cooldown_s + 1e-3)
+    facts = RunFacts(duration_s=duration, warmup_s=load.warmup_s, cooldown_s=load.cooldown_s, plan_start_unix=0.0,
+                     target_rate=plan.target_rate, client_cpu_fraction=0.0,
+                     scheduled_in_window=None if stopped_early else plan.scheduled_in_window())
+    summary = summarize(records, facts)
+    if slos:
+        summary["slo"] = judge(records, slos, summary["window"]["seconds"])
+    return Replay(summary, records, stopped_early)
+
+
+@dataclass
+class VirtualSearch:
+    """--find-max against a simulated replica: the load test's search, each step replayed in virtual time."""
+
+    setup: EngineSetup
+    book: RequestBook
+    base: LoadPlanSpec
+    slos: list[Slo]
+    options: SearchOptions
+    progress: object = print
+
+    @cached_property
+    def result(self) -> SearchResult:
+        def measure(rate: float) -> StepResult:
+            step = replay(self.setup, self.book, self.options.step_load(self.base, rate, self.slos), self.slos,
+                          stop_early=True)
+            return StepResult(rate, step.summary, stopped_early=step.stopped_early)
+
+        return find_max_rate(measure, self.options.start_rate, self.options.precision, self.options.max_steps,
+                             progress=lambda line: self.progress(f"  {line}"))
+
+    def best_step(self) -> StepResult | None:
+        """The step at the highest rate that met every SLO."""
+        met = [step for step in self.result.steps if step.slo_met]
+        return max(met, key=lambda step: step.load) if met else None
