@@ -138,7 +138,8 @@ class Session:
             summary["slo"] = judge(records, self.slos, summary["window"]["seconds"])
         summary["workload"] = {"requests_clamped_to_context": workload.clamped,
                                "conversations_cut_at_context": workload.conversations_cut}
-        summary["load"] = {"plan": plan.describe(), "stopped_early_slo_missed": outcome.stopped_early}
+        summary["load"] = {"plan": plan.describe(), "stopped_early_slo_missed": outcome.stopped_early,
+                           "spec": load.model_dump()}
         summary["server"] = summarize_server_metrics(step_dir / "server_metrics.jsonl", summary["window"]["start_unix"],
                                                      summary["window"]["end_unix"], scraper.errors)
         write_json(step_dir / "summary.json", summary)
@@ -231,7 +232,7 @@ def _run_search(session: Session, search: SearchOptions, title: str) -> bool:
         nonlocal interrupted
         if interrupted:
             raise KeyboardInterrupt
-        load = search.step_load(base, value, session.slos)
+        load = search.step_load(base, value, session.slos, len(steps))
         label = f"{'users' if search.sweep_users else 'rate'}-{value:.4g}"
         step_dir = session.run_dir / "steps" / f"{len(steps) + 1:02d}-{label}"
         wait_server_idle(session.endpoint.metrics_url, progress=progress)

@@ -1,15 +1,19 @@
-"""Calibrating the roofline to an engine: fit its efficiencies to measured steps, and check on held-out ones.
+"""Calibrating the roofline to an engine: fit its parameters to measured steps, check on held-out ones.
 
-For one engine configuration and weight format (e.g. 'hf, sdpa, CUDA graphs' with bf16), the
-four roofline parameters — compute efficiency, bandwidth efficiency, host overhead per step and
-per sequence in a step — are fitted so that virtual-time replays of the measured steps' exact loads reproduce what they
-measured: TTFT p50, TPOT p50 and output tokens/s (least squares on log ratios, with a weak pull
-towards RooflineParams' defaults so that a parameter the data cannot see stays typical).
+For one engine configuration and weight format (e.g. 'hf, sdpa, CUDA graphs' with bf16), five
+parameters are fitted so that virtual-time replays of the measured steps' exact loads reproduce
+what they measured (TTFT p50, TPOT p50, output tokens/s): the roofline's compute and bandwidth
+efficiencies, its host overhead per step and per sequence in a step, and the time a request takes
+to reach the engine (HTTP, parsing, tokenization; it is in every measured TTFT). The fit minimises
+squared log ratios with Nelder-Mead — replays are discrete-event simulations, so finite-difference
+gradients mislead — plus a weak pull towards typical values, so that a parameter the data cannot
+see stays typical.
 
-The error band is a leave-one-out check: each step is predicted by a model fitted on the others;
-the band is the worst relative error of those predictions over the fitted figures. It measures
-how well the model transfers between the calibration points (their GPUs and loads); a projection
-to a GPU type no point ran on carries an error the band cannot see, and the rows say so.
+The error band is k-fold cross-validation (k = the number of steps, at most 4): each fold's steps
+are predicted by a model fitted on the other folds, and the band is the worst relative error of
+those predictions. It measures how the model transfers between the calibration points (their GPUs
+and loads); a projection to a GPU type no point ran on carries an error the band cannot see, and
+rows say so. Calibrate on two GPU types to separate bandwidth from per-step overhead.
 """
 
 from __future__ import annotations
@@ -21,17 +25,18 @@ import numpy as np
 
 from tokenrig.capacity.inputs import MeasuredStep
 from tokenrig.capacity.simulate import EngineSetup, RequestBook, replay
-from tokenrig.profiles import resolve_gpu, resolve_model
+from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
 from tokenrig.serve.engines.sim import RooflineParams
 
 FIGURES = ("ttft_p50_s", "tpot_p50_s", "output_tokens_per_s")
 DEFAULTS = RooflineParams()
-# where the fit starts and what it is pulled towards, each log-parameter with weight 0.02 per factor e:
-# RooflineParams' defaults, and 10 us per sequence (that default is 0, which has no logarithm)
-PRIOR = (DEFAULTS.compute_efficiency, DEFAULTS.bandwidth_efficiency, DEFAULTS.step_overhead_s, 1e-5)
-PRIOR_WEIGHT = 0.02
-# compute efficiency, bandwidth efficiency, overhead per step (s), overhead per sequence (s)
-BOUNDS = ((0.005, 1.0), (0.005, 1.0), (1e-5, 1.0), (1e-8, 0.05))
+NAMES = ("compute_efficiency", "bandwidth_efficiency", "step_overhead_s", "sequence_overhead_s", "api_latency_s")
+# where each fit starts and what it is pulled towards (RooflineParams' defaults; 10 us per sequence and
+# 1 ms to reach the engine, as zero has no logarithm), and the bounds of each parameter
+TYPICAL = (DEFAULTS.compute_efficiency, DEFAULTS.bandwidth_efficiency, DEFAULTS.step_overhead_s, 1e-5, 1e-3)
+BOUNDS = ((0.005, 1.0), (0.005, 1.0), (1e-5, 1.0), (1e-8, 0.05), (1e-5, 1.0))
+PRIOR_WEIGHT = 0.02  # residual per factor e between a parameter and its typical value
+MAX_FOLDS = 4
 
 
 def figures(summary: dict) -> dict[str, float]:
@@ -40,15 +45,29 @@ def figures(summary: dict) -> dict[str, float]:
             "output_tokens_per_s": summary["throughput"]["output_tokens_per_s"]}
 
 
-def _params(x: np.ndarray, limits: RooflineParams) -> RooflineParams:
-    compute, bandwidth, overhead, per_sequence = np.exp(x)
-    return replace(limits, compute_efficiency=float(compute), bandwidth_efficiency=float(bandwidth),
-                   step_overhead_s=float(overhead), sequence_overhead_s=float(per_sequence))
+@dataclass(frozen=True)
+class EngineModel:
+    """What a calibration fits: the roofline parameters (batch limits included) and the API latency."""
 
+    params: RooflineParams
+    api_latency_s: float
 
-def _vector(params: RooflineParams) -> np.ndarray:
-    return np.log([params.compute_efficiency, params.bandwidth_efficiency, params.step_overhead_s,
-                   max(params.sequence_overhead_s, BOUNDS[3][0])])
+    @classmethod
+    def from_vector(cls, x: np.ndarray, limits: RooflineParams) -> EngineModel:
+        values = dict(zip(NAMES, map(float, np.exp(x))))
+        latency = values.pop("api_latency_s")
+        return cls(replace(limits, **values), latency)
+
+    def vector(self) -> np.ndarray:
+        p = self.params
+        return np.log([p.compute_efficiency, p.bandwidth_efficiency, p.step_overhead_s,
+                       max(p.sequence_overhead_s, BOUNDS[3][0]), max(self.api_latency_s, BOUNDS[4][0])])
+
+    def setup(self, model: ModelProfile, gpu: GpuProfile, quant: str, tp: int,
+              limits: RooflineParams | None = None) -> EngineSetup:
+        params = self.params if limits is None else replace(
+            self.params, max_num_seqs=limits.max_num_seqs, max_batch_tokens=limits.max_batch_tokens)
+        return EngineSetup(model, gpu, quant, tp, params, self.api_latency_s)
 
 
 def batch_limits(step: MeasuredStep) -> RooflineParams:
@@ -76,13 +95,13 @@ class HeldOut:
 class Calibration:
     engine: str
     quant: str
-    params: RooflineParams
+    model: EngineModel
     steps: list[MeasuredStep]
     held_out: list[HeldOut] = field(default_factory=list)
 
     @property
     def band(self) -> float | None:
-        """Worst held-out relative error, or None with fewer than two steps (nothing to hold out)."""
+        """Worst held-out relative error (infinite if a held-out replay measured nothing), None without folds."""
         return max(h.error for h in self.held_out) if self.held_out else None
 
     @property
@@ -90,18 +109,19 @@ class Calibration:
         return sorted({step.gpu for step in self.steps})
 
     def describe(self) -> str:
-        p = self.params
-        band = f"held-out error ±{self.band:.0%}" if self.band is not None else "one step: no held-out check"
+        p = self.model.params
+        band = (f"held-out error ±{self.band:.0%}" if self.band is not None and math.isfinite(self.band)
+                else "a held-out replay measured nothing" if self.band is not None else "one step: no held-out check")
         return (f"{self.engine} {self.quant}: compute efficiency {p.compute_efficiency:.3f}, bandwidth efficiency "
                 f"{p.bandwidth_efficiency:.3f}, overhead {p.step_overhead_s * 1e3:.2f} ms per step + "
-                f"{p.sequence_overhead_s * 1e6:.0f} us per sequence, from {len(self.steps)} steps on "
-                f"{', '.join(self.gpus)}; {band}")
+                f"{p.sequence_overhead_s * 1e6:.0f} us per sequence, {self.model.api_latency_s * 1e3:.1f} ms to reach "
+                f"the engine; from {len(self.steps)} steps on {', '.join(self.gpus)}; {band}")
 
     def document(self) -> dict:
-        p = self.params
+        p = self.model.params
         return {"engine": self.engine, "quant": self.quant, "compute_efficiency": p.compute_efficiency,
                 "bandwidth_efficiency": p.bandwidth_efficiency, "step_overhead_s": p.step_overhead_s,
-                "sequence_overhead_s": p.sequence_overhead_s,
+                "sequence_overhead_s": p.sequence_overhead_s, "api_latency_s": self.model.api_latency_s,
                 "max_num_seqs": p.max_num_seqs, "max_batch_tokens": p.max_batch_tokens, "band": self.band,
                 "gpus": self.gpus, "steps": [str(step.path) for step in self.steps],
                 "held_out": [{"step": str(h.step.path), "measured": h.measured, "predicted": h.predicted,
@@ -109,59 +129,64 @@ class Calibration:
 
 
 class Calibrator:
-    """Fits and checks calibrations; request books are built once per scenario, model and seed."""
+    """Fits and checks calibrations; request books are built once per scenario and model."""
 
     def __init__(self, progress=print):
         self.progress = progress
-        self._books: dict[tuple[str, str, int], RequestBook] = {}
+        self._books: dict[tuple[str, str], RequestBook] = {}
 
     def book(self, step: MeasuredStep) -> RequestBook:
-        key = (step.scenario.model_dump_json(), step.model, step.load.seed)
+        key = (step.scenario.model_dump_json(), step.model)
         if key not in self._books:
-            self._books[key] = RequestBook(step.scenario, resolve_model(step.model), step.load.seed)
+            self._books[key] = RequestBook(step.scenario, resolve_model(step.model))
         return self._books[key]
 
-    def predict(self, step: MeasuredStep, params: RooflineParams) -> dict[str, float]:
-        limits = batch_limits(step)
-        params = replace(params, max_num_seqs=limits.max_num_seqs, max_batch_tokens=limits.max_batch_tokens)
-        setup = EngineSetup(resolve_model(step.model), resolve_gpu(step.gpu), step.quant, step.tp, params)
+    def predict(self, step: MeasuredStep, model: EngineModel) -> dict[str, float]:
+        setup = model.setup(resolve_model(step.model), resolve_gpu(step.gpu), step.quant, step.tp, batch_limits(step))
         summary = replay(setup, self.book(step), step.load).summary
         if not summary["latency_s"]["ttft"] or not summary["latency_s"]["tpot"]:
             return {k: math.inf for k in FIGURES}
         return figures(summary)
 
-    def fit(self, steps: list[MeasuredStep], start: RooflineParams | None = None) -> RooflineParams:
-        from scipy.optimize import least_squares
+    def fit(self, steps: list[MeasuredStep], start: EngineModel | None = None) -> EngineModel:
+        from scipy.optimize import minimize
 
         measured = [figures(step.summary) for step in steps]
-        prior = np.log(PRIOR)
+        typical = np.log(TYPICAL)
 
-        def residuals(x: np.ndarray) -> np.ndarray:
-            params = _params(x, DEFAULTS)
-            out = []
+        def cost(x: np.ndarray) -> float:
+            model = EngineModel.from_vector(x, DEFAULTS)
+            total = float(np.sum((PRIOR_WEIGHT * (x - typical)) ** 2))
             for step, observed in zip(steps, measured):
-                predicted = self.predict(step, params)
-                out += [math.log(min(predicted[k], 1e9) / observed[k]) for k in FIGURES]
-            return np.array(out + list(PRIOR_WEIGHT * (x - prior)))
+                predicted = self.predict(step, model)
+                total += sum(math.log(min(predicted[k], 1e9) / observed[k]) ** 2 for k in FIGURES)
+            return total
 
-        low, high = np.log([b[0] for b in BOUNDS]), np.log([b[1] for b in BOUNDS])
-        x0 = np.clip(_vector(start) if start else prior, low + 1e-6, high - 1e-6)
-        # steps of 5 % in each parameter: small enough to follow the trend, large enough that the
-        # discrete scheduling events of a replay do not make the differences noise
-        solution = least_squares(residuals, x0, bounds=(low, high), diff_step=0.05, x_scale=1.0, ftol=1e-3, xtol=1e-3, max_nfev=12)
-        return _params(solution.x, DEFAULTS)
+        bounds = np.log(BOUNDS)
+        x0 = np.clip(start.vector() if start else typical, bounds[:, 0], bounds[:, 1])
+        # a first fit explores (simplex edges of a factor 2); a fold refit starts from it (a factor 1.2)
+        spread = 0.2 if start else 0.7
+        simplex = np.vstack([x0] + [x0 + spread * np.eye(len(x0))[i] for i in range(len(x0))])
+        solution = minimize(cost, x0, method="Nelder-Mead", bounds=bounds,
+                            options={"initial_simplex": np.clip(simplex, bounds[:, 0], bounds[:, 1]),
+                                     "xatol": 0.01, "fatol": 1e-4, "maxfev": 400})
+        return EngineModel.from_vector(solution.x, DEFAULTS)
 
     def calibrate(self, engine: str, quant: str, steps: list[MeasuredStep]) -> Calibration:
         self.progress(f"calibrating {engine} {quant} on {len(steps)} measured steps")
-        params = self.fit(steps)
+        model = self.fit(steps)
         held_out = []
-        if len(steps) >= 2:
-            for index, step in enumerate(steps):
-                others = steps[:index] + steps[index + 1:]
-                self.progress(f"  held-out check {index + 1}/{len(steps)}: {step.path.name}")
-                held_out.append(HeldOut(step, figures(step.summary), self.predict(step, self.fit(others, params))))
-        limits = batch_limits(steps[0])
-        params = replace(params, max_num_seqs=limits.max_num_seqs, max_batch_tokens=limits.max_batch_tokens)
-        calibration = Calibration(engine, quant, params, steps, held_out)
+        folds = min(len(steps), MAX_FOLDS)
+        if folds >= 2:
+            for fold in range(folds):
+                self.progress(f"  held-out check {fold + 1}/{folds}")
+                kept = [step for index, step in enumerate(steps) if index % folds != fold]
+                refit = self.fit(kept, start=model)
+                held_out += [HeldOut(step, figures(step.summary), self.predict(step, refit))
+                             for index, step in enumerate(steps) if index % folds == fold]
+        model = EngineModel(replace(model.params, **{k: getattr(batch_limits(steps[0]), k)
+                                                     for k in ("max_num_seqs", "max_batch_tokens")}),
+                            model.api_latency_s)
+        calibration = Calibration(engine, quant, model, steps, held_out)
         self.progress(f"  {calibration.describe()}")
         return calibration

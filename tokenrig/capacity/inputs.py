@@ -154,9 +154,14 @@ def read_run(run_dir: Path) -> tuple[list[MeasuredStep], SearchRun | None]:
     document = json.loads(search_file.read_text())
     options = SearchOptions(**metadata["search"])
     slos = recorded_slos(metadata)
-    steps = [MeasuredStep(step_dir, server, scenario, options.step_load(scenario.load, row["load"], slos),
-                          json.loads((step_dir / "summary.json").read_text()))
-             for step_dir, row in zip(_step_dirs(run_dir), document["steps"])]
+    steps = []
+    for step_dir, row in zip(_step_dirs(run_dir), document["steps"]):
+        summary = json.loads((step_dir / "summary.json").read_text())
+        recorded = (summary.get("load") or {}).get("spec")
+        # summaries written before the step's plan was recorded: every step then ran with the scenario's seed
+        load = (LoadPlanSpec.model_validate(recorded) if recorded
+                else options.step_load(scenario.load, row["load"], slos, step=0))
+        steps.append(MeasuredStep(step_dir, server, scenario, load, summary))
     search = SearchRun(run_dir, slos, document, steps) if document["mode"] == "find-max" and steps else None
     return steps, search
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from tokenrig.capacity.calibrate import Calibration, Calibrator
 from tokenrig.capacity.cost import ReplicaCapacity, size
 from tokenrig.capacity.inputs import MeasuredStep, SearchRun
-from tokenrig.capacity.simulate import EngineSetup, RequestBook, VirtualSearch
+from tokenrig.capacity.simulate import RequestBook, VirtualSearch
 from tokenrig.loadgen.scenario import Scenario
 from tokenrig.loadgen.search import SearchOptions
 from tokenrig.profiles import GpuProfile, ModelProfile
@@ -167,13 +167,14 @@ class CapacityPlanner:
     def book(self) -> RequestBook:
         if self._book is None:
             q = self.question
-            self._book = RequestBook(q.scenario, q.model, q.scenario.load.seed)
+            self._book = RequestBook(q.scenario, q.model)
         return self._book
 
     def largest_request(self) -> int:
         book = self.book()
+        seed = self.question.scenario.load.seed
         return max(len(turn.prompt_ids) + turn.prepared.max_tokens for index in range(LARGEST_REQUEST_SAMPLE)
-                   for turn in book.conversation(index, None).turns)
+                   for turn in book.conversation(seed, index, None).turns)
 
     def _projected(self, calibration: Calibration, gpu: GpuProfile, notes: list[str]) -> CapacityRow | None:
         q = self.question
@@ -185,7 +186,7 @@ class CapacityPlanner:
             notes.append(f"{label}: {q.model.key} does not fit with {PLANNING_CONCURRENCY} of the scenario's "
                          f"largest requests on up to 8 GPUs")
             return None
-        setup = EngineSetup(q.model, gpu, calibration.quant, tp, calibration.params)
+        setup = calibration.model.setup(q.model, gpu, calibration.quant, tp)
         search = VirtualSearch(setup, self.book(), q.scenario.load, q.slos, q.search, self.progress)
         best = search.best_step()
         if best is None:

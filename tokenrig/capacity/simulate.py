@@ -35,13 +35,15 @@ REFUSAL_S = 0.001
 
 @dataclass(frozen=True)
 class EngineSetup:
-    """One simulated serving replica: model, GPU type, weight format, TP size and roofline parameters."""
+    """One simulated serving replica: model, GPU type, weight format, TP size, roofline parameters, and
+    the time a request takes to reach the engine once sent (HTTP, parsing, tokenization)."""
 
     model: ModelProfile
     gpu: GpuProfile
     quant: str
     tp: int
     params: RooflineParams
+    api_latency_s: float = 0.0
 
     def scheduler(self) -> RooflineScheduler:
         return RooflineScheduler(self.model, self.gpu, len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS), self.params,
@@ -61,41 +63,47 @@ class Conversation:
 
 
 class RequestBook:
-    """The scenario's requests by arrival index, prompt ids included, built once and reused by every replay.
+    """The scenario's requests by seed and arrival index, prompt ids included, built once and reused by
+    every replay.
 
     Later turns of a conversation carry the earlier replies: the sim engine streams random content
     words, so a reply is `max_tokens` random words, as the real client would have received."""
 
-    def __init__(self, scenario: Scenario, model: ModelProfile, seed: int):
+    def __init__(self, scenario: Scenario, model: ModelProfile):
         from tokenizers import Tokenizer
         from transformers import AutoTokenizer
 
         from tokenrig.serve.checkpoint import tokenizer_dir
 
         directory = tokenizer_dir(model)
+        self.scenario = scenario
         self.model = model
-        self.workload = Workload(scenario, Tokenizer.from_file(str(directory / "tokenizer.json")), model.key,
-                                 model.max_context, seed=seed)
+        self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         self._encoder = AutoTokenizer.from_pretrained(directory)
-        self._conversations: dict[int, Conversation] = {}
+        self._workloads: dict[int, Workload] = {}
+        self._conversations: dict[tuple[int, int], Conversation] = {}
 
-    def conversation(self, index: int, trace_row: TraceRow | None) -> Conversation:
-        if index not in self._conversations:
-            self._conversations[index] = self._build(index, trace_row)
-        return self._conversations[index]
+    def conversation(self, seed: int, index: int, trace_row: TraceRow | None) -> Conversation:
+        if (seed, index) not in self._conversations:
+            self._conversations[seed, index] = self._build(seed, index, trace_row)
+        return self._conversations[seed, index]
 
-    def _build(self, index: int, trace_row: TraceRow | None) -> Conversation:
+    def _build(self, seed: int, index: int, trace_row: TraceRow | None) -> Conversation:
         from tokenrig.serve.api import encode_chat, encode_prompt
 
-        dialogue = self.workload.dialogue(index, trace_row)
-        replies = random.Random(f"replies:{index}")
+        if seed not in self._workloads:
+            self._workloads[seed] = Workload(self.scenario, self._tokenizer, self.model.key, self.model.max_context,
+                                             seed=seed)
+        workload = self._workloads[seed]
+        dialogue = workload.dialogue(index, trace_row)
+        replies = random.Random(f"replies:{seed}:{index}")
         turns = []
         while (prepared := dialogue.next_request()) is not None:
             body = json.loads(prepared.body)
             ids = (encode_chat(self._encoder, body["messages"]) if "messages" in body
                    else encode_prompt(self._encoder, body["prompt"]))
             turns.append(Turn(prepared, ids))
-            dialogue.add_reply(" ".join(self.workload.words(prepared.max_tokens, replies)), prepared.max_tokens)
+            dialogue.add_reply(" ".join(workload.words(prepared.max_tokens, replies)), prepared.max_tokens)
         return Conversation(turns, dialogue.think_time_s)
 
 
@@ -108,7 +116,7 @@ class Replay:
 
 @dataclass
 class _Pending:
-    """A turn due at the virtual clock's `due`: which arrival, which turn, and whether it came from a closed-loop user."""
+    """A turn scheduled at `due` on the virtual clock: which arrival, which turn."""
 
     due: float
     arrival: int
@@ -126,8 +134,9 @@ def replay(setup: EngineSetup, book: RequestBook, load: LoadPlanSpec, slos: list
     order = 0
 
     def schedule(pending: _Pending) -> None:
+        """Queue a request for the moment it reaches the engine."""
         nonlocal order
-        heapq.heappush(queue, (pending.due, order, pending))
+        heapq.heappush(queue, (pending.due + setup.api_latency_s, order, pending))
         order += 1
 
     def take_slot(now: float) -> None:
@@ -143,7 +152,7 @@ def replay(setup: EngineSetup, book: RequestBook, load: LoadPlanSpec, slos: list
     clock = 0.0
 
     def start(pending: _Pending) -> None:
-        conversation = book.conversation(pending.arrival, pending.trace_row)
+        conversation = book.conversation(load.seed, pending.arrival, pending.trace_row)
         turn = conversation.turns[pending.turn]
         record = RequestRecord(
             request_id=len(records) + len(active) + 1, request_class=turn.prepared.request_class,
@@ -167,7 +176,7 @@ def replay(setup: EngineSetup, book: RequestBook, load: LoadPlanSpec, slos: list
         records.append(record)
         if watch:
             watch.write(record)
-        conversation = book.conversation(pending.arrival, pending.trace_row)
+        conversation = book.conversation(load.seed, pending.arrival, pending.trace_row)
         if record.ok and pending.turn + 1 < len(conversation.turns):
             due = ended + conversation.think_time_s
             if due < plan.end:
@@ -238,9 +247,13 @@ class VirtualSearch:
 
     @cached_property
     def result(self) -> SearchResult:
+        steps = 0
+
         def measure(rate: float) -> StepResult:
-            step = replay(self.setup, self.book, self.options.step_load(self.base, rate, self.slos), self.slos,
-                          stop_early=True)
+            nonlocal steps
+            load = self.options.step_load(self.base, rate, self.slos, steps)
+            steps += 1
+            step = replay(self.setup, self.book, load, self.slos, stop_early=True)
             return StepResult(rate, step.summary, stopped_early=step.stopped_early)
 
         return find_max_rate(measure, self.options.start_rate, self.options.precision, self.options.max_steps,

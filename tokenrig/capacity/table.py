@@ -54,7 +54,8 @@ def render(document: dict) -> str:
         lines.append(f"calibration {calibration['engine']} {calibration['quant']}: compute "
                      f"{calibration['compute_efficiency']:.3f}, bandwidth {calibration['bandwidth_efficiency']:.3f}, "
                      f"{calibration['step_overhead_s'] * 1e3:.2f} ms/step + "
-                     f"{calibration['sequence_overhead_s'] * 1e6:.0f} us/sequence from {len(calibration['steps'])} "
+                     f"{calibration['sequence_overhead_s'] * 1e6:.0f} us/sequence, API "
+                     f"{calibration['api_latency_s'] * 1e3:.1f} ms, from {len(calibration['steps'])} "
                      f"steps on {', '.join(calibration['gpus'])}, held-out {band_text(calibration['band'])}")
     for row in flat_rows(document):
         if row["source"] == "projected" and "not among them" in row["basis"]:

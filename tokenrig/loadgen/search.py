@@ -38,17 +38,21 @@ class SearchOptions:
     max_step_s: float = 300.0
     max_steps: int = 16
 
-    def step_load(self, base: LoadPlanSpec, value: float, slos: list[Slo] | None) -> LoadPlanSpec:
-        """The load plan of the step at `value` (users, or an open-loop rate long enough for its SLOs)."""
+    def step_load(self, base: LoadPlanSpec, value: float, slos: list[Slo] | None, step: int) -> LoadPlanSpec:
+        """The load plan of step `step` (0-based) at `value`: users, or an open-loop rate long enough for its SLOs.
+
+        Each step has its own seed (the scenario's + step), so it sends prompts no earlier step sent: a
+        server's prefix cache does not carry one step's prompts into the next and flatter its TTFT."""
+        seed = base.seed + step
         if self.sweep_users:
             return base.model_copy(update={"type": "concurrency", "users": int(value), "rate": None,
-                                           "stages": None, "trace": None})
+                                           "stages": None, "trace": None, "seed": seed})
         open_type = base.type if base.type in ("poisson", "constant", "gamma") else "poisson"
         duration = (step_duration(slos, value, self.tail_samples, base.warmup_s, self.min_step_s, self.max_step_s)
                     if slos and self.mode == "find-max" else base.duration_s)
         return LoadPlanSpec.model_validate({**base.model_dump(), "type": open_type, "rate": value,
                                             "stages": None, "trace": None, "duration_s": duration,
-                                            "cooldown_s": min(base.cooldown_s, duration / 4)})
+                                            "cooldown_s": min(base.cooldown_s, duration / 4), "seed": seed})
 
 
 @dataclass
