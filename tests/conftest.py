@@ -59,3 +59,29 @@ def run_dir_of(result: subprocess.CompletedProcess) -> Path:
 
 def load_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+# The sim engine's roofline as the capacity and report tests set it: not RooflineParams' defaults, so a
+# calibration that recovers it has learnt it from the runs.
+KNOWN_ROOFLINE = {"compute_efficiency": 0.35, "bandwidth_efficiency": 0.45, "step_overhead_ms": 4.0}
+
+
+@pytest.fixture(scope="session")
+def known_engine_runs(tmp_path_factory):
+    """Real sim-server load tests of llama2-7b with KNOWN_ROOFLINE: closed-loop sweeps (1 and 16 users) on
+    an L40S and an H200 profile, whose bandwidths differ 5.6x (so bandwidth and per-step overhead separate),
+    and a --find-max search on an A800 profile, a GPU the sweeps never ran on."""
+    results = tmp_path_factory.mktemp("known-engine")
+    common = ["--backend", "sim", "--model", "7b", "--scenario", str(DATA / "capacity.yaml"),
+              "--sim-compute-efficiency", str(KNOWN_ROOFLINE["compute_efficiency"]),
+              "--sim-bandwidth-efficiency", str(KNOWN_ROOFLINE["bandwidth_efficiency"]),
+              "--sim-step-overhead-ms", str(KNOWN_ROOFLINE["step_overhead_ms"])]
+    runs = {}
+    for name, args in (("l40s", ["--gpu", "l40s", "--users", "sweep", "--sweep", "1,16", "--duration", "6"]),
+                       ("h200", ["--gpu", "h200", "--users", "sweep", "--sweep", "1,16", "--duration", "6"]),
+                       ("a800", ["--gpu", "a800", "--find-max", "--rate", "2", "--slo", "ttft_p90=300ms",
+                                 "--tail-samples", "2", "--max-step", "4", "--precision", "0.25"])):
+        result = run_cli("loadtest", *common, *args, "--results", str(results / name), timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        runs[name] = run_dir_of(result)
+    return runs

@@ -1,0 +1,122 @@
+"""Capacity planning: the cost arithmetic by hand, a calibration against a sim engine whose roofline is
+known, and `tokenrig capacity` answering with measured and projected rows."""
+
+import csv
+import datetime
+import json
+
+import pytest
+
+from tests.conftest import DATA, KNOWN_ROOFLINE, run_cli
+from tokenrig.capacity.calibrate import Calibrator, EngineModel, HeldOut, figures
+from tokenrig.capacity.cost import ReplicaCapacity, size
+from tokenrig.capacity.inputs import read_results
+from tokenrig.capacity.table import CSV_COLUMNS
+from tokenrig.profiles import gpu_profiles, resolve_gpu
+from tokenrig.report.slo import judge, parse_slos
+from tokenrig.serve.engines.sim import RooflineParams
+
+
+def test_sizing_matches_hand_computed_cases():
+    # a replica of 2 GPUs sustains 12 req/s of 1000-in / 200-out requests; $2.69/h and 700 W per GPU
+    replica = ReplicaCapacity(goodput_rps=12, output_tokens_per_request=200, input_tokens_per_request=1000,
+                              gpus_per_replica=2)
+    sized = size(replica, price_usd_per_hour=2.69, tdp_w=700, target_rps=50, headroom=0.2)
+    assert sized.replicas == 5  # ceil(50 x 1.2 / 12) = ceil(5.0), not 6 from 5.000000000000001
+    assert sized.gpus == 10
+    assert sized.usd_per_hour == pytest.approx(26.90)
+    assert sized.usd_per_month == pytest.approx(19_637.0)  # x 730 h
+    # 50 req/s x 200 tokens x 3600 s = 36 M output tokens an hour, 180 M input tokens
+    assert sized.usd_per_million_output_tokens == pytest.approx(0.747222, rel=1e-5)
+    assert sized.usd_per_million_input_tokens == pytest.approx(0.149444, rel=1e-5)
+    assert sized.kwh_per_million_output_tokens == pytest.approx(0.194444, rel=1e-5)  # 7 kW over 36 M tokens
+    assert size(replica, 2.69, 700, target_rps=51, headroom=0.2).replicas == 6  # ceil(5.1)
+    assert size(replica, 2.69, 700, target_rps=50, headroom=0.0).replicas == 5  # ceil(4.17)
+    one = size(ReplicaCapacity(3.0, 100, 500, 1), 0.60, 450, target_rps=None, headroom=0.2)
+    assert (one.replicas, one.gpus, one.served_rps) == (1, 1, 3.0)  # no target: one replica at its goodput
+    assert one.usd_per_million_output_tokens == pytest.approx(0.555556, rel=1e-5)  # $0.60 / 1.08 M tokens
+    assert one.kwh_per_million_output_tokens == pytest.approx(0.416667, rel=1e-5)  # 0.45 kWh / 1.08 M tokens
+    with pytest.raises(ValueError, match="cannot be sized"):
+        size(ReplicaCapacity(0.0, 100, 500, 1), 0.60, 450, 10, 0.2)
+
+
+def test_every_gpu_price_names_its_source_and_date():
+    for gpu in gpu_profiles().values():
+        assert datetime.date.fromisoformat(gpu.price_date) <= datetime.date.today(), gpu.key
+        assert gpu.sources["price"] and gpu.tdp_w > 0, gpu.key
+
+
+def test_calibration_recovers_the_known_roofline_and_predicts_an_unseen_gpu(known_engine_runs):
+    steps, _ = read_results(list(known_engine_runs.values()))
+    usable = [step for step in steps if step.unusable() is None]
+    seen = [step for step in usable if step.gpu in ("l40s", "h200")]
+    unseen = [step for step in usable if step.gpu == "a800"]
+    assert len(seen) == 4 and len(unseen) >= 2, [(s.gpu, s.unusable()) for s in steps]
+    calibrator = Calibrator(progress=lambda *_: None)
+    calibration = calibrator.calibrate(seen[0].engine, "bf16", seen)
+    params = calibration.model.params
+    assert params.compute_efficiency == pytest.approx(KNOWN_ROOFLINE["compute_efficiency"], rel=0.10)
+    assert params.bandwidth_efficiency == pytest.approx(KNOWN_ROOFLINE["bandwidth_efficiency"], rel=0.10)
+    assert params.step_overhead_s * 1e3 == pytest.approx(KNOWN_ROOFLINE["step_overhead_ms"], abs=2.0)
+    band = calibration.band
+    assert len(calibration.held_out) == 4 and band < 0.3, calibration.describe()
+
+    # an A800 is none of the calibration's GPUs: the projection still predicts what the engine measured there
+    projected = [HeldOut(step, figures(step.summary), calibrator.predict(step, calibration.model)) for step in unseen]
+    assert all(h.error <= band for h in projected), [(h.measured, h.predicted, band) for h in projected]
+    # the roofline's defaults, uncalibrated, do not: the calibration is what makes the prediction
+    default = EngineModel(RooflineParams(), api_latency_s=0.0)
+    assert all(HeldOut(step, figures(step.summary), calibrator.predict(step, default)).error > band
+               for step in unseen)
+
+
+def test_capacity_answers_measured_and_projected_rows_cheapest_first(known_engine_runs, tmp_path):
+    out, table = tmp_path / "capacity.json", tmp_path / "capacity.csv"
+    slo = "ttft_p90=250ms"  # not the 300 ms the A800 search ran for: its steps are judged again from their records
+    result = run_cli("capacity", "--from", *map(str, known_engine_runs.values()), "--gpu", "a800,l40s,h200",
+                     "--model", "7b", "--scenario", str(DATA / "capacity.yaml"), "--slo", slo, "--target-rps", "20",
+                     "--price", "l40s=1.00", "--out", str(out), "--csv", str(table), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads(out.read_text())
+    rows = {row["gpu"]: row for row in document["rows"]}
+    assert set(rows) == {"a800", "l40s", "h200"}, document["notes"]
+
+    # A800: measured, the highest-rate search step whose own requests meet 250 ms at p90
+    search = json.loads((known_engine_runs["a800"] / "search.json").read_text())
+    step_dirs = sorted((known_engine_runs["a800"] / "steps").iterdir())
+    verdicts = []
+    for step_dir, row in zip(step_dirs, search["steps"]):
+        from tokenrig.loadgen.records import read_records
+
+        summary = json.loads((step_dir / "summary.json").read_text())
+        verdict = judge(read_records(step_dir / "requests.jsonl"), parse_slos(slo), summary["window"]["seconds"])
+        if verdict["all_met"] and not row["stopped_early"]:
+            verdicts.append((row["load"], verdict["goodput_rps"]))
+    assert rows["a800"]["source"] == "measured" and rows["a800"]["basis"] == str(known_engine_runs["a800"])
+    assert rows["a800"]["goodput_rps"] == pytest.approx(max(verdicts)[1])
+
+    # the others: projected from the engine's calibration, with its held-out band
+    calibration = document["calibrations"][0]
+    assert calibration["gpus"] == ["a800", "h200", "l40s"]
+    for gpu in ("l40s", "h200"):
+        assert rows[gpu]["source"] == "projected" and rows[gpu]["band"] == calibration["band"]
+        assert 0 < rows[gpu]["goodput_rps"]
+    assert rows["h200"]["goodput_rps"] > rows["l40s"]["goodput_rps"]  # 5.6x the bandwidth
+
+    # every row's cost is the hand-checked arithmetic on its own figures, at the price asked for
+    for row in document["rows"]:
+        gpu = resolve_gpu(row["gpu"])
+        price = 1.00 if gpu.key == "l40s" else gpu.price_usd_per_hour
+        expected = size(ReplicaCapacity(row["goodput_rps"], row["output_tokens_per_request"],
+                                        row["input_tokens_per_request"], row["tp"]), price, gpu.tdp_w, 20, 0.2)
+        assert row["sizing"] == pytest.approx(expected.as_dict())
+    costs = [row["sizing"]["usd_per_hour"] for row in document["rows"]]
+    assert costs == sorted(costs)
+    assert document["question"]["prices"]["l40s"] == {**document["question"]["prices"]["l40s"], "usd_per_hour": 1.0,
+                                                      "overridden": True}
+
+    with table.open() as handle:
+        exported = list(csv.DictReader(handle))
+    assert list(exported[0]) == list(CSV_COLUMNS) and [r["gpu"] for r in exported] == [r["gpu"] for r in document["rows"]]
+    assert "projected" in result.stdout and "measured" in result.stdout and "±" in result.stdout
+    assert "calibration sim, roofline compute 0.35 bandwidth 0.45 overhead 4 ms bf16" in result.stdout
