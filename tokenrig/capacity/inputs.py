@@ -18,7 +18,7 @@ from tokenrig.loadgen.records import RequestRecord, read_records
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
 from tokenrig.loadgen.search import SearchOptions
 from tokenrig.report.compare import engine_label
-from tokenrig.report.slo import Slo, judge, parse_slos
+from tokenrig.report.slo import Slo, judge, recorded_slos
 
 # engine batch limits as each launcher spells them: requests per step, tokens per step
 MAX_SEQS_FLAGS = ("--max-num-seqs", "--max-batch-size")
@@ -30,12 +30,6 @@ def _flag(command: list[str], names: tuple[str, ...]) -> int | None:
         if word in names:
             return int(command[index + 1])
     return None
-
-
-def recorded_slos(metadata: dict) -> list[Slo]:
-    """The SLOs a run was judged against, from metadata's 'ttft_p99<=0.5s' form."""
-    return parse_slos(",".join(text.replace("<=", "=") for text in metadata.get("slos") or [])) \
-        if metadata.get("slos") else []
 
 
 @dataclass

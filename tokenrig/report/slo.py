@@ -66,6 +66,12 @@ def parse_slos(text: str) -> list[Slo]:
     return slos
 
 
+def recorded_slos(metadata: dict) -> list[Slo]:
+    """The SLOs a run was judged against, from its metadata.json ('ttft_p99<=0.5s' per SLO)."""
+    texts = metadata.get("slos") or []
+    return parse_slos(",".join(text.replace("<=", "=") for text in texts)) if texts else []
+
+
 def samples_for(percentile: float, beyond: int) -> int:
     """Samples needed so that `beyond` of them are expected past the percentile (10 past p99: 1000)."""
     return math.ceil(beyond * 100 / (100 - percentile) - 1e-9)  # 1e-9: 5 / (1 - 0.9) is 50.000000000000014

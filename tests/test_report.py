@@ -1,0 +1,156 @@
+"""`tokenrig report`: one offline HTML file opened in a real headless Chromium, CSV exports, and clear
+reports of a run stopped by Ctrl-C and of a run in which no request succeeded."""
+
+import csv
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.browser import CHARTS_JS, chromium, needs_chromium
+from tests.conftest import DATA, REPO, run_cli, run_dir_of
+from tokenrig.loadgen.records import RequestRecord, read_records
+from tokenrig.report.charts import CDF_POINTS
+from tokenrig.report.timeline import build
+
+TIMING = str(DATA / "timing.yaml")
+
+
+def _record(index, scheduled, lag, e2e, offsets, error=None):
+    return RequestRecord(request_id=index, request_class="c", api="chat", scheduled_at=scheduled, send_lag_s=lag,
+                         slot_late=False, in_window=True, prompt_tokens_sent=8, max_tokens=len(offsets),
+                         error=error, ttft_s=offsets[0] if offsets else None, e2e_s=e2e, chunk_offsets_s=offsets,
+                         chunk_tokens=[1] * len(offsets))
+
+
+def test_timeline_counts_each_second_from_the_records_and_scrapes():
+    records = [_record(1, 100.0, 0.1, 2.5, [0.5, 1.5, 2.5]),  # sent 100.1, tokens at 100.5/101.5/102.5, ends 102.5
+               _record(2, 100.8, 0.0, 0.3, [0.3]),  # sent 100.8, ends 101.1
+               _record(3, 101.2, 0.0, None, [], error="ConnectionRefusedError: refused")]  # fails at once, 101.2
+    scrapes = [{"t": 100.0, "running": 0, "waiting": 0}, {"t": 101.0, "running": 2, "waiting": 1, "kv_cache_usage": 0.5}]
+    line = build(records, scrapes)
+    assert line.t0 == 100.0 and line.seconds == [0.0, 1.0, 2.0]
+    assert line.sent == [2, 1, 0]
+    assert line.done == [0, 1, 1] and line.errors == [0, 1, 0]
+    assert line.in_flight == [0, 2, 1]  # at 100.0 nothing sent yet; at 101.0 both; at 102.0 only the first
+    assert line.output_tokens == [1, 2, 1]
+    assert line.server["running"] == ([0.0, 1.0], [0, 2]) and line.server["kv_cache_usage"] == ([1.0], [0.5])
+
+
+@needs_chromium
+def test_report_opens_in_headless_chromium_with_every_chart_drawn(known_engine_runs, tmp_path):
+    train = run_cli("train", "--steps", "2", "--warmup-steps", "1", "--profile-steps", "1",
+                    "--results", str(tmp_path / "train"), timeout=300)
+    assert train.returncode == 0, train.stdout + train.stderr
+    capacity = tmp_path / "capacity.json"
+    answered = run_cli("capacity", "--from", str(known_engine_runs["a800"]), "--gpu", "a800", "--model", "7b",
+                       "--scenario", str(DATA / "capacity.yaml"), "--slo", "ttft_p90=300ms", "--target-rps", "10",
+                       "--out", str(capacity))
+    assert answered.returncode == 0, answered.stdout + answered.stderr
+    out = tmp_path / "report.html"
+    result = run_cli("report", str(known_engine_runs["l40s"]), str(known_engine_runs["a800"]), str(tmp_path / "train"),
+                     "-o", str(out), "--capacity", str(capacity))
+    assert result.returncode == 0, result.stdout + result.stderr
+    page = out.read_text()
+    assert "<script src" not in page and "<link" not in page  # nothing fetched: plotly.js is inlined
+
+    with chromium() as browser:
+        browser.get(out.as_uri())
+        charts = browser.execute_script(CHARTS_JS)
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        height = browser.execute_script("return document.body.scrollHeight")
+        browser.set_window_size(1400, min(height, 12000))
+        browser.save_screenshot(str(tmp_path / "report.png"))
+    assert errors == [], errors
+    assert (tmp_path / "report.png").stat().st_size > 20_000
+    assert len(charts) == page.count('class="plotly-graph-div"') >= 13
+    for chart in charts:  # every chart drew every trace, and every trace has points
+        assert chart["traces"] and chart["drawn"] == len(chart["traces"]), chart
+        assert all(trace["points"] > 0 for trace in chart["traces"]), chart
+    by_title = {chart["title"]: chart for chart in charts}
+
+    a800 = known_engine_runs["a800"]
+    search = json.loads((a800 / "search.json").read_text())
+    walk = by_title[f"{a800.name}: search walk"]
+    assert sum(t["points"] for t in walk["traces"] if t["name"]) == len(search["steps"])
+    cdfs = by_title[f"{a800.name}: latency distributions per step"]
+    steps = sorted((a800 / "steps").iterdir())
+    ttft = [t for t in cdfs["traces"] if t["name"] in {s.name for s in steps}][::4]  # each step's TTFT curve first
+    for step, trace in zip(steps, ttft):
+        measured = [r for r in read_records(step / "requests.jsonl") if r.in_window and r.ok]
+        assert (trace["name"], trace["points"]) == (step.name, min(len(measured), CDF_POINTS))
+    records = [r for s in steps for r in read_records(s / "requests.jsonl")]
+    timeline = by_title[f"{a800.name}: per-second timeline (steady-state windows shaded)"]
+    sums = {t["name"]: t["sum"] for t in timeline["traces"]}
+    assert sums["sent"] == len(records) and sums["done"] == sum(r.ok for r in records)
+    assert sums["output tok/s"] == sum(sum(r.chunk_tokens) for r in records)
+    assert {"server running", "server waiting", "server KV usage"} <= set(sums)
+    capacity_rows = json.loads(capacity.read_text())["rows"]
+    assert by_title["goodput per replica (projected: ± held-out band)"]["traces"][0]["points"] == len(capacity_rows)
+    train_dir = next((tmp_path / "train").iterdir())
+    step_chart = next(c for c in charts if c["title"].endswith(": step time"))
+    assert sum(t["points"] for t in step_chart["traces"]) == len((train_dir / "steps.jsonl").read_text().splitlines())
+    assert any(c["title"].endswith(": module breakdown") for c in charts)
+    assert "sweeps and searches, overlaid" in by_title
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _stopped_run(results: Path) -> Path:
+    """A real load test stopped with SIGINT (Ctrl-C) while requests are in flight."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenrig.cli", "loadtest", "--backend", "sim", "--sim-ttft-ms", "50",
+         "--sim-tpot-ms", "5", "--scenario", TIMING, "--users", "4", "--duration", "120", "--results", str(results)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        runs = list(results.iterdir()) if results.exists() else []
+        if runs and (runs[0] / "requests.jsonl").exists() and (runs[0] / "requests.jsonl").stat().st_size:
+            break
+        time.sleep(0.2)
+    time.sleep(1.5)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    return run_dir_of(subprocess.CompletedProcess([], 130, output, ""))
+
+
+def test_report_on_a_stopped_run_and_a_run_where_nothing_succeeded(tmp_path):
+    stopped = _stopped_run(tmp_path / "stopped")
+    # a server that is not there: every request is refused
+    failed = run_cli("loadtest", "--url", f"http://127.0.0.1:{_free_port()}", "--backend", "sim", "--model", "tiny",
+                     "--scenario", TIMING, "--rate", "5", "--duration", "3", "--warmup", "0",
+                     "--results", str(tmp_path / "failed"))
+    assert failed.returncode == 0, failed.stdout + failed.stderr
+    nothing = run_dir_of(failed)
+    out, exports = tmp_path / "report.html", tmp_path / "csv"
+    result = run_cli("report", str(stopped), str(nothing), "-o", str(out), "--csv", str(exports))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    page = out.read_text()
+    assert "stopped early (Ctrl-C or a stop signal): the figures cover the requests finished before the stop" in page
+    refused = read_records(nothing / "requests.jsonl")
+    assert refused and not any(r.ok for r in refused)
+    kinds = {r.error.split(":")[0] for r in refused}
+    assert f"no request succeeded ({len(refused)} failed: {kinds.pop()} x{len(refused)})" in page
+    assert f"{nothing.name}: per-second timeline" in page  # what was sent and refused, second by second
+    assert f"{nothing.name}: latency distributions" not in page  # no latency to draw, and none invented
+
+    with (exports / "requests.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    kept = read_records(stopped / "requests.jsonl")
+    assert len(rows) == len(kept) + len(refused)
+    assert {row["run_id"] for row in rows} == {stopped.name, nothing.name}
+    assert all(row["ok"] == "False" and row["error"] for row in rows if row["run_id"] == nothing.name)
+    with (exports / "summary.csv").open() as handle:
+        summaries = {row["run_id"]: row for row in csv.DictReader(handle)}
+    assert summaries[stopped.name]["interrupted"] == "True" and int(summaries[stopped.name]["requests.ok"]) > 0
+    assert summaries[nothing.name]["requests.ok"] == "0"
