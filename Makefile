@@ -23,7 +23,7 @@ DECODE_CONFIGS ?= eager sdpa sdpa+graphs+kvpad=1024
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup setup-vllm loadtest serve train finetune train-matrix train-gpu-run test monitor dashboards bench-loadgen bench-hf-decode clean
+.PHONY: setup setup-vllm loadtest serve train finetune train-matrix train-gpu-run test monitor dashboards bench-loadgen bench-hf-decode report capacity clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
@@ -72,6 +72,16 @@ train-gpu-run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# one offline HTML report (and CSV exports) of run directories: make report RUNS="results/RUN_A results/RUN_B"
+RUNS ?= results
+report: setup
+	$(BIN)/tokenrig report $(RUNS) -o results/report.html --csv results/csv $(ARGS)
+
+# GPUs and cost for a target load, from the measured runs in docs/results (and results/): e.g.
+# make capacity GPU=h100-sxm,a800,rtx4090 MODEL=13b ARGS="--quant bf16,awq --slo ttft_p99=500ms,tpot_p99=50ms --target-rps 50"
+capacity: setup
+	$(BIN)/tokenrig capacity --from docs/results $(wildcard results) --gpu $(GPU) --model $(MODEL) --scenario $(SCENARIO) $(ARGS)
 
 monitor: setup
 	$(BIN)/python -m tokenrig.monitor.local

@@ -198,8 +198,9 @@ def _add_capacity_parser(commands) -> None:
                                "every measured step calibrates its engine (e.g. docs/results)")
     capacity.add_argument("--backend", choices=["hf", "sim", "vllm", "tgi"],
                           help="run the --find-max searches here first, one per GPU type and weight format")
-    capacity.add_argument("--engine", help="comma-separated: only engines whose label contains one of these "
-                                           "(e.g. 'CUDA graphs', vllm)")
+    capacity.add_argument("--engine", action="append", metavar="LABEL",
+                          help="only this engine (repeatable): its label as the table prints it, e.g. vllm, or part "
+                               "of labels, e.g. 'CUDA graphs' (default: every engine measured)")
     capacity.add_argument("--price", action="append", default=[], metavar="GPU=USD",
                           help="replace a GPU's price per hour, e.g. --price h100-sxm=2.49 (repeatable)")
     capacity.add_argument("--tail-samples", type=int, default=10,
@@ -552,7 +553,7 @@ def cmd_capacity(args) -> int:
                             max_step_s=args.max_step)
     question = CapacityQuestion(gpus, resolve_model(args.model), quants, load_scenario(args.scenario), slos,
                                 target_rps=args.target_rps, headroom=args.headroom, prices=prices,
-                                engines=[e.strip() for e in args.engine.split(",")] if args.engine else None,
+                                engines=args.engine,
                                 search=options)
     inputs = list(args.inputs)
     if args.backend:

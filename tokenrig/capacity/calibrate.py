@@ -5,15 +5,18 @@ parameters are fitted so that virtual-time replays of the measured steps' exact 
 what they measured (TTFT p50, TPOT p50, output tokens/s): the roofline's compute and bandwidth
 efficiencies, its host overhead per step and per sequence in a step, and the time a request takes
 to reach the engine (HTTP, parsing, tokenization; it is in every measured TTFT). The fit minimises
-squared log ratios with Nelder-Mead — replays are discrete-event simulations, so finite-difference
-gradients mislead — plus a weak pull towards typical values, so that a parameter the data cannot
-see stays typical.
+squared log ratios plus a weak pull towards typical values (so that a parameter the data cannot
+see stays typical): first a coarse grid over the two host overheads, which differ by orders of
+magnitude between engines (vLLM's per-sequence cost is microseconds, transformers' a millisecond),
+then Nelder-Mead from the best grid point (replays are discrete-event simulations, so
+finite-difference gradients mislead). At most MAX_FIT_STEPS steps, spread over the list, are fitted.
 
-The error band is k-fold cross-validation (k = the number of steps, at most 4): each fold's steps
-are predicted by a model fitted on the other folds, and the band is the worst relative error of
-those predictions. It measures how the model transfers between the calibration points (their GPUs
-and loads); a projection to a GPU type no point ran on carries an error the band cannot see, and
-rows say so. Calibrate on two GPU types to separate bandwidth from per-step overhead.
+The error band is the worst relative error of predictions for steps the model was not fitted on:
+the steps beyond MAX_FIT_STEPS, and k-fold cross-validation over the fitted ones (k = their number,
+at most 4: each fold predicted by a model fitted on the other folds). It measures how the model
+transfers between the measured points (their GPUs and loads); a projection to a GPU type no point
+ran on carries an error the band cannot see, and rows say so. Calibrate on two GPU types to
+separate bandwidth from per-step overhead.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ TYPICAL = (DEFAULTS.compute_efficiency, DEFAULTS.bandwidth_efficiency, DEFAULTS.
 BOUNDS = ((0.005, 1.0), (0.005, 1.0), (1e-5, 1.0), (1e-8, 0.05), (1e-5, 1.0))
 PRIOR_WEIGHT = 0.02  # residual per factor e between a parameter and its typical value
 MAX_FOLDS = 4
+MAX_FIT_STEPS = 8
+# the coarse start: host overhead per step and per sequence (seconds)
+STEP_OVERHEAD_GRID = (5e-4, 5e-3, 5e-2)
+SEQUENCE_OVERHEAD_GRID = (1e-6, 3e-5, 1e-3)
 
 
 def figures(summary: dict) -> dict[str, float]:
@@ -149,10 +156,12 @@ class Calibrator:
         return figures(summary)
 
     def fit(self, steps: list[MeasuredStep], start: EngineModel | None = None) -> EngineModel:
+        """Fitted to `steps`; from `start` (a fold refit) or from the best point of the coarse grid."""
         from scipy.optimize import minimize
 
         measured = [figures(step.summary) for step in steps]
         typical = np.log(TYPICAL)
+        bounds = np.log(BOUNDS)
 
         def cost(x: np.ndarray) -> float:
             model = EngineModel.from_vector(x, DEFAULTS)
@@ -162,28 +171,35 @@ class Calibrator:
                 total += sum(math.log(min(predicted[k], 1e9) / observed[k]) ** 2 for k in FIGURES)
             return total
 
-        bounds = np.log(BOUNDS)
-        x0 = np.clip(start.vector() if start else typical, bounds[:, 0], bounds[:, 1])
-        # a first fit explores (simplex edges of a factor 2); a fold refit starts from it (a factor 1.2)
-        spread = 0.2 if start else 0.7
+        if start is None:
+            grid = [typical.copy() for _ in range(len(STEP_OVERHEAD_GRID) * len(SEQUENCE_OVERHEAD_GRID))]
+            for x, (per_step, per_sequence) in zip(grid, [(a, b) for a in STEP_OVERHEAD_GRID
+                                                          for b in SEQUENCE_OVERHEAD_GRID]):
+                x[2:4] = np.log([per_step, per_sequence])
+            x0, spread = min(grid, key=cost), 0.7  # simplex edges of a factor 2: explore
+        else:
+            x0, spread = np.clip(start.vector(), bounds[:, 0], bounds[:, 1]), 0.2  # a factor 1.2: refine
         simplex = np.vstack([x0] + [x0 + spread * np.eye(len(x0))[i] for i in range(len(x0))])
         solution = minimize(cost, x0, method="Nelder-Mead", bounds=bounds,
                             options={"initial_simplex": np.clip(simplex, bounds[:, 0], bounds[:, 1]),
-                                     "xatol": 0.01, "fatol": 1e-4, "maxfev": 400})
+                                     "xatol": 0.02, "fatol": 5e-4, "maxfev": 250 if start is None else 100})
         return EngineModel.from_vector(solution.x, DEFAULTS)
 
     def calibrate(self, engine: str, quant: str, steps: list[MeasuredStep]) -> Calibration:
-        self.progress(f"calibrating {engine} {quant} on {len(steps)} measured steps")
-        model = self.fit(steps)
-        held_out = []
-        folds = min(len(steps), MAX_FOLDS)
+        picked = sorted({round(i) for i in np.linspace(0, len(steps) - 1, min(len(steps), MAX_FIT_STEPS))})
+        fitted = [steps[i] for i in picked]
+        rest = [step for i, step in enumerate(steps) if i not in picked]
+        self.progress(f"calibrating {engine} {quant} on {len(fitted)} of {len(steps)} measured steps")
+        model = self.fit(fitted)
+        held_out = [HeldOut(step, figures(step.summary), self.predict(step, model)) for step in rest]
+        folds = min(len(fitted), MAX_FOLDS)
         if folds >= 2:
             for fold in range(folds):
                 self.progress(f"  held-out check {fold + 1}/{folds}")
-                kept = [step for index, step in enumerate(steps) if index % folds != fold]
+                kept = [step for index, step in enumerate(fitted) if index % folds != fold]
                 refit = self.fit(kept, start=model)
                 held_out += [HeldOut(step, figures(step.summary), self.predict(step, refit))
-                             for index, step in enumerate(steps) if index % folds == fold]
+                             for index, step in enumerate(fitted) if index % folds == fold]
         model = EngineModel(replace(model.params, **{k: getattr(batch_limits(steps[0]), k)
                                                      for k in ("max_num_seqs", "max_batch_tokens")}),
                             model.api_latency_s)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tokenrig.loadgen.records import RequestRecord, read_records
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
-from tokenrig.loadgen.search import SearchOptions
+from tokenrig.loadgen.search import SearchOptions, StepResult
 from tokenrig.report.compare import engine_label
 from tokenrig.report.slo import Slo, judge, recorded_slos
 
@@ -108,23 +108,23 @@ class SearchRun:
     def best_for(self, slos: list[Slo]) -> tuple[MeasuredStep, dict] | str:
         """The highest-rate step meeting `slos` and its verdict (goodput, SLOs), or why none can be named.
 
-        With the SLOs the run searched for, its own verdicts count; with others, each step is judged
-        again from its requests.jsonl (a copy without it cannot answer other SLOs)."""
+        With the SLOs the run searched for, each step's recorded verdict counts; with others, each step
+        is judged again from its requests.jsonl (a copy without it cannot answer other SLOs). Either way
+        a step meets them by today's rules (a step that fell behind does not), whatever search.json says."""
         same = set(slos) == set(self.slos)
         best = None
         for step, row in zip(self.steps, self.document["steps"]):
             if same:
                 verdict = step.summary.get("slo") or {}
-                met = row["slo_met"]
             else:
                 records = step.records()
                 if records is None:
                     return (f"searched for {', '.join(s.name for s in self.slos)}; judging other SLOs needs "
                             f"requests.jsonl, not kept in {step.path}")
                 verdict = judge(records, slos, step.summary["window"]["seconds"])
-                met = verdict["all_met"] and not row["stopped_early"]
-            if met and row["loadgen_valid"] and (best is None or row["load"] > best[0]):
-                best = (row["load"], step, verdict)
+            result = StepResult(row["load"], {**step.summary, "slo": verdict}, stopped_early=row["stopped_early"])
+            if result.slo_met and result.valid and (best is None or result.load > best[0]):
+                best = (result.load, step, verdict)
         if best is None:
             return "no step met the SLOs"
         return best[1], best[2]

@@ -45,7 +45,7 @@ class CapacityQuestion:
     target_rps: float | None = None
     headroom: float = 0.2
     prices: dict[str, float] = field(default_factory=dict)  # GPU key -> $/hour replacing the profile's
-    engines: list[str] | None = None  # only engines whose label contains one of these
+    engines: list[str] | None = None  # only these engine labels (or, where none is equal, those containing it)
     search: SearchOptions = field(default_factory=lambda: SearchOptions("find-max"))
 
     def price(self, gpu: GpuProfile) -> float:
@@ -108,8 +108,12 @@ class CapacityPlanner:
 
     def engines(self) -> list[str]:
         names = sorted({step.engine for step in self.steps})
-        wanted = self.question.engines
-        return [n for n in names if not wanted or any(w in n for w in wanted)]
+        if not self.question.engines:
+            return names
+        chosen = set()
+        for wanted in self.question.engines:
+            chosen |= {wanted} if wanted in names else {name for name in names if wanted in name}
+        return sorted(chosen)
 
     def answer(self) -> CapacityAnswer:
         q = self.question

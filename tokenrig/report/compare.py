@@ -38,6 +38,8 @@ def engine_details(server: dict) -> list[str]:
         parts.append("roofline " + " ".join(roofline))
     if server.get("compile_level"):
         parts.append(f"compile {server['compile_level']}")
+    if server.get("prefix_caching") is False:
+        parts.append("no prefix caching")
     return parts
 
 

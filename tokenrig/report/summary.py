@@ -31,12 +31,11 @@ def distribution(values) -> dict | None:
 
 
 def itl_gaps(record: RequestRecord) -> list[float]:
-    offsets, tokens = record.chunk_offsets_s, record.chunk_tokens
-    gaps = []
-    for index in range(1, len(offsets)):
-        per_token = (offsets[index] - offsets[index - 1]) / max(tokens[index], 1)
-        gaps.extend([per_token] * max(tokens[index], 1))
-    return gaps
+    """Each chunk's gap to the previous one divided by its tokens, once per token (a chunk of none counts one)."""
+    if len(record.chunk_offsets_s) < 2:
+        return []
+    counts = np.maximum(np.asarray(record.chunk_tokens[1:]), 1)
+    return np.repeat(np.diff(record.chunk_offsets_s) / counts, counts).tolist()
 
 
 def tpot(record: RequestRecord) -> float | None:

@@ -164,6 +164,7 @@ class RooflineScheduler:
         self.weight_bytes = weight_bytes(model, quant)
         self.kv_bytes_per_token = model.kv_bytes_per_token(self.params.bytes_per_kv_value)
         self._attention_flops_per_pair = 4 * model.num_layers * model.num_heads * model.head_dim
+        self._matmul_params = model.num_matmul_params
         free = tp * gpu.memory_bytes * self.params.gpu_memory_utilization - self.weight_bytes
         if free <= 0:
             # with this TP and quantization: the planner's error says which quantization, TP or GPU would fit
@@ -202,7 +203,7 @@ class RooflineScheduler:
         """Roofline time of one engine iteration."""
         p, tp = self.params, self.tp
         tokens = work.prefill_tokens + work.decode_tokens
-        flops = 2 * self.model.num_matmul_params * tokens + work.attention_flops
+        flops = 2 * self._matmul_params * tokens + work.attention_flops
         bytes_moved = self.weight_bytes + work.kv_bytes_read + work.kv_tokens_written * self.kv_bytes_per_token
         compute_s = flops / (tp * self.gpu.flops_per_s * p.compute_efficiency)
         memory_s = bytes_moved / (tp * self.gpu.bandwidth_bytes_per_s * p.bandwidth_efficiency)
@@ -239,6 +240,7 @@ class RooflineScheduler:
             self._running.append(sequence)
 
         work, budget = StepWork(), p.max_batch_tokens
+        decoded_context = 0  # sum of the decoding sequences' contexts: their KV read and attention
         for sequence in self._running:
             prompt = len(sequence.request.prompt_ids)
             if sequence.prefilled < prompt:
@@ -254,10 +256,12 @@ class RooflineScheduler:
                     work.sequences.append(sequence)
             else:
                 work.decode_tokens += 1
-                work.attention_flops += self._attention_flops(1, sequence.context + 1)
-                work.kv_bytes_read += sequence.context * self.kv_bytes_per_token
-                work.kv_tokens_written += 1
+                decoded_context += prompt + sequence.generated
                 work.sequences.append(sequence)
+        # each decoded token attends over its context + itself and reads the context's KV cache
+        work.attention_flops += self._attention_flops_per_pair * (decoded_context + work.decode_tokens)
+        work.kv_bytes_read += decoded_context * self.kv_bytes_per_token
+        work.kv_tokens_written += work.decode_tokens
         return work
 
     def finish_step(self, work: StepWork) -> list[tuple[_Sequence, int]]:
