@@ -38,6 +38,8 @@ EXAMPLES = """examples:
 
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
+    from tokenrig.serve.engines.sim import add_roofline_flags
+
     parser.add_argument("--backend", default="hf", choices=["hf", "sim", "vllm", "tgi"],
                         help="hf (transformers, default), sim (simulated engine), vllm (vllm serve), "
                              "tgi (text-generation-launcher)")
@@ -73,14 +75,7 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sim-ttft-ms", type=float, default=None,
                         help="sim backend: fixed time to first token instead of the roofline model")
     parser.add_argument("--sim-tpot-ms", type=float, default=None, help="sim backend: fixed time per output token")
-    parser.add_argument("--sim-compute-efficiency", type=float, default=None,
-                        help="sim backend roofline: achieved / peak BF16 FLOP/s (default 0.6)")
-    parser.add_argument("--sim-bandwidth-efficiency", type=float, default=None,
-                        help="sim backend roofline: achieved / peak memory bandwidth (default 0.8)")
-    parser.add_argument("--sim-step-overhead-ms", type=float, default=None,
-                        help="sim backend roofline: fixed cost of each engine step (default 2)")
-    parser.add_argument("--sim-sequence-overhead-us", type=float, default=None,
-                        help="sim backend roofline: host cost per sequence in a step (default 0)")
+    add_roofline_flags(parser)
     parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
 
 
@@ -326,6 +321,7 @@ DEFAULT_CONCURRENCY = 16
 
 def _server_spec(args, concurrency: int | None = None):
     from tokenrig.profiles import resolve_gpu, resolve_model
+    from tokenrig.serve.engines.sim import ROOFLINE_FLAGS, flag_dest
     from tokenrig.serve.fit import normalise_quant
     from tokenrig.serve.launcher import ServerSpec
 
@@ -339,10 +335,7 @@ def _server_spec(args, concurrency: int | None = None):
                       prefix_caching=args.prefix_caching, nvls=args.nvls,
                       quant_kernel=getattr(args, "quant_kernel", None),
                       kv_padding_tokens=getattr(args, "kv_padding_tokens", None), sim_ttft_ms=args.sim_ttft_ms, sim_tpot_ms=args.sim_tpot_ms,
-                      sim_compute_efficiency=args.sim_compute_efficiency,
-                      sim_bandwidth_efficiency=args.sim_bandwidth_efficiency,
-                      sim_step_overhead_ms=args.sim_step_overhead_ms,
-                      sim_sequence_overhead_us=args.sim_sequence_overhead_us,
+                      **{flag_dest(flag): getattr(args, flag_dest(flag)) for flag, *_ in ROOFLINE_FLAGS},
                       host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", None))
 
 

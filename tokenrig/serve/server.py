@@ -11,6 +11,8 @@ import logging
 
 from aiohttp import web
 
+from tokenrig.serve.engines.sim import add_roofline_flags
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tokenrig.serve.server", description=__doc__)
@@ -43,14 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sim-tpot-ms", type=float, default=None, help="sim engine fixed schedule: ms per token")
     parser.add_argument("--quant", default="bf16", help="sim engine: weight format whose bytes each step streams")
     parser.add_argument("--tp", type=int, default=1, help="sim engine: tensor-parallel GPUs")
-    parser.add_argument("--sim-compute-efficiency", type=float, default=None,
-                        help="sim engine roofline: achieved / peak BF16 FLOP/s (default 0.6)")
-    parser.add_argument("--sim-bandwidth-efficiency", type=float, default=None,
-                        help="sim engine roofline: achieved / peak memory bandwidth (default 0.8)")
-    parser.add_argument("--sim-step-overhead-ms", type=float, default=None,
-                        help="sim engine roofline: fixed cost of each engine step (default 2 ms)")
-    parser.add_argument("--sim-sequence-overhead-us", type=float, default=None,
-                        help="sim engine roofline: host cost per sequence in a step (default 0)")
+    add_roofline_flags(parser)
     return parser
 
 
@@ -68,7 +63,7 @@ def build_engine(args):
                         compile_level=args.compile_level, cuda_graphs=args.cuda_graphs,
                         kv_cache_tokens=args.kv_cache_tokens, quant_kernel=args.quant_kernel,
                         kv_padding_tokens=args.kv_padding_tokens), model
-    from tokenrig.serve.engines.sim import FixedSchedule, RooflineEngine, RooflineParams
+    from tokenrig.serve.engines.sim import FixedSchedule, RooflineEngine, RooflineParams, roofline_params
 
     first_content_id = len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS)
     if args.sim_ttft_ms is not None or args.sim_tpot_ms is not None:
@@ -80,14 +75,7 @@ def build_engine(args):
         params.max_num_seqs = args.max_num_seqs
     if args.max_batch_tokens:
         params.max_batch_tokens = args.max_batch_tokens
-    if args.sim_compute_efficiency is not None:
-        params.compute_efficiency = args.sim_compute_efficiency
-    if args.sim_bandwidth_efficiency is not None:
-        params.bandwidth_efficiency = args.sim_bandwidth_efficiency
-    if args.sim_step_overhead_ms is not None:
-        params.step_overhead_s = args.sim_step_overhead_ms / 1000
-    if args.sim_sequence_overhead_us is not None:
-        params.sequence_overhead_s = args.sim_sequence_overhead_us / 1e6
+    params = roofline_params(vars(args), params)
     return RooflineEngine(model, resolve_gpu(args.gpu), first_content_id, params, args.quant, args.tp), model
 
 

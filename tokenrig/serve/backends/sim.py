@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tokenrig.serve.backends import LaunchPlan
+from tokenrig.serve.engines.sim import ROOFLINE_FLAGS, flag_dest
 
 
 def model_dir(spec, progress=print, write: bool = True) -> Path:
@@ -30,10 +31,8 @@ def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
         command += ["--max-num-seqs", str(spec.max_num_seqs)]
     if spec.max_model_len:
         command += ["--max-model-len", str(spec.max_model_len)]
-    for flag, value in (("--sim-compute-efficiency", spec.sim_compute_efficiency),
-                        ("--sim-bandwidth-efficiency", spec.sim_bandwidth_efficiency),
-                        ("--sim-step-overhead-ms", spec.sim_step_overhead_ms),
-                        ("--sim-sequence-overhead-us", spec.sim_sequence_overhead_us)):
+    for flag, *_ in ROOFLINE_FLAGS:
+        value = getattr(spec, flag_dest(flag))
         if value is not None:
             command += [flag, str(value)]
     if spec.sim_ttft_ms is not None:

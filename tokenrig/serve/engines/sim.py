@@ -86,6 +86,35 @@ class RooflineParams:
     bytes_per_kv_value: float = 2.0
 
 
+# the roofline's parameters a server can be started with: flag, RooflineParams field, flag unit in the
+# field's (seconds or a ratio), what it is; the flag's dest (sim_compute_efficiency, ...) is ServerSpec's field
+ROOFLINE_FLAGS = (
+    ("--sim-compute-efficiency", "compute_efficiency", 1.0, "achieved / peak BF16 FLOP/s"),
+    ("--sim-bandwidth-efficiency", "bandwidth_efficiency", 1.0, "achieved / peak memory bandwidth"),
+    ("--sim-step-overhead-ms", "step_overhead_s", 1e-3, "fixed cost of each engine step, ms"),
+    ("--sim-sequence-overhead-us", "sequence_overhead_s", 1e-6, "host cost per sequence in a step, us"),
+)
+
+
+def flag_dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_roofline_flags(parser) -> None:
+    defaults = RooflineParams()
+    for flag, field_name, unit, meaning in ROOFLINE_FLAGS:
+        parser.add_argument(flag, type=float, default=None,
+                            help=f"sim roofline: {meaning} (default {getattr(defaults, field_name) / unit:g})")
+
+
+def roofline_params(given: dict[str, float | None], params: RooflineParams) -> RooflineParams:
+    """`params` with the flags given (by dest) put in: the sim server's and a ServerSpec's view of one setting."""
+    from dataclasses import replace
+
+    return replace(params, **{field_name: given[flag_dest(flag)] * unit for flag, field_name, unit, _ in ROOFLINE_FLAGS
+                              if given.get(flag_dest(flag)) is not None})
+
+
 class PrefixCache:
     """Prompt blocks by the hash of everything up to and including them (so a block hits only
     after the same prefix), evicted least recently used once `capacity_blocks` are held."""
