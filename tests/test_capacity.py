@@ -120,3 +120,21 @@ def test_capacity_answers_measured_and_projected_rows_cheapest_first(known_engin
     assert list(exported[0]) == list(CSV_COLUMNS) and [r["gpu"] for r in exported] == [r["gpu"] for r in document["rows"]]
     assert "projected" in result.stdout and "measured" in result.stdout and "±" in result.stdout
     assert "calibration sim, roofline compute 0.35 bandwidth 0.45 overhead 4 ms bf16" in result.stdout
+
+
+def test_capacity_runs_the_slo_searches_itself_with_a_backend(tmp_path):
+    """--backend sim: one real --find-max load test per GPU type, read back as a measured row."""
+    out = tmp_path / "capacity.json"
+    result = run_cli("capacity", "--backend", "sim", "--gpu", "a800", "--model", "7b",
+                     "--scenario", str(DATA / "capacity.yaml"), "--slo", "ttft_p90=150ms", "--tail-samples", "2",
+                     "--max-step", "4", "--precision", "0.3", "--results", str(tmp_path / "runs"), "--out", str(out),
+                     timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "search.json").exists()
+    search = json.loads((runs[0] / "search.json").read_text())
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["source"] == "measured" and row["basis"] == str(runs[0]) and row["tp"] == 1
+    best = max((step for step in search["steps"] if step["slo_met"]), key=lambda step: step["load"])
+    assert row["goodput_rps"] == pytest.approx(best["goodput_rps"])
+    assert "search 1/1: sim llama2-7b bf16 on a800" in result.stdout

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from tests.browser import CHARTS_JS, chromium, needs_chromium
 from tests.conftest import DATA, REPO, run_cli, run_dir_of

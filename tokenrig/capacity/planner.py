@@ -17,7 +17,6 @@ cost.py turns each goodput into replicas, GPUs, dollars and energy; rows come ch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tokenrig.capacity.calibrate import Calibration, Calibrator
 from tokenrig.capacity.cost import ReplicaCapacity, size
