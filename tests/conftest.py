@@ -80,7 +80,7 @@ def known_engine_runs(tmp_path_factory):
     for name, args in (("l40s", ["--gpu", "l40s", "--users", "sweep", "--sweep", "1,16", "--duration", "6"]),
                        ("h200", ["--gpu", "h200", "--users", "sweep", "--sweep", "1,16", "--duration", "6"]),
                        ("a800", ["--gpu", "a800", "--find-max", "--rate", "2", "--slo", "ttft_p90=300ms",
-                                 "--tail-samples", "2", "--max-step", "4", "--precision", "0.25"])):
+                                 "--tail-samples", "2", "--max-step", "6", "--precision", "0.25"])):
         result = run_cli("loadtest", *common, *args, "--results", str(results / name), timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
         runs[name] = run_dir_of(result)

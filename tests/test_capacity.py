@@ -4,6 +4,7 @@ known, and `tokenrig capacity` answering with measured and projected rows."""
 import csv
 import datetime
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -11,8 +12,11 @@ from tests.conftest import DATA, KNOWN_ROOFLINE, run_cli
 from tokenrig.capacity.calibrate import Calibrator, EngineModel, HeldOut, figures
 from tokenrig.capacity.cost import ReplicaCapacity, size
 from tokenrig.capacity.inputs import read_results
+from tokenrig.capacity.simulate import RequestBook, VirtualSearch
 from tokenrig.capacity.table import CSV_COLUMNS
-from tokenrig.profiles import gpu_profiles, resolve_gpu
+from tokenrig.loadgen.records import read_records
+from tokenrig.loadgen.search import SearchOptions
+from tokenrig.profiles import gpu_profiles, resolve_gpu, resolve_model
 from tokenrig.report.slo import judge, parse_slos
 from tokenrig.serve.engines.sim import RooflineParams
 
@@ -55,19 +59,39 @@ def test_calibration_recovers_the_known_roofline_and_predicts_an_unseen_gpu(know
     calibrator = Calibrator(progress=lambda *_: None)
     calibration = calibrator.calibrate(seen[0].engine, "bf16", seen)
     params = calibration.model.params
-    assert params.compute_efficiency == pytest.approx(KNOWN_ROOFLINE["compute_efficiency"], rel=0.10)
-    assert params.bandwidth_efficiency == pytest.approx(KNOWN_ROOFLINE["bandwidth_efficiency"], rel=0.10)
-    assert params.step_overhead_s * 1e3 == pytest.approx(KNOWN_ROOFLINE["step_overhead_ms"], abs=2.0)
+    assert params.compute_efficiency == pytest.approx(KNOWN_ROOFLINE["compute_efficiency"], rel=0.06)
+    assert params.bandwidth_efficiency == pytest.approx(KNOWN_ROOFLINE["bandwidth_efficiency"], rel=0.06)
+    assert params.step_overhead_s * 1e3 == pytest.approx(KNOWN_ROOFLINE["step_overhead_ms"], abs=1.0)
     band = calibration.band
     assert len(calibration.held_out) == 4 and band < 0.3, calibration.describe()
 
-    # an A800 is none of the calibration's GPUs: the projection still predicts what the engine measured there
-    projected = [HeldOut(step, figures(step.summary), calibrator.predict(step, calibration.model)) for step in unseen]
-    assert all(h.error <= band for h in projected), [(h.measured, h.predicted, band) for h in projected]
+    # an A800 is none of the calibration's GPUs: the projection still predicts what the engine measured
+    # there, within the band on average over its steps (each step's TTFT p50 is of a few requests, so one
+    # step alone carries the host's jitter)
+    errors = [HeldOut(step, figures(step.summary), calibrator.predict(step, calibration.model)).error
+              for step in unseen]
+    assert sum(errors) / len(errors) <= band, (errors, calibration.describe())
     # the roofline's defaults, uncalibrated, do not: the calibration is what makes the prediction
-    default = EngineModel(RooflineParams(), api_latency_s=0.0)
-    assert all(HeldOut(step, figures(step.summary), calibrator.predict(step, default)).error > band
-               for step in unseen)
+    default = EngineModel(RooflineParams(), api_latency_s=calibration.model.api_latency_s)
+    missed = [HeldOut(step, figures(step.summary), calibrator.predict(step, default)).error for step in unseen]
+    assert min(missed) > band, (missed, band)
+
+    # and the capacity it projects for an RTX 4090 is the true roofline's, within the band
+    truth = EngineModel(replace(RooflineParams(), compute_efficiency=KNOWN_ROOFLINE["compute_efficiency"],
+                                bandwidth_efficiency=KNOWN_ROOFLINE["bandwidth_efficiency"],
+                                step_overhead_s=KNOWN_ROOFLINE["step_overhead_ms"] / 1e3),
+                        api_latency_s=calibration.model.api_latency_s)
+    scenario, gpu = unseen[0].scenario, resolve_gpu("rtx4090")
+    book = RequestBook(scenario, resolve_model("7b"))
+    options = SearchOptions("find-max", tail_samples=3, precision=0.02)
+    slos = parse_slos("ttft_p90=300ms,tpot_p90=60ms")
+
+    def goodput(model: EngineModel) -> float:
+        search = VirtualSearch(model.setup(resolve_model("7b"), gpu, "bf16", 1), book, scenario.load, slos, options,
+                               progress=lambda *_: None)
+        return search.best_step().summary["slo"]["goodput_rps"]
+
+    assert goodput(calibration.model) == pytest.approx(goodput(truth), rel=band)
 
 
 def test_capacity_answers_measured_and_projected_rows_cheapest_first(known_engine_runs, tmp_path):
@@ -86,8 +110,6 @@ def test_capacity_answers_measured_and_projected_rows_cheapest_first(known_engin
     step_dirs = sorted((known_engine_runs["a800"] / "steps").iterdir())
     verdicts = []
     for step_dir, row in zip(step_dirs, search["steps"]):
-        from tokenrig.loadgen.records import read_records
-
         summary = json.loads((step_dir / "summary.json").read_text())
         verdict = judge(read_records(step_dir / "requests.jsonl"), parse_slos(slo), summary["window"]["seconds"])
         if verdict["all_met"] and not row["stopped_early"]:

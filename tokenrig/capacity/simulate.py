@@ -109,8 +109,7 @@ class RequestBook:
 
 @dataclass
 class Replay:
-    summary: dict
-    records: list[RequestRecord]
+    summary: dict  # as summary.json of a real step, SLO verdicts included
     stopped_early: bool
 
 
@@ -231,7 +230,7 @@ def replay(setup: EngineSetup, book: RequestBook, load: LoadPlanSpec, slos: list
     summary = summarize(records, facts)
     if slos:
         summary["slo"] = judge(records, slos, summary["window"]["seconds"])
-    return Replay(summary, records, stopped_early)
+    return Replay(summary, stopped_early)
 
 
 @dataclass
