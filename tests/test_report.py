@@ -75,8 +75,10 @@ def test_report_opens_in_headless_chromium_with_every_chart_drawn(known_engine_r
 
     a800 = known_engine_runs["a800"]
     search = json.loads((a800 / "search.json").read_text())
-    walk = by_title[f"{a800.name}: search walk"]
-    assert sum(t["points"] for t in walk["traces"] if t["name"]) == len(search["steps"])
+    walk = {t["name"]: t for t in by_title[f"{a800.name}: search walk"]["traces"]}
+    verdicts = ("meets SLOs", "misses SLOs", "saturated")
+    assert sum(walk[v]["points"] for v in verdicts if v in walk) == walk["walk"]["points"] == len(search["steps"])
+    assert walk["ttft_p90"]["points"] == len(search["steps"])  # the judged percentile of each step, under its line
     cdfs = by_title[f"{a800.name}: latency distributions per step"]
     steps = sorted((a800 / "steps").iterdir())
     ttft = [t for t in cdfs["traces"] if t["name"] in {s.name for s in steps}][::4]  # each step's TTFT curve first

@@ -146,7 +146,8 @@ def search_curves(rows: list[dict], slos: list[Slo], users: bool, title: str) ->
 
 
 def search_walk(document: dict, slos: list[Slo], users: bool, title: str) -> go.Figure | None:
-    """The loads the sweep or search tried, in order, coloured by verdict, with the answer it reached."""
+    """The loads the sweep or search tried, in order, coloured by verdict, with the answer it reached;
+    below, each step's judged SLO percentiles against their thresholds."""
     rows = document.get("steps") or []
     if not rows:
         return None
@@ -159,24 +160,32 @@ def search_walk(document: dict, slos: list[Slo], users: bool, title: str) -> go.
         return "saturated" if row["saturated"] else "misses SLOs"
 
     verdicts = [verdict(row) for row in rows]
-    figure = go.Figure(go.Scatter(x=list(range(1, len(rows) + 1)), y=[row["load"] for row in rows], mode="lines",
-                                  line={"color": "#bbb"}, showlegend=False, hoverinfo="skip"))
+    steps = list(range(1, len(rows) + 1))
+    figure = make_subplots(rows=1 + bool(slos), cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                           subplot_titles=["load tried at each step"] + ["SLO percentiles per step (ms)"] * bool(slos))
+    figure.add_trace(go.Scatter(x=steps, y=[row["load"] for row in rows], mode="lines", line={"color": "#bbb"},
+                                name="walk", hoverinfo="skip"), row=1, col=1)
     for name, colour in VERDICT_COLOURS.items():
         picked = [i for i, v in enumerate(verdicts) if v == name]
         if picked:
             figure.add_trace(go.Scatter(
                 x=[i + 1 for i in picked], y=[rows[i]["load"] for i in picked], mode="markers", name=name,
                 marker={"color": colour, "size": 11},
-                text=[", ".join(f"{k} {v['value_s'] * 1000:.1f} ms" for k, v in rows[i]["slos"].items()
-                                if v.get("value_s") is not None) for i in picked],
-                hovertemplate="step %{x}: %{y:.3g}<br>%{text}<extra>%{fullData.name}</extra>"))
+                hovertemplate="step %{x}: %{y:.3g}<extra>%{fullData.name}</extra>"), row=1, col=1)
     best = document.get("max_rate_meeting_slos")
     if best is not None:
-        figure.add_hline(y=best, line_dash="dash", line_color="#2ca02c",
+        figure.add_hline(y=best, line_dash="dash", line_color="#2ca02c", row=1, col=1,
                          annotation_text=f"max rate meeting every SLO: {best:.3g} req/s")
-    figure.update_xaxes(title="step", dtick=1)
-    figure.update_yaxes(title="users" if users else "offered req/s", type="log" if not users else "linear")
-    return _layout(figure, title, 360)
+    for index, slo in enumerate(slos):
+        colour = PALETTE[index % len(PALETTE)]
+        values = [((row["slos"].get(slo.name) or {}).get("value_s") or np.nan) * 1000 for row in rows]
+        figure.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=slo.name, line={"color": colour}),
+                         row=2, col=1)
+        figure.add_hline(y=slo.threshold_s * 1000, line_dash="dash", line_color=colour, row=2, col=1,
+                         annotation_text=f"{slo.name} ≤ {slo.threshold_s * 1000:g} ms")
+    figure.update_xaxes(title="step", dtick=1, row=1 + bool(slos), col=1)
+    figure.update_yaxes(title="users" if users else "offered req/s", row=1, col=1)
+    return _layout(figure, title, 360 + 260 * bool(slos))
 
 
 def sweep_overlay(curves: dict[str, list[dict]], title: str) -> go.Figure | None:
