@@ -54,3 +54,13 @@ return Array.from(document.querySelectorAll('.js-plotly-plot')).map(chart => ({
   drawn: chart.querySelectorAll('.scatterlayer .trace, .barlayer .trace').length,
 }));
 """
+
+
+def wait_for_charts(driver, timeout_s: float = 60) -> None:
+    """Plotly draws each chart asynchronously after the page has loaded: wait until every one is drawn."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout_s).until(lambda d: d.execute_script(
+        "const all = document.querySelectorAll('.plotly-graph-div');"
+        "return all.length === document.querySelectorAll('.plotly-graph-div.js-plotly-plot').length"
+        " && Array.from(all).every(c => c.querySelector('.main-svg'));"))

@@ -68,17 +68,19 @@ KNOWN_ROOFLINE = {"compute_efficiency": 0.35, "bandwidth_efficiency": 0.45, "ste
 
 @pytest.fixture(scope="session")
 def known_engine_runs(tmp_path_factory):
-    """Real sim-server load tests of llama2-7b with KNOWN_ROOFLINE: closed-loop sweeps (1 and 16 users) on
-    an L40S and an H200 profile, whose bandwidths differ 5.6x (so bandwidth and per-step overhead separate),
-    and a --find-max search on an A800 profile, a GPU the sweeps never ran on."""
+    """Real sim-server load tests of llama2-7b with KNOWN_ROOFLINE: closed-loop sweeps (1 and 8 users) on
+    an RTX 3090 and an H200 profile, whose bandwidths differ 5x (so bandwidth and per-step overhead
+    separate) and whose compute differs 14x (so a 600-token prefill takes 320 against 23 ms, and host
+    latency in TTFT cannot pass for compute), and a --find-max search on an A800 profile, a GPU the
+    sweeps never ran on."""
     results = tmp_path_factory.mktemp("known-engine")
     common = ["--backend", "sim", "--model", "7b", "--scenario", str(DATA / "capacity.yaml"),
               "--sim-compute-efficiency", str(KNOWN_ROOFLINE["compute_efficiency"]),
               "--sim-bandwidth-efficiency", str(KNOWN_ROOFLINE["bandwidth_efficiency"]),
               "--sim-step-overhead-ms", str(KNOWN_ROOFLINE["step_overhead_ms"])]
     runs = {}
-    for name, args in (("l40s", ["--gpu", "l40s", "--users", "sweep", "--sweep", "1,16", "--duration", "6"]),
-                       ("h200", ["--gpu", "h200", "--users", "sweep", "--sweep", "1,16", "--duration", "6"]),
+    for name, args in (("rtx3090", ["--gpu", "rtx3090", "--users", "sweep", "--sweep", "1,8", "--duration", "6"]),
+                       ("h200", ["--gpu", "h200", "--users", "sweep", "--sweep", "1,8", "--duration", "6"]),
                        ("a800", ["--gpu", "a800", "--find-max", "--rate", "2", "--slo", "ttft_p90=300ms",
                                  "--tail-samples", "2", "--max-step", "6", "--precision", "0.25"])):
         result = run_cli("loadtest", *common, *args, "--results", str(results / name), timeout=300)

@@ -53,16 +53,17 @@ def test_every_gpu_price_names_its_source_and_date():
 def test_calibration_recovers_the_known_roofline_and_predicts_an_unseen_gpu(known_engine_runs):
     steps, _ = read_results(list(known_engine_runs.values()))
     usable = [step for step in steps if step.unusable() is None]
-    seen = [step for step in usable if step.gpu in ("l40s", "h200")]
+    seen = [step for step in usable if step.gpu in ("rtx3090", "h200")]
     unseen = [step for step in usable if step.gpu == "a800"]
     assert len(seen) == 4 and len(unseen) >= 2, [(s.gpu, s.unusable()) for s in steps]
     calibrator = Calibrator(progress=lambda *_: None)
     calibration = calibrator.calibrate(seen[0].engine, "bf16", seen)
     params = calibration.model.params
-    # bandwidth and per-step overhead come from decode steps, which the host hardly disturbs; compute shows
-    # in TTFT, next to the real server's HTTP and tokenization time (runs here: 0.32-0.36 for 0.35)
-    assert params.compute_efficiency == pytest.approx(KNOWN_ROOFLINE["compute_efficiency"], rel=0.12)
-    assert params.bandwidth_efficiency == pytest.approx(KNOWN_ROOFLINE["bandwidth_efficiency"], rel=0.06)
+    # the real server also spends host time the roofline leaves out (HTTP per token, tokenization): it lands
+    # partly in the fitted parameters, so they come back within 10 % (runs here: compute 0.37-0.38, bandwidth
+    # 0.45-0.48), not exactly
+    assert params.compute_efficiency == pytest.approx(KNOWN_ROOFLINE["compute_efficiency"], rel=0.10)
+    assert params.bandwidth_efficiency == pytest.approx(KNOWN_ROOFLINE["bandwidth_efficiency"], rel=0.10)
     assert params.step_overhead_s * 1e3 == pytest.approx(KNOWN_ROOFLINE["step_overhead_ms"], abs=1.0)
     band = calibration.band
     assert len(calibration.held_out) == 4 and band < 0.3, calibration.describe()
@@ -121,11 +122,12 @@ def test_capacity_answers_measured_and_projected_rows_cheapest_first(known_engin
 
     # the others: projected from the engine's calibration, with its held-out band
     calibration = document["calibrations"][0]
-    assert calibration["gpus"] == ["a800", "h200", "l40s"]
+    assert calibration["gpus"] == ["a800", "h200", "rtx3090"]
     for gpu in ("l40s", "h200"):
         assert rows[gpu]["source"] == "projected" and rows[gpu]["band"] == calibration["band"]
         assert 0 < rows[gpu]["goodput_rps"]
     assert rows["h200"]["goodput_rps"] > rows["l40s"]["goodput_rps"]  # 5.6x the bandwidth
+    assert "l40s not among them" in rows["l40s"]["basis"] and "h200 not" not in rows["h200"]["basis"]
 
     # every row's cost is the hand-checked arithmetic on its own figures, at the price asked for
     for row in document["rows"]:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 
-from tests.browser import CHARTS_JS, chromium, needs_chromium
+from tests.browser import CHARTS_JS, chromium, needs_chromium, wait_for_charts
 from tests.conftest import DATA, REPO, run_cli, run_dir_of
 from tokenrig.loadgen.records import RequestRecord, read_records
 from tokenrig.report.charts import CDF_POINTS
@@ -52,7 +52,7 @@ def test_report_opens_in_headless_chromium_with_every_chart_drawn(known_engine_r
                        "--out", str(capacity))
     assert answered.returncode == 0, answered.stdout + answered.stderr
     out = tmp_path / "report.html"
-    result = run_cli("report", str(known_engine_runs["l40s"]), str(known_engine_runs["a800"]), str(tmp_path / "train"),
+    result = run_cli("report", str(known_engine_runs["rtx3090"]), str(known_engine_runs["a800"]), str(tmp_path / "train"),
                      "-o", str(out), "--capacity", str(capacity))
     assert result.returncode == 0, result.stdout + result.stderr
     page = out.read_text()
@@ -60,6 +60,7 @@ def test_report_opens_in_headless_chromium_with_every_chart_drawn(known_engine_r
 
     with chromium() as browser:
         browser.get(out.as_uri())
+        wait_for_charts(browser)
         charts = browser.execute_script(CHARTS_JS)
         errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
         height = browser.execute_script("return document.body.scrollHeight")
