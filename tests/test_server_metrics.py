@@ -8,6 +8,7 @@ import pytest
 import requests
 
 from tests.conftest import DATA, VLLM_0_26_PAGE, load_summary, run_cli, run_dir_of
+from tests.schedule import assert_latency_follows_schedule
 from tokenrig.loadgen.records import read_records
 from tokenrig.serve.scrape import COUNTERS, GAUGES, MetricsScraper, parse_metrics, summarize_server_metrics
 
@@ -99,11 +100,9 @@ def test_tgi_user_measures_the_sim_schedule_through_generate_stream(tmp_path):
     summary = load_summary(run_dir)
     assert summary["requests"]["failed"] == 0 and summary["requests"]["ok"] >= 8
     latency = summary["latency_s"]
-    # InferenceClient builds each request through httpx after the due time: ~1-3 ms more than the OpenAI user's
-    # geventhttpclient on these 2-core VMs, counted against TTFT as client-side time should be
-    assert latency["ttft"]["p50"] == pytest.approx(0.100, abs=0.006)
-    assert latency["itl"]["p50"] == pytest.approx(0.010, abs=0.002)
-    assert latency["tpot"]["p50"] == pytest.approx(0.010, abs=0.002)
+    # InferenceClient builds each request through httpx after the due time (~1-3 ms more than the OpenAI
+    # user's geventhttpclient), counted against TTFT as client-side time should be
+    assert_latency_follows_schedule(latency)
     for record in read_records(run_dir / "requests.jsonl"):
         assert record.output_tokens_usage == record.output_tokens_tokenizer == 50  # details.generated_tokens
     assert summary["server"]["scrapes_in_window"] >= 10 and summary["server"]["running"]["max"] >= 1

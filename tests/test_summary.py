@@ -60,3 +60,22 @@ def test_a_window_shorter_than_every_request_says_so_instead_of_reporting_nothin
     assert summary["window"]["problem"] == ("no request was scheduled inside the 17.0-s window "
                                             "(requests took 21.0 s, median E2E); lengthen --duration")
     assert "NO MEASUREMENT: no request was scheduled" in render(summary, "t")
+
+
+@pytest.mark.parametrize("sends, late, valid", [
+    (12, 1, True),    # one VM hiccup among a short search step's dozen sends: its p99 lag is that hiccup
+    (12, 2, False),   # two late sends in twelve: the client kept falling behind
+    (400, 4, True),   # 1 % of sends late: lag p99 at the threshold
+    (400, 5, False),  # more than 1 %: lag p99 past it
+])
+def test_late_sends_invalidate_a_run_past_one_percent_and_one_send(sends, late, valid):
+    start = 1000.0
+    records = [record(i, start + 1 + i * 0.02, 0.1, [0.1, 0.11], [1, 1], 0.11, 2, lag=0.015 if i < late else 0.001)
+               for i in range(sends)]
+    summary = summarize(records, RunFacts(duration_s=20, warmup_s=1, cooldown_s=0, plan_start_unix=start,
+                                          target_rate=None, client_cpu_fraction=0.05))
+    health = summary["load_generator"]
+    assert health["valid"] is valid, health["problems"]
+    if not valid:
+        assert health["problems"] == [f"{late} of {sends} sends more than 10 ms late (schedule lag p99 "
+                                      f"{health['schedule_lag_s']['p99'] * 1000:.1f} ms)"]
