@@ -10,7 +10,8 @@ import requests
 from tests.conftest import DATA, VLLM_0_26_PAGE, load_summary, run_cli, run_dir_of
 from tests.schedule import assert_latency_follows_schedule
 from tokenrig.loadgen.records import read_records
-from tokenrig.serve.scrape import COUNTERS, GAUGES, MetricsScraper, parse_metrics, summarize_server_metrics
+from tokenrig.serve.scrape import (COUNTERS, GAUGES, MetricsScraper, parse_metrics, summarize_server_metrics,
+                                   wait_server_idle)
 
 VLLM_PAGE = """# TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0",model_name="m"} 3.0
@@ -107,3 +108,84 @@ def test_tgi_user_measures_the_sim_schedule_through_generate_stream(tmp_path):
         assert record.output_tokens_usage == record.output_tokens_tokenizer == 50  # details.generated_tokens
     assert summary["server"]["scrapes_in_window"] >= 10 and summary["server"]["running"]["max"] >= 1
     assert (run_dir / "server_metrics.jsonl").exists()
+
+
+class _PagesServer:
+    """A real HTTP /metrics endpoint that serves the given pages in turn, then the last one forever."""
+
+    def __init__(self, pages: list[str]):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.pages, self.served = list(pages), 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = owner.pages[min(owner.served, len(owner.pages) - 1)].encode()
+                owner.served += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/metrics"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+
+
+# vLLM's gauges with Prometheus sample timestamps (ms): a hand parser read the timestamp as the value
+BUSY_WITH_TIMESTAMPS = """# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="m"} 3 1764490000000
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="m"} 2 1764490000000
+"""
+IDLE_WITH_TIMESTAMPS = BUSY_WITH_TIMESTAMPS.replace(" 3 ", " 0 ").replace(" 2 ", " 0 ")
+
+
+@pytest.mark.parametrize("busy, idle, label", [
+    (BUSY_WITH_TIMESTAMPS, IDLE_WITH_TIMESTAMPS, "5 requests"),
+    (TGI_PAGE, TGI_PAGE.replace(" 7\n", " 0\n").replace(" 2\n", " 0\n"), "9 requests"),
+])
+def test_wait_server_idle_reads_the_queue_through_the_shared_parser(busy, idle, label):
+    messages = []
+    with _PagesServer([busy, busy, idle]) as server:
+        started = time.monotonic()
+        wait_server_idle(server.url, timeout_s=30, poll_s=0.05, progress=messages.append)
+        assert time.monotonic() - started < 5 and server.served == 3
+    assert messages == [f"  waiting for the server to drain {label} left from the previous step"]
+
+
+def test_wait_server_idle_gives_up_on_a_page_that_does_not_parse_instead_of_crashing():
+    messages = []
+    with _PagesServer(["# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} many\n"]) \
+            as server:
+        wait_server_idle(server.url, timeout_s=30, poll_s=0.05, progress=messages.append)
+    assert len(messages) == 1 and "does not parse" in messages[0]
+
+
+def test_wait_server_idle_returns_at_once_without_an_endpoint_or_queue_figures():
+    from tokenrig.serve.launcher import free_port
+
+    messages = []
+    wait_server_idle(f"http://127.0.0.1:{free_port()}/metrics", timeout_s=30, progress=messages.append)
+    with _PagesServer(["# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 4.5\n"]) as server:
+        wait_server_idle(server.url, timeout_s=30, poll_s=0.05, progress=messages.append)
+        assert server.served == 1
+    assert messages == []
+
+
+def test_wait_server_idle_stops_waiting_at_its_timeout():
+    messages = []
+    with _PagesServer([BUSY_WITH_TIMESTAMPS]) as server:
+        wait_server_idle(server.url, timeout_s=0.3, poll_s=0.05, progress=messages.append)
+    assert messages[-1] == "  server still busy after 0 s; measuring anyway" and len(messages) == 2

@@ -32,7 +32,7 @@ from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
 from tokenrig.report.slo import Slo, judge
 from tokenrig.report.summary import RunFacts, summarize
 from tokenrig.serve.launcher import Endpoint, LaunchedServer, ServerSpec
-from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics
+from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics, wait_server_idle
 
 
 def served_context(base: str, model_name: str) -> int | None:
@@ -144,32 +144,6 @@ class Session:
                                                      summary["window"]["end_unix"], scraper.errors)
         write_json(step_dir / "summary.json", summary)
         return summary, outcome
-
-
-IDLE_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
-
-
-def wait_server_idle(metrics_url: str, timeout_s: float = 300, progress=print) -> None:
-    """Before a step: wait until the server has no running or waiting requests (vLLM metric names),
-    so a step is not measured against the backlog the previous one left behind."""
-    import urllib.request
-
-    deadline, announced = time.monotonic() + timeout_s, False
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(metrics_url, timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
-            return  # no metrics endpoint: nothing to wait on
-        busy = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(IDLE_METRICS))
-        if busy == 0:
-            return
-        if not announced:
-            progress(f"  waiting for the server to drain {busy:.0f} requests left from the previous step")
-            announced = True
-        time.sleep(0.5)
-    progress(f"  server still busy after {timeout_s:.0f} s; measuring anyway")
 
 
 def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: str | None = None,

@@ -49,6 +49,36 @@ def parse_metrics(text: str) -> dict[str, float]:
             for key, names in _NAMES.items() if any(name in sums for name in names)}
 
 
+def fetch_metrics(metrics_url: str, timeout_s: float) -> dict[str, float]:
+    """One /metrics page, parsed; OSError when unreachable, ValueError when it is not a valid page."""
+    with urllib.request.urlopen(metrics_url, timeout=timeout_s) as response:
+        return parse_metrics(response.read().decode())
+
+
+def wait_server_idle(metrics_url: str, timeout_s: float = 300, poll_s: float = 0.5, progress=print) -> None:
+    """Before a step: wait until the server has no running or waiting requests (vLLM's, tokenrig's or TGI's
+    names), so a step is not measured against the backlog the previous one left behind."""
+    deadline, announced = time.monotonic() + timeout_s, False
+    while time.monotonic() < deadline:
+        try:
+            figures = fetch_metrics(metrics_url, timeout_s=5)
+        except OSError:
+            return  # no metrics endpoint: nothing to wait on
+        except ValueError as error:
+            progress(f"  the server's /metrics page does not parse ({error}); not waiting for it to drain")
+            return
+        if "running" not in figures and "waiting" not in figures:
+            return  # an engine that exports no queue figures: nothing to wait on
+        busy = figures.get("running", 0.0) + figures.get("waiting", 0.0)
+        if busy == 0:
+            return
+        if not announced:
+            progress(f"  waiting for the server to drain {busy:.0f} requests left from the previous step")
+            announced = True
+        time.sleep(poll_s)
+    progress(f"  server still busy after {timeout_s:.0f} s; measuring anyway")
+
+
 class MetricsScraper:
     """Background thread (a greenlet under Locust's monkey-patching) appending one JSON line per scrape."""
 
@@ -69,8 +99,7 @@ class MetricsScraper:
         self._thread.join(timeout=self.interval_s + 5)
 
     def scrape_once(self) -> dict:
-        with urllib.request.urlopen(self.metrics_url, timeout=max(self.interval_s, 2)) as response:
-            return {"t": time.time(), **parse_metrics(response.read().decode())}
+        return {"t": time.time(), **fetch_metrics(self.metrics_url, timeout_s=max(self.interval_s, 2))}
 
     def _run(self) -> None:
         next_at = time.monotonic()
