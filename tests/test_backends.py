@@ -27,13 +27,14 @@ def spec(backend, model="13b", gpu="a800", **kwargs) -> ServerSpec:
 
 @pytest.mark.parametrize("quant", ["bf16", "fp16", "gptq", "awq"])
 @pytest.mark.parametrize("attention", [None, "flash", "noflash", "FLASHINFER"])
-def test_vllm_command_parses_with_vllm_flags(quant, attention):
-    plan = launch_plan(spec("vllm", quant=quant, attention=attention), MODEL_DIR, 8123)
+@pytest.mark.parametrize("tp", [None, 2])
+def test_vllm_command_parses_with_vllm_flags(quant, attention, tp):
+    plan = launch_plan(spec("vllm", quant=quant, attention=attention, tp=tp), MODEL_DIR, 8123)
     args = parse_vllm(plan.command, plan.env)
     assert args.model_tag == str(MODEL_DIR) and args.served_model_name == ["llama2-13b"]
     assert args.load_format == "dummy" and args.port == 8123
-    # 16 x 4096 tokens of KV is 53.7 GB: with 26 GB of bf16 weights that needs 2 A800s, with 7.3 GB of 4-bit one
-    assert args.tensor_parallel_size == plan.fit.tp == (1 if quant in ("gptq", "awq") else 2)
+    # 26 GB of bf16 weights (7.3 GB in 4-bit) fit one A800: vLLM pages its KV cache, so TP 2 only when asked
+    assert args.tensor_parallel_size == plan.fit.tp == (tp or 1)
     assert args.max_model_len == 4096 and args.max_num_seqs == 16 and args.gpu_memory_utilization == 0.9
     assert args.quantization == {"gptq": "gptq_marlin", "awq": "awq_marlin"}.get(quant)
     assert args.dtype == ("bfloat16" if quant == "bf16" else "float16")
@@ -118,9 +119,9 @@ def test_hf_plans_for_the_one_gpu_it_runs_on():
     one_gpu = plan_fit(resolve_model("7b"), resolve_gpu("h200"), "gptq", concurrency=64, context_tokens=1024, tp=1)
     assert plan.fit.tp == 1 and args.kv_cache_tokens == one_gpu.kv_capacity_tokens
     assert args.quant_kernel == "gptq_triton" and args.max_num_seqs == 64
-    # 64 x 4096 tokens of KV (137 GB) plus weights exceed one H200: refused, not silently planned for two
+    # 138 GB of 70B bf16 weights exceed one H200's 129 GB usable: refused, not silently planned for two
     with pytest.raises(FitError, match="does not fit on 1 x h200"):
-        launch_plan(spec("hf", model="7b", gpu="h200", concurrency=64), MODEL_DIR, 1)
+        launch_plan(spec("hf", model="70b", gpu="h200", concurrency=64), MODEL_DIR, 1)
 
 
 def test_hf_eager_steps_are_small_enough_for_its_materialised_attention_scores():
@@ -166,8 +167,8 @@ def test_dry_run_prints_command_env_and_fit_without_starting_anything():
     assert "on 4 x rtx4090" in lines["fit"] and lines["env"] == "ATTENTION=flashinfer"
     parse_tgi(shlex.split(lines["command"])[1:], {"ATTENTION": "flashinfer"})
     assert lines["docker"].startswith("docker run --gpus all")
-    refused = run_cli("serve", "--backend", "vllm", "--gpu", "rtx4090", "--model", "70b", "--dry-run")
-    assert refused.returncode == 2 and "--quant gptq --tp 4 --gpu rtx4090" in refused.stderr
+    refused = run_cli("serve", "--backend", "vllm", "--gpu", "rtx4090", "--model", "70b", "--tp", "4", "--dry-run")
+    assert refused.returncode == 3 and "--quant gptq --tp 4 --gpu rtx4090" in refused.stderr
 
 
 def test_a_missing_engine_is_named_with_its_install_line(tmp_path_factory, monkeypatch):

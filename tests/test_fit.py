@@ -25,32 +25,49 @@ def test_7b_bf16_fits_one_80gb_card():
     assert plan.tp == 1
     # 13.5 GB of weights; KV is 2 (K,V) x 32 layers x 32 heads x 128 x 2 bytes = 0.5 MiB per token
     assert plan.kv_bytes_per_token == 2 * 32 * 32 * 128 * 2 == 524288
-    assert plan.kv_needed_bytes == 16 * 4096 * 524288  # 34.4 GB
-    assert plan.kv_budget_bytes > plan.kv_needed_bytes
+    assert plan.kv_needed_bytes == 4096 * 524288  # one full-context sequence: 2.15 GB
+    # 80 GB x 0.9 = 72 GB usable - 13.5 weights - 2 runtime - ~0.4 activations = ~56 GB of KV: ~107k tokens
+    assert plan.kv_budget_bytes / 1e9 == pytest.approx(56.1, abs=0.1)
+    assert plan.full_context_sequences() == 26
+
+
+def test_a_paged_kv_cache_never_shards_a_model_that_fits_one_card():
+    """256 users at the full 4096-token context would need 550 GB of KV: the engine pages and queues them,
+    so the planner keeps TP 1 and says so instead of refusing or sharding a 13.5-GB model over 8 GPUs."""
+    plan = plan_fit(resolve_model("7b"), resolve_gpu("h100-sxm"), "bf16", concurrency=256, context_tokens=4096)
+    assert plan.tp == 1 and plan.fits
+    line = plan.describe_load(256, 4096, "256 users")
+    assert "256 requests in flight (256 users) x ~4096 tokens each = 1048576 tokens" in line
+    assert "the engine will queue or preempt" in line
 
 
 def test_70b_bf16_needs_more_than_one_80gb_card():
     model, gpu = resolve_model("70b"), resolve_gpu("a800")
     assert weight_bytes(model, "bf16") / 1e9 == pytest.approx(137.95, abs=0.01)  # > 80 GB: TP 1 is impossible
     assert not evaluate(model, gpu, "bf16", 1, 16, 4096).fits
-    # at TP 2 each GPU holds 69 GB of weights + 2 GB runtime of its 72 GB usable: no room for the KV cache
+    # at TP 2 each GPU holds 69 GB of weights + 2 GB runtime + 1.2 activations of its 72 GB usable: not even
+    # one 4096-token sequence (0.67 GB at 4 KV heads per GPU) fits
     two = evaluate(model, gpu, "bf16", 2, 16, 4096)
     assert two.weight_bytes / 1e9 == pytest.approx(69.0, abs=0.1) and not two.fits
     plan = plan_fit(model, gpu, "bf16", concurrency=16, context_tokens=4096)
-    assert plan.tp >= 2 and plan.tp == 4
+    assert plan.tp == 4
 
 
-def test_70b_on_24gb_cards_needs_4bit_and_tp4():
+def test_70b_on_24gb_cards_takes_tp8_in_bf16_and_tp4_in_4bit():
     model, gpu = resolve_model("70b"), resolve_gpu("rtx4090")
-    # bf16: even at TP 8 each card holds 138/8 = 17.2 GB of weights; 21.6 usable - 17.2 - 2 runtime - 0.7 activations
-    # leaves 1.6 GB, but 16 x 4096 tokens x 40 KiB per token (GQA: 1 KV head per GPU) need 2.7 GB
+    # bf16: at TP 8 each card holds 138/8 = 17.2 GB of weights; 21.6 usable - 17.2 - 2 runtime - 0.7 activations
+    # leaves 1.6 GB: 40k tokens at 40 KiB each (GQA: 1 KV head per GPU), 9 full-context sequences
+    plan = plan_fit(model, gpu, "bf16", concurrency=16, context_tokens=4096)
+    assert plan.tp == 8 and plan.full_context_sequences() == 9
+    assert plan.kv_bytes_per_token == 2 * 80 * 1 * 128 * 2
     with pytest.raises(FitError) as refused:
-        plan_fit(model, gpu, "bf16", concurrency=16, context_tokens=4096)
+        plan_fit(model, gpu, "bf16", concurrency=16, context_tokens=4096, tp=4)
     message = str(refused.value)
-    assert "does not fit on up to 8 x rtx4090" in message
+    assert "does not fit on 4 x rtx4090" in message and "one sequence of 4096 tokens" in message
     assert "--quant gptq --tp 4 --gpu rtx4090" in message and "--quant awq --tp 4 --gpu rtx4090" in message
     assert "--quant bf16 --tp 2 --gpu h200" in message
-    # 4-bit: 36.6 GB of weights; TP 2 leaves ~0 for KV (18.3 GB weights per card), TP 4 leaves 9.5 GB
+    assert "--max-model-len (loadtest, serve) or --context (fit)" in message
+    # 4-bit: 36.6 GB of weights; TP 2 leaves nothing for KV (18.3 GB weights per card), TP 4 leaves 9.5 GB
     assert not evaluate(model, gpu, "gptq", 2, 16, 4096).fits
     plan = plan_fit(model, gpu, "gptq", concurrency=16, context_tokens=4096)
     assert plan.tp == 4
@@ -71,5 +88,23 @@ def test_cli_fit_prints_the_plan_and_what_would_fit():
 
     ok = run_cli("fit", "--gpu", "h100-sxm", "--model", "13b", "--concurrency", "8")
     assert ok.returncode == 0 and "--tensor-parallel-size 1" in ok.stdout, ok.stderr
-    refused = run_cli("fit", "--gpu", "rtx3090", "--model", "70b")
-    assert refused.returncode == 2 and "what would fit" in refused.stderr
+    refused = run_cli("fit", "--gpu", "rtx3090", "--model", "70b", "--tp", "4")
+    # a valid question whose answer is no: exit 3, not argparse's usage-error 2
+    assert refused.returncode == 3 and "what would fit" in refused.stderr
+    # what it suggests, it accepts
+    shorter = run_cli("fit", "--gpu", "rtx3090", "--model", "70b", "--quant", "gptq", "--tp", "4", "--context", "2048")
+    assert shorter.returncode == 0 and "--max-model-len 2048" in shorter.stdout, shorter.stderr
+
+
+@pytest.mark.parametrize("load, tp, expected", [
+    # the issue's refusals: 7B on an H100 at 5 req/s, and 64 users picking TP 4
+    (("--rate", "5"), 1, "at least: Little's law at 5 req/s x E2E >= 0.71 s on the bandwidth roofline"),
+    (("--users", "64"), 1, "64 requests in flight (64 users) x ~1155 tokens each = 73906 tokens, the KV cache holds"),
+])
+def test_loadtest_plans_a_vllm_server_for_the_load_it_will_carry(load, tp, expected):
+    from tests.conftest import run_cli
+
+    result = run_cli("loadtest", "--backend", "vllm", "--gpu", "h100-sxm", "--model", "7b", *load, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"--tensor-parallel-size {tp} " in result.stdout
+    assert expected in result.stdout, result.stdout

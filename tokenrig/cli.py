@@ -317,6 +317,7 @@ def cmd_train(args) -> int:
 
 
 DEFAULT_CONCURRENCY = 16
+EXIT_DOES_NOT_FIT = 3  # 2 is a usage error
 
 
 def _server_spec(args, concurrency: int | None = None):
@@ -353,6 +354,23 @@ def print_launch(spec, port: int) -> None:
         print("docker:", shlex.join(plan.docker))
     for note in plan.notes:
         print("note:", note)
+
+
+def print_load_fit(spec, scenario, with_plan: bool) -> None:
+    """A GPU server's memory plan (raising FitError before anything starts) and what the load puts in its
+    KV cache."""
+    if spec.device == "cpu" or spec.backend == "sim":
+        return
+    from tokenrig.serve.backends import launch_plan, prepare_model_dir
+    from tokenrig.serve.fit import load_in_flight
+
+    fit = launch_plan(spec, prepare_model_dir(spec, write=False), 0).fit
+    load, lengths = scenario.load, scenario.mean_lengths()
+    in_flight, basis = load_in_flight(fit, spec.gpu, load.users if load.type == "concurrency" else None,
+                                      load.rate, lengths[1] if lengths else None)
+    if with_plan:
+        print("fit:", fit.describe())
+    print(fit.describe_load(in_flight, sum(lengths) if lengths else None, basis))
 
 
 def _check_hardware(spec, dry_run: bool) -> None:
@@ -433,6 +451,8 @@ def cmd_loadtest(args) -> int:
     _check_hardware(spec, args.dry_run)
     if args.dry_run:
         print_launch(spec, 0)
+    print_load_fit(spec, scenario, with_plan=not args.dry_run)
+    if args.dry_run:
         print("scenario:", scenario.model_dump_json(indent=2))
         return 0
     from tokenrig.loadtest import WorkerOptions, run_session
@@ -603,7 +623,10 @@ def main(argv: list[str] | None = None) -> int:
                 "gpus": cmd_gpus, "fit": cmd_fit, "capacity": cmd_capacity, "report": cmd_report}
     try:
         return handlers[args.command](args)
-    except (UnknownProfileError, ScenarioError, LaunchError, FitError, TrainSpecError, CompareError) as error:
+    except FitError as error:  # a valid question whose answer is no
+        print(f"tokenrig: does not fit: {error}", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    except (UnknownProfileError, ScenarioError, LaunchError, TrainSpecError, CompareError) as error:
         print(f"tokenrig: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -29,7 +29,7 @@ from tokenrig.report.slo import Slo
 from tokenrig.serve.fit import FitError, plan_fit
 
 # the replica a projection sizes: the smallest TP holding the weights plus KV for this many of the
-# scenario's largest requests at once (the fit planner's rule, `tokenrig fit --concurrency 16`)
+# scenario's largest requests at once (a replica that batches them, not the engines' one-sequence minimum)
 PLANNING_CONCURRENCY = 16
 LARGEST_REQUEST_SAMPLE = 256  # arrivals looked at to find the scenario's largest request
 
@@ -184,7 +184,8 @@ class CapacityPlanner:
         label = f"{gpu.key} {calibration.quant} {calibration.engine}"
         try:
             tp = plan_fit(q.model, gpu, calibration.quant, concurrency=PLANNING_CONCURRENCY,
-                          context_tokens=min(self.largest_request(), q.model.max_context)).tp
+                          context_tokens=min(self.largest_request(), q.model.max_context),
+                          kv_sequences=PLANNING_CONCURRENCY).tp
         except FitError:
             notes.append(f"{label}: {q.model.key} does not fit with {PLANNING_CONCURRENCY} of the scenario's "
                          f"largest requests on up to 8 GPUs")

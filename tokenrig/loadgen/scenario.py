@@ -293,6 +293,19 @@ class Scenario(_Strict):
                                  "prompts built from the trace (its prefix hashes give the prefix reuse)")
         return self
 
+    def mean_lengths(self, samples: int = 2000) -> tuple[float, float] | None:
+        """Mean (prompt, output) tokens of a request, over the classes' weights, from their length
+        distributions; None where prompts come from files or lengths from a trace."""
+        if self.load.type == "trace" or any(c.input_tokens is None for c in self.requests):
+            return None
+        rng, total = random.Random(0), sum(c.weight for c in self.requests)
+        prompt = output = 0.0
+        for request_class in self.requests:
+            share = request_class.weight / total / samples
+            prompt += share * sum(request_class.input_tokens.sample(rng) for _ in range(samples))
+            output += share * sum(request_class.output_tokens.sample(rng) for _ in range(samples))
+        return prompt, output
+
 
 def _line_of(node: yaml.Node, location: tuple) -> int | None:
     line = node.start_mark.line + 1

@@ -3,9 +3,11 @@
 From the model and GPU profiles alone it counts weight bytes per GPU for each quantization
 (the exact tensors tokenrig's checkpoints hold: packed int32 4-bit weights, fp16 scales, zeros
 and GPTQ's g_idx at group size 128), KV-cache bytes per token, activation and runtime headroom,
-and picks the smallest tensor-parallel size that holds weights plus `concurrency x context`
-tokens of KV cache. Every backend takes its TP size, max model length and batch limits from here;
-when nothing fits, the error names the configurations that would.
+and picks the smallest tensor-parallel size whose KV cache holds one full-context sequence: every
+engine tokenrig launches (vLLM, TGI, transformers' continuous batching) pages its KV cache and queues
+or preempts what does not fit, so a load's concurrency is reported against the cache, never a reason
+to refuse a model or to shard one that fits a card. Every backend takes its TP size, max model length
+and batch limits from here; when nothing fits, the error names the configurations that would.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class FitPlan:
     gpu: str
     quant: str
     tp: int
-    concurrency: int
+    concurrency: int  # the engine's batch limit: the load's requests in flight, at most
     context_tokens: int
     gpu_memory_utilization: float
     usable_bytes: float  # per GPU: memory x utilization
@@ -127,10 +129,11 @@ class FitPlan:
     kv_bytes_per_token: float  # per GPU
     kv_budget_bytes: float  # per GPU, what is left for the KV cache
     prefill_chunk_tokens: int
+    kv_sequences: int = 1  # full-context sequences the KV cache must hold at once: the engines' minimum is one
 
     @property
     def kv_needed_bytes(self) -> float:
-        return self.concurrency * self.context_tokens * self.kv_bytes_per_token
+        return self.kv_sequences * self.context_tokens * self.kv_bytes_per_token
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -153,13 +156,30 @@ class FitPlan:
         """TGI's KV-cache budget in tokens: the whole cache the planner leaves room for."""
         return self.kv_capacity_tokens
 
+    def full_context_sequences(self) -> int:
+        return self.kv_capacity_tokens // self.context_tokens
+
     def describe(self) -> str:
         gb = 1e9
         return (f"{self.model} {self.quant} on {self.tp} x {self.gpu}: per GPU {self.usable_bytes / gb:.1f} GB usable = "
                 f"weights {self.weight_bytes / gb:.1f} + activations {self.activation_bytes / gb:.1f} + runtime "
                 f"{self.reserve_bytes / gb:.1f} + KV {self.kv_budget_bytes / gb:.1f} GB "
-                f"({self.kv_capacity_tokens} tokens); needs KV for {self.concurrency} x {self.context_tokens} tokens "
-                f"= {self.kv_needed_bytes / gb:.1f} GB -> {'fits' if self.fits else 'does not fit'}")
+                f"({self.kv_capacity_tokens} tokens, {self.full_context_sequences()} sequences of "
+                f"{self.context_tokens}); the engine pages its KV cache and needs room for "
+                f"{self._sequences_needed()} ({self.kv_needed_bytes / gb:.2f} GB) -> "
+                f"{'fits' if self.fits else 'does not fit'}")
+
+    def _sequences_needed(self) -> str:
+        return "one sequence" if self.kv_sequences == 1 else f"{self.kv_sequences} sequences"
+
+    def describe_load(self, in_flight: float, mean_tokens: float | None, basis: str) -> str:
+        """What the load puts in the cache, against what it holds: beyond it the engine queues or preempts."""
+        tokens = in_flight * (mean_tokens or self.context_tokens)
+        per_request = f"~{mean_tokens:.0f} tokens each" if mean_tokens else f"{self.context_tokens} tokens each at most"
+        verdict = ("the KV cache holds them" if tokens <= self.kv_capacity_tokens else
+                   f"more than the KV cache's {self.kv_capacity_tokens} tokens: the engine will queue or preempt "
+                   f"(a larger --tp or --gpu-memory-utilization, or a smaller --max-model-len, gives it more room)")
+        return f"load: {in_flight:.0f} requests in flight ({basis}) x {per_request} = {tokens:.0f} tokens, {verdict}"
 
     def as_dict(self) -> dict:
         return {"model": self.model, "gpu": self.gpu, "quant": self.quant, "tp": self.tp,
@@ -173,7 +193,7 @@ class FitPlan:
 
 def evaluate(model: ModelProfile, gpu: GpuProfile, quant: str, tp: int, concurrency: int, context_tokens: int,
              gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
-             prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS) -> FitPlan:
+             prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS, kv_sequences: int = 1) -> FitPlan:
     """The memory budget of one configuration (whether or not it fits)."""
     quant = normalise_quant(quant)
     h, norms = model.hidden_size, (2 * model.num_layers + 1) * model.hidden_size * 2
@@ -184,41 +204,58 @@ def evaluate(model: ModelProfile, gpu: GpuProfile, quant: str, tp: int, concurre
     budget = usable - per_gpu_weights - activations - RUNTIME_RESERVE_BYTES
     return FitPlan(model.key, gpu.key, quant, tp, concurrency, context_tokens, gpu_memory_utilization, usable,
                    per_gpu_weights, activations, RUNTIME_RESERVE_BYTES, kv_bytes_per_token_per_gpu(model, tp),
-                   budget, prefill_chunk_tokens)
+                   budget, prefill_chunk_tokens, kv_sequences)
 
 
 def _candidates(model: ModelProfile, gpu: GpuProfile, quant: str, concurrency: int, context_tokens: int,
-                utilization: float, max_gpus: int) -> list[FitPlan]:
+                utilization: float, max_gpus: int, kv_sequences: int) -> list[FitPlan]:
     plans = []
     for tp in TP_SIZES:
         if tp <= max_gpus and tp_is_valid(model, quant, tp) is None:
-            plans.append(evaluate(model, gpu, quant, tp, concurrency, context_tokens, utilization))
+            plans.append(evaluate(model, gpu, quant, tp, concurrency, context_tokens, utilization,
+                                  kv_sequences=kv_sequences))
     return plans
 
 
 def alternatives(model: ModelProfile, gpu: GpuProfile, quant: str, concurrency: int, context_tokens: int,
-                 utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION, max_gpus: int = MAX_GPUS) -> list[FitPlan]:
+                 utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION, max_gpus: int = MAX_GPUS,
+                 kv_sequences: int = 1) -> list[FitPlan]:
     """Smallest fitting TP per (quantization on this GPU) and per (other GPU with this quantization)."""
     found = []
     for other_quant in QUANTS:
-        plans = [p for p in _candidates(model, gpu, other_quant, concurrency, context_tokens, utilization, max_gpus)
-                 if p.fits]
+        plans = [p for p in _candidates(model, gpu, other_quant, concurrency, context_tokens, utilization, max_gpus,
+                                        kv_sequences) if p.fits]
         if plans:
             found.append(plans[0])
     for other in gpu_profiles().values():
         if other.key in (gpu.key, "cpu"):
             continue
-        plans = [p for p in _candidates(model, other, quant, concurrency, context_tokens, utilization, max_gpus)
-                 if p.fits]
+        plans = [p for p in _candidates(model, other, quant, concurrency, context_tokens, utilization, max_gpus,
+                                        kv_sequences) if p.fits]
         if plans:
             found.append(plans[0])
     return found
 
 
+def load_in_flight(plan: FitPlan, gpu: GpuProfile, users: int | None, rate: float | None,
+                   mean_output_tokens: float | None) -> tuple[float, str]:
+    """(requests in flight, how that was found) for a closed loop of `users` or an open loop at `rate`."""
+    if users or not rate or not mean_output_tokens:
+        return (users or plan.concurrency), (f"{users} users" if users else "the open loop's in-flight cap")
+    # Little's law with the bandwidth roofline's decode step (every weight byte read once per step): E2E is at
+    # least that many steps, so this is the fewest requests the load can keep in flight
+    e2e_s = mean_output_tokens * plan.weight_bytes / (gpu.bandwidth_gbs * 1e9)
+    in_flight = min(rate * e2e_s, plan.concurrency)
+    return in_flight, f"at least: Little's law at {rate:g} req/s x E2E >= {e2e_s:.2f} s on the bandwidth roofline"
+
+
 def plan_fit(model: ModelProfile, gpu: GpuProfile, quant: str = "bf16", concurrency: int = 16,
              context_tokens: int | None = None, tp: int | None = None,
-             gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION, max_gpus: int = MAX_GPUS) -> FitPlan:
-    """The smallest TP (or the given one) that holds the weights plus KV for `concurrency x context_tokens`."""
+             gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION, max_gpus: int = MAX_GPUS,
+             kv_sequences: int = 1) -> FitPlan:
+    """The smallest TP (or the given one) that holds the weights plus KV for `kv_sequences` (by default one:
+    the engines' minimum) `context_tokens` sequences; `concurrency` is the engine's batch limit (it sizes
+    the decode batch's logits, not the KV cache)."""
     quant = normalise_quant(quant)
     context = context_tokens or model.max_context
     if context > model.max_context:
@@ -227,22 +264,23 @@ def plan_fit(model: ModelProfile, gpu: GpuProfile, quant: str = "bf16", concurre
         problem = tp_is_valid(model, quant, tp)
         if problem:
             raise FitError(f"TP {tp} is not possible for {model.key} {quant}: {problem}")
-        plans = [evaluate(model, gpu, quant, tp, concurrency, context, gpu_memory_utilization)]
+        plans = [evaluate(model, gpu, quant, tp, concurrency, context, gpu_memory_utilization,
+                          kv_sequences=kv_sequences)]
     else:
-        plans = _candidates(model, gpu, quant, concurrency, context, gpu_memory_utilization, max_gpus)
+        plans = _candidates(model, gpu, quant, concurrency, context, gpu_memory_utilization, max_gpus, kv_sequences)
     for plan in plans:
         if plan.fits:
             return plan
     largest = plans[-1]
-    options = alternatives(model, gpu, quant, concurrency, context, gpu_memory_utilization, max_gpus)
+    options = alternatives(model, gpu, quant, concurrency, context, gpu_memory_utilization, max_gpus, kv_sequences)
     lines = [f"{model.key} {quant} does not fit on {'' if tp else 'up to '}{largest.tp} x {gpu.key} "
-             f"({gpu.memory_gb:g} GB) with a KV cache for {concurrency} concurrent x {context} tokens:",
+             f"({gpu.memory_gb:g} GB) with a KV cache for {largest._sequences_needed()} of {context} tokens:",
              f"  {largest.describe()}"]
     if options:
         lines.append("what would fit:")
         lines += [f"  --quant {p.quant} --tp {p.tp} --gpu {p.gpu}  ({p.weight_bytes / 1e9:.1f} GB weights per GPU, "
                   f"KV room for {p.kv_capacity_tokens} tokens)" for p in options]
     else:
-        lines.append(f"nothing up to {max_gpus} GPUs fits; lower the concurrency or context")
-    lines.append("or ask for less: a smaller --concurrency or --max-model-len")
+        lines.append(f"nothing up to {max_gpus} GPUs fits at this context")
+    lines.append("or ask for a shorter context: --max-model-len (loadtest, serve) or --context (fit)")
     raise FitError("\n".join(lines))
