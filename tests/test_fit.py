@@ -3,8 +3,8 @@
 import pytest
 
 from tokenrig.profiles import resolve_gpu, resolve_model
-from tokenrig.serve.fit import (FitError, evaluate, kv_bytes_per_token_per_gpu, linear_bytes, plan_fit, tp_is_valid,
-                                weight_bytes)
+from tokenrig.serve.fit import (FitError, evaluate, kv_bytes_per_token_per_gpu, linear_bytes, load_in_flight, plan_fit,
+                                tp_is_valid, weight_bytes)
 
 
 def test_weight_bytes_per_quantization_of_llama2_7b():
@@ -108,3 +108,22 @@ def test_loadtest_plans_a_vllm_server_for_the_load_it_will_carry(load, tp, expec
     assert result.returncode == 0, result.stderr
     assert f"--tensor-parallel-size {tp} " in result.stdout
     assert expected in result.stdout, result.stdout
+
+
+def test_the_load_line_uses_the_scenarios_weighted_mean_lengths():
+    from tokenrig.loadgen.scenario import parse_scenario
+
+    scenario = parse_scenario("""name: two
+requests:
+  - {name: short, weight: 3, input_tokens: {dist: fixed, value: 100}, output_tokens: {dist: fixed, value: 50}}
+  - {name: long, weight: 1, input_tokens: {dist: fixed, value: 500}, output_tokens: {dist: fixed, value: 10}}
+load: {type: poisson, rate: 2, duration_s: 10}
+""")
+    assert scenario.mean_lengths() == pytest.approx(((3 * 100 + 500) / 4, (3 * 50 + 10) / 4))
+    # 7B bf16 on an H100: 13.5 GB read per decode step at 3,350 GB/s is 4.0 ms; 40 output tokens take >= 0.16 s,
+    # so 2 req/s keep >= 0.32 requests in flight (Little's law)
+    plan = plan_fit(resolve_model("7b"), resolve_gpu("h100-sxm"), context_tokens=4096)
+    in_flight, basis = load_in_flight(plan, resolve_gpu("h100-sxm"), None, 2.0, 40.0)
+    assert in_flight == pytest.approx(2.0 * 40 * plan.weight_bytes / 3350e9)
+    assert basis == "at least: Little's law at 2 req/s x E2E >= 0.16 s on the bandwidth roofline"
+    assert load_in_flight(plan, resolve_gpu("h100-sxm"), 64, None, None) == (64, "64 users")
