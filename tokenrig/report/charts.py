@@ -69,7 +69,7 @@ def schedule_lag(lags_s: list[float], threshold_s: float, title: str) -> go.Figu
     figure = go.Figure(go.Scatter(x=x, y=y, mode="lines", name="send lag",
                                   hovertemplate="%{x:.2f} ms<br>%{y:.1%} of requests<extra></extra>"))
     figure.add_vline(x=threshold_s * 1000, line_dash="dash", line_color="#d62728",
-                     annotation_text=f"health limit for p99: {threshold_s * 1000:g} ms")
+                     annotation_text=f"late past {threshold_s * 1000:g} ms (more than 1 % late: invalid)")
     figure.update_xaxes(title="actual − scheduled send (ms)")
     figure.update_yaxes(tickformat=".0%", range=[0, 1.02])
     return _layout(figure, title, 320)
