@@ -64,9 +64,16 @@ def find(d, *keys):
     for k in keys:
         d = d.get(k, {}) if isinstance(d, dict) else {}
     return d
-seed = meta.get("seed", find(meta, "load", "seed"))
-print(f"{label}: dir={run.name} seed={seed} ttft={json.dumps(find(s, 'ttft_ms') or find(s, 'metrics', 'ttft_ms'))[:300]} "
-      f"server={json.dumps(s.get('server', {}))[:600]}")
+seed = meta.get("seed")
+ttft = (s.get("latency_s") or {}).get("ttft") or {}
+ms = lambda k: f"{ttft[k] * 1000:.1f}" if isinstance(ttft.get(k), (int, float)) else "-"
+srv = s.get("server") or {}
+q = (srv.get("prefix_cache_queries") or {}).get("increase")
+h = (srv.get("prefix_cache_hits") or {}).get("increase")
+rate = f"{h / q:.3f}" if q else "-"
+req = s.get("requests", {})
+print(f"{label}: dir={run.name} seed={seed} ({meta.get('seed_source')}) ok={req.get('ok')} failed={req.get('failed')} "
+      f"TTFT p50={ms('p50')} ms p99={ms('p99')} ms; prefix cache hits/queries={h}/{q} = {rate}")
 EOF
 }
 
@@ -112,7 +119,9 @@ check1() {
      grep -q '^vllm:num_requests_running{.*} [1-9]' "$RES/metrics.tmp" && { sleep 3
        curl -s "http://127.0.0.1:$PORT/metrics" > "$RES/vllm-0.26.0-metrics-under-load.txt"; break; }; done
    rm -f "$RES/metrics.tmp") &
-  local lt="loadtest --url http://127.0.0.1:$PORT --scenario chat --users 16 --duration $DUR"
+  # --backend/--gpu/--model: the run is labelled, and the requests name the served model (without --model they
+  # ask for "tiny", and vLLM answers 404)
+  local lt="loadtest --url http://127.0.0.1:$PORT --backend vllm --gpu h200 --model 7b --scenario chat --users 16 --duration $DUR"
   mkdir -p "$RES/seed-run1" "$RES/seed-run2" "$RES/seed-run3"
   cli $lt --results "$RES/seed-run1" > "$RES/logs/lt-seed-run1.log" 2>&1; log "1: run 1 rc=$?"
   local r1; r1=$(newest "$RES/seed-run1"); report_run run1 "$r1"
