@@ -100,7 +100,10 @@ check1() {
   if [ "$EAGER" = 1 ]; then
     # tokenrig's own vLLM command line (printed by --dry-run), plus --enforce-eager
     local cmd
-    cmd=$(cli serve --backend vllm --gpu h200 --model 7b --port $PORT --dry-run 2>&1 | sed -n 's/^command: vllm serve //p')
+    cmd=$(cli serve --backend vllm --gpu h200 --model 7b --port $PORT --dry-run 2>&1 | sed -n 's/^command: .* serve //p')
+    # (the dry run prints `vllm serve ARGS` where vLLM is not installed, `PYTHON -m vllm.entrypoints.cli.main
+    # serve ARGS` where it is: the first campaign matched only the first and started vLLM with no model)
+    [ -n "$cmd" ] || { log "1: no vLLM command line from the dry run"; return 1; }
     $PY -c "from tokenrig.profiles import resolve_model; from tokenrig.serve.checkpoint import config_dir; \
       print(config_dir(resolve_model('7b')))" >> "$RES/progress.log" 2>&1
     cli serve --backend vllm --gpu h200 --model 7b --port $PORT --dry-run > "$RES/logs/serve-7b-dryrun.log" 2>&1
