@@ -353,7 +353,8 @@ def cmd_loadtest(args) -> int:
         load = load.model_copy(update={"type": "concurrency", "users": args.users, "rate": None, "stages": None,
                                        "trace": None})
     if args.rate:
-        load = load.model_copy(update={"type": args.arrival, "rate": args.rate, "stages": None, "trace": None})
+        load = load.model_copy(update={"type": args.arrival, "rate": args.rate, "stages": None, "trace": None,
+                                       "ramp_s": 0})
     updates = {k: v for k, v in {"duration_s": args.duration, "warmup_s": args.warmup,
                                  "burstiness": args.burstiness}.items() if v is not None}
     try:
