@@ -2,9 +2,10 @@
 
 Each user takes send slots from the shared `LoadPlan`, waits for the slot's due time, sends
 one streaming request and reads the response line by line as bytes arrive (Locust's own
-`iter_lines` waits for 1 KiB blocks and would delay every chunk). Per-chunk work is a
-readline, one JSON parse and one tokenizer call, so one client core keeps up with tens of
-thousands of tokens/s.
+`iter_lines` waits for 1 KiB blocks and would delay every chunk). Per chunk: a readline, a
+timestamp and, for the common chunk shape, a byte-level cut of the content (JSON parsing only
+for the rest). Tokens are counted once the request has ended: one per content chunk when the
+server's usage confirms it, else the tokenizer on each chunk's text.
 """
 
 from __future__ import annotations
@@ -51,20 +52,47 @@ class LoadContext:
         return self._next_id
 
 
-def note_content(ctx: LoadContext, record: RequestRecord, due: float, now: float, text: str) -> None:
-    """Timestamp one content chunk that arrived at `now` and count its tokens (every client user does this)."""
-    if record.ttft_s is None:
-        record.ttft_s = now - due
-    record.chunk_offsets_s.append(now - due)
-    record.chunk_tokens.append(len(ctx.tokenizer.encode(text, add_special_tokens=False).ids))
-
-
-def finish_stream(ctx: LoadContext, record: RequestRecord, due: float, reply: str) -> None:
-    """Close the record when the stream has ended: E2E, the client's token count, empty streams as errors."""
-    record.e2e_s = time.perf_counter() - due
+def count_tokens(ctx: LoadContext, record: RequestRecord, texts: list[str]) -> str:
+    """Tokens of each content chunk received and the client's count of the whole reply; return the reply."""
+    # Every chunk with text carries at least one token, so a server count equal to the number of such
+    # chunks means exactly one each; otherwise each chunk's text is tokenized, as it arrived.
+    if record.output_tokens_usage == len(texts):
+        record.chunk_tokens = [1] * len(texts)
+    elif texts:
+        record.chunk_tokens = [len(e.ids) for e in ctx.tokenizer.encode_batch(texts, add_special_tokens=False)]
+    reply = "".join(texts)
     record.output_tokens_tokenizer = len(ctx.tokenizer.encode(reply, add_special_tokens=False).ids)
+    return reply
+
+
+def finish_stream(ctx: LoadContext, record: RequestRecord, due: float, texts: list[str]) -> str:
+    """Close the record when the stream has ended: E2E, token counts, empty streams as errors; return the reply."""
+    record.e2e_s = time.perf_counter() - due
+    reply = count_tokens(ctx, record, texts)
     if record.ttft_s is None:
         record.error = "stream ended without any content"
+    return reply
+
+
+CHAT_CONTENT, COMPLETION_TEXT = b'"content":"', b'"text":"'
+
+
+def content_fast(line: bytes) -> str | None:
+    """The content text of an SSE `data:` line of the common shape (one choice, no escapes, no usage object),
+    cut from the bytes without parsing; None when the line needs the JSON parser."""
+    key = CHAT_CONTENT
+    start = line.find(key)
+    if start < 0:
+        key = COMPLETION_TEXT
+        start = line.find(key)
+        if start < 0:
+            return None
+    start += len(key)
+    end = line.find(b'"', start)
+    # a backslash means escapes to decode; a second key a second choice; a usage object must be read
+    if end < 0 or line.find(b"\\", start, end) >= 0 or line.find(key, end) >= 0 or b'"usage":{' in line:
+        return None
+    return line[start:end].decode()
 
 
 def parse_openai_chunk(payload: dict) -> tuple[str, dict | None]:
@@ -149,41 +177,47 @@ class OpenAIStreamingUser(User):
 
     def _send(self, prepared: PreparedRequest, due: float, record: RequestRecord) -> str:
         """Send, read the stream, fill the record; return the reply text."""
-        ctx = self.ctx
         sent = time.perf_counter()
         record.send_lag_s = sent - due
-        text_parts: list[str] = []
+        texts: list[str] = []
         try:
             response = self.client.post(self.path_prefix + prepared.path, body=prepared.body, headers=HEADERS)
             record.status = response.status_code
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {response.read()[:300].decode(errors='replace')}"
                 return ""
+            # the per-chunk loop: bound methods in locals, nothing allocated but the line and the text
+            readline, clock, offsets, add_text = response.readline, time.perf_counter, record.chunk_offsets_s, texts.append
+            add_offset = offsets.append
             while True:
-                line = response.readline(b"\n")
-                now = time.perf_counter()
-                if not line:
-                    break
+                line = readline(b"\n")
+                now = clock()
                 if not line.startswith(b"data:"):
+                    if not line:
+                        break
                     continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                text, usage = parse_openai_chunk(json.loads(data))
-                if usage:
-                    record.output_tokens_usage = usage.get("completion_tokens")
-                    record.prompt_tokens_usage = usage.get("prompt_tokens")
+                text = content_fast(line)
+                if text is None:
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        break
+                    text, usage = parse_openai_chunk(json.loads(data))
+                    if usage:
+                        record.output_tokens_usage = usage.get("completion_tokens")
+                        record.prompt_tokens_usage = usage.get("prompt_tokens")
                 if text:
-                    note_content(ctx, record, due, now, text)
-                    text_parts.append(text)
-            reply = "".join(text_parts)
-            finish_stream(ctx, record, due, reply)
-            return reply
+                    if not offsets:
+                        record.ttft_s = now - due
+                    add_offset(now - due)
+                    add_text(text)
+            return finish_stream(self.ctx, record, due, texts)
         except Exception as error:  # noqa: BLE001 - every failure becomes a record, never a crash
             record.error = f"{type(error).__name__}: {error}"
+            count_tokens(self.ctx, record, texts)
             return ""
         except BaseException:  # the run was stopped (Ctrl-C) while this request was in flight
             record.error = "aborted: load test stopped before the response ended"
+            count_tokens(self.ctx, record, texts)
             raise
 
 
@@ -209,7 +243,7 @@ class TGIStreamingUser(OpenAIStreamingUser):
         body = json.loads(prepared.body)
         prompt = "\n".join(m["content"] for m in body["messages"]) if "messages" in body else body["prompt"]
         record.send_lag_s = time.perf_counter() - due
-        text_parts: list[str] = []
+        texts: list[str] = []
         try:
             stream = self.client.text_generation(prompt, max_new_tokens=prepared.max_tokens, stream=True, details=True)
             record.status = 200  # the client raises before yielding when the status is not 200
@@ -218,11 +252,11 @@ class TGIStreamingUser(OpenAIStreamingUser):
                 if output.details is not None:
                     record.output_tokens_usage = output.details.generated_tokens
                 if output.token.text and not output.token.special:
-                    note_content(ctx, record, due, now, output.token.text)
-                    text_parts.append(output.token.text)
-            reply = "".join(text_parts)
-            finish_stream(ctx, record, due, reply)
-            return reply
+                    if record.ttft_s is None:
+                        record.ttft_s = now - due
+                    record.chunk_offsets_s.append(now - due)
+                    texts.append(output.token.text)
+            return finish_stream(ctx, record, due, texts)
         except HfHubHTTPError as error:
             record.status = error.response.status_code if error.response is not None else None
             record.error = f"HTTP {record.status}: {str(error)[:300]}"
@@ -230,5 +264,7 @@ class TGIStreamingUser(OpenAIStreamingUser):
             record.error = f"{type(error).__name__}: {error}"
         except BaseException:  # the run was stopped (Ctrl-C) while this request was in flight
             record.error = "aborted: load test stopped before the response ended"
+            count_tokens(ctx, record, texts)
             raise
+        count_tokens(ctx, record, texts)
         return ""
