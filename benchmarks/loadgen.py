@@ -42,6 +42,7 @@ TTFT_S, ITL_S, TOKENS, WARMUP_S = 0.100, 0.010, 128, 2.0
 RAMP_S = TTFT_S + TOKENS * ITL_S
 GOAL_TTFT_P50_ERR_S, GOAL_ITL_P99_ERR_S = 0.001, 0.0025
 MAX_SERVER_LATENESS_P99_S = 0.001  # past this the row measures the server, not the client
+TABLE_START, TABLE_END = "<!-- benchmarks/loadgen.py writes from here -->", "<!-- to here -->"
 SCENARIO = f"""name: loadgen-capacity
 source: benchmark
 requests:
@@ -238,14 +239,26 @@ def per_chunk_profile() -> dict[str, float]:
     }
 
 
+def environment(load_before: float) -> str:
+    """Machine, versions and load, for the record of a measurement."""
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    packages = ", ".join(f"{name} {version(name)}" for name in ("gevent", "geventhttpclient", "locust", "tokenizers"))
+    return (f"Host {os.uname().nodename}: {os.cpu_count()} × {cpu}, Linux {os.uname().release}; Python "
+            f"{sys.version.split()[0]}, {packages}. Load average (1 min) {load_before:.2f} before, "
+            f"{os.getloadavg()[0]:.2f} after (the benchmark's own two busy processes included).")
+
+
 def render(rows: list[dict], profile: dict, server_core: int, client_core: int) -> str:
     def ms(value, sign=""):
         return f"{value * 1000:{sign}.2f}" if value is not None else "-"
 
     lines = [f"Reference server (benchmarks/refserver.py: TTFT {TTFT_S * 1000:.0f} ms, {ITL_S * 1000:.0f} ms/token, "
              f"{TOKENS} tokens, one token per chunk, usage at the end) pinned to CPU {server_core}, client to CPU "
-             f"{client_core}; closed loop, a fresh server per row; host {os.uname().nodename}, {os.cpu_count()} CPUs, "
-             f"load average at the end {os.getloadavg()[0]:.2f}.", "",
+             f"{client_core}; closed loop, streams started evenly over one request's length; a fresh server per row. "
+             "The server runs SCHED_FIFO, each client nice -20 in a session of its own, where allowed.", "",
              "err = the client's figure − the server's own (its send log, same requests window). "
              f"A row whose server lateness p99 exceeds {MAX_SERVER_LATENESS_P99_S * 1000:.0f} ms is marked invalid.", "",
              "| tool | streams | tokens/s | TTFT p50 err ms | ITL p99 err ms | true TTFT p50 / ITL p99 ms "
@@ -284,6 +297,7 @@ def main() -> int:
         return 0
 
     client_core, server_core = cores()
+    load_before = os.getloadavg()[0]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -298,13 +312,24 @@ def main() -> int:
         except KeyboardInterrupt:
             print("interrupted: reporting the levels measured so far")
     table = render(rows, per_chunk_profile(), server_core, client_core)
+    measured = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python benchmarks/loadgen.py "
+                f"{' '.join(sys.argv[1:])}`. {environment(load_before)}\n\n{table}\n")
     print()
-    print(table)
+    print(measured)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("# Load-generator capacity\n\nMeasured by `make bench-loadgen` "
-                            f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).\n\n" + table + "\n")
+        write_between_markers(args.out, measured)
     return 0
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Put `text` between the file's TABLE_START and TABLE_END markers, keeping the rest (the analysis
+    written around the table); a file without them gets a title and the markers."""
+    old = path.read_text() if path.exists() else f"# Load-generator capacity\n\n{TABLE_START}\n{TABLE_END}\n"
+    if TABLE_START not in old or TABLE_END not in old:
+        old = f"{old.rstrip()}\n\n{TABLE_START}\n{TABLE_END}\n"
+    head, rest = old.split(TABLE_START, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{head}{TABLE_START}\n{text}{TABLE_END}{rest.split(TABLE_END, 1)[1]}")
 
 
 if __name__ == "__main__":
