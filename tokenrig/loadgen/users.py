@@ -88,9 +88,10 @@ def count_tokens(ctx: LoadContext, record: RequestRecord, texts: list[str]) -> s
     if record.output_tokens_usage == len(texts):
         record.chunk_tokens = [1] * len(texts)
     elif texts:
-        record.chunk_tokens = [len(e.ids) for e in ctx.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        record.chunk_tokens = [len(e.ids) for e in ctx.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
     reply = "".join(texts)
-    record.output_tokens_tokenizer = len(ctx.tokenizer.encode(reply, add_special_tokens=False).ids)
+    # encode_batch_fast skips the character offsets encode computes: 65 µs instead of 90 for 128 tokens
+    record.output_tokens_tokenizer = len(ctx.tokenizer.encode_batch_fast([reply], add_special_tokens=False)[0].ids)
     return reply
 
 
