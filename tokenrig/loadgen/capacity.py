@@ -17,7 +17,7 @@ import statistics
 from tokenrig.loadgen.plan import LoadPlan, trace_schedule
 from tokenrig.loadgen.scenario import Scenario
 
-CHUNKS_PER_S_PER_CORE = 20_000
+CHUNKS_PER_S_PER_CORE = 6_000
 # A closed loop's chunk rate depends on the server's decode speed, unknown before the run: one token
 # every 10 ms per stream (7-13B models on one GPU at moderate batch) unless the sim server says otherwise.
 ASSUMED_TPOT_S = 0.010
