@@ -240,9 +240,7 @@ class ReferenceServer:
         fd = connection.sock.fileno()
         self.epoll.unregister(fd)
         del self.connections[fd]
-        connection.sock.close()
-        if connection.stream is not None:  # its remaining deadlines fire into the void
-            connection.stream = None
+        connection.sock.close()  # its stream's remaining deadlines still fire, and their sends fail quietly
 
     def save(self, path: Path) -> None:
         np.savez(path, received=np.array(self.received), sent=np.array(self.sent).reshape(-1, self.tokens),
