@@ -101,6 +101,9 @@ class RefServer:
         done = ~np.isnan(sent).any(axis=1)  # requests the server finished before it was stopped
         ttft, gaps, late = log["ttft_s"][keep][done], log["gaps_s"][keep][done].ravel(), log["lateness_s"][keep]
         late = late[~np.isnan(late)]
+        if not done.any():
+            raise RuntimeError(f"no request received inside {window_s} s after the first one was finished "
+                               "by the server: lengthen --duration")
         return {"requests": int(done.sum()), "ttft_p50_s": float(np.percentile(ttft, 50)),
                 "itl_p99_s": float(np.percentile(gaps, 99)), "late_p50_s": float(np.percentile(late, 50)),
                 "late_p99_s": float(np.percentile(late, 99)), "late_max_s": float(late.max())}

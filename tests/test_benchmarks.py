@@ -48,7 +48,7 @@ def test_reference_server_holds_its_schedule_at_512_streams(tmp_path):
 
 def test_loadgen_benchmark_reports_errors_against_the_server_log(tmp_path):
     out = tmp_path / "capacity.md"
-    result = subprocess.run([sys.executable, "benchmarks/loadgen.py", "--streams", "4", "--duration", "3",
+    result = subprocess.run([sys.executable, "benchmarks/loadgen.py", "--streams", "4", "--duration", "5",
                              "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     table = out.read_text()
