@@ -29,3 +29,32 @@ def test_hf_decode_refuses_an_unknown_option_before_loading_anything():
     result = subprocess.run([sys.executable, "benchmarks/hf_decode.py", "--configs", "sdpa+turbo"],
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode != 0 and "unknown option 'turbo'" in result.stderr
+
+
+def test_reference_server_holds_its_schedule_at_512_streams(tmp_path):
+    """The load-generator benchmark's truth is the reference server's send log: that server must keep its
+    schedule (lateness p99 under 1 ms) at the heaviest row's 512 streams, here driven by the baseline client."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import loadgen
+
+    client_core, server_core = loadgen.cores()
+    with loadgen.RefServer(server_core, tmp_path / "log.npz") as server:
+        row = loadgen.baseline_level(server.url, 512, 4.0, client_core)
+        truth = server.truth((loadgen.WARMUP_S, 4.0))
+    assert row["tokens_per_s"] > 0 and truth["requests"] >= 512
+    assert truth["late_p99_s"] < 0.001, truth
+    assert abs(truth["ttft_p50_s"] - loadgen.TTFT_S) < 0.001 and truth["itl_p99_s"] < loadgen.ITL_S + 0.001, truth
+
+
+def test_loadgen_benchmark_reports_errors_against_the_server_log(tmp_path):
+    out = tmp_path / "capacity.md"
+    result = subprocess.run([sys.executable, "benchmarks/loadgen.py", "--streams", "4", "--duration", "5",
+                             "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = out.read_text()
+    rows = [line.split("|") for line in table.splitlines() if line.startswith(("| tokenrig |", "| baseline |"))]
+    assert len(rows) == 2
+    for row in rows:
+        tokens_per_s, true_figures, lateness = float(row[3]), row[6], row[7]
+        assert tokens_per_s > 0 and true_figures.count("/") == 1 and lateness.count("/") == 2
+    assert "CPU per 1k tok/s, tokenrig / baseline" in table and "byte-level fast path" in table

@@ -110,3 +110,13 @@ def test_distributed_shares_partition_the_schedule():
         while (slot := plan.next_slot(0.0)) is not None:
             shares.append(slot)
     assert sorted(shares, key=lambda s: s.index) == single
+
+
+def test_a_ramped_closed_loop_spreads_its_users_first_requests():
+    plan = LoadPlan(LoadPlanSpec(type="concurrency", users=4, ramp_s=2.0, duration_s=10), start=100.0)
+    first = [plan.next_slot(now=99.0).due for _ in range(4)]
+    assert first == pytest.approx([100.0, 100.5, 101.0, 101.5])
+    assert plan.next_slot(now=103.0).due == 103.0  # later requests are due when a user takes them
+    assert LoadPlan(LoadPlanSpec(type="concurrency", users=4, duration_s=10), start=100.0).next_slot(99.0).due == 100.0
+    with pytest.raises(ValueError, match="ramp_s"):
+        LoadPlanSpec(type="poisson", rate=5, ramp_s=1.0)

@@ -113,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "1000 requests for a p99)")
     loadtest.add_argument("--precision", type=float, default=0.05, help="--find-max: stop when the bracket is this tight")
     loadtest.add_argument("--max-step", type=float, default=300, help="--find-max: longest step, seconds")
-    loadtest.add_argument("--workers", type=int, help="distributed load: a Locust master here and N worker processes "
-                                                       "splitting the schedule (spawned here unless --local-workers)")
+    loadtest.add_argument("--workers", type=_workers_arg,
+                          help="distributed load: a Locust master here and N worker processes splitting the schedule "
+                               "(spawned here unless --local-workers); 'auto': as many as the plan's expected chunk "
+                               "rate needs at the measured per-core ceiling, up to one per free core")
     loadtest.add_argument("--local-workers", type=int, help="how many of --workers to spawn on this machine "
                                                             "(default all); the rest connect from elsewhere")
     loadtest.add_argument("--master-host", default="127.0.0.1",
@@ -391,6 +393,47 @@ def _check_hardware(spec, dry_run: bool) -> None:
         f"BACKEND=sim (make) or --backend sim (CLI).")
 
 
+def _workers_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--workers takes a number or 'auto', not {value!r}") from None
+
+
+def _planned_chunk_rate(scenario, search, spec) -> float:
+    """The plan's expected chunk rate at its heaviest step (a sweep's last value; a search starts low)."""
+    from tokenrig.loadgen.ceiling import ASSUMED_TPOT_S, expected_chunk_rate
+
+    load = scenario.load
+    if search is not None and search.mode == "sweep":
+        heaviest = max(search.loads)
+        load = load.model_copy(update={"users": int(heaviest)} if search.sweep_users else {"rate": heaviest})
+    tpot_s = spec.sim_tpot_ms / 1000 if spec.backend == "sim" and spec.sim_tpot_ms else ASSUMED_TPOT_S
+    return expected_chunk_rate(scenario.model_copy(update={"load": load}), tpot_s)
+
+
+def _choose_workers(args, scenario, search, spec) -> int | None:
+    """--workers as given, or for 'auto' what the plan needs; say so before the run when it needs more than
+    the load generator has."""
+    from tokenrig.loadgen.ceiling import capacity_advice, free_cores, workers_needed
+
+    chunk_rate = _planned_chunk_rate(scenario, search, spec)
+    if args.workers == "auto":
+        workers = min(workers_needed(chunk_rate), free_cores())
+        print(f"load generator: {workers} process{'es' if workers > 1 else ''} for about {chunk_rate:,.0f} "
+              f"chunks/s (--workers auto)")
+        advice = capacity_advice(chunk_rate, workers, auto=True)
+        if advice:
+            print(f"warning: {advice}")
+        return workers if workers > 1 else None
+    advice = capacity_advice(chunk_rate, args.workers)
+    if advice:
+        print(f"warning: {advice}")
+    return args.workers
+
+
 def cmd_loadtest(args) -> int:
     if args.compare:
         from tokenrig.report.compare import compare_runs, markdown
@@ -437,7 +480,8 @@ def cmd_loadtest(args) -> int:
         load = load.model_copy(update={"type": "concurrency", "users": args.users, "rate": None, "stages": None,
                                        "trace": None})
     if args.rate:
-        load = load.model_copy(update={"type": args.arrival, "rate": args.rate, "stages": None, "trace": None})
+        load = load.model_copy(update={"type": args.arrival, "rate": args.rate, "stages": None, "trace": None,
+                                       "ramp_s": 0})
     updates = {k: v for k, v in {"duration_s": args.duration, "warmup_s": args.warmup,
                                  "burstiness": args.burstiness}.items() if v is not None}
     try:
@@ -449,6 +493,7 @@ def cmd_loadtest(args) -> int:
     # the KV cache must hold the closed loop's users, or the open loop's in-flight cap (up to a typical batch limit)
     spec = _server_spec(args, concurrency=load.users if load.type == "concurrency" else min(load.max_in_flight, 256))
     _check_hardware(spec, args.dry_run)
+    count = _choose_workers(args, scenario, search, spec)
     if args.dry_run:
         print_launch(spec, 0)
     print_load_fit(spec, scenario, with_plan=not args.dry_run)
@@ -458,11 +503,11 @@ def cmd_loadtest(args) -> int:
     from tokenrig.loadtest import WorkerOptions, run_session
 
     workers = None
-    if args.workers:
-        local = args.workers if args.local_workers is None else args.local_workers
-        if not 0 <= local <= args.workers:
+    if count:
+        local = count if args.local_workers is None else args.local_workers
+        if not 0 <= local <= count:
             raise ScenarioError("--local-workers must be between 0 and --workers")
-        workers = WorkerOptions(args.workers, local, args.master_host, args.master_port)
+        workers = WorkerOptions(count, local, args.master_host, args.master_port)
     client = args.client or ("tgi" if spec.backend == "tgi" else "openai")
     if client == "tgi" and workers:
         raise ScenarioError("the TGI client runs in the tokenrig process only; drop --workers or use --client openai")

@@ -129,7 +129,8 @@ class Session:
         facts = RunFacts(duration_s=duration, warmup_s=load.warmup_s, cooldown_s=load.cooldown_s,
                          plan_start_unix=plan.start + ctx.unix_offset, target_rate=plan.target_rate,
                          client_cpu_fraction=outcome.client_cpu_fraction, interrupted=outcome.interrupted,
-                         scheduled_in_window=None if outcome.stopped_early else plan.scheduled_in_window())
+                         scheduled_in_window=None if outcome.stopped_early else plan.scheduled_in_window(),
+                         load_processes=self.master.expected if self.master else 1)
         summary = summarize(records, facts)
         if self.master:
             summary["load_generator"]["workers"] = [

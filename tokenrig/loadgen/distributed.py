@@ -212,6 +212,7 @@ def worker_main(argv: list[str] | None = None) -> None:
     from tokenizers import Tokenizer
 
     from tokenrig.loadgen.plan import LoadPlan
+    from tokenrig.loadgen.runner import freeze_heap
     from tokenrig.loadgen.scenario import Scenario
     from tokenrig.loadgen.users import LoadContext, OpenAIStreamingUser
     from tokenrig.loadgen.workload import Workload
@@ -256,6 +257,7 @@ def worker_main(argv: list[str] | None = None) -> None:
         environment.tokenrig = ctx
         step.update(ctx=ctx, index=data["index"], cpu=_cpu_seconds(), wall=time.perf_counter(), reported=False)
         gevent.spawn(report_when_done, ctx)
+        freeze_heap()
         runner.send_message(READY, None)
 
     runner.register_message(CONFIG, on_config)

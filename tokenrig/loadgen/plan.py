@@ -248,7 +248,8 @@ class LoadPlan:
                 return None
             index = self.issued * workers + worker
             self.issued += 1
-            return Slot(max(now, self.start), index)
+            first_due = self.start + self.spec.ramp_s * index / self.spec.users if index < self.spec.users else 0.0
+            return Slot(max(now, self.start, first_due), index)
         if self._cursor >= len(self._offsets):
             return None
         index = self._cursor

@@ -234,12 +234,14 @@ OPEN_LOOP_TYPES = ("poisson", "constant", "gamma")
 
 
 class LoadPlanSpec(_Strict):
-    """concurrency: `users` loop back-to-back. poisson/constant/gamma: open loop at `rate` req/s
+    """concurrency: `users` loop back-to-back, their first requests due evenly over `ramp_s`. poisson/constant/gamma: open loop at `rate` req/s
     (or through `stages`); gamma's `burstiness` is the coefficient of variation of inter-arrival
     times (1 = Poisson, >1 burstier, <1 more regular). trace: arrivals and lengths from `trace`."""
 
     type: Literal["concurrency", "poisson", "constant", "gamma", "trace"] = "concurrency"
     users: int | None = Field(default=None, ge=1)
+    ramp_s: float = Field(default=0, ge=0, description="concurrency: spread the users' first requests evenly over "
+                                                       "this many seconds (0: all at once, in lockstep)")
     rate: float | None = Field(default=None, gt=0)
     burstiness: float = Field(default=1.0, gt=0)
     stages: list[Stage] | None = None
@@ -254,6 +256,8 @@ class LoadPlanSpec(_Strict):
     def _consistent(self):
         if self.type == "concurrency" and not self.users:
             raise ValueError("a concurrency plan needs users")
+        if self.ramp_s and self.type != "concurrency":
+            raise ValueError("ramp_s spreads a concurrency plan's users; an open-loop plan ramps through stages")
         if self.type in OPEN_LOOP_TYPES and not self.rate and not self.stages:
             raise ValueError(f"a {self.type} plan needs rate (requests/s) or stages")
         if self.stages is not None:

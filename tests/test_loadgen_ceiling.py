@@ -1,0 +1,66 @@
+"""The per-core chunk ceiling: what a plan asks for, what `tokenrig loadtest` says before it starts,
+and the summary's validity check after."""
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+from tokenrig.loadgen.ceiling import (CHUNKS_PER_S_PER_CORE, capacity_advice, expected_chunk_rate, free_cores,
+                                       mean_output_tokens, workers_needed)
+from tokenrig.loadgen.plan import trace_schedule
+from tokenrig.loadgen.records import RequestRecord
+from tokenrig.loadgen.scenario import load_scenario
+from tokenrig.report.summary import RunFacts, summarize
+
+TIMING = REPO / "tests" / "data" / "timing.yaml"  # fixed 50 output tokens, 1 user
+
+
+def with_load(scenario, **load):
+    return scenario.model_copy(update={"load": scenario.load.model_copy(update=load)})
+
+
+def test_expected_chunk_rate_of_closed_open_and_trace_plans():
+    scenario = load_scenario(str(TIMING))
+    assert mean_output_tokens(scenario) == 50
+    assert expected_chunk_rate(with_load(scenario, users=300), tpot_s=0.010) == pytest.approx(30_000)
+    poisson = with_load(scenario, type="poisson", rate=40.0, users=None)
+    assert expected_chunk_rate(poisson) == pytest.approx(40 * 50)
+    trace = load_scenario(str(REPO / "scenarios" / "serving" / "azure_conv_replay.yaml"))
+    rows = trace_schedule(trace.load)
+    assert expected_chunk_rate(trace) == pytest.approx(sum(r.output_tokens for _, r in rows) / trace.load.duration_s)
+
+
+def test_advice_names_the_workers_a_plan_needs():
+    assert capacity_advice(CHUNKS_PER_S_PER_CORE * 0.9, None) is None
+    assert capacity_advice(CHUNKS_PER_S_PER_CORE * 1.5, 2) is None
+    advice = capacity_advice(CHUNKS_PER_S_PER_CORE * 2.5, None)
+    assert "--workers 3" in advice and workers_needed(CHUNKS_PER_S_PER_CORE * 2.5) == 3
+
+
+def test_loadtest_says_before_starting_that_a_plan_exceeds_one_core():
+    users = int(CHUNKS_PER_S_PER_CORE * 0.010 * 2) + 1  # at 10 ms a token: just over two cores' worth
+    result = run_cli("loadtest", "--backend", "sim", "--model", "tiny", "--scenario", str(TIMING), "--users", str(users),
+                     "--sim-tpot-ms", "10", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: this plan streams about {users * 100:,} chunks/s" in result.stdout
+    assert "it needs --workers 3" in result.stdout
+    auto = run_cli("loadtest", "--backend", "sim", "--model", "tiny", "--scenario", str(TIMING), "--users", str(users),
+                   "--sim-tpot-ms", "10", "--dry-run", "--workers", "auto")
+    chosen = min(3, free_cores())
+    assert f"load generator: {chosen} process" in auto.stdout
+
+
+def test_summary_is_invalid_past_the_ceiling_per_load_process():
+    # one second of window, each request one chunk a millisecond: 1.5 x the ceiling in chunks/s
+    per_request = 1000
+    requests = int(CHUNKS_PER_S_PER_CORE * 1.5) // per_request
+    records = [RequestRecord(request_id=i, request_class="c", api="chat", scheduled_at=100.0, send_lag_s=0.0,
+                             slot_late=False, in_window=True, prompt_tokens_sent=8, max_tokens=per_request, status=200,
+                             ttft_s=0.001, e2e_s=1.0, chunk_offsets_s=[(k + 1) / per_request for k in range(per_request - 1)],
+                             chunk_tokens=[1] * (per_request - 1), output_tokens_usage=per_request - 1)
+               for i in range(requests)]
+    facts = dict(duration_s=1.0, warmup_s=0.0, cooldown_s=0.0, plan_start_unix=100.0, target_rate=None,
+                 client_cpu_fraction=0.5)
+    one = summarize(records, RunFacts(**facts))["load_generator"]
+    assert not one["valid"] and any("chunks/s per load-generator process" in p for p in one["problems"])
+    two = summarize(records, RunFacts(**facts, load_processes=2))["load_generator"]
+    assert two["valid"], two["problems"]

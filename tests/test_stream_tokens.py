@@ -1,0 +1,118 @@
+"""Token counts stay exact whatever shape the server's chunks have.
+
+A scripted streaming server on loopback answers each request with the chunks of the script its
+`max_tokens` names: several tokens in one chunk, chunks with no content, escaped and non-ASCII
+text, usage only at the end or no usage at all, chat and completions. `tokenrig loadtest` runs
+against it and every record must say how many tokens each content chunk carried.
+"""
+
+import json
+import socket
+import threading
+
+from tests.conftest import load_summary, run_cli, run_dir_of
+from tokenrig.loadgen.records import read_records
+
+BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "tiny"}
+
+
+def chat(delta: dict, finish=None) -> dict:
+    return {**BASE, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def completion(text: str, finish=None) -> dict:
+    return {**BASE, "object": "text_completion", "choices": [{"index": 0, "text": text, "logprobs": None,
+                                                               "finish_reason": finish}]}
+
+
+def usage(tokens: int) -> dict:
+    return {**BASE, "choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}}
+
+
+# max_tokens -> (chunks, tokens per content chunk, the server's count or None)
+SCRIPTS = {
+    # several tokens per chunk, chunks without content in between, usage only at the end
+    6: ([chat({"role": "assistant", "content": ""}), chat({"content": " ba ke ti"}), chat({"content": ""}), chat({}),
+         chat({"content": " mo"}), chat({"content": " su na"}), chat({}, "length"), usage(6)], [3, 1, 2], 6),
+    # one token per chunk, some of them escaped (quotes, non-ASCII): usage confirms one each
+    4: ([chat({"role": "assistant", "content": ""}), chat({"content": " ba"}), chat({"content": ' "ke"'}),
+         chat({"content": " tĩ"}), chat({"content": " mo\\"}), chat({}, "length"), usage(4)], [1, 1, 1, 1], 4),
+    # no usage at all: the tokenizer counts each chunk
+    3: ([chat({"role": "assistant", "content": ""}), chat({"content": " ba ke"}), chat({"content": " ti"}),
+         chat({}, "stop")], [2, 1], None),
+    # completions, one chunk carrying two tokens, usage only at the end
+    5: ([completion(" ba"), completion(" ke ti"), completion(""), completion(" mo"), completion(" su", "length"),
+         usage(5)], [1, 2, 1, 1], 5),
+}
+
+
+def sse(payload) -> bytes:
+    data = f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def serve_connection(conn: socket.socket) -> None:
+    buffer = b""
+    with conn:
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buffer += data
+            head, buffer = buffer.split(b"\r\n\r\n", 1)
+            lines = head.decode().split("\r\n")
+            length = next((int(line.split(":")[1]) for line in lines if line.lower().startswith("content-length")), 0)
+            while len(buffer) < length:
+                buffer += conn.recv(65536)
+            body, buffer = buffer[:length], buffer[length:]
+            if lines[0].startswith("GET"):
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                continue
+            chunks, _, _ = SCRIPTS[json.loads(body)["max_tokens"]]
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for chunk in chunks:  # one send each, so chunks arrive as a server streams them
+                conn.sendall(sse(chunk))
+            conn.sendall(sse("[DONE]") + b"0\r\n\r\n")
+
+
+def scripted_server() -> tuple[socket.socket, int]:
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve_connection, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, listener.getsockname()[1]
+
+
+def test_token_counts_are_exact_for_every_chunk_shape(tmp_path):
+    classes = "\n".join(
+        f"  - {{name: s{tokens}, api: {'completions' if tokens == 5 else 'chat'}, input_tokens: {{dist: fixed, value: 8}},"
+        f" output_tokens: {{dist: fixed, value: {tokens}}}}}" for tokens in SCRIPTS)
+    scenario = tmp_path / "shapes.yaml"
+    scenario.write_text(f"name: shapes\nrequests:\n{classes}\nload: {{type: concurrency, users: 4, duration_s: 2}}\n")
+    listener, port = scripted_server()
+    try:
+        result = run_cli("loadtest", "--url", f"http://127.0.0.1:{port}", "--backend", "sim", "--model", "tiny",
+                         "--scenario", str(scenario), "--results", str(tmp_path / "runs"), timeout=120)
+    finally:
+        listener.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = run_dir_of(result)
+    records = read_records(run_dir / "requests.jsonl")
+    assert {r.max_tokens for r in records} == set(SCRIPTS), "every script was exercised"
+    for record in records:
+        _, per_chunk, server_count = SCRIPTS[record.max_tokens]
+        assert record.ok, record.error
+        assert record.chunk_tokens == per_chunk, record
+        assert len(record.chunk_offsets_s) == len(per_chunk) and record.ttft_s == record.chunk_offsets_s[0]
+        assert record.output_tokens_usage == server_count
+        assert record.output_tokens_tokenizer == sum(per_chunk)
+        assert record.output_tokens == (server_count or sum(per_chunk))
+    assert load_summary(run_dir)["tokens"]["usage_vs_tokenizer_mismatches"] == 0
