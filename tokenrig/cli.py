@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--rate", type=float, help="open loop: requests per second (Poisson unless --arrival)")
     loadtest.add_argument("--arrival", choices=["poisson", "constant", "gamma"], default="poisson")
     loadtest.add_argument("--burstiness", type=float, help="gamma arrivals: coefficient of variation of the gaps")
+    loadtest.add_argument("--seed", type=int, help="seed of arrivals and prompts: the same seed sends the same "
+                                                   "prompts (default: a fresh one per run, recorded in metadata.json)")
     loadtest.add_argument("--duration", type=float, help="seconds of load (overrides the scenario)")
     loadtest.add_argument("--warmup", type=float, help="seconds excluded at the start")
     loadtest.add_argument("--request-timeout", type=float, default=600.0,
@@ -383,12 +385,12 @@ def cmd_loadtest(args) -> int:
 
     from pydantic import ValidationError
 
-    from tokenrig.loadgen.scenario import ScenarioError, load_scenario
+    from tokenrig.loadgen.scenario import ScenarioError, load_scenario, with_run_seed
     from tokenrig.loadgen.search import SearchOptions
     from tokenrig.report.slo import SloError, parse_slos
 
     scenario = load_scenario(args.scenario)
-    load = scenario.load
+    load, seed_source = with_run_seed(scenario.load, args.seed)
     try:
         slos = parse_slos(args.slo) if args.slo else None
     except SloError as error:
@@ -447,7 +449,7 @@ def cmd_loadtest(args) -> int:
     if client == "tgi" and workers:
         raise ScenarioError("the TGI client runs in the tokenrig process only; drop --workers or use --client openai")
     return run_session(spec, scenario, args.results, url=args.url, monitor=_monitor_options(args), slos=slos,
-                       search=search, workers=workers, client=client,
+                       search=search, workers=workers, client=client, seed_source=seed_source,
                        scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout)
 
 

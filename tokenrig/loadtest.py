@@ -175,13 +175,16 @@ def wait_server_idle(metrics_url: str, timeout_s: float = 300, progress=print) -
 def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: str | None = None,
                 monitor: MonitorOptions | None = None, progress=print, slos: list[Slo] | None = None,
                 search: SearchOptions | None = None, workers: WorkerOptions | None = None,
-                client: str = "openai", scrape_interval_s: float = 1.0, request_timeout_s: float = 600.0) -> int:
+                client: str = "openai", scrape_interval_s: float = 1.0, request_timeout_s: float = 600.0,
+                seed_source: str = "scenario") -> int:
     run_dir = new_run_dir(results_root, scenario.name, spec.backend, spec.model.key, spec.gpu.key)
     metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
+                "seed": scenario.load.seed, "seed_source": seed_source,
                 "server": spec.describe(), "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
                 "search": search.__dict__ if search else None, **environment_facts()}
     write_json(run_dir / "metadata.json", metadata)
-    progress(f"run {run_dir.name}: scenario {scenario.name}, {spec.backend} backend, {spec.model.key} on {spec.gpu.key}")
+    progress(f"run {run_dir.name}: scenario {scenario.name}, {spec.backend} backend, {spec.model.key} on {spec.gpu.key}, "
+             f"seed {scenario.load.seed} ({seed_source})")
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(stop_signals_interrupt())  # SIGTERM and an inherited-ignored SIGINT stop it too
