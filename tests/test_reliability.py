@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import DATA, run_cli, run_dir_of
+from tests.conftest import DATA, REPO, run_cli, run_dir_of
 
 TIMING = str(DATA / "timing.yaml")
 
@@ -50,3 +55,37 @@ def test_repeat_runs_draw_fresh_prompts_unless_a_seed_is_given(sim_server, tmp_p
     repeated_rate, repeated = cache_hit_rate_of_run(sim_server, tmp_path / "d", "--seed", "41")
     assert repeated["seed"] == 41 and repeated["seed_source"] == "--seed"
     assert repeated_rate > 0.5, f"the same --seed sent other prompts ({repeated_rate:.0%} cache hits)"
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tokenrig.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_requests(path_pattern: str, root: Path, timeout_s: float = 120) -> Path:
+    """The first file matching `path_pattern` under root once it holds a finished request."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for path in root.glob(path_pattern):
+            if path.stat().st_size > 0:
+                return path
+        time.sleep(0.2)
+    raise AssertionError(f"no requests under {root}/{path_pattern} after {timeout_s:.0f} s")
+
+
+def test_an_interrupted_find_max_step_is_no_verdict(tmp_path):
+    """SIGTERM (what `timeout` sends) in the middle of a --find-max step whose requests all meet the SLO: the
+    step is marked interrupted and judged neither way, and search.json names no max rate."""
+    process = start_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "10", "--sim-tpot-ms", "1",
+                        "--scenario", TIMING, "--find-max", "--rate", "4", "--slo", "ttft_p90=10s",
+                        "--tail-samples", "20", "--max-step", "60", "--results", str(tmp_path))
+    wait_for_requests("*/steps/01-*/requests.jsonl", tmp_path)
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    search = json.loads(next(tmp_path.glob("*/search.json")).read_text())
+    assert search["stop_reason"] == "interrupted" and search["max_rate_meeting_slos"] is None
+    step = search["steps"][-1]
+    assert step["interrupted"] and not step["slo_met"], step
+    assert "search interrupted: no max rate" in output and "max rate meeting every SLO" not in output

@@ -232,9 +232,6 @@ def _run_search(session: Session, search: SearchOptions, title: str) -> bool:
     interrupted = False
 
     def measure(value: float) -> StepResult:
-        nonlocal interrupted
-        if interrupted:
-            raise KeyboardInterrupt
         load = search.step_load(base, value, session.slos, len(steps))
         label = f"{'users' if search.sweep_users else 'rate'}-{value:.4g}"
         step_dir = session.run_dir / "steps" / f"{len(steps) + 1:02d}-{label}"
@@ -242,10 +239,10 @@ def _run_search(session: Session, search: SearchOptions, title: str) -> bool:
         summary, outcome = session.run_step(load, step_dir, stop_early=search.mode == "find-max")
         step = StepResult(value, summary, stopped_early=outcome.stopped_early)
         steps.append(step)
-        if outcome.interrupted:
-            interrupted = True
         document = {"mode": search.mode, "steps": [s.row() for s in steps]}
         write_json(session.run_dir / "search.json", document)
+        if outcome.interrupted:  # the search must not judge a step cut short
+            raise KeyboardInterrupt
         return step
 
     document: dict = {"mode": search.mode}
@@ -260,7 +257,7 @@ def _run_search(session: Session, search: SearchOptions, title: str) -> bool:
     except KeyboardInterrupt:
         interrupted = True
         progress("  interrupted: the curve below covers the steps finished so far")
-        document["stop_reason"] = "interrupted"
+        document.update(stop_reason="interrupted", max_rate_meeting_slos=None)
     document["steps"] = [s.row() for s in steps]
     write_json(session.run_dir / "search.json", document)
     progress("")

@@ -65,7 +65,13 @@ class StepResult:
     def slo_met(self) -> bool:
         """Every SLO met over a step the server kept up with: a server that falls behind meets latency SLOs
         only until its queue has grown, so that rate is not sustainable whatever the step's percentiles say."""
-        return bool(self.summary.get("slo", {}).get("all_met")) and not self.stopped_early and not self.saturated
+        return (bool(self.summary.get("slo", {}).get("all_met")) and not self.stopped_early and not self.saturated
+                and not self.interrupted)
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C or SIGTERM: its few requests are no verdict on the rate, met or missed."""
+        return bool(self.summary.get("interrupted"))
 
     @property
     def valid(self) -> bool:
@@ -93,6 +99,7 @@ class StepResult:
             "ttft_p50_s": (latency["ttft"] or {}).get("p50"), "ttft_p99_s": (latency["ttft"] or {}).get("p99"),
             "tpot_p50_s": (latency["tpot"] or {}).get("p50"), "tpot_p99_s": (latency["tpot"] or {}).get("p99"),
             "slo_met": self.slo_met, "saturated": self.saturated, "stopped_early": self.stopped_early,
+            "interrupted": self.interrupted,
             "loadgen_valid": self.valid,
             "slos": {name: {k: v for k, v in verdict.items() if k in ("value_s", "met", "samples", "confidence")}
                      for name, verdict in (slo.get("slos") or {}).items()},

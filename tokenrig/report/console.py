@@ -61,7 +61,9 @@ def render_steps(document: dict, title: str, slos) -> str:
             verdict = "meets SLOs" if row["slo_met"] else "misses SLOs"
         else:
             verdict = ""
-        if row["saturated"]:
+        if row.get("interrupted"):
+            verdict = "interrupted (no verdict)"
+        elif row["saturated"]:
             verdict += " saturated" if not row["stopped_early"] else " stopped early (SLO already missed)"
         if not row["loadgen_valid"]:
             verdict += " LOADGEN INVALID"
@@ -71,8 +73,13 @@ def render_steps(document: dict, title: str, slos) -> str:
                      f"{ms(row['tpot_p50_s'])}{ms(row['tpot_p99_s'])}{goodput}  {verdict.strip()}")
     if document["mode"] == "find-max":
         best = document.get("max_rate_meeting_slos")
-        lines += ["", f"max rate meeting every SLO: {best:.3g} req/s" if best is not None
-                  else "no rate tried met every SLO", f"search: {document.get('stop_reason', '')}"]
+        if document.get("stop_reason") == "interrupted":
+            conclusion = "search interrupted: no max rate (an interrupted step is no verdict)"
+        elif best is not None:
+            conclusion = f"max rate meeting every SLO: {best:.3g} req/s"
+        else:
+            conclusion = "no rate tried met every SLO"
+        lines += ["", conclusion, f"search: {document.get('stop_reason', '')}"]
         for name, verdict in (document["steps"][-1]["slos"] if document["steps"] else {}).items():
             lines.append(f"last step {name}: {verdict['samples']} samples, {verdict['confidence']}")
     return "\n".join(lines)
