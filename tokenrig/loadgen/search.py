@@ -178,9 +178,10 @@ def find_max_rate(measure, start_rate: float, precision: float = 0.05, max_steps
 
 
 class SloWatch:
-    """A record sink that decides early when a step has already missed an SLO: once more requests
-    violate it than the percentile allows over all the step's scheduled requests, no later
-    request can bring the percentile back under the threshold."""
+    """A record sink that decides early when a step has already missed an SLO: when, of all the step's
+    scheduled requests, enough violate it that the percentile's own order statistic is a violation
+    even if every later request is fast. Fewer violations than that may still leave the percentile
+    under the threshold (39 x 20 ms and 1 x 60 ms: p99 44.4 ms), so the step runs on."""
 
     def __init__(self, slos: list[Slo], expected_requests: int):
         self.slos = slos
@@ -201,5 +202,14 @@ class SloWatch:
         pass
 
     def decided(self) -> bool:
-        return any(self.violations[slo.name] > (1 - slo.percentile / 100) * self.expected
+        return any(self.violations[slo.name] >= violations_that_miss(slo.percentile, self.expected)
                    for slo in self.slos if slo.metric != "itl")
+
+
+def violations_that_miss(percentile: float, samples: int) -> int:
+    """Values above the threshold that make a percentile of `samples` values miss it whatever the others are.
+
+    numpy's percentile interpolates between the order statistics at ranks floor(h) and floor(h) + 1 (from 0),
+    h = (samples - 1) * percentile / 100; it is certainly above the threshold once the value at floor(h) is,
+    that is once samples - floor(h) values are."""
+    return samples - math.floor((samples - 1) * percentile / 100 + 1e-9)
