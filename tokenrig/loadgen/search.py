@@ -4,7 +4,7 @@
 server saturates, then bisects between the last rate that met every SLO and the first that did
 not, until they are within `precision`. Each step runs long enough that the percentile it
 judges has `tail_samples` samples beyond it (10 beyond p99 = 1000 requests); a step whose SLO
-is already lost (more violations than the percentile allows over the whole step) stops early.
+is already lost (its percentile cannot be met whatever the remaining requests measure) stops early.
 """
 
 from __future__ import annotations
