@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import DATA, REPO, run_cli, run_dir_of
+from tests.conftest import DATA, REPO, load_summary, run_cli, run_dir_of
+from tokenrig.loadgen.records import read_records
 
 TIMING = str(DATA / "timing.yaml")
 
@@ -89,3 +93,142 @@ def test_an_interrupted_find_max_step_is_no_verdict(tmp_path):
     step = search["steps"][-1]
     assert step["interrupted"] and not step["slo_met"], step
     assert "search interrupted: no max rate" in output and "max rate meeting every SLO" not in output
+
+
+class FaultServer:
+    """A real HTTP server on loopback that answers the n-th POST (from 0) with `respond(n, handler)`,
+    and /v1/models with the model tokenrig asks for: a server that fails in a scripted way."""
+
+    def __init__(self, respond, model: str = "tiny", max_model_len: int = 2048):
+        outer = self
+        self.posts = 0
+        self._lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                if self.path.rstrip("/") == "/v1/models":
+                    body = json.dumps({"object": "list", "data": [{"id": model, "object": "model",
+                                                                   "max_model_len": max_model_len}]}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                else:
+                    body = b"not found"
+                    self.send_response(404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                self.request_body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer._lock:
+                    number, outer.posts = outer.posts, outer.posts + 1
+                respond(number, self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def chunk_line(text: str) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}).encode() + b"\n\n"
+
+
+def stream_reply(handler, words: int, done: bool = True, usage: int | None = None, extra: bytes = b"") -> None:
+    """A streamed chat reply of `words` one-token chunks, then optional raw bytes, usage and [DONE]."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.send_header("Connection", "close")
+    handler.end_headers()
+    for _ in range(words):
+        handler.wfile.write(chunk_line(" word"))
+        handler.wfile.flush()
+    handler.wfile.write(extra)
+    if usage is not None:
+        handler.wfile.write(b"data: " + json.dumps({"choices": [], "usage": {
+            "prompt_tokens": 64, "completion_tokens": usage}}).encode() + b"\n\n")
+    if done:
+        handler.wfile.write(b"data: [DONE]\n\n")
+    handler.wfile.flush()
+    handler.close_connection = True
+
+
+def error_reply(handler, status: int, message: str, headers: dict | None = None) -> None:
+    body = json.dumps({"error": {"message": message, "code": status}}).encode()
+    handler.send_response(status)
+    for key, value in {"Content-Type": "application/json", "Content-Length": str(len(body)),
+                       **(headers or {})}.items():
+        handler.send_header(key, value)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def fault_run(server: FaultServer, tmp_path: Path, *extra: str, users: str = "2", duration: str = "2"):
+    """A short closed-loop load test of the fault server (tiny model's tokenizer, timing scenario)."""
+    return run_cli("loadtest", "--url", server.url, "--backend", "hf", "--model", "tiny", "--scenario", TIMING,
+                   "--users", users, "--duration", duration, "--warmup", "0", "--request-timeout", "5",
+                   "--results", str(tmp_path), *extra, timeout=120)
+
+
+def test_a_run_past_the_max_error_rate_fails_loudly_and_counts_no_failed_tokens(tmp_path):
+    """Every other request gets 503 (Retry-After) and every fourth breaks off after 5 tokens with garbage:
+    the run says FAILED with the error mix in words and exits 1; the broken streams' tokens are not
+    throughput; a generous --max-error-rate lets the same server pass."""
+    def respond(number, handler):
+        if number % 2:
+            error_reply(handler, 503, "overloaded", {"Retry-After": "1"})
+        elif number % 4 == 2:
+            stream_reply(handler, 5, done=False, extra=b"data: {not json\n\n")
+        else:
+            stream_reply(handler, 50, usage=50)
+
+    with FaultServer(respond) as server:
+        result = fault_run(server, tmp_path / "strict")
+        lenient = fault_run(server, tmp_path / "lenient", "--max-error-rate", "90%")
+    assert result.returncode == 1, result.stdout + result.stderr
+    failed = next(line for line in result.stdout.splitlines() if line.startswith("FAILED: "))
+    assert "HTTP 503" in failed and "JSONDecodeError" in failed and "overloaded" in failed, failed
+    requests_line = next(line for line in result.stdout.splitlines() if line.startswith("requests "))
+    assert "{" not in requests_line and "HTTP 503" in requests_line, requests_line
+    run_dir = run_dir_of(result)
+    summary = load_summary(run_dir)
+    records = read_records(run_dir / "requests.jsonl")
+    ok_tokens = sum(sum(r.chunk_tokens) for r in records if r.ok)
+    assert any(sum(r.chunk_tokens) == 5 and not r.ok for r in records)
+    assert summary["throughput"]["output_tokens_per_s"] * summary["window"]["seconds"] == pytest.approx(ok_tokens)
+    assert summary["requests"]["too_many_errors"] and summary["requests"]["error_rate"] > 0.5
+    assert lenient.returncode == 0 and "FAILED" not in lenient.stdout, lenient.stdout + lenient.stderr
+
+
+def test_an_interrupted_run_keeps_its_health_checks_and_reports_in_flight_requests_as_cancelled(tmp_path):
+    """SIGTERM 3 s into an open loop of 5-s requests at 500 req/s (far past the 512-request in-flight cap):
+    the summary still judges the load generator (it sent a fraction of the arrivals due before the stop: INVALID),
+    and the requests in flight at the stop are cancelled, not failed."""
+    process = start_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "10", "--sim-tpot-ms", "100",
+                        "--scenario", TIMING, "--rate", "500", "--duration", "60", "--warmup", "0",
+                        "--results", str(tmp_path))
+    wait_for_requests("*/server_metrics.jsonl", tmp_path)
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    run_dir = next(tmp_path.iterdir())
+    summary = load_summary(run_dir)
+    health, requests = summary["load_generator"], summary["requests"]
+    assert not health["valid"] and any("scheduled arrivals" in problem for problem in health["problems"]), health
+    assert requests["cancelled"] > 0 and requests["failed"] == 0, requests
+    records = read_records(run_dir / "requests.jsonl")
+    assert len(records) == requests["ok"] + requests["cancelled"] + requests["excluded_warmup_cooldown"]
+    assert "cancelled (in flight when the load stopped)" in output and "INVALID RUN" in output

@@ -79,6 +79,17 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
 
 
+def _fraction(text: str) -> float:
+    """'5%' or '0.05' -> 0.05, within [0, 1]."""
+    try:
+        value = float(text.removesuffix("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction: {text!r} (write 0.05 or 5%)") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1 (0% and 100%)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenrig", description="Measure LLM serving and training speed and cost on your own hardware.",
@@ -103,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--request-timeout", type=float, default=600.0,
                           help="seconds without a byte from the server before a request counts as failed; after "
                                "the load ends, in-flight requests get this long to finish (default 600)")
+    loadtest.add_argument("--max-error-rate", type=_fraction, default=0.05,
+                          help="fraction (or percent: 5%%) of measured requests that may fail before the run is "
+                               "FAILED, with exit status 1 (default 5%%)")
     loadtest.add_argument("--slo", help="service-level objectives, e.g. ttft_p99=500ms,tpot_p99=50ms: judged with a "
                                         "confidence statement, goodput reported")
     loadtest.add_argument("--find-max", action="store_true",
@@ -450,6 +464,7 @@ def cmd_loadtest(args) -> int:
         raise ScenarioError("the TGI client runs in the tokenrig process only; drop --workers or use --client openai")
     return run_session(spec, scenario, args.results, url=args.url, monitor=_monitor_options(args), slos=slos,
                        search=search, workers=workers, client=client, seed_source=seed_source,
+                       max_error_rate=args.max_error_rate,
                        scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout)
 
 

@@ -27,10 +27,10 @@ from tokenrig.loadgen.search import SearchOptions, SloWatch, StepResult, find_ma
 from tokenrig.loadgen.users import LoadContext
 from tokenrig.loadgen.workload import Workload
 from tokenrig.monitor.discovery import MonitorOptions
-from tokenrig.report.console import render, render_steps
+from tokenrig.report.console import failed_line, render, render_steps
 from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
 from tokenrig.report.slo import Slo, judge
-from tokenrig.report.summary import RunFacts, summarize
+from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
 from tokenrig.serve.launcher import Endpoint, LaunchedServer, ServerSpec
 from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics
 
@@ -88,6 +88,7 @@ class Session:
     client: str = "openai"  # "tgi": requests go to /generate_stream through InferenceClient
     scrape_interval_s: float = 1.0  # the server's /metrics -> server_metrics.jsonl, every this many seconds
     request_timeout_s: float = 600.0  # silence that fails a request; also how long in-flight ones may drain
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # past this fraction of failed requests a step FAILED
 
     def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False) -> tuple[dict, object]:
         """Run one load plan; write step_dir/requests.jsonl and summary.json; return (summary, outcome)."""
@@ -122,14 +123,15 @@ class Session:
             else:
                 outcome = run_load(ctx, progress=self.progress, stop_when=stop_when)
         records = read_records(step_dir / "requests.jsonl")
-        duration = load.duration_s
+        duration, ran = load.duration_s, None
         if outcome.interrupted or outcome.stopped_early:  # the window ends when the load stopped
-            ran = time.perf_counter() - plan.start
+            ran = (outcome.stopped_at or time.perf_counter()) - plan.start
             duration = max(min(duration, ran + load.cooldown_s), load.warmup_s + load.cooldown_s + 1e-3)
         facts = RunFacts(duration_s=duration, warmup_s=load.warmup_s, cooldown_s=load.cooldown_s,
                          plan_start_unix=plan.start + ctx.unix_offset, target_rate=plan.target_rate,
                          client_cpu_fraction=outcome.client_cpu_fraction, interrupted=outcome.interrupted,
-                         scheduled_in_window=None if outcome.stopped_early else plan.scheduled_in_window())
+                         scheduled_in_window=plan.scheduled_in_window(until_s=ran),
+                         max_error_rate=self.max_error_rate)
         summary = summarize(records, facts)
         if self.master:
             summary["load_generator"]["workers"] = [
@@ -176,7 +178,9 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
                 monitor: MonitorOptions | None = None, progress=print, slos: list[Slo] | None = None,
                 search: SearchOptions | None = None, workers: WorkerOptions | None = None,
                 client: str = "openai", scrape_interval_s: float = 1.0, request_timeout_s: float = 600.0,
-                seed_source: str = "scenario") -> int:
+                seed_source: str = "scenario", max_error_rate: float = DEFAULT_MAX_ERROR_RATE) -> int:
+    """Run a load test end to end; the exit status: 0, 1 when past `max_error_rate` (every step, for a
+    search), 130 when interrupted."""
     run_dir = new_run_dir(results_root, scenario.name, spec.backend, spec.model.key, spec.gpu.key)
     metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
                 "seed": scenario.load.seed, "seed_source": seed_source,
@@ -202,7 +206,8 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
         labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": spec.backend,
                   "model": spec.model.key, "gpu": spec.gpu.key}
         session = Session(run_dir, endpoint, tokenizer, scenario, labels, slos, monitor, progress,
-                          client=client, scrape_interval_s=scrape_interval_s, request_timeout_s=request_timeout_s)
+                          client=client, scrape_interval_s=scrape_interval_s, request_timeout_s=request_timeout_s,
+                          max_error_rate=max_error_rate)
         if workers:
             from tokenrig.loadgen.distributed import DEFAULT_MASTER_PORT, Master
             from tokenrig.serve.launcher import free_port
@@ -218,15 +223,16 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
             summary, outcome = session.run_step(scenario.load, run_dir)
             progress("")
             progress(render(summary, f"{title} | {summary['load']['plan']}"))
-            interrupted = outcome.interrupted
+            interrupted, failed = outcome.interrupted, summary["requests"]["too_many_errors"]
         else:
-            interrupted = _run_search(session, search, title)
+            interrupted, failed = _run_search(session, search, title)
     progress(f"\nresults: {run_dir}")
-    return 130 if interrupted else 0
+    return 130 if interrupted else 1 if failed else 0
 
 
-def _run_search(session: Session, search: SearchOptions, title: str) -> bool:
-    """Sweep or SLO search; writes search.json and prints the curve. Returns True if interrupted."""
+def _run_search(session: Session, search: SearchOptions, title: str) -> tuple[bool, bool]:
+    """Sweep or SLO search; writes search.json and prints the curve. Returns (interrupted, every step FAILED):
+    a search past its capacity sees errors, but a search none of whose steps served is no measurement."""
     base, progress = session.scenario.load, session.progress
     steps: list[StepResult] = []
     interrupted = False
@@ -262,4 +268,7 @@ def _run_search(session: Session, search: SearchOptions, title: str) -> bool:
     write_json(session.run_dir / "search.json", document)
     progress("")
     progress(render_steps(document, title, session.slos))
-    return interrupted
+    failed = [s.summary["requests"] for s in steps if s.summary["requests"]["too_many_errors"]]
+    if steps and len(failed) == len(steps):
+        progress(failed_line(failed[-1]))
+    return interrupted, bool(steps) and len(failed) == len(steps)

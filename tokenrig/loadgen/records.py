@@ -11,6 +11,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# A request in flight when the load test was stopped: the server did nothing wrong, so it is cancelled,
+# not failed.
+CANCELLED = "aborted: load test stopped before the response ended"
+GAVE_UP = "Timeout: response still not finished --request-timeout seconds after the load ended"
+
 
 @dataclass
 class RequestRecord:
@@ -40,6 +45,10 @@ class RequestRecord:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.error == CANCELLED
 
     @property
     def output_tokens(self) -> int:

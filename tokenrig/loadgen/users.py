@@ -21,7 +21,7 @@ from locust.exception import StopUser
 from tokenizers import Tokenizer
 
 from tokenrig.loadgen.plan import LoadPlan
-from tokenrig.loadgen.records import RequestRecord
+from tokenrig.loadgen.records import CANCELLED, GAVE_UP, RequestRecord
 from tokenrig.loadgen.workload import PreparedRequest, Workload
 
 HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -40,6 +40,7 @@ class LoadContext:
     unix_offset: float  # unix time - perf_counter
     request_timeout_s: float = 600.0
     client: str = "openai"  # "tgi": TGIStreamingUser over /generate_stream
+    gave_up: bool = False  # the run stopped waiting for requests still in flight: they failed, not cancelled
     in_flight: int = 0
     completed: int = 0
     failed: int = 0
@@ -182,8 +183,8 @@ class OpenAIStreamingUser(User):
         except Exception as error:  # noqa: BLE001 - every failure becomes a record, never a crash
             record.error = f"{type(error).__name__}: {error}"
             return ""
-        except BaseException:  # the run was stopped (Ctrl-C) while this request was in flight
-            record.error = "aborted: load test stopped before the response ended"
+        except BaseException:  # the run was stopped (Ctrl-C), or gave up on this request, while it was in flight
+            record.error = GAVE_UP if ctx.gave_up else CANCELLED
             raise
 
 
@@ -228,7 +229,7 @@ class TGIStreamingUser(OpenAIStreamingUser):
             record.error = f"HTTP {record.status}: {str(error)[:300]}"
         except Exception as error:  # noqa: BLE001 - every failure becomes a record, never a crash
             record.error = f"{type(error).__name__}: {error}"
-        except BaseException:  # the run was stopped (Ctrl-C) while this request was in flight
-            record.error = "aborted: load test stopped before the response ended"
+        except BaseException:  # the run was stopped (Ctrl-C), or gave up on this request, while it was in flight
+            record.error = GAVE_UP if ctx.gave_up else CANCELLED
             raise
         return ""

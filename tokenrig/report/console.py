@@ -7,6 +7,23 @@ def _ms(stats: dict | None, key: str) -> str:
     return f"{stats[key] * 1000:9.1f}" if stats else f"{'-':>9}"
 
 
+def error_mix(errors_by_type: dict[str, int], top: int = 3) -> str:
+    """'38 HTTP 503, 2 ReadTimeout': the most frequent error kinds first."""
+    ranked = sorted(errors_by_type.items(), key=lambda item: -item[1])
+    text = ", ".join(f"{count} {kind or 'unknown error'}" for kind, count in ranked[:top])
+    rest = sum(count for _, count in ranked[top:])
+    return text + (f", {rest} other" if rest else "")
+
+
+def failed_line(requests: dict) -> str:
+    """The verdict of a run past --max-error-rate, with its most frequent error and one message of it."""
+    kind = next(iter(sorted(requests["errors_by_type"].items(), key=lambda item: -item[1])))[0]
+    example = (requests.get("error_examples") or {}).get(kind, kind)
+    return (f"FAILED: {requests['error_rate']:.0%} of {requests['measured']} measured requests failed "
+            f"(--max-error-rate {requests['max_error_rate']:.0%}): {error_mix(requests['errors_by_type'])}; "
+            f"e.g. {example}")
+
+
 def render(summary: dict, title: str) -> str:
     latency = summary["latency_s"]
     lines = [title, "", f"{'metric (ms)':<12}{'p50':>9}{'p90':>9}{'p99':>9}{'mean':>9}{'max':>9}  n"]
@@ -22,7 +39,8 @@ def render(summary: dict, title: str) -> str:
         f"throughput   {throughput['output_tokens_per_s']:.1f} output tok/s   "
         f"{throughput['requests_per_s']:.2f} req/s   {throughput['input_tokens_per_s']:.1f} input tok/s",
         f"requests     {requests['ok']} ok, {requests['failed']} failed"
-        + (f" {requests['errors_by_type']}" if requests["failed"] else "")
+        + (f" ({error_mix(requests['errors_by_type'])})" if requests["failed"] else "")
+        + (f", {requests['cancelled']} cancelled (in flight when the load stopped)" if requests.get("cancelled") else "")
         + f", {requests['excluded_warmup_cooldown']} in warm-up/cool-down (excluded)",
         f"window       {summary['window']['seconds']:.1f} s steady state",
         f"client       lag p50 {_ms(lag, 'p50').strip()} ms p99 {_ms(lag, 'p99').strip()} ms, "
@@ -38,6 +56,8 @@ def render(summary: dict, title: str) -> str:
                          f"{'met' if verdict['met'] else 'MISSED'} ({verdict['confidence']})")
         lines.append(f"goodput      {slo['goodput_rps']:.2f} req/s meet every SLO "
                      f"({slo['good_fraction']:.0%} of measured requests)")
+    if requests.get("too_many_errors"):
+        lines.append(failed_line(requests))
     if summary["window"].get("problem"):
         lines.append(f"NO MEASUREMENT: {summary['window']['problem']}.")
     if not health["valid"]:

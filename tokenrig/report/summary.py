@@ -22,6 +22,7 @@ MAX_LATE_SEND_FRACTION = 0.01
 MAX_HEALTHY_CLIENT_CPU = 0.90
 # Open loop: every scheduled arrival must go out; fewer sent means the client fell behind or stopped.
 MIN_SENT_FRACTION = 0.99
+DEFAULT_MAX_ERROR_RATE = 0.05
 
 
 def distribution(values) -> dict | None:
@@ -59,6 +60,7 @@ class RunFacts:
     client_cpu_fraction: float
     interrupted: bool = False
     scheduled_in_window: int | None = None  # open loop: arrivals the plan had due inside the window
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # past this fraction of failed requests the run FAILED
 
 
 def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
@@ -66,16 +68,20 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
     window_end = facts.plan_start_unix + facts.duration_s - facts.cooldown_s
     measured = [r for r in records if r.in_window]
     ok = [r for r in measured if r.ok]
-    failed = [r for r in measured if not r.ok]
+    cancelled = [r for r in measured if r.cancelled]
+    failed = [r for r in measured if not r.ok and not r.cancelled]
 
-    # Throughput counts what arrived inside the window, whenever the request was sent.
+    # Throughput counts what arrived inside the window, whenever the request was sent; a failed request's
+    # tokens served no one, so they are not throughput.
     tokens_in_window = 0
     completions_in_window = 0
     for record in records:
+        if not record.ok:
+            continue
         for offset, tokens in zip(record.chunk_offsets_s, record.chunk_tokens):
             if window_start <= record.scheduled_at + offset < window_end:
                 tokens_in_window += tokens
-        if record.ok and record.e2e_s is not None and window_start <= record.scheduled_at + record.e2e_s < window_end:
+        if record.e2e_s is not None and window_start <= record.scheduled_at + record.e2e_s < window_end:
             completions_in_window += 1
     window = max(window_end - window_start, 1e-9)
 
@@ -96,8 +102,7 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
         problems.append(f"load generator CPU {facts.client_cpu_fraction:.0%} of a core")
     if slot_late:
         problems.append(f"{slot_late} requests waited for a free user (open-loop safety cap reached)")
-    if (facts.scheduled_in_window and not facts.interrupted
-            and arrivals_sent < MIN_SENT_FRACTION * facts.scheduled_in_window):
+    if facts.scheduled_in_window and arrivals_sent < MIN_SENT_FRACTION * facts.scheduled_in_window:
         problems.append(f"sent {arrivals_sent} of {facts.scheduled_in_window} scheduled arrivals")
 
     # A closed loop whose requests outlast the window schedules nothing inside it: no latency at all, which
@@ -110,13 +115,21 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
                           + "; lengthen --duration")
 
     errors: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for record in failed:
         key = (record.error or "").split(":")[0]
         errors[key] = errors.get(key, 0) + 1
+        examples.setdefault(key, (record.error or "")[:200])
+    errors = dict(sorted(errors.items(), key=lambda item: -item[1]))
+    answered = len(measured) - len(cancelled)
+    error_rate = len(failed) / answered if answered else 0.0
 
     return {
         "requests": {"total": len(records), "measured": len(measured), "ok": len(ok), "failed": len(failed),
-                     "excluded_warmup_cooldown": len(records) - len(measured), "errors_by_type": errors},
+                     "cancelled": len(cancelled),
+                     "excluded_warmup_cooldown": len(records) - len(measured), "errors_by_type": errors,
+                     "error_examples": examples, "error_rate": error_rate, "max_error_rate": facts.max_error_rate,
+                     "too_many_errors": error_rate > facts.max_error_rate},
         "window": {"start_unix": window_start, "end_unix": window_end, "seconds": window,
                    "warmup_s": facts.warmup_s, "cooldown_s": facts.cooldown_s, "problem": window_problem},
         "latency_s": {
