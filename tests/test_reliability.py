@@ -232,3 +232,53 @@ def test_an_interrupted_run_keeps_its_health_checks_and_reports_in_flight_reques
     records = read_records(run_dir / "requests.jsonl")
     assert len(records) == requests["ok"] + requests["cancelled"] + requests["excluded_warmup_cooldown"]
     assert "cancelled (in flight when the load stopped)" in output and "INVALID RUN" in output
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--rate", "0"], "argument --rate: must be above 0"),
+    (["--rate", "inf"], "argument --rate: must be a finite number"),
+    (["--users", "0"], "argument --users: at least 1 user"),
+    (["--rate", "2", "--users", "3"], "give --users (closed loop) or --rate (open loop), not both"),
+    (["--request-timeout", "-1"], "argument --request-timeout: must be above 0"),
+    (["--slo", "ttft_p99=500"], "SLO 'ttft_p99=500' has no unit: write ttft_p99=500ms or ttft_p99=500s"),
+    (["--slo", "ttft_p99=0ms"], "the threshold must be above 0"),
+    (["--slo", "ttft_p99=1s,ttft_p99=2s"], "SLO ttft_p99 is given twice"),
+    (["--max-error-rate", "120%"], "is not between 0 and 1"),
+    (["--results", "FILE"], "is a file, not a directory"),
+])
+def test_bad_input_is_refused_with_one_line(tmp_path, args, says):
+    (tmp_path / "FILE").write_text("")
+    args = [str(tmp_path / "FILE") if arg == "FILE" else arg for arg in args]
+    result = run_cli("loadtest", "--backend", "sim", "--scenario", TIMING, *args, timeout=60, cwd=REPO)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert says in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not list(tmp_path.glob("*/metadata.json")), "a run started"
+
+
+def test_the_stream_parser_reads_empty_data_lines_and_json_array_chunks(tmp_path):
+    """An empty `data:` line is legal SSE; some servers batch chunks into one JSON array: both parse."""
+    def respond(number, handler):
+        pair = json.dumps([{"choices": [{"index": 0, "delta": {"content": " word"}}]}] * 2).encode()
+        stream_reply(handler, 10, usage=50, extra=b"data:\n\n" + b"data: " + pair + b"\n\n" + chunk_line(" word") * 28)
+
+    with FaultServer(respond) as server:
+        result = fault_run(server, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = read_records(run_dir_of(result) / "requests.jsonl")
+    assert records and all(r.ok and r.output_tokens_tokenizer == 40 for r in records), records[0]
+
+
+def test_a_plain_json_reply_is_reported_as_not_an_event_stream(tmp_path):
+    def respond(number, handler):
+        body = json.dumps({"choices": [{"index": 0, "message": {"content": "hi"}}]}).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    with FaultServer(respond) as server:
+        result = fault_run(server, tmp_path)
+    summary = load_summary(run_dir_of(result))
+    assert list(summary["requests"]["errors_by_type"]) == ["not an event stream"], summary["requests"]
+    assert "Content-Type application/json" in summary["requests"]["error_examples"]["not an event stream"]

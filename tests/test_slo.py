@@ -11,11 +11,13 @@ from tokenrig.report.slo import Slo, SloError, judge, parse_slos, percentile_int
 
 
 def test_parse_slos_reads_units_and_rejects_nonsense():
-    assert parse_slos("ttft_p99=500ms, tpot_p99=50ms,e2e_p50=2") == [
+    assert parse_slos("ttft_p99=500ms, tpot_p99=50ms,e2e_p50=2s") == [
         Slo("ttft", 99, 0.5), Slo("tpot", 99, 0.05), Slo("e2e", 50, 2.0)]
     assert parse_slos("itl_p99.9=800us")[0].threshold_s == pytest.approx(0.0008)
-    for bad in ("ttft=5ms", "latency_p99=1s", "ttft_p100=1s", ""):
-        with pytest.raises(SloError):
+    for bad, says in (("ttft=5ms", "cannot read"), ("latency_p99=1s", "cannot read"), ("ttft_p100=1s", "percentile"),
+                      ("", "no SLO"), ("ttft_p99=500", "no unit: write ttft_p99=500ms or ttft_p99=500s"),
+                      ("ttft_p99=0ms", "above 0"), ("ttft_p99=1s,ttft_p99=2s", "twice")):
+        with pytest.raises(SloError, match=says):
             parse_slos(bad)
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -90,6 +91,44 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """A finite number > 0 (a rate of 0 or inf, a negative timeout are refused, not ignored or hung on)."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text!r}")
+    return value
+
+
+def _not_negative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text!r}")
+    return value
+
+
+def _users(text: str) -> int | str:
+    """A closed loop's user count (1 or more), or 'sweep'."""
+    if text == "sweep":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of users (or 'sweep' with --sweep), not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 user, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenrig", description="Measure LLM serving and training speed and cost on your own hardware.",
@@ -103,15 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_server_args(loadtest)
     loadtest.add_argument("--scenario", default="chat", help="name in scenarios/serving/ or a path to a .yaml file")
-    loadtest.add_argument("--users", help="closed loop: this many concurrent streams ('sweep' with --sweep)")
-    loadtest.add_argument("--rate", type=float, help="open loop: requests per second (Poisson unless --arrival)")
+    loadtest.add_argument("--users", type=_users, help="closed loop: this many concurrent streams ('sweep' with --sweep)")
+    loadtest.add_argument("--rate", type=_positive, help="open loop: requests per second (Poisson unless --arrival)")
     loadtest.add_argument("--arrival", choices=["poisson", "constant", "gamma"], default="poisson")
-    loadtest.add_argument("--burstiness", type=float, help="gamma arrivals: coefficient of variation of the gaps")
+    loadtest.add_argument("--burstiness", type=_positive, help="gamma arrivals: coefficient of variation of the gaps")
     loadtest.add_argument("--seed", type=int, help="seed of arrivals and prompts: the same seed sends the same "
                                                    "prompts (default: a fresh one per run, recorded in metadata.json)")
-    loadtest.add_argument("--duration", type=float, help="seconds of load (overrides the scenario)")
-    loadtest.add_argument("--warmup", type=float, help="seconds excluded at the start")
-    loadtest.add_argument("--request-timeout", type=float, default=600.0,
+    loadtest.add_argument("--duration", type=_positive, help="seconds of load (overrides the scenario)")
+    loadtest.add_argument("--warmup", type=_not_negative, help="seconds excluded at the start")
+    loadtest.add_argument("--request-timeout", type=_positive, default=600.0,
                           help="seconds without a byte from the server before a request counts as failed; after "
                                "the load ends, in-flight requests get this long to finish (default 600)")
     loadtest.add_argument("--max-error-rate", type=_fraction, default=0.05,
@@ -127,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--tail-samples", type=int, default=10,
                           help="--find-max: samples beyond the judged percentile each step must collect (default 10: "
                                "1000 requests for a p99)")
-    loadtest.add_argument("--precision", type=float, default=0.05, help="--find-max: stop when the bracket is this tight")
-    loadtest.add_argument("--max-step", type=float, default=300, help="--find-max: longest step, seconds")
+    loadtest.add_argument("--precision", type=_positive, default=0.05, help="--find-max: stop when the bracket is this tight")
+    loadtest.add_argument("--max-step", type=_positive, default=300, help="--find-max: longest step, seconds")
     loadtest.add_argument("--workers", type=int, help="distributed load: a Locust master here and N worker processes "
                                                        "splitting the schedule (spawned here unless --local-workers)")
     loadtest.add_argument("--local-workers", type=int, help="how many of --workers to spawn on this machine "
@@ -143,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--client", choices=["openai", "tgi"], default=None,
                           help="request API: OpenAI streaming, or TGI's /generate_stream through huggingface_hub's "
                                "InferenceClient (default: tgi for --backend tgi, else openai)")
-    loadtest.add_argument("--scrape-interval", type=float, default=1.0,
+    loadtest.add_argument("--scrape-interval", type=_positive, default=1.0,
                           help="seconds between scrapes of the server's /metrics into server_metrics.jsonl")
     loadtest.add_argument("--metrics-port", type=int, default=None,
                           help="expose live Prometheus metrics on this port (0 = any free port)")
@@ -411,6 +450,8 @@ def cmd_loadtest(args) -> int:
         raise ScenarioError(str(error)) from None
     search = None
     sweep_users = args.users == "sweep"
+    if args.rate and args.users and not sweep_users:
+        raise ScenarioError("give --users (closed loop) or --rate (open loop), not both")
     if args.find_max:
         if not slos:
             raise ScenarioError("--find-max needs --slo, e.g. --slo ttft_p99=500ms,tpot_p99=50ms")
@@ -426,11 +467,6 @@ def cmd_loadtest(args) -> int:
             args.rate = values[0]  # a rate sweep runs open loop
     if sweep_users:
         args.users = None
-    elif args.users is not None:
-        try:
-            args.users = int(args.users)
-        except ValueError:
-            raise ScenarioError(f"--users takes a number (or 'sweep' with --sweep), not {args.users!r}") from None
     if args.users:
         load = load.model_copy(update={"type": "concurrency", "users": args.users, "rate": None, "stages": None,
                                        "trace": None})
@@ -611,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     from tokenrig.loadgen.scenario import ScenarioError
     from tokenrig.profiles import UnknownProfileError
     from tokenrig.report.compare import CompareError
+    from tokenrig.report.rundir import ResultsDirError
     from tokenrig.serve.fit import FitError
     from tokenrig.serve.launcher import LaunchError
     from tokenrig.train.spec import TrainSpecError
@@ -620,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
                 "gpus": cmd_gpus, "fit": cmd_fit, "capacity": cmd_capacity, "report": cmd_report}
     try:
         return handlers[args.command](args)
-    except (UnknownProfileError, ScenarioError, LaunchError, FitError, TrainSpecError, CompareError) as error:
+    except (UnknownProfileError, ScenarioError, LaunchError, FitError, TrainSpecError, CompareError,
+            ResultsDirError) as error:
         print(f"tokenrig: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -68,8 +68,12 @@ def finish_stream(ctx: LoadContext, record: RequestRecord, due: float, reply: st
         record.error = "stream ended without any content"
 
 
-def parse_openai_chunk(payload: dict) -> tuple[str, dict | None]:
-    """Content text and usage (if any) of one OpenAI streaming chunk, chat or completions."""
+def parse_openai_chunk(payload: dict | list) -> tuple[str, dict | None]:
+    """Content text and usage (if any) of one OpenAI streaming chunk, chat or completions; some servers
+    batch several chunks into one event as a JSON array."""
+    if isinstance(payload, list):
+        parts = [parse_openai_chunk(item) for item in payload]
+        return "".join(text for text, _ in parts), next((usage for _, usage in reversed(parts) if usage), None)
     text = ""
     for choice in payload.get("choices") or ():
         delta = choice.get("delta")
@@ -160,6 +164,11 @@ class OpenAIStreamingUser(User):
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {response.read()[:300].decode(errors='replace')}"
                 return ""
+            content_type = response.get("content-type") or ""
+            if content_type and not content_type.startswith("text/event-stream"):
+                record.error = (f"not an event stream: HTTP 200 with Content-Type {content_type}, "
+                                f"{response.read()[:200].decode(errors='replace')}")
+                return ""
             while True:
                 line = response.readline(b"\n")
                 now = time.perf_counter()
@@ -168,6 +177,8 @@ class OpenAIStreamingUser(User):
                 if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
+                if not data:  # an empty data field is legal SSE
+                    continue
                 if data == b"[DONE]":
                     break
                 text, usage = parse_openai_chunk(json.loads(data))

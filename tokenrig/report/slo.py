@@ -50,17 +50,25 @@ class Slo:
 
 
 def parse_slos(text: str) -> list[Slo]:
-    """'ttft_p99=500ms,tpot_p99=50ms' -> [Slo(...), ...]; units us, ms or s (default s)."""
+    """'ttft_p99=500ms,tpot_p99=50ms' -> [Slo(...), ...]; each threshold above 0 with its unit (us, ms or s),
+    each metric and percentile once: `ttft_p99=500` is 500 what? and two ttft_p99 leave the judge to guess."""
     slos = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         match = re.fullmatch(r"(ttft|tpot|itl|e2e)_p(\d+(?:\.\d+)?)\s*=\s*(\d+(?:\.\d+)?)\s*(us|ms|s)?", part)
         if not match:
-            raise SloError(f"cannot read SLO {part!r}: write METRIC_pPCT=VALUE[us|ms|s] with METRIC one of "
+            raise SloError(f"cannot read SLO {part!r}: write METRIC_pPCT=VALUE(us|ms|s) with METRIC one of "
                            f"{', '.join(METRICS)}, e.g. ttft_p99=500ms,tpot_p99=50ms")
         metric, percentile, value, unit = match.groups()
+        if unit is None:
+            raise SloError(f"SLO {part!r} has no unit: write {part}ms or {part}s")
         if not 0 < float(percentile) < 100:
             raise SloError(f"SLO {part!r}: the percentile must be between 0 and 100")
-        slos.append(Slo(metric, float(percentile), float(value) * _UNITS[unit or "s"]))
+        if float(value) <= 0:
+            raise SloError(f"SLO {part!r}: the threshold must be above 0")
+        slo = Slo(metric, float(percentile), float(value) * _UNITS[unit])
+        if any(earlier.name == slo.name for earlier in slos):
+            raise SloError(f"SLO {slo.name} is given twice: keep one")
+        slos.append(slo)
     if not slos:
         raise SloError("no SLO given")
     return slos
