@@ -282,3 +282,18 @@ def test_a_plain_json_reply_is_reported_as_not_an_event_stream(tmp_path):
     summary = load_summary(run_dir_of(result))
     assert list(summary["requests"]["errors_by_type"]) == ["not an event stream"], summary["requests"]
     assert "Content-Type application/json" in summary["requests"]["error_examples"]["not an event stream"]
+
+
+def test_a_p99_from_few_samples_is_flagged_not_printed_plain(tmp_path):
+    result = run_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "20", "--sim-tpot-ms", "2",
+                     "--scenario", TIMING, "--users", "1", "--duration", "2", "--warmup", "0",
+                     "--results", str(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = load_summary(run_dir_of(result))
+    ttft = summary["latency_s"]["ttft"]
+    assert ttft["count"] < 100 and ttft["p99_ci95"] is None
+    assert summary["latency_s"]["itl"]["p99_ci95"] is not None  # thousands of gaps: an interval
+    ttft_row = next(line for line in result.stdout.splitlines() if line.startswith("TTFT "))
+    assert ttft_row.split()[3] == f"{ttft['p99'] * 1000:.1f}*", ttft_row  # the p99 column, flagged
+    assert f"* p99 from too few samples for a 95 % confidence interval (about 380 needed): TTFT ({ttft['count']})" \
+        in result.stdout

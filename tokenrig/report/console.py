@@ -27,10 +27,17 @@ def failed_line(requests: dict) -> str:
 def render(summary: dict, title: str) -> str:
     latency = summary["latency_s"]
     lines = [title, "", f"{'metric (ms)':<12}{'p50':>9}{'p90':>9}{'p99':>9}{'mean':>9}{'max':>9}  n"]
+    uncertain = []  # metrics whose p99 has too few samples for a 95 % interval
     for name in ("ttft", "itl", "tpot", "e2e"):
         stats = latency[name]
         cells = "".join(_ms(stats, key) for key in ("p50", "p90", "p99", "mean", "max"))
+        if stats and "p99_ci95" in stats and stats["p99_ci95"] is None:
+            uncertain.append(f"{name.upper()} ({stats['count']})")
+            cells = cells[:18] + f"{stats['p99'] * 1000:8.1f}*" + cells[27:]
         lines.append(f"{name.upper():<12}{cells}  {stats['count'] if stats else 0}")
+    if uncertain:
+        lines.append(f"* p99 from too few samples for a 95 % confidence interval (about 380 needed): "
+                     f"{', '.join(uncertain)}; indicative only, measure longer")
     throughput, requests = summary["throughput"], summary["requests"]
     health = summary["load_generator"]
     lag = health["schedule_lag_s"]

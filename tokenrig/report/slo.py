@@ -16,11 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokenrig.loadgen.records import RequestRecord
-from tokenrig.report.summary import itl_gaps, tpot
+from tokenrig.report.summary import itl_gaps, percentile_interval, tpot
 
 METRICS = ("ttft", "tpot", "itl", "e2e")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-Z_95 = 1.959964
 
 
 class SloError(ValueError):
@@ -83,18 +82,6 @@ def recorded_slos(metadata: dict) -> list[Slo]:
 def samples_for(percentile: float, beyond: int) -> int:
     """Samples needed so that `beyond` of them are expected past the percentile (10 past p99: 1000)."""
     return math.ceil(beyond * 100 / (100 - percentile) - 1e-9)  # 1e-9: 5 / (1 - 0.9) is 50.000000000000014
-
-
-def percentile_interval(values: np.ndarray, percentile: float) -> tuple[float, float] | None:
-    """Distribution-free 95 % confidence interval of a percentile from sorted order statistics."""
-    n = values.size
-    p = percentile / 100
-    spread = Z_95 * math.sqrt(n * p * (1 - p))
-    low, high = math.floor(n * p - spread), math.ceil(n * p + spread)
-    if low < 1 or high > n:
-        return None  # too few samples for a two-sided interval at this percentile
-    ordered = np.sort(values)
-    return float(ordered[low - 1]), float(ordered[high - 1])
 
 
 def judge(records: list[RequestRecord], slos: list[Slo], window_s: float) -> dict:

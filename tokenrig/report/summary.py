@@ -7,6 +7,7 @@ those requests, each gap divided by the tokens its chunk carried.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,12 +26,30 @@ MIN_SENT_FRACTION = 0.99
 DEFAULT_MAX_ERROR_RATE = 0.05
 
 
+Z_95 = 1.959964
+
+
+def percentile_interval(values: np.ndarray, percentile: float) -> tuple[float, float] | None:
+    """Distribution-free 95 % confidence interval of a percentile from sorted order statistics."""
+    n = values.size
+    p = percentile / 100
+    spread = Z_95 * math.sqrt(n * p * (1 - p))
+    low, high = math.floor(n * p - spread), math.ceil(n * p + spread)
+    if low < 1 or high > n:
+        return None  # too few samples for a two-sided interval at this percentile
+    ordered = np.sort(values)
+    return float(ordered[low - 1]), float(ordered[high - 1])
+
+
 def distribution(values) -> dict | None:
+    """Exact percentiles, mean, min, max, count, and p99's 95 % interval (None: too few samples for one)."""
     data = np.asarray(list(values), dtype=float)
     if data.size == 0:
         return None
     stats = {f"p{p:g}": float(np.percentile(data, p)) for p in PERCENTILES}
     stats.update(mean=float(data.mean()), min=float(data.min()), max=float(data.max()), count=int(data.size))
+    interval = percentile_interval(data, 99)
+    stats["p99_ci95"] = list(interval) if interval else None
     return stats
 
 
