@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -297,3 +298,32 @@ def test_a_p99_from_few_samples_is_flagged_not_printed_plain(tmp_path):
     assert ttft_row.split()[3] == f"{ttft['p99'] * 1000:.1f}*", ttft_row  # the p99 column, flagged
     assert f"* p99 from too few samples for a 95 % confidence interval (about 380 needed): TTFT ({ttft['count']})" \
         in result.stdout
+
+
+def test_tokens_trust_the_stream_and_short_or_cut_streams_are_marked(tmp_path):
+    """A server claiming 999 tokens for 20 streamed (of 50 asked): TPOT is per streamed token, the request is
+    marked truncated, and the console shows both counts. A stream whose connection closes before [DONE] is
+    an incomplete answer: failed, not ok."""
+    def respond(number, handler):
+        if number % 3 == 2:
+            stream_reply(handler, 30, done=False)
+        else:
+            stream_reply(handler, 20, usage=999)
+
+    with FaultServer(respond) as server:
+        result = fault_run(server, tmp_path, "--max-error-rate", "100%")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = run_dir_of(result)
+    records = read_records(run_dir / "requests.jsonl")
+    short = [r for r in records if r.ok]
+    assert short and all(r.output_tokens == 20 and r.truncated and r.output_tokens_usage == 999 for r in short)
+    cut = [r for r in records if not r.ok]
+    assert cut and all(r.error.startswith("incomplete stream: the connection closed before [DONE], after 30 tokens")
+                       for r in cut)
+    summary = load_summary(run_dir)
+    tpot_p50 = summary["latency_s"]["tpot"]["p50"]
+    assert tpot_p50 == pytest.approx(statistics.median((r.e2e_s - r.ttft_s) / 19 for r in short))
+    tokens_line = next(line for line in result.stdout.splitlines() if line.startswith("tokens "))
+    ok = summary["requests"]["ok"]
+    assert tokens_line == (f"tokens       {ok} of {ok} requests' usage differs from the tokens streamed (streamed "
+                           f"counted); {ok} of {ok} truncated (short of max_tokens)")

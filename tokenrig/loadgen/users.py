@@ -64,6 +64,7 @@ def finish_stream(ctx: LoadContext, record: RequestRecord, due: float, reply: st
     """Close the record when the stream has ended: E2E, the client's token count, empty streams as errors."""
     record.e2e_s = time.perf_counter() - due
     record.output_tokens_tokenizer = len(ctx.tokenizer.encode(reply, add_special_tokens=False).ids)
+    record.truncated = record.output_tokens < record.max_tokens
     if record.ttft_s is None:
         record.error = "stream ended without any content"
 
@@ -169,6 +170,7 @@ class OpenAIStreamingUser(User):
                 record.error = (f"not an event stream: HTTP 200 with Content-Type {content_type}, "
                                 f"{response.read()[:200].decode(errors='replace')}")
                 return ""
+            done = False
             while True:
                 line = response.readline(b"\n")
                 now = time.perf_counter()
@@ -180,6 +182,7 @@ class OpenAIStreamingUser(User):
                 if not data:  # an empty data field is legal SSE
                     continue
                 if data == b"[DONE]":
+                    done = True
                     break
                 text, usage = parse_openai_chunk(json.loads(data))
                 if usage:
@@ -190,6 +193,9 @@ class OpenAIStreamingUser(User):
                     text_parts.append(text)
             reply = "".join(text_parts)
             finish_stream(ctx, record, due, reply)
+            if not done and record.ok:  # the connection closed mid-reply: an incomplete answer, not a short one
+                record.error = (f"incomplete stream: the connection closed before [DONE], after "
+                                f"{record.output_tokens} tokens")
             return reply
         except Exception as error:  # noqa: BLE001 - every failure becomes a record, never a crash
             record.error = f"{type(error).__name__}: {error}"

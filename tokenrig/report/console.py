@@ -24,6 +24,14 @@ def failed_line(requests: dict) -> str:
             f"e.g. {example}")
 
 
+def data_quality(tokens: dict, ok: int) -> str:
+    """How far the tokens can be trusted: streamed counts against the server's usage, requests cut short."""
+    checked = tokens.get("requests_checked_against_usage")
+    usage = (f"{tokens['usage_vs_tokenizer_mismatches']} of {checked} requests' usage differs from the tokens "
+             f"streamed (streamed counted)" if checked else "no server usage to check tokens against")
+    return f"tokens       {usage}; {tokens['requests_short_of_max_tokens']} of {ok} truncated (short of max_tokens)"
+
+
 def render(summary: dict, title: str) -> str:
     latency = summary["latency_s"]
     lines = [title, "", f"{'metric (ms)':<12}{'p50':>9}{'p90':>9}{'p99':>9}{'mean':>9}{'max':>9}  n"]
@@ -49,6 +57,7 @@ def render(summary: dict, title: str) -> str:
         + (f" ({error_mix(requests['errors_by_type'])})" if requests["failed"] else "")
         + (f", {requests['cancelled']} cancelled (in flight when the load stopped)" if requests.get("cancelled") else "")
         + f", {requests['excluded_warmup_cooldown']} in warm-up/cool-down (excluded)",
+        data_quality(summary["tokens"], requests["ok"]),
         f"window       {summary['window']['seconds']:.1f} s steady state",
         f"client       lag p50 {_ms(lag, 'p50').strip()} ms p99 {_ms(lag, 'p99').strip()} ms, "
         f"CPU {health['client_cpu_fraction']:.0%} of a core"

@@ -167,6 +167,7 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
             "input_total": sum(r.prompt_tokens_usage or r.prompt_tokens_sent for r in ok),
             "usage_vs_tokenizer_mismatches": len(mismatched),
             "requests_short_of_max_tokens": sum(r.output_tokens < r.max_tokens for r in ok),
+            "requests_checked_against_usage": len(usage_known),
         },
         "load_generator": {
             "schedule_lag_s": lag,
