@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import DATA, REPO, load_summary, run_cli, run_dir_of
 from tokenrig.loadgen.records import read_records
+from tokenrig.serve.launcher import free_port
 
 TIMING = str(DATA / "timing.yaml")
 
@@ -270,7 +272,11 @@ def test_the_stream_parser_reads_empty_data_lines_and_json_array_chunks(tmp_path
 
 
 def test_a_plain_json_reply_is_reported_as_not_an_event_stream(tmp_path):
+    """The server streams the pre-flight request, then answers plain JSON: each such request is an error."""
     def respond(number, handler):
+        if number == 0:
+            stream_reply(handler, 2)
+            return
         body = json.dumps({"choices": [{"index": 0, "message": {"content": "hi"}}]}).encode()
         handler.send_response(200)
         handler.send_header("Content-Type", "application/json")
@@ -327,3 +333,81 @@ def test_tokens_trust_the_stream_and_short_or_cut_streams_are_marked(tmp_path):
     ok = summary["requests"]["ok"]
     assert tokens_line == (f"tokens       {ok} of {ok} requests' usage differs from the tokens streamed (streamed "
                            f"counted); {ok} of {ok} truncated (short of max_tokens)")
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def production_like(api_key: str, served: str):
+    """Answers only with the right bearer token (401 otherwise) and only for its served name (404 as vLLM)."""
+    seen = []
+
+    def respond(number, handler):
+        seen.append((handler.headers.get("Authorization"), handler.request_body["model"]))
+        if handler.headers.get("Authorization") != f"Bearer {api_key}":
+            error_reply(handler, 401, "invalid API key")
+        elif handler.request_body["model"] != served:
+            error_reply(handler, 404, f"The model `{handler.request_body['model']}` does not exist.")
+        else:
+            stream_reply(handler, 50, usage=50)
+    return respond, seen
+
+
+def test_url_reaches_an_https_server_with_an_api_key_and_its_served_model_name(tmp_path):
+    """HTTPS with a self-signed certificate the client trusts (SSL_CERT_FILE), the key from OPENAI_API_KEY, the
+    model name from /v1/models: every request succeeds, the key is in no file of the run, and the run is labelled
+    by its URL and model, not as an hf server on a CPU."""
+    import ssl
+
+    cert, key = self_signed_cert(tmp_path)
+    respond, seen = production_like("sk-secret-123", "org/served-7b")
+    with FaultServer(respond, model="org/served-7b") as server:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.server.socket = context.wrap_socket(server.server.socket, server_side=True)
+        env = {**os.environ, "OPENAI_API_KEY": "sk-secret-123", "SSL_CERT_FILE": str(cert)}
+        result = subprocess.run(
+            [sys.executable, "-m", "tokenrig.cli", "loadtest", "--url", f"https://127.0.0.1:{server.server.server_port}",
+             "--model", "tiny", "--scenario", TIMING, "--users", "2", "--duration", "2", "--warmup", "0",
+             "--results", str(tmp_path / "runs")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = run_dir_of(result)
+    records = read_records(run_dir / "requests.jsonl")
+    assert records and all(r.ok for r in records), records[0].error
+    assert {entry for entry in seen} == {("Bearer sk-secret-123", "org/served-7b")}
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert "sk-secret-123" not in path.read_text(errors="replace"), path
+    assert "sk-secret-123" not in result.stdout + result.stderr
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert metadata["server"] == {"backend": "url", "url": f"https://127.0.0.1:{server.server.server_port}",
+                                  "model": "org/served-7b", "gpu": "remote"}
+    assert "timing | url | org/served-7b | remote" in result.stdout and "| hf |" not in result.stdout
+    assert "--tokenizer PATH" in result.stdout  # says how prompt lengths are counted without one
+
+
+def test_url_preflight_stops_before_the_load_with_one_line(tmp_path):
+    respond, _ = production_like("sk-right", "served-7b")
+    refused_port = free_port()
+    with FaultServer(respond, model="served-7b") as server, \
+            FaultServer(lambda number, handler: error_reply(handler, 200, "plain JSON")) as plain:
+        cases = {
+            "no key": ([server.url], "HTTP 401, no API key was given: pass --api-key KEY or set OPENAI_API_KEY"),
+            "wrong key": ([server.url, "--api-key", "sk-wrong"], "the API key given was refused"),
+            "wrong model": ([server.url, "--api-key", "sk-right", "--served-model", "other"],
+                            "does not serve 'other' (it serves served-7b): pass --served-model NAME"),
+            "refused, no scheme": ([f"127.0.0.1:{refused_port}"],
+                                   f"cannot reach http://127.0.0.1:{refused_port}: [Errno 111] Connection refused"),
+            "not a stream": ([plain.url], "not an event stream"),
+        }
+        for name, (args, says) in cases.items():
+            result = run_cli("loadtest", "--url", *args, "--model", "tiny", "--scenario", TIMING, "--users", "1",
+                             "--results", str(tmp_path / "runs"), timeout=60)
+            assert result.returncode == 2 and says in result.stderr, (name, result.stderr)
+            assert len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
+    assert not (tmp_path / "runs").exists(), "a run directory was made for a server that failed its pre-flight"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -175,7 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--master-host", default="127.0.0.1",
                           help="address the master binds for workers (0.0.0.0 for workers on other machines)")
     loadtest.add_argument("--master-port", type=int, help="master port (default: a free one, 5557 with remote workers)")
-    loadtest.add_argument("--url", help="load-test a server that is already running at this base URL")
+    loadtest.add_argument("--url", help="load-test a server that is already running at this base URL "
+                                        "(http:// unless https:// is given); a test request checks it before the load")
+    loadtest.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                          help="--url: bearer token sent with every request (default: $OPENAI_API_KEY); never written "
+                               "to the run directory")
+    loadtest.add_argument("--served-model", help="--url: the model name the server serves (default: the one "
+                                                 "/v1/models lists, or the --model profile's name among several)")
+    loadtest.add_argument("--tokenizer", type=Path, help="--url: the served model's tokenizer.json (or its "
+                                                         "directory), to count prompt and reply tokens with")
     loadtest.add_argument("--results", type=Path, default=Path("results"), help="where run directories go")
     loadtest.add_argument("--compare", nargs="+", type=Path, metavar="DIR",
                           help="no run: one markdown table of every load-test run under these directories")
@@ -498,7 +507,10 @@ def cmd_loadtest(args) -> int:
     client = args.client or ("tgi" if spec.backend == "tgi" else "openai")
     if client == "tgi" and workers:
         raise ScenarioError("the TGI client runs in the tokenrig process only; drop --workers or use --client openai")
-    return run_session(spec, scenario, args.results, url=args.url, monitor=_monitor_options(args), slos=slos,
+    from tokenrig.serve.remote import RemoteOptions
+
+    remote = RemoteOptions(args.url, args.api_key, args.served_model, args.tokenizer) if args.url else None
+    return run_session(spec, scenario, args.results, remote=remote, monitor=_monitor_options(args), slos=slos,
                        search=search, workers=workers, client=client, seed_source=seed_source,
                        max_error_rate=args.max_error_rate,
                        scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout)
@@ -648,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     from tokenrig.profiles import UnknownProfileError
     from tokenrig.report.compare import CompareError
     from tokenrig.report.rundir import ResultsDirError
+    from tokenrig.serve.remote import RemoteError
     from tokenrig.serve.fit import FitError
     from tokenrig.serve.launcher import LaunchError
     from tokenrig.train.spec import TrainSpecError
@@ -658,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (UnknownProfileError, ScenarioError, LaunchError, FitError, TrainSpecError, CompareError,
-            ResultsDirError) as error:
+            ResultsDirError, RemoteError) as error:
         print(f"tokenrig: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

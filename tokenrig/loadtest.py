@@ -10,10 +10,8 @@ still summarises what finished.
 from __future__ import annotations
 
 import contextlib
-import json
-import urllib.request
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -25,41 +23,41 @@ from tokenrig.loadgen.runner import run_load
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
 from tokenrig.loadgen.search import SearchOptions, SloWatch, StepResult, find_max_rate
 from tokenrig.loadgen.users import LoadContext
-from tokenrig.loadgen.workload import Workload
+from tokenrig.loadgen.workload import API_PATHS, Workload
 from tokenrig.monitor.discovery import MonitorOptions
 from tokenrig.report.console import failed_line, render, render_steps
 from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
 from tokenrig.report.slo import Slo, judge
 from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
 from tokenrig.serve.launcher import Endpoint, LaunchedServer, ServerSpec
+from tokenrig.serve.remote import RemoteOptions, auth_headers
 from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics
 
 
-def served_context(base: str, model_name: str) -> int | None:
-    """The context the running server serves the model with: `max_model_len` of its /v1/models entry
-    (vLLM and tokenrig's servers say it; prompts past it are refused with HTTP 400), else None."""
-    try:
-        with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as response:
-            models = json.load(response).get("data") or []
-    except (OSError, ValueError):
-        return None
-    entry = next((m for m in models if m.get("id") == model_name), models[0] if len(models) == 1 else {})
-    value = entry.get("max_model_len")
-    return int(value) if isinstance(value, int) and value > 0 else None
+def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenario, client: str,
+                       progress=print) -> Endpoint:
+    """The server at --url, checked by one streaming request before any load (RemoteError names the fix)."""
+    from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
+    from tokenrig.serve.remote import RemoteServer, tokenizer_dir, whole_url
 
-
-def _existing_endpoint(url: str, spec: ServerSpec, progress=print) -> Endpoint:
-    from tokenrig.serve.checkpoint import tokenizer_dir
-
-    base = url.rstrip("/").removesuffix("/v1")
-    served = served_context(base, spec.model.key)
+    server = RemoteServer(whole_url(remote.url), remote.api_key)
+    model, served = server.served_model(remote.served_model, spec.model.key)
     if served is None:
         context = spec.max_model_len or spec.model.max_context
-        progress(f"the server at {base} does not say its context length: prompts are sized for {context} tokens "
-                 "(--max-model-len sets it)")
+        progress(f"the server at {server.base_url} does not say its context length: prompts are sized for "
+                 f"{context} tokens (--max-model-len sets it)")
     else:
         context = min(served, spec.max_model_len or served)
-    return Endpoint(base, f"{base}/metrics", spec.model.key, tokenizer_dir(spec.model), context)
+    if remote.tokenizer:
+        tokenizer = tokenizer_dir(remote.tokenizer)
+    else:
+        tokenizer = profile_tokenizer_dir(spec.model)
+        progress(f"prompt lengths are counted with tokenrig's word-level tokenizer of the {spec.model.key} profile; "
+                 "the server's own tokenizer may count them differently: --tokenizer PATH gives its tokenizer.json")
+    if client == "openai":
+        first = scenario.requests[0]
+        server.preflight(API_PATHS[first.api], model, chat=first.api == "chat")
+    return Endpoint(server.base_url, f"{server.base_url}/metrics", model, tokenizer, context)
 
 
 @dataclass
@@ -89,6 +87,7 @@ class Session:
     scrape_interval_s: float = 1.0  # the server's /metrics -> server_metrics.jsonl, every this many seconds
     request_timeout_s: float = 600.0  # silence that fails a request; also how long in-flight ones may drain
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # past this fraction of failed requests a step FAILED
+    headers: dict = field(default_factory=dict)  # sent with every request (the API key's Authorization)
 
     def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False) -> tuple[dict, object]:
         """Run one load plan; write step_dir/requests.jsonl and summary.json; return (summary, outcome)."""
@@ -99,7 +98,7 @@ class Session:
                             seed=load.seed)
         plan = LoadPlan(load)
         ctx = LoadContext(self.endpoint.base_url, plan, workload, self.tokenizer, sink, unix_offset=0.0,
-                          client=self.client, request_timeout_s=self.request_timeout_s)
+                          client=self.client, request_timeout_s=self.request_timeout_s, headers=self.headers)
         watch = None
         if stop_early and self.slos and plan.open_loop:
             from tokenrig.monitor.exporter import FanoutSink
@@ -174,28 +173,31 @@ def wait_server_idle(metrics_url: str, timeout_s: float = 300, progress=print) -
     progress(f"  server still busy after {timeout_s:.0f} s; measuring anyway")
 
 
-def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: str | None = None,
+def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote: RemoteOptions | None = None,
                 monitor: MonitorOptions | None = None, progress=print, slos: list[Slo] | None = None,
                 search: SearchOptions | None = None, workers: WorkerOptions | None = None,
                 client: str = "openai", scrape_interval_s: float = 1.0, request_timeout_s: float = 600.0,
                 seed_source: str = "scenario", max_error_rate: float = DEFAULT_MAX_ERROR_RATE) -> int:
     """Run a load test end to end; the exit status: 0, 1 when past `max_error_rate` (every step, for a
     search), 130 when interrupted."""
-    run_dir = new_run_dir(results_root, scenario.name, spec.backend, spec.model.key, spec.gpu.key)
+    endpoint = _existing_endpoint(remote, spec, scenario, client, progress) if remote else None
+    # a server tokenrig did not start is named by its URL and model, not by the backend/GPU flags' defaults
+    server_facts = ({"backend": "url", "url": endpoint.base_url, "model": endpoint.model_name, "gpu": "remote"}
+                    if remote else spec.describe())
+    run_dir = new_run_dir(results_root, scenario.name, server_facts["backend"], server_facts["model"],
+                          server_facts["gpu"])
     metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
                 "seed": scenario.load.seed, "seed_source": seed_source,
-                "server": spec.describe(), "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
+                "server": server_facts, "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
                 "search": search.__dict__ if search else None, **environment_facts()}
     write_json(run_dir / "metadata.json", metadata)
-    progress(f"run {run_dir.name}: scenario {scenario.name}, {spec.backend} backend, {spec.model.key} on {spec.gpu.key}, "
-             f"seed {scenario.load.seed} ({seed_source})")
+    where = (f"the server at {endpoint.base_url}" if remote
+             else f"{spec.backend} backend, {spec.model.key} on {spec.gpu.key}")
+    progress(f"run {run_dir.name}: scenario {scenario.name}, {where}, seed {scenario.load.seed} ({seed_source})")
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(stop_signals_interrupt())  # SIGTERM and an inherited-ignored SIGINT stop it too
-        if url:
-            endpoint = _existing_endpoint(url, spec, progress)
-            metadata["server"]["url"] = url
-        else:
+        if not remote:
             server = stack.enter_context(LaunchedServer(spec, run_dir / "server.log", progress=progress))
             endpoint = server.endpoint
             metadata["server"].update(server.plan.describe())  # the exact command, environment and memory plan
@@ -203,9 +205,10 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
         metadata["endpoint"] = {"base_url": endpoint.base_url, "metrics_url": endpoint.metrics_url}
         write_json(run_dir / "metadata.json", metadata)
         tokenizer = Tokenizer.from_file(str(Path(endpoint.tokenizer_dir) / "tokenizer.json"))
-        labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": spec.backend,
-                  "model": spec.model.key, "gpu": spec.gpu.key}
+        labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": metadata["server"]["backend"],
+                  "model": endpoint.model_name, "gpu": metadata["server"]["gpu"]}
         session = Session(run_dir, endpoint, tokenizer, scenario, labels, slos, monitor, progress,
+                          headers=auth_headers(remote.api_key if remote else None),
                           client=client, scrape_interval_s=scrape_interval_s, request_timeout_s=request_timeout_s,
                           max_error_rate=max_error_rate)
         if workers:
@@ -218,7 +221,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
             metadata["load_generator_workers"] = {"workers": workers.workers, "local": workers.local,
                                                   "master": f"{workers.bind_host}:{port}"}
             write_json(run_dir / "metadata.json", metadata)
-        title = f"{scenario.name} | {spec.backend} | {spec.model.key} | {spec.gpu.key}"
+        title = f"{scenario.name} | {labels['backend']} | {labels['model']} | {labels['gpu']}"
         if search is None:
             summary, outcome = session.run_step(scenario.load, run_dir)
             progress("")

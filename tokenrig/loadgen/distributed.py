@@ -125,7 +125,7 @@ class Master:
                 "base_url": ctx.base_url, "model_name": ctx.workload.model_name,
                 "max_context": ctx.workload.max_context, "seed": ctx.workload.seed,
                 "scenario": scenario.model_dump(mode="json"), "tokenizer": tokenizer_json,
-                "request_timeout_s": ctx.request_timeout_s}, client_id=client_id)
+                "request_timeout_s": ctx.request_timeout_s, "headers": ctx.headers}, client_id=client_id)
         deadline = time.monotonic() + 60
         while len(self._ready) < len(clients):
             if time.monotonic() > deadline:
@@ -253,7 +253,7 @@ def worker_main(argv: list[str] | None = None) -> None:
         plan = LoadPlan(scenario.load, start=data["start_unix"] - unix_offset, share=(data["index"], data["workers"]))
         workload = Workload(scenario, tokenizer, data["model_name"], data["max_context"], seed=data["seed"])
         ctx = LoadContext(data["base_url"], plan, workload, tokenizer, shipper, unix_offset=unix_offset,
-                          request_timeout_s=data["request_timeout_s"])
+                          request_timeout_s=data["request_timeout_s"], headers=data["headers"])
         environment.tokenrig = ctx
         step.update(ctx=ctx, index=data["index"], cpu=_cpu_seconds(), wall=time.perf_counter(), reported=False)
         gevent.spawn(report_when_done, ctx)

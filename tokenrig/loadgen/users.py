@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import gevent
@@ -40,6 +40,7 @@ class LoadContext:
     unix_offset: float  # unix time - perf_counter
     request_timeout_s: float = 600.0
     client: str = "openai"  # "tgi": TGIStreamingUser over /generate_stream
+    headers: dict = field(default_factory=dict)  # added to every request (an API key's Authorization)
     gave_up: bool = False  # the run stopped waiting for requests still in flight: they failed, not cancelled
     in_flight: int = 0
     completed: int = 0
@@ -91,9 +92,11 @@ class OpenAIStreamingUser(User):
     def on_start(self) -> None:
         self.ctx: LoadContext = self.environment.tokenrig
         url = urlsplit(self.ctx.base_url)
-        self.client = HTTPClient(url.hostname, url.port, concurrency=1, connection_timeout=30,
-                                 network_timeout=self.ctx.request_timeout_s)
+        https = url.scheme == "https"
+        self.client = HTTPClient(url.hostname, url.port or (443 if https else 80), ssl=https, concurrency=1,
+                                 connection_timeout=30, network_timeout=self.ctx.request_timeout_s)
         self.path_prefix = url.path.rstrip("/")
+        self.headers = {**HEADERS, **self.ctx.headers}
 
     def on_stop(self) -> None:
         self.client.close()
@@ -160,7 +163,7 @@ class OpenAIStreamingUser(User):
         record.send_lag_s = sent - due
         text_parts: list[str] = []
         try:
-            response = self.client.post(self.path_prefix + prepared.path, body=prepared.body, headers=HEADERS)
+            response = self.client.post(self.path_prefix + prepared.path, body=prepared.body, headers=self.headers)
             record.status = response.status_code
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {response.read()[:300].decode(errors='replace')}"

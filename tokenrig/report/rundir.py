@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
+import re
 import socket
 import subprocess
 import time
@@ -26,7 +27,8 @@ class ResultsDirError(OSError):
 def new_run_dir(root: Path, *parts: str) -> Path:
     if root.exists() and not root.is_dir():
         raise ResultsDirError(f"--results {root} is a file, not a directory: give a directory (it is created if missing)")
-    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + "-".join(p for p in parts if p)
+    # a served model's name may hold '/' (org/model): one path component per run
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + "-".join(re.sub(r"[^\w.-]", "_", p) for p in parts if p)
     path = root / run_id
     suffix = 1
     while path.exists():
