@@ -6,7 +6,9 @@ import http.server
 import json
 import os
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -413,3 +415,62 @@ def test_url_preflight_stops_before_the_load_with_one_line(tmp_path):
             assert result.returncode == 2 and says in result.stderr, (name, result.stderr)
             assert len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
     assert not (tmp_path / "runs").exists(), "a run directory was made for a server that failed its pre-flight"
+
+
+def stall_before_headers(number, handler):
+    if number == 0:  # the pre-flight request
+        return stream_reply(handler, 2)
+    time.sleep(8)
+
+
+def reset_mid_stream(number, handler):
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.end_headers()
+    handler.wfile.write(chunk_line(" word") * 5)
+    handler.wfile.flush()
+    if number:  # then an abortive close: the client's socket gets a TCP reset, not an orderly end
+        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        for stream in (handler.rfile, handler.wfile, handler.connection):  # the last reference closes the socket
+            stream.close()
+
+
+def huge_chunk(number, handler):
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.end_headers()
+    handler.wfile.write(chunk_line(" word" * 200_000))  # one 1-MB event carrying 200,000 tokens
+    handler.wfile.write(b"data: [DONE]\n\n")
+    handler.close_connection = True
+
+
+def too_many_requests(number, handler):
+    if number == 0:
+        return stream_reply(handler, 2)
+    error_reply(handler, 429, "rate limited", {"Retry-After": "30"})
+
+
+@pytest.mark.parametrize("respond, error_kind", [
+    (stall_before_headers, "timeout"),
+    (reset_mid_stream, "ConnectionResetError"),
+    (huge_chunk, None),
+    (too_many_requests, "HTTP 429"),
+])
+def test_every_request_sent_to_a_faulty_server_is_accounted(tmp_path, respond, error_kind):
+    """Each request the server received (the pre-flight one aside) is a record, ok or failed by its kind; the exit
+    status says whether the run failed."""
+    with FaultServer(respond) as server:
+        result = fault_run(server, tmp_path, "--request-timeout", "2")
+        received = server.posts - 1
+    run_dir = run_dir_of(result)
+    records = read_records(run_dir / "requests.jsonl")
+    summary = load_summary(run_dir)
+    requests = summary["requests"]
+    assert len(records) == received == requests["ok"] + requests["failed"] + requests["cancelled"], requests
+    if error_kind is None:
+        assert result.returncode == 0 and requests["failed"] == 0, result.stdout + result.stderr
+        assert all(r.output_tokens == 200_000 and r.truncated is False for r in records)
+    else:
+        assert result.returncode == 1 and "FAILED" in result.stdout, result.stdout + result.stderr
+        assert requests["ok"] == 0 and any(error_kind in kind.lower() or error_kind in kind
+                                           for kind in requests["errors_by_type"]), requests
