@@ -474,3 +474,28 @@ def test_every_request_sent_to_a_faulty_server_is_accounted(tmp_path, respond, e
         assert result.returncode == 1 and "FAILED" in result.stdout, result.stdout + result.stderr
         assert requests["ok"] == 0 and any(error_kind in kind.lower() or error_kind in kind
                                            for kind in requests["errors_by_type"]), requests
+
+
+def test_a_server_killed_mid_run_fails_the_rest_loudly_and_loses_no_record(tmp_path):
+    """SIGKILL to the sim server 2 s into a 6-s run: the streams it was serving and every later request fail by
+    kind, every request is a record, the run ends on time with FAILED and exit 1."""
+    process = start_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "50", "--sim-tpot-ms", "20",
+                        "--scenario", TIMING, "--users", "2", "--duration", "6", "--warmup", "0",
+                        "--request-timeout", "5", "--results", str(tmp_path))
+    wait_for_requests("*/requests.jsonl", tmp_path)
+    run_dir = next(tmp_path.iterdir())
+    port = json.loads((run_dir / "metadata.json").read_text())["endpoint"]["base_url"].rsplit(":", 1)[1]
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    server_pid = next(int(line.split()[0]) for line in ps.splitlines()
+                      if "tokenrig.serve.server" in line and f"--port {port}" in line)
+    time.sleep(1)
+    os.kill(server_pid, signal.SIGKILL)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1 and "FAILED: " in output, output
+    summary = load_summary(run_dir)
+    requests = summary["requests"]
+    records = read_records(run_dir / "requests.jsonl")
+    assert requests["ok"] > 0 and requests["failed"] > 0 and requests["cancelled"] == 0, requests
+    assert len(records) == requests["ok"] + requests["failed"] + requests["excluded_warmup_cooldown"]
+    assert all(r.ok or r.error for r in records)
+    assert "Traceback" not in output
