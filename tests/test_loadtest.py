@@ -96,7 +96,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_results(tmp_path, stop_signal):
     assert summary["interrupted"] and summary["requests"]["ok"] > 0
     metadata = json.loads((run_dir / "metadata.json").read_text())
     server_port = metadata["endpoint"]["base_url"].rsplit(":", 1)[1]
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"--port {server_port}" not in ps, "server still running after Ctrl-C"
     assert "interrupted" in output
 
