@@ -499,3 +499,8 @@ def test_a_server_killed_mid_run_fails_the_rest_loudly_and_loses_no_record(tmp_p
     assert len(records) == requests["ok"] + requests["failed"] + requests["excluded_warmup_cooldown"]
     assert all(r.ok or r.error for r in records)
     assert "Traceback" not in output
+
+
+def test_fit_takes_the_max_model_len_its_advice_names():
+    result = run_cli("fit", "--gpu", "h100-sxm", "--model", "7b", "--max-model-len", "2048", timeout=60)
+    assert result.returncode == 0 and "--max-model-len 2048" in result.stdout, result.stdout + result.stderr

@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--quant", default="bf16")
     fit.add_argument("--tp", type=int, default=None)
     fit.add_argument("--concurrency", type=int, default=16)
-    fit.add_argument("--context", type=int, default=None, help="tokens per request (default: the model's context)")
+    fit.add_argument("--context", "--max-model-len", dest="context", type=int, default=None,
+                     help="tokens per request (default: the model's context); --max-model-len, as its advice says")
     fit.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     _add_capacity_parser(commands)
     _add_report_parser(commands)
