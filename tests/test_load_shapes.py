@@ -98,7 +98,8 @@ load: {type: poisson, rate: 12, duration_s: 6, seed: 4}
     expected_hits = 256 * reused
     hits = after["vllm:prefix_cache_hits_total"] - before.get("vllm:prefix_cache_hits_total", 0)
     queries = after["vllm:prefix_cache_queries_total"] - before.get("vllm:prefix_cache_queries_total", 0)
-    assert queries == sum(r.prompt_tokens_usage for r in records)
+    # plus the few prompt tokens of --url's pre-flight request ("hello" in the chat template: no full block)
+    assert 0 < queries - sum(r.prompt_tokens_usage for r in records) < 16
     assert hits == expected_hits
     prefix_share = expected_hits / queries
     assert hits / queries == pytest.approx(prefix_share)
