@@ -504,3 +504,21 @@ def test_a_server_killed_mid_run_fails_the_rest_loudly_and_loses_no_record(tmp_p
 def test_fit_takes_the_max_model_len_its_advice_names():
     result = run_cli("fit", "--gpu", "h100-sxm", "--model", "7b", "--max-model-len", "2048", timeout=60)
     assert result.returncode == 0 and "--max-model-len 2048" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_taken_exporter_port_stops_the_run_with_one_line_and_no_server_left(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "10", "--sim-tpot-ms", "1", "--scenario",
+                         TIMING, "--users", "1", "--duration", "2", "--metrics-port", str(port),
+                         "--prometheus-targets", str(tmp_path / "targets"), "--results", str(tmp_path / "runs"),
+                         timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"--metrics-port {port}: Address already in use" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    metadata = json.loads(next((tmp_path / "runs").glob("*/metadata.json")).read_text())
+    server_port = metadata["endpoint"]["base_url"].rsplit(":", 1)[1]
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"--port {server_port} " not in ps, "the server outlived the run"

@@ -658,6 +658,7 @@ def cmd_report(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from tokenrig.loadgen.scenario import ScenarioError
+    from tokenrig.monitor.exporter import ExporterPortError
     from tokenrig.profiles import UnknownProfileError
     from tokenrig.report.compare import CompareError
     from tokenrig.report.rundir import ResultsDirError
@@ -672,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (UnknownProfileError, ScenarioError, LaunchError, FitError, TrainSpecError, CompareError,
-            ResultsDirError, RemoteError) as error:
+            ResultsDirError, RemoteError, ExporterPortError) as error:
         print(f"tokenrig: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
