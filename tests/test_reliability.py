@@ -522,3 +522,17 @@ def test_a_taken_exporter_port_stops_the_run_with_one_line_and_no_server_left(tm
     server_port = metadata["endpoint"]["base_url"].rsplit(":", 1)[1]
     ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"--port {server_port} " not in ps, "the server outlived the run"
+
+
+def test_a_scrape_target_that_is_down_leaves_the_load_test_measuring_and_says_so(tmp_path):
+    """The server answers requests but its /metrics is gone (404): every scrape fails and is counted, the load
+    test itself is untouched."""
+    with FaultServer(lambda number, handler: stream_reply(handler, 50, usage=50)) as server:
+        result = fault_run(server, tmp_path, "--scrape-interval", "0.5")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = load_summary(run_dir_of(result))
+    assert summary["requests"]["ok"] > 0 and summary["requests"]["failed"] == 0
+    scrapes = summary["server"]
+    assert scrapes["scrapes"] == 0 and scrapes["scrape_errors"] >= 3, scrapes
+    assert f"server       {scrapes['scrape_errors']} of {scrapes['scrape_errors']} scrapes of its /metrics failed" \
+        in result.stdout

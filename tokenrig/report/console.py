@@ -72,6 +72,10 @@ def render(summary: dict, title: str) -> str:
                          f"{'met' if verdict['met'] else 'MISSED'} ({verdict['confidence']})")
         lines.append(f"goodput      {slo['goodput_rps']:.2f} req/s meet every SLO "
                      f"({slo['good_fraction']:.0%} of measured requests)")
+    server = summary.get("server") or {}
+    if server.get("scrape_errors"):
+        lines.append(f"server       {server['scrape_errors']} of {server['scrape_errors'] + server['scrapes']} scrapes "
+                     "of its /metrics failed: server_metrics.jsonl has gaps")
     if requests.get("too_many_errors"):
         lines.append(failed_line(requests))
     if summary["window"].get("problem"):
