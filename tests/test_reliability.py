@@ -536,3 +536,19 @@ def test_a_scrape_target_that_is_down_leaves_the_load_test_measuring_and_says_so
     assert scrapes["scrapes"] == 0 and scrapes["scrape_errors"] >= 3, scrapes
     assert f"server       {scrapes['scrape_errors']} of {scrapes['scrape_errors']} scrapes of its /metrics failed" \
         in result.stdout
+
+
+def test_a_stop_signal_while_the_server_starts_stops_everything_with_130(tmp_path):
+    process = start_cli("loadtest", "--backend", "sim", "--scenario", TIMING, "--users", "1", "--duration", "30",
+                        "--results", str(tmp_path))
+    lines = iter(process.stdout.readline, "")
+    started = next(line for line in lines if line.startswith("starting sim server: "))
+    time.sleep(0.5)  # the server process is up, not healthy yet (it takes seconds to load)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert "Traceback" not in output and "interrupted" in output
+    assert not list(tmp_path.glob("*/requests.jsonl")), "the load started after the stop signal"
+    port = started.split("--port ", 1)[1].split()[0]
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"--port {port} " not in ps, "the server outlived the run"
