@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -21,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import DATA, REPO, load_summary, run_cli, run_dir_of
 from tokenrig.loadgen.records import read_records
+from tokenrig.profiles import resolve_model
+from tokenrig.serve.checkpoint import tokenizer_dir
 from tokenrig.serve.launcher import free_port
 
 TIMING = str(DATA / "timing.yaml")
@@ -552,3 +555,23 @@ def test_a_stop_signal_while_the_server_starts_stops_everything_with_130(tmp_pat
     port = started.split("--port ", 1)[1].split()[0]
     ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"--port {port} " not in ps, "the server outlived the run"
+
+
+def test_records_that_cannot_be_written_stop_the_run_loudly(tmp_path):
+    """A 40-kB file-size limit (what a full disk does to a write): the load stops as soon as a record cannot be
+    written, the error says which file, why and how many records were lost, exit 1, and every record written
+    before is intact."""
+    limit = 40_000
+    tokenizer_dir(resolve_model("tiny"))  # written before the limit: a tokenizer is larger than 40 kB
+    process = subprocess.run(
+        [sys.executable, "-m", "tokenrig.cli", "loadtest", "--backend", "sim", "--sim-ttft-ms", "10", "--sim-tpot-ms",
+         "1", "--scenario", TIMING, "--users", "2", "--duration", "20", "--warmup", "0", "--results", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert process.returncode == 1, process.stdout + process.stderr
+    run_dir = next(tmp_path.iterdir())
+    assert f"cannot write {run_dir / 'requests.jsonl'}: File too large; the load was stopped" in process.stderr
+    assert "Traceback" not in process.stderr and len(process.stderr.strip().splitlines()) == 1, process.stderr
+    records = read_records(run_dir / "requests.jsonl")
+    assert records and all(r.ok for r in records)
+    assert (run_dir / "requests.jsonl").stat().st_size <= limit

@@ -657,6 +657,7 @@ def cmd_report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tokenrig.loadgen.records import RecordWriteError
     from tokenrig.loadgen.scenario import ScenarioError
     from tokenrig.monitor.exporter import ExporterPortError
     from tokenrig.profiles import UnknownProfileError
@@ -676,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
             ResultsDirError, RemoteError, ExporterPortError) as error:
         print(f"tokenrig: error: {error}", file=sys.stderr)
         return 2
+    except RecordWriteError as error:
+        print(f"tokenrig: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -116,11 +116,15 @@ class Session:
             scraper = stack.enter_context(MetricsScraper(self.endpoint.metrics_url, step_dir / "server_metrics.jsonl",
                                                          self.scrape_interval_s))
             self.progress(f"load: {plan.describe()} for {load.duration_s:g} s (warm-up {load.warmup_s:g} s)")
-            stop_when = watch.decided if watch else None
+
+            def stop_when() -> bool:  # a record that cannot be written stops the load as a missed SLO does
+                return sink.error is not None or (watch is not None and watch.decided())
+
             if self.master:
                 outcome = self.master.run(ctx, scenario, self.tokenizer.to_str(), stop_when=stop_when)
             else:
                 outcome = run_load(ctx, progress=self.progress, stop_when=stop_when)
+        sink.check()
         records = read_records(step_dir / "requests.jsonl")
         duration, ran = load.duration_s, None
         if outcome.interrupted or outcome.stopped_early:  # the window ends when the load stopped
