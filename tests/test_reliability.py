@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -575,3 +576,15 @@ def test_records_that_cannot_be_written_stop_the_run_loudly(tmp_path):
     records = read_records(run_dir / "requests.jsonl")
     assert records and all(r.ok for r in records)
     assert (run_dir / "requests.jsonl").stat().st_size <= limit
+
+
+def test_a_run_directory_deleted_mid_run_stops_the_run_loudly(tmp_path):
+    process = start_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "10", "--sim-tpot-ms", "1",
+                        "--scenario", TIMING, "--users", "2", "--duration", "60", "--warmup", "0",
+                        "--results", str(tmp_path))
+    records = wait_for_requests("*/requests.jsonl", tmp_path)
+    shutil.rmtree(records.parent)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, output
+    assert f"tokenrig: error: {records} was deleted during the run: the load was stopped" in output
+    assert "Traceback" not in output

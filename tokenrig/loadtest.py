@@ -118,7 +118,7 @@ class Session:
             self.progress(f"load: {plan.describe()} for {load.duration_s:g} s (warm-up {load.warmup_s:g} s)")
 
             def stop_when() -> bool:  # a record that cannot be written stops the load as a missed SLO does
-                return sink.error is not None or (watch is not None and watch.decided())
+                return sink.failing or (watch is not None and watch.decided())
 
             if self.master:
                 outcome = self.master.run(ctx, scenario, self.tokenizer.to_str(), stop_when=stop_when)

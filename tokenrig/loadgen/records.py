@@ -89,7 +89,15 @@ class JsonlSink:
         except OSError as error:  # the last buffered bytes could not be flushed
             self.error = self.error or error
 
+    @property
+    def failing(self) -> bool:
+        """A write failed, or the file was deleted (writes would go on into an unlinked file, then vanish)."""
+        return self.error is not None or not self.path.exists()
+
     def check(self) -> None:
+        if not self.path.exists():
+            raise RecordWriteError(f"{self.path} was deleted during the run: the load was stopped; the records "
+                                   "it held are gone")
         if self.error is not None:
             raise RecordWriteError(f"cannot write {self.path}: {self.error.strerror or self.error}; the load was "
                                    f"stopped, {self.unwritten} records could not be written (every record before "
