@@ -588,3 +588,21 @@ def test_a_run_directory_deleted_mid_run_stops_the_run_loudly(tmp_path):
     assert process.returncode == 1, output
     assert f"tokenrig: error: {records} was deleted during the run: the load was stopped" in output
     assert "Traceback" not in output
+
+
+def test_a_stop_signal_during_the_drain_cancels_the_requests_still_in_flight(tmp_path):
+    """2 users of 5-s requests for a 2-s plan: SIGTERM 3 s in, while the run waits for the requests in flight
+    after the plan's end. They are cancelled, not failed; exit 130."""
+    process = start_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "10", "--sim-tpot-ms", "100",
+                        "--scenario", TIMING, "--users", "2", "--duration", "2", "--warmup", "0",
+                        "--results", str(tmp_path))
+    next(line for line in iter(process.stdout.readline, "") if line.startswith("load: "))
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    run_dir = next(tmp_path.iterdir())
+    requests = load_summary(run_dir)["requests"]
+    assert requests["cancelled"] == 2 and requests["failed"] == 0 and requests["ok"] == 0, requests
+    assert len(read_records(run_dir / "requests.jsonl")) == 2
+    assert "Traceback" not in output
