@@ -39,7 +39,8 @@ def test_trace_replay_sends_the_traces_arrivals_and_lengths(sim_server, tmp_path
     _, run_dir = against(sim_server, "--scenario", "mooncake_replay", "--duration", "8", "--results", str(tmp_path))
     records = sorted(read_records(run_dir / "requests.jsonl"), key=lambda r: r.arrival_index)
     scenario = load_scenario("mooncake_replay")
-    schedule = trace_schedule(scenario.load.model_copy(update={"duration_s": 8}))
+    seed = json.loads((run_dir / "metadata.json").read_text())["seed"]  # the run's own: Mooncake's buckets are spread
+    schedule = trace_schedule(scenario.load.model_copy(update={"duration_s": 8, "seed": seed}))
     assert [r.arrival_index for r in records] == list(range(len(schedule)))
     start = records[0].scheduled_at - schedule[0][0]
     for record, (offset, row) in zip(records, schedule):
@@ -97,7 +98,8 @@ load: {type: poisson, rate: 12, duration_s: 6, seed: 4}
     expected_hits = 256 * reused
     hits = after["vllm:prefix_cache_hits_total"] - before.get("vllm:prefix_cache_hits_total", 0)
     queries = after["vllm:prefix_cache_queries_total"] - before.get("vllm:prefix_cache_queries_total", 0)
-    assert queries == sum(r.prompt_tokens_usage for r in records)
+    # plus the few prompt tokens of --url's pre-flight request ("hello" in the chat template: no full block)
+    assert 0 < queries - sum(r.prompt_tokens_usage for r in records) < 16
     assert hits == expected_hits
     prefix_share = expected_hits / queries
     assert hits / queries == pytest.approx(prefix_share)

@@ -6,16 +6,18 @@ import numpy as np
 import pytest
 
 from tests.test_summary import record
-from tokenrig.loadgen.search import step_duration
+from tokenrig.loadgen.search import SloWatch, step_duration, violations_that_miss
 from tokenrig.report.slo import Slo, SloError, judge, parse_slos, percentile_interval, samples_for
 
 
 def test_parse_slos_reads_units_and_rejects_nonsense():
-    assert parse_slos("ttft_p99=500ms, tpot_p99=50ms,e2e_p50=2") == [
+    assert parse_slos("ttft_p99=500ms, tpot_p99=50ms,e2e_p50=2s") == [
         Slo("ttft", 99, 0.5), Slo("tpot", 99, 0.05), Slo("e2e", 50, 2.0)]
     assert parse_slos("itl_p99.9=800us")[0].threshold_s == pytest.approx(0.0008)
-    for bad in ("ttft=5ms", "latency_p99=1s", "ttft_p100=1s", ""):
-        with pytest.raises(SloError):
+    for bad, says in (("ttft=5ms", "cannot read"), ("latency_p99=1s", "cannot read"), ("ttft_p100=1s", "percentile"),
+                      ("", "no SLO"), ("ttft_p99=500", "no unit: write ttft_p99=500ms or ttft_p99=500s"),
+                      ("ttft_p99=0ms", "above 0"), ("ttft_p99=1s,ttft_p99=2s", "twice")):
+        with pytest.raises(SloError, match=says):
             parse_slos(bad)
 
 
@@ -49,3 +51,30 @@ def test_step_duration_collects_the_tail_samples():
     assert step_duration(slos, rate=10, tail_samples=10, warmup_s=5, min_s=10, max_s=1000) == pytest.approx(105)
     assert step_duration(slos, rate=10, tail_samples=10, warmup_s=5, min_s=10, max_s=60) == 60
     assert step_duration(slos, rate=1000, tail_samples=10, warmup_s=0, min_s=10, max_s=60) == 10
+
+
+@pytest.mark.parametrize("slow", [1, 2])
+def test_slo_watch_stops_a_step_only_once_its_percentile_cannot_be_met(slow):
+    """39 x 20 ms + 1 x 60 ms has TTFT p99 44.4 ms, under a 50-ms SLO: the watch must not stop the step.
+    A second 60-ms request makes p99 60 ms whatever comes after: then it stops. Its verdict agrees with
+    judge() over the same 40 requests."""
+    slos = parse_slos("ttft_p99=50ms")
+    ttfts = [0.060] * slow + [0.020] * (40 - slow)
+    records = [record(i, i, ttft, [ttft, ttft + 0.01], [1, 1], ttft + 0.01, 2) for i, ttft in enumerate(ttfts)]
+    watch = SloWatch(slos, expected_requests=40)
+    for r in records[:slow]:  # the slow requests end first: the watch sees them before the rest
+        watch.write(r)
+    missed = not judge(records, slos, window_s=10)["all_met"]
+    assert watch.decided() == missed == (slow == 2)
+    assert judge(records, slos, 10)["slos"]["ttft_p99"]["value_s"] == pytest.approx(0.0444 if slow == 1 else 0.060)
+
+
+def test_violations_that_miss_match_numpy_percentiles():
+    rng = random.Random(3)
+    for _ in range(300):
+        samples, percentile = rng.randint(1, 400), rng.choice([50, 90, 95, 99, 99.9])
+        needed = violations_that_miss(percentile, samples)
+        worst_case_met = [0.0] * (samples - needed + 1) + [1.0] * (needed - 1)  # fast values at 0, violations at 1
+        assert np.percentile(worst_case_met, percentile) < 1.0
+        missed = [0.0] * (samples - needed) + [1.0] * needed
+        assert np.percentile(missed, percentile) == 1.0

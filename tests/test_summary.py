@@ -39,8 +39,10 @@ def test_summary_windows_errors_and_health():
     facts = RunFacts(duration_s=10, warmup_s=1, cooldown_s=0, plan_start_unix=start, target_rate=None,
                      client_cpu_fraction=0.05)
     summary = summarize(records, facts)
-    assert summary["requests"] == {"total": 4, "measured": 3, "ok": 2, "failed": 1, "excluded_warmup_cooldown": 1,
-                                   "errors_by_type": {"HTTP 500": 1}}
+    assert summary["requests"] == {"total": 4, "measured": 3, "ok": 2, "failed": 1, "cancelled": 0,
+                                   "excluded_warmup_cooldown": 1, "errors_by_type": {"HTTP 500": 1},
+                                   "error_examples": {"HTTP 500": "HTTP 500: boom"}, "error_rate": pytest.approx(1 / 3),
+                                   "max_error_rate": 0.05, "too_many_errors": True}
     assert summary["latency_s"]["ttft"]["p50"] == pytest.approx(0.25)
     # 5 tokens of requests 2 and 3 arrive in the 9-s window, plus none of request 1 (it ended at start+0.7)
     assert summary["throughput"]["output_tokens_per_s"] == pytest.approx(5 / 9)

@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -79,6 +81,55 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
 
 
+def _fraction(text: str) -> float:
+    """'5%' or '0.05' -> 0.05, within [0, 1]."""
+    try:
+        value = float(text.removesuffix("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction: {text!r} (write 0.05 or 5%)") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1 (0% and 100%)")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """A finite number > 0 (a rate of 0 or inf, a negative timeout are refused, not ignored or hung on)."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text!r}")
+    return value
+
+
+def _not_negative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text!r}")
+    return value
+
+
+def _users(text: str) -> int | str:
+    """A closed loop's user count (1 or more), or 'sweep'."""
+    if text == "sweep":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of users (or 'sweep' with --sweep), not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 user, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenrig", description="Measure LLM serving and training speed and cost on your own hardware.",
@@ -92,15 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_server_args(loadtest)
     loadtest.add_argument("--scenario", default="chat", help="name in scenarios/serving/ or a path to a .yaml file")
-    loadtest.add_argument("--users", help="closed loop: this many concurrent streams ('sweep' with --sweep)")
-    loadtest.add_argument("--rate", type=float, help="open loop: requests per second (Poisson unless --arrival)")
+    loadtest.add_argument("--users", type=_users, help="closed loop: this many concurrent streams ('sweep' with --sweep)")
+    loadtest.add_argument("--rate", type=_positive, help="open loop: requests per second (Poisson unless --arrival)")
     loadtest.add_argument("--arrival", choices=["poisson", "constant", "gamma"], default="poisson")
-    loadtest.add_argument("--burstiness", type=float, help="gamma arrivals: coefficient of variation of the gaps")
-    loadtest.add_argument("--duration", type=float, help="seconds of load (overrides the scenario)")
-    loadtest.add_argument("--warmup", type=float, help="seconds excluded at the start")
-    loadtest.add_argument("--request-timeout", type=float, default=600.0,
+    loadtest.add_argument("--burstiness", type=_positive, help="gamma arrivals: coefficient of variation of the gaps")
+    loadtest.add_argument("--seed", type=int, help="seed of arrivals and prompts: the same seed sends the same "
+                                                   "prompts (default: a fresh one per run, recorded in metadata.json)")
+    loadtest.add_argument("--duration", type=_positive, help="seconds of load (overrides the scenario)")
+    loadtest.add_argument("--warmup", type=_not_negative, help="seconds excluded at the start")
+    loadtest.add_argument("--request-timeout", type=_positive, default=600.0,
                           help="seconds without a byte from the server before a request counts as failed; after "
                                "the load ends, in-flight requests get this long to finish (default 600)")
+    loadtest.add_argument("--max-error-rate", type=_fraction, default=0.05,
+                          help="fraction (or percent: 5%%) of measured requests that may fail before the run is "
+                               "FAILED, with exit status 1 (default 5%%)")
     loadtest.add_argument("--slo", help="service-level objectives, e.g. ttft_p99=500ms,tpot_p99=50ms: judged with a "
                                         "confidence statement, goodput reported")
     loadtest.add_argument("--find-max", action="store_true",
@@ -111,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--tail-samples", type=int, default=10,
                           help="--find-max: samples beyond the judged percentile each step must collect (default 10: "
                                "1000 requests for a p99)")
-    loadtest.add_argument("--precision", type=float, default=0.05, help="--find-max: stop when the bracket is this tight")
-    loadtest.add_argument("--max-step", type=float, default=300, help="--find-max: longest step, seconds")
+    loadtest.add_argument("--precision", type=_positive, default=0.05, help="--find-max: stop when the bracket is this tight")
+    loadtest.add_argument("--max-step", type=_positive, default=300, help="--find-max: longest step, seconds")
     loadtest.add_argument("--workers", type=_workers_arg,
                           help="distributed load: a Locust master here and N worker processes splitting the schedule "
                                "(spawned here unless --local-workers); 'auto': as many as the plan's expected chunk "
@@ -122,14 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--master-host", default="127.0.0.1",
                           help="address the master binds for workers (0.0.0.0 for workers on other machines)")
     loadtest.add_argument("--master-port", type=int, help="master port (default: a free one, 5557 with remote workers)")
-    loadtest.add_argument("--url", help="load-test a server that is already running at this base URL")
+    loadtest.add_argument("--url", help="load-test a server that is already running at this base URL "
+                                        "(http:// unless https:// is given); a test request checks it before the load")
+    loadtest.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                          help="--url: bearer token sent with every request (default: $OPENAI_API_KEY); never written "
+                               "to the run directory")
+    loadtest.add_argument("--served-model", help="--url: the model name the server serves (default: the one "
+                                                 "/v1/models lists, or the --model profile's name among several)")
+    loadtest.add_argument("--tokenizer", type=Path, help="--url: the served model's tokenizer.json (or its "
+                                                         "directory), to count prompt and reply tokens with")
     loadtest.add_argument("--results", type=Path, default=Path("results"), help="where run directories go")
     loadtest.add_argument("--compare", nargs="+", type=Path, metavar="DIR",
                           help="no run: one markdown table of every load-test run under these directories")
     loadtest.add_argument("--client", choices=["openai", "tgi"], default=None,
                           help="request API: OpenAI streaming, or TGI's /generate_stream through huggingface_hub's "
                                "InferenceClient (default: tgi for --backend tgi, else openai)")
-    loadtest.add_argument("--scrape-interval", type=float, default=1.0,
+    loadtest.add_argument("--scrape-interval", type=_positive, default=1.0,
                           help="seconds between scrapes of the server's /metrics into server_metrics.jsonl")
     loadtest.add_argument("--metrics-port", type=int, default=None,
                           help="expose live Prometheus metrics on this port (0 = any free port)")
@@ -166,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--quant", default="bf16")
     fit.add_argument("--tp", type=int, default=None)
     fit.add_argument("--concurrency", type=int, default=16)
-    fit.add_argument("--context", type=int, default=None, help="tokens per request (default: the model's context)")
+    fit.add_argument("--context", "--max-model-len", dest="context", type=int, default=None,
+                     help="tokens per request (default: the model's context); --max-model-len, as its advice says")
     fit.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     _add_capacity_parser(commands)
     _add_report_parser(commands)
@@ -397,9 +462,12 @@ def _workers_arg(value: str) -> int | str:
     if value == "auto":
         return value
     try:
-        return int(value)
+        workers = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--workers takes a number or 'auto', not {value!r}") from None
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"--workers takes a number of processes (1 or more) or 'auto', not {value}")
+    return workers
 
 
 def _planned_chunk_rate(scenario, search, spec) -> float:
@@ -444,18 +512,20 @@ def cmd_loadtest(args) -> int:
 
     from pydantic import ValidationError
 
-    from tokenrig.loadgen.scenario import ScenarioError, load_scenario
+    from tokenrig.loadgen.scenario import ScenarioError, load_scenario, with_run_seed
     from tokenrig.loadgen.search import SearchOptions
     from tokenrig.report.slo import SloError, parse_slos
 
     scenario = load_scenario(args.scenario)
-    load = scenario.load
+    load, seed_source = with_run_seed(scenario.load, args.seed)
     try:
         slos = parse_slos(args.slo) if args.slo else None
     except SloError as error:
         raise ScenarioError(str(error)) from None
     search = None
     sweep_users = args.users == "sweep"
+    if args.rate and args.users and not sweep_users:
+        raise ScenarioError("give --users (closed loop) or --rate (open loop), not both")
     if args.find_max:
         if not slos:
             raise ScenarioError("--find-max needs --slo, e.g. --slo ttft_p99=500ms,tpot_p99=50ms")
@@ -471,11 +541,6 @@ def cmd_loadtest(args) -> int:
             args.rate = values[0]  # a rate sweep runs open loop
     if sweep_users:
         args.users = None
-    elif args.users is not None:
-        try:
-            args.users = int(args.users)
-        except ValueError:
-            raise ScenarioError(f"--users takes a number (or 'sweep' with --sweep), not {args.users!r}") from None
     if args.users:
         load = load.model_copy(update={"type": "concurrency", "users": args.users, "rate": None, "stages": None,
                                        "trace": None})
@@ -511,8 +576,12 @@ def cmd_loadtest(args) -> int:
     client = args.client or ("tgi" if spec.backend == "tgi" else "openai")
     if client == "tgi" and workers:
         raise ScenarioError("the TGI client runs in the tokenrig process only; drop --workers or use --client openai")
-    return run_session(spec, scenario, args.results, url=args.url, monitor=_monitor_options(args), slos=slos,
-                       search=search, workers=workers, client=client,
+    from tokenrig.serve.remote import RemoteOptions
+
+    remote = RemoteOptions(args.url, args.api_key, args.served_model, args.tokenizer) if args.url else None
+    return run_session(spec, scenario, args.results, remote=remote, monitor=_monitor_options(args), slos=slos,
+                       search=search, workers=workers, client=client, seed_source=seed_source,
+                       max_error_rate=args.max_error_rate,
                        scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout)
 
 
@@ -656,9 +725,13 @@ def cmd_report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tokenrig.loadgen.records import RecordWriteError
     from tokenrig.loadgen.scenario import ScenarioError
+    from tokenrig.monitor.exporter import ExporterPortError
     from tokenrig.profiles import UnknownProfileError
     from tokenrig.report.compare import CompareError
+    from tokenrig.report.rundir import ResultsDirError
+    from tokenrig.serve.remote import RemoteError
     from tokenrig.serve.fit import FitError
     from tokenrig.serve.launcher import LaunchError
     from tokenrig.train.spec import TrainSpecError
@@ -671,9 +744,13 @@ def main(argv: list[str] | None = None) -> int:
     except FitError as error:  # a valid question whose answer is no
         print(f"tokenrig: does not fit: {error}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
-    except (UnknownProfileError, ScenarioError, LaunchError, TrainSpecError, CompareError) as error:
+    except (UnknownProfileError, ScenarioError, LaunchError, TrainSpecError, CompareError,
+            ResultsDirError, RemoteError, ExporterPortError) as error:
         print(f"tokenrig: error: {error}", file=sys.stderr)
         return 2
+    except RecordWriteError as error:
+        print(f"tokenrig: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -10,10 +10,8 @@ still summarises what finished.
 from __future__ import annotations
 
 import contextlib
-import json
-import urllib.request
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -25,41 +23,41 @@ from tokenrig.loadgen.runner import run_load
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
 from tokenrig.loadgen.search import SearchOptions, SloWatch, StepResult, find_max_rate
 from tokenrig.loadgen.users import LoadContext
-from tokenrig.loadgen.workload import Workload
+from tokenrig.loadgen.workload import API_PATHS, Workload
 from tokenrig.monitor.discovery import MonitorOptions
-from tokenrig.report.console import render, render_steps
+from tokenrig.report.console import failed_line, render, render_steps
 from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
 from tokenrig.report.slo import Slo, judge
-from tokenrig.report.summary import RunFacts, summarize
+from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
 from tokenrig.serve.launcher import Endpoint, LaunchedServer, ServerSpec
+from tokenrig.serve.remote import RemoteOptions, auth_headers
 from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics, wait_server_idle
 
 
-def served_context(base: str, model_name: str) -> int | None:
-    """The context the running server serves the model with: `max_model_len` of its /v1/models entry
-    (vLLM and tokenrig's servers say it; prompts past it are refused with HTTP 400), else None."""
-    try:
-        with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as response:
-            models = json.load(response).get("data") or []
-    except (OSError, ValueError):
-        return None
-    entry = next((m for m in models if m.get("id") == model_name), models[0] if len(models) == 1 else {})
-    value = entry.get("max_model_len")
-    return int(value) if isinstance(value, int) and value > 0 else None
+def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenario, client: str,
+                       progress=print) -> Endpoint:
+    """The server at --url, checked by one streaming request before any load (RemoteError names the fix)."""
+    from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
+    from tokenrig.serve.remote import RemoteServer, tokenizer_dir, whole_url
 
-
-def _existing_endpoint(url: str, spec: ServerSpec, progress=print) -> Endpoint:
-    from tokenrig.serve.checkpoint import tokenizer_dir
-
-    base = url.rstrip("/").removesuffix("/v1")
-    served = served_context(base, spec.model.key)
+    server = RemoteServer(whole_url(remote.url), remote.api_key)
+    model, served = server.served_model(remote.served_model, spec.model.key)
     if served is None:
         context = spec.max_model_len or spec.model.max_context
-        progress(f"the server at {base} does not say its context length: prompts are sized for {context} tokens "
-                 "(--max-model-len sets it)")
+        progress(f"the server at {server.base_url} does not say its context length: prompts are sized for "
+                 f"{context} tokens (--max-model-len sets it)")
     else:
         context = min(served, spec.max_model_len or served)
-    return Endpoint(base, f"{base}/metrics", spec.model.key, tokenizer_dir(spec.model), context)
+    if remote.tokenizer:
+        tokenizer = tokenizer_dir(remote.tokenizer)
+    else:
+        tokenizer = profile_tokenizer_dir(spec.model)
+        progress(f"prompt lengths are counted with tokenrig's word-level tokenizer of the {spec.model.key} profile; "
+                 "the server's own tokenizer may count them differently: --tokenizer PATH gives its tokenizer.json")
+    if client == "openai":
+        first = scenario.requests[0]
+        server.preflight(API_PATHS[first.api], model, chat=first.api == "chat")
+    return Endpoint(server.base_url, f"{server.base_url}/metrics", model, tokenizer, context)
 
 
 @dataclass
@@ -88,6 +86,8 @@ class Session:
     client: str = "openai"  # "tgi": requests go to /generate_stream through InferenceClient
     scrape_interval_s: float = 1.0  # the server's /metrics -> server_metrics.jsonl, every this many seconds
     request_timeout_s: float = 600.0  # silence that fails a request; also how long in-flight ones may drain
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # past this fraction of failed requests a step FAILED
+    headers: dict = field(default_factory=dict)  # sent with every request (the API key's Authorization)
 
     def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False) -> tuple[dict, object]:
         """Run one load plan; write step_dir/requests.jsonl and summary.json; return (summary, outcome)."""
@@ -98,7 +98,7 @@ class Session:
                             seed=load.seed)
         plan = LoadPlan(load)
         ctx = LoadContext(self.endpoint.base_url, plan, workload, self.tokenizer, sink, unix_offset=0.0,
-                          client=self.client, request_timeout_s=self.request_timeout_s)
+                          client=self.client, request_timeout_s=self.request_timeout_s, headers=self.headers)
         watch = None
         if stop_early and self.slos and plan.open_loop:
             from tokenrig.monitor.exporter import FanoutSink
@@ -116,21 +116,26 @@ class Session:
             scraper = stack.enter_context(MetricsScraper(self.endpoint.metrics_url, step_dir / "server_metrics.jsonl",
                                                          self.scrape_interval_s))
             self.progress(f"load: {plan.describe()} for {load.duration_s:g} s (warm-up {load.warmup_s:g} s)")
-            stop_when = watch.decided if watch else None
+
+            def stop_when() -> bool:  # a record that cannot be written stops the load as a missed SLO does
+                return sink.failing or (watch is not None and watch.decided())
+
             if self.master:
                 outcome = self.master.run(ctx, scenario, self.tokenizer.to_str(), stop_when=stop_when)
             else:
                 outcome = run_load(ctx, progress=self.progress, stop_when=stop_when)
+        sink.check()
         records = read_records(step_dir / "requests.jsonl")
-        duration = load.duration_s
+        duration, ran = load.duration_s, None
         if outcome.interrupted or outcome.stopped_early:  # the window ends when the load stopped
-            ran = time.perf_counter() - plan.start
+            ran = (outcome.stopped_at or time.perf_counter()) - plan.start
             duration = max(min(duration, ran + load.cooldown_s), load.warmup_s + load.cooldown_s + 1e-3)
         facts = RunFacts(duration_s=duration, warmup_s=load.warmup_s, cooldown_s=load.cooldown_s,
                          plan_start_unix=plan.start + ctx.unix_offset, target_rate=plan.target_rate,
                          client_cpu_fraction=outcome.client_cpu_fraction, interrupted=outcome.interrupted,
-                         scheduled_in_window=None if outcome.stopped_early else plan.scheduled_in_window(),
-                         load_processes=self.master.expected if self.master else 1)
+                         scheduled_in_window=plan.scheduled_in_window(until_s=ran),
+                         load_processes=self.master.expected if self.master else 1,
+                         max_error_rate=self.max_error_rate)
         summary = summarize(records, facts)
         if self.master:
             summary["load_generator"]["workers"] = [
@@ -147,23 +152,31 @@ class Session:
         return summary, outcome
 
 
-def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: str | None = None,
+def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote: RemoteOptions | None = None,
                 monitor: MonitorOptions | None = None, progress=print, slos: list[Slo] | None = None,
                 search: SearchOptions | None = None, workers: WorkerOptions | None = None,
-                client: str = "openai", scrape_interval_s: float = 1.0, request_timeout_s: float = 600.0) -> int:
-    run_dir = new_run_dir(results_root, scenario.name, spec.backend, spec.model.key, spec.gpu.key)
+                client: str = "openai", scrape_interval_s: float = 1.0, request_timeout_s: float = 600.0,
+                seed_source: str = "scenario", max_error_rate: float = DEFAULT_MAX_ERROR_RATE) -> int:
+    """Run a load test end to end; the exit status: 0, 1 when past `max_error_rate` (every step, for a
+    search), 130 when interrupted."""
+    endpoint = _existing_endpoint(remote, spec, scenario, client, progress) if remote else None
+    # a server tokenrig did not start is named by its URL and model, not by the backend/GPU flags' defaults
+    server_facts = ({"backend": "url", "url": endpoint.base_url, "model": endpoint.model_name, "gpu": "remote"}
+                    if remote else spec.describe())
+    run_dir = new_run_dir(results_root, scenario.name, server_facts["backend"], server_facts["model"],
+                          server_facts["gpu"])
     metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
-                "server": spec.describe(), "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
+                "seed": scenario.load.seed, "seed_source": seed_source,
+                "server": server_facts, "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
                 "search": search.__dict__ if search else None, **environment_facts()}
     write_json(run_dir / "metadata.json", metadata)
-    progress(f"run {run_dir.name}: scenario {scenario.name}, {spec.backend} backend, {spec.model.key} on {spec.gpu.key}")
+    where = (f"the server at {endpoint.base_url}" if remote
+             else f"{spec.backend} backend, {spec.model.key} on {spec.gpu.key}")
+    progress(f"run {run_dir.name}: scenario {scenario.name}, {where}, seed {scenario.load.seed} ({seed_source})")
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(stop_signals_interrupt())  # SIGTERM and an inherited-ignored SIGINT stop it too
-        if url:
-            endpoint = _existing_endpoint(url, spec, progress)
-            metadata["server"]["url"] = url
-        else:
+        if not remote:
             server = stack.enter_context(LaunchedServer(spec, run_dir / "server.log", progress=progress))
             endpoint = server.endpoint
             metadata["server"].update(server.plan.describe())  # the exact command, environment and memory plan
@@ -171,10 +184,12 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
         metadata["endpoint"] = {"base_url": endpoint.base_url, "metrics_url": endpoint.metrics_url}
         write_json(run_dir / "metadata.json", metadata)
         tokenizer = Tokenizer.from_file(str(Path(endpoint.tokenizer_dir) / "tokenizer.json"))
-        labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": spec.backend,
-                  "model": spec.model.key, "gpu": spec.gpu.key}
+        labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": metadata["server"]["backend"],
+                  "model": endpoint.model_name, "gpu": metadata["server"]["gpu"]}
         session = Session(run_dir, endpoint, tokenizer, scenario, labels, slos, monitor, progress,
-                          client=client, scrape_interval_s=scrape_interval_s, request_timeout_s=request_timeout_s)
+                          headers=auth_headers(remote.api_key if remote else None),
+                          client=client, scrape_interval_s=scrape_interval_s, request_timeout_s=request_timeout_s,
+                          max_error_rate=max_error_rate)
         if workers:
             from tokenrig.loadgen.distributed import DEFAULT_MASTER_PORT, Master
             from tokenrig.serve.launcher import free_port
@@ -185,28 +200,26 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, url: s
             metadata["load_generator_workers"] = {"workers": workers.workers, "local": workers.local,
                                                   "master": f"{workers.bind_host}:{port}"}
             write_json(run_dir / "metadata.json", metadata)
-        title = f"{scenario.name} | {spec.backend} | {spec.model.key} | {spec.gpu.key}"
+        title = f"{scenario.name} | {labels['backend']} | {labels['model']} | {labels['gpu']}"
         if search is None:
             summary, outcome = session.run_step(scenario.load, run_dir)
             progress("")
             progress(render(summary, f"{title} | {summary['load']['plan']}"))
-            interrupted = outcome.interrupted
+            interrupted, failed = outcome.interrupted, summary["requests"]["too_many_errors"]
         else:
-            interrupted = _run_search(session, search, title)
+            interrupted, failed = _run_search(session, search, title)
     progress(f"\nresults: {run_dir}")
-    return 130 if interrupted else 0
+    return 130 if interrupted else 1 if failed else 0
 
 
-def _run_search(session: Session, search: SearchOptions, title: str) -> bool:
-    """Sweep or SLO search; writes search.json and prints the curve. Returns True if interrupted."""
+def _run_search(session: Session, search: SearchOptions, title: str) -> tuple[bool, bool]:
+    """Sweep or SLO search; writes search.json and prints the curve. Returns (interrupted, every step FAILED):
+    a search past its capacity sees errors, but a search none of whose steps served is no measurement."""
     base, progress = session.scenario.load, session.progress
     steps: list[StepResult] = []
     interrupted = False
 
     def measure(value: float) -> StepResult:
-        nonlocal interrupted
-        if interrupted:
-            raise KeyboardInterrupt
         load = search.step_load(base, value, session.slos, len(steps))
         label = f"{'users' if search.sweep_users else 'rate'}-{value:.4g}"
         step_dir = session.run_dir / "steps" / f"{len(steps) + 1:02d}-{label}"
@@ -214,10 +227,10 @@ def _run_search(session: Session, search: SearchOptions, title: str) -> bool:
         summary, outcome = session.run_step(load, step_dir, stop_early=search.mode == "find-max")
         step = StepResult(value, summary, stopped_early=outcome.stopped_early)
         steps.append(step)
-        if outcome.interrupted:
-            interrupted = True
         document = {"mode": search.mode, "steps": [s.row() for s in steps]}
         write_json(session.run_dir / "search.json", document)
+        if outcome.interrupted:  # the search must not judge a step cut short
+            raise KeyboardInterrupt
         return step
 
     document: dict = {"mode": search.mode}
@@ -232,9 +245,12 @@ def _run_search(session: Session, search: SearchOptions, title: str) -> bool:
     except KeyboardInterrupt:
         interrupted = True
         progress("  interrupted: the curve below covers the steps finished so far")
-        document["stop_reason"] = "interrupted"
+        document.update(stop_reason="interrupted", max_rate_meeting_slos=None)
     document["steps"] = [s.row() for s in steps]
     write_json(session.run_dir / "search.json", document)
     progress("")
     progress(render_steps(document, title, session.slos))
-    return interrupted
+    failed = [s.summary["requests"] for s in steps if s.summary["requests"]["too_many_errors"]]
+    if steps and len(failed) == len(steps):
+        progress(failed_line(failed[-1]))
+    return interrupted, bool(steps) and len(failed) == len(steps)

@@ -125,7 +125,7 @@ class Master:
                 "base_url": ctx.base_url, "model_name": ctx.workload.model_name,
                 "max_context": ctx.workload.max_context, "seed": ctx.workload.seed,
                 "scenario": scenario.model_dump(mode="json"), "tokenizer": tokenizer_json,
-                "request_timeout_s": ctx.request_timeout_s}, client_id=client_id)
+                "request_timeout_s": ctx.request_timeout_s, "headers": ctx.headers}, client_id=client_id)
         deadline = time.monotonic() + 60
         while len(self._ready) < len(clients):
             if time.monotonic() > deadline:
@@ -137,6 +137,7 @@ class Master:
         self.runner.start(users, spawn_rate=users / (START_LEAD_S / 4))
         wall_start = time.perf_counter()
         interrupted = timed_out = stopped_early = False
+        stopped_at = None
         give_up_at = plan.end + ctx.request_timeout_s + 30
         next_report = plan.start + progress_every_s
         try:
@@ -147,7 +148,7 @@ class Master:
                     timed_out = True
                     break
                 if stop_when is not None and stop_when():
-                    stopped_early = True
+                    stopped_early, stopped_at = True, now
                     break
                 if now >= next_report:
                     next_report += progress_every_s
@@ -155,7 +156,7 @@ class Master:
                     self.progress(f"  [{progress:5.0f}s/{plan.spec.duration_s:.0f}s] records {self.received:6d}  "
                                   f"workers done {len(self._done)}/{len(clients)}")
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted, stopped_at = True, time.perf_counter()
             self.progress("  interrupted: stopping workers, keeping every record received")
         finally:
             self.runner.stop()
@@ -167,7 +168,7 @@ class Master:
         # each worker is one process on (at most) one core: the busiest one judges the client
         busiest = max(reports, key=lambda r: r.cpu_fraction, default=None)
         return DistributedOutcome(wall, busiest.cpu_fraction * wall if busiest else 0.0, interrupted, timed_out,
-                                  stopped_early, workers=reports)
+                                  stopped_early, stopped_at, workers=reports)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -253,7 +254,7 @@ def worker_main(argv: list[str] | None = None) -> None:
         plan = LoadPlan(scenario.load, start=data["start_unix"] - unix_offset, share=(data["index"], data["workers"]))
         workload = Workload(scenario, tokenizer, data["model_name"], data["max_context"], seed=data["seed"])
         ctx = LoadContext(data["base_url"], plan, workload, tokenizer, shipper, unix_offset=unix_offset,
-                          request_timeout_s=data["request_timeout_s"])
+                          request_timeout_s=data["request_timeout_s"], headers=data["headers"])
         environment.tokenrig = ctx
         step.update(ctx=ctx, index=data["index"], cpu=_cpu_seconds(), wall=time.perf_counter(), reported=False)
         gevent.spawn(report_when_done, ctx)

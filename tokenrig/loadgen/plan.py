@@ -220,11 +220,14 @@ class LoadPlan:
             return len(self._offsets) / self.spec.duration_s
         return self.spec.rate
 
-    def scheduled_in_window(self) -> int | None:
-        """Open loop: arrivals of the whole plan due inside the steady-state window."""
+    def scheduled_in_window(self, until_s: float | None = None) -> int | None:
+        """Open loop: arrivals of the plan due inside the steady-state window (and before `until_s`, seconds
+        from the start, when the load was stopped then)."""
         if not self.open_loop:
             return None
         low, high = self.spec.warmup_s, self.spec.duration_s - self.spec.cooldown_s
+        if until_s is not None:
+            high = min(high, until_s)
         return bisect.bisect_left(self._offsets, high) - bisect.bisect_left(self._offsets, low)
 
     def describe(self) -> str:

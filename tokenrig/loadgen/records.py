@@ -11,6 +11,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# A request in flight when the load test was stopped: the server did nothing wrong, so it is cancelled,
+# not failed.
+CANCELLED = "aborted: load test stopped before the response ended"
+GAVE_UP = "Timeout: response still not finished --request-timeout seconds after the load ended"
+
 
 @dataclass
 class RequestRecord:
@@ -36,37 +41,79 @@ class RequestRecord:
     turn: int = 0  # turn of a multi-turn conversation (0 = first)
     prefix_id: int | None = None  # shared prefix sent, if any
     prefix_reused: bool = False  # that prefix had been sent before
+    truncated: bool = False  # the stream ended with fewer tokens than max_tokens (every request forces its length)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     @property
+    def cancelled(self) -> bool:
+        return self.error == CANCELLED
+
+    @property
     def output_tokens(self) -> int:
-        """Server-reported usage when present, else the client's tokenizer count."""
-        if self.output_tokens_usage is not None:
-            return self.output_tokens_usage
-        return self.output_tokens_tokenizer or 0
+        """The tokens the stream carried (the client's tokenizer count of the text received), else the server's
+        usage: a server's `completion_tokens: 999` for 20 streamed tokens must not make TPOT 0.2 ms."""
+        if self.output_tokens_tokenizer is not None:
+            return self.output_tokens_tokenizer
+        return self.output_tokens_usage or 0
+
+
+class RecordWriteError(OSError):
+    """Records could not be written (disk full, file-size limit, directory gone): the run must stop."""
 
 
 class JsonlSink:
+    """Appends each record as one line. A failed write never raises into the request that ended: the first
+    error is kept and the records not written are counted, for the run to stop and say so."""
+
     def __init__(self, path: Path):
         self.path = path
         self._file = path.open("a", buffering=1)
+        self.error: OSError | None = None
+        self.unwritten = 0
 
     def write(self, record: RequestRecord) -> None:
         # vars(), not dataclasses.asdict(): asdict deep-copies the per-chunk lists, 180 µs a record
         # against 33 µs, and at hundreds of streams those microseconds delay the other greenlets
-        self._file.write(json.dumps(vars(record), separators=(",", ":")) + "\n")
+        try:
+            self._file.write(json.dumps(vars(record), separators=(",", ":")) + "\n")
+        except OSError as error:
+            self.error = self.error or error
+            self.unwritten += 1
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as error:  # the last buffered bytes could not be flushed
+            self.error = self.error or error
+
+    @property
+    def failing(self) -> bool:
+        """A write failed, or the file was deleted (writes would go on into an unlinked file, then vanish)."""
+        return self.error is not None or not self.path.exists()
+
+    def check(self) -> None:
+        if not self.path.exists():
+            raise RecordWriteError(f"{self.path} was deleted during the run: the load was stopped; the records "
+                                   "it held are gone")
+        if self.error is not None:
+            raise RecordWriteError(f"cannot write {self.path}: {self.error.strerror or self.error}; the load was "
+                                   f"stopped, {self.unwritten} records could not be written (every record before "
+                                   "them is in the file)")
 
 
 def read_records(path: Path) -> list[RequestRecord]:
+    """Every complete record; a last line cut short (the process died, or the disk filled, mid-write) is skipped."""
     records = []
     with path.open() as handle:
         for line in handle:
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 records.append(RequestRecord(**json.loads(line)))
+            except json.JSONDecodeError:
+                if line.endswith("\n"):
+                    raise
     return records

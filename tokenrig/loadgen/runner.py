@@ -26,6 +26,7 @@ class LoadOutcome:
     interrupted: bool
     timed_out: bool
     stopped_early: bool = False  # `stop_when` decided the outcome before the plan ended
+    stopped_at: float | None = None  # perf_counter time the load was stopped (interrupted or stopped early)
 
     @property
     def client_cpu_fraction(self) -> float:
@@ -56,6 +57,7 @@ def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0, st
     freeze_heap()
     cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
     interrupted = timed_out = stopped_early = False
+    stopped_at = None
     runner.start(plan.pool_size, spawn_rate=plan.pool_size / (SPAWN_LEAD_S / 2))
     give_up_at = plan.end + ctx.request_timeout_s
     try:
@@ -66,10 +68,10 @@ def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0, st
             if now > plan.end and ctx.in_flight == 0:
                 break
             if now > give_up_at:
-                timed_out = True
+                timed_out = ctx.gave_up = True
                 break
             if stop_when is not None and stop_when():
-                stopped_early = True
+                stopped_early, stopped_at = True, now
                 break
             if now >= next_report:
                 next_report += progress_every_s
@@ -78,10 +80,10 @@ def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0, st
                          f"done {ctx.completed:6d}  errors {ctx.failed:4d}  in flight {ctx.in_flight:4d}  "
                          f"output {ctx.output_tokens / max(elapsed, 1e-9):8.1f} tok/s")
     except KeyboardInterrupt:
-        interrupted = True
+        interrupted, stopped_at = True, time.perf_counter()
         progress("  interrupted: stopping users, keeping every finished request")
     finally:
         runner.quit()
         ctx.finishers.join(timeout=10)  # records of streams that ended just before the stop
     wall = time.perf_counter() - wall_start
-    return LoadOutcome(wall, _cpu_seconds() - cpu_start, interrupted, timed_out, stopped_early)
+    return LoadOutcome(wall, _cpu_seconds() - cpu_start, interrupted, timed_out, stopped_early, stopped_at)

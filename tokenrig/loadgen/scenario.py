@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import random
+import secrets
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -250,7 +251,8 @@ class LoadPlanSpec(_Strict):
     warmup_s: float = Field(default=0, ge=0)
     cooldown_s: float = Field(default=0, ge=0)
     max_in_flight: int = Field(default=512, ge=1, description="open-loop safety cap on concurrent requests")
-    seed: int = 0
+    seed: int = Field(default=0, description="arrivals and prompts; a run draws a fresh one unless the scenario "
+                                             "or --seed gives it")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -309,6 +311,17 @@ class Scenario(_Strict):
             prompt += share * sum(request_class.input_tokens.sample(rng) for _ in range(samples))
             output += share * sum(request_class.output_tokens.sample(rng) for _ in range(samples))
         return prompt, output
+
+
+def with_run_seed(load: LoadPlanSpec, seed: int | None) -> tuple[LoadPlanSpec, str]:
+    """The load plan with the seed this run uses, and where it came from: --seed, the scenario file, or a
+    fresh random one. Repeating a seed repeats the prompts, and a server's prefix cache then serves them
+    from cache, so runs draw fresh prompts unless asked to repeat."""
+    if seed is not None:
+        return load.model_copy(update={"seed": seed}), "--seed"
+    if "seed" in load.model_fields_set:
+        return load, "scenario"
+    return load.model_copy(update={"seed": secrets.randbelow(2**31)}), "random"
 
 
 def _line_of(node: yaml.Node, location: tuple) -> int | None:

@@ -23,7 +23,7 @@ from locust.exception import StopUser
 from tokenizers import Tokenizer
 
 from tokenrig.loadgen.plan import LoadPlan
-from tokenrig.loadgen.records import RequestRecord
+from tokenrig.loadgen.records import CANCELLED, GAVE_UP, RequestRecord
 from tokenrig.loadgen.workload import PreparedRequest, Workload
 
 HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -42,6 +42,8 @@ class LoadContext:
     unix_offset: float  # unix time - perf_counter
     request_timeout_s: float = 600.0
     client: str = "openai"  # "tgi": TGIStreamingUser over /generate_stream
+    headers: dict = field(default_factory=dict)  # added to every request (an API key's Authorization)
+    gave_up: bool = False  # the run stopped waiting for requests still in flight: they failed, not cancelled
     in_flight: int = 0
     completed: int = 0
     failed: int = 0
@@ -97,6 +99,7 @@ def count_tokens(ctx: LoadContext, record: RequestRecord, texts: list[str]) -> s
     # encode, not the batch methods, which hand the work to tokenizers' thread pool: inside a 64-stream run
     # on one pinned core this took 0.57 ms p50 a request with encode_batch_fast, 0.44 ms with encode
     record.output_tokens_tokenizer = len(ctx.tokenizer.encode(reply, add_special_tokens=False).ids)
+    record.truncated = record.output_tokens < record.max_tokens
     return reply
 
 
@@ -128,8 +131,12 @@ def content_fast(line: bytes) -> str | None:
     return line[start:end].decode()
 
 
-def parse_openai_chunk(payload: dict) -> tuple[str, dict | None]:
-    """Content text and usage (if any) of one OpenAI streaming chunk, chat or completions."""
+def parse_openai_chunk(payload: dict | list) -> tuple[str, dict | None]:
+    """Content text and usage (if any) of one OpenAI streaming chunk, chat or completions; some servers
+    batch several chunks into one event as a JSON array."""
+    if isinstance(payload, list):
+        parts = [parse_openai_chunk(item) for item in payload]
+        return "".join(text for text, _ in parts), next((usage for _, usage in reversed(parts) if usage), None)
     text = ""
     for choice in payload.get("choices") or ():
         delta = choice.get("delta")
@@ -147,8 +154,11 @@ class OpenAIStreamingUser(User):
         self.ctx: LoadContext = self.environment.tokenrig
         url = urlsplit(self.ctx.base_url)
         # no network_timeout: silence is the watchdog's (LoadContext.watch_stream), not a timer per read
-        self.client = HTTPClient(url.hostname, url.port, concurrency=1, connection_timeout=30, network_timeout=None)
+        https = url.scheme == "https"
+        self.client = HTTPClient(url.hostname, url.port or (443 if https else 80), ssl=https, concurrency=1,
+                                 connection_timeout=30, network_timeout=None)
         self.path_prefix = url.path.rstrip("/")
+        self.headers = {**HEADERS, **self.ctx.headers}
 
     def on_stop(self) -> None:
         self.client.close()
@@ -235,11 +245,17 @@ class OpenAIStreamingUser(User):
         record.send_lag_s = sent - due
         activity = self.ctx.watch_stream()
         try:
-            response = self.client.post(self.path_prefix + prepared.path, body=prepared.body, headers=HEADERS)
+            response = self.client.post(self.path_prefix + prepared.path, body=prepared.body, headers=self.headers)
             record.status = response.status_code
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {response.read()[:300].decode(errors='replace')}"
                 return
+            content_type = response.get("content-type") or ""
+            if content_type and not content_type.startswith("text/event-stream"):
+                record.error = (f"not an event stream: HTTP 200 with Content-Type {content_type}, "
+                                f"{response.read()[:200].decode(errors='replace')}")
+                return
+            done = False
             # the per-chunk loop: bound methods in locals, nothing allocated but the line and the text
             readline, clock, offsets, add_text = response.readline, time.perf_counter, record.chunk_offsets_s, texts.append
             add_offset = offsets.append
@@ -253,7 +269,10 @@ class OpenAIStreamingUser(User):
                 text = content_fast(line)
                 if text is None:
                     data = line[5:].strip()
+                    if not data:  # an empty data field is legal SSE
+                        continue
                     if data == b"[DONE]":
+                        done = True
                         break
                     text, usage = parse_openai_chunk(json.loads(data))
                     if usage:
@@ -265,10 +284,13 @@ class OpenAIStreamingUser(User):
                     add_offset(now - due)
                     add_text(text)
             end_stream(record, due)
+            if not done and record.ok:  # the connection closed mid-reply: an incomplete answer, not a short one
+                record.error = (f"incomplete stream: the connection closed before [DONE], after "
+                                f"{len(texts)} content chunks")
         except Exception as error:  # noqa: BLE001 - every failure becomes a record, never a crash
             record.error = f"{type(error).__name__}: {error}"
-        except BaseException:  # the run was stopped (Ctrl-C) while this request was in flight
-            record.error = "aborted: load test stopped before the response ended"
+        except BaseException:  # the run was stopped (Ctrl-C), or gave up on this request, while it was in flight
+            record.error = GAVE_UP if self.ctx.gave_up else CANCELLED
             raise
         finally:
             self.ctx.reading.pop(gevent.getcurrent(), None)
@@ -313,6 +335,6 @@ class TGIStreamingUser(OpenAIStreamingUser):
             record.error = f"HTTP {record.status}: {str(error)[:300]}"
         except Exception as error:  # noqa: BLE001 - every failure becomes a record, never a crash
             record.error = f"{type(error).__name__}: {error}"
-        except BaseException:  # the run was stopped (Ctrl-C) while this request was in flight
-            record.error = "aborted: load test stopped before the response ended"
+        except BaseException:  # the run was stopped (Ctrl-C), or gave up on this request, while it was in flight
+            record.error = GAVE_UP if self.ctx.gave_up else CANCELLED
             raise

@@ -19,6 +19,10 @@ from tokenrig.loadgen.records import RequestRecord
 from tokenrig.monitor.discovery import TargetFile
 from tokenrig.report.summary import itl_gaps, tpot
 
+
+class ExporterPortError(OSError):
+    """The exporter's port cannot be bound (taken, or not allowed)."""
+
 # 1 ms .. 10 min, roughly 2.5x apart: resolves ITL milliseconds and minute-long E2E alike
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5,
                    0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -62,7 +66,11 @@ class LoadgenMetrics:
             self.target_rate.labels(*labels).set(ctx.plan.target_rate)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as error:
+            raise ExporterPortError(f"--metrics-port {port}: {error.strerror or error} on {host}: choose a free "
+                                    "port, or 0 for any") from None
         return server.server_port
 
 

@@ -7,13 +7,45 @@ def _ms(stats: dict | None, key: str) -> str:
     return f"{stats[key] * 1000:9.1f}" if stats else f"{'-':>9}"
 
 
+def error_mix(errors_by_type: dict[str, int], top: int = 3) -> str:
+    """'38 HTTP 503, 2 ReadTimeout': the most frequent error kinds first."""
+    ranked = sorted(errors_by_type.items(), key=lambda item: -item[1])
+    text = ", ".join(f"{count} {kind or 'unknown error'}" for kind, count in ranked[:top])
+    rest = sum(count for _, count in ranked[top:])
+    return text + (f", {rest} other" if rest else "")
+
+
+def failed_line(requests: dict) -> str:
+    """The verdict of a run past --max-error-rate, with its most frequent error and one message of it."""
+    kind = next(iter(sorted(requests["errors_by_type"].items(), key=lambda item: -item[1])))[0]
+    example = (requests.get("error_examples") or {}).get(kind, kind)
+    return (f"FAILED: {requests['error_rate']:.0%} of {requests['measured']} measured requests failed "
+            f"(--max-error-rate {requests['max_error_rate']:.0%}): {error_mix(requests['errors_by_type'])}; "
+            f"e.g. {example}")
+
+
+def data_quality(tokens: dict, ok: int) -> str:
+    """How far the tokens can be trusted: streamed counts against the server's usage, requests cut short."""
+    checked = tokens.get("requests_checked_against_usage")
+    usage = (f"{tokens['usage_vs_tokenizer_mismatches']} of {checked} requests' usage differs from the tokens "
+             f"streamed (streamed counted)" if checked else "no server usage to check tokens against")
+    return f"tokens       {usage}; {tokens['requests_short_of_max_tokens']} of {ok} truncated (short of max_tokens)"
+
+
 def render(summary: dict, title: str) -> str:
     latency = summary["latency_s"]
     lines = [title, "", f"{'metric (ms)':<12}{'p50':>9}{'p90':>9}{'p99':>9}{'mean':>9}{'max':>9}  n"]
+    uncertain = []  # metrics whose p99 has too few samples for a 95 % interval
     for name in ("ttft", "itl", "tpot", "e2e"):
         stats = latency[name]
         cells = "".join(_ms(stats, key) for key in ("p50", "p90", "p99", "mean", "max"))
+        if stats and "p99_ci95" in stats and stats["p99_ci95"] is None:
+            uncertain.append(f"{name.upper()} ({stats['count']})")
+            cells = cells[:18] + f"{stats['p99'] * 1000:8.1f}*" + cells[27:]
         lines.append(f"{name.upper():<12}{cells}  {stats['count'] if stats else 0}")
+    if uncertain:
+        lines.append(f"* p99 from too few samples for a 95 % confidence interval (about 380 needed): "
+                     f"{', '.join(uncertain)}; indicative only, measure longer")
     throughput, requests = summary["throughput"], summary["requests"]
     health = summary["load_generator"]
     lag = health["schedule_lag_s"]
@@ -22,8 +54,10 @@ def render(summary: dict, title: str) -> str:
         f"throughput   {throughput['output_tokens_per_s']:.1f} output tok/s   "
         f"{throughput['requests_per_s']:.2f} req/s   {throughput['input_tokens_per_s']:.1f} input tok/s",
         f"requests     {requests['ok']} ok, {requests['failed']} failed"
-        + (f" {requests['errors_by_type']}" if requests["failed"] else "")
+        + (f" ({error_mix(requests['errors_by_type'])})" if requests["failed"] else "")
+        + (f", {requests['cancelled']} cancelled (in flight when the load stopped)" if requests.get("cancelled") else "")
         + f", {requests['excluded_warmup_cooldown']} in warm-up/cool-down (excluded)",
+        data_quality(summary["tokens"], requests["ok"]),
         f"window       {summary['window']['seconds']:.1f} s steady state",
         f"client       lag p50 {_ms(lag, 'p50').strip()} ms p99 {_ms(lag, 'p99').strip()} ms, "
         f"CPU {health['client_cpu_fraction']:.0%} of a core"
@@ -38,6 +72,12 @@ def render(summary: dict, title: str) -> str:
                          f"{'met' if verdict['met'] else 'MISSED'} ({verdict['confidence']})")
         lines.append(f"goodput      {slo['goodput_rps']:.2f} req/s meet every SLO "
                      f"({slo['good_fraction']:.0%} of measured requests)")
+    server = summary.get("server") or {}
+    if server.get("scrape_errors"):
+        lines.append(f"server       {server['scrape_errors']} of {server['scrape_errors'] + server['scrapes']} scrapes "
+                     "of its /metrics failed: server_metrics.jsonl has gaps")
+    if requests.get("too_many_errors"):
+        lines.append(failed_line(requests))
     if summary["window"].get("problem"):
         lines.append(f"NO MEASUREMENT: {summary['window']['problem']}.")
     if not health["valid"]:
@@ -61,7 +101,9 @@ def render_steps(document: dict, title: str, slos) -> str:
             verdict = "meets SLOs" if row["slo_met"] else "misses SLOs"
         else:
             verdict = ""
-        if row["saturated"]:
+        if row.get("interrupted"):
+            verdict = "interrupted (no verdict)"
+        elif row["saturated"]:
             verdict += " saturated" if not row["stopped_early"] else " stopped early (SLO already missed)"
         if not row["loadgen_valid"]:
             verdict += " LOADGEN INVALID"
@@ -71,8 +113,13 @@ def render_steps(document: dict, title: str, slos) -> str:
                      f"{ms(row['tpot_p50_s'])}{ms(row['tpot_p99_s'])}{goodput}  {verdict.strip()}")
     if document["mode"] == "find-max":
         best = document.get("max_rate_meeting_slos")
-        lines += ["", f"max rate meeting every SLO: {best:.3g} req/s" if best is not None
-                  else "no rate tried met every SLO", f"search: {document.get('stop_reason', '')}"]
+        if document.get("stop_reason") == "interrupted":
+            conclusion = "search interrupted: no max rate (an interrupted step is no verdict)"
+        elif best is not None:
+            conclusion = f"max rate meeting every SLO: {best:.3g} req/s"
+        else:
+            conclusion = "no rate tried met every SLO"
+        lines += ["", conclusion, f"search: {document.get('stop_reason', '')}"]
         for name, verdict in (document["steps"][-1]["slos"] if document["steps"] else {}).items():
             lines.append(f"last step {name}: {verdict['samples']} samples, {verdict['confidence']}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
+import re
 import socket
 import subprocess
 import time
@@ -19,14 +20,24 @@ import tokenrig
 PACKAGES = ("torch", "transformers", "locust", "tokenizers", "aiohttp", "prometheus-client", "deepspeed", "vllm")
 
 
+class ResultsDirError(OSError):
+    """The results root cannot hold run directories (a file, unwritable, ...)."""
+
+
 def new_run_dir(root: Path, *parts: str) -> Path:
-    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + "-".join(p for p in parts if p)
+    if root.exists() and not root.is_dir():
+        raise ResultsDirError(f"--results {root} is a file, not a directory: give a directory (it is created if missing)")
+    # a served model's name may hold '/' (org/model): one path component per run
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + "-".join(re.sub(r"[^\w.-]", "_", p) for p in parts if p)
     path = root / run_id
     suffix = 1
     while path.exists():
         suffix += 1
         path = root / f"{run_id}-{suffix}"
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as error:
+        raise ResultsDirError(f"cannot create a run directory under --results {root}: {error.strerror or error}") from None
     return path
 
 

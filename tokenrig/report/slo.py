@@ -16,11 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokenrig.loadgen.records import RequestRecord
-from tokenrig.report.summary import itl_gaps, tpot
+from tokenrig.report.summary import itl_gaps, percentile_interval, tpot
 
 METRICS = ("ttft", "tpot", "itl", "e2e")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-Z_95 = 1.959964
 
 
 class SloError(ValueError):
@@ -50,17 +49,25 @@ class Slo:
 
 
 def parse_slos(text: str) -> list[Slo]:
-    """'ttft_p99=500ms,tpot_p99=50ms' -> [Slo(...), ...]; units us, ms or s (default s)."""
+    """'ttft_p99=500ms,tpot_p99=50ms' -> [Slo(...), ...]; each threshold above 0 with its unit (us, ms or s),
+    each metric and percentile once: `ttft_p99=500` is 500 what? and two ttft_p99 leave the judge to guess."""
     slos = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         match = re.fullmatch(r"(ttft|tpot|itl|e2e)_p(\d+(?:\.\d+)?)\s*=\s*(\d+(?:\.\d+)?)\s*(us|ms|s)?", part)
         if not match:
-            raise SloError(f"cannot read SLO {part!r}: write METRIC_pPCT=VALUE[us|ms|s] with METRIC one of "
+            raise SloError(f"cannot read SLO {part!r}: write METRIC_pPCT=VALUE(us|ms|s) with METRIC one of "
                            f"{', '.join(METRICS)}, e.g. ttft_p99=500ms,tpot_p99=50ms")
         metric, percentile, value, unit = match.groups()
+        if unit is None:
+            raise SloError(f"SLO {part!r} has no unit: write {part}ms or {part}s")
         if not 0 < float(percentile) < 100:
             raise SloError(f"SLO {part!r}: the percentile must be between 0 and 100")
-        slos.append(Slo(metric, float(percentile), float(value) * _UNITS[unit or "s"]))
+        if float(value) <= 0:
+            raise SloError(f"SLO {part!r}: the threshold must be above 0")
+        slo = Slo(metric, float(percentile), float(value) * _UNITS[unit])
+        if any(earlier.name == slo.name for earlier in slos):
+            raise SloError(f"SLO {slo.name} is given twice: keep one")
+        slos.append(slo)
     if not slos:
         raise SloError("no SLO given")
     return slos
@@ -75,18 +82,6 @@ def recorded_slos(metadata: dict) -> list[Slo]:
 def samples_for(percentile: float, beyond: int) -> int:
     """Samples needed so that `beyond` of them are expected past the percentile (10 past p99: 1000)."""
     return math.ceil(beyond * 100 / (100 - percentile) - 1e-9)  # 1e-9: 5 / (1 - 0.9) is 50.000000000000014
-
-
-def percentile_interval(values: np.ndarray, percentile: float) -> tuple[float, float] | None:
-    """Distribution-free 95 % confidence interval of a percentile from sorted order statistics."""
-    n = values.size
-    p = percentile / 100
-    spread = Z_95 * math.sqrt(n * p * (1 - p))
-    low, high = math.floor(n * p - spread), math.ceil(n * p + spread)
-    if low < 1 or high > n:
-        return None  # too few samples for a two-sided interval at this percentile
-    ordered = np.sort(values)
-    return float(ordered[low - 1]), float(ordered[high - 1])
 
 
 def judge(records: list[RequestRecord], slos: list[Slo], window_s: float) -> dict:

@@ -261,6 +261,9 @@ class OpenAIServer:
         except EngineUnavailable as error:
             return web.json_response({"error": {"message": str(error), "type": "ServiceUnavailable", "code": 503}},
                                      status=503)
+        if body.get("model") not in (None, self.model_name):  # as vLLM answers a model it does not serve
+            return web.json_response({"error": {"message": f"The model `{body['model']}` does not exist.",
+                                                "type": "NotFoundError", "code": 404}}, status=404)
         tokens = self._tokens(prompt_ids, sampling, arrival)
 
         object_name = "chat.completion" if chat else "text_completion"
