@@ -44,6 +44,7 @@ SCRIPTS = {
     5: ([completion(" ba"), completion(" ke ti"), completion(""), completion(" mo"), completion(" su", "length"),
          usage(5)], [1, 2, 1, 1], 5),
 }
+PREFLIGHT = ([chat({"content": " ba"}), chat({"content": " ke"}, "length")], [1, 1], None)
 
 
 def sse(payload) -> bytes:
@@ -69,7 +70,8 @@ def serve_connection(conn: socket.socket) -> None:
             if lines[0].startswith("GET"):
                 conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
                 continue
-            chunks, _, _ = SCRIPTS[json.loads(body)["max_tokens"]]
+            # tokenrig's pre-flight check (a two-token request) gets a plain two-chunk answer
+            chunks, _, _ = SCRIPTS.get(json.loads(body)["max_tokens"], PREFLIGHT)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
             for chunk in chunks:  # one send each, so chunks arrive as a server streams them
                 conn.sendall(sse(chunk))
