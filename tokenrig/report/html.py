@@ -21,7 +21,7 @@ from tokenrig.report import charts, timeline
 from tokenrig.report.compare import run_row, server_label
 from tokenrig.report.runs import LoadRun, LoadStep, Runs, TrainRun, find_runs
 from tokenrig.report.slo import recorded_slos
-from tokenrig.report.summary import MAX_HEALTHY_LAG_P99_S, itl_gaps, tpot
+from tokenrig.report.summary import MAX_HEALTHY_LAG_S, itl_gaps, tpot
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1280px;
@@ -213,7 +213,7 @@ def _load_run(page: Page, run: LoadRun, anchor: str) -> None:
             if len(run.steps) > 1:
                 page.text(step.label, "meta")
             _health_table(page, step.summary)
-    page.figure(charts.schedule_lag([r.send_lag_s for r in records if r.in_window], MAX_HEALTHY_LAG_P99_S,
+    page.figure(charts.schedule_lag([r.send_lag_s for r in records if r.in_window], MAX_HEALTHY_LAG_S,
                                     f"{run.run_id}: schedule lag (CDF)"))
 
 
