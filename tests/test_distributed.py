@@ -20,8 +20,8 @@ def run(tmp_path, *extra):
 
 
 def test_two_workers_send_the_single_process_schedule_and_merge_exactly(tmp_path):
-    single, single_summary = run(tmp_path / "one")
-    merged, summary = run(tmp_path / "two", "--workers", "2")
+    single, single_summary = run(tmp_path / "one", "--seed", "7")
+    merged, summary = run(tmp_path / "two", "--workers", "2", "--seed", "7")
 
     # the same seeded schedule, each arrival sent exactly once by one of the workers
     assert sorted(r.arrival_index for r in merged) == sorted(r.arrival_index for r in single) == list(range(len(single)))

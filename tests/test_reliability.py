@@ -470,7 +470,8 @@ def test_every_request_sent_to_a_faulty_server_is_accounted(tmp_path, respond, e
     records = read_records(run_dir / "requests.jsonl")
     summary = load_summary(run_dir)
     requests = summary["requests"]
-    assert len(records) == received == requests["ok"] + requests["failed"] + requests["cancelled"], requests
+    assert len(records) == received == (requests["ok"] + requests["failed"] + requests["cancelled"]
+                                        + requests["excluded_warmup_cooldown"]), requests
     if error_kind is None:
         assert result.returncode == 0 and requests["failed"] == 0, result.stdout + result.stderr
         assert all(r.output_tokens == 200_000 and r.truncated is False for r in records)

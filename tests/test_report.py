@@ -4,7 +4,6 @@ reports of a run stopped by Ctrl-C and of a run in which no request succeeded.""
 import csv
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from tests.browser import CHARTS_JS, chromium, needs_chromium, wait_for_charts
 from tests.conftest import DATA, REPO, run_cli, run_dir_of
+from tests.test_reliability import FaultServer, error_reply
 from tokenrig.loadgen.records import RequestRecord, read_records
 from tokenrig.report.charts import CDF_POINTS
 from tokenrig.report.timeline import build
@@ -101,12 +101,6 @@ def test_report_opens_in_headless_chromium_with_every_chart_drawn(known_engine_r
     assert "sweeps and searches, overlaid" in by_title
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _stopped_run(results: Path) -> Path:
     """A real load test stopped with SIGINT (Ctrl-C) while requests are in flight."""
     process = subprocess.Popen(
@@ -128,11 +122,12 @@ def _stopped_run(results: Path) -> Path:
 
 def test_report_on_a_stopped_run_and_a_run_where_nothing_succeeded(tmp_path):
     stopped = _stopped_run(tmp_path / "stopped")
-    # a server that is not there: every request is refused
-    failed = run_cli("loadtest", "--url", f"http://127.0.0.1:{_free_port()}", "--backend", "sim", "--model", "tiny",
-                     "--scenario", TIMING, "--rate", "5", "--duration", "3", "--warmup", "0",
-                     "--results", str(tmp_path / "failed"))
-    assert failed.returncode == 0, failed.stdout + failed.stderr
+    # a server that refuses every request (503): the run FAILED, and the report still shows it
+    with FaultServer(lambda number, handler: error_reply(handler, 503, "unavailable")) as down:
+        failed = run_cli("loadtest", "--url", down.url, "--backend", "sim", "--model", "tiny",
+                         "--scenario", TIMING, "--rate", "5", "--duration", "3", "--warmup", "0",
+                         "--results", str(tmp_path / "failed"))
+    assert failed.returncode == 1 and "FAILED" in failed.stdout, failed.stdout + failed.stderr
     nothing = run_dir_of(failed)
     out, exports = tmp_path / "report.html", tmp_path / "csv"
     result = run_cli("report", str(stopped), str(nothing), "-o", str(out), "--csv", str(exports))

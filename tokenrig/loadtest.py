@@ -56,7 +56,9 @@ def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenar
                  "the server's own tokenizer may count them differently: --tokenizer PATH gives its tokenizer.json")
     if client == "openai":
         first = scenario.requests[0]
-        server.preflight(API_PATHS[first.api], model, chat=first.api == "chat")
+        note = server.preflight(API_PATHS[first.api], model, chat=first.api == "chat")
+        if note:
+            progress(note)
     return Endpoint(server.base_url, f"{server.base_url}/metrics", model, tokenizer, context)
 
 

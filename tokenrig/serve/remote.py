@@ -97,8 +97,9 @@ class RemoteServer:
         context = entry.get("max_model_len")
         return asked, context if isinstance(context, int) and context > 0 else None
 
-    def preflight(self, path: str, model: str, chat: bool) -> None:
-        """One two-token streaming request before the load: it must stream."""
+    def preflight(self, path: str, model: str, chat: bool) -> str | None:
+        """One two-token streaming request before the load: it must stream. A busy server (429, 5xx) is no
+        mistake in the command: the load test goes on, and measures it; the returned note says so."""
         body = {"model": model, "max_tokens": 2, "stream": True}
         body.update({"messages": [{"role": "user", "content": "hello"}]} if chat else {"prompt": "hello"})
         try:
@@ -114,7 +115,10 @@ class RemoteServer:
             if error.code == 404:
                 raise RemoteError(f"{self.base_url}{path}: HTTP 404 for model {model!r} ({detail}): pass the served "
                                   "name with --served-model, or check --url") from None
+            if error.code == 429 or error.code >= 500:
+                return f"the test request to {self.base_url}{path} got HTTP {error.code} ({detail}); load testing anyway"
             raise RemoteError(f"{self.base_url}{path}: HTTP {error.code} to a test request ({detail})") from None
+        return None
 
 
 def _auth_problem(base_url: str, code: int, api_key: str | None) -> str:
