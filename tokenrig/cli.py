@@ -117,17 +117,19 @@ def _not_negative(text: str) -> float:
     return value
 
 
-def _users(text: str) -> int | str:
-    """A closed loop's user count (1 or more), or 'sweep'."""
-    if text == "sweep":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a whole number of users (or 'sweep' with --sweep), not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"at least 1 user, not {value}")
-    return value
+def _count_or(keyword: str, unit: str, hint: str):
+    """An argparse type: a whole number of `unit`s (1 or more), or the word `keyword`."""
+    def parse(text: str) -> int | str:
+        if text == keyword:
+            return text
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number of {unit}s (or {hint}), not {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"at least 1 {unit}, not {value}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_server_args(loadtest)
     loadtest.add_argument("--scenario", default="chat", help="name in scenarios/serving/ or a path to a .yaml file")
-    loadtest.add_argument("--users", type=_users, help="closed loop: this many concurrent streams ('sweep' with --sweep)")
+    loadtest.add_argument("--users", type=_count_or("sweep", "user", "'sweep' with --sweep"),
+                          help="closed loop: this many concurrent streams ('sweep' with --sweep)")
     loadtest.add_argument("--rate", type=_positive, help="open loop: requests per second (Poisson unless --arrival)")
     loadtest.add_argument("--arrival", choices=["poisson", "constant", "gamma"], default="poisson")
     loadtest.add_argument("--burstiness", type=_positive, help="gamma arrivals: coefficient of variation of the gaps")
@@ -169,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "1000 requests for a p99)")
     loadtest.add_argument("--precision", type=_positive, default=0.05, help="--find-max: stop when the bracket is this tight")
     loadtest.add_argument("--max-step", type=_positive, default=300, help="--find-max: longest step, seconds")
-    loadtest.add_argument("--workers", type=_workers_arg,
+    loadtest.add_argument("--workers", type=_count_or("auto", "worker", "'auto'"),
                           help="distributed load: a Locust master here and N worker processes splitting the schedule "
                                "(spawned here unless --local-workers); 'auto': as many as the plan's expected chunk "
                                "rate needs at the measured per-core ceiling, up to one per free core")
@@ -456,18 +459,6 @@ def _check_hardware(spec, dry_run: bool) -> None:
         f"On a {spec.gpu.name} it would run:\n  {shlex.join(command)}\n"
         f"To see how it would behave without the GPU, use the simulated engine: "
         f"BACKEND=sim (make) or --backend sim (CLI).")
-
-
-def _workers_arg(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        workers = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--workers takes a number or 'auto', not {value!r}") from None
-    if workers < 1:
-        raise argparse.ArgumentTypeError(f"--workers takes a number of processes (1 or more) or 'auto', not {value}")
-    return workers
 
 
 def _planned_chunk_rate(scenario, search, spec) -> float:
