@@ -99,7 +99,7 @@ def test_cli_fit_prints_the_plan_and_what_would_fit():
 @pytest.mark.parametrize("load, tp, expected", [
     # the issue's refusals: 7B on an H100 at 5 req/s, and 64 users picking TP 4
     (("--rate", "5"), 1, "at least: Little's law at 5 req/s x E2E >= 0.71 s on the bandwidth roofline"),
-    (("--users", "64"), 1, "64 requests in flight (64 users) x ~1155 tokens each = 73906 tokens, the KV cache holds"),
+    (("--users", "64"), 1, "64 requests in flight (64 users) x ~1155 tokens each = 73905 tokens, the KV cache holds"),
 ])
 def test_loadtest_plans_a_vllm_server_for_the_load_it_will_carry(load, tp, expected):
     from tests.conftest import run_cli
@@ -119,7 +119,8 @@ requests:
   - {name: long, weight: 1, input_tokens: {dist: fixed, value: 500}, output_tokens: {dist: fixed, value: 10}}
 load: {type: poisson, rate: 2, duration_s: 10}
 """)
-    assert scenario.mean_lengths() == pytest.approx(((3 * 100 + 500) / 4, (3 * 50 + 10) / 4))
+    assert (scenario.mean_tokens("input_tokens"), scenario.mean_tokens("output_tokens")) == pytest.approx(
+        ((3 * 100 + 500) / 4, (3 * 50 + 10) / 4))
     # 7B bf16 on an H100: 13.5 GB read per decode step at 3,350 GB/s is 4.0 ms; 40 output tokens take >= 0.16 s,
     # so 2 req/s keep >= 0.32 requests in flight (Little's law)
     plan = plan_fit(resolve_model("7b"), resolve_gpu("h100-sxm"), context_tokens=4096)

@@ -5,7 +5,7 @@ import pytest
 
 from tests.conftest import REPO, run_cli
 from tokenrig.loadgen.ceiling import (CHUNKS_PER_S_PER_CORE, capacity_advice, expected_chunk_rate, free_cores,
-                                       mean_output_tokens, workers_needed)
+                                       workers_needed)
 from tokenrig.loadgen.plan import trace_schedule
 from tokenrig.loadgen.records import RequestRecord
 from tokenrig.loadgen.scenario import load_scenario
@@ -20,7 +20,7 @@ def with_load(scenario, **load):
 
 def test_expected_chunk_rate_of_closed_open_and_trace_plans():
     scenario = load_scenario(str(TIMING))
-    assert mean_output_tokens(scenario) == 50
+    assert scenario.mean_tokens("output_tokens") == 50
     assert expected_chunk_rate(with_load(scenario, users=300), tpot_s=0.010) == pytest.approx(30_000)
     poisson = with_load(scenario, type="poisson", rate=40.0, users=None)
     assert expected_chunk_rate(poisson) == pytest.approx(40 * 50)

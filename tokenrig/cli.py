@@ -435,12 +435,13 @@ def print_load_fit(spec, scenario, with_plan: bool) -> None:
     from tokenrig.serve.fit import load_in_flight
 
     fit = launch_plan(spec, prepare_model_dir(spec, write=False), 0).fit
-    load, lengths = scenario.load, scenario.mean_lengths()
+    load = scenario.load
+    prompt, output = scenario.mean_tokens("input_tokens"), scenario.mean_tokens("output_tokens")
     in_flight, basis = load_in_flight(fit, spec.gpu, load.users if load.type == "concurrency" else None,
-                                      load.rate, lengths[1] if lengths else None)
+                                      load.rate, output)
     if with_plan:
         print("fit:", fit.describe())
-    print(fit.describe_load(in_flight, sum(lengths) if lengths else None, basis))
+    print(fit.describe_load(in_flight, prompt + output if prompt and output else None, basis))
 
 
 def _check_hardware(spec, dry_run: bool) -> None:

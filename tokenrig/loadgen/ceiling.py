@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
-import statistics
 
 from tokenrig.loadgen.plan import LoadPlan, trace_schedule
 from tokenrig.loadgen.scenario import Scenario
@@ -25,17 +23,6 @@ CHUNKS_PER_S_PER_CORE = 6_000
 ASSUMED_TPOT_S = 0.010
 
 
-def mean_output_tokens(scenario: Scenario) -> float:
-    """The scenario's mean output length over its request classes (weighted), from their distributions."""
-    rng = random.Random(0)
-    classes = [c for c in scenario.requests if c.output_tokens is not None]
-    if not classes:
-        return 0.0
-    total = sum(c.weight for c in classes)
-    return sum(c.weight / total * statistics.fmean(c.output_tokens.sample(rng) for _ in range(1000))
-               for c in classes)
-
-
 def expected_chunk_rate(scenario: Scenario, tpot_s: float = ASSUMED_TPOT_S) -> float:
     """Streamed chunks per second the plan asks the load generator to time, at most one per token."""
     load = scenario.load
@@ -43,7 +30,7 @@ def expected_chunk_rate(scenario: Scenario, tpot_s: float = ASSUMED_TPOT_S) -> f
         return load.users / tpot_s
     if load.type == "trace":
         return sum(row.output_tokens for _, row in trace_schedule(load)) / load.duration_s
-    return LoadPlan(load).target_rate * mean_output_tokens(scenario)
+    return LoadPlan(load).target_rate * (scenario.mean_tokens("output_tokens") or 0.0)
 
 
 def workers_needed(chunk_rate: float) -> int:

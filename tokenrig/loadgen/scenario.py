@@ -15,6 +15,7 @@ import json
 import math
 import random
 import secrets
+import statistics
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -299,18 +300,15 @@ class Scenario(_Strict):
                                  "prompts built from the trace (its prefix hashes give the prefix reuse)")
         return self
 
-    def mean_lengths(self, samples: int = 2000) -> tuple[float, float] | None:
-        """Mean (prompt, output) tokens of a request, over the classes' weights, from their length
-        distributions; None where prompts come from files or lengths from a trace."""
-        if self.load.type == "trace" or any(c.input_tokens is None for c in self.requests):
+    def mean_tokens(self, lengths: Literal["input_tokens", "output_tokens"], samples: int = 2000) -> float | None:
+        """Mean prompt or output tokens of a request over the classes' weights, sampled from their length
+        distributions; None where a class has none (prompts from files, lengths from a trace)."""
+        classes = [(c.weight, getattr(c, lengths)) for c in self.requests]
+        if any(dist is None for _, dist in classes):
             return None
-        rng, total = random.Random(0), sum(c.weight for c in self.requests)
-        prompt = output = 0.0
-        for request_class in self.requests:
-            share = request_class.weight / total / samples
-            prompt += share * sum(request_class.input_tokens.sample(rng) for _ in range(samples))
-            output += share * sum(request_class.output_tokens.sample(rng) for _ in range(samples))
-        return prompt, output
+        rng, total = random.Random(0), sum(weight for weight, _ in classes)
+        return sum(weight / total * statistics.fmean(dist.sample(rng) for _ in range(samples))
+                   for weight, dist in classes)
 
 
 def with_run_seed(load: LoadPlanSpec, seed: int | None) -> tuple[LoadPlanSpec, str]:
