@@ -1,6 +1,8 @@
 """The per-core chunk ceiling: what a plan asks for, what `tokenrig loadtest` says before it starts,
 and the summary's validity check after."""
 
+import dataclasses
+
 import pytest
 
 from tests.conftest import REPO, run_cli
@@ -64,3 +66,8 @@ def test_summary_is_invalid_past_the_ceiling_per_load_process():
     assert not one["valid"] and any("chunks/s per load-generator process" in p for p in one["problems"])
     two = summarize(records, RunFacts(**facts, load_processes=2))["load_generator"]
     assert two["valid"], two["problems"]
+    # a failed request's tokens are not throughput, but the client timed its chunks all the same
+    failed = [dataclasses.replace(record, error="JSONDecodeError: garbage after the stream") for record in records]
+    summary = summarize(failed, RunFacts(**facts))
+    assert summary["throughput"]["output_tokens_per_s"] == 0
+    assert any("chunks/s per load-generator process" in p for p in summary["load_generator"]["problems"])

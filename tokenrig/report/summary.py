@@ -93,17 +93,15 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
     failed = [r for r in measured if not r.ok and not r.cancelled]
 
     # Throughput counts what arrived inside the window, whenever the request was sent; a failed request's
-    # tokens served no one, so they are not throughput.
+    # tokens served no one, so they are not throughput, but the client timed its chunks all the same.
     tokens_in_window = chunks_in_window = 0
     completions_in_window = 0
     for record in records:
-        if not record.ok:
-            continue
         for offset, tokens in zip(record.chunk_offsets_s, record.chunk_tokens):
             if window_start <= record.scheduled_at + offset < window_end:
-                tokens_in_window += tokens
                 chunks_in_window += 1
-        if record.e2e_s is not None and window_start <= record.scheduled_at + record.e2e_s < window_end:
+                tokens_in_window += tokens if record.ok else 0
+        if record.ok and record.e2e_s is not None and window_start <= record.scheduled_at + record.e2e_s < window_end:
             completions_in_window += 1
     window = max(window_end - window_start, 1e-9)
 
