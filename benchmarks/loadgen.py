@@ -134,11 +134,13 @@ def tokenrig_level(url: str, streams: int, duration: float, core: int, workdir: 
     if result.returncode != 0:
         raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
     run_dir = Path(next(line for line in result.stdout.splitlines() if line.startswith("results: ")).split(": ", 1)[1])
-    summary = json.loads((run_dir / "summary.json").read_text())
-    latency, health = summary["latency_s"], summary["load_generator"]
-    return {"tool": "tokenrig", "streams": streams, "tokens_per_s": summary["throughput"]["output_tokens_per_s"],
-            "ttft_p50_s": latency["ttft"]["p50"], "itl_p99_s": latency["itl"]["p99"],
-            "client_cpu": health["client_cpu_fraction"], "valid": health["valid"]}
+    from tokenrig.report.run_summary import RunSummary  # as the other tokenrig imports: once REPO is on the path
+
+    summary = RunSummary.read(run_dir / "summary.json")
+    latency, health = summary.latency_s, summary.load_generator
+    return {"tool": "tokenrig", "streams": streams, "tokens_per_s": summary.throughput.output_tokens_per_s,
+            "ttft_p50_s": latency.ttft.p50, "itl_p99_s": latency.itl.p99,
+            "client_cpu": health.client_cpu_fraction, "valid": health.valid}
 
 
 # -- baseline: the least a Python client can do per chunk ---------------------------------------

@@ -92,7 +92,7 @@ def test_calibration_recovers_the_known_roofline_and_predicts_an_unseen_gpu(know
     def goodput(model: EngineModel) -> float:
         search = VirtualSearch(model.setup(resolve_model("7b"), gpu, "bf16", 1), book, scenario.load, slos, options,
                                progress=lambda *_: None)
-        return search.best_step().summary["slo"]["goodput_rps"]
+        return search.best_step().summary.slo.goodput_rps
 
     assert goodput(calibration.model) == pytest.approx(goodput(truth), rel=band)
 
@@ -115,8 +115,8 @@ def test_capacity_answers_measured_and_projected_rows_cheapest_first(known_engin
     for step_dir, row in zip(step_dirs, search["steps"]):
         summary = json.loads((step_dir / "summary.json").read_text())
         verdict = judge(read_records(step_dir / "requests.jsonl"), parse_slos(slo), summary["window"]["seconds"])
-        if verdict["all_met"] and not row["stopped_early"]:
-            verdicts.append((row["load"], verdict["goodput_rps"]))
+        if verdict.all_met and not row["stopped_early"]:
+            verdicts.append((row["load"], verdict.goodput_rps))
     assert rows["a800"]["source"] == "measured" and rows["a800"]["basis"] == str(known_engine_runs["a800"])
     assert rows["a800"]["goodput_rps"] == pytest.approx(max(verdicts)[1])
 

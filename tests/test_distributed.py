@@ -6,7 +6,6 @@ import pytest
 from tests.conftest import load_summary, run_cli, run_dir_of
 from tests.schedule import assert_latency_follows_schedule
 from tokenrig.loadgen.records import read_records
-from tokenrig.report.summary import itl_gaps
 
 ARGS = ("loadtest", "--backend", "sim", "--sim-ttft-ms", "100", "--sim-tpot-ms", "10",
         "--scenario", "tests/data/timing.yaml", "--rate", "12", "--duration", "6", "--warmup", "1")
@@ -36,7 +35,7 @@ def test_two_workers_send_the_single_process_schedule_and_merge_exactly(tmp_path
     # percentiles are computed over every merged record, not averaged per worker
     ok = [r for r in merged if r.in_window and r.ok]
     assert summary["requests"]["ok"] == len(ok) and summary["requests"]["failed"] == 0
-    for name, values in (("ttft", [r.ttft_s for r in ok]), ("itl", [g for r in ok for g in itl_gaps(r)])):
+    for name, values in (("ttft", [r.ttft_s for r in ok]), ("itl", [g for r in ok for g in r.itl_gaps()])):
         for p in (50, 90, 99):
             assert summary["latency_s"][name][f"p{p}"] == np.percentile(values, p)
 

@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import load_summary, run_cli, run_dir_of, start_server
 from tests.schedule import assert_ttft_follows_schedule
+from tests.summaries import step_summary
 from tokenrig.loadgen.plan import trace_schedule
 from tokenrig.loadgen.records import read_records
 from tokenrig.loadgen.scenario import load_scenario
@@ -174,10 +175,7 @@ def test_find_max_finds_the_roofline_knee(tmp_path):
 
 
 def _step(rate: float, window_s: float, sent: int, completed: int, slo_met: bool = True) -> StepResult:
-    summary = {"window": {"seconds": window_s}, "requests": {"failed": 0},
-               "load_generator": {"achieved_send_rate_rps": sent / window_s, "valid": True},
-               "throughput": {"requests_per_s": completed / window_s}, "slo": {"all_met": slo_met}}
-    return StepResult(rate, summary)
+    return StepResult(rate, step_summary(window_s, sent, completed, slo_met))
 
 
 def test_a_step_that_falls_behind_does_not_meet_the_slos_and_chance_is_not_falling_behind():

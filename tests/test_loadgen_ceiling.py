@@ -62,12 +62,12 @@ def test_summary_is_invalid_past_the_ceiling_per_load_process():
                for i in range(requests)]
     facts = dict(duration_s=1.0, warmup_s=0.0, cooldown_s=0.0, plan_start_unix=100.0, target_rate=None,
                  client_cpu_fraction=0.5)
-    one = summarize(records, RunFacts(**facts))["load_generator"]
-    assert not one["valid"] and any("chunks/s per load-generator process" in p for p in one["problems"])
-    two = summarize(records, RunFacts(**facts, load_processes=2))["load_generator"]
-    assert two["valid"], two["problems"]
+    one = summarize(records, RunFacts(**facts)).load_generator
+    assert not one.valid and any("chunks/s per load-generator process" in p for p in one.problems)
+    two = summarize(records, RunFacts(**facts, load_processes=2)).load_generator
+    assert two.valid, two.problems
     # a failed request's tokens are not throughput, but the client timed its chunks all the same
     failed = [dataclasses.replace(record, error="JSONDecodeError: garbage after the stream") for record in records]
     summary = summarize(failed, RunFacts(**facts))
-    assert summary["throughput"]["output_tokens_per_s"] == 0
-    assert any("chunks/s per load-generator process" in p for p in summary["load_generator"]["problems"])
+    assert summary.throughput.output_tokens_per_s == 0
+    assert any("chunks/s per load-generator process" in p for p in summary.load_generator.problems)

@@ -40,10 +40,10 @@ def test_goodput_counts_requests_meeting_every_slo():
                record(3, 2, 0.2, [0.2, 0.25, 0.3], [1, 1, 1], 0.3, 3),  # meets both
                record(4, 3, None, [], [], None, None, error="HTTP 500: x")]  # failed: never good
     verdict = judge(records, parse_slos("ttft_p50=500ms,tpot_p50=120ms"), window_s=10)
-    assert verdict["good_requests"] == 2 and verdict["goodput_rps"] == pytest.approx(0.2)
-    assert verdict["good_fraction"] == pytest.approx(0.5)
-    assert verdict["slos"]["ttft_p50"]["met"] and verdict["slos"]["ttft_p50"]["value_s"] == pytest.approx(0.2)
-    assert not judge(records, parse_slos("ttft_p90=500ms"), 10)["all_met"]
+    assert verdict.good_requests == 2 and verdict.goodput_rps == pytest.approx(0.2)
+    assert verdict.good_fraction == pytest.approx(0.5)
+    assert verdict.slos["ttft_p50"].met and verdict.slos["ttft_p50"].value_s == pytest.approx(0.2)
+    assert not judge(records, parse_slos("ttft_p90=500ms"), 10).all_met
 
 
 def test_step_duration_collects_the_tail_samples():
@@ -64,9 +64,9 @@ def test_slo_watch_stops_a_step_only_once_its_percentile_cannot_be_met(slow):
     watch = SloWatch(slos, expected_requests=40)
     for r in records[:slow]:  # the slow requests end first: the watch sees them before the rest
         watch.write(r)
-    missed = not judge(records, slos, window_s=10)["all_met"]
+    missed = not judge(records, slos, window_s=10).all_met
     assert watch.decided() == missed == (slow == 2)
-    assert judge(records, slos, 10)["slos"]["ttft_p99"]["value_s"] == pytest.approx(0.0444 if slow == 1 else 0.060)
+    assert judge(records, slos, 10).slos["ttft_p99"].value_s == pytest.approx(0.0444 if slow == 1 else 0.060)
 
 
 def test_violations_that_miss_match_numpy_percentiles():

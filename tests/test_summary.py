@@ -1,9 +1,13 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from tokenrig.loadgen.records import RequestRecord
 from tokenrig.report.console import render
-from tokenrig.report.summary import RunFacts, distribution, itl_gaps, summarize, tpot
+from tokenrig.report.run_summary import SCHEMA_VERSION, RunSummary, SummaryVersionError
+from tokenrig.report.summary import RunFacts, distribution, summarize
 
 
 def record(i, scheduled_at, ttft, offsets, tokens, e2e, usage, error=None, lag=0.0, in_window=True):
@@ -16,16 +20,16 @@ def record(i, scheduled_at, ttft, offsets, tokens, e2e, usage, error=None, lag=0
 
 def test_itl_divides_each_gap_by_the_tokens_its_chunk_carried():
     r = record(1, 0.0, 0.1, [0.1, 0.12, 0.18], [1, 1, 3], 0.18, 5)
-    assert itl_gaps(r) == pytest.approx([0.02, 0.02, 0.02, 0.02])
-    assert tpot(r) == pytest.approx((0.18 - 0.1) / 4)
+    assert r.itl_gaps() == pytest.approx([0.02, 0.02, 0.02, 0.02])
+    assert r.tpot() == pytest.approx((0.18 - 0.1) / 4)
 
 
 def test_percentiles_are_exact():
     values = list(range(1, 1001))
     stats = distribution(values)
-    assert stats["p50"] == np.percentile(values, 50) == 500.5
-    assert stats["p99"] == pytest.approx(990.01)
-    assert stats["min"] == 1 and stats["max"] == 1000 and stats["count"] == 1000
+    assert stats.p50 == np.percentile(values, 50) == 500.5
+    assert stats.p99 == pytest.approx(990.01)
+    assert stats.min == 1 and stats.max == 1000 and stats.count == 1000
 
 
 def test_summary_windows_errors_and_health():
@@ -39,18 +43,18 @@ def test_summary_windows_errors_and_health():
     facts = RunFacts(duration_s=10, warmup_s=1, cooldown_s=0, plan_start_unix=start, target_rate=None,
                      client_cpu_fraction=0.05)
     summary = summarize(records, facts)
-    assert summary["requests"] == {"total": 4, "measured": 3, "ok": 2, "failed": 1, "cancelled": 0,
+    assert summary.requests.model_dump() == {"total": 4, "measured": 3, "ok": 2, "failed": 1, "cancelled": 0,
                                    "excluded_warmup_cooldown": 1, "errors_by_type": {"HTTP 500": 1},
                                    "error_examples": {"HTTP 500": "HTTP 500: boom"}, "error_rate": pytest.approx(1 / 3),
                                    "max_error_rate": 0.05, "too_many_errors": True}
-    assert summary["latency_s"]["ttft"]["p50"] == pytest.approx(0.25)
+    assert summary.latency_s.ttft.p50 == pytest.approx(0.25)
     # 5 tokens of requests 2 and 3 arrive in the 9-s window, plus none of request 1 (it ended at start+0.7)
-    assert summary["throughput"]["output_tokens_per_s"] == pytest.approx(5 / 9)
-    assert summary["load_generator"]["valid"]
+    assert summary.throughput.output_tokens_per_s == pytest.approx(5 / 9)
+    assert summary.load_generator.valid
     busy = summarize(records, RunFacts(10, 1, 0, start, None, client_cpu_fraction=0.97))
-    assert not busy["load_generator"]["valid"] and "CPU" in busy["load_generator"]["problems"][0]
+    assert not busy.load_generator.valid and "CPU" in busy.load_generator.problems[0]
     assert "INVALID RUN" in render(busy, "t") and "--workers" in render(busy, "t")
-    assert summary["window"]["problem"] is None and "NO MEASUREMENT" not in render(summary, "t")
+    assert summary.window.problem is None and "NO MEASUREMENT" not in render(summary, "t")
 
 
 def test_a_window_shorter_than_every_request_says_so_instead_of_reporting_nothing():
@@ -58,8 +62,8 @@ def test_a_window_shorter_than_every_request_says_so_instead_of_reporting_nothin
     start = 1000.0
     records = [record(i, start, 0.5, [0.5, 21.0], [1, 1], 21.0, 2, in_window=False) for i in range(32)]
     summary = summarize(records, RunFacts(20, 3, 0, start, None, client_cpu_fraction=0.02))
-    assert summary["requests"]["measured"] == 0 and summary["latency_s"]["ttft"] is None
-    assert summary["window"]["problem"] == ("no request was scheduled inside the 17.0-s window "
+    assert summary.requests.measured == 0 and summary.latency_s.ttft is None
+    assert summary.window.problem == ("no request was scheduled inside the 17.0-s window "
                                             "(requests took 21.0 s, median E2E); lengthen --duration")
     assert "NO MEASUREMENT: no request was scheduled" in render(summary, "t")
 
@@ -76,8 +80,41 @@ def test_late_sends_invalidate_a_run_past_one_percent_and_one_send(sends, late, 
                for i in range(sends)]
     summary = summarize(records, RunFacts(duration_s=20, warmup_s=1, cooldown_s=0, plan_start_unix=start,
                                           target_rate=None, client_cpu_fraction=0.05))
-    health = summary["load_generator"]
-    assert health["valid"] is valid, health["problems"]
+    health = summary.load_generator
+    assert health.valid is valid, health.problems
     if not valid:
-        assert health["problems"] == [f"{late} of {sends} sends more than 10 ms late (schedule lag p99 "
-                                      f"{health['schedule_lag_s']['p99'] * 1000:.1f} ms)"]
+        assert health.problems == [f"{late} of {sends} sends more than 10 ms late (schedule lag p99 "
+                                   f"{health.schedule_lag_s.p99 * 1000:.1f} ms)"]
+
+
+def test_summary_json_keeps_its_shape_with_a_schema_version(tmp_path):
+    start = 1000.0
+    records = [record(i, start + 1 + i * 0.02, 0.1, [0.1, 0.11], [1, 1], 0.11, 2) for i in range(50)]
+    summary = summarize(records, RunFacts(duration_s=20, warmup_s=1.0, cooldown_s=0.0, plan_start_unix=start,
+                                          target_rate=None, client_cpu_fraction=0.05))
+    summary.write(tmp_path / "summary.json")
+    document = json.loads((tmp_path / "summary.json").read_text())
+    assert list(document) == ["schema_version", "requests", "window", "latency_s", "throughput", "tokens",
+                              "load_generator", "interrupted"]
+    assert document["schema_version"] == SCHEMA_VERSION
+    assert list(document["latency_s"]["ttft"]) == ["p50", "p90", "p95", "p99", "p99.9", "mean", "min", "max",
+                                                   "count", "p99_ci95"]
+    assert "workers" not in document["load_generator"]  # only a distributed run has workers
+    assert RunSummary.read(tmp_path / "summary.json").to_json() == document
+
+
+OLD_SUMMARIES = sorted(Path("docs/results").rglob("summary.json"))
+
+
+@pytest.mark.parametrize("path", OLD_SUMMARIES[::12], ids=lambda path: path.parent.name)
+def test_summaries_written_before_the_schema_load_and_write_back_unchanged(path):
+    document = json.loads(path.read_text())
+    summary = RunSummary.from_json(document)
+    assert summary.schema_version == 0 and summary.to_json() == document
+    assert summary.requests.cancelled == 0 and summary.requests.error_examples == {}
+
+
+def test_a_summary_from_a_newer_tokenrig_is_refused_by_name():
+    document = json.loads(OLD_SUMMARIES[0].read_text())
+    with pytest.raises(SummaryVersionError, match="upgrade tokenrig"):
+        RunSummary.from_json({**document, "schema_version": SCHEMA_VERSION + 1})

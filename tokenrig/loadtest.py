@@ -28,6 +28,7 @@ from tokenrig.monitor.discovery import MonitorOptions
 from tokenrig.report.console import failed_line, render, render_steps
 from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
 from tokenrig.report.slo import Slo, judge
+from tokenrig.report.run_summary import LoadFacts, RunSummary, WorkerCpu, WorkloadFacts
 from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
 from tokenrig.serve.launcher import Endpoint, LaunchedServer, ServerSpec
 from tokenrig.serve.remote import RemoteOptions, auth_headers
@@ -91,7 +92,7 @@ class Session:
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # past this fraction of failed requests a step FAILED
     headers: dict = field(default_factory=dict)  # sent with every request (the API key's Authorization)
 
-    def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False) -> tuple[dict, object]:
+    def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False) -> tuple[RunSummary, object]:
         """Run one load plan; write step_dir/requests.jsonl and summary.json; return (summary, outcome)."""
         step_dir.mkdir(parents=True, exist_ok=True)
         scenario = self.scenario.model_copy(update={"load": load})
@@ -140,17 +141,17 @@ class Session:
                          max_error_rate=self.max_error_rate)
         summary = summarize(records, facts)
         if self.master:
-            summary["load_generator"]["workers"] = [
-                {"index": w.index, "cpu_fraction": w.cpu_fraction, "cpu_s": w.cpu_s} for w in outcome.workers]
+            summary.load_generator.workers = [
+                WorkerCpu(index=w.index, cpu_fraction=w.cpu_fraction, cpu_s=w.cpu_s) for w in outcome.workers]
         if self.slos:
-            summary["slo"] = judge(records, self.slos, summary["window"]["seconds"])
-        summary["workload"] = {"requests_clamped_to_context": workload.clamped,
-                               "conversations_cut_at_context": workload.conversations_cut}
-        summary["load"] = {"plan": plan.describe(), "stopped_early_slo_missed": outcome.stopped_early,
-                           "spec": load.model_dump()}
-        summary["server"] = summarize_server_metrics(step_dir / "server_metrics.jsonl", summary["window"]["start_unix"],
-                                                     summary["window"]["end_unix"], scraper.errors)
-        write_json(step_dir / "summary.json", summary)
+            summary.slo = judge(records, self.slos, summary.window.seconds)
+        summary.workload = WorkloadFacts(requests_clamped_to_context=workload.clamped,
+                                         conversations_cut_at_context=workload.conversations_cut)
+        summary.load = LoadFacts(plan=plan.describe(), stopped_early_slo_missed=outcome.stopped_early,
+                                 spec=load.model_dump())
+        summary.server = summarize_server_metrics(step_dir / "server_metrics.jsonl", summary.window.start_unix,
+                                                  summary.window.end_unix, scraper.errors)
+        summary.write(step_dir / "summary.json")
         return summary, outcome
 
 
@@ -206,8 +207,8 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
         if search is None:
             summary, outcome = session.run_step(scenario.load, run_dir)
             progress("")
-            progress(render(summary, f"{title} | {summary['load']['plan']}"))
-            interrupted, failed = outcome.interrupted, summary["requests"]["too_many_errors"]
+            progress(render(summary, f"{title} | {summary.plan}"))
+            interrupted, failed = outcome.interrupted, summary.requests.too_many_errors
         else:
             interrupted, failed = _run_search(session, search, title)
     progress(f"\nresults: {run_dir}")
@@ -252,7 +253,7 @@ def _run_search(session: Session, search: SearchOptions, title: str) -> tuple[bo
     write_json(session.run_dir / "search.json", document)
     progress("")
     progress(render_steps(document, title, session.slos))
-    failed = [s.summary["requests"] for s in steps if s.summary["requests"]["too_many_errors"]]
+    failed = [s.summary.requests for s in steps if s.summary.requests.too_many_errors]
     if steps and len(failed) == len(steps):
         progress(failed_line(failed[-1]))
     return interrupted, bool(steps) and len(failed) == len(steps)

@@ -18,6 +18,7 @@ from tokenrig.loadgen.records import RequestRecord, read_records
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
 from tokenrig.loadgen.search import SearchOptions, StepResult
 from tokenrig.report.compare import engine_label
+from tokenrig.report.run_summary import RunSummary, SloJudgement
 from tokenrig.report.slo import Slo, judge, recorded_slos
 
 # engine batch limits as each launcher spells them: requests per step, tokens per step
@@ -40,7 +41,7 @@ class MeasuredStep:
     server: dict
     scenario: Scenario
     load: LoadPlanSpec
-    summary: dict
+    summary: RunSummary
 
     @property
     def engine(self) -> str:
@@ -77,17 +78,17 @@ class MeasuredStep:
     def unusable(self) -> str | None:
         """Why this step cannot calibrate a model of the engine, or None."""
         summary = self.summary
-        if summary.get("interrupted"):
+        if summary.interrupted:
             return "interrupted"
-        if (summary.get("load") or {}).get("stopped_early_slo_missed"):
+        if summary.stopped_early:
             return "stopped early (SLO already missed)"
-        if not summary["load_generator"]["valid"]:
+        if not summary.load_generator.valid:
             return "load generator invalid"
-        if summary["window"].get("problem") or not summary["requests"]["ok"]:
+        if summary.window.problem or not summary.requests.ok:
             return "no measured request"
-        if summary["requests"]["failed"]:
-            return f"{summary['requests']['failed']} failed requests"
-        if not summary["latency_s"]["ttft"] or not summary["latency_s"]["tpot"]:
+        if summary.requests.failed:
+            return f"{summary.requests.failed} failed requests"
+        if not summary.latency_s.ttft or not summary.latency_s.tpot:
             return "no TTFT/TPOT"
         return None
 
@@ -105,7 +106,7 @@ class SearchRun:
     def server(self) -> dict:
         return self.steps[0].server
 
-    def best_for(self, slos: list[Slo]) -> tuple[MeasuredStep, dict] | str:
+    def best_for(self, slos: list[Slo]) -> tuple[MeasuredStep, SloJudgement] | str:
         """The highest-rate step meeting `slos` and its verdict (goodput, SLOs), or why none can be named.
 
         With the SLOs the run searched for, each step's recorded verdict counts; with others, each step
@@ -115,14 +116,15 @@ class SearchRun:
         best = None
         for step, row in zip(self.steps, self.document["steps"]):
             if same:
-                verdict = step.summary.get("slo") or {}
+                verdict = step.summary.slo
             else:
                 records = step.records()
                 if records is None:
                     return (f"searched for {', '.join(s.name for s in self.slos)}; judging other SLOs needs "
                             f"requests.jsonl, not kept in {step.path}")
-                verdict = judge(records, slos, step.summary["window"]["seconds"])
-            result = StepResult(row["load"], {**step.summary, "slo": verdict}, stopped_early=row["stopped_early"])
+                verdict = judge(records, slos, step.summary.window.seconds)
+            result = StepResult(row["load"], step.summary.model_copy(update={"slo": verdict}),
+                                stopped_early=row["stopped_early"])
             if result.slo_met and result.valid and (best is None or result.load > best[0]):
                 best = (result.load, step, verdict)
         if best is None:
@@ -143,15 +145,15 @@ def read_run(run_dir: Path) -> tuple[list[MeasuredStep], SearchRun | None]:
     if not search_file.exists():
         if not (run_dir / "summary.json").exists():
             return [], None
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = RunSummary.read(run_dir / "summary.json")
         return [MeasuredStep(run_dir, server, scenario, scenario.load, summary)], None
     document = json.loads(search_file.read_text())
     options = SearchOptions(**metadata["search"])
     slos = recorded_slos(metadata)
     steps = []
     for step_dir, row in zip(_step_dirs(run_dir), document["steps"]):
-        summary = json.loads((step_dir / "summary.json").read_text())
-        recorded = (summary.get("load") or {}).get("spec")
+        summary = RunSummary.read(step_dir / "summary.json")
+        recorded = summary.load.spec if summary.load else None
         # summaries written before the step's plan was recorded: every step then ran with the scenario's seed
         load = (LoadPlanSpec.model_validate(recorded) if recorded
                 else options.step_load(scenario.load, row["load"], slos, step=0))

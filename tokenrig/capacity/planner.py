@@ -25,6 +25,7 @@ from tokenrig.capacity.simulate import RequestBook, VirtualSearch
 from tokenrig.loadgen.scenario import Scenario
 from tokenrig.loadgen.search import SearchOptions
 from tokenrig.profiles import GpuProfile, ModelProfile
+from tokenrig.report.run_summary import RunSummary
 from tokenrig.report.slo import Slo
 from tokenrig.serve.fit import FitError, plan_fit
 
@@ -90,9 +91,9 @@ class CapacityAnswer:
                 "notes": self.notes, "calibrations": [c.document() for c in self.calibrations]}
 
 
-def _per_request(summary: dict) -> tuple[float, float]:
-    ok = summary["requests"]["ok"]
-    return summary["tokens"]["output_total"] / ok, summary["tokens"]["input_total"] / ok
+def _per_request(summary: RunSummary) -> tuple[float, float]:
+    ok = summary.requests.ok
+    return summary.tokens.output_total / ok, summary.tokens.input_total / ok
 
 
 class CapacityPlanner:
@@ -136,7 +137,7 @@ class CapacityPlanner:
         return CapacityAnswer(q, rows, notes, [c for c in calibrations.values() if c is not None])
 
     def _row(self, engine: str, quant: str, gpu: GpuProfile, tp: int, source: str, basis: str, band: float | None,
-             goodput_rps: float, summary: dict) -> CapacityRow:
+             goodput_rps: float, summary: RunSummary) -> CapacityRow:
         out_per_request, in_per_request = _per_request(summary)
         capacity = ReplicaCapacity(goodput_rps, out_per_request, in_per_request, tp)
         sizing = size(capacity, self.question.price(gpu), gpu.tdp_w, self.question.target_rps, self.question.headroom)
@@ -154,10 +155,10 @@ class CapacityPlanner:
                 notes.append(f"{gpu.key} {quant} {engine}: measured run {search.path} not used: {best}")
                 continue
             step, verdict = best
-            if not verdict.get("goodput_rps"):
+            if not verdict.goodput_rps:
                 continue
             return self._row(engine, quant, gpu, step.tp, "measured", str(search.path), None,
-                             verdict["goodput_rps"], step.summary)
+                             verdict.goodput_rps, step.summary)
         return None
 
     def _calibration(self, engine: str, quant: str, notes: list[str]) -> Calibration | None:
@@ -200,4 +201,4 @@ class CapacityPlanner:
         basis = (f"calibrated on {len(calibration.steps)} steps on {', '.join(calibration.gpus)}"
                  + ("" if transfers else f"; {gpu.key} not among them"))
         return self._row(calibration.engine, calibration.quant, gpu, tp, "projected", basis, calibration.band,
-                         best.summary["slo"]["goodput_rps"], best.summary)
+                         best.summary.slo.goodput_rps, best.summary)

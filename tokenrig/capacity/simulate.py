@@ -22,6 +22,7 @@ from tokenrig.loadgen.search import SearchOptions, SearchResult, SloWatch, StepR
 from tokenrig.loadgen.workload import PreparedRequest, Workload
 from tokenrig.profiles import GpuProfile, ModelProfile
 from tokenrig.report.slo import Slo, judge
+from tokenrig.report.run_summary import RunSummary
 from tokenrig.report.summary import RunFacts, summarize
 from tokenrig.serve.engines import GenerationRequest
 from tokenrig.serve.engines.sim import RooflineParams, RooflineScheduler, _Sequence
@@ -109,7 +110,7 @@ class RequestBook:
 
 @dataclass
 class Replay:
-    summary: dict  # as summary.json of a real step, SLO verdicts included
+    summary: RunSummary  # as summary.json of a real step, SLO verdicts included
     stopped_early: bool
 
 
@@ -229,7 +230,7 @@ def replay(setup: EngineSetup, book: RequestBook, load: LoadPlanSpec, slos: list
                      scheduled_in_window=None if stopped_early else plan.scheduled_in_window())
     summary = summarize(records, facts)
     if slos:
-        summary["slo"] = judge(records, slos, summary["window"]["seconds"])
+        summary.slo = judge(records, slos, summary.window.seconds)
     return Replay(summary, stopped_early)
 
 

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 # A request in flight when the load test was stopped: the server did nothing wrong, so it is cancelled,
 # not failed.
 CANCELLED = "aborted: load test stopped before the response ended"
@@ -58,6 +60,19 @@ class RequestRecord:
         if self.output_tokens_tokenizer is not None:
             return self.output_tokens_tokenizer
         return self.output_tokens_usage or 0
+
+    def tpot(self) -> float | None:
+        """Time per output token after the first: (E2E - TTFT) / (tokens - 1); None under two tokens."""
+        if self.ttft_s is None or self.e2e_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+    def itl_gaps(self) -> list[float]:
+        """Each chunk's gap to the previous one divided by its tokens, once per token (a chunk of none counts one)."""
+        if len(self.chunk_offsets_s) < 2:
+            return []
+        counts = np.maximum(np.asarray(self.chunk_tokens[1:]), 1)
+        return np.repeat(np.diff(self.chunk_offsets_s) / counts, counts).tolist()
 
 
 class RecordWriteError(OSError):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from tokenrig.loadgen.records import RequestRecord
 from tokenrig.loadgen.scenario import LoadPlanSpec
+from tokenrig.report.run_summary import RunSummary
 from tokenrig.report.slo import Slo, samples_for
 
 # A server is saturated when it completes fewer requests than were sent: the queue grows. Over a window,
@@ -58,51 +59,51 @@ class SearchOptions:
 @dataclass
 class StepResult:
     load: float  # rate (req/s) or users
-    summary: dict
+    summary: RunSummary
     stopped_early: bool = False
 
     @property
     def slo_met(self) -> bool:
         """Every SLO met over a step the server kept up with: a server that falls behind meets latency SLOs
         only until its queue has grown, so that rate is not sustainable whatever the step's percentiles say."""
-        return (bool(self.summary.get("slo", {}).get("all_met")) and not self.stopped_early and not self.saturated
-                and not self.interrupted)
+        return (self.summary.slo is not None and self.summary.slo.all_met and not self.stopped_early
+                and not self.saturated and not self.interrupted)
 
     @property
     def interrupted(self) -> bool:
         """Stopped by Ctrl-C or SIGTERM: its few requests are no verdict on the rate, met or missed."""
-        return bool(self.summary.get("interrupted"))
+        return self.summary.interrupted
 
     @property
     def valid(self) -> bool:
-        return self.summary["load_generator"]["valid"]
+        return self.summary.load_generator.valid
 
     @property
     def saturated(self) -> bool:
         """Errors, or completions behind arrivals by more than chance over the window: the server fell behind."""
-        requests, throughput = self.summary["requests"], self.summary["throughput"]
-        window_s = self.summary["window"]["seconds"]
-        sent = self.summary["load_generator"]["achieved_send_rate_rps"] * window_s
-        completed = throughput["requests_per_s"] * window_s
+        window_s = self.summary.window.seconds
+        sent = self.summary.load_generator.achieved_send_rate_rps * window_s
+        completed = self.summary.throughput.requests_per_s * window_s
         deficit = sent - completed
-        return (self.stopped_early or requests["failed"] > 0
+        return (self.stopped_early or self.summary.requests.failed > 0
                 or deficit > max(SATURATION_DEFICIT * sent, SATURATION_SIGMAS * math.sqrt(sent + completed)))
 
     def row(self) -> dict:
-        latency, slo = self.summary["latency_s"], self.summary.get("slo") or {}
+        latency, slo = self.summary.latency_s, self.summary.slo
+        ttft, tpot = latency.ttft, latency.tpot
         return {
             "load": self.load,
-            "achieved_rps": self.summary["load_generator"]["achieved_send_rate_rps"],
-            "completed_rps": self.summary["throughput"]["requests_per_s"],
-            "output_tokens_per_s": self.summary["throughput"]["output_tokens_per_s"],
-            "goodput_rps": slo.get("goodput_rps"),
-            "ttft_p50_s": (latency["ttft"] or {}).get("p50"), "ttft_p99_s": (latency["ttft"] or {}).get("p99"),
-            "tpot_p50_s": (latency["tpot"] or {}).get("p50"), "tpot_p99_s": (latency["tpot"] or {}).get("p99"),
+            "achieved_rps": self.summary.load_generator.achieved_send_rate_rps,
+            "completed_rps": self.summary.throughput.requests_per_s,
+            "output_tokens_per_s": self.summary.throughput.output_tokens_per_s,
+            "goodput_rps": slo.goodput_rps if slo else None,
+            "ttft_p50_s": ttft.p50 if ttft else None, "ttft_p99_s": ttft.p99 if ttft else None,
+            "tpot_p50_s": tpot.p50 if tpot else None, "tpot_p99_s": tpot.p99 if tpot else None,
             "slo_met": self.slo_met, "saturated": self.saturated, "stopped_early": self.stopped_early,
             "interrupted": self.interrupted,
             "loadgen_valid": self.valid,
-            "slos": {name: {k: v for k, v in verdict.items() if k in ("value_s", "met", "samples", "confidence")}
-                     for name, verdict in (slo.get("slos") or {}).items()},
+            "slos": {name: verdict.model_dump(include={"value_s", "met", "samples", "confidence"})
+                     for name, verdict in (slo.slos if slo else {}).items()},
         }
 
 

@@ -17,7 +17,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from tokenrig.loadgen.records import RequestRecord
 from tokenrig.monitor.discovery import TargetFile
-from tokenrig.report.summary import itl_gaps, tpot
 
 
 class ExporterPortError(OSError):
@@ -90,10 +89,10 @@ class PrometheusSink:
             return
         m.ttft.observe(record.ttft_s)
         m.e2e.observe(record.e2e_s)
-        per_token = tpot(record)
+        per_token = record.tpot()
         if per_token is not None:
             m.tpot.observe(per_token)
-        for gap in itl_gaps(record):
+        for gap in record.itl_gaps():
             m.itl.observe(gap)
         m.output_tokens.inc(record.output_tokens)
         m.input_tokens.inc(record.prompt_tokens_usage or record.prompt_tokens_sent)

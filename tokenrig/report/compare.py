@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenrig.report.run_summary import Distribution, RunSummary
+
 
 class CompareError(ValueError):
     pass
@@ -54,8 +56,8 @@ def server_label(server: dict) -> str:
             + ", ".join([quant_label(server)] + engine_details(server)))
 
 
-def _ms(distribution: dict | None, key: str) -> float | None:
-    return distribution[key] * 1000 if distribution else None
+def _ms(distribution: Distribution | None, key: str) -> float | None:
+    return getattr(distribution, key) * 1000 if distribution else None
 
 
 def _metadata_path(result_dir: Path) -> Path | None:
@@ -68,29 +70,26 @@ def _metadata_path(result_dir: Path) -> Path | None:
 
 def run_row(run_dir: Path) -> dict:
     metadata = json.loads(_metadata_path(run_dir).read_text())
-    summary = json.loads((run_dir / "summary.json").read_text())
-    latency, server_metrics = summary["latency_s"], summary.get("server") or {}
+    summary = RunSummary.read(run_dir / "summary.json")
+    latency, server_metrics = summary.latency_s, summary.server or {}
     running = server_metrics.get("running") or {}
     notes = []
-    # summaries written before window.problem existed say it only through the count
-    window_problem = summary["window"].get("problem") or (
-        None if summary["requests"]["measured"] else "no request was scheduled inside the window")
-    if window_problem:
-        notes.append(f"no measurement: {window_problem}")
-    if not summary["load_generator"]["valid"]:
-        notes.append("load generator invalid: " + "; ".join(summary["load_generator"]["problems"]))
-    if summary.get("interrupted"):
+    if summary.no_measurement:
+        notes.append(f"no measurement: {summary.no_measurement}")
+    if not summary.load_generator.valid:
+        notes.append("load generator invalid: " + "; ".join(summary.load_generator.problems))
+    if summary.interrupted:
         notes.append("interrupted")
     return {
         "run_id": metadata.get("run_id", run_dir.name) + (f"/{run_dir.name}" if run_dir.parent.name == "steps" else ""),
         "config": server_label(metadata.get("server") or {}),
-        "load": summary.get("load", {}).get("plan", ""),
-        "window_s": summary["window"]["seconds"],
-        "ok": summary["requests"]["ok"], "failed": summary["requests"]["failed"],
-        **{f"{metric}_{key}_ms": _ms(latency[metric], key)
+        "load": summary.plan,
+        "window_s": summary.window.seconds,
+        "ok": summary.requests.ok, "failed": summary.requests.failed,
+        **{f"{metric}_{key}_ms": _ms(latency.get(metric), key)
            for metric in ("ttft", "tpot", "itl") for key in ("p50", "p99")},
-        "output_tokens_per_s": summary["throughput"]["output_tokens_per_s"],
-        "requests_per_s": summary["throughput"]["requests_per_s"],
+        "output_tokens_per_s": summary.throughput.output_tokens_per_s,
+        "requests_per_s": summary.throughput.requests_per_s,
         "server_running_mean": running.get("mean"), "server_running_max": running.get("max"),
         "notes": notes,
     }

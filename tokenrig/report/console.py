@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from tokenrig.report.run_summary import Distribution, Requests, RunSummary, Tokens
 
-def _ms(stats: dict | None, key: str) -> str:
-    return f"{stats[key] * 1000:9.1f}" if stats else f"{'-':>9}"
+
+def _ms(stats: Distribution | None, key: str) -> str:
+    return f"{getattr(stats, key) * 1000:9.1f}" if stats else f"{'-':>9}"
 
 
 def error_mix(errors_by_type: dict[str, int], top: int = 3) -> str:
@@ -15,75 +17,75 @@ def error_mix(errors_by_type: dict[str, int], top: int = 3) -> str:
     return text + (f", {rest} other" if rest else "")
 
 
-def failed_line(requests: dict) -> str:
+def failed_line(requests: Requests) -> str:
     """The verdict of a run past --max-error-rate, with its most frequent error and one message of it."""
-    kind = next(iter(sorted(requests["errors_by_type"].items(), key=lambda item: -item[1])))[0]
-    example = (requests.get("error_examples") or {}).get(kind, kind)
-    return (f"FAILED: {requests['error_rate']:.0%} of {requests['measured']} measured requests failed "
-            f"(--max-error-rate {requests['max_error_rate']:.0%}): {error_mix(requests['errors_by_type'])}; "
+    kind = next(iter(sorted(requests.errors_by_type.items(), key=lambda item: -item[1])))[0]
+    example = requests.error_examples.get(kind, kind)
+    return (f"FAILED: {requests.error_rate:.0%} of {requests.measured} measured requests failed "
+            f"(--max-error-rate {requests.max_error_rate:.0%}): {error_mix(requests.errors_by_type)}; "
             f"e.g. {example}")
 
 
-def data_quality(tokens: dict, ok: int) -> str:
+def data_quality(tokens: Tokens, ok: int) -> str:
     """How far the tokens can be trusted: streamed counts against the server's usage, requests cut short."""
-    checked = tokens.get("requests_checked_against_usage")
-    usage = (f"{tokens['usage_vs_tokenizer_mismatches']} of {checked} requests' usage differs from the tokens "
+    checked = tokens.requests_checked_against_usage
+    usage = (f"{tokens.usage_vs_tokenizer_mismatches} of {checked} requests' usage differs from the tokens "
              f"streamed (streamed counted)" if checked else "no server usage to check tokens against")
-    return f"tokens       {usage}; {tokens['requests_short_of_max_tokens']} of {ok} truncated (short of max_tokens)"
+    return f"tokens       {usage}; {tokens.requests_short_of_max_tokens} of {ok} truncated (short of max_tokens)"
 
 
-def render(summary: dict, title: str) -> str:
-    latency = summary["latency_s"]
+def render(summary: RunSummary, title: str) -> str:
+    latency = summary.latency_s
     lines = [title, "", f"{'metric (ms)':<12}{'p50':>9}{'p90':>9}{'p99':>9}{'mean':>9}{'max':>9}  n"]
     uncertain = []  # metrics whose p99 has too few samples for a 95 % interval
     for name in ("ttft", "itl", "tpot", "e2e"):
-        stats = latency[name]
+        stats = latency.get(name)
         cells = "".join(_ms(stats, key) for key in ("p50", "p90", "p99", "mean", "max"))
-        if stats and "p99_ci95" in stats and stats["p99_ci95"] is None:
-            uncertain.append(f"{name.upper()} ({stats['count']})")
-            cells = cells[:18] + f"{stats['p99'] * 1000:8.1f}*" + cells[27:]
-        lines.append(f"{name.upper():<12}{cells}  {stats['count'] if stats else 0}")
+        if stats and stats.p99_uncertain:
+            uncertain.append(f"{name.upper()} ({stats.count})")
+            cells = cells[:18] + f"{stats.p99 * 1000:8.1f}*" + cells[27:]
+        lines.append(f"{name.upper():<12}{cells}  {stats.count if stats else 0}")
     if uncertain:
         lines.append(f"* p99 from too few samples for a 95 % confidence interval (about 380 needed): "
                      f"{', '.join(uncertain)}; indicative only, measure longer")
-    throughput, requests = summary["throughput"], summary["requests"]
-    health = summary["load_generator"]
-    lag = health["schedule_lag_s"]
+    throughput, requests = summary.throughput, summary.requests
+    health = summary.load_generator
+    lag = health.schedule_lag_s
     lines += [
         "",
-        f"throughput   {throughput['output_tokens_per_s']:.1f} output tok/s   "
-        f"{throughput['requests_per_s']:.2f} req/s   {throughput['input_tokens_per_s']:.1f} input tok/s",
-        f"requests     {requests['ok']} ok, {requests['failed']} failed"
-        + (f" ({error_mix(requests['errors_by_type'])})" if requests["failed"] else "")
-        + (f", {requests['cancelled']} cancelled (in flight when the load stopped)" if requests.get("cancelled") else "")
-        + f", {requests['excluded_warmup_cooldown']} in warm-up/cool-down (excluded)",
-        data_quality(summary["tokens"], requests["ok"]),
-        f"window       {summary['window']['seconds']:.1f} s steady state",
+        f"throughput   {throughput.output_tokens_per_s:.1f} output tok/s   "
+        f"{throughput.requests_per_s:.2f} req/s   {throughput.input_tokens_per_s:.1f} input tok/s",
+        f"requests     {requests.ok} ok, {requests.failed} failed"
+        + (f" ({error_mix(requests.errors_by_type)})" if requests.failed else "")
+        + (f", {requests.cancelled} cancelled (in flight when the load stopped)" if requests.cancelled else "")
+        + f", {requests.excluded_warmup_cooldown} in warm-up/cool-down (excluded)",
+        data_quality(summary.tokens, requests.ok),
+        f"window       {summary.window.seconds:.1f} s steady state",
         f"client       lag p50 {_ms(lag, 'p50').strip()} ms p99 {_ms(lag, 'p99').strip()} ms, "
-        f"CPU {health['client_cpu_fraction']:.0%} of a core"
-        + (f", target {health['target_rate_rps']:.2f} req/s achieved {health['achieved_send_rate_rps']:.2f}"
-           if health["target_rate_rps"] else ""),
+        f"CPU {health.client_cpu_fraction:.0%} of a core"
+        + (f", target {health.target_rate_rps:.2f} req/s achieved {health.achieved_send_rate_rps:.2f}"
+           if health.target_rate_rps else ""),
     ]
-    slo = summary.get("slo")
+    slo = summary.slo
     if slo:
-        for name, verdict in slo["slos"].items():
-            value = f"{verdict['value_s'] * 1000:.1f} ms" if verdict["value_s"] is not None else "-"
-            lines.append(f"SLO {name:<10} {value} vs {verdict['threshold_s'] * 1000:g} ms: "
-                         f"{'met' if verdict['met'] else 'MISSED'} ({verdict['confidence']})")
-        lines.append(f"goodput      {slo['goodput_rps']:.2f} req/s meet every SLO "
-                     f"({slo['good_fraction']:.0%} of measured requests)")
-    server = summary.get("server") or {}
+        for name, verdict in slo.slos.items():
+            value = f"{verdict.value_s * 1000:.1f} ms" if verdict.value_s is not None else "-"
+            lines.append(f"SLO {name:<10} {value} vs {verdict.threshold_s * 1000:g} ms: "
+                         f"{'met' if verdict.met else 'MISSED'} ({verdict.confidence})")
+        lines.append(f"goodput      {slo.goodput_rps:.2f} req/s meet every SLO "
+                     f"({slo.good_fraction:.0%} of measured requests)")
+    server = summary.server or {}
     if server.get("scrape_errors"):
         lines.append(f"server       {server['scrape_errors']} of {server['scrape_errors'] + server['scrapes']} scrapes "
                      "of its /metrics failed: server_metrics.jsonl has gaps")
-    if requests.get("too_many_errors"):
+    if requests.too_many_errors:
         lines.append(failed_line(requests))
-    if summary["window"].get("problem"):
-        lines.append(f"NO MEASUREMENT: {summary['window']['problem']}.")
-    if not health["valid"]:
-        lines.append(f"INVALID RUN: the load generator was the bottleneck ({'; '.join(health['problems'])}). "
-                     f"Remedy: {health['remedy']}.")
-    if summary["interrupted"]:
+    if summary.window.problem:
+        lines.append(f"NO MEASUREMENT: {summary.window.problem}.")
+    if not health.valid:
+        lines.append(f"INVALID RUN: the load generator was the bottleneck ({'; '.join(health.problems)}). "
+                     f"Remedy: {health.remedy}.")
+    if summary.interrupted:
         lines.append("interrupted: the summary covers the requests finished before Ctrl-C")
     return "\n".join(lines)
 

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 from tokenrig.report.runs import Runs
-from tokenrig.report.summary import tpot
 
 REQUEST_SKIPPED = ("chunk_offsets_s", "chunk_tokens")
 PROGRESS_EVERY = 50_000
@@ -43,7 +42,7 @@ def write_csv(runs: Runs, directory: Path, progress=print) -> tuple[Path, Path]:
                 for record in step.records or []:
                     row = {"run_id": run.run_id, "step": step.label,
                            **{k: v for k, v in vars(record).items() if k not in REQUEST_SKIPPED},
-                           "ok": record.ok, "output_tokens": record.output_tokens, "tpot_s": tpot(record),
+                           "ok": record.ok, "output_tokens": record.output_tokens, "tpot_s": record.tpot(),
                            "chunks": len(record.chunk_offsets_s)}
                     if writer is None:
                         writer = csv.DictWriter(handle, list(row))
@@ -54,7 +53,7 @@ def write_csv(runs: Runs, directory: Path, progress=print) -> tuple[Path, Path]:
                         progress(f"  requests.csv: {written} rows")
         if writer is None:
             handle.write("run_id,step\n")  # no request record in any run: the header says what would be here
-    rows = [{"run_id": run.run_id, "step": step.label, **flatten(step.summary)}
+    rows = [{"run_id": run.run_id, "step": step.label, **flatten(step.summary.to_json())}
             for run in runs.load for step in run.steps if step.summary is not None]
     rows += [{"run_id": run.run_id, "step": "", **flatten(run.summary)} for run in runs.train if run.summary]
     columns = list(dict.fromkeys(key for row in rows for key in row)) or ["run_id", "step"]

@@ -21,7 +21,8 @@ from tokenrig.report import charts, timeline
 from tokenrig.report.compare import run_row, server_label
 from tokenrig.report.runs import LoadRun, LoadStep, Runs, TrainRun, find_runs
 from tokenrig.report.slo import recorded_slos
-from tokenrig.report.summary import MAX_HEALTHY_LAG_S, itl_gaps, tpot
+from tokenrig.report.run_summary import RunSummary
+from tokenrig.report.summary import MAX_HEALTHY_LAG_S
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1280px;
@@ -97,30 +98,31 @@ def latency_values(records) -> dict[str, list[float]]:
     """Per-request TTFT, TPOT, E2E and per-token ITL of the measured successful requests (docs/metrics.md)."""
     ok = [r for r in records if r.in_window and r.ok]
     return {"ttft": [r.ttft_s for r in ok if r.ttft_s is not None],
-            "tpot": [t for t in map(tpot, ok) if t is not None],
-            "itl": [g for r in ok for g in itl_gaps(r)],
+            "tpot": [t for t in (r.tpot() for r in ok) if t is not None],
+            "itl": [g for r in ok for g in r.itl_gaps()],
             "e2e": [r.e2e_s for r in ok if r.e2e_s is not None]}
 
 
-def _summary_tables(page: Page, summary: dict) -> None:
-    latency = summary["latency_s"]
+def _summary_tables(page: Page, summary: RunSummary) -> None:
+    latency = summary.latency_s
     page.table(["metric (ms)", "p50", "p90", "p99", "p99.9", "mean", "max", "n"],
-               [[name.upper()] + [_ms((latency[name] or {}).get(k)) for k in ("p50", "p90", "p99", "p99.9", "mean", "max")]
-                + [(latency[name] or {}).get("count", 0)] for name in ("ttft", "tpot", "itl", "e2e")])
-    throughput, requests, window = summary["throughput"], summary["requests"], summary["window"]
-    errors = ", ".join(f"{k} x{v}" for k, v in requests["errors_by_type"].items()) or "none"
+               [[name.upper()] + [_ms(getattr(latency.get(name), k, None))
+                                  for k in ("p50", "p90", "p99", "p99_9", "mean", "max")]
+                + [getattr(latency.get(name), "count", 0)] for name in ("ttft", "tpot", "itl", "e2e")])
+    throughput, requests, window = summary.throughput, summary.requests, summary.window
+    errors = ", ".join(f"{k} x{v}" for k, v in requests.errors_by_type.items()) or "none"
     page.table(["output tok/s", "req/s", "input tok/s", "ok", "failed", "warm-up/cool-down", "window s", "errors"],
-               [[_number(throughput["output_tokens_per_s"], ".1f"), _number(throughput["requests_per_s"]),
-                 _number(throughput["input_tokens_per_s"], ".1f"), requests["ok"], requests["failed"],
-                 requests["excluded_warmup_cooldown"], _number(window["seconds"], ".1f"), errors]], text_columns=0)
-    slo = summary.get("slo")
+               [[_number(throughput.output_tokens_per_s, ".1f"), _number(throughput.requests_per_s),
+                 _number(throughput.input_tokens_per_s, ".1f"), requests.ok, requests.failed,
+                 requests.excluded_warmup_cooldown, _number(window.seconds, ".1f"), errors]], text_columns=0)
+    slo = summary.slo
     if slo:
         page.table(["SLO", "threshold ms", "measured ms", "met", "samples", "confidence"],
-                   [[name, _ms(v["threshold_s"]), _ms(v["value_s"]), "met" if v["met"] else "MISSED", v["samples"],
-                     v["confidence"]] for name, v in slo["slos"].items()])
-        page.text(f"goodput {slo['goodput_rps']:.2f} req/s meet every SLO ({slo['good_fraction']:.0%} of measured "
+                   [[name, _ms(v.threshold_s), _ms(v.value_s), "met" if v.met else "MISSED", v.samples,
+                     v.confidence] for name, v in slo.slos.items()])
+        page.text(f"goodput {slo.goodput_rps:.2f} req/s meet every SLO ({slo.good_fraction:.0%} of measured "
                   "requests)")
-    server = summary.get("server") or {}
+    server = summary.server or {}
     gauges = [[key, _number(server[key]["mean"]), _number(server[key]["max"])]
               for key in ("running", "waiting", "kv_cache_usage", "batch_tokens") if key in server]
     if gauges:
@@ -128,15 +130,15 @@ def _summary_tables(page: Page, summary: dict) -> None:
         page.table(["gauge", "mean", "max"], gauges)
 
 
-def _health_table(page: Page, summary: dict) -> None:
-    health = summary["load_generator"]
-    lag = health["schedule_lag_s"] or {}
+def _health_table(page: Page, summary: RunSummary) -> None:
+    health = summary.load_generator
+    lag = health.schedule_lag_s
     page.table(["valid", "lag p50 ms", "lag p99 ms", "lag max ms", "client CPU", "target req/s", "achieved req/s",
                 "waited for a free user", "problems"],
-               [["yes" if health["valid"] else "NO", _ms(lag.get("p50")), _ms(lag.get("p99")), _ms(lag.get("max")),
-                 f"{health['client_cpu_fraction']:.0%}", _number(health["target_rate_rps"]),
-                 _number(health["achieved_send_rate_rps"]), health["slot_late_requests"],
-                 "; ".join(health["problems"]) or "none"]])
+               [["yes" if health.valid else "NO", _ms(lag and lag.p50), _ms(lag and lag.p99), _ms(lag and lag.max),
+                 f"{health.client_cpu_fraction:.0%}", _number(health.target_rate_rps),
+                 _number(health.achieved_send_rate_rps), health.slot_late_requests,
+                 "; ".join(health.problems) or "none"]])
 
 
 def _configuration(page: Page, run: LoadRun) -> None:
@@ -156,7 +158,7 @@ def _configuration(page: Page, run: LoadRun) -> None:
 
 
 def _step_windows(steps: list[LoadStep], t0: float) -> list[tuple[float, float]]:
-    return [(s.summary["window"]["start_unix"] - t0, s.summary["window"]["end_unix"] - t0)
+    return [(s.summary.window.start_unix - t0, s.summary.window.end_unix - t0)
             for s in steps if s.summary is not None]
 
 

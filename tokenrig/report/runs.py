@@ -13,13 +13,25 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from tokenrig.loadgen.records import RequestRecord, read_records
+from tokenrig.report.run_summary import RunSummary, SummaryVersionError
 
 
 def _json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
+        return None
+
+
+def _summary(path: Path) -> RunSummary | None:
+    """A load step's summary; one unreadable (cut short, or not a summary this tokenrig reads) counts as none."""
+    document = _json(path)
+    try:
+        return RunSummary.from_json(document) if document is not None else None
+    except (ValidationError, SummaryVersionError):
         return None
 
 
@@ -41,7 +53,7 @@ class LoadStep:
 
     path: Path
     label: str
-    summary: dict | None
+    summary: RunSummary | None
     records: list[RequestRecord] | None  # None: requests.jsonl was not kept
     scrapes: list[dict]
 
@@ -53,20 +65,20 @@ class LoadStep:
             count = f"the {len(self.records)} request records" if self.records is not None else "no request record"
             notes.append(f"no summary.json: the run stopped before it was summarised (killed, or stopped while "
                          f"starting); shown: {count} and the server scrapes it left")
-        elif summary.get("interrupted"):
+        elif summary.interrupted:
             notes.append("stopped early (Ctrl-C or a stop signal): the figures cover the requests finished before "
                          "the stop")
-        if summary is not None and summary["window"].get("problem"):
-            notes.append(f"no measurement: {summary['window']['problem']}")
-        total_ok = summary["requests"]["ok"] if summary is not None else ok
+        if summary is not None and summary.window.problem:
+            notes.append(f"no measurement: {summary.window.problem}")
+        total_ok = summary.requests.ok if summary is not None else ok
         if total_ok == 0:
-            failed = summary["requests"]["failed"] if summary else sum(not r.ok for r in self.records or [])
-            errors = (summary or {}).get("requests", {}).get("errors_by_type") or _error_types(self.records or [])
+            failed = summary.requests.failed if summary else sum(not r.ok for r in self.records or [])
+            errors = (summary.requests.errors_by_type if summary else None) or _error_types(self.records or [])
             notes.append(f"no request succeeded ({failed} failed: "
                          + (", ".join(f"{kind} x{n}" for kind, n in errors.items()) or "none sent") + ")")
-        if summary is not None and not summary["load_generator"]["valid"]:
+        if summary is not None and not summary.load_generator.valid:
             notes.append("INVALID: the load generator was the bottleneck (" +
-                         "; ".join(summary["load_generator"]["problems"]) + ")")
+                         "; ".join(summary.load_generator.problems) + ")")
         if self.records is None:
             notes.append("requests.jsonl was not kept with this run: latency distributions and the client "
                          "timeline need per-request records; the summary and the server scrapes are shown")
@@ -98,7 +110,7 @@ class LoadRun:
 class TrainRun:
     path: Path
     metadata: dict
-    summary: dict | None
+    summary: RunSummary | None
     steps: list[dict]
     breakdown: dict | None
 
@@ -119,7 +131,7 @@ def _load_step(path: Path, label: str, progress) -> LoadStep:
     records = read_records(records_path) if records_path.exists() else None
     if records is not None and len(records) >= 10_000:
         progress(f"  {path.name}: {len(records)} request records")
-    return LoadStep(path, label, _json(path / "summary.json"), records, _jsonl(path / "server_metrics.jsonl"))
+    return LoadStep(path, label, _summary(path / "summary.json"), records, _jsonl(path / "server_metrics.jsonl"))
 
 
 def read_run(path: Path, metadata: dict, progress=print) -> LoadRun | TrainRun:

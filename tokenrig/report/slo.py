@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokenrig.loadgen.records import RequestRecord
-from tokenrig.report.summary import itl_gaps, percentile_interval, tpot
+from tokenrig.report.run_summary import SloJudgement, SloVerdict
+from tokenrig.report.summary import percentile_interval
 
 METRICS = ("ttft", "tpot", "itl", "e2e")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -43,8 +44,8 @@ class Slo:
         if self.metric == "e2e":
             return record.e2e_s
         if self.metric == "tpot":
-            return tpot(record)
-        gaps = itl_gaps(record)
+            return record.tpot()
+        gaps = record.itl_gaps()
         return float(np.percentile(gaps, self.percentile)) if gaps else None
 
 
@@ -84,19 +85,19 @@ def samples_for(percentile: float, beyond: int) -> int:
     return math.ceil(beyond * 100 / (100 - percentile) - 1e-9)  # 1e-9: 5 / (1 - 0.9) is 50.000000000000014
 
 
-def judge(records: list[RequestRecord], slos: list[Slo], window_s: float) -> dict:
+def judge(records: list[RequestRecord], slos: list[Slo], window_s: float) -> SloJudgement:
     """Every SLO against the measured successful requests, plus goodput over the window."""
     ok = [r for r in records if r.in_window and r.ok]
     measured = [r for r in records if r.in_window]
     verdicts = {}
     for slo in slos:
         if slo.metric == "itl":
-            values = np.asarray([g for r in ok for g in itl_gaps(r)], dtype=float)
+            values = np.asarray([g for r in ok for g in r.itl_gaps()], dtype=float)
         else:
             values = np.asarray([v for v in map(slo.request_value, ok) if v is not None], dtype=float)
         if values.size == 0:
-            verdicts[slo.name] = {"threshold_s": slo.threshold_s, "value_s": None, "met": False, "samples": 0,
-                                  "confidence": "no samples"}
+            verdicts[slo.name] = SloVerdict(threshold_s=slo.threshold_s, value_s=None, met=False, samples=0,
+                                            confidence="no samples")
             continue
         value = float(np.percentile(values, slo.percentile))
         interval = percentile_interval(values, slo.percentile)
@@ -108,18 +109,14 @@ def judge(records: list[RequestRecord], slos: list[Slo], window_s: float) -> dic
         else:
             confidence = (f"marginal: 95 % interval [{interval[0] * 1e3:.1f}, {interval[1] * 1e3:.1f}] ms "
                           "contains the threshold")
-        verdicts[slo.name] = {"threshold_s": slo.threshold_s, "value_s": value, "met": value <= slo.threshold_s,
-                              "samples": int(values.size), "beyond_percentile": beyond,
-                              "ci95_s": list(interval) if interval else None, "confidence": confidence}
+        verdicts[slo.name] = SloVerdict(threshold_s=slo.threshold_s, value_s=value, met=value <= slo.threshold_s,
+                                        samples=int(values.size), beyond_percentile=beyond, ci95_s=interval,
+                                        confidence=confidence)
     good = 0
     for record in ok:
         values = [slo.request_value(record) for slo in slos]
         if all(v is not None and v <= slo.threshold_s for v, slo in zip(values, slos)):
             good += 1
-    return {
-        "slos": verdicts,
-        "all_met": all(v["met"] for v in verdicts.values()),
-        "goodput_rps": good / window_s if window_s else 0.0,
-        "good_requests": good,
-        "good_fraction": good / len(measured) if measured else 0.0,
-    }
+    return SloJudgement(slos=verdicts, all_met=all(v.met for v in verdicts.values()),
+                        goodput_rps=good / window_s if window_s else 0.0, good_requests=good,
+                        good_fraction=good / len(measured) if measured else 0.0)

@@ -1,4 +1,4 @@
-"""Summarise request records into the metrics defined in docs/metrics.md.
+"""Summarise request records into a RunSummary (report/run_summary.py), the metrics of docs/metrics.md.
 
 Percentiles are exact (numpy, linear interpolation between order statistics) over every
 request of the steady-state window; ITL percentiles are over every inter-token gap of
@@ -14,6 +14,8 @@ import numpy as np
 
 from tokenrig.loadgen.ceiling import CHUNKS_PER_S_PER_CORE
 from tokenrig.loadgen.records import RequestRecord
+from tokenrig.report.run_summary import (
+    SCHEMA_VERSION, Distribution, Latency, LoadGenerator, Requests, RunSummary, Throughput, Tokens, Window)
 
 PERCENTILES = (50, 90, 95, 99, 99.9)
 # Load-generator health thresholds: past these the client, not the server, shaped the result.
@@ -42,30 +44,15 @@ def percentile_interval(values: np.ndarray, percentile: float) -> tuple[float, f
     return float(ordered[low - 1]), float(ordered[high - 1])
 
 
-def distribution(values) -> dict | None:
+def distribution(values) -> Distribution | None:
     """Exact percentiles, mean, min, max, count, and p99's 95 % interval (None: too few samples for one)."""
     data = np.asarray(list(values), dtype=float)
     if data.size == 0:
         return None
     stats = {f"p{p:g}": float(np.percentile(data, p)) for p in PERCENTILES}
     stats.update(mean=float(data.mean()), min=float(data.min()), max=float(data.max()), count=int(data.size))
-    interval = percentile_interval(data, 99)
-    stats["p99_ci95"] = list(interval) if interval else None
-    return stats
-
-
-def itl_gaps(record: RequestRecord) -> list[float]:
-    """Each chunk's gap to the previous one divided by its tokens, once per token (a chunk of none counts one)."""
-    if len(record.chunk_offsets_s) < 2:
-        return []
-    counts = np.maximum(np.asarray(record.chunk_tokens[1:]), 1)
-    return np.repeat(np.diff(record.chunk_offsets_s) / counts, counts).tolist()
-
-
-def tpot(record: RequestRecord) -> float | None:
-    if record.ttft_s is None or record.e2e_s is None or record.output_tokens < 2:
-        return None
-    return (record.e2e_s - record.ttft_s) / (record.output_tokens - 1)
+    stats["p99_ci95"] = percentile_interval(data, 99)
+    return Distribution.model_validate(stats)
 
 
 @dataclass
@@ -84,7 +71,7 @@ class RunFacts:
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # past this fraction of failed requests the run FAILED
 
 
-def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
+def summarize(records: list[RequestRecord], facts: RunFacts) -> RunSummary:
     window_start = facts.plan_start_unix + facts.warmup_s
     window_end = facts.plan_start_unix + facts.duration_s - facts.cooldown_s
     measured = [r for r in records if r.in_window]
@@ -117,7 +104,7 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
     late_sends = sum(1 for r in measured if r.send_lag_s > MAX_HEALTHY_LAG_S)
     if late_sends > max(1, MAX_LATE_SEND_FRACTION * len(measured)):
         problems.append(f"{late_sends} of {len(measured)} sends more than {MAX_HEALTHY_LAG_S * 1000:.0f} ms late "
-                        f"(schedule lag p99 {lag['p99'] * 1000:.1f} ms)")
+                        f"(schedule lag p99 {lag.p99 * 1000:.1f} ms)")
     chunks_per_process = chunks_in_window / window / facts.load_processes
     if chunks_per_process > CHUNKS_PER_S_PER_CORE:
         problems.append(f"{chunks_per_process:,.0f} streamed chunks/s per load-generator process, above the "
@@ -135,7 +122,7 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
     if records and not measured and not facts.interrupted:
         e2e_all = distribution(r.e2e_s for r in records if r.ok and r.e2e_s is not None)
         window_problem = (f"no request was scheduled inside the {window:.1f}-s window"
-                          + (f" (requests took {e2e_all['p50']:.1f} s, median E2E)" if e2e_all else "")
+                          + (f" (requests took {e2e_all.p50:.1f} s, median E2E)" if e2e_all else "")
                           + "; lengthen --duration")
 
     errors: dict[str, int] = {}
@@ -148,45 +135,45 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> dict:
     answered = len(measured) - len(cancelled)
     error_rate = len(failed) / answered if answered else 0.0
 
-    return {
-        "requests": {"total": len(records), "measured": len(measured), "ok": len(ok), "failed": len(failed),
-                     "cancelled": len(cancelled),
-                     "excluded_warmup_cooldown": len(records) - len(measured), "errors_by_type": errors,
-                     "error_examples": examples, "error_rate": error_rate, "max_error_rate": facts.max_error_rate,
-                     "too_many_errors": error_rate > facts.max_error_rate},
-        "window": {"start_unix": window_start, "end_unix": window_end, "seconds": window,
-                   "warmup_s": facts.warmup_s, "cooldown_s": facts.cooldown_s, "problem": window_problem},
-        "latency_s": {
-            "ttft": distribution(r.ttft_s for r in ok),
-            "tpot": distribution(t for t in map(tpot, ok) if t is not None),
-            "itl": distribution(g for r in ok for g in itl_gaps(r)),
-            "e2e": distribution(r.e2e_s for r in ok),
-        },
-        "throughput": {
-            "output_tokens_per_s": tokens_in_window / window,
-            "requests_per_s": completions_in_window / window,
-            "input_tokens_per_s": sum(r.prompt_tokens_usage or r.prompt_tokens_sent for r in ok) / window,
-        },
-        "tokens": {
-            "output_total": sum(r.output_tokens for r in ok),
-            "input_total": sum(r.prompt_tokens_usage or r.prompt_tokens_sent for r in ok),
-            "usage_vs_tokenizer_mismatches": len(mismatched),
-            "requests_short_of_max_tokens": sum(r.output_tokens < r.max_tokens for r in ok),
-            "requests_checked_against_usage": len(usage_known),
-        },
-        "load_generator": {
-            "schedule_lag_s": lag,
-            "target_rate_rps": facts.target_rate,
-            "achieved_send_rate_rps": achieved_rate,
-            "scheduled_arrivals": facts.scheduled_in_window,
-            "sent_arrivals": arrivals_sent,
-            "slot_late_requests": slot_late,
-            "client_cpu_fraction": facts.client_cpu_fraction,
-            "chunks_per_s_per_process": chunks_per_process,
-            "chunks_per_s_ceiling": CHUNKS_PER_S_PER_CORE,
-            "valid": not problems,
-            "problems": problems,
-            "remedy": "add load-generator workers (--workers N) or lower the load" if problems else None,
-        },
-        "interrupted": facts.interrupted,
-    }
+    return RunSummary(
+        schema_version=SCHEMA_VERSION,
+        requests=Requests(total=len(records), measured=len(measured), ok=len(ok), failed=len(failed),
+                          cancelled=len(cancelled), excluded_warmup_cooldown=len(records) - len(measured),
+                          errors_by_type=errors, error_examples=examples, error_rate=error_rate,
+                          max_error_rate=facts.max_error_rate, too_many_errors=error_rate > facts.max_error_rate),
+        window=Window(start_unix=window_start, end_unix=window_end, seconds=window, warmup_s=facts.warmup_s,
+                      cooldown_s=facts.cooldown_s, problem=window_problem),
+        latency_s=Latency(
+            ttft=distribution(r.ttft_s for r in ok),
+            tpot=distribution(t for t in (r.tpot() for r in ok) if t is not None),
+            itl=distribution(g for r in ok for g in r.itl_gaps()),
+            e2e=distribution(r.e2e_s for r in ok),
+        ),
+        throughput=Throughput(
+            output_tokens_per_s=tokens_in_window / window,
+            requests_per_s=completions_in_window / window,
+            input_tokens_per_s=sum(r.prompt_tokens_usage or r.prompt_tokens_sent for r in ok) / window,
+        ),
+        tokens=Tokens(
+            output_total=sum(r.output_tokens for r in ok),
+            input_total=sum(r.prompt_tokens_usage or r.prompt_tokens_sent for r in ok),
+            usage_vs_tokenizer_mismatches=len(mismatched),
+            requests_short_of_max_tokens=sum(r.output_tokens < r.max_tokens for r in ok),
+            requests_checked_against_usage=len(usage_known),
+        ),
+        load_generator=LoadGenerator(
+            schedule_lag_s=lag,
+            target_rate_rps=facts.target_rate,
+            achieved_send_rate_rps=achieved_rate,
+            scheduled_arrivals=facts.scheduled_in_window,
+            sent_arrivals=arrivals_sent,
+            slot_late_requests=slot_late,
+            client_cpu_fraction=facts.client_cpu_fraction,
+            chunks_per_s_per_process=chunks_per_process,
+            chunks_per_s_ceiling=CHUNKS_PER_S_PER_CORE,
+            valid=not problems,
+            problems=problems,
+            remedy="add load-generator workers (--workers N) or lower the load" if problems else None,
+        ),
+        interrupted=facts.interrupted,
+    )

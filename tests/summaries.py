@@ -1,0 +1,24 @@
+"""Hand-made RunSummary objects for tests of what reads summaries (the SLO search, sweeps): a step's
+figures as the test states them, every other field empty."""
+
+from tokenrig.report.run_summary import RunSummary, SloJudgement
+
+
+def step_summary(window_s: float, sent: int, completed: int, slo_met: bool | None = True, failed: int = 0,
+                 valid: bool = True, interrupted: bool = False) -> RunSummary:
+    """`sent` arrivals and `completed` requests over a `window_s`-second window; `slo_met` None: no SLOs."""
+    return RunSummary.model_validate({
+        "requests": {"total": sent, "measured": sent, "ok": completed, "failed": failed,
+                     "excluded_warmup_cooldown": 0, "errors_by_type": {"HTTP 500": failed} if failed else {}},
+        "window": {"start_unix": 0.0, "end_unix": window_s, "seconds": window_s, "warmup_s": 0.0, "cooldown_s": 0.0},
+        "latency_s": {"ttft": None, "tpot": None, "itl": None, "e2e": None},
+        "throughput": {"output_tokens_per_s": 0.0, "requests_per_s": completed / window_s, "input_tokens_per_s": 0.0},
+        "tokens": {"output_total": 0, "input_total": 0, "usage_vs_tokenizer_mismatches": 0,
+                   "requests_short_of_max_tokens": 0},
+        "load_generator": {"schedule_lag_s": None, "target_rate_rps": None, "achieved_send_rate_rps": sent / window_s,
+                           "scheduled_arrivals": None, "sent_arrivals": sent, "slot_late_requests": 0,
+                           "client_cpu_fraction": 0.0, "valid": valid, "problems": [] if valid else ["saturated"]},
+        "interrupted": interrupted,
+        "slo": None if slo_met is None else SloJudgement(slos={}, all_met=slo_met, goodput_rps=0.0, good_requests=0,
+                                                         good_fraction=0.0),
+    })
