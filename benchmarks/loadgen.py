@@ -223,7 +223,7 @@ def measure_level(tool: str, streams: int, duration: float, client_core: int, se
 def per_chunk_profile() -> dict[str, float]:
     """Microseconds per streamed chunk of each step of tokenrig's per-chunk path, and of what it replaced."""
     from refserver import render_stream
-    from tokenrig.loadgen.users import content_fast, parse_openai_chunk
+    from tokenrig.loadgen.clients.openai import content_fast, parse_openai_chunk
     from tokenrig.serve.tokenizer import build_tokenizer
 
     _, body = render_stream(2)

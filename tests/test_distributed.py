@@ -1,9 +1,17 @@
 """Distributed load: a master and 2 local workers split one schedule and merge every record."""
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from tests.conftest import load_summary, run_cli, run_dir_of
+from tests.conftest import REPO, load_summary, run_cli, run_dir_of
 from tests.schedule import assert_latency_follows_schedule
 from tokenrig.loadgen.records import read_records
 
@@ -45,3 +53,64 @@ def test_two_workers_send_the_single_process_schedule_and_merge_exactly(tmp_path
     assert_latency_follows_schedule(summary["latency_s"])  # TTFT carries each run's own request handling
     assert_latency_follows_schedule(single_summary["latency_s"])
     assert summary["load_generator"]["valid"], summary["load_generator"]["problems"]
+
+
+def test_the_tgi_client_runs_on_workers(tmp_path):
+    """`--client tgi --workers 2`: each worker sends its share through TGI's /generate_stream."""
+    records, summary = run(tmp_path, "--client", "tgi", "--workers", "2")
+    assert [w["index"] for w in summary["load_generator"]["workers"]] == [0, 1]
+    assert sorted(r.arrival_index for r in records) == list(range(len(records))) and len(records) >= 60
+    assert all(r.ok for r in records), {r.error for r in records}
+    # details.generated_tokens is TGI's count; the TGI route reports no prompt usage (the OpenAI one does)
+    assert all(r.output_tokens_usage == r.output_tokens_tokenizer == 50 and r.prompt_tokens_usage is None
+               for r in records)
+    assert_latency_follows_schedule(summary["latency_s"])
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The load-generator worker processes a tokenrig process started (each in its own session)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid and b"tokenrig.loadgen.distributed" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_worker_stops_the_run_and_says_what_it_lost(tmp_path):
+    """SIGKILL one of two workers 3 s into a 60-s load: the master sees it go missing (Locust's heartbeat),
+    stops the step within seconds instead of waiting out the plan, names the worker and how many of its
+    arrivals went unsent, keeps every record it received, and exits 1."""
+    command = [sys.executable, "-m", "tokenrig.cli", *ARGS[:-4], "--duration", "60", "--warmup", "1",
+               "--workers", "2", "--results", str(tmp_path)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("load:"):
+                break
+        time.sleep(3)
+        workers = _workers_of(process.pid)
+        assert len(workers) == 2, "".join(lines)
+        os.kill(workers[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        output, _ = process.communicate(timeout=120)
+        stopped_after = time.monotonic() - killed_at
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = "".join(lines) + output
+    assert process.returncode == 1, output
+    assert stopped_after < 25, output  # not the 57 s of plan left, plus the request timeout
+    assert re.search(r"STOPPED: load-generator worker \d of 2 \(.+\) went missing .*: (\d+) of the (\d+) arrivals "
+                     r"it owned were not sent", output), output
+    run_dir = run_dir_of(subprocess.CompletedProcess(command, process.returncode, output, ""))
+    records = read_records(run_dir / "requests.jsonl")
+    assert records and load_summary(run_dir)["requests"]["total"] == len(records)

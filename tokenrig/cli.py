@@ -566,8 +566,6 @@ def cmd_loadtest(args) -> int:
             raise ScenarioError("--local-workers must be between 0 and --workers")
         workers = WorkerOptions(count, local, args.master_host, args.master_port)
     client = args.client or ("tgi" if spec.backend == "tgi" else "openai")
-    if client == "tgi" and workers:
-        raise ScenarioError("the TGI client runs in the tokenrig process only; drop --workers or use --client openai")
     from tokenrig.serve.remote import RemoteOptions
 
     remote = RemoteOptions(args.url, args.api_key, args.served_model, args.tokenizer) if args.url else None

@@ -18,7 +18,8 @@ from tokenizers import Tokenizer
 
 from tokenrig.interrupts import stop_signals_interrupt
 from tokenrig.loadgen.plan import LoadPlan
-from tokenrig.loadgen.records import JsonlSink, read_records
+from tokenrig.loadgen.driver import WorkerLostError
+from tokenrig.loadgen.records import FanoutSink, JsonlSink, read_records
 from tokenrig.loadgen.runner import run_load
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
 from tokenrig.loadgen.search import SearchOptions, SloWatch, StepResult, find_max_rate
@@ -27,8 +28,8 @@ from tokenrig.loadgen.workload import API_PATHS, Workload
 from tokenrig.monitor.discovery import MonitorOptions
 from tokenrig.report.console import failed_line, render, render_steps
 from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
-from tokenrig.report.slo import Slo, judge
 from tokenrig.report.run_summary import LoadFacts, RunSummary, WorkerCpu, WorkloadFacts
+from tokenrig.report.slo import Slo, judge
 from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
 from tokenrig.serve.launcher import Endpoint, LaunchedServer, ServerSpec
 from tokenrig.serve.remote import RemoteOptions, auth_headers
@@ -104,8 +105,6 @@ class Session:
                           client=self.client, request_timeout_s=self.request_timeout_s, headers=self.headers)
         watch = None
         if stop_early and self.slos and plan.open_loop:
-            from tokenrig.monitor.exporter import FanoutSink
-
             watch = SloWatch(self.slos, plan.scheduled_in_window())
             ctx.sink = FanoutSink(sink, watch)
         with contextlib.ExitStack() as stack:
@@ -198,7 +197,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
             from tokenrig.serve.launcher import free_port
 
             port = workers.port or (free_port() if workers.local == workers.workers else DEFAULT_MASTER_PORT)
-            session.master = Master(workers.workers, workers.local, workers.bind_host, port, progress)
+            session.master = Master(workers.workers, workers.local, workers.bind_host, port, progress, client)
             stack.callback(session.master.close)
             metadata["load_generator_workers"] = {"workers": workers.workers, "local": workers.local,
                                                   "master": f"{workers.bind_host}:{port}"}
@@ -208,7 +207,9 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
             summary, outcome = session.run_step(scenario.load, run_dir)
             progress("")
             progress(render(summary, f"{title} | {summary.plan}"))
-            interrupted, failed = outcome.interrupted, summary.requests.too_many_errors
+            if outcome.lost_worker:
+                progress(f"STOPPED: {outcome.lost_worker}")
+            interrupted, failed = outcome.interrupted, summary.requests.too_many_errors or bool(outcome.lost_worker)
         else:
             interrupted, failed = _run_search(session, search, title)
     progress(f"\nresults: {run_dir}")
@@ -216,11 +217,12 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
 
 
 def _run_search(session: Session, search: SearchOptions, title: str) -> tuple[bool, bool]:
-    """Sweep or SLO search; writes search.json and prints the curve. Returns (interrupted, every step FAILED):
-    a search past its capacity sees errors, but a search none of whose steps served is no measurement."""
+    """Sweep or SLO search; writes search.json and prints the curve. Returns (interrupted, FAILED): FAILED when
+    a load-generator worker was lost, or every step failed (a search past its capacity sees errors, but a
+    search none of whose steps served is no measurement)."""
     base, progress = session.scenario.load, session.progress
     steps: list[StepResult] = []
-    interrupted = False
+    interrupted, lost = False, None
 
     def measure(value: float) -> StepResult:
         load = search.step_load(base, value, session.slos, len(steps))
@@ -234,6 +236,8 @@ def _run_search(session: Session, search: SearchOptions, title: str) -> tuple[bo
         write_json(session.run_dir / "search.json", document)
         if outcome.interrupted:  # the search must not judge a step cut short
             raise KeyboardInterrupt
+        if outcome.lost_worker:
+            raise WorkerLostError(outcome.lost_worker)
         return step
 
     document: dict = {"mode": search.mode}
@@ -249,6 +253,10 @@ def _run_search(session: Session, search: SearchOptions, title: str) -> tuple[bo
         interrupted = True
         progress("  interrupted: the curve below covers the steps finished so far")
         document.update(stop_reason="interrupted", max_rate_meeting_slos=None)
+    except WorkerLostError as error:
+        lost = str(error)
+        progress(f"  STOPPED: {lost}")
+        document.update(stop_reason=f"stopped: {lost}", max_rate_meeting_slos=None)
     document["steps"] = [s.row() for s in steps]
     write_json(session.run_dir / "search.json", document)
     progress("")
@@ -256,4 +264,4 @@ def _run_search(session: Session, search: SearchOptions, title: str) -> tuple[bo
     failed = [s.summary.requests for s in steps if s.summary.requests.too_many_errors]
     if steps and len(failed) == len(steps):
         progress(failed_line(failed[-1]))
-    return interrupted, bool(steps) and len(failed) == len(steps)
+    return interrupted, lost is not None or (bool(steps) and len(failed) == len(steps))

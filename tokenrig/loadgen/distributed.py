@@ -14,26 +14,33 @@ Workers: `--workers N` spawns N local worker processes; workers elsewhere run
 
 from __future__ import annotations
 
+import locust  # noqa: F401, I001  - first: gevent patches the standard library before anything else imports it
+
 import argparse
 import contextlib
 import os
-import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from tokenrig.loadgen.runner import LoadOutcome
+import gevent
+from locust.env import Environment
+from locust.runners import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, STATE_MISSING
+from tokenizers import Tokenizer
+
+from tokenrig.loadgen.driver import LoadOutcome, cpu_seconds, drive, freeze_heap
+from tokenrig.loadgen.plan import LoadPlan
+from tokenrig.loadgen.records import RequestRecord
+from tokenrig.loadgen.scenario import Scenario
+from tokenrig.loadgen.users import USER_CLASSES, LoadContext
+from tokenrig.loadgen.workload import Workload
 
 CONFIG, READY, RECORDS, DONE = "tokenrig_config", "tokenrig_ready", "tokenrig_records", "tokenrig_done"
 SHIP_EVERY_S = 0.25
 START_LEAD_S = 2.0  # between the master choosing the start time and the plan's first due time
 DEFAULT_MASTER_PORT = 5557
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 @dataclass
@@ -58,14 +65,10 @@ class Master:
     """A Locust master that stays up for every step of a run, with its local worker processes."""
 
     def __init__(self, workers: int, local_workers: int, bind_host: str, port: int, progress=print,
-                 connect_timeout_s: float = 120):
-        from locust.env import Environment
-
-        from tokenrig.loadgen.users import OpenAIStreamingUser
-
+                 client: str = "openai", connect_timeout_s: float = 120):
         self.expected = workers
         self.progress = progress
-        self.environment = Environment(user_classes=[OpenAIStreamingUser])
+        self.environment = Environment(user_classes=[USER_CLASSES[client]])
         self.runner = self.environment.create_master_runner(master_bind_host=bind_host, master_bind_port=port)
         self.runner.register_message(READY, self._on_ready)
         self.runner.register_message(RECORDS, self._on_records)
@@ -74,6 +77,7 @@ class Master:
         self._sink = None
         self._ready: set[str] = set()
         self._done: dict[str, WorkerReport] = {}
+        self._arrivals_recorded: Counter[str] = Counter()  # first-turn records received, per worker node
         self.received = 0
         connect_host = "127.0.0.1" if bind_host in ("0.0.0.0", "*", "") else bind_host
         for _ in range(local_workers):
@@ -84,8 +88,6 @@ class Master:
             progress(f"waiting for {workers - local_workers} remote workers: run on each "
                      f"`python -m tokenrig.loadgen.distributed --master-host <this host> --master-port {port}`")
         deadline = time.monotonic() + connect_timeout_s
-        import gevent
-
         while len(self.runner.clients) < workers:
             if time.monotonic() > deadline:
                 self.close()
@@ -101,10 +103,9 @@ class Master:
         self._ready.add(msg.node_id)
 
     def _on_records(self, environment, msg, **_kwargs) -> None:
-        from tokenrig.loadgen.records import RequestRecord
-
         for item in msg.data:
             self._sink.write(RequestRecord(**item))
+        self._arrivals_recorded[msg.node_id] += sum(1 for item in msg.data if item["turn"] == 0)
         self.received += len(msg.data)
 
     def _on_done(self, environment, msg, **_kwargs) -> None:
@@ -113,15 +114,14 @@ class Master:
     def run(self, ctx, scenario, tokenizer_json: str, stop_when=None, progress_every_s: float = 5.0
             ) -> DistributedOutcome:
         """One step: configure every worker, start the plan at one wall-clock time, collect records."""
-        import gevent
-
         plan = ctx.plan
         self._sink, self._ready, self._done = ctx.sink, set(), {}
+        self._arrivals_recorded.clear()
         clients = sorted(self.runner.clients.keys())[: self.expected]
         start_unix = time.time() + START_LEAD_S
         for index, client_id in enumerate(clients):
             self.runner.send_message(CONFIG, {
-                "index": index, "workers": len(clients), "start_unix": start_unix,
+                "index": index, "workers": len(clients), "start_unix": start_unix, "client": ctx.client,
                 "base_url": ctx.base_url, "model_name": ctx.workload.model_name,
                 "max_context": ctx.workload.max_context, "seed": ctx.workload.seed,
                 "scenario": scenario.model_dump(mode="json"), "tokenizer": tokenizer_json,
@@ -136,28 +136,16 @@ class Master:
         users = max(plan.pool_size, len(clients))
         self.runner.start(users, spawn_rate=users / (START_LEAD_S / 4))
         wall_start = time.perf_counter()
-        interrupted = timed_out = stopped_early = False
-        stopped_at = None
-        give_up_at = plan.end + ctx.request_timeout_s + 30
-        next_report = plan.start + progress_every_s
+
+        def status(_elapsed: float) -> str:
+            return f"records {self.received:6d}  workers done {len(self._done)}/{len(clients)}"
+
         try:
-            while len(self._done) < len(clients):
-                gevent.sleep(0.05)
-                now = time.perf_counter()
-                if now > give_up_at:
-                    timed_out = True
-                    break
-                if stop_when is not None and stop_when():
-                    stopped_early, stopped_at = True, now
-                    break
-                if now >= next_report:
-                    next_report += progress_every_s
-                    progress = min(now - plan.start, plan.spec.duration_s)
-                    self.progress(f"  [{progress:5.0f}s/{plan.spec.duration_s:.0f}s] records {self.received:6d}  "
-                                  f"workers done {len(self._done)}/{len(clients)}")
-        except KeyboardInterrupt:
-            interrupted, stopped_at = True, time.perf_counter()
-            self.progress("  interrupted: stopping workers, keeping every record received")
+            stop = drive(plan, lambda: len(self._done) >= len(clients), plan.end + ctx.request_timeout_s + 30,
+                         status, self.progress, progress_every_s, stop_when,
+                         lost_worker=lambda: self._lost_worker(clients, plan))
+            if stop.interrupted:
+                self.progress("  interrupted: stopping workers, keeping every record received")
         finally:
             self.runner.stop()
             gevent.sleep(SHIP_EVERY_S * 2)  # last batches the workers flush on stop
@@ -167,8 +155,24 @@ class Master:
         wall = time.perf_counter() - wall_start
         # each worker is one process on (at most) one core: the busiest one judges the client
         busiest = max(reports, key=lambda r: r.cpu_fraction, default=None)
-        return DistributedOutcome(wall, busiest.cpu_fraction * wall if busiest else 0.0, interrupted, timed_out,
-                                  stopped_early, stopped_at, workers=reports)
+        return DistributedOutcome(wall, busiest.cpu_fraction * wall if busiest else 0.0, stop.interrupted,
+                                  stop.timed_out, stop.stopped_early, stop.stopped_at, stop.lost_worker,
+                                  workers=reports)
+
+    def _lost_worker(self, clients: list[str], plan: LoadPlan) -> str | None:
+        """What was lost with the first worker Locust marks missing (no heartbeat for a few seconds, as a
+        killed or cut-off worker) or that left before reporting its step done; None while all are there."""
+        for index, client_id in enumerate(clients):
+            node = self.runner.clients.get(client_id)
+            if client_id in self._done or (node is not None and node.state != STATE_MISSING):
+                continue
+            owned = len(range(index, plan.scheduled_total, len(clients)))
+            recorded = self._arrivals_recorded[client_id]
+            lost = (f"{owned - recorded} of the {owned} arrivals it owned were not sent (or their records were "
+                    "lost with it)" if plan.open_loop else f"its users stopped after {recorded} arrivals")
+            return (f"load-generator worker {index} of {len(clients)} ({client_id}) went missing (no heartbeat for "
+                    f"{HEARTBEAT_INTERVAL * (HEARTBEAT_LIVENESS + 1)} s): {lost}; the step was stopped")
+        return None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -208,17 +212,8 @@ def worker_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT)
     args = parser.parse_args(argv)
 
-    import gevent
-    from locust.env import Environment
-    from tokenizers import Tokenizer
-
-    from tokenrig.loadgen.plan import LoadPlan
-    from tokenrig.loadgen.runner import freeze_heap
-    from tokenrig.loadgen.scenario import Scenario
-    from tokenrig.loadgen.users import LoadContext, OpenAIStreamingUser
-    from tokenrig.loadgen.workload import Workload
-
-    environment = Environment(user_classes=[OpenAIStreamingUser])
+    # the master names the class its users are (the run's API client); a worker can be either
+    environment = Environment(user_classes=list(USER_CLASSES.values()))
     runner = environment.create_worker_runner(args.master_host, args.master_port)
     shipper = _RecordShipper(runner)
 
@@ -236,7 +231,7 @@ def worker_main(argv: list[str] | None = None) -> None:
         step["reported"] = True
         shipper.flush()
         ctx = step["ctx"]
-        runner.send_message(DONE, asdict(WorkerReport(step["index"], _cpu_seconds() - step["cpu"],
+        runner.send_message(DONE, asdict(WorkerReport(step["index"], cpu_seconds() - step["cpu"],
                                                       time.perf_counter() - step["wall"], ctx.workload.clamped,
                                                       ctx.workload.conversations_cut)))
 
@@ -254,9 +249,9 @@ def worker_main(argv: list[str] | None = None) -> None:
         plan = LoadPlan(scenario.load, start=data["start_unix"] - unix_offset, share=(data["index"], data["workers"]))
         workload = Workload(scenario, tokenizer, data["model_name"], data["max_context"], seed=data["seed"])
         ctx = LoadContext(data["base_url"], plan, workload, tokenizer, shipper, unix_offset=unix_offset,
-                          request_timeout_s=data["request_timeout_s"], headers=data["headers"])
+                          client=data["client"], request_timeout_s=data["request_timeout_s"], headers=data["headers"])
         environment.tokenrig = ctx
-        step.update(ctx=ctx, index=data["index"], cpu=_cpu_seconds(), wall=time.perf_counter(), reported=False)
+        step.update(ctx=ctx, index=data["index"], cpu=cpu_seconds(), wall=time.perf_counter(), reported=False)
         gevent.spawn(report_when_done, ctx)
         freeze_heap()
         runner.send_message(READY, None)
@@ -268,6 +263,4 @@ def worker_main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    import locust  # noqa: F401  - gevent must patch the standard library first
-
     worker_main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -73,6 +74,29 @@ class RequestRecord:
             return []
         counts = np.maximum(np.asarray(self.chunk_tokens[1:]), 1)
         return np.repeat(np.diff(self.chunk_offsets_s) / counts, counts).tolist()
+
+
+class Sink(Protocol):
+    """Where finished records go: requests.jsonl, the Prometheus exporter, an SLO watch, a worker's shipper."""
+
+    def write(self, record: RequestRecord) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FanoutSink:
+    """Writes each record to several sinks (requests.jsonl first: it is the source of truth)."""
+
+    def __init__(self, *sinks: Sink):
+        self.sinks = sinks
+
+    def write(self, record: RequestRecord) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
 
 
 class RecordWriteError(OSError):

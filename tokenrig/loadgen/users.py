@@ -1,32 +1,28 @@
-"""Locust users that speak an LLM API and time every streamed chunk.
+"""Locust users that send the plan's requests through an API client and record every one.
 
-Each user takes send slots from the shared `LoadPlan`, waits for the slot's due time, sends
-one streaming request and reads the response line by line as bytes arrive (Locust's own
-`iter_lines` waits for 1 KiB blocks and would delay every chunk). Per chunk: a readline, a
-timestamp and, for the common chunk shape, a byte-level cut of the content (JSON parsing only
-for the rest). Tokens are counted once the request has ended: one per content chunk when the
-reply's token count confirms it, else the tokenizer on each chunk's text.
+Each user takes send slots from the shared `LoadPlan`, waits for the slot's due time, and sends
+one streaming request through its API's client (loadgen/clients: OpenAI SSE, TGI
+/generate_stream), which times every chunk. Tokens are counted once the request has ended: one
+per content chunk when the reply's token count confirms it, else the tokenizer on each chunk's
+text; the record then goes to the run's sink.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import gevent
 from gevent.pool import Group
-from geventhttpclient import HTTPClient
 from locust import User, constant, task
 from locust.exception import StopUser
 from tokenizers import Tokenizer
 
+from tokenrig.loadgen.clients import StreamResult, openai
 from tokenrig.loadgen.plan import LoadPlan
-from tokenrig.loadgen.records import CANCELLED, GAVE_UP, RequestRecord
+from tokenrig.loadgen.records import CANCELLED, GAVE_UP, RequestRecord, Sink
 from tokenrig.loadgen.workload import PreparedRequest, Workload
 
-HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 SLOT_LATE_TOLERANCE_S = 0.001
 
 
@@ -38,7 +34,7 @@ class LoadContext:
     plan: LoadPlan
     workload: Workload
     tokenizer: Tokenizer
-    sink: object  # anything with write(RequestRecord)
+    sink: Sink
     unix_offset: float  # unix time - perf_counter
     request_timeout_s: float = 600.0
     client: str = "openai"  # "tgi": TGIStreamingUser over /generate_stream
@@ -104,47 +100,6 @@ def count_tokens(ctx: LoadContext, record: RequestRecord, texts: list[str]) -> s
     return reply
 
 
-def end_stream(record: RequestRecord, due: float) -> None:
-    """Close the record the moment the stream has ended: E2E, and an empty stream as an error."""
-    record.e2e_s = time.perf_counter() - due
-    if record.ttft_s is None:
-        record.error = "stream ended without any content"
-
-
-CHAT_CONTENT, COMPLETION_TEXT = b'"content":"', b'"text":"'
-
-
-def content_fast(line: bytes) -> str | None:
-    """The content text of an SSE `data:` line of the common shape (one choice, no escapes, no usage object),
-    cut from the bytes without parsing; None when the line needs the JSON parser."""
-    key = CHAT_CONTENT
-    start = line.find(key)
-    if start < 0:
-        key = COMPLETION_TEXT
-        start = line.find(key)
-        if start < 0:
-            return None
-    start += len(key)
-    end = line.find(b'"', start)
-    # a backslash means escapes to decode; a second key a second choice; a usage object must be read
-    if end < 0 or line.find(b"\\", start, end) >= 0 or line.find(key, end) >= 0 or b'"usage":{' in line:
-        return None
-    return line[start:end].decode()
-
-
-def parse_openai_chunk(payload: dict | list) -> tuple[str, dict | None]:
-    """Content text and usage (if any) of one OpenAI streaming chunk, chat or completions; some servers
-    batch several chunks into one event as a JSON array."""
-    if isinstance(payload, list):
-        parts = [parse_openai_chunk(item) for item in payload]
-        return "".join(text for text, _ in parts), next((usage for _, usage in reversed(parts) if usage), None)
-    text = ""
-    for choice in payload.get("choices") or ():
-        delta = choice.get("delta")
-        text += (delta.get("content") or "") if delta is not None else (choice.get("text") or "")
-    return text, payload.get("usage")
-
-
 class OpenAIStreamingUser(User):
     """Sends OpenAI-compatible streaming requests (chat or completions) from the scenario."""
 
@@ -153,13 +108,8 @@ class OpenAIStreamingUser(User):
 
     def on_start(self) -> None:
         self.ctx: LoadContext = self.environment.tokenrig
-        url = urlsplit(self.ctx.base_url)
-        # no network_timeout: silence is the watchdog's (LoadContext.watch_stream), not a timer per read
-        https = url.scheme == "https"
-        self.client = HTTPClient(url.hostname, url.port or (443 if https else 80), ssl=https, concurrency=1,
-                                 connection_timeout=30, network_timeout=None)
-        self.path_prefix = url.path.rstrip("/")
-        self.headers = {**HEADERS, **self.ctx.headers}
+        self.client, self.path_prefix = openai.connect(self.ctx.base_url)
+        self.headers = {**openai.HEADERS, **self.ctx.headers}
 
     def on_stop(self) -> None:
         self.client.close()
@@ -206,12 +156,15 @@ class OpenAIStreamingUser(User):
             prefix_reused=prepared.prefix_reused,
         )
         ctx.in_flight += 1
-        texts: list[str] = []
+        result = StreamResult(due)
         try:
-            self._send(prepared, due, record, texts)
+            self._send(prepared, result)
         except BaseException:  # stopped: what was measured is written now
+            result.error = GAVE_UP if ctx.gave_up else CANCELLED
+            texts = take(record, result)
             self._finish(prepared, record, texts)
             raise
+        texts = take(record, result)
         if reply_needed:
             return self._finish(prepared, record, texts), record
         # Counting tokens, writing the record and Locust's statistics take ~0.2 ms a request: done in a
@@ -240,102 +193,39 @@ class OpenAIStreamingUser(User):
             response_length=record.output_tokens, exception=record.error, context={})
         return reply
 
-    def _send(self, prepared: PreparedRequest, due: float, record: RequestRecord, texts: list[str]) -> None:
-        """Send, read the stream, time the record; each content chunk's text goes to `texts`."""
-        sent = time.perf_counter()
-        record.send_lag_s = sent - due
+    def _send(self, prepared: PreparedRequest, result: StreamResult) -> None:
+        """Send one request and read its stream into `result`, failing it when the server falls silent."""
         activity = self.ctx.watch_stream()
         try:
-            response = self.client.post(self.path_prefix + prepared.path, body=prepared.body, headers=self.headers)
-            record.status = response.status_code
-            if response.status_code != 200:
-                record.error = f"HTTP {response.status_code}: {response.read()[:300].decode(errors='replace')}"
-                return
-            content_type = response.get("content-type") or ""
-            if content_type and not content_type.startswith("text/event-stream"):
-                record.error = (f"not an event stream: HTTP 200 with Content-Type {content_type}, "
-                                f"{response.read()[:200].decode(errors='replace')}")
-                return
-            done = False
-            # the per-chunk loop: bound methods in locals, nothing allocated but the line and the text
-            readline, clock, offsets, add_text = response.readline, time.perf_counter, record.chunk_offsets_s, texts.append
-            add_offset = offsets.append
-            while True:
-                line = readline(b"\n")
-                now = activity[0] = clock()
-                if not line.startswith(b"data:"):
-                    if not line:
-                        break
-                    continue
-                text = content_fast(line)
-                if text is None:
-                    data = line[5:].strip()
-                    if not data:  # an empty data field is legal SSE
-                        continue
-                    if data == b"[DONE]":
-                        done = True
-                        break
-                    text, usage = parse_openai_chunk(json.loads(data))
-                    if usage:
-                        record.output_tokens_usage = usage.get("completion_tokens")
-                        record.prompt_tokens_usage = usage.get("prompt_tokens")
-                if text:
-                    if not offsets:
-                        record.ttft_s = now - due
-                    add_offset(now - due)
-                    add_text(text)
-            end_stream(record, due)
-            if not done and record.ok:  # the connection closed mid-reply: an incomplete answer, not a short one
-                record.error = (f"incomplete stream: the connection closed before [DONE], after "
-                                f"{len(texts)} content chunks")
-        except Exception as error:  # noqa: BLE001 - every failure becomes a record, never a crash
-            record.error = f"{type(error).__name__}: {error}"
-        except BaseException:  # the run was stopped (Ctrl-C), or gave up on this request, while it was in flight
-            record.error = GAVE_UP if self.ctx.gave_up else CANCELLED
-            raise
+            openai.stream(self.client, self.path_prefix + prepared.path, prepared.body, self.headers, result, activity)
         finally:
             self.ctx.reading.pop(gevent.getcurrent(), None)
 
 
 class TGIStreamingUser(OpenAIStreamingUser):
-    """Sends the same requests to TGI's /generate_stream through huggingface_hub's InferenceClient
-    (streaming with details), timed by the same code as the OpenAI user. TGI takes raw text, so a
-    chat request is sent as its messages' contents; `details.generated_tokens` is the server's count."""
+    """Sends the same requests to TGI's /generate_stream (loadgen/clients/tgi.py)."""
 
     def on_start(self) -> None:
-        from huggingface_hub import InferenceClient
+        # huggingface_hub takes half a second to import: only a run with the TGI client pays it
+        from tokenrig.loadgen.clients import tgi
 
         self.ctx: LoadContext = self.environment.tokenrig
-        base = self.ctx.base_url.rstrip("/").removesuffix("/v1")
-        self.client = InferenceClient(model=f"{base}/generate_stream", timeout=self.ctx.request_timeout_s)
+        self.tgi = tgi
+        self.client = tgi.connect(self.ctx.base_url, self.ctx.request_timeout_s)
 
     def on_stop(self) -> None:
         pass  # InferenceClient keeps no connection of its own to close
 
-    def _send(self, prepared: PreparedRequest, due: float, record: RequestRecord, texts: list[str]) -> None:
-        from huggingface_hub.errors import HfHubHTTPError
+    def _send(self, prepared: PreparedRequest, result: StreamResult) -> None:
+        self.tgi.stream(self.client, prepared.body, prepared.max_tokens, result)
 
-        body = json.loads(prepared.body)
-        prompt = "\n".join(m["content"] for m in body["messages"]) if "messages" in body else body["prompt"]
-        record.send_lag_s = time.perf_counter() - due
-        try:
-            stream = self.client.text_generation(prompt, max_new_tokens=prepared.max_tokens, stream=True, details=True)
-            record.status = 200  # the client raises before yielding when the status is not 200
-            for output in stream:
-                now = time.perf_counter()
-                if output.details is not None:
-                    record.output_tokens_usage = output.details.generated_tokens
-                if output.token.text and not output.token.special:
-                    if record.ttft_s is None:
-                        record.ttft_s = now - due
-                    record.chunk_offsets_s.append(now - due)
-                    texts.append(output.token.text)
-            end_stream(record, due)
-        except HfHubHTTPError as error:
-            record.status = error.response.status_code if error.response is not None else None
-            record.error = f"HTTP {record.status}: {str(error)[:300]}"
-        except Exception as error:  # noqa: BLE001 - every failure becomes a record, never a crash
-            record.error = f"{type(error).__name__}: {error}"
-        except BaseException:  # the run was stopped (Ctrl-C), or gave up on this request, while it was in flight
-            record.error = GAVE_UP if self.ctx.gave_up else CANCELLED
-            raise
+
+USER_CLASSES = {"openai": OpenAIStreamingUser, "tgi": TGIStreamingUser}
+
+
+def take(record: RequestRecord, result: StreamResult) -> list[str]:
+    """Move what the client measured into the record; return the chunks' texts, for counting tokens."""
+    record.send_lag_s, record.status, record.error = result.send_lag_s, result.status, result.error
+    record.ttft_s, record.e2e_s, record.chunk_offsets_s = result.ttft_s, result.e2e_s, result.chunk_offsets_s
+    record.output_tokens_usage, record.prompt_tokens_usage = result.output_tokens_usage, result.prompt_tokens_usage
+    return result.texts

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from tokenrig.loadgen.records import RequestRecord
+from tokenrig.loadgen.records import FanoutSink, RequestRecord
 from tokenrig.monitor.discovery import TargetFile
 
 
@@ -99,21 +99,6 @@ class PrometheusSink:
 
     def close(self) -> None:
         pass
-
-
-class FanoutSink:
-    """Writes each record to several sinks (requests.jsonl first: it is the source of truth)."""
-
-    def __init__(self, *sinks):
-        self.sinks = sinks
-
-    def write(self, record: RequestRecord) -> None:
-        for sink in self.sinks:
-            sink.write(record)
-
-    def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
 
 
 def wait_for_final_scrape(seconds: float) -> None:
