@@ -171,7 +171,9 @@ def find_max_rate(measure, start_rate: float, precision: float = 0.05, max_steps
             result.lowest_failing = rate
     if result.best is not None and result.lowest_failing is not None:
         gap = result.lowest_failing / result.best - 1
-        result.stop_reason = (f"bracketed within {gap:.1%}" if gap <= precision
+        # the bisection's own test: 10.5 / 10 - 1 is 0.0500...04 in floating point, above a 5 % precision
+        bracketed = result.lowest_failing <= result.best * (1 + precision)
+        result.stop_reason = (f"bracketed within {gap:.1%}" if bracketed
                               else f"step limit reached (bracket {gap:.1%} wide)")
     elif not result.stop_reason:
         result.stop_reason = "step limit reached while probing"
