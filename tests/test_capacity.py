@@ -14,8 +14,8 @@ from tokenrig.capacity.cost import ReplicaCapacity, size
 from tokenrig.capacity.inputs import read_results
 from tokenrig.capacity.simulate import RequestBook, VirtualSearch
 from tokenrig.capacity.table import CSV_COLUMNS
+from tokenrig.loadgen.load_profiles import FindMax
 from tokenrig.loadgen.records import read_records
-from tokenrig.loadgen.search import SearchOptions
 from tokenrig.profiles import gpu_profiles, resolve_gpu, resolve_model
 from tokenrig.report.slo import judge, parse_slos
 from tokenrig.serve.engines.sim import RooflineParams
@@ -86,7 +86,7 @@ def test_calibration_recovers_the_known_roofline_and_predicts_an_unseen_gpu(know
                         api_latency_s=calibration.model.api_latency_s)
     scenario, gpu = unseen[0].scenario, resolve_gpu("rtx4090")
     book = RequestBook(scenario, resolve_model("7b"))
-    options = SearchOptions("find-max", tail_samples=3, precision=0.02)
+    options = FindMax(tail_samples=3, precision=0.02)
     slos = parse_slos("tpot_p90=60ms")
 
     def goodput(model: EngineModel) -> float:

@@ -10,10 +10,11 @@ import pytest
 from tests.conftest import load_summary, run_cli, run_dir_of, start_server
 from tests.schedule import assert_ttft_follows_schedule
 from tests.summaries import step_summary
+from tokenrig.loadgen.load_profiles import FindMax, walk
 from tokenrig.loadgen.plan import trace_schedule
 from tokenrig.loadgen.records import read_records
-from tokenrig.loadgen.scenario import load_scenario
-from tokenrig.loadgen.search import SATURATION_DEFICIT, SATURATION_SIGMAS, StepResult, find_max_rate
+from tokenrig.loadgen.scenario import LoadPlanSpec, load_scenario
+from tokenrig.loadgen.search import SATURATION_DEFICIT, SATURATION_SIGMAS, StepResult
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.engines.sim import PrefixCache, RooflineEngine, StepWork
 
@@ -200,7 +201,9 @@ def test_find_max_skips_rates_whose_steps_fell_behind():
     def measure(rate):
         return _step(rate, 60.0, sent=round(rate * 60), completed=round(min(rate, capacity) * 60))
 
-    result = find_max_rate(measure, start_rate=4, precision=0.02, progress=lambda _: None)
+    search = FindMax(start_rate=4, precision=0.02)
+    base = LoadPlanSpec(type="poisson", rate=4, duration_s=60)
+    result = search.conclude(walk(search, base, None, lambda plan: measure(plan.value), progress=lambda _: None))
     sent_at_best, done_at_best = result.best * 60, capacity * 60
     tolerance = max(SATURATION_DEFICIT * sent_at_best, SATURATION_SIGMAS * (sent_at_best + done_at_best) ** 0.5)
     assert capacity <= result.best and sent_at_best - done_at_best <= tolerance

@@ -1,10 +1,25 @@
-"""find_max_rate's walk and stop reasons, with a fake measure: a real function that answers each rate with a
-hand-made summary, so the search logic is tested without a server."""
+"""The walks of load profiles, with a fake measure: a real function that answers each step with a hand-made
+summary, so the search logic is tested without a server: find-max's steps and stop reasons, and the settings
+metadata.json records."""
+
+import json
+from pathlib import Path
 
 import pytest
 
 from tests.summaries import step_summary
-from tokenrig.loadgen.search import StepResult, find_max_rate
+from tokenrig.loadgen.load_profiles import FindMax, SearchResult, profile_from_metadata, walk
+from tokenrig.loadgen.scenario import LoadPlanSpec
+from tokenrig.loadgen.search import StepResult
+from tokenrig.report.slo import parse_slos
+
+BASE = LoadPlanSpec(type="poisson", rate=1.0, duration_s=60, seed=100)
+
+
+def find_max_rate(measure, **settings) -> SearchResult:
+    """The find-max walk with `measure(rate) -> StepResult`, to its conclusion."""
+    profile = FindMax(**settings)
+    return profile.conclude(walk(profile, BASE, None, lambda plan: measure(plan.value)))
 
 
 def server(knee: float, window_s: float = 60.0, invalid_from: float | None = None):
@@ -22,7 +37,7 @@ def quiet(_line: str) -> None:
 
 
 def test_the_search_probes_up_then_bisects_until_the_bracket_is_within_precision():
-    result = find_max_rate(server(knee=10.0), start_rate=1.0, precision=0.05, progress=quiet)
+    result = find_max_rate(server(knee=10.0), start_rate=1.0, precision=0.05)
     # probe 1, 2, 4, 8, 16 (misses), then bisect: 12 (misses), 10 (meets), 11, 10.5 (miss): 10 .. 10.5 is 5 %
     assert [step.load for step in result.steps] == [1, 2, 4, 8, 16, 12, 10, 11, 10.5]
     assert (result.best, result.lowest_failing) == (10, 10.5)
@@ -30,19 +45,19 @@ def test_the_search_probes_up_then_bisects_until_the_bracket_is_within_precision
 
 
 def test_the_search_probes_down_when_the_first_rate_misses():
-    result = find_max_rate(server(knee=3.0), start_rate=16.0, precision=0.05, progress=quiet)
+    result = find_max_rate(server(knee=3.0), start_rate=16.0, precision=0.05)
     assert [step.load for step in result.steps[:3]] == [16, 8, 4]
     assert result.best <= 3.0 < result.lowest_failing and result.stop_reason.startswith("bracketed")
 
 
 def test_slos_missed_at_every_rate_down_to_a_64th_of_the_start():
-    result = find_max_rate(server(knee=0.001), start_rate=64.0, progress=quiet)
+    result = find_max_rate(server(knee=0.001), start_rate=64.0)
     assert result.best is None and [step.load for step in result.steps] == [64, 32, 16, 8, 4, 2, 1]
     assert result.stop_reason == "SLOs missed even at 1 req/s"
 
 
 def test_a_saturated_load_generator_ends_the_search_and_names_the_remedy():
-    result = find_max_rate(server(knee=100.0, invalid_from=8.0), start_rate=1.0, progress=quiet)
+    result = find_max_rate(server(knee=100.0, invalid_from=8.0), start_rate=1.0)
     assert [step.load for step in result.steps] == [1, 2, 4, 8]
     assert result.best == 4 and result.stop_reason == "load generator saturated at 8 req/s: add --workers"
 
@@ -52,7 +67,7 @@ def test_a_saturated_load_generator_ends_the_search_and_names_the_remedy():
     (6, "step limit reached (bracket 50.0% wide)"),  # 1, 2, 4, 8 meet, 16 and 12 miss: 8 .. 12
 ])
 def test_the_step_limit_stops_the_search_and_says_where_it_stood(max_steps, reason):
-    result = find_max_rate(server(knee=10.0), start_rate=1.0, precision=0.01, max_steps=max_steps, progress=quiet)
+    result = find_max_rate(server(knee=10.0), start_rate=1.0, precision=0.01, max_steps=max_steps)
     assert len(result.steps) == max_steps and result.stop_reason == reason
 
 
@@ -63,5 +78,35 @@ def test_a_step_that_fell_behind_or_had_errors_is_not_a_rate_that_met_the_slos()
         completed = min(sent, 5 * 60)
         return StepResult(rate, step_summary(60.0, sent, completed, slo_met=True, failed=3 if rate == 4 else 0))
 
-    result = find_max_rate(measure, start_rate=1.0, precision=0.05, progress=quiet)
+    result = find_max_rate(measure, start_rate=1.0, precision=0.05)
     assert result.best < 4 and not any(step.slo_met for step in result.steps if step.load >= 4)
+
+
+def test_find_max_steps_run_long_enough_for_their_slos_and_may_stop_early():
+    base = LoadPlanSpec(type="concurrency", users=2, duration_s=60, warmup_s=2, cooldown_s=20, seed=5)
+    profile = FindMax(start_rate=4.0, tail_samples=2, min_step_s=10, max_step_s=300)
+    plan = profile.next_step(base, parse_slos("ttft_p99=1s"), [])
+    # 2 samples beyond a p99: 200 requests, 50 s at 4 req/s after 2 s of warm-up
+    assert (plan.value, plan.load.type, plan.load.rate, plan.load.duration_s) == (4.0, "poisson", 4.0, 52.0)
+    assert plan.load.cooldown_s == 13.0 and plan.load.seed == 5 and plan.stop_early
+    assert profile.next_step(base, None, []).load.duration_s == 60  # no SLOs: the scenario's length
+
+
+@pytest.mark.parametrize("block", [
+    {"mode": "sweep", "loads": [1.0, 32.0], "sweep_users": True, "start_rate": 1.0, "precision": 0.05,
+     "tail_samples": 10, "min_step_s": 10.0, "max_step_s": 300.0, "max_steps": 16},
+    {"mode": "find-max", "loads": None, "sweep_users": False, "start_rate": 4.0, "precision": 0.15,
+     "tail_samples": 2, "min_step_s": 10.0, "max_step_s": 25.0, "max_steps": 16},
+])
+def test_the_search_block_of_metadata_keeps_its_shape_and_reads_back(block):
+    """metadata.json's "search" as every run directory so far has it (docs/results): written the same, read back."""
+    profile = profile_from_metadata(block)
+    assert profile.metadata() == block and list(profile.metadata()) == list(block)
+
+
+def test_every_recorded_search_in_docs_results_reads_back():
+    blocks = [json.loads(path.read_text())["search"] for path in Path("docs/results").rglob("metadata.json")]
+    blocks = [block for block in blocks if block]
+    assert blocks
+    for block in blocks:
+        assert profile_from_metadata(block).metadata() == block

@@ -465,11 +465,12 @@ def _check_hardware(spec, dry_run: bool) -> None:
 def _planned_chunk_rate(scenario, search, spec) -> float:
     """The plan's expected chunk rate at its heaviest step (a sweep's last value; a search starts low)."""
     from tokenrig.loadgen.ceiling import ASSUMED_TPOT_S, expected_chunk_rate
+    from tokenrig.loadgen.load_profiles import Sweep
 
     load = scenario.load
-    if search is not None and search.mode == "sweep":
+    if isinstance(search, Sweep):
         heaviest = max(search.loads)
-        load = load.model_copy(update={"users": int(heaviest)} if search.sweep_users else {"rate": heaviest})
+        load = load.model_copy(update={"users": int(heaviest)} if search.users else {"rate": heaviest})
     tpot_s = spec.sim_tpot_ms / 1000 if spec.backend == "sim" and spec.sim_tpot_ms else ASSUMED_TPOT_S
     return expected_chunk_rate(scenario.model_copy(update={"load": load}), tpot_s)
 
@@ -504,8 +505,8 @@ def cmd_loadtest(args) -> int:
 
     from pydantic import ValidationError
 
+    from tokenrig.loadgen.load_profiles import FindMax, SingleRun, Sweep
     from tokenrig.loadgen.scenario import ScenarioError, load_scenario, with_run_seed
-    from tokenrig.loadgen.search import SearchOptions
     from tokenrig.report.slo import SloError, parse_slos
 
     scenario = load_scenario(args.scenario)
@@ -514,21 +515,21 @@ def cmd_loadtest(args) -> int:
         slos = parse_slos(args.slo) if args.slo else None
     except SloError as error:
         raise ScenarioError(str(error)) from None
-    search = None
+    search = SingleRun()
     sweep_users = args.users == "sweep"
     if args.rate and args.users and not sweep_users:
         raise ScenarioError("give --users (closed loop) or --rate (open loop), not both")
     if args.find_max:
         if not slos:
             raise ScenarioError("--find-max needs --slo, e.g. --slo ttft_p99=500ms,tpot_p99=50ms")
-        search = SearchOptions("find-max", start_rate=args.rate or 1.0, precision=args.precision,
-                               tail_samples=args.tail_samples, max_step_s=args.max_step)
+        search = FindMax(start_rate=args.rate or 1.0, precision=args.precision, tail_samples=args.tail_samples,
+                         max_step_s=args.max_step)
     elif args.sweep:
         try:
             values = [float(v) for v in args.sweep.split(",") if v.strip()]
         except ValueError:
             raise ScenarioError(f"--sweep takes comma-separated numbers, not {args.sweep!r}") from None
-        search = SearchOptions("sweep", loads=values, sweep_users=sweep_users)
+        search = Sweep(loads=tuple(values), users=sweep_users)
         if not sweep_users and load.type == "concurrency" and not args.rate:
             args.rate = values[0]  # a rate sweep runs open loop
     if sweep_users:
@@ -570,7 +571,7 @@ def cmd_loadtest(args) -> int:
 
     remote = RemoteOptions(args.url, args.api_key, args.served_model, args.tokenizer) if args.url else None
     return run_session(spec, scenario, args.results, remote=remote, monitor=_monitor_options(args), slos=slos,
-                       search=search, workers=workers, client=client, seed_source=seed_source,
+                       profile=search, workers=workers, client=client, seed_source=seed_source,
                        max_error_rate=args.max_error_rate,
                        scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout)
 
@@ -643,8 +644,8 @@ def cmd_capacity(args) -> int:
     from tokenrig.capacity.inputs import read_results
     from tokenrig.capacity.planner import CapacityPlanner, CapacityQuestion
     from tokenrig.capacity.table import render, write_csv
+    from tokenrig.loadgen.load_profiles import FindMax
     from tokenrig.loadgen.scenario import ScenarioError, load_scenario
-    from tokenrig.loadgen.search import SearchOptions
     from tokenrig.profiles import resolve_gpu, resolve_model
     from tokenrig.report.rundir import write_json
     from tokenrig.report.slo import SloError, parse_slos
@@ -666,8 +667,7 @@ def cmd_capacity(args) -> int:
             raise ScenarioError(f"--price takes GPU=USD, e.g. h100-sxm=2.49, not {item!r}") from None
     gpus = [resolve_gpu(name) for name in args.gpu.split(",") if name.strip()]
     quants = [normalise_quant(name) for name in args.quant.split(",") if name.strip()]
-    options = SearchOptions("find-max", tail_samples=args.tail_samples, precision=args.precision,
-                            max_step_s=args.max_step)
+    options = FindMax(tail_samples=args.tail_samples, precision=args.precision, max_step_s=args.max_step)
     question = CapacityQuestion(gpus, resolve_model(args.model), quants, load_scenario(args.scenario), slos,
                                 target_rps=args.target_rps, headroom=args.headroom, prices=prices,
                                 engines=args.engine,

@@ -22,7 +22,8 @@ from tokenrig.loadgen.driver import WorkerLostError
 from tokenrig.loadgen.records import FanoutSink, JsonlSink, read_records
 from tokenrig.loadgen.runner import run_load
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
-from tokenrig.loadgen.search import SearchOptions, SloWatch, StepResult, find_max_rate
+from tokenrig.loadgen.load_profiles import LoadProfile, Search, SingleRun, StepPlan, walk
+from tokenrig.loadgen.search import SloWatch, StepResult
 from tokenrig.loadgen.users import LoadContext
 from tokenrig.loadgen.workload import API_PATHS, Workload
 from tokenrig.monitor.discovery import MonitorOptions
@@ -156,7 +157,7 @@ class Session:
 
 def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote: RemoteOptions | None = None,
                 monitor: MonitorOptions | None = None, progress=print, slos: list[Slo] | None = None,
-                search: SearchOptions | None = None, workers: WorkerOptions | None = None,
+                profile: LoadProfile = SingleRun(), workers: WorkerOptions | None = None,
                 client: str = "openai", scrape_interval_s: float = 1.0, request_timeout_s: float = 600.0,
                 seed_source: str = "scenario", max_error_rate: float = DEFAULT_MAX_ERROR_RATE) -> int:
     """Run a load test end to end; the exit status: 0, 1 when past `max_error_rate` (every step, for a
@@ -170,7 +171,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
     metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
                 "seed": scenario.load.seed, "seed_source": seed_source,
                 "server": server_facts, "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
-                "search": search.__dict__ if search else None, **environment_facts()}
+                "search": profile.metadata(), **environment_facts()}
     write_json(run_dir / "metadata.json", metadata)
     where = (f"the server at {endpoint.base_url}" if remote
              else f"{spec.backend} backend, {spec.model.key} on {spec.gpu.key}")
@@ -203,60 +204,52 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
                                                   "master": f"{workers.bind_host}:{port}"}
             write_json(run_dir / "metadata.json", metadata)
         title = f"{scenario.name} | {labels['backend']} | {labels['model']} | {labels['gpu']}"
-        if search is None:
-            summary, outcome = session.run_step(scenario.load, run_dir)
+        if isinstance(profile, Search):
+            interrupted, failed = _run_search(session, profile, title)
+        else:
+            plan = profile.next_step(scenario.load, slos, [])
+            summary, outcome = session.run_step(plan.load, run_dir)
             progress("")
             progress(render(summary, f"{title} | {summary.plan}"))
             if outcome.lost_worker:
                 progress(f"STOPPED: {outcome.lost_worker}")
             interrupted, failed = outcome.interrupted, summary.requests.too_many_errors or bool(outcome.lost_worker)
-        else:
-            interrupted, failed = _run_search(session, search, title)
     progress(f"\nresults: {run_dir}")
     return 130 if interrupted else 1 if failed else 0
 
 
-def _run_search(session: Session, search: SearchOptions, title: str) -> tuple[bool, bool]:
+def _run_search(session: Session, profile: Search, title: str) -> tuple[bool, bool]:
     """Sweep or SLO search; writes search.json and prints the curve. Returns (interrupted, FAILED): FAILED when
     a load-generator worker was lost, or every step failed (a search past its capacity sees errors, but a
     search none of whose steps served is no measurement)."""
-    base, progress = session.scenario.load, session.progress
+    progress = session.progress
     steps: list[StepResult] = []
     interrupted, lost = False, None
 
-    def measure(value: float) -> StepResult:
-        load = search.step_load(base, value, session.slos, len(steps))
-        label = f"{'users' if search.sweep_users else 'rate'}-{value:.4g}"
-        step_dir = session.run_dir / "steps" / f"{len(steps) + 1:02d}-{label}"
+    def measure(plan: StepPlan) -> StepResult:
+        step_dir = session.run_dir / "steps" / f"{len(steps) + 1:02d}-{profile.label(plan.value)}"
         wait_server_idle(session.endpoint.metrics_url, progress=progress)
-        summary, outcome = session.run_step(load, step_dir, stop_early=search.mode == "find-max")
-        step = StepResult(value, summary, stopped_early=outcome.stopped_early)
+        summary, outcome = session.run_step(plan.load, step_dir, stop_early=plan.stop_early)
+        step = StepResult(plan.value, summary, stopped_early=outcome.stopped_early)
         steps.append(step)
-        document = {"mode": search.mode, "steps": [s.row() for s in steps]}
-        write_json(session.run_dir / "search.json", document)
+        write_json(session.run_dir / "search.json", {"mode": profile.mode, "steps": [s.row() for s in steps]})
         if outcome.interrupted:  # the search must not judge a step cut short
             raise KeyboardInterrupt
         if outcome.lost_worker:
             raise WorkerLostError(outcome.lost_worker)
         return step
 
-    document: dict = {"mode": search.mode}
     try:
-        if search.mode == "sweep":
-            for value in search.loads:
-                measure(value)
-                progress(f"step {len(steps)}: {value:g} {'users' if search.sweep_users else 'req/s'} done")
-        else:
-            result = find_max_rate(measure, search.start_rate, search.precision, search.max_steps, progress)
-            document.update(result.document())
+        walk(profile, session.scenario.load, session.slos, measure, progress)
+        document = profile.document(steps)
     except KeyboardInterrupt:
         interrupted = True
         progress("  interrupted: the curve below covers the steps finished so far")
-        document.update(stop_reason="interrupted", max_rate_meeting_slos=None)
+        document = {"mode": profile.mode, "stop_reason": "interrupted", "max_rate_meeting_slos": None}
     except WorkerLostError as error:
         lost = str(error)
         progress(f"  STOPPED: {lost}")
-        document.update(stop_reason=f"stopped: {lost}", max_rate_meeting_slos=None)
+        document = {"mode": profile.mode, "stop_reason": f"stopped: {lost}", "max_rate_meeting_slos": None}
     document["steps"] = [s.row() for s in steps]
     write_json(session.run_dir / "search.json", document)
     progress("")

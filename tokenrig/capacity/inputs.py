@@ -14,9 +14,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokenrig.loadgen.load_profiles import profile_from_metadata
 from tokenrig.loadgen.records import RequestRecord, read_records
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
-from tokenrig.loadgen.search import SearchOptions, StepResult
+from tokenrig.loadgen.search import StepResult
 from tokenrig.report.compare import engine_label
 from tokenrig.report.run_summary import RunSummary, SloJudgement
 from tokenrig.report.slo import Slo, judge, recorded_slos
@@ -148,7 +149,7 @@ def read_run(run_dir: Path) -> tuple[list[MeasuredStep], SearchRun | None]:
         summary = RunSummary.read(run_dir / "summary.json")
         return [MeasuredStep(run_dir, server, scenario, scenario.load, summary)], None
     document = json.loads(search_file.read_text())
-    options = SearchOptions(**metadata["search"])
+    profile = profile_from_metadata(metadata["search"])
     slos = recorded_slos(metadata)
     steps = []
     for step_dir, row in zip(_step_dirs(run_dir), document["steps"]):
@@ -156,7 +157,7 @@ def read_run(run_dir: Path) -> tuple[list[MeasuredStep], SearchRun | None]:
         recorded = summary.load.spec if summary.load else None
         # summaries written before the step's plan was recorded: every step then ran with the scenario's seed
         load = (LoadPlanSpec.model_validate(recorded) if recorded
-                else options.step_load(scenario.load, row["load"], slos, step=0))
+                else profile.step_load(scenario.load, row["load"], slos, step=0))
         steps.append(MeasuredStep(step_dir, server, scenario, load, summary))
     search = SearchRun(run_dir, slos, document, steps) if document["mode"] == "find-max" and steps else None
     return steps, search

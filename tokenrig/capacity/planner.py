@@ -22,8 +22,8 @@ from tokenrig.capacity.calibrate import Calibration, Calibrator
 from tokenrig.capacity.cost import ReplicaCapacity, size
 from tokenrig.capacity.inputs import MeasuredStep, SearchRun
 from tokenrig.capacity.simulate import RequestBook, VirtualSearch
+from tokenrig.loadgen.load_profiles import FindMax
 from tokenrig.loadgen.scenario import Scenario
-from tokenrig.loadgen.search import SearchOptions
 from tokenrig.profiles import GpuProfile, ModelProfile
 from tokenrig.report.run_summary import RunSummary
 from tokenrig.report.slo import Slo
@@ -46,7 +46,7 @@ class CapacityQuestion:
     headroom: float = 0.2
     prices: dict[str, float] = field(default_factory=dict)  # GPU key -> $/hour replacing the profile's
     engines: list[str] | None = None  # only these engine labels (or, where none is equal, those containing it)
-    search: SearchOptions = field(default_factory=lambda: SearchOptions("find-max"))
+    search: FindMax = field(default_factory=FindMax)
 
     def price(self, gpu: GpuProfile) -> float:
         return self.prices.get(gpu.key, gpu.price_usd_per_hour)

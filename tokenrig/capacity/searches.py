@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenrig.loadgen.scenario import Scenario
-from tokenrig.loadgen.search import SearchOptions
+from tokenrig.loadgen.load_profiles import FindMax
 from tokenrig.report.slo import Slo
 
 
-def run_searches(specs: list, scenario: Scenario, slos: list[Slo], options: SearchOptions, results: Path,
+def run_searches(specs: list, scenario: Scenario, slos: list[Slo], search: FindMax, results: Path,
                  progress=print) -> list[Path]:
     """Run the search for each ServerSpec; returns the new run directories. Stops at Ctrl-C."""
     from tokenrig.loadtest import run_session
@@ -23,7 +23,7 @@ def run_searches(specs: list, scenario: Scenario, slos: list[Slo], options: Sear
     for number, spec in enumerate(specs, start=1):
         progress(f"search {number}/{len(specs)}: {spec.backend} {spec.model.key} {spec.quant} on {spec.gpu.key}")
         before = set(results.iterdir()) if results.exists() else set()
-        code = run_session(spec, scenario, results, slos=slos, search=options, progress=progress)
+        code = run_session(spec, scenario, results, slos=slos, profile=search, progress=progress)
         made += sorted(set(results.iterdir()) - before)
         if code == 130:
             raise KeyboardInterrupt

@@ -15,10 +15,11 @@ import random
 from dataclasses import dataclass
 from functools import cached_property
 
+from tokenrig.loadgen.load_profiles import FindMax, SearchResult, StepPlan, walk
 from tokenrig.loadgen.plan import LoadPlan, TraceRow
 from tokenrig.loadgen.records import RequestRecord
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
-from tokenrig.loadgen.search import SearchOptions, SearchResult, SloWatch, StepResult, find_max_rate
+from tokenrig.loadgen.search import SloWatch, StepResult
 from tokenrig.loadgen.workload import PreparedRequest, Workload
 from tokenrig.profiles import GpuProfile, ModelProfile
 from tokenrig.report.slo import Slo, judge
@@ -242,22 +243,17 @@ class VirtualSearch:
     book: RequestBook
     base: LoadPlanSpec
     slos: list[Slo]
-    options: SearchOptions
+    options: FindMax
     progress: object = print
 
     @cached_property
     def result(self) -> SearchResult:
-        steps = 0
+        def measure(plan: StepPlan) -> StepResult:
+            step = replay(self.setup, self.book, plan.load, self.slos, stop_early=plan.stop_early)
+            return StepResult(plan.value, step.summary, stopped_early=step.stopped_early)
 
-        def measure(rate: float) -> StepResult:
-            nonlocal steps
-            load = self.options.step_load(self.base, rate, self.slos, steps)
-            steps += 1
-            step = replay(self.setup, self.book, load, self.slos, stop_early=True)
-            return StepResult(rate, step.summary, stopped_early=step.stopped_early)
-
-        return find_max_rate(measure, self.options.start_rate, self.options.precision, self.options.max_steps,
-                             progress=lambda line: self.progress(f"  {line}"))
+        steps = walk(self.options, self.base, self.slos, measure, progress=lambda line: self.progress(f"  {line}"))
+        return self.options.conclude(steps)
 
     def best_step(self) -> StepResult | None:
         """The step at the highest rate that met every SLO."""

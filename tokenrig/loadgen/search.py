@@ -1,19 +1,17 @@
-"""SLO search and sweeps: which load a server sustains while meeting its SLOs.
+"""A search step's verdict: whether the server kept up with a load and met its SLOs at it.
 
-`find_max_rate` probes open-loop rates exponentially (×2) until a step misses an SLO or the
-server saturates, then bisects between the last rate that met every SLO and the first that did
-not, until they are within `precision`. Each step runs long enough that the percentile it
-judges has `tail_samples` samples beyond it (10 beyond p99 = 1000 requests); a step whose SLO
-is already lost (its percentile cannot be met whatever the remaining requests measure) stops early.
+`StepResult` judges one measured step (SLOs met, saturated, interrupted, load generator valid) and
+is its row in search.json; `step_duration` sizes an SLO step so that the percentile it judges has
+`tail_samples` samples beyond it; `SloWatch` ends a step whose SLO is already lost (its percentile
+cannot be met whatever the remaining requests measure). The walks over steps are load_profiles.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tokenrig.loadgen.records import RequestRecord
-from tokenrig.loadgen.scenario import LoadPlanSpec
 from tokenrig.report.run_summary import RunSummary
 from tokenrig.report.slo import Slo, samples_for
 
@@ -23,37 +21,6 @@ from tokenrig.report.slo import Slo, samples_for
 # so a deficit counts when it is larger than both SATURATION_DEFICIT of the sends and SATURATION_SIGMAS of that.
 SATURATION_DEFICIT = 0.1
 SATURATION_SIGMAS = 3.0
-
-
-@dataclass
-class SearchOptions:
-    """--sweep (fixed list of rates or user counts) or --find-max (SLO search over rates)."""
-
-    mode: str  # "sweep" | "find-max"
-    loads: list[float] | None = None  # sweep values
-    sweep_users: bool = False  # the sweep values are concurrencies, not rates
-    start_rate: float = 1.0
-    precision: float = 0.05
-    tail_samples: int = 10
-    min_step_s: float = 10.0
-    max_step_s: float = 300.0
-    max_steps: int = 16
-
-    def step_load(self, base: LoadPlanSpec, value: float, slos: list[Slo] | None, step: int) -> LoadPlanSpec:
-        """The load plan of step `step` (0-based) at `value`: users, or an open-loop rate long enough for its SLOs.
-
-        Each step has its own seed (the scenario's + step), so it sends prompts no earlier step sent: a
-        server's prefix cache does not carry one step's prompts into the next and flatter its TTFT."""
-        seed = base.seed + step
-        if self.sweep_users:
-            return base.model_copy(update={"type": "concurrency", "users": int(value), "rate": None,
-                                           "stages": None, "trace": None, "seed": seed})
-        open_type = base.type if base.type in ("poisson", "constant", "gamma") else "poisson"
-        duration = (step_duration(slos, value, self.tail_samples, base.warmup_s, self.min_step_s, self.max_step_s)
-                    if slos and self.mode == "find-max" else base.duration_s)
-        return LoadPlanSpec.model_validate({**base.model_dump(), "type": open_type, "rate": value,
-                                            "stages": None, "trace": None, "duration_s": duration,
-                                            "cooldown_s": min(base.cooldown_s, duration / 4), "seed": seed})
 
 
 @dataclass
@@ -107,77 +74,11 @@ class StepResult:
         }
 
 
-@dataclass
-class SearchResult:
-    steps: list[StepResult] = field(default_factory=list)
-    best: float | None = None  # highest rate that met every SLO
-    lowest_failing: float | None = None
-    stop_reason: str = ""
-
-    def document(self) -> dict:
-        return {"max_rate_meeting_slos": self.best, "lowest_failing_rate": self.lowest_failing,
-                "stop_reason": self.stop_reason, "steps": [step.row() for step in self.steps]}
-
-
 def step_duration(slos: list[Slo], rate: float, tail_samples: int, warmup_s: float, min_s: float,
                   max_s: float) -> float:
     """Seconds a step at `rate` needs for `tail_samples` samples beyond the highest judged percentile."""
     needed = max(samples_for(slo.percentile, tail_samples) for slo in slos)
     return min(max(min_s, warmup_s + needed / rate), max_s)
-
-
-def find_max_rate(measure, start_rate: float, precision: float = 0.05, max_steps: int = 16,
-                  progress=print) -> SearchResult:
-    """`measure(rate) -> StepResult`; returns the highest rate meeting every SLO and the curve walked."""
-    result = SearchResult()
-
-    def run(rate: float) -> StepResult:
-        step = measure(rate)
-        result.steps.append(step)
-        verdict = "meets SLOs" if step.slo_met else ("saturated" if step.saturated else "misses SLOs")
-        progress(f"step {len(result.steps)}: {rate:.3g} req/s -> {verdict}"
-                 + ("" if step.valid else " (load generator INVALID)"))
-        return step
-
-    rate = start_rate
-    while len(result.steps) < max_steps:  # exponential probe
-        step = run(rate)
-        if not step.valid:
-            result.stop_reason = f"load generator saturated at {rate:.3g} req/s: add --workers"
-            return result
-        if step.slo_met:
-            result.best = rate
-            if result.lowest_failing is not None:
-                break
-            rate *= 2
-        else:
-            result.lowest_failing = rate
-            if result.best is not None:
-                break
-            rate /= 2
-            if rate < start_rate / 64:
-                result.stop_reason = f"SLOs missed even at {result.lowest_failing:.3g} req/s"
-                return result
-    while (len(result.steps) < max_steps and result.best is not None and result.lowest_failing is not None
-           and result.lowest_failing > result.best * (1 + precision)):  # bisection
-        rate = (result.best + result.lowest_failing) / 2
-        step = run(rate)
-        if not step.valid:
-            result.stop_reason = f"load generator saturated at {rate:.3g} req/s: add --workers"
-            return result
-        if step.slo_met:
-            result.best = rate
-        else:
-            result.lowest_failing = rate
-    if result.best is not None and result.lowest_failing is not None:
-        gap = result.lowest_failing / result.best - 1
-        # the bisection's own test: 10.5 / 10 - 1 is 0.0500...04 in floating point, above a 5 % precision
-        bracketed = result.lowest_failing <= result.best * (1 + precision)
-        result.stop_reason = (f"bracketed within {gap:.1%}" if bracketed
-                              else f"step limit reached (bracket {gap:.1%} wide)")
-    elif not result.stop_reason:
-        result.stop_reason = "step limit reached while probing"
-    return result
 
 
 class SloWatch:
