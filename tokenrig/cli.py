@@ -462,25 +462,25 @@ def _check_hardware(spec, dry_run: bool) -> None:
         f"BACKEND=sim (make) or --backend sim (CLI).")
 
 
-def _planned_chunk_rate(scenario, search, spec) -> float:
+def _planned_chunk_rate(scenario, profile, spec) -> float:
     """The plan's expected chunk rate at its heaviest step (a sweep's last value; a search starts low)."""
     from tokenrig.loadgen.ceiling import ASSUMED_TPOT_S, expected_chunk_rate
     from tokenrig.loadgen.load_profiles import Sweep
 
     load = scenario.load
-    if isinstance(search, Sweep):
-        heaviest = max(search.loads)
-        load = load.model_copy(update={"users": int(heaviest)} if search.users else {"rate": heaviest})
+    if isinstance(profile, Sweep):
+        heaviest = max(profile.loads)
+        load = load.model_copy(update={"users": int(heaviest)} if profile.users else {"rate": heaviest})
     tpot_s = spec.sim_tpot_ms / 1000 if spec.backend == "sim" and spec.sim_tpot_ms else ASSUMED_TPOT_S
     return expected_chunk_rate(scenario.model_copy(update={"load": load}), tpot_s)
 
 
-def _choose_workers(args, scenario, search, spec) -> int | None:
+def _choose_workers(args, scenario, profile, spec) -> int | None:
     """--workers as given, or for 'auto' what the plan needs; say so before the run when it needs more than
     the load generator has."""
     from tokenrig.loadgen.ceiling import capacity_advice, free_cores, workers_needed
 
-    chunk_rate = _planned_chunk_rate(scenario, search, spec)
+    chunk_rate = _planned_chunk_rate(scenario, profile, spec)
     if args.workers == "auto":
         workers = min(workers_needed(chunk_rate), free_cores())
         print(f"load generator: {workers} process{'es' if workers > 1 else ''} for about {chunk_rate:,.0f} "
@@ -503,55 +503,25 @@ def cmd_loadtest(args) -> int:
         return 0
     import locust  # noqa: F401  - gevent must patch the standard library before anything else imports it
 
-    from pydantic import ValidationError
-
-    from tokenrig.loadgen.load_profiles import FindMax, SingleRun, Sweep
-    from tokenrig.loadgen.scenario import ScenarioError, load_scenario, with_run_seed
+    from tokenrig.loadgen.overrides import LoadOverrides, plan_run
+    from tokenrig.loadgen.scenario import ScenarioError, load_scenario
     from tokenrig.report.slo import SloError, parse_slos
 
     scenario = load_scenario(args.scenario)
-    load, seed_source = with_run_seed(scenario.load, args.seed)
     try:
         slos = parse_slos(args.slo) if args.slo else None
     except SloError as error:
         raise ScenarioError(str(error)) from None
-    search = SingleRun()
-    sweep_users = args.users == "sweep"
-    if args.rate and args.users and not sweep_users:
-        raise ScenarioError("give --users (closed loop) or --rate (open loop), not both")
-    if args.find_max:
-        if not slos:
-            raise ScenarioError("--find-max needs --slo, e.g. --slo ttft_p99=500ms,tpot_p99=50ms")
-        search = FindMax(start_rate=args.rate or 1.0, precision=args.precision, tail_samples=args.tail_samples,
-                         max_step_s=args.max_step)
-    elif args.sweep:
-        try:
-            values = [float(v) for v in args.sweep.split(",") if v.strip()]
-        except ValueError:
-            raise ScenarioError(f"--sweep takes comma-separated numbers, not {args.sweep!r}") from None
-        search = Sweep(loads=tuple(values), users=sweep_users)
-        if not sweep_users and load.type == "concurrency" and not args.rate:
-            args.rate = values[0]  # a rate sweep runs open loop
-    if sweep_users:
-        args.users = None
-    if args.users:
-        load = load.model_copy(update={"type": "concurrency", "users": args.users, "rate": None, "stages": None,
-                                       "trace": None})
-    if args.rate:
-        load = load.model_copy(update={"type": args.arrival, "rate": args.rate, "stages": None, "trace": None,
-                                       "ramp_s": 0})
-    updates = {k: v for k, v in {"duration_s": args.duration, "warmup_s": args.warmup,
-                                 "burstiness": args.burstiness}.items() if v is not None}
-    try:
-        load = type(load).model_validate({**load.model_dump(), **updates})
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise ScenarioError(f"invalid load settings: {problems}") from None
-    scenario = scenario.model_copy(update={"load": load})
+    overrides = LoadOverrides(users=args.users, rate=args.rate, arrival=args.arrival, burstiness=args.burstiness,
+                              duration_s=args.duration, warmup_s=args.warmup, seed=args.seed, sweep=args.sweep,
+                              find_max=args.find_max, precision=args.precision, tail_samples=args.tail_samples,
+                              max_step_s=args.max_step)
+    run = plan_run(scenario, overrides, slos)
+    scenario, load = run.scenario, run.scenario.load
     # the KV cache must hold the closed loop's users, or the open loop's in-flight cap (up to a typical batch limit)
     spec = _server_spec(args, concurrency=load.users if load.type == "concurrency" else min(load.max_in_flight, 256))
     _check_hardware(spec, args.dry_run)
-    count = _choose_workers(args, scenario, search, spec)
+    count = _choose_workers(args, scenario, run.profile, spec)
     if args.dry_run:
         print_launch(spec, 0)
     print_load_fit(spec, scenario, with_plan=not args.dry_run)
@@ -571,7 +541,7 @@ def cmd_loadtest(args) -> int:
 
     remote = RemoteOptions(args.url, args.api_key, args.served_model, args.tokenizer) if args.url else None
     return run_session(spec, scenario, args.results, remote=remote, monitor=_monitor_options(args), slos=slos,
-                       profile=search, workers=workers, client=client, seed_source=seed_source,
+                       profile=run.profile, workers=workers, client=client, seed_source=run.seed_source,
                        max_error_rate=args.max_error_rate,
                        scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout)
 

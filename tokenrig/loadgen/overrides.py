@@ -1,0 +1,90 @@
+"""The load a run applies: a scenario's load plan with the command line's settings laid over it.
+
+`LoadOverrides` gathers what `tokenrig loadtest` was told about the load (--users, --rate, --arrival,
+--burstiness, --duration, --warmup, --seed, --sweep, --find-max and the search's settings); `plan_run`
+checks that they agree and returns the scenario with its load replaced, the load profile they ask for
+(a single run, a sweep or the SLO search) and where the run's seed came from. Every refusal is a
+ScenarioError worded for the flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from tokenrig.loadgen.load_profiles import FindMax, LoadProfile, SingleRun, Sweep
+from tokenrig.loadgen.scenario import Scenario, ScenarioError, with_run_seed
+from tokenrig.report.slo import Slo
+
+SWEEP_USERS = "sweep"  # --users sweep: the --sweep values are user counts, not rates
+
+
+@dataclass(frozen=True)
+class LoadOverrides:
+    """The command line's load settings; None leaves the scenario's own."""
+
+    users: int | str | None = None  # closed loop with this many users, or SWEEP_USERS
+    rate: float | None = None  # open loop at this many requests/s
+    arrival: str = "poisson"  # the open loop's arrival process, with --rate
+    burstiness: float | None = None
+    duration_s: float | None = None
+    warmup_s: float | None = None
+    seed: int | None = None
+    sweep: str | None = None  # comma-separated rates or user counts, as typed
+    find_max: bool = False
+    precision: float = 0.05
+    tail_samples: int = 10
+    max_step_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a load test runs: the scenario as overridden, its profile, and where its seed came from."""
+
+    scenario: Scenario
+    profile: LoadProfile
+    seed_source: str  # "--seed", "scenario" or "random"
+
+
+def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | None) -> RunPlan:
+    """`scenario` with `overrides` applied, or ScenarioError naming the flags that do not go together."""
+    load, seed_source = with_run_seed(scenario.load, overrides.seed)
+    sweep_users = overrides.users == SWEEP_USERS
+    users = None if sweep_users else overrides.users
+    rate = overrides.rate
+    if rate and users:
+        raise ScenarioError("give --users (closed loop) or --rate (open loop), not both")
+    profile: LoadProfile = SingleRun()
+    if overrides.find_max:
+        if not slos:
+            raise ScenarioError("--find-max needs --slo, e.g. --slo ttft_p99=500ms,tpot_p99=50ms")
+        profile = FindMax(start_rate=rate or 1.0, precision=overrides.precision, tail_samples=overrides.tail_samples,
+                          max_step_s=overrides.max_step_s)
+    elif overrides.sweep:
+        values = sweep_values(overrides.sweep)
+        profile = Sweep(loads=tuple(values), users=sweep_users)
+        if not sweep_users and load.type == "concurrency" and not rate:
+            rate = values[0]  # a rate sweep runs open loop
+    if users:
+        load = load.model_copy(update={"type": "concurrency", "users": users, "rate": None, "stages": None,
+                                       "trace": None})
+    if rate:
+        load = load.model_copy(update={"type": overrides.arrival, "rate": rate, "stages": None, "trace": None,
+                                       "ramp_s": 0})
+    updates = {k: v for k, v in {"duration_s": overrides.duration_s, "warmup_s": overrides.warmup_s,
+                                 "burstiness": overrides.burstiness}.items() if v is not None}
+    try:
+        load = type(load).model_validate({**load.model_dump(), **updates})
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ScenarioError(f"invalid load settings: {problems}") from None
+    return RunPlan(scenario.model_copy(update={"load": load}), profile, seed_source)
+
+
+def sweep_values(text: str) -> list[float]:
+    """--sweep's comma-separated numbers."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ScenarioError(f"--sweep takes comma-separated numbers, not {text!r}") from None
