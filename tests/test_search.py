@@ -1,6 +1,6 @@
 """The walks of load profiles, with a fake measure: a real function that answers each step with a hand-made
-summary, so the search logic is tested without a server: find-max's steps and stop reasons, and the settings
-metadata.json records."""
+summary, so the search logic is tested without a server: find-max's steps and stop reasons, sweeps' steps and
+their end, and the settings metadata.json records."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.summaries import step_summary
-from tokenrig.loadgen.load_profiles import FindMax, SearchResult, profile_from_metadata, walk
+from tokenrig.loadgen.load_profiles import FindMax, SearchResult, StepPlan, Sweep, profile_from_metadata, walk
 from tokenrig.loadgen.scenario import LoadPlanSpec
 from tokenrig.loadgen.search import StepResult
 from tokenrig.report.slo import parse_slos
@@ -80,6 +80,59 @@ def test_a_step_that_fell_behind_or_had_errors_is_not_a_rate_that_met_the_slos()
 
     result = find_max_rate(measure, start_rate=1.0, precision=0.05)
     assert result.best < 4 and not any(step.slo_met for step in result.steps if step.load >= 4)
+
+
+def sweep_walk(profile: Sweep, base: LoadPlanSpec, measure=None) -> tuple[list[StepPlan], list[StepResult], list[str]]:
+    """The plans a sweep hands out, the steps it walked and its progress lines; `measure(plan)` answers
+    each plan (by default a step that meets its SLOs at whatever load it was given)."""
+    plans, lines = [], []
+
+    def record(plan: StepPlan) -> StepResult:
+        plans.append(plan)
+        if measure:
+            return measure(plan)
+        return StepResult(plan.value, step_summary(60.0, round(plan.value * 60), round(plan.value * 60)))
+
+    steps = walk(profile, base, None, record, progress=lines.append)
+    return plans, steps, lines
+
+
+def test_a_user_sweep_runs_each_count_in_order_closed_loop_with_its_own_seed_then_stops():
+    base = LoadPlanSpec(type="poisson", rate=3.0, duration_s=30, warmup_s=5, cooldown_s=4, seed=100)
+    profile = Sweep(loads=(1.0, 8.0, 32.0), users=True)
+    plans, steps, lines = sweep_walk(profile, base)
+    assert [step.load for step in steps] == [1, 8, 32]
+    assert [(p.load.type, p.load.users, p.load.rate, p.load.seed) for p in plans] == [
+        ("concurrency", 1, None, 100), ("concurrency", 8, None, 101), ("concurrency", 32, None, 102)]
+    assert all(p.load.duration_s == 30 and p.load.cooldown_s == 4 and not p.stop_early for p in plans)
+    assert lines == ["step 1: 1 users done", "step 2: 8 users done", "step 3: 32 users done"]
+    assert profile.next_step(base, None, steps) is None
+    assert [profile.label(p.value) for p in plans] == ["users-1", "users-8", "users-32"]
+
+
+def test_a_rate_sweep_runs_open_loop_keeping_the_scenarios_arrival_process_and_length():
+    gamma = LoadPlanSpec(type="gamma", rate=1.0, burstiness=2.0, duration_s=20, cooldown_s=8, seed=7)
+    plans, steps, lines = sweep_walk(Sweep(loads=(0.5, 2.0)), gamma)
+    assert [(p.load.type, p.load.rate, p.load.burstiness, p.load.seed) for p in plans] == [
+        ("gamma", 0.5, 2.0, 7), ("gamma", 2.0, 2.0, 8)]
+    assert all(p.load.duration_s == 20 and p.load.cooldown_s == 5 for p in plans)  # a cool-down of a 4th at most
+    assert lines == ["step 1: 0.5 req/s done", "step 2: 2 req/s done"]
+    closed = LoadPlanSpec(type="concurrency", users=4, duration_s=20, seed=7)
+    plans, _, _ = sweep_walk(Sweep(loads=(3.0,)), closed)
+    assert (plans[0].load.type, plans[0].load.rate) == ("poisson", 3.0)
+
+
+def test_a_sweep_runs_every_value_whatever_its_steps_measure():
+    """Unlike the SLO search, a sweep draws the whole curve: a step past the server's capacity, with errors
+    or a saturated load generator, does not end it."""
+    def overloaded(plan: StepPlan) -> StepResult:
+        sent = round(plan.value * 60)
+        return StepResult(plan.value, step_summary(60.0, sent, sent // 2, slo_met=False, failed=5, valid=False))
+
+    profile = Sweep(loads=(4.0, 8.0, 16.0))
+    _, steps, _ = sweep_walk(profile, LoadPlanSpec(type="poisson", rate=1.0, seed=0), overloaded)
+    assert [step.load for step in steps] == [4, 8, 16] and all(step.saturated for step in steps)
+    assert profile.document(steps) == {"mode": "sweep", "steps": [step.row() for step in steps]}
 
 
 def test_find_max_steps_run_long_enough_for_their_slos_and_may_stop_early():
