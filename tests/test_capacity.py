@@ -164,3 +164,8 @@ def test_capacity_runs_the_slo_searches_itself_with_a_backend(tmp_path):
     best = max((step for step in search["steps"] if step["slo_met"]), key=lambda step: step["load"])
     assert row["goodput_rps"] == pytest.approx(best["goodput_rps"])
     assert "search 1/1: sim llama2-7b bf16 on a800" in result.stdout
+    # the scenario sets no seed: the search drew a fresh one, as a load test does, and its steps followed it
+    metadata = json.loads((runs[0] / "metadata.json").read_text())
+    assert metadata["seed_source"] == "random" and metadata["scenario"]["load"]["seed"] == metadata["seed"]
+    first_step = json.loads(sorted((runs[0] / "steps").glob("*/summary.json"))[0].read_text())
+    assert first_step["load"]["spec"]["seed"] == metadata["seed"]

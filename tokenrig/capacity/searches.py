@@ -2,14 +2,15 @@
 
 `tokenrig capacity --backend B` runs, for each configuration asked about, the SLO search that
 `tokenrig loadtest --find-max` runs (same session, same run directory layout), so its results are
-read back exactly like results given with --from. The caller must have imported locust first.
+read back exactly like results given with --from. Each search draws a fresh seed unless the scenario
+file sets one, as `loadtest` does. The caller must have imported locust first.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tokenrig.loadgen.scenario import Scenario
+from tokenrig.loadgen.scenario import Scenario, with_run_seed
 from tokenrig.loadgen.load_profiles import FindMax
 from tokenrig.report.slo import Slo
 
@@ -23,7 +24,11 @@ def run_searches(specs: list, scenario: Scenario, slos: list[Slo], search: FindM
     for number, spec in enumerate(specs, start=1):
         progress(f"search {number}/{len(specs)}: {spec.backend} {spec.model.key} {spec.quant} on {spec.gpu.key}")
         before = set(results.iterdir()) if results.exists() else set()
-        code = run_session(spec, scenario, results, slos=slos, profile=search, progress=progress)
+        # a fresh seed per search, as `loadtest` draws one per run: the default seed 0 would send every
+        # capacity run the same prompts, one sample of the scenario's lengths repeated
+        load, seed_source = with_run_seed(scenario.load, None)
+        code = run_session(spec, scenario.model_copy(update={"load": load}), results, slos=slos, profile=search,
+                           seed_source=seed_source, progress=progress)
         made += sorted(set(results.iterdir()) - before)
         if code == 130:
             raise KeyboardInterrupt
