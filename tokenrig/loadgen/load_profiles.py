@@ -54,7 +54,7 @@ class SingleRun(LoadProfile):
 class Search(LoadProfile):
     """Several steps, each at one rate or user count, each with its own seed (the scenario's + step), so it
     sends prompts no earlier step sent: a server's prefix cache does not carry one step's prompts into the
-    next and flatter its TTFT. The walk is written to search.json."""
+    next and flatter its TTFT. `document` is the walk as search.json records it."""
 
     mode: ClassVar[str]  # search.json's and metadata.json's "mode"
     users: bool = False  # the values are concurrencies, not rates
