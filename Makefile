@@ -61,7 +61,7 @@ train: setup
 finetune: setup
 	$(BIN)/tokenrig train --gpu $(GPU) --model $(MODEL) --mode $(if $(filter qlora,$(MODE)),qlora,lora) --zero $(ZERO) $(ARGS)
 
-# a grid of training runs into one comparison table (scenarios/train/, scenarios/matrix/)
+# a grid of training runs into one comparison table (tokenrig/scenarios/train/, tokenrig/scenarios/matrix/)
 train-matrix: setup
 	$(BIN)/tokenrig train --matrix $(MATRIX) $(ARGS)
 
@@ -93,7 +93,7 @@ bench-hf-decode: setup  # batch-1 decode of the hf engine vs the bandwidth roofl
 	$(BIN)/python benchmarks/hf_decode.py --gpu $(GPU) --model $(MODEL) --configs $(DECODE_CONFIGS) $(ARGS)
 
 dashboards: setup
-	$(BIN)/python -m tokenrig.monitor.dashboards grafana/dashboards
+	$(BIN)/python -m tokenrig.monitor.dashboards
 
 clean:
 	rm -rf $(VENV) results *.egg-info
