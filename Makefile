@@ -1,4 +1,4 @@
-# tokenrig — the commands of the README: `make loadtest`, `make train`, `make test`.
+# tokenrig — the commands of the README: `make loadtest`, `make train`, `make test`, `make test-fast`.
 # Every target sets itself up on first use (a local .venv with the CPU build of torch).
 
 PYTHON   ?= python3
@@ -23,7 +23,7 @@ DECODE_CONFIGS ?= eager sdpa sdpa+graphs+kvpad=1024
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup setup-vllm loadtest serve train finetune train-matrix train-gpu-run test monitor dashboards bench-loadgen bench-hf-decode report capacity clean
+.PHONY: setup setup-vllm loadtest serve train finetune train-matrix train-gpu-run test test-fast monitor dashboards bench-loadgen bench-hf-decode report capacity clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
@@ -72,6 +72,10 @@ train-gpu-run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the inner loop: every test that starts no server or CLI process (tests/conftest.py marks those e2e), < 60 s
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e"
 
 # one offline HTML report (and CSV exports) of run directories: make report RUNS="results/RUN_A results/RUN_B"
 RUNS ?= results
