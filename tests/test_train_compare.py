@@ -45,7 +45,7 @@ def test_compare_tables_every_run_found_with_scaling_against_the_fewest_gpus(tmp
     one, two, four = (rows[f"llama2-7b-pretrain-z3-{n}xh200-b1x2048-sdpa"] for n in (1, 2, 4))
     assert one["scaling_efficiency"] is None
     assert two["scaling_efficiency"] == pytest.approx(0.9) and four["scaling_efficiency"] == pytest.approx(0.85)
-    assert rows["llama2-7b-pretrain-z2-2xh200-b1x2048-sdpa"]["scaling_efficiency"] is None  # nothing smaller to scale from
+    assert rows["llama2-7b-pretrain-z2-2xh200-b1x2048-sdpa"]["scaling_efficiency"] is None  # no smaller run of it
     assert two["step_ms"] == pytest.approx(512) and two["gpu_allocated_gib"] == pytest.approx(3)
     assert "| llama2-7b-pretrain-z3-2xh200-b1x2048-sdpa | ok | 512 | 1,800 | 900 |" in table
     assert "| 90.0% |" in table and "| 85.0% |" in table

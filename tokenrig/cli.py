@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "latency percentiles and throughput.", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_server_args(loadtest)
-    loadtest.add_argument("--scenario", default="chat", help="name in tokenrig/scenarios/serving/ or a path to a .yaml file")
+    loadtest.add_argument("--scenario", default="chat",
+                          help="name in tokenrig/scenarios/serving/ or a path to a .yaml file")
     loadtest.add_argument("--users", type=_count_or("sweep", "user", "'sweep' with --sweep"),
                           help="closed loop: this many concurrent streams ('sweep' with --sweep)")
     loadtest.add_argument("--rate", type=_positive, help="open loop: requests per second (Poisson unless --arrival)")
@@ -253,7 +254,8 @@ def _add_capacity_parser(commands) -> None:
     capacity.add_argument("--gpu", required=True, help="comma-separated GPU profiles, e.g. h100-sxm,a800,rtx4090")
     capacity.add_argument("--model", required=True, help="model profile, e.g. 13b")
     capacity.add_argument("--quant", default="bf16", help="comma-separated weight formats (default bf16), e.g. bf16,awq")
-    capacity.add_argument("--scenario", default="chat", help="name in tokenrig/scenarios/serving/ or a path (default chat)")
+    capacity.add_argument("--scenario", default="chat",
+                          help="name in tokenrig/scenarios/serving/ or a path (default chat)")
     capacity.add_argument("--slo", required=True, help="service-level objectives, e.g. ttft_p99=500ms,tpot_p99=50ms")
     capacity.add_argument("--target-rps", type=float, help="requests/s to serve (default: size one replica)")
     capacity.add_argument("--headroom", type=float, default=0.2,
