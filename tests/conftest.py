@@ -1,8 +1,9 @@
 """Shared fixtures: real servers on loopback ports, started and stopped by the tests; and the test tiers.
 
-A test that starts a process (a server, the CLI, a benchmark script) is marked `e2e` here, at
-collection, from what its code and its fixtures call: `make test-fast` runs the rest (`-m "not e2e"`).
-While an unmarked test runs, starting tokenrig in a process of its own fails it, so the tiers cannot drift.
+A test that starts a process (a server, the CLI, a benchmark script), or tokenrig's HTTP server inside the
+test's process, is marked `e2e` here, at collection, from what its code and its fixtures call; `make
+test-fast` runs the rest (`-m "not e2e"`). While an unmarked test runs, starting tokenrig in a process of
+its own fails it, so the tiers cannot drift apart.
 """
 
 from __future__ import annotations
@@ -97,9 +98,10 @@ def known_engine_runs(tmp_path_factory):
     return runs
 
 
-# What starts a process when a test calls it: these helpers and classes, subprocess's functions, and a
-# fixture looked up by name at run time (request.getfixturevalue), which may be a server.
-PROCESS_STARTERS = {"run_cli", "start_server", "LaunchedServer", "Popen", "getfixturevalue"}
+# What starts a process or a server when a test calls it: these helpers and classes (OpenAIServer: tokenrig's
+# HTTP server, in the test's process), subprocess's functions, and a fixture looked up by name at run time
+# (request.getfixturevalue), which may be a server.
+PROCESS_STARTERS = {"run_cli", "start_server", "LaunchedServer", "OpenAIServer", "Popen", "getfixturevalue"}
 SUBPROCESS_CALLS = {"run", "call", "check_call", "check_output", "Popen"}
 TESTS = Path(__file__).resolve().parent
 

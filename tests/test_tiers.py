@@ -37,6 +37,12 @@ def runs_git():
     return subprocess.run(["git", "status"], capture_output=True)
 
 
+def serves_in_process(engine, tokenizer):
+    from tokenrig.serve.api import OpenAIServer
+
+    return OpenAIServer(engine, tokenizer, "tiny", 2048).app()
+
+
 def stays_in_process():
     return sorted([3, 1, 2])
 
@@ -56,7 +62,7 @@ def _marked(name: str) -> bool:
 
 def test_a_test_is_e2e_when_it_or_a_helper_of_the_suite_starts_a_process():
     assert _marked("runs_the_cli") and _marked("calls_a_helper_that_runs_the_cli")
-    assert _marked("uses_a_class_that_starts_a_process")
+    assert _marked("uses_a_class_that_starts_a_process") and _marked("serves_in_process")
     assert _marked("runs_git")  # any process the test starts itself costs a process start
     assert not _marked("stays_in_process")
 
