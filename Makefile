@@ -73,9 +73,10 @@ train-gpu-run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# the inner loop: every test that starts no server or CLI process (tests/conftest.py marks those e2e), < 60 s
+# the inner loop, < 60 s: every test that starts no server or CLI process (tests/conftest.py marks those e2e)
+# and is not marked slow
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not e2e"
+	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
 # one offline HTML report (and CSV exports) of run directories: make report RUNS="results/RUN_A results/RUN_B"
 RUNS ?= results

@@ -2,8 +2,8 @@
 
 A test that starts a process (a server, the CLI, a benchmark script), or tokenrig's HTTP server inside the
 test's process, is marked `e2e` here, at collection, from what its code and its fixtures call; `make
-test-fast` runs the rest (`-m "not e2e"`). While an unmarked test runs, starting tokenrig in a process of
-its own fails it, so the tiers cannot drift apart.
+test-fast` runs the rest but the few marked `slow` (`-m "not e2e and not slow"`). While an unmarked test
+runs, starting tokenrig in a process of its own fails it, so the tiers cannot drift apart.
 """
 
 from __future__ import annotations
