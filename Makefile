@@ -1,4 +1,4 @@
-# tokenrig — the commands of the README: `make loadtest`, `make train`, `make test`.
+# tokenrig — the commands of the README: `make loadtest`, `make train`, `make test`, `make test-fast`.
 # Every target sets itself up on first use (a local .venv with the CPU build of torch).
 
 PYTHON   ?= python3
@@ -23,7 +23,7 @@ DECODE_CONFIGS ?= eager sdpa sdpa+graphs+kvpad=1024
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup setup-vllm loadtest serve train finetune train-matrix train-gpu-run test monitor dashboards bench-loadgen bench-hf-decode report capacity clean
+.PHONY: setup setup-vllm loadtest serve train finetune train-matrix train-gpu-run test test-fast monitor dashboards bench-loadgen bench-hf-decode report capacity clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
@@ -61,7 +61,7 @@ train: setup
 finetune: setup
 	$(BIN)/tokenrig train --gpu $(GPU) --model $(MODEL) --mode $(if $(filter qlora,$(MODE)),qlora,lora) --zero $(ZERO) $(ARGS)
 
-# a grid of training runs into one comparison table (scenarios/train/, scenarios/matrix/)
+# a grid of training runs into one comparison table (tokenrig/scenarios/train/, tokenrig/scenarios/matrix/)
 train-matrix: setup
 	$(BIN)/tokenrig train --matrix $(MATRIX) $(ARGS)
 
@@ -72,6 +72,11 @@ train-gpu-run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the inner loop, < 60 s: every test that starts no server or CLI process (tests/conftest.py marks those e2e)
+# and is not marked slow
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
 # one offline HTML report (and CSV exports) of run directories: make report RUNS="results/RUN_A results/RUN_B"
 RUNS ?= results
@@ -93,7 +98,7 @@ bench-hf-decode: setup  # batch-1 decode of the hf engine vs the bandwidth roofl
 	$(BIN)/python benchmarks/hf_decode.py --gpu $(GPU) --model $(MODEL) --configs $(DECODE_CONFIGS) $(ARGS)
 
 dashboards: setup
-	$(BIN)/python -m tokenrig.monitor.dashboards grafana/dashboards
+	$(BIN)/python -m tokenrig.monitor.dashboards
 
 clean:
 	rm -rf $(VENV) results *.egg-info

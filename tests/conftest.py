@@ -1,11 +1,19 @@
-"""Shared fixtures: real servers on loopback ports, started and stopped by the tests."""
+"""Shared fixtures: real servers on loopback ports, started and stopped by the tests; and the test tiers.
+
+A test that starts a process (a server, the CLI, a benchmark script), or tokenrig's HTTP server inside the
+test's process, is marked `e2e` here, at collection, from what its code and its fixtures call; `make
+test-fast` runs the rest but the few marked `slow` (`-m "not e2e and not slow"`). While an unmarked test
+runs, starting tokenrig in a process of its own fails it, so the tiers cannot drift apart.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -88,3 +96,86 @@ def known_engine_runs(tmp_path_factory):
         assert result.returncode == 0, result.stdout + result.stderr
         runs[name] = run_dir_of(result)
     return runs
+
+
+# What starts a process or a server when a test calls it: these helpers and classes (OpenAIServer: tokenrig's
+# HTTP server, in the test's process), subprocess's functions, and a fixture looked up by name at run time
+# (request.getfixturevalue), which may be a server.
+PROCESS_STARTERS = {"run_cli", "start_server", "LaunchedServer", "OpenAIServer", "Popen", "getfixturevalue"}
+SUBPROCESS_CALLS = {"run", "call", "check_call", "check_output", "Popen"}
+TESTS = Path(__file__).resolve().parent
+
+
+def _defined_in_tests(value) -> bool:
+    module = sys.modules.get(getattr(value, "__module__", None) or "")
+    return Path(getattr(module, "__file__", None) or "/").resolve().is_relative_to(TESTS)
+
+
+def _starts_processes(code: types.CodeType, namespace: dict, seen: set) -> bool:
+    """Whether this code, or a function or class of the test suite it names, calls a PROCESS_STARTER."""
+    if code in seen:
+        return False
+    seen.add(code)
+    names = set(code.co_names)
+    if names & PROCESS_STARTERS or ("subprocess" in names and namespace.get("subprocess") is subprocess
+                                    and names & SUBPROCESS_CALLS):
+        return True
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType) and _starts_processes(const, namespace, seen):
+            return True
+    for name in names:
+        value = namespace.get(name)
+        if not _defined_in_tests(value):
+            continue  # tokenrig's own code runs in the test's process unless a starter above is called
+        for member in vars(value).values() if inspect.isclass(value) else [value]:
+            function = inspect.unwrap(getattr(member, "__func__", member))
+            if inspect.isfunction(function) and _starts_processes(function.__code__, function.__globals__, seen):
+                return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        functions = [item.function] if isinstance(item, pytest.Function) else []
+        for definitions in item._fixtureinfo.name2fixturedefs.values():
+            functions += [inspect.unwrap(d.func) for d in definitions if _defined_in_tests(d.func)]
+        seen: set = set()
+        if any(_starts_processes(f.__code__, f.__globals__, seen) for f in functions):
+            item.add_marker(pytest.mark.e2e)
+
+
+_running_unit_test: list[str] = []  # the node id of the test running now, when it is not e2e
+
+
+def _runs_this_repository(argv: list[str]) -> bool:
+    """`python -m tokenrig...` or `python <a file of this repository>`, also behind a wrapper such as taskset
+    (other Python processes are libraries' own business, e.g. torch probing the CPU)."""
+    for index, arg in enumerate(argv[:-1]):
+        if arg == sys.executable:
+            following = argv[index + 1:index + 3]
+            if following[0] == "-m":
+                return len(following) > 1 and following[1].startswith("tokenrig")
+            return following[0].endswith(".py") and (REPO / following[0]).resolve().is_relative_to(REPO)
+    return False
+
+
+def _refuse_tokenrig_processes(event: str, args: tuple) -> None:
+    if event == "subprocess.Popen" and _running_unit_test and _runs_this_repository([str(a) for a in args[1]]):
+        raise RuntimeError(f"{_running_unit_test[0]} runs tokenrig in its own process but is not marked e2e: call "
+                           f"it through run_cli/start_server/subprocess (tests/conftest.py marks those) or mark it "
+                           f"@pytest.mark.e2e")
+
+
+def pytest_configure(config):
+    sys.addaudithook(_refuse_tokenrig_processes)  # here, not at import: tests import this module a second time
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if item.get_closest_marker("e2e") is None:
+        _running_unit_test.append(item.nodeid)
+    try:
+        return (yield)
+    finally:
+        _running_unit_test.clear()

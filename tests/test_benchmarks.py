@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -31,6 +33,7 @@ def test_hf_decode_refuses_an_unknown_option_before_loading_anything():
     assert result.returncode != 0 and "unknown option 'turbo'" in result.stderr
 
 
+@pytest.mark.e2e  # RefServer runs benchmarks/refserver.py in its own process, out of conftest's sight
 def test_reference_server_holds_its_schedule_at_512_streams(tmp_path):
     """The load-generator benchmark's truth is the reference server's send log: that server must keep its
     schedule (lateness p99 under 1 ms) at the heaviest row's 512 streams, here driven by the baseline client."""

@@ -80,8 +80,9 @@ def test_tiny_4bit_checkpoint_has_the_standard_layout_loads_and_generates(tmp_pa
     assert out.shape == (1, 12)
 
 
-@pytest.mark.parametrize("quant,kernel,layer", [("gptq", "gptq_torch", "TorchLinear"),
-                                                ("awq", "torch_awq", "AwqTorchLinear")])
+@pytest.mark.parametrize("quant,kernel,layer", [
+    pytest.param("gptq", "gptq_torch", "TorchLinear", marks=pytest.mark.slow),  # ~25 s of torch.compile of the kernel
+    ("awq", "torch_awq", "AwqTorchLinear")])
 def test_hf_engine_loads_4bit_checkpoints_with_the_kernel_asked_for(tmp_path, quant, kernel, layer):
     """--quant-kernel picks gptqmodel's kernel: left to itself it takes the CPU's AVX-512 kernels here, and on
     Hopper JIT-builds Machete after downloading CUTLASS, which an offline GPU host cannot."""

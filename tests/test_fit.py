@@ -9,12 +9,13 @@ from tokenrig.serve.fit import (FitError, evaluate, kv_bytes_per_token_per_gpu, 
 
 def test_weight_bytes_per_quantization_of_llama2_7b():
     model = resolve_model("7b")
-    assert weight_bytes(model, "bf16") == 2 * model.num_params
-    # one 4096 x 4096 linear at 4 bits, group 128: int32-packed codes, int32-packed zeros, fp16 scales, GPTQ g_idx
-    groups = 4096 // 128
-    assert linear_bytes("gptq", 4096, 4096) == 4096 * 4096 // 2 + groups * 4096 // 8 * 4 + groups * 4096 * 2 + 4 * 4096
-    assert linear_bytes("awq", 4096, 4096) == linear_bytes("gptq", 4096, 4096) - 4 * 4096
-    assert linear_bytes("int8", 4096, 4096) == 4096 * 4096 + 2 * 4096
+    assert weight_bytes(model, "bf16") == 13_476_831_232  # 6,738,415,616 parameters x 2 bytes
+    # one 4096 x 4096 linear at 4 bits, group 128 (32 groups): codes 4096 x 4096 / 2 = 8,388,608 B (int32-packed);
+    # zeros 32 x 4096 / 8 x 4 = 65,536 B (int32-packed); fp16 scales 32 x 4096 x 2 = 262,144 B; GPTQ's int32
+    # g_idx 4096 x 4 = 16,384 B: 8,732,672 B, and AWQ without g_idx 8,716,288 B
+    assert linear_bytes("gptq", 4096, 4096) == 8_732_672
+    assert linear_bytes("awq", 4096, 4096) == 8_716_288
+    assert linear_bytes("int8", 4096, 4096) == 16_785_408  # 4096 x 4096 one-byte codes + 4096 fp16 scales
     # 4-bit is ~0.52 bytes per quantized weight; embeddings and lm_head stay 16-bit (0.26 GB)
     assert weight_bytes(model, "gptq") / 1e9 == pytest.approx(3.89, abs=0.01)
     assert weight_bytes(model, "int8") / 1e9 == pytest.approx(7.00, abs=0.01)
@@ -24,8 +25,8 @@ def test_7b_bf16_fits_one_80gb_card():
     plan = plan_fit(resolve_model("7b"), resolve_gpu("h100-sxm"), "bf16", concurrency=16, context_tokens=4096)
     assert plan.tp == 1
     # 13.5 GB of weights; KV is 2 (K,V) x 32 layers x 32 heads x 128 x 2 bytes = 0.5 MiB per token
-    assert plan.kv_bytes_per_token == 2 * 32 * 32 * 128 * 2 == 524288
-    assert plan.kv_needed_bytes == 4096 * 524288  # one full-context sequence: 2.15 GB
+    assert plan.kv_bytes_per_token == 524_288
+    assert plan.kv_needed_bytes == 2_147_483_648  # one full-context sequence: 4096 x 524,288 B = 2.15 GB
     # 80 GB x 0.9 = 72 GB usable - 13.5 weights - 2 runtime - ~0.4 activations = ~56 GB of KV: ~107k tokens
     assert plan.kv_budget_bytes / 1e9 == pytest.approx(56.1, abs=0.1)
     assert plan.full_context_sequences() == 26
@@ -59,7 +60,7 @@ def test_70b_on_24gb_cards_takes_tp8_in_bf16_and_tp4_in_4bit():
     # leaves 1.6 GB: 40k tokens at 40 KiB each (GQA: 1 KV head per GPU), 9 full-context sequences
     plan = plan_fit(model, gpu, "bf16", concurrency=16, context_tokens=4096)
     assert plan.tp == 8 and plan.full_context_sequences() == 9
-    assert plan.kv_bytes_per_token == 2 * 80 * 1 * 128 * 2
+    assert plan.kv_bytes_per_token == 40_960  # 2 (K,V) x 80 layers x 1 KV head x 128 x 2 bytes
     with pytest.raises(FitError) as refused:
         plan_fit(model, gpu, "bf16", concurrency=16, context_tokens=4096, tp=4)
     message = str(refused.value)
@@ -71,7 +72,7 @@ def test_70b_on_24gb_cards_takes_tp8_in_bf16_and_tp4_in_4bit():
     assert not evaluate(model, gpu, "gptq", 2, 16, 4096).fits
     plan = plan_fit(model, gpu, "gptq", concurrency=16, context_tokens=4096)
     assert plan.tp == 4
-    assert plan.kv_bytes_per_token == kv_bytes_per_token_per_gpu(model, 4) == 2 * 80 * 2 * 128 * 2
+    assert plan.kv_bytes_per_token == kv_bytes_per_token_per_gpu(model, 4) == 81_920  # 2 x 80 x 2 heads x 128 x 2
 
 
 def test_tp_must_split_heads_and_whole_quantization_groups():
@@ -119,12 +120,12 @@ requests:
   - {name: long, weight: 1, input_tokens: {dist: fixed, value: 500}, output_tokens: {dist: fixed, value: 10}}
 load: {type: poisson, rate: 2, duration_s: 10}
 """)
-    assert (scenario.mean_tokens("input_tokens"), scenario.mean_tokens("output_tokens")) == pytest.approx(
-        ((3 * 100 + 500) / 4, (3 * 50 + 10) / 4))
-    # 7B bf16 on an H100: 13.5 GB read per decode step at 3,350 GB/s is 4.0 ms; 40 output tokens take >= 0.16 s,
-    # so 2 req/s keep >= 0.32 requests in flight (Little's law)
+    # (3 x 100 + 500) / 4 = 200 input and (3 x 50 + 10) / 4 = 40 output tokens
+    assert (scenario.mean_tokens("input_tokens"), scenario.mean_tokens("output_tokens")) == pytest.approx((200, 40))
+    # 7B bf16 on an H100: 13,476,831,232 B read per decode step at 3,350 GB/s is 4.023 ms; 40 output tokens take
+    # >= 0.1609 s, so 2 req/s keep >= 2 x 0.1609 = 0.3218 requests in flight (Little's law)
     plan = plan_fit(resolve_model("7b"), resolve_gpu("h100-sxm"), context_tokens=4096)
     in_flight, basis = load_in_flight(plan, resolve_gpu("h100-sxm"), None, 2.0, 40.0)
-    assert in_flight == pytest.approx(2.0 * 40 * plan.weight_bytes / 3350e9)
+    assert in_flight == pytest.approx(0.3218, rel=1e-3)
     assert basis == "at least: Little's law at 2 req/s x E2E >= 0.16 s on the bandwidth roofline"
     assert load_in_flight(plan, resolve_gpu("h100-sxm"), 64, None, None) == (64, "64 users")

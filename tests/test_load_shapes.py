@@ -103,8 +103,6 @@ load: {type: poisson, rate: 12, duration_s: 6, seed: 4}
     # plus the few prompt tokens of --url's pre-flight request ("hello" in the chat template: no full block)
     assert 0 < queries - sum(r.prompt_tokens_usage for r in records) < 16
     assert hits == expected_hits
-    prefix_share = expected_hits / queries
-    assert hits / queries == pytest.approx(prefix_share)
 
 
 def test_prefix_cache_blocks_hit_only_after_the_same_prefix():

@@ -26,7 +26,7 @@ def test_expected_chunk_rate_of_closed_open_and_trace_plans():
     assert expected_chunk_rate(with_load(scenario, users=300), tpot_s=0.010) == pytest.approx(30_000)
     poisson = with_load(scenario, type="poisson", rate=40.0, users=None)
     assert expected_chunk_rate(poisson) == pytest.approx(40 * 50)
-    trace = load_scenario(str(REPO / "scenarios" / "serving" / "azure_conv_replay.yaml"))
+    trace = load_scenario("azure_conv_replay")
     rows = trace_schedule(trace.load)
     assert expected_chunk_rate(trace) == pytest.approx(sum(r.output_tokens for _, r in rows) / trace.load.duration_s)
 

@@ -71,7 +71,7 @@ def test_open_loop_poisson_against_roofline_sim(tmp_path):
     assert len({round(g, 3) for g in gaps}) > 3  # random arrivals, not a fixed cadence
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_stops_cleanly_and_keeps_results(tmp_path, stop_signal):
     """Ctrl-C, SIGINT to a load test started with `&` (it inherits SIGINT ignored), and SIGTERM all stop it cleanly."""
     process = subprocess.Popen(

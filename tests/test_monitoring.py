@@ -22,9 +22,11 @@ import yaml
 from tests.conftest import REPO, VLLM_0_26_PAGE, run_cli, run_dir_of
 from tokenrig.monitor.dashboards import DASHBOARDS, panel_queries, render
 from tokenrig.monitor.discovery import TargetFile
+from tokenrig.monitor.local import prometheus_config
+from tokenrig.paths import GRAFANA
 from tokenrig.serve.launcher import free_port
 
-DASHBOARD_DIR = REPO / "grafana" / "dashboards"
+DASHBOARD_DIR = GRAFANA / "dashboards"
 
 needs_prometheus = pytest.mark.skipif(
     shutil.which("prometheus") is None and not os.environ.get("TOKENRIG_REQUIRE_PROMETHEUS"),
@@ -37,7 +39,7 @@ def test_committed_dashboards_match_the_code_and_grafanas_schema():
 
     for name, build in DASHBOARDS.items():
         committed = json.loads((DASHBOARD_DIR / f"tokenrig-{name}.json").read_text())
-        assert committed == render(build()), f"grafana/dashboards is stale: run make dashboards ({name})"
+        assert committed == render(build()), f"tokenrig/grafana/dashboards is stale: run make dashboards ({name})"
         reparsed = json.loads(json.dumps(Dashboard.from_json(committed), cls=JSONEncoder))
         assert reparsed == committed, f"{name}: fields outside Grafana's dashboard schema"
         variables = {v["name"] for v in committed["templating"]["list"]}
@@ -69,9 +71,9 @@ def _concrete(expr: str) -> str:
 
 @contextlib.contextmanager
 def _prometheus(tmp_path: Path):
-    """A real Prometheus running grafana/prometheus.yml's tokenrig job, scraping and rediscovering every second;
-    yields its URL and the targets directory it watches."""
-    config = yaml.safe_load((REPO / "grafana" / "prometheus.yml").read_text())
+    """A real Prometheus running the shipped prometheus.yml's tokenrig job as `make monitor` aims it at a targets
+    directory, scraping and rediscovering every second; yields its URL and the targets directory it watches."""
+    config = prometheus_config(tmp_path / "targets")
     config["global"]["scrape_interval"] = "1s"
     config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "tokenrig"]
     config["scrape_configs"][0]["file_sd_configs"][0]["refresh_interval"] = "1s"

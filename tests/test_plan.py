@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tokenrig.loadgen.plan import LoadPlan, read_trace, synthetic_offsets, trace_schedule
-from tokenrig.loadgen.scenario import DATA_ROOT, LoadPlanSpec, TraceReplay
+from tokenrig.loadgen.scenario import LoadPlanSpec, TraceReplay
+from tokenrig.paths import SCENARIOS
 
 KS_CRITICAL_1PCT = 1.63  # Kolmogorov-Smirnov: reject at the 1 % level above 1.63 * sqrt((n+m)/(n m))
 
@@ -81,14 +82,14 @@ def test_azure_trace_replay_reproduces_gaps_and_lengths_scaled():
         assert offset == pytest.approx((stamp - 60) / 4)
         assert row.input_tokens == max(1, round(original.input_tokens * 0.5))
         assert row.output_tokens == max(1, round(original.output_tokens * 0.5))
-    lines = (DATA_ROOT / "traces/AzureLLMInferenceTrace_conv.csv").read_text().splitlines()
+    lines = (SCENARIOS / "traces/AzureLLMInferenceTrace_conv.csv").read_text().splitlines()
     assert lines[1].split(",")[1:] == [str(rows[0][1].input_tokens), str(rows[0][1].output_tokens)]
 
 
 def test_mooncake_buckets_are_spread_and_keep_their_rows():
     spec = LoadPlanSpec(type="trace", duration_s=60, trace=TraceReplay(path="traces/mooncake_conversation_trace.jsonl"))
     schedule = trace_schedule(spec)
-    raw = [json.loads(line) for line in (DATA_ROOT / "traces/mooncake_conversation_trace.jsonl").open()]
+    raw = [json.loads(line) for line in (SCENARIOS / "traces/mooncake_conversation_trace.jsonl").open()]
     in_minute = [r for r in raw if r["timestamp"] < 60_000]
     assert len(schedule) == len(in_minute)
     offsets = np.asarray([t for t, _ in schedule])

@@ -86,15 +86,16 @@ def wait_for_requests(path_pattern: str, root: Path, timeout_s: float = 120) -> 
     raise AssertionError(f"no requests under {root}/{path_pattern} after {timeout_s:.0f} s")
 
 
-def test_an_interrupted_find_max_step_is_no_verdict(tmp_path):
-    """SIGTERM (what `timeout` sends) in the middle of a --find-max step whose requests all meet the SLO: the
-    step is marked interrupted and judged neither way, and search.json names no max rate."""
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_find_max_step_is_no_verdict(tmp_path, stop_signal):
+    """Ctrl-C, or SIGTERM (what `timeout` sends), in the middle of a --find-max step whose requests all meet the
+    SLO: the step is marked interrupted and judged neither way, and search.json names no max rate."""
     process = start_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "10", "--sim-tpot-ms", "1",
                         "--scenario", TIMING, "--find-max", "--rate", "4", "--slo", "ttft_p90=10s",
                         "--tail-samples", "20", "--max-step", "60", "--results", str(tmp_path))
     wait_for_requests("*/steps/01-*/requests.jsonl", tmp_path)
     time.sleep(2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop_signal)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
     search = json.loads(next(tmp_path.glob("*/search.json")).read_text())
@@ -549,13 +550,14 @@ def test_a_scrape_target_that_is_down_leaves_the_load_test_measuring_and_says_so
         in result.stdout
 
 
-def test_a_stop_signal_while_the_server_starts_stops_everything_with_130(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_while_the_server_starts_stops_everything_with_130(tmp_path, stop_signal):
     process = start_cli("loadtest", "--backend", "sim", "--scenario", TIMING, "--users", "1", "--duration", "30",
                         "--results", str(tmp_path))
     lines = iter(process.stdout.readline, "")
     started = next(line for line in lines if line.startswith("starting sim server: "))
     time.sleep(0.5)  # the server process is up, not healthy yet (it takes seconds to load)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop_signal)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
     assert "Traceback" not in output and "interrupted" in output
@@ -597,15 +599,16 @@ def test_a_run_directory_deleted_mid_run_stops_the_run_loudly(tmp_path):
     assert "Traceback" not in output
 
 
-def test_a_stop_signal_during_the_drain_cancels_the_requests_still_in_flight(tmp_path):
-    """2 users of 5-s requests for a 2-s plan: SIGTERM 3 s in, while the run waits for the requests in flight
-    after the plan's end. They are cancelled, not failed; exit 130."""
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_during_the_drain_cancels_the_requests_still_in_flight(tmp_path, stop_signal):
+    """2 users of 5-s requests for a 2-s plan: Ctrl-C or SIGTERM 3 s in, while the run waits for the requests in
+    flight after the plan's end. They are cancelled, not failed; exit 130."""
     process = start_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "10", "--sim-tpot-ms", "100",
                         "--scenario", TIMING, "--users", "2", "--duration", "2", "--warmup", "0",
                         "--results", str(tmp_path))
     next(line for line in iter(process.stdout.readline, "") if line.startswith("load: "))
     time.sleep(3)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop_signal)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
     run_dir = next(tmp_path.iterdir())

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_cli
+from tokenrig.paths import GRAFANA
 from tokenrig.train import breakdown
 from tokenrig.train.exporter import TrainMetrics
 from tokenrig.train.flops import training_flops
@@ -169,7 +170,7 @@ def test_prometheus_gauges_in_base_units_under_the_dashboard_names():
     assert sample("tokenrig_train_loss") == 10.5
     assert sample("tokenrig_train_steps_total", phase="measured") == 1
     # every metric the Grafana training dashboard queries is exported
-    queried = set(re.findall(r"tokenrig_train_\w+", (REPO / "grafana/dashboards/tokenrig-training.json").read_text()))
+    queried = set(re.findall(r"tokenrig_train_\w+", (GRAFANA / "dashboards" / "tokenrig-training.json").read_text()))
     exported = {line.split("{")[0] for line in text.splitlines() if line.startswith("tokenrig_train_")}
     assert queried and queried <= exported, queried - exported
 

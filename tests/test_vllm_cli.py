@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine_flags import DATA, parse_vllm, parse_vllm_bench_serve, vllm_cli
+from tokenrig.paths import GRAFANA
 from tokenrig.profiles import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_every_vllm_metric_tokenrig_reads_exports_or_charts_exists_in_the_pinned
             assert _exported(names[0]), key
     own = {metric.name for metric in ServerMetrics("m").registry.collect()}
     assert own and all(_exported(name) for name in own), own
-    dashboard = json.loads((ROOT / "grafana" / "dashboards" / "tokenrig-server.json").read_text())
+    dashboard = json.loads((GRAFANA / "dashboards" / "tokenrig-server.json").read_text())
     queried = set(re.findall(r"vllm:[a-z0-9_]+", json.dumps(dashboard)))
     assert queried and all(_exported(name) for name in queried), queried
 

@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "latency percentiles and throughput.", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_server_args(loadtest)
-    loadtest.add_argument("--scenario", default="chat", help="name in scenarios/serving/ or a path to a .yaml file")
+    loadtest.add_argument("--scenario", default="chat",
+                          help="name in tokenrig/scenarios/serving/ or a path to a .yaml file")
     loadtest.add_argument("--users", type=_count_or("sweep", "user", "'sweep' with --sweep"),
                           help="closed loop: this many concurrent streams ('sweep' with --sweep)")
     loadtest.add_argument("--rate", type=_positive, help="open loop: requests per second (Poisson unless --arrival)")
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="expose live Prometheus metrics on this port (0 = any free port)")
     loadtest.add_argument("--prometheus-targets", type=Path, default=None,
                           help="file_sd directory where the run announces its scrape targets "
-                               "(default grafana/targets, which grafana/prometheus.yml watches; implies --metrics-port 0)")
+                               "(default grafana/targets, which `make monitor` watches; implies --metrics-port 0)")
 
     serve = commands.add_parser("serve", help="start a server and keep it up until Ctrl-C",
                                 description="Start a server with the launcher (health-checked, logged).")
@@ -253,7 +254,8 @@ def _add_capacity_parser(commands) -> None:
     capacity.add_argument("--gpu", required=True, help="comma-separated GPU profiles, e.g. h100-sxm,a800,rtx4090")
     capacity.add_argument("--model", required=True, help="model profile, e.g. 13b")
     capacity.add_argument("--quant", default="bf16", help="comma-separated weight formats (default bf16), e.g. bf16,awq")
-    capacity.add_argument("--scenario", default="chat", help="name in scenarios/serving/ or a path (default chat)")
+    capacity.add_argument("--scenario", default="chat",
+                          help="name in tokenrig/scenarios/serving/ or a path (default chat)")
     capacity.add_argument("--slo", required=True, help="service-level objectives, e.g. ttft_p99=500ms,tpot_p99=50ms")
     capacity.add_argument("--target-rps", type=float, help="requests/s to serve (default: size one replica)")
     capacity.add_argument("--headroom", type=float, default=0.2,
@@ -324,7 +326,7 @@ def _add_train_parser(commands) -> None:
     train.add_argument("--warmup-steps", type=int, help="steps excluded from the figures (default 3)")
     train.add_argument("--profile-steps", type=int, help="steps profiled for the breakdown (default 2; 0 = none)")
     train.add_argument("--lora-rank", type=int, help="LoRA rank (default 16)")
-    train.add_argument("--matrix", help="run a training matrix: a name in scenarios/train/ or scenarios/matrix/, "
+    train.add_argument("--matrix", help="run a training matrix: a name in tokenrig/scenarios/train/ or matrix/, "
                                         "or a .yaml path; the options above override every run")
     train.add_argument("--runs", help="with --matrix: only these runs, by 1-based number (e.g. 1,3,5)")
     train.add_argument("--max-gpus", type=int, help="with --matrix: skip runs needing more GPUs "

@@ -4,7 +4,7 @@ A scenario is a weighted mix of request classes (API, input/output length distri
 prompt source, optional multi-turn conversations and shared prefixes) and a load plan
 (closed-loop concurrency, an open-loop arrival process with optional stages, or a trace to
 replay; duration, warm-up/cool-down). Data files named in a scenario (traces, prompt files)
-resolve relative to `scenarios/`.
+resolve relative to the shipped scenarios directory (tokenrig/scenarios/).
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios" / "serving"
-DATA_ROOT = SCENARIO_DIR.parent  # relative data paths in a scenario resolve here
+from tokenrig.paths import SCENARIOS, SERVING_SCENARIOS
 
 
 def resolve_data_path(path: str) -> Path:
     candidate = Path(path).expanduser()
-    return candidate if candidate.is_absolute() else DATA_ROOT / candidate
+    return candidate if candidate.is_absolute() else SCENARIOS / candidate
 
 
 @functools.lru_cache(maxsize=32)
@@ -355,13 +354,13 @@ def parse_scenario(text: str, origin: str = "<scenario>") -> Scenario:
 
 
 def known_scenarios() -> list[str]:
-    return sorted(path.stem for path in SCENARIO_DIR.glob("*.yaml"))
+    return sorted(path.stem for path in SERVING_SCENARIOS.glob("*.yaml"))
 
 
 def load_scenario(name_or_path: str) -> Scenario:
     path = Path(name_or_path)
     if not path.suffix:
-        path = SCENARIO_DIR / f"{name_or_path}.yaml"
+        path = SERVING_SCENARIOS / f"{name_or_path}.yaml"
     if not path.exists():
         raise ScenarioError(f"no scenario {name_or_path!r}; shipped scenarios: {', '.join(known_scenarios())} "
                             "(or give a path to a .yaml file)")

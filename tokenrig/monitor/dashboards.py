@@ -1,10 +1,10 @@
 """Grafana dashboards, generated from code with grafana-foundation-sdk (Grafana's typed schema).
 
-`python -m tokenrig.monitor.dashboards grafana/dashboards` (or `make dashboards`) writes one JSON
-file per dashboard: load test, server/engine, training, GPU (DCGM exporter names). Every panel
-filters on the template variables run, scenario, backend, model and gpu, so several benchmarks
-can be watched and compared side by side. The tests evaluate every panel query against a real
-Prometheus.
+`python -m tokenrig.monitor.dashboards [DIR]` (or `make dashboards`) writes one JSON file per
+dashboard (default: the shipped tokenrig/grafana/dashboards/): load test, server/engine, training,
+GPU (DCGM exporter names). Every panel filters on the template variables run, scenario, backend,
+model and gpu, so several benchmarks can be watched and compared side by side. The tests evaluate
+every panel query against a real Prometheus.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from tokenrig.paths import GRAFANA
 
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.builders import prometheus, timeseries
@@ -165,5 +167,5 @@ def write_all(directory: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for written in write_all(Path(sys.argv[1] if len(sys.argv) > 1 else "grafana/dashboards")):
+    for written in write_all(Path(sys.argv[1]) if len(sys.argv) > 1 else GRAFANA / "dashboards"):
         print(written)

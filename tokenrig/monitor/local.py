@@ -1,9 +1,10 @@
 """`make monitor`: start what this machine can run of the monitoring stack and say where to look.
 
-Runs Prometheus (Debian's `prometheus` package, or any on PATH) in the foreground with
-grafana/prometheus.yml, which discovers load tests and training runs through grafana/targets/.
-Grafana needs Docker (grafana/docker-compose.yml); without it, Prometheus' own UI shows the
-same PromQL the dashboards use.
+Runs Prometheus (Debian's `prometheus` package, or any on PATH) in the foreground with the shipped
+tokenrig/grafana/prometheus.yml, aimed at the targets directory runs announce themselves in
+(`--prometheus-targets`' default: grafana/targets in the working directory). Grafana needs Docker
+(tokenrig/grafana/docker-compose.yml); without it, Prometheus' own UI shows the same PromQL the
+dashboards use.
 """
 
 from __future__ import annotations
@@ -12,36 +13,54 @@ import argparse
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+import yaml
+
+from tokenrig.monitor.discovery import DEFAULT_TARGETS_DIR
+from tokenrig.paths import GRAFANA
+
+
+def prometheus_config(targets_dir: Path) -> dict:
+    """The shipped prometheus.yml with its tokenrig job watching `targets_dir`: a relative file_sd path
+    would resolve next to the config file, inside the installed package."""
+    config = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())
+    for job in config["scrape_configs"]:
+        for discovery in job.get("file_sd_configs", []):
+            discovery["files"] = [str(targets_dir.resolve() / Path(pattern).name) for pattern in discovery["files"]]
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokenrig.monitor.local", description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:9090")
-    parser.add_argument("--data", type=Path, default=REPO / "results" / "prometheus-data")
+    parser.add_argument("--data", type=Path, default=Path("results") / "prometheus-data")
     args = parser.parse_args(argv)
-    (REPO / "grafana" / "targets").mkdir(parents=True, exist_ok=True)
+    targets = DEFAULT_TARGETS_DIR
+    targets.mkdir(parents=True, exist_ok=True)
     if shutil.which("docker"):
-        print("Docker is here: `docker compose -f grafana/docker-compose.yml up -d` starts Prometheus + Grafana "
-              "(http://localhost:3000) with tokenrig's dashboards.")
+        print(f"Docker is here: `docker compose -f {GRAFANA / 'docker-compose.yml'} up -d` starts Prometheus + "
+              "Grafana (http://localhost:3000) with tokenrig's dashboards.")
     else:
-        print("Grafana is not installable on this machine (no Docker); its dashboards are in grafana/dashboards/ "
+        print(f"Grafana is not installable on this machine (no Docker); its dashboards are in {GRAFANA / 'dashboards'} "
               "for any Grafana you have, and Prometheus' UI below runs the same queries.")
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         print("Prometheus is not installed: `apt-get install prometheus` (Debian/Ubuntu) or use the compose file.",
               file=sys.stderr)
         return 1
-    print(f"Prometheus: http://{args.listen}  (targets: grafana/targets/; Ctrl-C stops it)")
-    print("Start a monitored run in another shell: make loadtest ARGS='--prometheus-targets grafana/targets'")
-    command = [prometheus, f"--config.file={REPO / 'grafana' / 'prometheus.yml'}",
-               f"--storage.tsdb.path={args.data}", f"--web.listen-address={args.listen}"]
-    try:
-        return subprocess.run(command).returncode
-    except KeyboardInterrupt:
-        return 0
+    print(f"Prometheus: http://{args.listen}  (targets: {targets}/; Ctrl-C stops it)")
+    print(f"Start a monitored run in another shell: make loadtest ARGS='--prometheus-targets {targets}'")
+    with tempfile.TemporaryDirectory(prefix="tokenrig-prometheus-") as config_dir:
+        config = Path(config_dir) / "prometheus.yml"
+        config.write_text(yaml.safe_dump(prometheus_config(targets)))
+        command = [prometheus, f"--config.file={config}", f"--storage.tsdb.path={args.data}",
+                   f"--web.listen-address={args.listen}"]
+        try:
+            return subprocess.run(command).returncode
+        except KeyboardInterrupt:
+            return 0
 
 
 if __name__ == "__main__":

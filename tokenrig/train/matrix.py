@@ -15,11 +15,10 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from tokenrig.paths import TRAINING_MATRICES
 from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
 from tokenrig.train.session import run_training
 from tokenrig.train.spec import TrainSpec, TrainSpecError, make_spec
-
-SCENARIO_DIRS = (Path("scenarios/train"), Path("scenarios/matrix"))
 
 
 class MatrixFile(BaseModel):
@@ -36,11 +35,11 @@ def find_matrix(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.exists():
         return path
-    for directory in SCENARIO_DIRS:
+    for directory in TRAINING_MATRICES:
         candidate = directory / f"{name_or_path}.yaml"
         if candidate.exists():
             return candidate
-    known = sorted(p.stem for d in SCENARIO_DIRS if d.exists() for p in d.glob("*.yaml"))
+    known = sorted(p.stem for d in TRAINING_MATRICES if d.exists() for p in d.glob("*.yaml"))
     raise TrainSpecError(f"no training matrix {name_or_path!r}; known: {', '.join(known) or 'none'} "
                          f"(or give a path to a .yaml file)")
 
