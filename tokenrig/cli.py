@@ -19,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from tokenrig.serve.backends import dry_run_plan
 from tokenrig.serve.spec import ServerSpec, add_server_arguments
 from tokenrig.train.spec import add_train_options, train_options_given
 
@@ -336,8 +337,6 @@ EXIT_DOES_NOT_FIT = 3  # 2 is a usage error
 
 def print_launch(spec: ServerSpec, port: int) -> None:
     """--dry-run: the command, environment and memory plan, nothing started or written."""
-    from tokenrig.serve.backends import dry_run_plan
-
     plan = dry_run_plan(spec, port)
     if plan.fit is not None:
         print("fit:", plan.fit.describe())
@@ -355,7 +354,6 @@ def print_load_fit(spec, scenario, with_plan: bool) -> None:
     KV cache."""
     if spec.device == "cpu" or spec.backend == "sim":
         return
-    from tokenrig.serve.backends import dry_run_plan
     from tokenrig.serve.fit import load_in_flight
 
     fit = dry_run_plan(spec, 0).fit
@@ -376,8 +374,6 @@ def _check_hardware(spec, dry_run: bool) -> None:
 
     if torch.cuda.is_available():
         return
-    from tokenrig.serve.backends import dry_run_plan
-
     command = dry_run_plan(spec, spec.port or 8000).command
     raise SystemExit(
         f"no CUDA GPU on this machine, so the hf backend cannot serve {spec.model.key} on {spec.gpu.key}.\n"
@@ -604,8 +600,9 @@ def cmd_capacity(args) -> int:
 
         from tokenrig.capacity.searches import run_searches
 
-        specs = [ServerSpec.from_args(argparse.Namespace(**{**vars(_capacity_server_defaults()), "backend": args.backend,
-                                                    "gpu": gpu.key, "model": args.model, "quant": quant}))
+        defaults = vars(_capacity_server_defaults())
+        specs = [ServerSpec.from_args(argparse.Namespace(**{**defaults, "backend": args.backend, "gpu": gpu.key,
+                                                            "model": args.model, "quant": quant}))
                  for gpu in gpus for quant in quants]
         inputs += run_searches(specs, question.scenario, slos, options, args.results)
     steps, searches = read_results(inputs)
