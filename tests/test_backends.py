@@ -14,7 +14,7 @@ from tests.conftest import run_cli, start_server
 from tests.engine_flags import parse_tgi, parse_vllm
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.backends import launch_plan, model_dir
-from tokenrig.serve.spec import HfOptions, LaunchError, ServerSpec, SimOptions, TgiOptions, VllmOptions
+from tokenrig.serve.spec import HfOptions, LaunchError, ServerSpec, SimOptions, VllmOptions
 
 MODEL_DIR = Path("/models/synthetic")
 
