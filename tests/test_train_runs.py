@@ -189,10 +189,6 @@ def test_tiny_pretrain_and_qlora_on_gpu(tmp_path):
 def test_train_flags_are_trainspecs_fields_and_only_those_given_override():
     """The flags come from TrainSpec's option fields (types and choices included); a flag left out stays None so
     TrainSpec's default, or a matrix's value, holds."""
-    import argparse
-
-    from tokenrig.train.spec import TrainSpec, add_train_options, train_options_given
-
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_train_options(parser)
     given = train_options_given(parser.parse_args(["--zero", "3", "--no-recompute", "--mode", "lora",
