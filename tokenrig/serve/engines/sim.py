@@ -26,7 +26,7 @@ from typing import AsyncIterator
 
 from tokenrig.profiles import GpuProfile, ModelProfile
 from tokenrig.serve.engines import EngineLoad, GenerationRequest
-from tokenrig.serve.fit import plan_fit, weight_bytes
+from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, plan_fit, weight_bytes
 
 
 class _TokenSource:
@@ -83,7 +83,7 @@ class RooflineParams:
     sequence_overhead_s: float = 0.0  # host cost per sequence in the step (batch bookkeeping, sampling)
     max_num_seqs: int = 256
     max_batch_tokens: int = 8192  # prefill token budget per step (chunked prefill)
-    gpu_memory_utilization: float = 0.9  # what the fit planner may budget (weights, activations, KV cache)
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # what the fit planner may budget
 
 
 class PrefixCache:
