@@ -1,7 +1,8 @@
 """Batch-1 decode speed of tokenrig's hf engine against the card's memory-bandwidth roofline.
 
 Each configuration runs in its own process: it loads the synthetic checkpoint into the same
-HFEngine that `tokenrig serve --backend hf` runs, with the same KV-cache and step limits, and times
+HFEngine that `tokenrig serve --backend hf` runs (built from the hf backend's launch plan by the
+server's own argument parser, so with the same KV-cache and step limits and options), and times
 single requests (--prompt-tokens in, --output-tokens out) with no HTTP in between, so what the
 server adds and what the engine costs can be told apart. A configuration is an attention
 implementation with optional `+graphs` (CUDA graphs), `+compile=N` (torch.compile level), `+kv=N`
@@ -52,13 +53,27 @@ def parse_config(text: str) -> dict:
 
 def server_spec(args, config: dict):
     from tokenrig.profiles import resolve_gpu, resolve_model
-    from tokenrig.serve.launcher import ServerSpec
+    from tokenrig.serve.spec import HfOptions, ServerSpec
 
     gpu = resolve_gpu(args.gpu)
+    options = HfOptions(compile_level=config["compile_level"], cuda_graphs=config["cuda_graphs"],
+                        kv_padding_tokens=config["kv_padding_tokens"], quant_kernel=args.quant_kernel)
+    # +kv=N: the server's --kv-cache-tokens after the planner's, and the last one given counts
+    kv_override = ["--kv-cache-tokens", str(config["kv_tokens"])] if config["kv_tokens"] else []
     return ServerSpec(backend="hf", model=resolve_model(args.model), gpu=gpu, device="cpu" if gpu.key == "cpu" else "cuda",
                       quant=args.quant, attention=config["attention"], concurrency=args.concurrency,
-                      max_model_len=args.max_model_len, cuda_graphs=config["cuda_graphs"],
-                      compile_level=config["compile_level"], quant_kernel=args.quant_kernel)
+                      max_model_len=args.max_model_len, options=options, extra_args=kv_override)
+
+
+def served_engine(spec):
+    """The HFEngine `tokenrig serve` would run for `spec`: its launch plan's arguments, parsed by the server."""
+    from tokenrig.serve.backends import launch_plan, model_dir
+    from tokenrig.serve.server import build_engine, build_parser
+
+    directory = model_dir(spec, progress=lambda line: print(line, file=sys.stderr))
+    command = launch_plan(spec, directory, port=0).command
+    engine, _ = build_engine(build_parser().parse_args(command[command.index("tokenrig.serve.server") + 1:]))
+    return engine
 
 
 def roofline_ms_per_token(args) -> float:
@@ -96,17 +111,8 @@ def measure_one(args, config: dict) -> dict:
     """In the child process: load the engine for one configuration and time it."""
     import torch
 
-    from tokenrig.serve.backends import hf
-    from tokenrig.serve.engines.hf import HFEngine
-
     spec = server_spec(args, config)
-    model_dir = hf.model_dir(spec, progress=lambda line: print(line, file=sys.stderr))
-    _, max_num_seqs, kv_tokens, batch_tokens = hf.engine_limits(spec)
-    engine = HFEngine(str(model_dir), device=spec.device, dtype=hf.DTYPES[spec.quant],
-                      attn_implementation=hf.ATTENTION[config["attention"]], max_num_seqs=max_num_seqs,
-                      max_batch_tokens=batch_tokens, compile_level=config["compile_level"],
-                      cuda_graphs=config["cuda_graphs"], kv_cache_tokens=config["kv_tokens"] or kv_tokens,
-                      quant_kernel=spec.quant_kernel, kv_padding_tokens=config["kv_padding_tokens"])
+    engine = served_engine(spec)
 
     async def run() -> tuple[float, list[dict]]:
         started = time.perf_counter()
@@ -119,17 +125,17 @@ def measure_one(args, config: dict) -> dict:
 
     load_s, requests = asyncio.run(run())
     peak = torch.cuda.max_memory_reserved() / 1e9 if spec.device == "cuda" else None
-    return {**config, "kv_tokens": config["kv_tokens"] or kv_tokens, "load_s": load_s, "requests": requests,
+    return {**config, "kv_tokens": engine.kv_cache_tokens, "load_s": load_s, "requests": requests,
             "ttft_ms": statistics.median(r["ttft_ms"] for r in requests),
             "tpot_ms": statistics.median(r["tpot_ms"] for r in requests),
             "tokens_per_chunk": statistics.median(r["tokens"] / r["chunks"] for r in requests), "peak_gb": peak}
 
 
 def run_child(args, config_text: str) -> dict:
-    from tokenrig.serve.backends import hf
+    from tokenrig.serve.backends import dry_run_plan
 
     command = [sys.executable, __file__, "--child", config_text] + args.passthrough
-    env = dict(os.environ, **hf.allocator_env(server_spec(args, parse_config(config_text)).device))  # as the server's
+    env = dict(os.environ, **dry_run_plan(server_spec(args, parse_config(config_text)), 0).env)  # as the server's
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     if result.returncode != 0:
         return {**parse_config(config_text), "error": (result.stderr.strip().splitlines() or ["exit " + str(result.returncode)])[-1]}

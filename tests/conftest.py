@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tokenrig.profiles import resolve_gpu, resolve_model
-from tokenrig.serve.launcher import LaunchedServer, ServerSpec
+from tokenrig.serve.launcher import LaunchedServer
+from tokenrig.serve.spec import ServerSpec
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"

@@ -134,8 +134,9 @@ def test_streams_send_their_headers_before_the_first_token(tmp_path_factory):
     import time
 
     from tests.conftest import start_server
+    from tokenrig.serve.spec import SimOptions
 
-    with start_server(tmp_path_factory, "sim", sim_ttft_ms=600, sim_tpot_ms=1) as server:
+    with start_server(tmp_path_factory, "sim", options=SimOptions(sim_ttft_ms=600, sim_tpot_ms=1)) as server:
         body = {"messages": [{"role": "user", "content": "fana"}], "max_tokens": 3, "stream": True, "ignore_eos": True}
         started = time.monotonic()
         with requests.post(f"{server.endpoint.base_url}/v1/chat/completions", json=body, stream=True,

@@ -13,8 +13,8 @@ import pytest
 from tests.conftest import run_cli, start_server
 from tests.engine_flags import parse_tgi, parse_vllm
 from tokenrig.profiles import resolve_gpu, resolve_model
-from tokenrig.serve.backends import launch_plan, prepare_model_dir
-from tokenrig.serve.launcher import LaunchError, ServerSpec
+from tokenrig.serve.backends import launch_plan, model_dir
+from tokenrig.serve.spec import HfOptions, LaunchError, ServerSpec, SimOptions, VllmOptions
 
 MODEL_DIR = Path("/models/synthetic")
 
@@ -46,7 +46,8 @@ def test_vllm_command_parses_with_vllm_flags(quant, attention, tp):
 
 
 def test_vllm_tp_and_prefix_caching_follow_the_plan():
-    plan = launch_plan(spec("vllm", model="70b", gpu="h100-sxm", prefix_caching=False, concurrency=64), MODEL_DIR, 1)
+    plan = launch_plan(spec("vllm", model="70b", gpu="h100-sxm", options=VllmOptions(prefix_caching=False),
+                            concurrency=64), MODEL_DIR, 1)
     args = parse_vllm(plan.command, plan.env)
     assert args.tensor_parallel_size == 4 and args.enable_prefix_caching is False and args.max_num_seqs == 64
 
@@ -82,8 +83,9 @@ def test_tgi_70b_4bit_on_4090s_shards_over_four():
 def test_hf_command_parses_with_tokenrigs_server_parser(quant, attention):
     from tokenrig.serve.server import build_parser
 
-    plan = launch_plan(spec("hf", model="7b", gpu="h200", quant=quant, attention=attention, compile_level=1,
-                            cuda_graphs=True, kv_padding_tokens=1024), MODEL_DIR, 8125)
+    options = HfOptions(compile_level=1, cuda_graphs=True, kv_padding_tokens=1024)
+    plan = launch_plan(spec("hf", model="7b", gpu="h200", quant=quant, attention=attention, options=options),
+                       MODEL_DIR, 8125)
     args = build_parser().parse_args(plan.command[3:])
     assert plan.command[1:3] == ["-m", "tokenrig.serve.server"]
     assert args.engine == "hf" and args.device == "cuda" and args.port == 8125
@@ -114,7 +116,7 @@ def test_hf_plans_for_the_one_gpu_it_runs_on():
     from tokenrig.serve.server import build_parser
 
     plan = launch_plan(spec("hf", model="7b", gpu="h200", concurrency=64, max_model_len=1024,
-                            quant="gptq", quant_kernel="gptq_triton"), MODEL_DIR, 1)
+                            quant="gptq", options=HfOptions(quant_kernel="gptq_triton")), MODEL_DIR, 1)
     args = build_parser().parse_args(plan.command[3:])
     one_gpu = plan_fit(resolve_model("7b"), resolve_gpu("h200"), "gptq", concurrency=64, context_tokens=1024, tp=1)
     assert plan.fit.tp == 1 and args.kv_cache_tokens == one_gpu.kv_capacity_tokens
@@ -153,9 +155,9 @@ def test_hf_on_cpu_bounds_its_kv_cache_instead_of_taking_host_memory():
 
 def test_quantized_model_dirs_are_named_by_quantization(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENRIG_MODELS", str(tmp_path))
-    assert prepare_model_dir(spec("vllm", quant="gptq"), write=False) == tmp_path / "llama2-13b-gptq-config"
-    assert prepare_model_dir(spec("tgi", quant="awq"), write=False) == tmp_path / "llama2-13b-awq"
-    assert prepare_model_dir(spec("hf", quant="bf16"), write=False) == tmp_path / "llama2-13b"
+    assert model_dir(spec("vllm", quant="gptq"), write=False) == tmp_path / "llama2-13b-gptq-config"
+    assert model_dir(spec("tgi", quant="awq"), write=False) == tmp_path / "llama2-13b-awq"
+    assert model_dir(spec("hf", quant="bf16"), write=False) == tmp_path / "llama2-13b"
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
 
 
@@ -182,7 +184,7 @@ def test_a_missing_engine_is_named_with_its_install_line(tmp_path_factory, monke
 
 def test_health_wait_gives_up_stops_the_server_and_shows_its_log(tmp_path_factory):
     # the sim server needs well over 0.5 s to import its dependencies and answer /health
-    server = start_server(tmp_path_factory, "sim", sim_ttft_ms=1, sim_tpot_ms=1)
+    server = start_server(tmp_path_factory, "sim", options=SimOptions(sim_ttft_ms=1, sim_tpot_ms=1))
     server.health_timeout_s = 0.5
     with pytest.raises(LaunchError, match=r"not healthy after 0\.5 s \(polled http://127\.0\.0\.1:\d+/health\)"):
         with server:

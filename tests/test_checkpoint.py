@@ -90,9 +90,10 @@ def test_hf_engine_loads_4bit_checkpoints_with_the_kernel_asked_for(tmp_path, qu
     from transformers import AutoModelForCausalLM
 
     from tokenrig.serve.engines.hf import HFEngine
+    from tokenrig.serve.spec import HfOptions
 
     path = make_checkpoint(resolve_model("tiny"), root=tmp_path, quant=quant, progress=lambda *_: None)
-    override = HFEngine(str(path), quant_kernel=kernel)._quantization_override()
+    override = HFEngine(str(path), options=HfOptions(quant_kernel=kernel))._quantization_override()
     model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", **override)
     assert model.hf_quantizer.quantization_config.backend == kernel
     down_proj = type(model.model.layers[0].mlp.down_proj)
@@ -101,4 +102,4 @@ def test_hf_engine_loads_4bit_checkpoints_with_the_kernel_asked_for(tmp_path, qu
     assert out.shape == (1, 8)
     with pytest.raises(ValueError, match="not a quantized checkpoint"):
         HFEngine(str(make_checkpoint(resolve_model("tiny"), root=tmp_path, progress=lambda *_: None)),
-                 quant_kernel=kernel)._quantization_override()
+                 options=HfOptions(quant_kernel=kernel))._quantization_override()

@@ -6,8 +6,10 @@ import pytest
 import requests
 
 from tests.conftest import start_server
-from tokenrig.serve.backends import launch_plan
-from tokenrig.serve.launcher import LaunchError
+from tokenrig.serve.launcher import free_port
+from tokenrig.serve.spec import LaunchError, SimOptions
+
+FIXED = SimOptions(sim_ttft_ms=1, sim_tpot_ms=1)
 
 
 def test_server_that_dies_reports_its_log(tmp_path_factory):
@@ -19,7 +21,7 @@ def test_server_that_dies_reports_its_log(tmp_path_factory):
 
 
 def test_stop_ends_the_process_and_frees_the_port(tmp_path_factory):
-    with start_server(tmp_path_factory, "sim", sim_ttft_ms=1, sim_tpot_ms=1) as server:
+    with start_server(tmp_path_factory, "sim", options=FIXED) as server:
         base = server.endpoint.base_url
         assert requests.get(f"{base}/health", timeout=5).status_code == 200
     assert server.process.returncode is not None
@@ -29,18 +31,14 @@ def test_stop_ends_the_process_and_frees_the_port(tmp_path_factory):
 
 
 def test_unknown_backend_is_refused(tmp_path_factory):
-    server = start_server(tmp_path_factory, "sim")
-    server.spec.backend = "trt"
     with pytest.raises(LaunchError, match="known backends: hf, sim, vllm, tgi"):
-        launch_plan(server.spec, tmp_path_factory.mktemp("m"), 1)
+        start_server(tmp_path_factory, "trt")
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_tokenrig_serve_stops_its_server_on_sigterm_and_on_sigint_even_when_started_in_the_background(
         tmp_path, stop_signal):
     """`tokenrig serve ... &` in a script inherits SIGINT ignored; kill/systemd send SIGTERM: both must stop it."""
-    from tokenrig.serve.launcher import free_port
-
     port = free_port()
     cli = subprocess.Popen(
         [sys.executable, "-m", "tokenrig.cli", "serve", "--backend", "sim", "--sim-ttft-ms", "1", "--sim-tpot-ms", "1",
@@ -61,8 +59,6 @@ def test_tokenrig_serve_stops_its_server_on_sigterm_and_on_sigint_even_when_star
 def test_a_server_does_not_outlive_a_killed_tokenrig(tmp_path):
     """SIGKILL gives tokenrig no chance to stop its server: the kernel must (a GPU server would keep its memory)."""
     import time
-
-    from tokenrig.serve.launcher import free_port
 
     port = free_port()
     cli = subprocess.Popen(

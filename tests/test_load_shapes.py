@@ -17,6 +17,7 @@ from tokenrig.loadgen.scenario import LoadPlanSpec, load_scenario
 from tokenrig.loadgen.search import SATURATION_DEFICIT, SATURATION_SIGMAS, StepResult
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.engines.sim import PrefixCache, RooflineEngine, StepWork
+from tokenrig.serve.spec import SimOptions
 
 
 def scrape(metrics_url: str) -> dict[str, float]:
@@ -213,7 +214,7 @@ def test_a_running_servers_context_sizes_the_prompts_sent_to_it(tmp_path_factory
     replay against vLLM at --max-model-len 2048 got HTTP 400 for 20 of 70 requests: prompts were sized for
     Llama-2's 4096."""
     with start_server(tmp_path_factory, "sim", model="llama2-7b", gpu="h100-sxm", max_model_len=1024,
-                      sim_ttft_ms=5, sim_tpot_ms=1) as server:
+                      options=SimOptions(sim_ttft_ms=5, sim_tpot_ms=1)) as server:
         _, run_dir = against(server, "--scenario", "mooncake_replay", "--duration", "8", "--warmup", "1",
                              "--results", str(tmp_path))
     summary = load_summary(run_dir)

@@ -41,12 +41,12 @@ def test_advice_names_the_workers_a_plan_needs():
 def test_loadtest_says_before_starting_that_a_plan_exceeds_one_core():
     users = int(CHUNKS_PER_S_PER_CORE * 0.010 * 2) + 1  # at 10 ms a token: just over two cores' worth
     result = run_cli("loadtest", "--backend", "sim", "--model", "tiny", "--scenario", str(TIMING), "--users", str(users),
-                     "--sim-tpot-ms", "10", "--dry-run")
+                     "--sim-ttft-ms", "10", "--sim-tpot-ms", "10", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert f"warning: this plan streams about {users * 100:,} chunks/s" in result.stdout
     assert "it needs --workers 3" in result.stdout
     auto = run_cli("loadtest", "--backend", "sim", "--model", "tiny", "--scenario", str(TIMING), "--users", str(users),
-                   "--sim-tpot-ms", "10", "--dry-run", "--workers", "auto")
+                   "--sim-ttft-ms", "10", "--sim-tpot-ms", "10", "--dry-run", "--workers", "auto")
     chosen = min(3, free_cores())
     assert f"load generator: {chosen} process" in auto.stdout
 

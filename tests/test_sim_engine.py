@@ -1,4 +1,5 @@
-"""The roofline sim engine: its arithmetic, its KV-capacity limit, and latency growing with load."""
+"""The roofline sim engine: its arithmetic, its KV-capacity limit (the fit planner's), and latency growing
+with load."""
 
 import asyncio
 
@@ -7,10 +8,12 @@ import pytest
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.engines import GenerationRequest
 from tokenrig.serve.engines.sim import RooflineEngine, RooflineParams, StepWork
+from tokenrig.serve.fit import FitError
 
 
-def engine(model="llama2-7b", gpu="a800", **params):
-    return RooflineEngine(resolve_model(model), resolve_gpu(gpu), first_content_id=7, params=RooflineParams(**params))
+def engine(model="llama2-7b", gpu="a800", quant="bf16", tp=1, context_tokens=None, **params):
+    return RooflineEngine(resolve_model(model), resolve_gpu(gpu), first_content_id=7, params=RooflineParams(**params),
+                          quant=quant, tp=tp, context_tokens=context_tokens)
 
 
 def test_decode_step_is_weight_bandwidth_bound():
@@ -33,6 +36,27 @@ def test_weights_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="does not fit") as refused:
         engine(model="llama2-70b", gpu="rtx4090")
     assert "--quant gptq --tp 4 --gpu rtx4090" in str(refused.value)  # the planner says what would fit
+
+
+def test_the_kv_cache_is_what_the_fit_planner_leaves():
+    """llama2-7b bf16 on an A800: 80 GB x 0.9 = 72 GB usable - 13.477 GB weights - 0.438 GB activations (a
+    4096-token prefill chunk at (4 x 4096 + 3 x 11008) x 2 = 98,816 B a token, and 256 x 32,000 fp32 logits)
+    - 2 GB runtime = 56.086 GB; at 2 x 32 layers x 4096 x 2 B = 0.5 MiB a token, 106,974 tokens. (Memory
+    minus weights alone, as the engine once counted, gave 111,624.)"""
+    assert engine().kv_capacity_tokens == 106974
+    # a batch limit of 4 keeps 4 x 32,000 x 4 B of logits instead of 256 sequences': 32.3 MB, 61 tokens more
+    assert engine(max_num_seqs=4).kv_capacity_tokens == 107036
+
+
+def test_what_a_refusal_suggests_the_engine_accepts():
+    """70B bf16 over two A800s: 69 GB of weights + 1.3 activations + 2 runtime of 72 GB leave less than one
+    4096-token sequence (0.67 GB) per GPU. The engine accepted it while it counted only memory minus weights
+    (144 - 138 GB), so its advice (the planner's) named a TP that it did not need."""
+    with pytest.raises(FitError, match="does not fit on 2 x a800") as refused:
+        engine(model="70b", tp=2)
+    advice = str(refused.value)
+    assert "--quant bf16 --tp 4 --gpu a800" in advice and "--quant gptq --tp 1 --gpu a800" in advice
+    assert engine(model="70b", tp=4).kv_capacity_tokens > 0 and engine(model="70b", quant="gptq").kv_capacity_tokens > 0
 
 
 async def _run(sim, requests):

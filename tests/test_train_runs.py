@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import signal
@@ -21,7 +22,7 @@ from tokenrig.train.exporter import TrainMetrics
 from tokenrig.train.flops import training_flops
 from tokenrig.train.records import Outcome, StepRecord, write_outcome
 from tokenrig.train.session import finish
-from tokenrig.train.spec import make_spec
+from tokenrig.train.spec import TrainSpec, add_train_options, make_spec, train_options_given
 
 TINY = ["--gpu", "cpu", "--model", "tiny", "--seq-len", "128", "--micro-batch", "2", "--warmup-steps", "1"]
 
@@ -184,3 +185,18 @@ def test_tiny_pretrain_and_qlora_on_gpu(tmp_path):
         assert summary["status"] == "ok", done.stdout + done.stderr
         assert summary["memory"]["gpu_allocated_peak_bytes"] > 0
         assert (run_dir / "breakdown.json").exists()
+
+
+def test_train_flags_are_trainspecs_fields_and_only_those_given_override():
+    """The flags come from TrainSpec's option fields (types and choices included); a flag left out stays None so
+    TrainSpec's default, or a matrix's value, holds."""
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_train_options(parser)
+    given = train_options_given(parser.parse_args(["--zero", "3", "--no-recompute", "--mode", "lora",
+                                                   "--micro-batch", "4", "--hostfile", "hosts"]))
+    assert given == {"zero": 3, "recompute": False, "mode": "lora", "micro_batch": 4, "hostfile": "hosts"}
+    assert train_options_given(parser.parse_args([])) == {}
+    with pytest.raises(argparse.ArgumentError, match="--zero: invalid choice: 4"):
+        parser.parse_args(["--zero", "4"])
+    flags = {action.dest for action in parser._actions} - {"help"}
+    assert flags < set(TrainSpec.model_fields) and {"learning_rate", "seed", "lora_targets"}.isdisjoint(flags)

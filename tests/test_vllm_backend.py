@@ -13,6 +13,7 @@ from tests.engine_flags import parse_vllm
 from tests.test_backends import MODEL_DIR, spec
 from tokenrig.serve.backends import launch_plan
 from tokenrig.serve.backends import vllm as vllm_backend
+from tokenrig.serve.spec import SimOptions, VllmOptions
 
 LOGS = Path(__file__).parent / "fixtures" / "vllm-0.26.0-logs"
 
@@ -34,7 +35,8 @@ def test_multicast_is_off_at_tp2_unless_nvls_and_dry_run_shows_it():
     assert safe.env == {"VLLM_FLASHINFER_ALLREDUCE_BACKEND": "trtllm", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
                         "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
     assert safe.command[safe.command.index("--compilation-config") + 1] == '{"pass_config":{"fuse_allreduce_rms":false}}'
-    allowed = launch_plan(spec("vllm", model="70b", gpu="h200", tp=2, max_model_len=2048, nvls=True), MODEL_DIR, 1)
+    allowed = launch_plan(spec("vllm", model="70b", gpu="h200", tp=2, max_model_len=2048,
+                               options=VllmOptions(nvls=True)), MODEL_DIR, 1)
     assert allowed.env == {} and "--compilation-config" not in allowed.command
     single = launch_plan(spec("vllm", model="7b", gpu="h200"), MODEL_DIR, 1)
     assert single.env == {} and "--compilation-config" not in single.command  # nothing to all-reduce at TP 1
@@ -106,14 +108,14 @@ def test_tp2_all_reduce_backends_are_read_and_a_multicast_one_is_refused():
     plan = launch_plan(server, MODEL_DIR, 1)
     symmetric = dict(facts, allreduce_backends=["SYMM_MEM", "CUSTOM", "PYNCCL"])
     assert "SYMM_MEM" in vllm_backend.check_served(server, plan, symmetric)
-    assert vllm_backend.check_served(spec("vllm", model="70b", gpu="h200", tp=2, max_model_len=2048, nvls=True),
-                                     plan, symmetric) is None
+    allowed = spec("vllm", model="70b", gpu="h200", tp=2, max_model_len=2048, options=VllmOptions(nvls=True))
+    assert vllm_backend.check_served(allowed, plan, symmetric) is None
 
 
 def test_the_startup_wait_reports_progress_until_healthy(tmp_path_factory):
     """vLLM compiles and captures graphs for minutes before /health answers: the wait says how long so far."""
     messages = []
-    server = start_server(tmp_path_factory, "sim", sim_ttft_ms=1, sim_tpot_ms=1)
+    server = start_server(tmp_path_factory, "sim", options=SimOptions(sim_ttft_ms=1, sim_tpot_ms=1))
     server.progress, server.progress_every_s = messages.append, 0.1
     with server:
         pass

@@ -19,6 +19,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from tokenrig.serve.backends import dry_run_plan
+from tokenrig.serve.spec import ServerSpec, add_server_arguments
+from tokenrig.train.spec import add_train_options, train_options_given
+
 EXAMPLES = """examples:
   tokenrig loadtest                                  tiny model, hf server on CPU, chat scenario
   tokenrig loadtest --backend sim --gpu a800 --model 13b --users 32
@@ -40,44 +44,7 @@ EXAMPLES = """examples:
 
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
-    from tokenrig.serve.engines.sim import add_roofline_flags
-
-    parser.add_argument("--backend", default="hf", choices=["hf", "sim", "vllm", "tgi"],
-                        help="hf (transformers, default), sim (simulated engine), vllm (vllm serve), "
-                             "tgi (text-generation-launcher)")
-    parser.add_argument("--gpu", default="cpu", help="GPU profile: a800, a100-80g, h100-sxm, h200, rtx4090, "
-                                                    "rtx3090, l40s, cpu (default)")
-    parser.add_argument("--model", default="tiny", help="model profile: tiny (default), llama2-7b|7b, "
-                                                       "llama2-13b|13b, llama2-70b|70b, llama3-8b|8b")
-    parser.add_argument("--quant", default="bf16",
-                        help="bf16 (default), fp16, int8, fp8 (vllm: online FP8), gptq, awq (4-bit, group 128)")
-    parser.add_argument("--attention", "--attn-implementation", dest="attention", default=None,
-                        help="flash | noflash, or the backend's own name: hf eager/sdpa/flash_attention_2; "
-                             "vllm FLASH_ATTN/FLASHINFER/TRITON_ATTN/FLEX_ATTENTION; tgi flashinfer/flashdecoding/paged")
-    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel GPUs (default: the smallest that fits)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context per request (default: the model's)")
-    parser.add_argument("--concurrency", type=int, default=None,
-                        help="requests the KV cache must hold at once (default: the scenario's users, else 16)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.90, help="fraction of GPU memory to use")
-    parser.add_argument("--max-num-seqs", type=int, default=None, help="engine batch limit (requests)")
-    parser.add_argument("--compile-level", type=int, default=0, help="hf backend: torch.compile level 0-3")
-    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                        help="hf backend: CUDA graphs over the static paged cache")
-    parser.add_argument("--kv-padding-tokens", type=int, default=None,
-                        help="hf backend with CUDA graphs: pad each step's KV read to a multiple of this "
-                             "(transformers' default 16384 makes short requests attend over 16k masked slots)")
-    parser.add_argument("--quant-kernel", default=None,
-                        help="hf backend: gptqmodel kernel for GPTQ/AWQ, e.g. gptq_triton, gptq_torch, gptq_marlin "
-                             "(default: gptqmodel's choice, which on Hopper JIT-builds Machete and downloads CUTLASS)")
-    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-                        help="vllm/tgi: automatic prefix caching (default: the engine's)")
-    parser.add_argument("--nvls", action="store_true",
-                        help="vllm at TP > 1: allow NVLink multicast (FlashInfer all-reduce fusion, symmetric memory, "
-                             "NCCL NVLS), which tokenrig turns off unless asked; only on NVSwitch hosts you own")
-    parser.add_argument("--sim-ttft-ms", type=float, default=None,
-                        help="sim backend: fixed time to first token instead of the roofline model")
-    parser.add_argument("--sim-tpot-ms", type=float, default=None, help="sim backend: fixed time per output token")
-    add_roofline_flags(parser)
+    add_server_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
 
 
@@ -297,10 +264,6 @@ def _add_report_parser(commands) -> None:
     report.add_argument("--title", default="tokenrig report")
 
 
-TRAIN_FIELDS = ("gpu", "model", "mode", "zero", "offload", "recompute", "attention", "micro_batch", "seq_len",
-                "grad_accum", "gpus", "nodes", "hostfile", "steps", "warmup_steps", "profile_steps", "lora_rank")
-
-
 def _add_train_parser(commands) -> None:
     train = commands.add_parser(
         "train", help="measure training throughput with DeepSpeed (tokens/s, MFU, memory, module breakdown)",
@@ -308,24 +271,7 @@ def _add_train_parser(commands) -> None:
                     "DeepSpeed's launcher; write results/<run-id>/ (steps.jsonl, summary.json, breakdown.md/.png). "
                     "Options left out take TrainSpec's defaults (or the matrix's values with --matrix).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--gpu", help="GPU profile whose peak BF16 TFLOP/s MFU is measured against (cpu: no GPU)")
-    train.add_argument("--model", help="model profile: tiny (default), llama2-7b|7b, llama2-13b|13b, llama2-70b|70b, llama3-8b|8b")
-    train.add_argument("--mode", choices=["pretrain", "lora", "qlora"])
-    train.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (default 2)")
-    train.add_argument("--offload", choices=["none", "optimizer", "params"], help="ZeRO-Offload to host memory")
-    train.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
-                       help="activation recomputation (gradient checkpointing) of every decoder layer")
-    train.add_argument("--attention", choices=["eager", "sdpa", "flash_attention_2"])
-    train.add_argument("--micro-batch", type=int, help="sequences per GPU per micro-step")
-    train.add_argument("--seq-len", type=int, help="tokens per sequence")
-    train.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step")
-    train.add_argument("--gpus", type=int, help="GPUs (processes) per node")
-    train.add_argument("--nodes", type=int, help="nodes, listed in --hostfile")
-    train.add_argument("--hostfile", help="DeepSpeed hostfile for several nodes ('host slots=N' lines)")
-    train.add_argument("--steps", type=int, help="measured steps (default 10)")
-    train.add_argument("--warmup-steps", type=int, help="steps excluded from the figures (default 3)")
-    train.add_argument("--profile-steps", type=int, help="steps profiled for the breakdown (default 2; 0 = none)")
-    train.add_argument("--lora-rank", type=int, help="LoRA rank (default 16)")
+    add_train_options(train)
     train.add_argument("--matrix", help="run a training matrix: a name in tokenrig/scenarios/train/ or matrix/, "
                                         "or a .yaml path; the options above override every run")
     train.add_argument("--runs", help="with --matrix: only these runs, by 1-based number (e.g. 1,3,5)")
@@ -352,7 +298,7 @@ def _monitor_options(args):
 
 
 def cmd_train(args) -> int:
-    given = {field: getattr(args, field) for field in TRAIN_FIELDS if getattr(args, field) is not None}
+    given = train_options_given(args)
     if args.compare:
         from tokenrig.train.matrix import compare_dirs
 
@@ -388,35 +334,12 @@ def cmd_train(args) -> int:
     return {"ok": 0, "interrupted": 130, "oom": 3}.get(summary["status"], 1)
 
 
-DEFAULT_CONCURRENCY = 16
 EXIT_DOES_NOT_FIT = 3  # 2 is a usage error
 
 
-def _server_spec(args, concurrency: int | None = None):
-    from tokenrig.profiles import resolve_gpu, resolve_model
-    from tokenrig.serve.engines.sim import ROOFLINE_FLAGS, flag_dest
-    from tokenrig.serve.fit import normalise_quant
-    from tokenrig.serve.launcher import ServerSpec
-
-    gpu, model = resolve_gpu(args.gpu), resolve_model(args.model)
-    return ServerSpec(backend=args.backend, model=model, gpu=gpu, device="cpu" if gpu.key == "cpu" else "cuda",
-                      quant=normalise_quant(args.quant), attention=args.attention, tp=args.tp,
-                      max_model_len=args.max_model_len,
-                      concurrency=args.concurrency or concurrency or DEFAULT_CONCURRENCY,
-                      max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
-                      compile_level=args.compile_level, cuda_graphs=args.cuda_graphs,
-                      prefix_caching=args.prefix_caching, nvls=args.nvls,
-                      quant_kernel=getattr(args, "quant_kernel", None),
-                      kv_padding_tokens=getattr(args, "kv_padding_tokens", None), sim_ttft_ms=args.sim_ttft_ms, sim_tpot_ms=args.sim_tpot_ms,
-                      **{flag_dest(flag): getattr(args, flag_dest(flag)) for flag, *_ in ROOFLINE_FLAGS},
-                      host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", None))
-
-
-def print_launch(spec, port: int) -> None:
+def print_launch(spec: ServerSpec, port: int) -> None:
     """--dry-run: the command, environment and memory plan, nothing started or written."""
-    from tokenrig.serve.backends import launch_plan, prepare_model_dir
-
-    plan = launch_plan(spec, prepare_model_dir(spec, write=False), port)
+    plan = dry_run_plan(spec, port)
     if plan.fit is not None:
         print("fit:", plan.fit.describe())
     for key, value in plan.env.items():
@@ -433,10 +356,9 @@ def print_load_fit(spec, scenario, with_plan: bool) -> None:
     KV cache."""
     if spec.device == "cpu" or spec.backend == "sim":
         return
-    from tokenrig.serve.backends import launch_plan, prepare_model_dir
     from tokenrig.serve.fit import load_in_flight
 
-    fit = launch_plan(spec, prepare_model_dir(spec, write=False), 0).fit
+    fit = dry_run_plan(spec, 0).fit
     load = scenario.load
     prompt, output = scenario.mean_tokens("input_tokens"), scenario.mean_tokens("output_tokens")
     in_flight, basis = load_in_flight(fit, spec.gpu, load.users if load.type == "concurrency" else None,
@@ -454,9 +376,7 @@ def _check_hardware(spec, dry_run: bool) -> None:
 
     if torch.cuda.is_available():
         return
-    from tokenrig.serve.backends import launch_plan, prepare_model_dir
-
-    command = launch_plan(spec, prepare_model_dir(spec, write=False), spec.port or 8000).command
+    command = dry_run_plan(spec, spec.port or 8000).command
     raise SystemExit(
         f"no CUDA GPU on this machine, so the hf backend cannot serve {spec.model.key} on {spec.gpu.key}.\n"
         f"On a {spec.gpu.name} it would run:\n  {shlex.join(command)}\n"
@@ -473,7 +393,8 @@ def _planned_chunk_rate(scenario, profile, spec) -> float:
     if isinstance(profile, Sweep):
         heaviest = max(profile.loads)
         load = load.model_copy(update={"users": int(heaviest)} if profile.users else {"rate": heaviest})
-    tpot_s = spec.sim_tpot_ms / 1000 if spec.backend == "sim" and spec.sim_tpot_ms else ASSUMED_TPOT_S
+    tpot_ms = spec.options.sim_tpot_ms if spec.backend == "sim" else None
+    tpot_s = tpot_ms / 1000 if tpot_ms else ASSUMED_TPOT_S
     return expected_chunk_rate(scenario.model_copy(update={"load": load}), tpot_s)
 
 
@@ -521,7 +442,7 @@ def cmd_loadtest(args) -> int:
     run = plan_run(scenario, overrides, slos)
     scenario, load = run.scenario, run.scenario.load
     # the KV cache must hold the closed loop's users, or the open loop's in-flight cap (up to a typical batch limit)
-    spec = _server_spec(args, concurrency=load.users if load.type == "concurrency" else min(load.max_in_flight, 256))
+    spec = ServerSpec.from_args(args, concurrency=load.users if load.type == "concurrency" else min(load.max_in_flight, 256))
     _check_hardware(spec, args.dry_run)
     count = _choose_workers(args, scenario, run.profile, spec)
     if args.dry_run:
@@ -550,14 +471,13 @@ def cmd_loadtest(args) -> int:
 
 def cmd_serve(args) -> int:
     from tokenrig.interrupts import stop_signals_interrupt
-    from tokenrig.serve.launcher import LaunchedServer, prepare_model_dir
+    from tokenrig.serve.launcher import LaunchedServer
 
-    spec = _server_spec(args)
+    spec = ServerSpec.from_args(args)
     _check_hardware(spec, args.dry_run)
     if args.dry_run:
         print_launch(spec, spec.port)
         return 0
-    prepare_model_dir(spec)
     log = Path("results") / "serve" / f"{spec.backend}-{spec.model.key}-{spec.quant}-{spec.gpu.key}.log"
     # the server runs in its own session: any stop signal must go through the launcher to reach it
     with stop_signals_interrupt(), LaunchedServer(spec, log) as server:
@@ -650,8 +570,9 @@ def cmd_capacity(args) -> int:
 
         from tokenrig.capacity.searches import run_searches
 
-        specs = [_server_spec(argparse.Namespace(**{**vars(_capacity_server_defaults()), "backend": args.backend,
-                                                    "gpu": gpu.key, "model": args.model, "quant": quant}))
+        defaults = vars(_capacity_server_defaults())
+        specs = [ServerSpec.from_args(argparse.Namespace(**{**defaults, "backend": args.backend, "gpu": gpu.key,
+                                                            "model": args.model, "quant": quant}))
                  for gpu in gpus for quant in quants]
         inputs += run_searches(specs, question.scenario, slos, options, args.results)
     steps, searches = read_results(inputs)
@@ -695,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     from tokenrig.report.rundir import ResultsDirError
     from tokenrig.serve.remote import RemoteError
     from tokenrig.serve.fit import FitError
-    from tokenrig.serve.launcher import LaunchError
+    from tokenrig.serve.spec import LaunchError
     from tokenrig.train.spec import TrainSpecError
 
     args = build_parser().parse_args(argv)

@@ -32,9 +32,10 @@ from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
 from tokenrig.report.run_summary import LoadFacts, RunSummary, WorkerCpu, WorkloadFacts
 from tokenrig.report.slo import Slo, judge
 from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
-from tokenrig.serve.launcher import Endpoint, LaunchedServer, ServerSpec
+from tokenrig.serve.launcher import LaunchedServer
 from tokenrig.serve.remote import RemoteOptions, auth_headers
 from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics, wait_server_idle
+from tokenrig.serve.spec import Endpoint, ServerSpec
 
 
 def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenario, client: str,

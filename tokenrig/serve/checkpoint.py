@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tokenrig.profiles import ModelProfile
-from tokenrig.serve.fit import GROUP_SIZE
+from tokenrig.serve.fit import GROUP_SIZE, linear_shapes, tp_is_valid
 from tokenrig.serve.tokenizer import CHAT_TEMPLATE, build_tokenizer
 
 MARKER = "tokenrig-checkpoint.json"
@@ -73,8 +73,6 @@ def quantization_config(quant: str) -> dict:
 
 def tensor_layout(model: ModelProfile, dtype: torch.dtype, quant: str | None) -> dict[str, tuple[tuple, torch.dtype]]:
     """Name -> (shape, dtype) of every stored tensor; quantized linears expand to their packed tensors."""
-    from tokenrig.serve.fit import linear_shapes
-
     layout = {name: (shape, dtype) for name, shape in parameter_shapes(model).items()}
     if quant is None:
         return layout
@@ -151,8 +149,6 @@ def make_checkpoint(
     from safetensors.torch import save_file
 
     if quant is not None:
-        from tokenrig.serve.fit import tp_is_valid
-
         quantization_config(quant)  # refuse unknown methods before writing anything
         problem = tp_is_valid(model, quant, 1)
         if problem:

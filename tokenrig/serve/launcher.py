@@ -1,7 +1,7 @@
 """Start a server process, wait until it is healthy, capture its log, stop it cleanly.
 
-`ServerSpec` says what to run; a backend (`tokenrig.serve.backends`) turns it into a command and
-environment; `LaunchedServer` is a context manager that spawns that process in its own session
+`ServerSpec` (serve/spec.py) says what to run; a backend (`tokenrig.serve.backends`) turns it into a
+command and environment; `LaunchedServer` is a context manager that spawns that process in its own session
 (so a terminal Ctrl-C reaches tokenrig, which then stops the server in order), polls its health
 route, and on exit sends SIGTERM, then SIGKILL after a grace period.
 """
@@ -18,15 +18,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenrig.profiles import GpuProfile, ModelProfile
-
-
-class LaunchError(RuntimeError):
-    pass
-
+from tokenrig.serve import backends
+from tokenrig.serve.backends.base import LaunchPlan
+from tokenrig.serve.spec import Endpoint, LaunchError, ServerSpec
 
 
 def _die_with_parent():
@@ -43,72 +39,11 @@ def _die_with_parent():
     pr_set_pdeathsig = 1
     return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
-@dataclass
-class ServerSpec:
-    """Everything that decides how a server is launched; backends turn it into a command."""
-
-    backend: str
-    model: ModelProfile
-    gpu: GpuProfile
-    device: str = "cpu"
-    quant: str = "bf16"  # bf16, fp16, int8, gptq, awq (4-bit, group 128)
-    attention: str | None = None  # backend's own name or the portable 'flash' / 'noflash'; None = its default
-    tp: int | None = None  # None: the fit planner picks the smallest that fits
-    max_model_len: int | None = None  # None: the model's context
-    concurrency: int = 16  # requests the KV cache must hold at once (fit planning and batch limits)
-    max_num_seqs: int | None = None  # engine batch limit; None: the plan's concurrency
-    gpu_memory_utilization: float = 0.90
-    compile_level: int = 0  # hf: torch.compile level of transformers' continuous batching (0 = off)
-    cuda_graphs: bool | None = None  # hf: CUDA graphs over the static paged cache (None = transformers decides)
-    prefix_caching: bool | None = None  # vllm/tgi: None = the engine's default
-    nvls: bool = False  # vllm at TP > 1: allow NVLink multicast (off unless asked: it can take shared GPUs down)
-    quant_kernel: str | None = None  # hf: gptqmodel kernel for GPTQ/AWQ (None = gptqmodel's own choice)
-    kv_padding_tokens: int | None = None  # hf with CUDA graphs: KV read padded to a multiple of this
-    sim_ttft_ms: float | None = None
-    sim_tpot_ms: float | None = None
-    sim_compute_efficiency: float | None = None  # sim roofline: None = RooflineParams' default
-    sim_bandwidth_efficiency: float | None = None
-    sim_step_overhead_ms: float | None = None
-    sim_sequence_overhead_us: float | None = None
-    host: str = "127.0.0.1"
-    port: int | None = None
-    extra_args: list[str] = field(default_factory=list)
-
-    def describe(self) -> dict:
-        return {"backend": self.backend, "model": self.model.key, "gpu": self.gpu.key, "device": self.device,
-                "quant": self.quant, "attention": self.attention, "tp": self.tp, "max_model_len": self.max_model_len,
-                "concurrency": self.concurrency, "max_num_seqs": self.max_num_seqs,
-                "gpu_memory_utilization": self.gpu_memory_utilization, "compile_level": self.compile_level,
-                "cuda_graphs": self.cuda_graphs, "prefix_caching": self.prefix_caching, "nvls": self.nvls,
-                "quant_kernel": self.quant_kernel,
-                "kv_padding_tokens": self.kv_padding_tokens,
-                "sim_ttft_ms": self.sim_ttft_ms, "sim_tpot_ms": self.sim_tpot_ms,
-                "sim_compute_efficiency": self.sim_compute_efficiency,
-                "sim_bandwidth_efficiency": self.sim_bandwidth_efficiency,
-                "sim_step_overhead_ms": self.sim_step_overhead_ms,
-                "sim_sequence_overhead_us": self.sim_sequence_overhead_us}
-
-
-@dataclass
-class Endpoint:
-    base_url: str
-    metrics_url: str
-    model_name: str
-    tokenizer_dir: Path
-    max_context: int
-
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
-
-
-def prepare_model_dir(spec: ServerSpec, progress=print) -> Path:
-    """The checkpoint (or config/tokenizer directory) the backend's server reads, written on first use."""
-    from tokenrig.serve.backends import prepare_model_dir as backend_model_dir
-
-    return backend_model_dir(spec, progress)
 
 
 class LaunchedServer:
@@ -122,7 +57,7 @@ class LaunchedServer:
         self.progress = progress
         self.process: subprocess.Popen | None = None
         self.command: list[str] = []
-        self.plan = None  # the backend's LaunchPlan, once started
+        self.plan: LaunchPlan | None = None  # once started
         self.endpoint: Endpoint | None = None
 
     def __enter__(self) -> LaunchedServer:
@@ -137,11 +72,9 @@ class LaunchedServer:
         self.stop()
 
     def start(self) -> Endpoint:
-        from tokenrig.serve.backends import launch_plan
-
-        model_dir = prepare_model_dir(self.spec, self.progress)
+        model_dir = backends.model_dir(self.spec, self.progress)
         port = self.spec.port or free_port(self.spec.host)
-        self.plan = launch_plan(self.spec, model_dir, port)
+        self.plan = backends.launch_plan(self.spec, model_dir, port)
         self.command = self.plan.command
         if shutil.which(self.command[0]) is None:
             raise LaunchError(f"{self.command[0]} is not installed on this machine. {self.plan.install_hint or ''}\n"

@@ -1,7 +1,8 @@
 """Server process entry point: `python -m tokenrig.serve.server --engine hf|sim ...`.
 
 The launcher runs this in its own process; it can also be run by hand. Prints one line when
-it listens and shuts down cleanly on SIGINT/SIGTERM.
+it listens and shuts down cleanly on SIGINT/SIGTERM. The engines' own options are the hf and sim
+backends' (`HfOptions`, `SimOptions`), under the flags `tokenrig serve` takes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ import logging
 
 from aiohttp import web
 
-from tokenrig.serve.engines.sim import add_roofline_flags
+from tokenrig.profiles import resolve_gpu, resolve_model
+from tokenrig.serve.api import OpenAIServer
+from tokenrig.serve.engines.hf import HFEngine
+from tokenrig.serve.engines.sim import FixedSchedule, RooflineEngine, RooflineParams
+from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, FitError
+from tokenrig.serve.spec import HfOptions, LaunchError, SimOptions
+from tokenrig.serve.tokenizer import SPECIAL_TOKENS, TEMPLATE_WORDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,67 +37,48 @@ def build_parser() -> argparse.ArgumentParser:
                         help="context served: prompt + max_tokens beyond it get HTTP 400 (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-batch-tokens", type=int, default=None)
-    parser.add_argument("--compile-level", type=int, default=0,
-                        help="hf engine: torch.compile level of transformers' continuous batching (0 = off, 1-3)")
     parser.add_argument("--kv-cache-tokens", type=int, default=None,
                         help="hf engine: paged KV cache size in tokens (default: transformers sizes it from free memory)")
-    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                        help="hf engine: CUDA graphs over the paged cache (default: transformers decides)")
-    parser.add_argument("--kv-padding-tokens", type=int, default=None,
-                        help="hf engine with CUDA graphs: pad each step's KV read to a multiple of this (default 16384)")
-    parser.add_argument("--quant-kernel", default=None,
-                        help="hf engine: gptqmodel kernel for a GPTQ/AWQ checkpoint (default: gptqmodel's choice)")
-    parser.add_argument("--sim-ttft-ms", type=float, default=None,
-                        help="sim engine fixed schedule: time to first token (with --sim-tpot-ms)")
-    parser.add_argument("--sim-tpot-ms", type=float, default=None, help="sim engine fixed schedule: ms per token")
     parser.add_argument("--quant", default="bf16", help="sim engine: weight format whose bytes each step streams")
     parser.add_argument("--tp", type=int, default=1, help="sim engine: tensor-parallel GPUs")
-    add_roofline_flags(parser)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION,
+                        help="sim engine: fraction of GPU memory its KV plan may use")
+    HfOptions.add_arguments(parser)
+    SimOptions.add_arguments(parser)
     return parser
 
 
 def build_engine(args):
-    from tokenrig.profiles import resolve_gpu, resolve_model
-    from tokenrig.serve.tokenizer import SPECIAL_TOKENS, TEMPLATE_WORDS
-
+    """The engine the parsed arguments ask for, and its model profile."""
     model = resolve_model(args.model)
     if args.engine == "hf":
-        from tokenrig.serve.engines.hf import HFEngine
-
         return HFEngine(args.model_dir, device=args.device, dtype=args.dtype,
                         attn_implementation=args.attn_implementation,
                         max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-                        compile_level=args.compile_level, cuda_graphs=args.cuda_graphs,
-                        kv_cache_tokens=args.kv_cache_tokens, quant_kernel=args.quant_kernel,
-                        kv_padding_tokens=args.kv_padding_tokens), model
-    from tokenrig.serve.engines.sim import FixedSchedule, RooflineEngine, RooflineParams, roofline_params
-
+                        kv_cache_tokens=args.kv_cache_tokens, options=HfOptions.from_args(args)), model
+    options = SimOptions.from_args(args)
+    options.validate()
     first_content_id = len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS)
-    if args.sim_ttft_ms is not None or args.sim_tpot_ms is not None:
-        if args.sim_ttft_ms is None or args.sim_tpot_ms is None:
-            raise SystemExit("--sim-ttft-ms and --sim-tpot-ms go together")
-        return FixedSchedule(args.sim_ttft_ms / 1000, args.sim_tpot_ms / 1000, model.vocab_size, first_content_id), model
-    params = RooflineParams()
+    if options.fixed_schedule:
+        return FixedSchedule(options.sim_ttft_ms / 1000, options.sim_tpot_ms / 1000, model.vocab_size,
+                             first_content_id), model
+    params = RooflineParams(gpu_memory_utilization=args.gpu_memory_utilization)
     if args.max_num_seqs:
         params.max_num_seqs = args.max_num_seqs
     if args.max_batch_tokens:
         params.max_batch_tokens = args.max_batch_tokens
-    params = roofline_params(vars(args), params)
-    return RooflineEngine(model, resolve_gpu(args.gpu), first_content_id, params, args.quant, args.tp), model
+    return RooflineEngine(model, resolve_gpu(args.gpu), first_content_id, options.roofline(params), args.quant,
+                          args.tp, context_tokens=args.max_model_len), model
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoTokenizer
-
-    from tokenrig.serve.api import OpenAIServer
-
-    from tokenrig.serve.fit import FitError
+    from transformers import AutoTokenizer  # heavy: after the arguments are checked
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine, model = build_engine(args)
-    except FitError as error:
+    except (FitError, LaunchError) as error:
         raise SystemExit(f"tokenrig server: {error}") from None
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     server = OpenAIServer(engine, tokenizer, args.served_model_name or model.key,

@@ -1,12 +1,15 @@
 """TrainSpec: one training run's settings, validated, with errors that name the field and the fix.
 
 The CLI, the matrix scenarios and the per-rank worker all speak this one object; the worker
-reads it back from the run directory's spec.json.
+reads it back from the run directory's spec.json. A field declared with `option` is also a
+`tokenrig train` flag (micro_batch: --micro-batch), its type and choices read from the field.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import argparse
+import typing
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,26 +21,36 @@ class TrainSpecError(ValueError):
     """Training settings that cannot run; the message says which field and what to do."""
 
 
+CLI_HELP = "cli_help"
+
+
+def option(default: Any, help: str | None = None, **constraints: Any) -> Any:
+    """A TrainSpec field that `tokenrig train` also takes as a flag, with this help."""
+    return Field(default, json_schema_extra={CLI_HELP: help}, **constraints)
+
+
 class TrainSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    gpu: str = "cpu"
-    model: str = "tiny"
-    mode: Literal["pretrain", "lora", "qlora"] = "pretrain"
-    zero: Literal[0, 1, 2, 3] = 2
-    offload: Literal["none", "optimizer", "params"] = "none"
-    recompute: bool = False
-    attention: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
-    micro_batch: int = Field(1, ge=1)
-    seq_len: int = Field(512, ge=8)
-    grad_accum: int = Field(1, ge=1)
-    gpus: int = Field(1, ge=1, description="processes (GPUs) per node")
-    nodes: int = Field(1, ge=1)
-    hostfile: str | None = None
-    steps: int = Field(10, ge=1, description="measured steps, after warm-up")
-    warmup_steps: int = Field(3, ge=0)
-    profile_steps: int = Field(2, ge=0, description="extra steps under torch.profiler for the breakdown; 0 = none")
-    lora_rank: int = Field(16, ge=1)
+    gpu: str = option("cpu", "GPU profile whose peak BF16 TFLOP/s MFU is measured against (cpu: no GPU)")
+    model: str = option("tiny", "model profile: tiny (default), llama2-7b|7b, llama2-13b|13b, llama2-70b|70b, "
+                                "llama3-8b|8b")
+    mode: Literal["pretrain", "lora", "qlora"] = option("pretrain")
+    zero: Literal[0, 1, 2, 3] = option(2, "DeepSpeed ZeRO stage (default 2)")
+    offload: Literal["none", "optimizer", "params"] = option("none", "ZeRO-Offload to host memory")
+    recompute: bool = option(False, "activation recomputation (gradient checkpointing) of every decoder layer")
+    attention: Literal["eager", "sdpa", "flash_attention_2"] = option("sdpa")
+    micro_batch: int = option(1, "sequences per GPU per micro-step", ge=1)
+    seq_len: int = option(512, "tokens per sequence", ge=8)
+    grad_accum: int = option(1, "micro-steps per optimizer step", ge=1)
+    gpus: int = option(1, "GPUs (processes) per node", ge=1)
+    nodes: int = option(1, "nodes, listed in --hostfile", ge=1)
+    hostfile: str | None = option(None, "DeepSpeed hostfile for several nodes ('host slots=N' lines)")
+    steps: int = option(10, "measured steps (default 10)", ge=1)  # after warm-up
+    warmup_steps: int = option(3, "steps excluded from the figures (default 3)", ge=0)
+    # extra steps run under torch.profiler for the module breakdown
+    profile_steps: int = option(2, "steps profiled for the breakdown (default 2; 0 = none)", ge=0)
+    lora_rank: int = option(16, "LoRA rank (default 16)", ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
     learning_rate: float = Field(1e-4, gt=0)
@@ -113,3 +126,29 @@ def make_spec(**fields) -> TrainSpec:
             message = e["msg"].removeprefix("Value error, ")
             problems.append(f"{where}: {message}" if where else message)
         raise TrainSpecError("; ".join(problems)) from None
+
+
+def _cli_fields() -> dict[str, Any]:
+    """TrainSpec's fields that are `tokenrig train` flags: name -> pydantic FieldInfo, in declaration order."""
+    return {name: info for name, info in TrainSpec.model_fields.items()
+            if CLI_HELP in (info.json_schema_extra or {})}
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per option field; left out, a flag is None, so the spec's default (or a matrix's value) holds."""
+    for name, info in _cli_fields().items():
+        kinds: dict[str, Any] = {}
+        if typing.get_origin(info.annotation) is Literal:
+            choices = typing.get_args(info.annotation)
+            kinds = {"choices": list(choices), **({"type": int} if isinstance(choices[0], int) else {})}
+        elif info.annotation is bool:
+            kinds = {"action": argparse.BooleanOptionalAction}
+        elif info.annotation is int:
+            kinds = {"type": int}
+        parser.add_argument("--" + name.replace("_", "-"), default=None, help=info.json_schema_extra[CLI_HELP],
+                            **kinds)
+
+
+def train_options_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The option fields given on the command line."""
+    return {name: getattr(args, name) for name in _cli_fields() if getattr(args, name) is not None}

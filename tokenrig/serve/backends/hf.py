@@ -2,18 +2,18 @@
 
 Attention is transformers' `attn_implementation` (eager, sdpa = PyTorch's fused kernels incl. its
 FlashAttention, flash_attention_2 when flash-attn is installed). GPTQ/AWQ checkpoints load through
-transformers' quantizers (gptqmodel). `compile_level` and `cuda_graphs` switch on torch.compile and
-CUDA graphs over the engine's statically allocated paged cache.
+transformers' quantizers (gptqmodel). Its own options (`HfOptions`: torch.compile, CUDA graphs over
+the engine's statically allocated paged cache, KV padding, the GPTQ/AWQ kernel) go to the server as given.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import sys
 from pathlib import Path
 
-from tokenrig.serve.backends import LaunchPlan, plan_for, resolve_attention
+from tokenrig.serve.backends.base import LaunchPlan, plan_for, resolve_attention, tokenrig_server_command
+from tokenrig.serve.fit import FitPlan
+from tokenrig.serve.spec import LaunchError, ServerSpec
 
 ATTENTION = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash_attention_2",
              "flash": "flash_attention_2", "noflash": "eager"}
@@ -30,17 +30,15 @@ EAGER_HEADROOM_SHARE = 0.5
 EAGER_MIN_STEP_TOKENS = 128
 
 
-def _check(spec) -> None:
-    from tokenrig.serve.launcher import LaunchError
-
+def _check(spec: ServerSpec) -> None:
     if spec.quant not in DTYPES:
         raise LaunchError(f"the hf backend serves {', '.join(DTYPES)}; for 8-bit use --backend tgi --quant int8 (EETQ)")
     if spec.tp not in (None, 1):
         raise LaunchError("the hf backend runs on one GPU (--tp 1); use --backend vllm or tgi for tensor parallelism")
 
 
-def model_dir(spec, progress=print, write: bool = True) -> Path:
-    from tokenrig.serve.checkpoint import checkpoint_dir, is_complete, make_checkpoint
+def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
+    from tokenrig.serve.checkpoint import checkpoint_dir, is_complete, make_checkpoint  # imports torch: only here
 
     _check(spec)
     quant = spec.quant if spec.quant in ("gptq", "awq") else None
@@ -64,13 +62,13 @@ def allocator_env(device: str) -> dict[str, str]:
     return {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
 
 
-def engine_limits(spec):
+def engine_limits(spec: ServerSpec) -> tuple[FitPlan | None, int | None, int, int]:
     """(fit plan or None, max_num_seqs, KV-cache tokens, per-step tokens) that the hf engine runs with.
 
     One GPU: what one card holds, never a larger TP's share. On CPU, bounded: left to itself
     transformers sizes the cache and step from free memory, which on CPU is host RAM (14 GB for tiny).
     """
-    fit = plan_for(dataclasses.replace(spec, tp=1)) if spec.device != "cpu" else None
+    fit = plan_for(spec, tp=1) if spec.device != "cpu" else None
     max_num_seqs = spec.max_num_seqs or (fit.max_num_seqs if fit else None)
     kv_tokens = fit.kv_capacity_tokens if fit else (max_num_seqs or CPU_MAX_NUM_SEQS) * spec.model.max_context
     batch_tokens = fit.prefill_chunk_tokens if fit else spec.model.max_context
@@ -82,27 +80,18 @@ def engine_limits(spec):
     return fit, max_num_seqs, kv_tokens, batch_tokens
 
 
-def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
+def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
     _check(spec)
     attention = resolve_attention(spec, ATTENTION, "sdpa")
     fit, max_num_seqs, kv_tokens, batch_tokens = engine_limits(spec)
-    command = [sys.executable, "-m", "tokenrig.serve.server", "--engine", "hf", "--model", spec.model.key,
-               "--model-dir", str(model_dir), "--host", spec.host, "--port", str(port), "--gpu", spec.gpu.key,
-               "--device", spec.device, "--dtype", DTYPES[spec.quant], "--attn-implementation", attention]
+    command = tokenrig_server_command("hf", spec, model_dir, port) + [
+        "--device", spec.device, "--dtype", DTYPES[spec.quant], "--attn-implementation", attention]
     if max_num_seqs:
         command += ["--max-num-seqs", str(max_num_seqs)]
     command += ["--kv-cache-tokens", str(kv_tokens), "--max-batch-tokens", str(batch_tokens)]
     context = fit.max_model_len if fit else spec.max_model_len
     if context:
         command += ["--max-model-len", str(context)]
-    if spec.compile_level:
-        command += ["--compile-level", str(spec.compile_level)]
-    if spec.quant_kernel:
-        command += ["--quant-kernel", spec.quant_kernel]
-    if spec.cuda_graphs is not None:
-        command += ["--cuda-graphs" if spec.cuda_graphs else "--no-cuda-graphs"]
-    if spec.kv_padding_tokens:
-        command += ["--kv-padding-tokens", str(spec.kv_padding_tokens)]
-    return LaunchPlan(command + spec.extra_args, env=allocator_env(spec.device), fit=fit,
+    return LaunchPlan(command + spec.options.to_args() + spec.extra_args, env=allocator_env(spec.device), fit=fit,
                       install_hint="flash_attention_2 needs `pip install flash-attn`; GPTQ/AWQ need "
                                    "`pip install optimum gptqmodel`")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenrig.serve.backends import LaunchPlan, plan_for, resolve_attention
+from tokenrig.serve.backends.base import LaunchPlan, plan_for, resolve_attention
+from tokenrig.serve.fit import FitPlan
+from tokenrig.serve.spec import LaunchError, ServerSpec
 
 TGI_VERSION = "3.0.1"
 TGI_IMAGE = f"ghcr.io/huggingface/text-generation-inference:{TGI_VERSION}"
@@ -25,15 +27,13 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 MIN_CONCURRENT_REQUESTS = 128  # TGI's default; more would only queue in the router
 
 
-def _check(spec) -> None:
-    from tokenrig.serve.launcher import LaunchError
-
+def _check(spec: ServerSpec) -> None:
     if spec.device == "cpu":
         raise LaunchError("the tgi backend serves on a GPU: pick a GPU profile with --gpu")
 
 
-def model_dir(spec, progress=print, write: bool = True) -> Path:
-    from tokenrig.serve.checkpoint import checkpoint_dir, make_checkpoint
+def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
+    from tokenrig.serve.checkpoint import checkpoint_dir, make_checkpoint  # imports torch: only here
 
     _check(spec)
     quant = spec.quant if spec.quant in ("gptq", "awq") else None
@@ -43,7 +43,7 @@ def model_dir(spec, progress=print, write: bool = True) -> Path:
     return make_checkpoint(spec.model, dtype=dtype, quant=quant, progress=progress)
 
 
-def server_args(spec, fit, model_id: str) -> list[str]:
+def server_args(spec: ServerSpec, fit: FitPlan, model_id: str) -> list[str]:
     """The launcher arguments shared by the native and the docker form."""
     context = fit.max_model_len
     prefill = max(fit.prefill_chunk_tokens, context)
@@ -60,15 +60,14 @@ def server_args(spec, fit, model_id: str) -> list[str]:
     return args
 
 
-def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
+def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
     _check(spec)
     fit = plan_for(spec)
     env = {}
     attention = resolve_attention(spec, ATTENTION, None)
     if attention:
         env["ATTENTION"] = attention
-    if spec.prefix_caching is not None:
-        env["PREFIX_CACHING"] = "1" if spec.prefix_caching else "0"
+    env.update(spec.options.env())
     command = ["text-generation-launcher", *server_args(spec, fit, str(model_dir)),
                "--hostname", spec.host, "--port", str(port)] + spec.extra_args
     docker = ["docker", "run", "--gpus", "all", "--shm-size", "1g", "-p", f"{port}:80",

@@ -27,7 +27,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from tokenrig.serve.backends import LaunchPlan, plan_for, resolve_attention
+from tokenrig.serve.backends.base import LaunchPlan, plan_for, resolve_attention
+from tokenrig.serve.spec import LaunchError, ServerSpec
 
 VLLM_VERSION = "0.26.0"
 ATTENTION = {"FLASH_ATTN": "FLASH_ATTN", "FLASHINFER": "FLASHINFER", "TRITON_ATTN": "TRITON_ATTN",
@@ -46,9 +47,7 @@ NO_MULTICAST_COMPILATION = {"pass_config": {"fuse_allreduce_rms": False}}
 WEIGHT_TOLERANCE = 0.35
 
 
-def _check(spec) -> None:
-    from tokenrig.serve.launcher import LaunchError
-
+def _check(spec: ServerSpec) -> None:
     if spec.quant not in DTYPES:
         raise LaunchError("vLLM has no int8 weight-only path for Llama checkpoints; use --quant gptq, awq or fp8, "
                           "or --backend tgi --quant int8 (EETQ)")
@@ -56,8 +55,8 @@ def _check(spec) -> None:
         raise LaunchError("the vllm backend serves on a GPU: pick a GPU profile with --gpu")
 
 
-def model_dir(spec, progress=print, write: bool = True) -> Path:
-    from tokenrig.serve.checkpoint import config_dir
+def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
+    from tokenrig.serve.checkpoint import config_dir  # imports torch: only here
 
     _check(spec)
     return config_dir(spec.model, quant=spec.quant if spec.quant in CHECKPOINT_QUANT else None, write=write)
@@ -71,7 +70,7 @@ def vllm_entrypoint() -> list[str]:
     return ["vllm"]
 
 
-def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
+def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
     _check(spec)
     fit = plan_for(spec)
     attention = resolve_attention(spec, ATTENTION, None)
@@ -86,11 +85,10 @@ def launch_plan(spec, model_dir: Path, port: int) -> LaunchPlan:
         command += ["--quantization", QUANTIZATION[spec.quant]]
     if attention:
         command += ["--attention-backend", attention]
-    if spec.prefix_caching is not None:
-        command += ["--enable-prefix-caching" if spec.prefix_caching else "--no-enable-prefix-caching"]
+    command += spec.options.to_args()
     env: dict[str, str] = {}
     notes = [f"flags checked against vLLM {VLLM_VERSION}"]
-    if fit.tp > 1 and not spec.nvls:
+    if fit.tp > 1 and not spec.options.nvls:
         command += ["--compilation-config", json.dumps(NO_MULTICAST_COMPILATION, separators=(",", ":"))]
         env.update(NO_MULTICAST_ENV)
         notes.append("TP > 1: NVLink multicast off (no FlashInfer all-reduce fusion, no symmetric-memory "
@@ -131,7 +129,7 @@ def served_facts(log_text: str) -> dict:
     return facts
 
 
-def check_served(spec, plan: LaunchPlan, facts: dict) -> str | None:
+def check_served(spec: ServerSpec, plan: LaunchPlan, facts: dict) -> str | None:
     """Why the served engine is not what was asked for (weights of another size than the requested
     quantization takes, or a multicast all-reduce that was not allowed), else None."""
     loaded = facts.get("weights_gib_per_gpu")
@@ -141,7 +139,7 @@ def check_served(spec, plan: LaunchPlan, facts: dict) -> str | None:
             return (f"vLLM loaded {loaded:.2f} GiB of weights per GPU; {spec.quant} {spec.model.key} at TP "
                     f"{plan.fit.tp} takes {planned:.2f} GiB: the served weights are not {spec.quant}")
     multicast = sorted(set(facts.get("allreduce_backends", ())) & set(MULTICAST_ALLREDUCE))
-    if multicast and not spec.nvls:
+    if multicast and not spec.options.nvls:
         return (f"vLLM uses the all-reduce backends {', '.join(multicast)}, which can use NVLink multicast, "
                 "though tokenrig turned them off; stopped (--nvls allows multicast)")
     return None

@@ -12,6 +12,7 @@ import asyncio
 from typing import AsyncIterator
 
 from tokenrig.serve.engines import EngineLoad, GenerationRequest
+from tokenrig.serve.spec import HfOptions
 
 NO_EOS = -1  # the API layer decides when to stop; the engine generates max_tokens
 
@@ -25,11 +26,8 @@ class HFEngine:
         attn_implementation: str = "sdpa",
         max_num_seqs: int | None = None,
         max_batch_tokens: int | None = None,
-        compile_level: int = 0,
-        cuda_graphs: bool | None = None,
         kv_cache_tokens: int | None = None,
-        quant_kernel: str | None = None,
-        kv_padding_tokens: int | None = None,
+        options: HfOptions = HfOptions(),
     ):
         self.model_dir = model_dir
         self.device = device
@@ -37,11 +35,8 @@ class HFEngine:
         self.attn_implementation = attn_implementation
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
-        self.compile_level = compile_level
-        self.cuda_graphs = cuda_graphs
         self.kv_cache_tokens = kv_cache_tokens
-        self.quant_kernel = quant_kernel
-        self.kv_padding_tokens = kv_padding_tokens
+        self.options = options
         self._manager = None
         self._waiting: set[str] = set()
         self._running: set[str] = set()
@@ -66,16 +61,16 @@ class HFEngine:
         )
         model.eval()
         generation_config = GenerationConfig(do_sample=False, eos_token_id=NO_EOS, pad_token_id=model.config.pad_token_id)
-        options = {"max_requests_per_batch": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
-                   "default_compile_level": self.compile_level, "use_cuda_graph": self.cuda_graphs}
-        if self.kv_padding_tokens:
+        batching = {"max_requests_per_batch": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
+                    "default_compile_level": self.options.compile_level, "use_cuda_graph": self.options.cuda_graphs}
+        if self.options.kv_padding_tokens:
             # CUDA graphs need static shapes, so each step's KV read is padded up to a multiple of this;
             # transformers' default (16384) makes a short request attend over 16k masked slots every layer
-            options["kv_padding_interval_size"] = self.kv_padding_tokens
+            batching["kv_padding_interval_size"] = self.options.kv_padding_tokens
         known = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
         if "auto_switch_to_flash" in known:  # transformers >= 5.2x: the same guarantee as the "paged|" prefix
-            options["auto_switch_to_flash"] = False
-        cb_config = ContinuousBatchingConfig(**options)
+            batching["auto_switch_to_flash"] = False
+        cb_config = ContinuousBatchingConfig(**batching)
         if self.kv_cache_tokens:
             # Left to itself the paged cache takes a share of *free* memory: on CPU that is host RAM.
             tokens_per_block = getattr(cb_config, "page_size", None) or cb_config.block_size
@@ -92,15 +87,16 @@ class HFEngine:
 
     def _quantization_override(self) -> dict:
         """The checkpoint's own GPTQ/AWQ config with the kernel asked for (transformers merges `backend` in)."""
-        if not self.quant_kernel:
+        kernel = self.options.quant_kernel
+        if not kernel:
             return {}
         from transformers import AutoConfig
         from transformers.quantizers.auto import AutoQuantizationConfig
 
         stored = getattr(AutoConfig.from_pretrained(self.model_dir), "quantization_config", None)
         if stored is None:
-            raise ValueError(f"--quant-kernel {self.quant_kernel}: {self.model_dir} is not a quantized checkpoint")
-        return {"quantization_config": AutoQuantizationConfig.from_dict({**stored, "backend": self.quant_kernel})}
+            raise ValueError(f"--quant-kernel {kernel}: {self.model_dir} is not a quantized checkpoint")
+        return {"quantization_config": AutoQuantizationConfig.from_dict({**stored, "backend": kernel})}
 
     async def stop(self) -> None:
         if self._manager is not None:

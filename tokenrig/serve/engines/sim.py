@@ -8,8 +8,9 @@ Two timing models:
 * `RooflineEngine` — a continuous-batching scheduler (iteration-level, like vLLM; the clock-free
   `RooflineScheduler`) whose step time is the roofline of the work in the step: matmul and
   attention FLOPs over the GPU's BF16 peak, weight and KV-cache bytes over its memory bandwidth,
-  each derated by an efficiency (`RooflineParams`, settable per server). A KV-cache capacity (GPU
-  memory minus weights) bounds how many requests run at once; the rest wait. So
+  each derated by an efficiency (`RooflineParams`, settable per server). The KV cache the fit planner
+  leaves that configuration (serve/fit.py: the same budget, and the same "does not fit" with what
+  would fit, as a vLLM or TGI launch gets) bounds how many requests run at once; the rest wait. So
   latency grows with load the way a real engine's does. Automatic prefix caching (as vLLM's):
   full 16-token prompt blocks are kept by the hash of their whole prefix, least recently used
   first out, and a request skips the prefill of its leading cached blocks.
@@ -25,7 +26,7 @@ from typing import AsyncIterator
 
 from tokenrig.profiles import GpuProfile, ModelProfile
 from tokenrig.serve.engines import EngineLoad, GenerationRequest
-from tokenrig.serve.fit import FitError, plan_fit, weight_bytes
+from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, plan_fit, weight_bytes
 
 
 class _TokenSource:
@@ -82,37 +83,7 @@ class RooflineParams:
     sequence_overhead_s: float = 0.0  # host cost per sequence in the step (batch bookkeeping, sampling)
     max_num_seqs: int = 256
     max_batch_tokens: int = 8192  # prefill token budget per step (chunked prefill)
-    gpu_memory_utilization: float = 0.9
-    bytes_per_kv_value: float = 2.0
-
-
-# the roofline's parameters a server can be started with: flag, RooflineParams field, flag unit in the
-# field's (seconds or a ratio), what it is; the flag's dest (sim_compute_efficiency, ...) is ServerSpec's field
-ROOFLINE_FLAGS = (
-    ("--sim-compute-efficiency", "compute_efficiency", 1.0, "achieved / peak BF16 FLOP/s"),
-    ("--sim-bandwidth-efficiency", "bandwidth_efficiency", 1.0, "achieved / peak memory bandwidth"),
-    ("--sim-step-overhead-ms", "step_overhead_s", 1e-3, "fixed cost of each engine step, ms"),
-    ("--sim-sequence-overhead-us", "sequence_overhead_s", 1e-6, "host cost per sequence in a step, us"),
-)
-
-
-def flag_dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
-def add_roofline_flags(parser) -> None:
-    defaults = RooflineParams()
-    for flag, field_name, unit, meaning in ROOFLINE_FLAGS:
-        parser.add_argument(flag, type=float, default=None,
-                            help=f"sim roofline: {meaning} (default {getattr(defaults, field_name) / unit:g})")
-
-
-def roofline_params(given: dict[str, float | None], params: RooflineParams) -> RooflineParams:
-    """`params` with the flags given (by dest) put in: the sim server's and a ServerSpec's view of one setting."""
-    from dataclasses import replace
-
-    return replace(params, **{field_name: given[flag_dest(flag)] * unit for flag, field_name, unit, _ in ROOFLINE_FLAGS
-                              if given.get(flag_dest(flag)) is not None})
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # what the fit planner may budget
 
 
 class PrefixCache:
@@ -180,27 +151,26 @@ class RooflineScheduler:
     object in virtual time (`tokenrig.capacity.simulate`), so both follow one model. Weights are the
     fit planner's bytes for the quantization; with tensor parallelism over `tp` GPUs, FLOPs, bytes
     and memory are shared by the GPUs and each step adds two ring all-reduces of the hidden state
-    per layer over the GPU's interconnect.
+    per layer over the GPU's interconnect. The KV cache holds what the fit planner's plan for this
+    model, GPU, quantization, TP size, context (`context_tokens`, default the model's) and batch limit
+    leaves for it; a configuration the planner refuses raises its FitError, which says what would fit.
     """
 
     def __init__(self, model: ModelProfile, gpu: GpuProfile, first_content_id: int,
-                 params: RooflineParams | None = None, quant: str = "bf16", tp: int = 1):
+                 params: RooflineParams | None = None, quant: str = "bf16", tp: int = 1,
+                 context_tokens: int | None = None):
         self.model = model
         self.gpu = gpu
         self.params = params or RooflineParams()
         self.quant = quant
         self.tp = tp
         self.weight_bytes = weight_bytes(model, quant)
-        self.kv_bytes_per_token = model.kv_bytes_per_token(self.params.bytes_per_kv_value)
+        self.kv_bytes_per_token = model.kv_bytes_per_token()
         self._attention_flops_per_pair = 4 * model.num_layers * model.num_heads * model.head_dim
         self._matmul_params = model.num_matmul_params
-        free = tp * gpu.memory_bytes * self.params.gpu_memory_utilization - self.weight_bytes
-        if free <= 0:
-            # with this TP and quantization: the planner's error says which quantization, TP or GPU would fit
-            plan_fit(model, gpu, quant, concurrency=1, tp=tp, gpu_memory_utilization=self.params.gpu_memory_utilization)
-            raise FitError(f"{model.key} {quant} weights ({self.weight_bytes / 1e9:.1f} GB) leave no KV cache on "
-                           f"{tp} x {gpu.key}")
-        self.kv_capacity_tokens = int(free // self.kv_bytes_per_token)
+        self.kv_capacity_tokens = plan_fit(
+            model, gpu, quant, concurrency=self.params.max_num_seqs, context_tokens=context_tokens, tp=tp,
+            gpu_memory_utilization=self.params.gpu_memory_utilization).kv_capacity_tokens
         self.prefix_cache = PrefixCache(self.kv_capacity_tokens // PrefixCache.BLOCK_TOKENS)
         self._tokens = _TokenSource(model.vocab_size, first_content_id)
         self._waiting: deque[_Sequence] = deque()
@@ -314,8 +284,9 @@ class RooflineEngine(RooflineScheduler):
     """The scheduler on the event loop: each step sleeps until its roofline deadline, then streams tokens."""
 
     def __init__(self, model: ModelProfile, gpu: GpuProfile, first_content_id: int,
-                 params: RooflineParams | None = None, quant: str = "bf16", tp: int = 1):
-        super().__init__(model, gpu, first_content_id, params, quant, tp)
+                 params: RooflineParams | None = None, quant: str = "bf16", tp: int = 1,
+                 context_tokens: int | None = None):
+        super().__init__(model, gpu, first_content_id, params, quant, tp, context_tokens)
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
