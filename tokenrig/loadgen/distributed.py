@@ -211,6 +211,8 @@ def worker_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--master-host", required=True)
     parser.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT)
     args = parser.parse_args(argv)
+    # the first collection of the imported heap is the slow one: done now, not in the lead time of a step
+    freeze_heap()
 
     # the master names the class its users are (the run's API client); a worker can be either
     environment = Environment(user_classes=list(USER_CLASSES.values()))
