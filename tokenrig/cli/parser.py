@@ -1,27 +1,15 @@
-"""The `tokenrig` command: one entry point, one subcommand per job.
-
-  tokenrig loadtest   start a server (or use --url), drive a scenario with Locust, report
-  tokenrig serve      start a server and keep it up until Ctrl-C
-  tokenrig train      training throughput (pre-training, LoRA, QLoRA) with DeepSpeed: MFU, memory, breakdown
-  tokenrig model      make synthetic checkpoints (bf16, GPTQ/AWQ 4-bit), list model profiles
-  tokenrig fit        will this model fit on these GPUs, and with which TP / quantization
-  tokenrig gpus       list GPU profiles
-  tokenrig capacity   GPUs needed for a target load within SLOs, and the cost: measured or projected
-  tokenrig report     one self-contained HTML report (and CSV exports) of finished runs
-"""
+"""The `tokenrig` command line: every subcommand's options, their types and checks, and the examples."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import os
-import shlex
-import sys
 from pathlib import Path
 
-from tokenrig.serve.backends import dry_run_plan
-from tokenrig.serve.spec import ServerSpec, add_server_arguments
-from tokenrig.train.spec import add_train_options, train_options_given
+from tokenrig.serve.spec import add_server_arguments
+from tokenrig.train.spec import add_train_options
+
 
 EXAMPLES = """examples:
   tokenrig loadtest                                  tiny model, hf server on CPU, chat scenario
@@ -43,7 +31,7 @@ EXAMPLES = """examples:
 """
 
 
-def _add_server_args(parser: argparse.ArgumentParser) -> None:
+def add_server_args(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
 
@@ -110,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a server, drive a serving scenario with Locust, write results/<run-id>/ and print "
                     "latency percentiles and throughput.", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_server_args(loadtest)
+    add_server_args(loadtest)
     loadtest.add_argument("--scenario", default="chat",
                           help="name in tokenrig/scenarios/serving/ or a path to a .yaml file")
     loadtest.add_argument("--users", type=_count_or("sweep", "user", "'sweep' with --sweep"),
@@ -174,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="start a server and keep it up until Ctrl-C",
                                 description="Start a server with the launcher (health-checked, logged).")
-    _add_server_args(serve)
+    add_server_args(serve)
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--host", default="127.0.0.1")
 
@@ -288,356 +276,10 @@ def _add_train_parser(commands) -> None:
     train.add_argument("--dry-run", action="store_true", help="print the DeepSpeed config and launcher command, and exit")
 
 
-def _monitor_options(args):
+def monitor_options(args):
     """Live Prometheus metrics when --metrics-port or --prometheus-targets is given."""
     if args.metrics_port is None and args.prometheus_targets is None:
         return None
     from tokenrig.monitor.discovery import DEFAULT_TARGETS_DIR, MonitorOptions
 
     return MonitorOptions(port=args.metrics_port or 0, targets_dir=args.prometheus_targets or DEFAULT_TARGETS_DIR)
-
-
-def cmd_train(args) -> int:
-    given = train_options_given(args)
-    if args.compare:
-        from tokenrig.train.matrix import compare_dirs
-
-        print(compare_dirs(args.compare, args.results))
-        return 0
-    if args.matrix:
-        from tokenrig.train.matrix import expand, load_matrix, run_matrix
-
-        matrix = load_matrix(args.matrix)
-        if args.dry_run:
-            for spec in expand(matrix, given):
-                print(spec.label())
-            return 0
-        only = [int(n) for n in args.runs.split(",")] if args.runs else None
-        from tokenrig.train.matrix import available_gpus
-
-        run_matrix(matrix, args.results, given, only=only,
-                   max_gpus=args.max_gpus if args.max_gpus is not None else available_gpus())
-        return 0
-    from tokenrig.train.dsconfig import deepspeed_config
-    from tokenrig.train.session import launcher_command, run_training
-    from tokenrig.train.spec import make_spec
-
-    spec = make_spec(**given)
-    if args.dry_run:
-        import json
-
-        print("spec:", spec.model_dump_json(indent=2))
-        print("ds_config:", json.dumps(deepspeed_config(spec), indent=2))
-        print("launcher:", shlex.join(launcher_command(spec, args.results / "<run-id>", 29500)))
-        return 0
-    summary = run_training(spec, args.results, monitor=_monitor_options(args))
-    return {"ok": 0, "interrupted": 130, "oom": 3}.get(summary["status"], 1)
-
-
-EXIT_DOES_NOT_FIT = 3  # 2 is a usage error
-
-
-def print_launch(spec: ServerSpec, port: int) -> None:
-    """--dry-run: the command, environment and memory plan, nothing started or written."""
-    plan = dry_run_plan(spec, port)
-    if plan.fit is not None:
-        print("fit:", plan.fit.describe())
-    for key, value in plan.env.items():
-        print(f"env: {key}={value}")
-    print("command:", shlex.join(plan.command))
-    if plan.docker:
-        print("docker:", shlex.join(plan.docker))
-    for note in plan.notes:
-        print("note:", note)
-
-
-def print_load_fit(spec, scenario, with_plan: bool) -> None:
-    """A GPU server's memory plan (raising FitError before anything starts) and what the load puts in its
-    KV cache."""
-    if spec.device == "cpu" or spec.backend == "sim":
-        return
-    from tokenrig.serve.fit import load_in_flight
-
-    fit = dry_run_plan(spec, 0).fit
-    load = scenario.load
-    prompt, output = scenario.mean_tokens("input_tokens"), scenario.mean_tokens("output_tokens")
-    in_flight, basis = load_in_flight(fit, spec.gpu, load.users if load.type == "concurrency" else None,
-                                      load.rate, output)
-    if with_plan:
-        print("fit:", fit.describe())
-    print(fit.describe_load(in_flight, prompt + output if prompt and output else None, basis))
-
-
-def _check_hardware(spec, dry_run: bool) -> None:
-    """A GPU profile with the hf backend needs that GPU here; say what would run if it is absent."""
-    if spec.backend != "hf" or spec.device == "cpu" or dry_run:
-        return
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    command = dry_run_plan(spec, spec.port or 8000).command
-    raise SystemExit(
-        f"no CUDA GPU on this machine, so the hf backend cannot serve {spec.model.key} on {spec.gpu.key}.\n"
-        f"On a {spec.gpu.name} it would run:\n  {shlex.join(command)}\n"
-        f"To see how it would behave without the GPU, use the simulated engine: "
-        f"BACKEND=sim (make) or --backend sim (CLI).")
-
-
-def _planned_chunk_rate(scenario, profile, spec) -> float:
-    """The plan's expected chunk rate at its heaviest step (a sweep's last value; a search starts low)."""
-    from tokenrig.loadgen.ceiling import ASSUMED_TPOT_S, expected_chunk_rate
-    from tokenrig.loadgen.load_profiles import Sweep
-
-    load = scenario.load
-    if isinstance(profile, Sweep):
-        heaviest = max(profile.loads)
-        load = load.model_copy(update={"users": int(heaviest)} if profile.users else {"rate": heaviest})
-    tpot_ms = spec.options.sim_tpot_ms if spec.backend == "sim" else None
-    tpot_s = tpot_ms / 1000 if tpot_ms else ASSUMED_TPOT_S
-    return expected_chunk_rate(scenario.model_copy(update={"load": load}), tpot_s)
-
-
-def _choose_workers(args, scenario, profile, spec) -> int | None:
-    """--workers as given, or for 'auto' what the plan needs; say so before the run when it needs more than
-    the load generator has."""
-    from tokenrig.loadgen.ceiling import capacity_advice, free_cores, workers_needed
-
-    chunk_rate = _planned_chunk_rate(scenario, profile, spec)
-    if args.workers == "auto":
-        workers = min(workers_needed(chunk_rate), free_cores())
-        print(f"load generator: {workers} process{'es' if workers > 1 else ''} for about {chunk_rate:,.0f} "
-              f"chunks/s (--workers auto)")
-        advice = capacity_advice(chunk_rate, workers, auto=True)
-        if advice:
-            print(f"warning: {advice}")
-        return workers if workers > 1 else None
-    advice = capacity_advice(chunk_rate, args.workers)
-    if advice:
-        print(f"warning: {advice}")
-    return args.workers
-
-
-def cmd_loadtest(args) -> int:
-    if args.compare:
-        from tokenrig.report.compare import compare_runs, markdown
-
-        print(markdown(compare_runs(args.compare)), end="")
-        return 0
-    import locust  # noqa: F401  - gevent must patch the standard library before anything else imports it
-
-    from tokenrig.loadgen.overrides import LoadOverrides, plan_run
-    from tokenrig.loadgen.scenario import ScenarioError, load_scenario
-    from tokenrig.report.slo import SloError, parse_slos
-
-    scenario = load_scenario(args.scenario)
-    try:
-        slos = parse_slos(args.slo) if args.slo else None
-    except SloError as error:
-        raise ScenarioError(str(error)) from None
-    overrides = LoadOverrides(users=args.users, rate=args.rate, arrival=args.arrival, burstiness=args.burstiness,
-                              duration_s=args.duration, warmup_s=args.warmup, seed=args.seed, sweep=args.sweep,
-                              find_max=args.find_max, precision=args.precision, tail_samples=args.tail_samples,
-                              max_step_s=args.max_step)
-    run = plan_run(scenario, overrides, slos)
-    scenario, load = run.scenario, run.scenario.load
-    # the KV cache must hold the closed loop's users, or the open loop's in-flight cap (up to a typical batch limit)
-    spec = ServerSpec.from_args(args, concurrency=load.users if load.type == "concurrency" else min(load.max_in_flight, 256))
-    _check_hardware(spec, args.dry_run)
-    count = _choose_workers(args, scenario, run.profile, spec)
-    if args.dry_run:
-        print_launch(spec, 0)
-    print_load_fit(spec, scenario, with_plan=not args.dry_run)
-    if args.dry_run:
-        print("scenario:", scenario.model_dump_json(indent=2))
-        return 0
-    from tokenrig.loadtest import WorkerOptions, run_session
-
-    workers = None
-    if count:
-        local = count if args.local_workers is None else args.local_workers
-        if not 0 <= local <= count:
-            raise ScenarioError("--local-workers must be between 0 and --workers")
-        workers = WorkerOptions(count, local, args.master_host, args.master_port)
-    client = args.client or ("tgi" if spec.backend == "tgi" else "openai")
-    from tokenrig.serve.remote import RemoteOptions
-
-    remote = RemoteOptions(args.url, args.api_key, args.served_model, args.tokenizer) if args.url else None
-    return run_session(spec, scenario, args.results, remote=remote, monitor=_monitor_options(args), slos=slos,
-                       profile=run.profile, workers=workers, client=client, seed_source=run.seed_source,
-                       max_error_rate=args.max_error_rate,
-                       scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout)
-
-
-def cmd_serve(args) -> int:
-    from tokenrig.interrupts import stop_signals_interrupt
-    from tokenrig.serve.launcher import LaunchedServer
-
-    spec = ServerSpec.from_args(args)
-    _check_hardware(spec, args.dry_run)
-    if args.dry_run:
-        print_launch(spec, spec.port)
-        return 0
-    log = Path("results") / "serve" / f"{spec.backend}-{spec.model.key}-{spec.quant}-{spec.gpu.key}.log"
-    # the server runs in its own session: any stop signal must go through the launcher to reach it
-    with stop_signals_interrupt(), LaunchedServer(spec, log) as server:
-        try:  # from the announcement on: whoever read it may stop the server the next instant
-            print(f"serving {spec.model.key} at {server.endpoint.base_url}/v1 (metrics: {server.endpoint.metrics_url}); "
-                  f"log: {log}; Ctrl-C or SIGTERM stops it", flush=True)
-            return server.wait()
-        except KeyboardInterrupt:
-            print("stopping server")
-            return 0
-
-
-def cmd_model(args) -> int:
-    from tokenrig.profiles import model_profiles, resolve_model
-
-    if args.model_command == "list":
-        for profile in model_profiles().values():
-            aliases = f" (aliases: {', '.join(profile.aliases)})" if profile.aliases else ""
-            print(f"{profile.key:<12} {profile.num_params / 1e9:7.2f}B params{aliases}  — {profile.source}")
-        return 0
-    from tokenrig.serve.checkpoint import make_checkpoint
-
-    model = resolve_model(args.name)
-    path = make_checkpoint(model, root=args.out, dtype=args.dtype, force=args.force, quant=args.quant)
-    kind = f"{args.quant} 4-bit, group size 128" if args.quant else args.dtype
-    print(f"{model.key}: {path} ({kind}, random weights, locally built tokenizer)")
-    return 0
-
-
-def cmd_fit(args) -> int:
-    from tokenrig.profiles import resolve_gpu, resolve_model
-    from tokenrig.serve.fit import plan_fit
-
-    plan = plan_fit(resolve_model(args.model), resolve_gpu(args.gpu), args.quant, concurrency=args.concurrency,
-                    context_tokens=args.context, tp=args.tp, gpu_memory_utilization=args.gpu_memory_utilization)
-    print(plan.describe())
-    print(f"engine limits: --tensor-parallel-size {plan.tp} --max-model-len {plan.max_model_len} "
-          f"--max-num-seqs {plan.max_num_seqs} (TGI --max-batch-total-tokens {plan.max_batch_total_tokens})")
-    return 0
-
-
-def cmd_gpus(_args) -> int:
-    from tokenrig.profiles import gpu_profiles
-
-    print(f"{'gpu':<10}{'memory':>8}{'GB/s':>7}{'BF16 TF':>9}{'TDP W':>7}{'$/h':>7}{'priced':>12}  interconnect")
-    for g in gpu_profiles().values():
-        print(f"{g.key:<10}{g.memory_gb:>6g}GB{g.bandwidth_gbs:>7g}{g.tflops_bf16:>9g}{g.tdp_w:>7g}"
-              f"{g.price_usd_per_hour:>7.2f}{g.price_date:>12}  {g.interconnect}")
-    print("prices: tokenrig/profiles/gpus.yaml names each source; tokenrig capacity --price GPU=USD replaces one")
-    return 0
-
-
-def cmd_capacity(args) -> int:
-    import time
-
-    from tokenrig.capacity.inputs import read_results
-    from tokenrig.capacity.planner import CapacityPlanner, CapacityQuestion
-    from tokenrig.capacity.table import render, write_csv
-    from tokenrig.loadgen.load_profiles import FindMax
-    from tokenrig.loadgen.scenario import ScenarioError, load_scenario
-    from tokenrig.profiles import resolve_gpu, resolve_model
-    from tokenrig.report.rundir import write_json
-    from tokenrig.report.slo import SloError, parse_slos
-    from tokenrig.serve.fit import normalise_quant
-
-    if not args.inputs and not args.backend:
-        raise ScenarioError("give --from DIR (results of load tests, e.g. docs/results) or --backend to run the "
-                            "SLO searches here")
-    try:
-        slos = parse_slos(args.slo)
-    except SloError as error:
-        raise ScenarioError(str(error)) from None
-    prices = {}
-    for item in args.price:
-        gpu, _, usd = item.partition("=")
-        try:
-            prices[resolve_gpu(gpu).key] = float(usd)
-        except ValueError:
-            raise ScenarioError(f"--price takes GPU=USD, e.g. h100-sxm=2.49, not {item!r}") from None
-    gpus = [resolve_gpu(name) for name in args.gpu.split(",") if name.strip()]
-    quants = [normalise_quant(name) for name in args.quant.split(",") if name.strip()]
-    options = FindMax(tail_samples=args.tail_samples, precision=args.precision, max_step_s=args.max_step)
-    question = CapacityQuestion(gpus, resolve_model(args.model), quants, load_scenario(args.scenario), slos,
-                                target_rps=args.target_rps, headroom=args.headroom, prices=prices,
-                                engines=args.engine,
-                                search=options)
-    inputs = list(args.inputs)
-    if args.backend:
-        import locust  # noqa: F401  - gevent must patch the standard library before the load test's imports
-
-        from tokenrig.capacity.searches import run_searches
-
-        defaults = vars(_capacity_server_defaults())
-        specs = [ServerSpec.from_args(argparse.Namespace(**{**defaults, "backend": args.backend, "gpu": gpu.key,
-                                                            "model": args.model, "quant": quant}))
-                 for gpu in gpus for quant in quants]
-        inputs += run_searches(specs, question.scenario, slos, options, args.results)
-    steps, searches = read_results(inputs)
-    if not steps:
-        raise ScenarioError(f"no load-test runs under {', '.join(map(str, inputs))}")
-    print(f"capacity inputs: {len(steps)} measured steps, {len(searches)} --find-max runs")
-    answer = CapacityPlanner(question, steps, searches).answer()
-    document = answer.document()
-    out = args.out or args.results / f"capacity-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, document)
-    print("")
-    print(render(document))
-    if args.csv:
-        write_csv(document, args.csv)
-        print(f"csv: {args.csv}")
-    print(f"capacity.json: {out} (tokenrig report RUN_DIR... --capacity {out})")
-    return 0
-
-
-def _capacity_server_defaults() -> argparse.Namespace:
-    """The serve options a `tokenrig capacity --backend` search starts its servers with: every default."""
-    parser = argparse.ArgumentParser()
-    _add_server_args(parser)
-    return parser.parse_args([])
-
-
-def cmd_report(args) -> int:
-    from tokenrig.report.html import write_report
-
-    write_report(args.runs, args.out, capacity=args.capacity, csv_dir=args.csv, title=args.title)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from tokenrig.loadgen.records import RecordWriteError
-    from tokenrig.loadgen.scenario import ScenarioError
-    from tokenrig.monitor.exporter import ExporterPortError
-    from tokenrig.profiles import UnknownProfileError
-    from tokenrig.report.compare import CompareError
-    from tokenrig.report.rundir import ResultsDirError
-    from tokenrig.serve.remote import RemoteError
-    from tokenrig.serve.fit import FitError
-    from tokenrig.serve.spec import LaunchError
-    from tokenrig.train.spec import TrainSpecError
-
-    args = build_parser().parse_args(argv)
-    handlers = {"loadtest": cmd_loadtest, "serve": cmd_serve, "train": cmd_train, "model": cmd_model,
-                "gpus": cmd_gpus, "fit": cmd_fit, "capacity": cmd_capacity, "report": cmd_report}
-    try:
-        return handlers[args.command](args)
-    except FitError as error:  # a valid question whose answer is no
-        print(f"tokenrig: does not fit: {error}", file=sys.stderr)
-        return EXIT_DOES_NOT_FIT
-    except (UnknownProfileError, ScenarioError, LaunchError, TrainSpecError, CompareError,
-            ResultsDirError, RemoteError, ExporterPortError) as error:
-        print(f"tokenrig: error: {error}", file=sys.stderr)
-        return 2
-    except RecordWriteError as error:
-        print(f"tokenrig: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The `tokenrig` command: one entry point, one subcommand per job.
+
+  tokenrig loadtest   start a server (or use --url), drive a scenario with Locust, report
+  tokenrig serve      start a server and keep it up until Ctrl-C
+  tokenrig train      training throughput (pre-training, LoRA, QLoRA) with DeepSpeed: MFU, memory, breakdown
+  tokenrig model      make synthetic checkpoints (bf16, GPTQ/AWQ 4-bit), list model profiles
+  tokenrig fit        will this model fit on these GPUs, and with which TP / quantization
+  tokenrig gpus       list GPU profiles
+  tokenrig capacity   GPUs needed for a target load within SLOs, and the cost: measured or projected
+  tokenrig report     one self-contained HTML report (and CSV exports) of finished runs
+
+The options are declared in parser.py; each command lives with its kin in serving.py, training.py or
+reporting.py; main() dispatches and turns the errors a user can cause into one line and an exit status.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tokenrig.cli.parser import build_parser
+from tokenrig.cli.reporting import cmd_capacity, cmd_report
+from tokenrig.cli.serving import cmd_fit, cmd_gpus, cmd_loadtest, cmd_model, cmd_serve
+from tokenrig.cli.training import cmd_train
+
+EXIT_DOES_NOT_FIT = 3  # 2 is a usage error
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tokenrig.loadgen.records import RecordWriteError
+    from tokenrig.loadgen.scenario import ScenarioError
+    from tokenrig.monitor.exporter import ExporterPortError
+    from tokenrig.profiles import UnknownProfileError
+    from tokenrig.report.compare import CompareError
+    from tokenrig.report.rundir import ResultsDirError
+    from tokenrig.serve.remote import RemoteError
+    from tokenrig.serve.fit import FitError
+    from tokenrig.serve.spec import LaunchError
+    from tokenrig.train.spec import TrainSpecError
+
+    args = build_parser().parse_args(argv)
+    handlers = {"loadtest": cmd_loadtest, "serve": cmd_serve, "train": cmd_train, "model": cmd_model,
+                "gpus": cmd_gpus, "fit": cmd_fit, "capacity": cmd_capacity, "report": cmd_report}
+    try:
+        return handlers[args.command](args)
+    except FitError as error:  # a valid question whose answer is no
+        print(f"tokenrig: does not fit: {error}", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    except (UnknownProfileError, ScenarioError, LaunchError, TrainSpecError, CompareError,
+            ResultsDirError, RemoteError, ExporterPortError) as error:
+        print(f"tokenrig: error: {error}", file=sys.stderr)
+        return 2
+    except RecordWriteError as error:
+        print(f"tokenrig: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

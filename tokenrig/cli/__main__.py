@@ -1,0 +1,7 @@
+"""`python -m tokenrig.cli`: the `tokenrig` command."""
+
+import sys
+
+from tokenrig.cli import main
+
+sys.exit(main())
