@@ -60,6 +60,16 @@ def test_a_real_vllm_0_26_page_gives_every_figure_tokenrig_reads_from_vllm():
     assert vllm_figures <= figures.keys()
 
 
+def test_a_real_vllm_0_26_page_under_load_reads_its_running_requests_and_kv_cache():
+    """Scraped on an H200 10 s into a 16-user chat run (docs/results/serve-h200-vllm-followup.md): 16 requests
+    running, none waiting, 5.4 % of the 229,904-token KV cache in use, no prefix-cache hits (fresh prompts)."""
+    figures = parse_metrics((VLLM_0_26_PAGE.parent / "vllm-0.26.0-metrics-under-load.txt").read_text())
+    assert figures == {"running": 16, "waiting": 0, "kv_cache_usage": pytest.approx(0.0539393), "preemptions": 0,
+                       "prompt_tokens": 112333, "generation_tokens": 19908,
+                       "prefix_cache_queries": 112333, "prefix_cache_hits": 0}
+    assert figures["running"] > 0 and figures["kv_cache_usage"] > 0
+
+
 def test_summary_of_gauges_and_counter_deltas_inside_the_window(tmp_path):
     path = tmp_path / "server_metrics.jsonl"
     rows = [{"t": 10.0, "running": 1, "prefix_cache_queries": 0, "prefix_cache_hits": 0},
