@@ -59,7 +59,9 @@ def test_slos_missed_at_every_rate_down_to_a_64th_of_the_start():
 def test_a_saturated_load_generator_ends_the_search_and_names_the_remedy():
     result = find_max_rate(server(knee=100.0, invalid_from=8.0), start_rate=1.0)
     assert [step.load for step in result.steps] == [1, 2, 4, 8]
-    assert result.best == 4 and result.stop_reason == "load generator saturated at 8 req/s: add --workers"
+    assert result.best == 4 and result.stop_reason == ("load generator invalid at 8 req/s (load generator CPU 97% "
+                                                       "of a core): add load-generator workers (--workers N) or "
+                                                       "lower the load")
 
 
 @pytest.mark.parametrize("max_steps, reason", [

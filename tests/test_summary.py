@@ -85,6 +85,17 @@ def test_late_sends_invalidate_a_run_past_one_percent_and_one_send(sends, late, 
     if not valid:
         assert health.problems == [f"{late} of {sends} sends more than 10 ms late (schedule lag p99 "
                                    f"{health.schedule_lag_s.p99 * 1000:.1f} ms)"]
+        # at 5 % of a core the client was not what fell behind: more workers would not help
+        assert health.remedy.startswith("the load generator was not busy (5% of a core): something else on this host")
+
+
+def test_late_sends_from_a_busy_client_call_for_more_workers():
+    start = 1000.0
+    records = [record(i, start + 1 + i * 0.02, 0.1, [0.1, 0.11], [1, 1], 0.11, 2, lag=0.015 if i < 5 else 0.001)
+               for i in range(400)]
+    summary = summarize(records, RunFacts(duration_s=20, warmup_s=1, cooldown_s=0, plan_start_unix=start,
+                                          target_rate=None, client_cpu_fraction=0.7))
+    assert summary.load_generator.remedy == "add load-generator workers (--workers N) or lower the load"
 
 
 def test_summary_json_keeps_its_shape_with_a_schema_version(tmp_path):

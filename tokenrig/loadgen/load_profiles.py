@@ -121,7 +121,9 @@ class FindMax(Search):
         last = steps[-1]
         if not last.valid:  # only the last step can be: it ends the walk, unjudged
             best, failing = _bracket(steps[:-1])
-            return SearchResult(steps, best, failing, f"load generator saturated at {last.load:.3g} req/s: add --workers")
+            health = last.summary.load_generator
+            return SearchResult(steps, best, failing, f"load generator invalid at {last.load:.3g} req/s "
+                                                      f"({'; '.join(health.problems)}): {health.remedy}")
         best, failing = _bracket(steps)
         if best is None or failing is None:  # probing: ×2 while every step met the SLOs, /2 while none did
             rate = last.load * 2 if last.slo_met else last.load / 2
