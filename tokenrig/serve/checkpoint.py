@@ -8,7 +8,8 @@ memory than one shard. A finished directory carries `tokenrig-checkpoint.json` a
 `quant="gptq"|"awq"` writes the 4-bit layouts GPTQ and AWQ loaders expect (group size 128,
 fp16 scales, packed int32 weights and zeros; GPTQ also g_idx) with a quantization_config in
 config.json; `config_dir` writes config + tokenizer only, for engines that make their own
-random weights (vLLM's `--load-format dummy`).
+random weights (vLLM's `--load-format dummy`). Only the functions that build tensors import torch:
+a sim, vLLM or `--url` run needs the directories alone, and torch's import was 4.5 s of each such start.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 
 from tokenrig.profiles import ModelProfile
 from tokenrig.serve.fit import GROUP_SIZE, linear_shapes, tp_is_valid
@@ -46,6 +46,7 @@ def is_complete(path: Path) -> bool:
 
 def parameter_shapes(model: ModelProfile) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the model's weights, from transformers' own module tree on the meta device."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(**model.config)
@@ -73,6 +74,8 @@ def quantization_config(quant: str) -> dict:
 
 def tensor_layout(model: ModelProfile, dtype: torch.dtype, quant: str | None) -> dict[str, tuple[tuple, torch.dtype]]:
     """Name -> (shape, dtype) of every stored tensor; quantized linears expand to their packed tensors."""
+    import torch
+
     layout = {name: (shape, dtype) for name, shape in parameter_shapes(model).items()}
     if quant is None:
         return layout
@@ -98,6 +101,8 @@ def _packed_zero(quant: str) -> int:
 
 def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator,
                    quant: str | None) -> torch.Tensor:
+    import torch
+
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=dtype)
     if name.endswith(".qweight"):  # uniformly random 4-bit codes
@@ -146,6 +151,7 @@ def make_checkpoint(
     progress=print, quant: str | None = None,
 ) -> Path:
     """Write (or reuse) the synthetic checkpoint for `model` (4-bit GPTQ/AWQ with `quant`); returns its directory."""
+    import torch
     from safetensors.torch import save_file
 
     if quant is not None:

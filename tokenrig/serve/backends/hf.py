@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from tokenrig.serve.backends.base import LaunchPlan, plan_for, resolve_attention, tokenrig_server_command
+from tokenrig.serve.checkpoint import checkpoint_dir, is_complete, make_checkpoint
 from tokenrig.serve.fit import FitPlan
 from tokenrig.serve.spec import LaunchError, ServerSpec
 
@@ -38,8 +39,6 @@ def _check(spec: ServerSpec) -> None:
 
 
 def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
-    from tokenrig.serve.checkpoint import checkpoint_dir, is_complete, make_checkpoint  # imports torch: only here
-
     _check(spec)
     quant = spec.quant if spec.quant in ("gptq", "awq") else None
     path = checkpoint_dir(spec.model, quant=quant)

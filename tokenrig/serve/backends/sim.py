@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenrig.serve.backends.base import LaunchPlan, tokenrig_server_command
+from tokenrig.serve.checkpoint import tokenizer_dir
 from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION
 from tokenrig.serve.spec import LaunchError, ServerSpec
 
 
 def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
-    from tokenrig.serve.checkpoint import tokenizer_dir  # imports torch: only here
-
     return tokenizer_dir(spec.model, write=write)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenrig.serve.backends.base import LaunchPlan, plan_for, resolve_attention
+from tokenrig.serve.checkpoint import checkpoint_dir, make_checkpoint
 from tokenrig.serve.fit import FitPlan
 from tokenrig.serve.spec import LaunchError, ServerSpec
 
@@ -33,8 +34,6 @@ def _check(spec: ServerSpec) -> None:
 
 
 def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
-    from tokenrig.serve.checkpoint import checkpoint_dir, make_checkpoint  # imports torch: only here
-
     _check(spec)
     quant = spec.quant if spec.quant in ("gptq", "awq") else None
     dtype = "float16" if spec.quant in ("fp16", "gptq", "awq") else "bfloat16"

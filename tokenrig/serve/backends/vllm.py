@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from tokenrig.serve.backends.base import LaunchPlan, plan_for, resolve_attention
+from tokenrig.serve.checkpoint import config_dir
 from tokenrig.serve.spec import LaunchError, ServerSpec
 
 VLLM_VERSION = "0.26.0"
@@ -56,8 +57,6 @@ def _check(spec: ServerSpec) -> None:
 
 
 def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
-    from tokenrig.serve.checkpoint import config_dir  # imports torch: only here
-
     _check(spec)
     return config_dir(spec.model, quant=spec.quant if spec.quant in CHECKPOINT_QUANT else None, write=write)
 
