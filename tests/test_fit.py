@@ -27,9 +27,10 @@ def test_7b_bf16_fits_one_80gb_card():
     # 13.5 GB of weights; KV is 2 (K,V) x 32 layers x 32 heads x 128 x 2 bytes = 0.5 MiB per token
     assert plan.kv_bytes_per_token == 524_288
     assert plan.kv_needed_bytes == 2_147_483_648  # one full-context sequence: 4096 x 524,288 B = 2.15 GB
-    # 80 GB x 0.9 = 72 GB usable - 13.5 weights - 2 runtime - ~0.4 activations = ~56 GB of KV: ~107k tokens
-    assert plan.kv_budget_bytes / 1e9 == pytest.approx(56.1, abs=0.1)
-    assert plan.full_context_sequences() == 26
+    # the card's 81,559 MiB (85.5 GB) x 0.9 = 77.0 GB usable - 13.5 weights - 2 runtime - ~0.4 activations
+    # = ~61 GB of KV: ~117k tokens
+    assert plan.kv_budget_bytes / 1e9 == pytest.approx(61.1, abs=0.1)
+    assert plan.full_context_sequences() == 28
 
 
 def test_a_paged_kv_cache_never_shards_a_model_that_fits_one_card():
@@ -42,37 +43,40 @@ def test_a_paged_kv_cache_never_shards_a_model_that_fits_one_card():
     assert "the engine will queue or preempt" in line
 
 
-def test_70b_bf16_needs_more_than_one_80gb_card():
+def test_70b_bf16_needs_two_80gb_cards_and_keeps_little_kv_there():
     model, gpu = resolve_model("70b"), resolve_gpu("a800")
     assert weight_bytes(model, "bf16") / 1e9 == pytest.approx(137.95, abs=0.01)  # > 80 GB: TP 1 is impossible
     assert not evaluate(model, gpu, "bf16", 1, 16, 4096).fits
-    # at TP 2 each GPU holds 69 GB of weights + 2 GB runtime + 1.2 activations of its 72 GB usable: not even
-    # one 4096-token sequence (0.67 GB at 4 KV heads per GPU) fits
+    # at TP 2 each GPU holds 69 GB of weights + 2 GB runtime + 1.2 activations of the 77.3 GB usable of its
+    # 81,920 MiB: 5.1 GB of KV, 31k tokens at 160 KiB (4 KV heads per GPU), 7 full-context sequences
     two = evaluate(model, gpu, "bf16", 2, 16, 4096)
-    assert two.weight_bytes / 1e9 == pytest.approx(69.0, abs=0.1) and not two.fits
+    assert two.weight_bytes / 1e9 == pytest.approx(69.0, abs=0.1) and two.fits
+    assert two.kv_budget_bytes / 1e9 == pytest.approx(5.09, abs=0.01) and two.full_context_sequences() == 7
     plan = plan_fit(model, gpu, "bf16", concurrency=16, context_tokens=4096)
-    assert plan.tp == 4
+    assert plan.tp == 2
 
 
-def test_70b_on_24gb_cards_takes_tp8_in_bf16_and_tp4_in_4bit():
+def test_70b_on_24gb_cards_takes_tp8_in_bf16_and_tp2_in_4bit():
     model, gpu = resolve_model("70b"), resolve_gpu("rtx4090")
-    # bf16: at TP 8 each card holds 138/8 = 17.2 GB of weights; 21.6 usable - 17.2 - 2 runtime - 0.7 activations
-    # leaves 1.6 GB: 40k tokens at 40 KiB each (GQA: 1 KV head per GPU), 9 full-context sequences
+    # bf16: at TP 8 each card holds 138/8 = 17.2 GB of weights; 23.2 usable (0.9 of 24,564 MiB) - 17.2 - 2 runtime
+    # - 0.7 activations leaves 3.2 GB: 79k tokens at 40 KiB each (GQA: 1 KV head per GPU), 19 full-context sequences
     plan = plan_fit(model, gpu, "bf16", concurrency=16, context_tokens=4096)
-    assert plan.tp == 8 and plan.full_context_sequences() == 9
+    assert plan.tp == 8 and plan.full_context_sequences() == 19
     assert plan.kv_bytes_per_token == 40_960  # 2 (K,V) x 80 layers x 1 KV head x 128 x 2 bytes
     with pytest.raises(FitError) as refused:
         plan_fit(model, gpu, "bf16", concurrency=16, context_tokens=4096, tp=4)
     message = str(refused.value)
     assert "does not fit on 4 x rtx4090" in message and "one sequence of 4096 tokens" in message
-    assert "--quant gptq --tp 4 --gpu rtx4090" in message and "--quant awq --tp 4 --gpu rtx4090" in message
+    assert "--quant gptq --tp 2 --gpu rtx4090" in message and "--quant awq --tp 2 --gpu rtx4090" in message
     assert "--quant bf16 --tp 2 --gpu h200" in message
     assert "--max-model-len (loadtest, serve) or --context (fit)" in message
-    # 4-bit: 36.6 GB of weights; TP 2 leaves nothing for KV (18.3 GB weights per card), TP 4 leaves 9.5 GB
-    assert not evaluate(model, gpu, "gptq", 2, 16, 4096).fits
+    # 4-bit: 36.6 GB of weights; TP 2 puts 18.3 GB on each card and leaves 1.6 GB of KV, ~9.9k tokens at
+    # 160 KiB (2 x 80 x 4 heads x 128 x 2): two full-context sequences, which a paged engine can serve 16 users from
+    two = evaluate(model, gpu, "gptq", 2, 16, 4096)
+    assert two.fits and two.full_context_sequences() == 2
     plan = plan_fit(model, gpu, "gptq", concurrency=16, context_tokens=4096)
-    assert plan.tp == 4
-    assert plan.kv_bytes_per_token == kv_bytes_per_token_per_gpu(model, 4) == 81_920  # 2 x 80 x 2 heads x 128 x 2
+    assert plan.tp == 2
+    assert plan.kv_bytes_per_token == kv_bytes_per_token_per_gpu(model, 2) == 163_840
 
 
 def test_tp_must_split_heads_and_whole_quantization_groups():

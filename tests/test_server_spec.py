@@ -109,11 +109,11 @@ def test_the_roofline_flags_set_the_engine_in_its_units():
 
 
 def test_the_sim_engine_takes_the_gpu_memory_utilization_asked_for():
-    """llama2-7b bf16 on an A800 at 0.5: 40 GB usable - 13.48 GB weights - 0.44 GB activations (a 4096-token
-    prefill chunk at 98,816 B a token, 256 sequences' fp32 logits) - 2 GB runtime = 24.09 GB of KV cache,
-    at 0.5 MiB a token 45,939 tokens."""
+    """llama2-7b bf16 on an A800 at 0.5: 42.95 GB usable (half of 81,920 MiB) - 13.48 GB weights - 0.44 GB
+    activations (a 4096-token prefill chunk at 98,816 B a token, 256 sequences' fp32 logits) - 2 GB runtime
+    = 27.04 GB of KV cache, at 0.5 MiB a token 51,565 tokens."""
     engine, _ = build_engine(server_args(ServerSpec("sim", *_profiles("7b", "a800"), gpu_memory_utilization=0.5)))
-    assert engine.kv_capacity_tokens == 45939
+    assert engine.kv_capacity_tokens == 51565
     default = launch_plan(ServerSpec("sim", *_profiles("7b", "a800")), "/m", 1).command
     assert "--gpu-memory-utilization" not in default  # the command of a default run is what it always was
 

@@ -35,28 +35,27 @@ def test_large_prefill_is_compute_bound():
 def test_weights_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="does not fit") as refused:
         engine(model="llama2-70b", gpu="rtx4090")
-    assert "--quant gptq --tp 4 --gpu rtx4090" in str(refused.value)  # the planner says what would fit
+    assert "--quant gptq --tp 2 --gpu rtx4090" in str(refused.value)  # the planner says what would fit
 
 
 def test_the_kv_cache_is_what_the_fit_planner_leaves():
-    """llama2-7b bf16 on an A800: 80 GB x 0.9 = 72 GB usable - 13.477 GB weights - 0.438 GB activations (a
-    4096-token prefill chunk at (4 x 4096 + 3 x 11008) x 2 = 98,816 B a token, and 256 x 32,000 fp32 logits)
-    - 2 GB runtime = 56.086 GB; at 2 x 32 layers x 4096 x 2 B = 0.5 MiB a token, 106,974 tokens. (Memory
-    minus weights alone, as the engine once counted, gave 111,624.)"""
-    assert engine().kv_capacity_tokens == 106974
-    # a batch limit of 4 keeps 4 x 32,000 x 4 B of logits instead of 256 sequences': 32.3 MB, 61 tokens more
-    assert engine(max_num_seqs=4).kv_capacity_tokens == 107036
+    """llama2-7b bf16 on an A800: its 81,920 MiB (85.90 GB) x 0.9 = 77.31 GB usable - 13.477 GB weights
+    - 0.438 GB activations (a 4096-token prefill chunk at (4 x 4096 + 3 x 11008) x 2 = 98,816 B a token, and
+    256 x 32,000 fp32 logits) - 2 GB runtime = 61.39 GB; at 2 x 32 layers x 4096 x 2 B = 0.5 MiB a token,
+    117,101 tokens. (Memory minus weights alone, as the engine once counted, gave more.)"""
+    assert engine().kv_capacity_tokens == 117101
+    # a batch limit of 4 keeps 4 x 32,000 x 4 B of logits instead of 256 sequences': 32.3 MB, 62 tokens more
+    assert engine(max_num_seqs=4).kv_capacity_tokens == 117163
 
 
 def test_what_a_refusal_suggests_the_engine_accepts():
-    """70B bf16 over two A800s: 69 GB of weights + 1.3 activations + 2 runtime of 72 GB leave less than one
-    4096-token sequence (0.67 GB) per GPU. The engine accepted it while it counted only memory minus weights
-    (144 - 138 GB), so its advice (the planner's) named a TP that it did not need."""
-    with pytest.raises(FitError, match="does not fit on 2 x a800") as refused:
-        engine(model="70b", tp=2)
+    """70B bf16 on one A800: 138 GB of weights on a card of 85.9 GB. The engine refuses it with the planner's
+    advice, and takes each configuration that advice names."""
+    with pytest.raises(FitError, match="does not fit on 1 x a800") as refused:
+        engine(model="70b", tp=1)
     advice = str(refused.value)
-    assert "--quant bf16 --tp 4 --gpu a800" in advice and "--quant gptq --tp 1 --gpu a800" in advice
-    assert engine(model="70b", tp=4).kv_capacity_tokens > 0 and engine(model="70b", quant="gptq").kv_capacity_tokens > 0
+    assert "--quant bf16 --tp 2 --gpu a800" in advice and "--quant gptq --tp 1 --gpu a800" in advice
+    assert engine(model="70b", tp=2).kv_capacity_tokens > 0 and engine(model="70b", quant="gptq").kv_capacity_tokens > 0
 
 
 async def _run(sim, requests):

@@ -24,7 +24,8 @@ class GpuProfile(BaseModel):
 
     key: str
     name: str
-    memory_gb: float
+    memory_gb: float  # the marketed size, for display
+    memory_mib: int  # what the driver reports as total (nvidia-smi memory.total): what engines plan from
     bandwidth_gbs: float
     tflops_bf16: float
     interconnect: str
@@ -36,7 +37,7 @@ class GpuProfile(BaseModel):
 
     @property
     def memory_bytes(self) -> float:
-        return self.memory_gb * 1e9
+        return self.memory_mib * 2**20
 
     @property
     def flops_per_s(self) -> float:
