@@ -71,7 +71,7 @@ train-gpu-run: setup
 	PY=$(BIN)/python OUT=results/gpu-run RES=results/gpu-run/runs bash docs/results/train_gpu_run.sh
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # the inner loop, < 60 s: every test that starts no server or CLI process (tests/conftest.py marks those e2e)
 # and is not marked slow
