@@ -89,6 +89,20 @@ def test_late_sends_invalidate_a_run_past_one_percent_and_one_send(sends, late, 
         assert health.remedy.startswith("the load generator was not busy (5% of a core): something else on this host")
 
 
+@pytest.mark.parametrize("lag, valid", [(0.030, True), (0.060, False)])
+def test_at_a_low_rate_a_send_is_late_past_a_tenth_of_the_gap_between_arrivals(lag, valid):
+    """2 req/s: arrivals 500 ms apart, so a send counts as late past 50 ms, not 10 ms."""
+    start = 1000.0
+    records = [record(i, start + 1 + i * 0.5, 0.1, [0.1, 0.11], [1, 1], 0.11, 2, lag=lag if i < 3 else 0.001)
+               for i in range(100)]
+    summary = summarize(records, RunFacts(duration_s=52, warmup_s=1, cooldown_s=0, plan_start_unix=start,
+                                          target_rate=2.0, client_cpu_fraction=0.05))
+    health = summary.load_generator
+    assert health.valid is valid, health.problems
+    if not valid:
+        assert health.problems[0].startswith("3 of 100 sends more than 50 ms late")
+
+
 def test_late_sends_from_a_busy_client_call_for_more_workers():
     start = 1000.0
     records = [record(i, start + 1 + i * 0.02, 0.1, [0.1, 0.11], [1, 1], 0.11, 2, lag=0.015 if i < 5 else 0.001)
