@@ -32,6 +32,13 @@ def only_run_dir(results: Path) -> Path:
     return run_dir
 
 
+def shm_buffers_left(run_dir: Path) -> list[Path]:
+    """DeepSpeed's CPU allreduce buffers in /dev/shm still named after this run's master port."""
+    command = json.loads((run_dir / "metadata.json").read_text())["launcher_command"]
+    port = command[command.index("--master_port") + 1]
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def train(tmp_path: Path, *args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess, dict, Path]:
     results = tmp_path / "results"
     done = run_cli("train", *TINY, *args, "--results", str(results), timeout=timeout)
@@ -77,6 +84,7 @@ def test_zero3_on_two_processes_communicates(tmp_path):
     assert rows[breakdown.ALL_GATHER]["total_ms"] > 0  # ZeRO-3 gathers partitioned weights
     assert rows[breakdown.REDUCE_SCATTER]["total_ms"] > 0  # and scatters gradients
     assert summary["comm_share"] > 0
+    assert shm_buffers_left(run_dir) == []  # each rank's 66 MB of RAM, kept until reboot if left
 
 
 def test_zero0_lora_trains_only_the_adapters(tmp_path):
@@ -123,6 +131,7 @@ def test_ctrl_c_stops_both_ranks_cleanly_and_keeps_measured_steps(tmp_path, stop
     summary = json.loads((only_run_dir(results) / "summary.json").read_text())
     assert summary["status"] == "interrupted" and 3 <= summary["measured_steps"] < 500
     assert "Traceback" not in output
+    assert shm_buffers_left(only_run_dir(results)) == []
 
 
 def test_out_of_memory_is_a_status_not_a_crash(tmp_path):

@@ -77,6 +77,20 @@ def all_ranks_agree_to_stop(stop_here: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def release_shm_allreduce_buffer(rank: int) -> None:
+    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU allreduce, which DeepSpeed never does.
+
+    Each CPU rank creates a 66-MB tmpfs file in init_distributed and maps its peers' there; left alone,
+    every CPU run keeps that RAM until reboot (seen: 284 files, 19 GB, on one machine after a day of
+    test runs). Once every rank has mapped its peers (the barrier), unlinking only drops the name: the
+    mapping lives until the ranks exit, however they exit.
+    """
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{rank}"
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
 def train_step(engine, spec: TrainSpec, device: torch.device, phase_ranges: bool) -> float:
     """One optimizer step (grad_accum micro-batches); returns the last micro-batch's loss."""
     from torch.autograd.profiler import record_function
@@ -106,6 +120,8 @@ def run(run_dir: Path) -> int:
     cuda = spec.device == "cuda"
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if not cuda:
+        release_shm_allreduce_buffer(rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
