@@ -112,6 +112,18 @@ def test_late_sends_from_a_busy_client_call_for_more_workers():
     assert summary.load_generator.remedy == "add load-generator workers (--workers N) or lower the load"
 
 
+def test_an_idle_client_that_sent_too_few_arrivals_is_not_told_to_find_a_quieter_host():
+    """The one problem is arrivals not sent (the run's plan lost some); one send was late, below the rule."""
+    start = 1000.0
+    records = [record(i, start + 1 + i * 0.02, 0.1, [0.1, 0.11], [1, 1], 0.11, 2, lag=0.015 if i == 0 else 0.001)
+               for i in range(400)]
+    summary = summarize(records, RunFacts(duration_s=20, warmup_s=1, cooldown_s=0, plan_start_unix=start,
+                                          target_rate=None, client_cpu_fraction=0.05, scheduled_in_window=950))
+    health = summary.load_generator
+    assert health.problems == ["sent 400 of 950 scheduled arrivals"]
+    assert health.remedy == "add load-generator workers (--workers N) or lower the load"
+
+
 def test_summary_json_keeps_its_shape_with_a_schema_version(tmp_path):
     start = 1000.0
     records = [record(i, start + 1 + i * 0.02, 0.1, [0.1, 0.11], [1, 1], 0.11, 2) for i in range(50)]

@@ -113,7 +113,8 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> RunSummary:
     typical_gap = float(np.median(np.diff(due_times))) if len(due_times) > 1 else 0.0
     late_after_s = max(MAX_HEALTHY_LAG_S, LATE_SHARE_OF_GAP * typical_gap)
     late_sends = sum(1 for r in measured if r.send_lag_s > late_after_s)
-    if late_sends > max(1, MAX_LATE_SEND_FRACTION * len(measured)):
+    sends_fell_behind = late_sends > max(1, MAX_LATE_SEND_FRACTION * len(measured))
+    if sends_fell_behind:
         problems.append(f"{late_sends} of {len(measured)} sends more than {late_after_s * 1000:.0f} ms late "
                         f"(schedule lag p99 {lag.p99 * 1000:.1f} ms)")
     chunks_per_process = chunks_in_window / window / facts.load_processes
@@ -184,20 +185,19 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> RunSummary:
             chunks_per_s_ceiling=CHUNKS_PER_S_PER_CORE,
             valid=not problems,
             problems=problems,
-            remedy=_remedy(problems, late_sends, facts.client_cpu_fraction, chunks_per_process),
+            remedy=_remedy(problems, sends_fell_behind, facts.client_cpu_fraction),
         ),
         interrupted=facts.interrupted,
     )
 
 
-def _remedy(problems: list[str], late_sends: int, client_cpu: float, chunks_per_process: float) -> str | None:
+def _remedy(problems: list[str], sends_fell_behind: bool, client_cpu: float) -> str | None:
     """What to do about an invalid run: more load generators when the client was busy, a quieter host when
     its only fault is late sends while it sat mostly idle (seen on a shared H200 host: 7 of 632 sends late at
     13 % of a core, where --workers auto chose one process anyway)."""
     if not problems:
         return None
-    only_late_sends = len(problems) == 1 and late_sends
-    if only_late_sends and client_cpu < IDLE_CLIENT_CPU and chunks_per_process <= CHUNKS_PER_S_PER_CORE:
+    if len(problems) == 1 and sends_fell_behind and client_cpu < IDLE_CLIENT_CPU:
         return (f"the load generator was not busy ({client_cpu:.0%} of a core): something else on this host "
                 "delayed its sends; rerun on a quieter host, or give it a core of its own (taskset)")
     return "add load-generator workers (--workers N) or lower the load"
