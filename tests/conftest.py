@@ -53,10 +53,21 @@ def sim_server(tmp_path_factory):
         yield server
 
 
-def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `tokenrig ...` as a user would, in its own process (Locust patches the interpreter)."""
+def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `tokenrig ...` as a user would, in its own process (Locust patches the interpreter); `env` adds to
+    this process's environment."""
     return subprocess.run([sys.executable, "-m", "tokenrig.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd or REPO)
+                          timeout=timeout, cwd=cwd or REPO, env={**os.environ, **(env or {})})
+
+
+def without_torch(tmp_path: Path) -> dict[str, str]:
+    """An environment in which `import torch` fails, in the CLI and every process it starts: the sim and
+    vLLM paths must not pay torch's import (~4 s and a heap the load generator then freezes)."""
+    package = tmp_path / "no-torch" / "torch"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('torch was imported on a path that needs no torch')\n")
+    return {"PYTHONPATH": str(package.parent)}
 
 
 def run_dir_of(result: subprocess.CompletedProcess) -> Path:

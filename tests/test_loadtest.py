@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATA, REPO, load_summary, run_cli, run_dir_of
+from tests.conftest import DATA, REPO, load_summary, run_cli, run_dir_of, without_torch
 from tests.schedule import assert_latency_follows_schedule
 from tokenrig.loadgen.records import read_records
 
@@ -58,7 +58,8 @@ def test_measured_latency_matches_the_sim_schedule(tmp_path, users):
 
 def test_open_loop_poisson_against_roofline_sim(tmp_path):
     result = run_cli("loadtest", "--backend", "sim", "--gpu", "a800", "--model", "13b", "--rate", "4",
-                     "--duration", "8", "--warmup", "1", "--results", str(tmp_path))
+                     "--duration", "8", "--warmup", "1", "--results", str(tmp_path / "results"),
+                     env=without_torch(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = run_dir_of(result)
     summary = load_summary(run_dir)

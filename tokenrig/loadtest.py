@@ -32,8 +32,9 @@ from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
 from tokenrig.report.run_summary import LoadFacts, RunSummary, WorkerCpu, WorkloadFacts
 from tokenrig.report.slo import Slo, judge
 from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
+from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
 from tokenrig.serve.launcher import LaunchedServer
-from tokenrig.serve.remote import RemoteOptions, auth_headers
+from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, tokenizer_dir, whole_url
 from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics, wait_server_idle
 from tokenrig.serve.spec import Endpoint, ServerSpec
 
@@ -41,9 +42,6 @@ from tokenrig.serve.spec import Endpoint, ServerSpec
 def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenario, client: str,
                        progress=print) -> Endpoint:
     """The server at --url, checked by one streaming request before any load (RemoteError names the fix)."""
-    from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
-    from tokenrig.serve.remote import RemoteServer, tokenizer_dir, whole_url
-
     server = RemoteServer(whole_url(remote.url), remote.api_key)
     model, served = server.served_model(remote.served_model, spec.model.key)
     if served is None:
