@@ -119,7 +119,7 @@ class FindMax(Search):
         if not steps:
             return SearchResult(steps, next_rate=self.start_rate)
         last = steps[-1]
-        if not last.valid:  # only the last step can be: it ends the walk, unjudged
+        if not last.judged:  # only the last step can be: it ends the walk
             best, failing = _bracket(steps[:-1])
             health = last.summary.load_generator
             return SearchResult(steps, best, failing, f"load generator invalid at {last.load:.3g} req/s "
@@ -144,7 +144,8 @@ class FindMax(Search):
         step = steps[-1]
         verdict = "meets SLOs" if step.slo_met else ("saturated" if step.saturated else "misses SLOs")
         return (f"step {len(steps)}: {step.load:.3g} req/s -> {verdict}"
-                + ("" if step.valid else " (load generator INVALID)"))
+                + ("" if step.valid else " (load generator late, missed beyond its lag)" if step.judged
+                   else " (load generator INVALID)"))
 
     def conclusion(self, steps: list[StepResult]) -> dict:
         result = self.conclude(steps)

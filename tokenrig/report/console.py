@@ -108,7 +108,7 @@ def render_steps(document: dict, title: str, slos) -> str:
         elif row["saturated"]:
             verdict += " saturated" if not row["stopped_early"] else " stopped early (SLO already missed)"
         if not row["loadgen_valid"]:
-            verdict += " LOADGEN INVALID"
+            verdict += " (loadgen late, missed beyond its lag)" if row.get("judged") else " LOADGEN INVALID"
         goodput = f"{row['goodput_rps']:9.2f}" if row["goodput_rps"] is not None else f"{'-':>9}"
         lines.append(f"{row['load']:9.3g}{row['achieved_rps']:9.2f}{row['completed_rps']:9.2f}"
                      f"{row['output_tokens_per_s']:9.0f}{ms(row['ttft_p50_s'])}{ms(row['ttft_p99_s'])}"

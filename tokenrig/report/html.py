@@ -192,7 +192,8 @@ def _load_run(page: Page, run: LoadRun, anchor: str) -> None:
                      _ms(row["tpot_p50_s"]), _ms(row["tpot_p99_s"]), _number(row["goodput_rps"]),
                      ("meets SLOs" if row["slo_met"] else "misses SLOs" if slos else "")
                      + (" saturated" if row["saturated"] else "") + (" stopped early" if row["stopped_early"] else "")
-                     + ("" if row["loadgen_valid"] else " LOADGEN INVALID")]
+                     + ("" if row["loadgen_valid"] else " (loadgen late, missed beyond its lag)"
+                        if row.get("judged") else " LOADGEN INVALID")]
                     for i, row in enumerate(search.get("steps") or [])], text_columns=0)
         page.figure(charts.search_curves(search.get("steps") or [], slos, users, f"{run.run_id}: curves"))
         page.figure(charts.search_walk(search, slos, users, f"{run.run_id}: search walk"))

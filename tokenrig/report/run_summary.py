@@ -113,6 +113,8 @@ class LoadGenerator(_Part):
     chunks_per_s_ceiling: int | None = None
     valid: bool
     problems: list[str]
+    # its one problem was sends past the late rule: the load it offered was later and lighter, never heavier
+    late_sends_only: bool = False
     remedy: str | None = None
     workers: list[WorkerCpu] | None = None  # a distributed run's worker processes
 

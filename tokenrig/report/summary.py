@@ -185,19 +185,20 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> RunSummary:
             chunks_per_s_ceiling=CHUNKS_PER_S_PER_CORE,
             valid=not problems,
             problems=problems,
-            remedy=_remedy(problems, sends_fell_behind, facts.client_cpu_fraction),
+            late_sends_only=sends_fell_behind and len(problems) == 1,
+            remedy=_remedy(problems, sends_fell_behind and len(problems) == 1, facts.client_cpu_fraction),
         ),
         interrupted=facts.interrupted,
     )
 
 
-def _remedy(problems: list[str], sends_fell_behind: bool, client_cpu: float) -> str | None:
+def _remedy(problems: list[str], late_sends_only: bool, client_cpu: float) -> str | None:
     """What to do about an invalid run: more load generators when the client was busy, a quieter host when
     its only fault is late sends while it sat mostly idle (seen on a shared H200 host: 7 of 632 sends late at
     13 % of a core, where --workers auto chose one process anyway)."""
     if not problems:
         return None
-    if len(problems) == 1 and sends_fell_behind and client_cpu < IDLE_CLIENT_CPU:
+    if late_sends_only and client_cpu < IDLE_CLIENT_CPU:
         return (f"the load generator was not busy ({client_cpu:.0%} of a core): something else on this host "
                 "delayed its sends; rerun on a quieter host, or give it a core of its own (taskset)")
     return "add load-generator workers (--workers N) or lower the load"
