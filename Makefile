@@ -70,8 +70,13 @@ train-matrix: setup
 train-gpu-run: setup
 	PY=$(BIN)/python OUT=results/gpu-run RES=results/gpu-run/runs bash docs/results/train_gpu_run.sh
 
+# two at a time on the machine's cores, each file on one worker (its servers start once); then the tests marked
+# `timing` alone, since they judge latencies against a schedule that a neighbouring test's load would move
 test: setup
-	$(BIN)/python -m pytest -q --durations=25
+	@status=0; \
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not timing" --durations=15 || status=$$?; \
+	$(BIN)/python -m pytest -q -m timing --durations=10 || status=$$?; \
+	exit $$status
 
 # the inner loop, < 60 s: every test that starts no server or CLI process (tests/conftest.py marks those e2e)
 # and is not marked slow

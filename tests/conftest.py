@@ -3,7 +3,9 @@
 A test that starts a process (a server, the CLI, a benchmark script), or tokenrig's HTTP server inside the
 test's process, is marked `e2e` here, at collection, from what its code and its fixtures call; `make
 test-fast` runs the rest but the few marked `slow` (`-m "not e2e and not slow"`). While an unmarked test
-runs, starting tokenrig in a process of its own fails it, so the tiers cannot drift apart.
+runs, starting tokenrig in a process of its own fails it, so the tiers cannot drift apart. `make test` runs
+the tests two at a time (pytest-xdist), then those marked `timing` alone: they judge latencies or send times
+against a schedule, which another test's load on the same two cores would move.
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ def pytest_collection_modifyitems(items):
         seen: set = set()
         if any(_starts_processes(f.__code__, f.__globals__, seen) for f in functions):
             item.add_marker(pytest.mark.e2e)
+        if "known_engine_runs" in item.fixturenames:  # its sweeps and search judge the load generator's timing
+            item.add_marker(pytest.mark.timing)
 
 
 _running_unit_test: list[str] = []  # the node id of the test running now, when it is not e2e

@@ -33,6 +33,7 @@ def test_hf_decode_refuses_an_unknown_option_before_loading_anything():
     assert result.returncode != 0 and "unknown option 'turbo'" in result.stderr
 
 
+@pytest.mark.timing
 @pytest.mark.e2e  # RefServer runs benchmarks/refserver.py in its own process, out of conftest's sight
 def test_reference_server_holds_its_schedule_at_512_streams(tmp_path):
     """The load-generator benchmark's truth is the reference server's send log: that server must keep its
@@ -49,6 +50,7 @@ def test_reference_server_holds_its_schedule_at_512_streams(tmp_path):
     assert abs(truth["ttft_p50_s"] - loadgen.TTFT_S) < 0.001 and truth["itl_p99_s"] < loadgen.ITL_S + 0.001, truth
 
 
+@pytest.mark.timing
 def test_loadgen_benchmark_reports_errors_against_the_server_log(tmp_path):
     out = tmp_path / "capacity.md"
     result = subprocess.run([sys.executable, "benchmarks/loadgen.py", "--streams", "4", "--duration", "5",

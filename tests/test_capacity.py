@@ -157,6 +157,7 @@ def test_capacity_answers_measured_and_projected_rows_cheapest_first(known_engin
     assert "calibration sim, roofline compute 0.35 bandwidth 0.45 overhead 4 ms bf16" in result.stdout
 
 
+@pytest.mark.timing
 def test_capacity_runs_the_slo_searches_itself_with_a_backend(tmp_path):
     """--backend sim: one real --find-max load test per GPU type, read back as a measured row."""
     out = tmp_path / "capacity.json"

@@ -26,6 +26,7 @@ def run(tmp_path, *extra):
     return read_records(run_dir / "requests.jsonl"), load_summary(run_dir)
 
 
+@pytest.mark.timing
 def test_two_workers_send_the_single_process_schedule_and_merge_exactly(tmp_path):
     single, single_summary = run(tmp_path / "one", "--seed", "7")
     merged, summary = run(tmp_path / "two", "--workers", "2", "--seed", "7")
@@ -55,6 +56,7 @@ def test_two_workers_send_the_single_process_schedule_and_merge_exactly(tmp_path
     assert summary["load_generator"]["valid"], summary["load_generator"]["problems"]
 
 
+@pytest.mark.timing
 def test_the_tgi_client_runs_on_workers(tmp_path):
     """`--client tgi --workers 2`: each worker sends its share through TGI's /generate_stream."""
     records, summary = run(tmp_path, "--client", "tgi", "--workers", "2")
@@ -83,6 +85,7 @@ def _workers_of(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.timing
 def test_a_killed_worker_stops_the_run_and_says_what_it_lost(tmp_path):
     """SIGKILL one of two workers 3 s into a 60-s load: the master sees it go missing (Locust's heartbeat),
     stops the step within seconds instead of waiting out the plan, names the worker and how many of its

@@ -39,6 +39,7 @@ def against(server, *args, timeout=300):
     return result, run_dir_of(result)
 
 
+@pytest.mark.timing
 def test_trace_replay_sends_the_traces_arrivals_and_lengths(sim_server, tmp_path):
     _, run_dir = against(sim_server, "--scenario", "mooncake_replay", "--duration", "8", "--results", str(tmp_path))
     records = sorted(read_records(run_dir / "requests.jsonl"), key=lambda r: r.arrival_index)
@@ -116,6 +117,7 @@ def test_prefix_cache_blocks_hit_only_after_the_same_prefix():
     assert cache.lookup_and_insert(a) == 32  # two full blocks; the partial third is never cached
 
 
+@pytest.mark.timing
 def test_latency_counts_the_wait_for_a_free_user(tmp_path):
     """Open loop with a safety cap of 2 in-flight requests and a burst the cap cannot absorb: the
     burst's requests are sent late, and their TTFT counts from the time they were due."""
@@ -150,6 +152,7 @@ load:
     assert "INVALID RUN" in result.stdout
 
 
+@pytest.mark.timing
 def test_find_max_finds_the_roofline_knee(tmp_path):
     """13B on an A800 with 4 sequences at a time: each request holds a slot for 1 prefill + 49
     decode steps, so the server completes at most 4 / (50 x step time) requests/s; above that the

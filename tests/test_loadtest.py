@@ -43,6 +43,7 @@ def test_hf_tiny_load_test_end_to_end(tmp_path):
         assert line in result.stdout
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("users", [1, 32])
 def test_measured_latency_matches_the_sim_schedule(tmp_path, users):
     """The sim server sends token i at arrival + 100 ms + i * 10 ms: the client must measure that."""
@@ -56,6 +57,7 @@ def test_measured_latency_matches_the_sim_schedule(tmp_path, users):
     assert latency["ttft"]["min"] >= 0.100 - 0.001  # no request is measured earlier than the server sent
 
 
+@pytest.mark.timing
 def test_open_loop_poisson_against_roofline_sim(tmp_path):
     result = run_cli("loadtest", "--backend", "sim", "--gpu", "a800", "--model", "13b", "--rate", "4",
                      "--duration", "8", "--warmup", "1", "--results", str(tmp_path / "results"),

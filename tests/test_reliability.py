@@ -228,6 +228,7 @@ def test_a_run_past_the_max_error_rate_fails_loudly_and_counts_no_failed_tokens(
     assert lenient.returncode == 0 and "FAILED" not in lenient.stdout, lenient.stdout + lenient.stderr
 
 
+@pytest.mark.timing
 def test_an_interrupted_run_keeps_its_health_checks_and_reports_in_flight_requests_as_cancelled(tmp_path):
     """SIGTERM 3 s into an open loop of 5-s requests at 500 req/s (far past the 512-request in-flight cap):
     the summary still judges the load generator (it sent a fraction of the arrivals due before the stop: INVALID),

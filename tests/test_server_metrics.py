@@ -101,6 +101,7 @@ def test_scraping_the_hf_server_while_it_serves(hf_server, tmp_path):
     assert rows[-1]["generation_tokens"] - rows[0].get("generation_tokens", 0) == 200  # exported from the 1st request
 
 
+@pytest.mark.timing
 def test_tgi_user_measures_the_sim_schedule_through_generate_stream(tmp_path):
     """InferenceClient against the sim server's TGI API: TTFT 100 ms and 10 ms per token, as the OpenAI user sees."""
     result = run_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "100", "--sim-tpot-ms", "10", "--client", "tgi",
