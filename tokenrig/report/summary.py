@@ -128,6 +128,8 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> RunSummary:
     if facts.scheduled_in_window and arrivals_sent < MIN_SENT_FRACTION * facts.scheduled_in_window:
         problems.append(f"sent {arrivals_sent} of {facts.scheduled_in_window} scheduled arrivals")
 
+    late_sends_only = sends_fell_behind and len(problems) == 1
+
     # A closed loop whose requests outlast the window schedules nothing inside it: no latency at all, which
     # must read as "measure longer", not as an empty result.
     window_problem = None
@@ -185,8 +187,8 @@ def summarize(records: list[RequestRecord], facts: RunFacts) -> RunSummary:
             chunks_per_s_ceiling=CHUNKS_PER_S_PER_CORE,
             valid=not problems,
             problems=problems,
-            late_sends_only=sends_fell_behind and len(problems) == 1,
-            remedy=_remedy(problems, sends_fell_behind and len(problems) == 1, facts.client_cpu_fraction),
+            late_sends_only=late_sends_only,
+            remedy=_remedy(problems, late_sends_only, facts.client_cpu_fraction),
         ),
         interrupted=facts.interrupted,
     )
