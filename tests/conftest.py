@@ -69,7 +69,7 @@ def without_torch(tmp_path: Path) -> dict[str, str]:
     package = tmp_path / "no-torch" / "torch"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("raise ImportError('torch was imported on a path that needs no torch')\n")
-    return {"PYTHONPATH": str(package.parent)}
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(package.parent), os.environ.get("PYTHONPATH")]))}
 
 
 def run_dir_of(result: subprocess.CompletedProcess) -> Path:

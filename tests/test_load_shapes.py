@@ -16,6 +16,7 @@ from tokenrig.loadgen.records import read_records
 from tokenrig.loadgen.scenario import LoadPlanSpec, load_scenario
 from tokenrig.loadgen.search import SATURATION_DEFICIT, SATURATION_SIGMAS, StepResult
 from tokenrig.profiles import resolve_gpu, resolve_model
+from tokenrig.report.console import render_steps
 from tokenrig.report.run_summary import RunSummary
 from tokenrig.serve.engines.sim import PrefixCache, RooflineEngine, StepWork
 from tokenrig.serve.spec import SimOptions
@@ -213,7 +214,7 @@ def _late_step(rate: float, sent: int, completed: int, max_lag_s: float, slos: d
 
 
 def test_a_step_with_late_sends_still_fails_when_the_lateness_cannot_explain_it():
-    """The CI run of the knee test above: at 8 req/s on a 4.5-req/s server, 3 of 25 sends up to 88 ms late
+    """A fresh-clone run of the knee test above: at 8 req/s on a 4.5-req/s server, 3 of 25 sends up to 88 ms late
     (an idle VM's wake-ups) and TTFT p90 1.28 s against 200 ms. That is a miss; a step whose miss the
     lateness could explain, or that met its SLOs, or whose client had other faults, is no verdict."""
     assert _late_step(8, 25, 8, 0.088, {"ttft_p90": (1.28, 0.2)}).judged
@@ -229,6 +230,14 @@ def test_a_step_with_late_sends_still_fails_when_the_lateness_cannot_explain_it(
     result = search.conclude(steps)
     assert (result.best, result.lowest_failing, result.next_rate) == (4, 8, 6)
     assert "(load generator late, missed beyond its lag)" in search.step_line(steps)
+    # search.json's rows say so, and the console table reads them; a step with other faults stays INVALID
+    rows = [step.row() for step in steps + [_late_step(8, 25, 8, 0.088, {"ttft_p90": (1.28, 0.2)},
+                                                       late_sends_only=False)]]
+    assert [(row["loadgen_valid"], row["judged"]) for row in rows] == [(True, True), (True, True), (False, True),
+                                                                       (False, False)]
+    table = render_steps({"mode": "find-max", "steps": rows, **search.conclusion(steps)}, "t", ["ttft_p90"])
+    lines = table.splitlines()
+    assert lines[5].endswith("(load generator late, missed beyond its lag)") and lines[6].endswith("LOADGEN INVALID")
 
 
 def test_find_max_skips_rates_whose_steps_fell_behind():

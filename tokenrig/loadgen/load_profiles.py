@@ -17,6 +17,7 @@ from typing import Callable, ClassVar
 
 from tokenrig.loadgen.scenario import OPEN_LOOP_TYPES, LoadPlanSpec
 from tokenrig.loadgen.search import StepResult, step_duration
+from tokenrig.report.console import LATE_BUT_JUDGED
 from tokenrig.report.slo import Slo
 
 
@@ -144,8 +145,7 @@ class FindMax(Search):
         step = steps[-1]
         verdict = "meets SLOs" if step.slo_met else ("saturated" if step.saturated else "misses SLOs")
         return (f"step {len(steps)}: {step.load:.3g} req/s -> {verdict}"
-                + ("" if step.valid else " (load generator late, missed beyond its lag)" if step.judged
-                   else " (load generator INVALID)"))
+                + ("" if step.valid else f" ({LATE_BUT_JUDGED})" if step.judged else " (load generator INVALID)"))
 
     def conclusion(self, steps: list[StepResult]) -> dict:
         result = self.conclude(steps)

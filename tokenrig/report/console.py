@@ -90,6 +90,17 @@ def render(summary: RunSummary, title: str) -> str:
     return "\n".join(lines)
 
 
+LATE_BUT_JUDGED = "load generator late, missed beyond its lag"
+
+
+def loadgen_note(row: dict) -> str:
+    """What a search step's row says of its load generator: nothing when valid; that the step's failure stands
+    when its one fault was late sends that cannot explain it (search.StepResult.judged); else INVALID."""
+    if row["loadgen_valid"]:
+        return ""
+    return f" ({LATE_BUT_JUDGED})" if row.get("judged") else " LOADGEN INVALID"
+
+
 def render_steps(document: dict, title: str, slos) -> str:
     """The curve a sweep or SLO search walked, one line per step, and its conclusion."""
     def ms(value):
@@ -107,8 +118,7 @@ def render_steps(document: dict, title: str, slos) -> str:
             verdict = "interrupted (no verdict)"
         elif row["saturated"]:
             verdict += " saturated" if not row["stopped_early"] else " stopped early (SLO already missed)"
-        if not row["loadgen_valid"]:
-            verdict += " (loadgen late, missed beyond its lag)" if row.get("judged") else " LOADGEN INVALID"
+        verdict += loadgen_note(row)
         goodput = f"{row['goodput_rps']:9.2f}" if row["goodput_rps"] is not None else f"{'-':>9}"
         lines.append(f"{row['load']:9.3g}{row['achieved_rps']:9.2f}{row['completed_rps']:9.2f}"
                      f"{row['output_tokens_per_s']:9.0f}{ms(row['ttft_p50_s'])}{ms(row['ttft_p99_s'])}"

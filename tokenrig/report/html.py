@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tokenrig.report import charts, timeline
 from tokenrig.report.compare import run_row, server_label
+from tokenrig.report.console import loadgen_note
 from tokenrig.report.runs import LoadRun, LoadStep, Runs, TrainRun, find_runs
 from tokenrig.report.slo import recorded_slos
 from tokenrig.report.run_summary import RunSummary
@@ -192,8 +193,7 @@ def _load_run(page: Page, run: LoadRun, anchor: str) -> None:
                      _ms(row["tpot_p50_s"]), _ms(row["tpot_p99_s"]), _number(row["goodput_rps"]),
                      ("meets SLOs" if row["slo_met"] else "misses SLOs" if slos else "")
                      + (" saturated" if row["saturated"] else "") + (" stopped early" if row["stopped_early"] else "")
-                     + ("" if row["loadgen_valid"] else " (loadgen late, missed beyond its lag)"
-                        if row.get("judged") else " LOADGEN INVALID")]
+                     + loadgen_note(row)]
                     for i, row in enumerate(search.get("steps") or [])], text_columns=0)
         page.figure(charts.search_curves(search.get("steps") or [], slos, users, f"{run.run_id}: curves"))
         page.figure(charts.search_walk(search, slos, users, f"{run.run_id}: search walk"))
