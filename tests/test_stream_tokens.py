@@ -3,15 +3,21 @@
 A scripted streaming server on loopback answers each request with the chunks of the script its
 `max_tokens` names: several tokens in one chunk, chunks with no content, escaped and non-ASCII
 text, usage only at the end or no usage at all, chat and completions. `tokenrig loadtest` runs
-against it and every record must say how many tokens each content chunk carried.
+against it and every record must say how many tokens each content chunk carried. The client
+tokenizes each distinct chunk text once per run (users.ChunkTokenCounter): a unit test checks its
+counts against the tokenizer's, cache full or not.
 """
 
 import json
 import socket
 import threading
 
+import random
+
 from tests.conftest import load_summary, run_cli, run_dir_of
 from tokenrig.loadgen.records import read_records
+from tokenrig.loadgen.users import ChunkTokenCounter
+from tokenrig.serve.tokenizer import build_tokenizer, content_words
 
 BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "tiny"}
 
@@ -46,6 +52,10 @@ SCRIPTS = {
     # usage equal to the number of content chunks, though each carries two tokens: the stream is counted
     7: ([chat({"role": "assistant", "content": ""}), chat({"content": " ba ke"}), chat({"content": " ti mo"}),
          chat({}, "length"), usage(2)], [2, 2], 2),
+    # a word streamed in two pieces, as a subword tokenizer's server streams it, and a usage that counts both:
+    # the reply tokenized whole is one word, but the chunks and the server agree on two
+    8: ([chat({"role": "assistant", "content": ""}), chat({"content": " ba"}), chat({"content": "ke"}),
+         chat({}, "length"), usage(2)], [1, 1], 2),
 }
 PREFLIGHT = ([chat({"content": " ba"}), chat({"content": " ke"}, "length")], [1, 1], None)
 
@@ -122,3 +132,19 @@ def test_token_counts_are_exact_for_every_chunk_shape(tmp_path):
         assert record.output_tokens == sum(per_chunk)  # the tokens streamed, whatever the usage says
     # only the script whose usage miscounts its stream is a mismatch
     assert load_summary(run_dir)["tokens"]["usage_vs_tokenizer_mismatches"] == sum(r.max_tokens == 7 for r in records)
+
+
+def test_chunk_counts_are_the_tokenizers_whether_the_text_was_seen_or_not():
+    tokenizer = build_tokenizer(500)
+    words = content_words(tokenizer)
+    rng = random.Random(3)
+    # one word a chunk, several, none (whitespace only), unknown text, escapes' decoded characters
+    texts = [" " + " ".join(rng.choices(words, k=rng.choice([1, 1, 1, 2, 3]))) for _ in range(400)]
+    texts += [" ", "", ' "ke"', " tĩ mo", " \n"]
+    expected = [len(tokenizer.encode(text, add_special_tokens=False).ids) for text in texts]
+    assert len(set(expected)) > 2, "the texts cover several token counts"
+    for capacity in (1 << 16, 7):  # every text kept, and a cache that starts over every 7 texts
+        counter = ChunkTokenCounter(tokenizer, capacity=capacity)
+        assert counter(texts) == expected  # first sight: tokenized
+        assert counter(texts) == expected  # seen: looked up (or tokenized again after the cache started over)
+        assert len(counter) <= capacity
