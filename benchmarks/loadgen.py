@@ -222,25 +222,33 @@ def measure_level(tool: str, streams: int, duration: float, client_core: int, se
 
 def per_chunk_profile() -> dict[str, float]:
     """Microseconds per streamed chunk of each step of tokenrig's per-chunk path, and of what it replaced."""
+    import orjson
     from refserver import render_stream
     from tokenrig.loadgen.clients.openai import content_fast, parse_openai_chunk
+    from tokenrig.loadgen.tokens import TokenCounter
     from tokenrig.serve.tokenizer import build_tokenizer
 
     _, body = render_stream(2)
     line = body[0].split(b"\r\n")[1].rstrip(b"\n") + b"\n"  # one SSE line as the client reads it
     tokenizer = build_tokenizer(32000)
+    text = content_fast(line)
+    count = TokenCounter(tokenizer).chunk_counts
+    reply = [text] * TOKENS
+    count(reply)
     number = 100_000
 
-    def us(statement) -> float:
-        return min(timeit.repeat(statement, number=number, repeat=3)) / number * 1e6
+    def us(statement, per=1) -> float:
+        return min(timeit.repeat(statement, number=number // per, repeat=3)) / number * 1e6
 
     return {
         "timestamp (perf_counter)": us(time.perf_counter),
         "content, byte-level fast path (kept)": us(lambda: content_fast(line)),
-        "content, json.loads + extraction (the fallback; was every chunk)": us(
+        "content, orjson.loads + extraction (the fallback)": us(lambda: parse_openai_chunk(orjson.loads(line[5:].strip()))),
+        "content, json.loads + extraction (was every chunk)": us(
             lambda: parse_openai_chunk(json.loads(line[5:].strip()))),
-        "tokenizer.encode of the chunk text (was every chunk; now only when usage disagrees)": us(
-            lambda: tokenizer.encode(" kalo", add_special_tokens=False)),
+        "token count, looked up once the request has ended (kept)": us(lambda: count(reply), per=TOKENS),
+        "token count, tokenizer.encode of the chunk text (was every chunk; now once per distinct text)": us(
+            lambda: tokenizer.encode(text, add_special_tokens=False)),
     }
 
 

@@ -4,7 +4,7 @@ A scripted streaming server on loopback answers each request with the chunks of 
 `max_tokens` names: several tokens in one chunk, chunks with no content, escaped and non-ASCII
 text, usage only at the end or no usage at all, chat and completions. `tokenrig loadtest` runs
 against it and every record must say how many tokens each content chunk carried. The client
-tokenizes each distinct chunk text once per run (users.ChunkTokenCounter): a unit test checks its
+tokenizes each distinct chunk text once per run (loadgen/tokens.py): a unit test checks its
 counts against the tokenizer's, cache full or not.
 """
 
@@ -16,7 +16,7 @@ import random
 
 from tests.conftest import load_summary, run_cli, run_dir_of
 from tokenrig.loadgen.records import read_records
-from tokenrig.loadgen.users import ChunkTokenCounter
+from tokenrig.loadgen.tokens import TokenCounter
 from tokenrig.serve.tokenizer import build_tokenizer, content_words
 
 BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "tiny"}
@@ -144,7 +144,7 @@ def test_chunk_counts_are_the_tokenizers_whether_the_text_was_seen_or_not():
     expected = [len(tokenizer.encode(text, add_special_tokens=False).ids) for text in texts]
     assert len(set(expected)) > 2, "the texts cover several token counts"
     for capacity in (1 << 16, 7):  # every text kept, and a cache that starts over every 7 texts
-        counter = ChunkTokenCounter(tokenizer, capacity=capacity)
-        assert counter(texts) == expected  # first sight: tokenized
-        assert counter(texts) == expected  # seen: looked up (or tokenized again after the cache started over)
+        counter = TokenCounter(tokenizer, capacity=capacity)
+        assert counter.chunk_counts(texts) == expected  # first sight: tokenized
+        assert counter.chunk_counts(texts) == expected  # seen: looked up (or tokenized again after the cache started over)
         assert len(counter) <= capacity

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import orjson
 
 # A request in flight when the load test was stopped: the server did nothing wrong, so it is cancelled,
 # not failed.
@@ -109,15 +110,17 @@ class JsonlSink:
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = path.open("a", buffering=1)
+        self._file = path.open("ab")
         self.error: OSError | None = None
         self.unwritten = 0
 
     def write(self, record: RequestRecord) -> None:
-        # vars(), not dataclasses.asdict(): asdict deep-copies the per-chunk lists, 180 µs a record
-        # against 33 µs, and at hundreds of streams those microseconds delay the other greenlets
+        # vars(), not dataclasses.asdict(), which deep-copies the per-chunk lists; orjson, not json: a
+        # 128-chunk record takes 4 µs against 73, and at hundreds of streams those microseconds delay the
+        # other greenlets. Flushed at once, so that a crash loses no finished request.
         try:
-            self._file.write(json.dumps(vars(record), separators=(",", ":")) + "\n")
+            self._file.write(orjson.dumps(vars(record), option=orjson.OPT_APPEND_NEWLINE))
+            self._file.flush()
         except OSError as error:
             self.error = self.error or error
             self.unwritten += 1
@@ -151,7 +154,7 @@ def read_records(path: Path) -> list[RequestRecord]:
             if not line.strip():
                 continue
             try:
-                records.append(RequestRecord(**json.loads(line)))
+                records.append(RequestRecord(**orjson.loads(line)))
             except json.JSONDecodeError:
                 if line.endswith("\n"):
                     raise

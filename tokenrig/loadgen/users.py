@@ -2,9 +2,8 @@
 
 Each user takes send slots from the shared `LoadPlan`, waits for the slot's due time, and sends
 one streaming request through its API's client (loadgen/clients: OpenAI SSE, TGI
-/generate_stream), which times every chunk. Tokens are counted once the request has ended: the tokenizer's count
-of each chunk's text (each distinct text tokenized once a run), checked against the server's
-count, else against the reply tokenized whole; the record then goes to the run's sink.
+/generate_stream), which times every chunk. Once the request has ended its tokens are counted (loadgen/tokens.py)
+and the record goes to the run's sink.
 """
 
 from __future__ import annotations
@@ -21,36 +20,10 @@ from tokenizers import Tokenizer
 from tokenrig.loadgen.clients import StreamResult, openai
 from tokenrig.loadgen.plan import LoadPlan
 from tokenrig.loadgen.records import CANCELLED, GAVE_UP, RequestRecord, Sink
+from tokenrig.loadgen.tokens import TokenCounter
 from tokenrig.loadgen.workload import PreparedRequest, Workload
 
 SLOT_LATE_TOLERANCE_S = 0.001
-CHUNK_COUNT_CACHE_SIZE = 1 << 16  # distinct chunk texts whose token counts a run keeps
-
-
-class ChunkTokenCounter:
-    """The tokenizer's count of each chunk's text, alone. A chunk carries one token's text, or a few tokens', so
-    the same texts recur through a run and each distinct one is tokenized once: a request's 128 chunks are then
-    looked up in 14 µs, where tokenizing its reply took 0.12 ms offline and 2 ms p50 inside a 16-stream run."""
-
-    def __init__(self, tokenizer: Tokenizer, capacity: int = CHUNK_COUNT_CACHE_SIZE):
-        self._encode = tokenizer.encode
-        self._known: dict[str, int] = {}
-        self.capacity = capacity
-
-    def __call__(self, texts: list[str]) -> list[int]:
-        known = self._known
-        counts = list(map(known.get, texts))
-        if None in counts:
-            for index, text in enumerate(texts):
-                if counts[index] is None:
-                    if len(known) >= self.capacity:  # a server of many tokens a chunk: its texts rarely recur
-                        known.clear()
-                    counts[index] = known[text] = len(self._encode(text, add_special_tokens=False).ids)
-        return counts
-
-    def __len__(self) -> int:
-        """Distinct texts whose counts are kept."""
-        return len(self._known)
 
 
 @dataclass
@@ -72,13 +45,13 @@ class LoadContext:
     failed: int = 0
     output_tokens: int = 0
     finishers: Group = field(default_factory=Group)  # records being finished after their stream ended
-    count_chunk_tokens: ChunkTokenCounter = field(init=False)
+    count_tokens: TokenCounter = field(init=False)
     reading: dict = field(default_factory=dict)  # greenlet -> [when its stream last delivered a line]
     _watchdog: object = None
     _next_id: int = 0
 
     def __post_init__(self) -> None:
-        self.count_chunk_tokens = ChunkTokenCounter(self.tokenizer)
+        self.count_tokens = TokenCounter(self.tokenizer)
 
     def new_id(self) -> int:
         self._next_id += 1
@@ -111,22 +84,6 @@ class LoadContext:
 
 class StreamTimeout(TimeoutError):
     """The server sent nothing for the request timeout."""
-
-
-def count_tokens(ctx: LoadContext, record: RequestRecord, texts: list[str]) -> None:
-    """The client's count of each content chunk's tokens and of the whole reply."""
-    counts = ctx.count_chunk_tokens(texts)
-    total = sum(counts)
-    if record.output_tokens_usage != total:
-        # No server count, or one the chunks disagree with: the reply tokenized whole is the reference (a chunk
-        # alone may tokenize differently: SentencePiece gives " ba" alone two tokens). Every chunk with text
-        # carries a token, so a reply of as many tokens as chunks had exactly one in each.
-        total = len(ctx.tokenizer.encode("".join(texts), add_special_tokens=False).ids)
-        if total == len(texts):
-            counts = [1] * total
-    record.chunk_tokens = counts
-    record.output_tokens_tokenizer = total
-    record.truncated = record.output_tokens < record.max_tokens
 
 
 class OpenAIStreamingUser(User):
@@ -208,7 +165,7 @@ class OpenAIStreamingUser(User):
                 deferred: bool = False) -> None:
         """Count the tokens, account and write the record."""
         ctx = self.ctx
-        count_tokens(ctx, record, texts)
+        ctx.count_tokens(record, texts)
         if deferred:
             gevent.sleep(0)  # let the chunks that arrived meanwhile be timestamped before the record is written
         ctx.in_flight -= 1

@@ -2,15 +2,15 @@
 
 The response is read line by line as bytes arrive (Locust's own `iter_lines` waits for 1 KiB blocks
 and would delay every chunk). Per chunk: a readline, a timestamp and, for the common chunk shape, a
-byte-level cut of the content (`content_fast`); JSON parsing only for the rest.
+byte-level cut of the content (`content_fast`); JSON parsing (orjson) only for the rest.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from urllib.parse import urlsplit
 
+import orjson
 from geventhttpclient import HTTPClient
 
 from tokenrig.loadgen.clients import StreamResult
@@ -97,7 +97,7 @@ def stream(client: HTTPClient, path: str, body: bytes, headers: dict, result: St
                 if data == b"[DONE]":
                     done = True
                     break
-                text, usage = parse_openai_chunk(json.loads(data))
+                text, usage = parse_openai_chunk(orjson.loads(data))
                 if usage:
                     result.output_tokens_usage = usage.get("completion_tokens")
                     result.prompt_tokens_usage = usage.get("prompt_tokens")
