@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from tokenrig.loadgen.records import FanoutSink, RequestRecord
 from tokenrig.monitor.discovery import TargetFile
@@ -28,6 +31,34 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 
 RUN_LABELS = ("run_id", "scenario", "backend", "model", "gpu")
 
 
+class BulkHistogram:
+    """One labelled Prometheus histogram fed a whole array at a time: a request's ITL gaps, one per token.
+    prometheus_client's `observe` takes a lock and walks the buckets for each value, 120 µs for a 128-token
+    request; here one searchsorted and one bincount. Exposed as the library's histogram family."""
+
+    def __init__(self, name: str, documentation: str, label_names: list[str], label_values: list[str],
+                 registry: CollectorRegistry, buckets: tuple[float, ...]):
+        self.name, self.documentation = name, documentation
+        self.label_names, self.label_values = label_names, label_values
+        self.bounds = np.array([*buckets, np.inf])
+        self.counts = np.zeros(self.bounds.size, dtype=np.int64)  # per bucket, not cumulative
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe_many(self, values) -> None:
+        values = np.asarray(values, dtype=float)
+        # the first bound >= value: Prometheus buckets are "less than or equal"
+        self.counts += np.bincount(np.searchsorted(self.bounds, values), minlength=self.bounds.size)
+        self.sum += float(values.sum())
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.label_names)
+        family.add_metric(self.label_values, [(floatToGoString(bound), int(count))
+                                              for bound, count in zip(self.bounds, np.cumsum(self.counts))],
+                          self.sum)
+        yield family
+
+
 class LoadgenMetrics:
     def __init__(self, labels: dict[str, str]):
         self.registry = CollectorRegistry()
@@ -38,7 +69,8 @@ class LoadgenMetrics:
             return Histogram(name, doc, names, buckets=LATENCY_BUCKETS, registry=self.registry).labels(*self.label_values)
 
         self.ttft = histogram("tokenrig_request_ttft_seconds", "Time to first token, from the scheduled send time")
-        self.itl = histogram("tokenrig_request_itl_seconds", "Inter-token latency, one observation per token")
+        self.itl = BulkHistogram("tokenrig_request_itl_seconds", "Inter-token latency, one observation per token",
+                                 names, self.label_values, self.registry, LATENCY_BUCKETS)
         self.tpot = histogram("tokenrig_request_tpot_seconds", "Time per output token after the first, per request")
         self.e2e = histogram("tokenrig_request_e2e_seconds", "End-to-end latency, from the scheduled send time")
         self.lag = histogram("tokenrig_schedule_lag_seconds", "Actual minus scheduled send time")
@@ -92,8 +124,7 @@ class PrometheusSink:
         per_token = record.tpot()
         if per_token is not None:
             m.tpot.observe(per_token)
-        for gap in record.itl_gaps():
-            m.itl.observe(gap)
+        m.itl.observe_many(record.itl_gaps())
         m.output_tokens.inc(record.output_tokens)
         m.input_tokens.inc(record.prompt_tokens_usage or record.prompt_tokens_sent)
 

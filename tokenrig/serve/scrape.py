@@ -35,13 +35,18 @@ COUNTERS = {
 }
 _NAMES = {key: names for table in (GAUGES, COUNTERS) for key, names in table.items()}
 _SAMPLE_NAMES = {name for names in _NAMES.values() for name in names}
+_SAMPLE_PREFIXES = tuple(sorted(_SAMPLE_NAMES))
 
 
 def parse_metrics(text: str) -> dict[str, float]:
     """The known figures of one /metrics page, summed over label sets (one model, one or more engines);
     of a figure's alternative names, the first the page has."""
+    # Only the lines of those samples go to the parser. vLLM 0.26's page is ~50 KB, mostly histograms: parsed
+    # whole it took 7.6 ms, 0.3 ms filtered first. The scraper runs in the load generator's event loop, where
+    # a block that long delays every chunk arriving meanwhile (~180 of them at 24k chunks/s).
+    wanted = "\n".join(line for line in text.splitlines() if line.startswith(_SAMPLE_PREFIXES))
     sums: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(wanted):
         for sample in family.samples:
             if sample.name in _SAMPLE_NAMES:
                 sums[sample.name] = sums.get(sample.name, 0.0) + sample.value

@@ -1,0 +1,53 @@
+"""The load generator's exporter as Prometheus reads it: the ITL histogram, fed a request's gaps at once,
+exposes what prometheus_client's own Histogram exposes when fed them one by one."""
+
+from __future__ import annotations
+
+import random
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tokenrig.loadgen.records import RequestRecord
+from tokenrig.monitor.exporter import LATENCY_BUCKETS, RUN_LABELS, LoadgenMetrics, PrometheusSink
+
+ITL = "tokenrig_request_itl_seconds"
+
+
+def samples(registry: CollectorRegistry, family_name: str) -> dict:
+    page = generate_latest(registry).decode()
+    family = next(f for f in text_string_to_metric_families(page) if f.name == family_name)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples if not s.name.endswith("_created")}
+
+
+def test_itl_histogram_fed_in_bulk_exposes_what_one_observation_a_gap_does():
+    labels = {name: f"{name}-1" for name in RUN_LABELS}
+    metrics = LoadgenMetrics(labels)
+    sink = PrometheusSink(metrics)
+    reference_registry = CollectorRegistry()
+    reference = Histogram(ITL, "Inter-token latency, one observation per token", list(RUN_LABELS),
+                          buckets=LATENCY_BUCKETS, registry=reference_registry).labels(*labels.values())
+    rng = random.Random(5)
+    observed = 0
+    for request in range(40):
+        # gaps of every magnitude, some exactly on a bucket bound (Prometheus buckets are "less than or equal"),
+        # some chunks of several tokens, one past the last bound
+        gaps = [rng.choice([rng.uniform(0, 0.03), rng.choice(LATENCY_BUCKETS), rng.uniform(0.03, 700)])
+                for _ in range(rng.randint(1, 60))]
+        offsets = [0.1]
+        for gap in gaps:
+            offsets.append(offsets[-1] + gap)
+        tokens = [rng.choice([1, 1, 1, 2, 3]) for _ in offsets]
+        record = RequestRecord(request_id=request, request_class="c", api="chat", scheduled_at=0.0, send_lag_s=0.0,
+                               slot_late=False, in_window=True, prompt_tokens_sent=8, max_tokens=sum(tokens),
+                               status=200, ttft_s=offsets[0], e2e_s=offsets[-1], chunk_offsets_s=offsets,
+                               chunk_tokens=tokens, output_tokens_tokenizer=sum(tokens))
+        sink.write(record)
+        for gap in record.itl_gaps():
+            reference.observe(gap)
+            observed += 1
+    ours, theirs = samples(metrics.registry, ITL), samples(reference_registry, ITL)
+    assert ours.keys() == theirs.keys() and len(ours) == len(LATENCY_BUCKETS) + 3  # buckets, +Inf, count, sum
+    for key, value in theirs.items():
+        assert abs(ours[key] - value) <= 1e-9 * max(1.0, abs(value)), key
+    assert next(value for (name, _), value in ours.items() if name == f"{ITL}_count") == observed > 500
