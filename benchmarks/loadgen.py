@@ -6,11 +6,14 @@ logs when it handed each chunk to the kernel. That log is the truth: TTFT = requ
 first content chunk sent, ITL = gaps between sends. Its lateness against the schedule is in the
 table, so a row where the server, not the client, slipped is visible.
 
-Per stream count, closed loop: tokenrig (`tokenrig loadtest --url`, pinned to one core) and a
-minimal baseline client on the same core (gevent greenlets, geventhttpclient, readline and a
-timestamp per chunk: the least a Python client can do) each drive a fresh server. Reported:
+Per stream count, closed loop, each client alone on the same core against a fresh server:
+tokenrig (`tokenrig loadtest --url`, which also scrapes the server's /metrics, a real vLLM 0.26
+page, every second), the minimal baseline client (gevent greenlets on geventhttpclient, readline
+and a timestamp per chunk: the least a Python client can do) and a plain Locust user doing the
+same per chunk through Locust's own machinery (benchmarks/comparison_clients.py). Reported:
 streamed tokens/s, TTFT p50 and chunk-gap ITL p99 minus the server's truth, client CPU and CPU
-per 1k tok/s, with tokenrig/baseline ratios. Last, a micro-profile of the per-chunk work.
+per 1k tok/s, with tokenrig's ratios to both. Last, micro-profiles of tokenrig's per-chunk and
+per-request work against what each replaced.
 
     python benchmarks/loadgen.py [--streams 1,64,256,512] [--duration 10] [--out docs/results/...]
 
@@ -41,7 +44,10 @@ TTFT_S, ITL_S, TOKENS, WARMUP_S = 0.100, 0.010, 128, 2.0
 # stream ends and sends again in the same few milliseconds, and the row measures those waves.
 RAMP_S = TTFT_S + TOKENS * ITL_S
 GOAL_TTFT_P50_ERR_S, GOAL_ITL_P99_ERR_S = 0.001, 0.0025
+COMPARED = ("baseline", "locust")  # benchmarks/comparison_clients.py, the denominators of tokenrig's ratios
 MAX_SERVER_LATENESS_P99_S = 0.001  # past this the row measures the server, not the client
+# the server's /metrics is vLLM 0.26's page under load: tokenrig scrapes it every second, as against vLLM
+METRICS_PAGE = REPO / "tests" / "fixtures" / "vllm-0.26.0-metrics-under-load.txt"
 TABLE_START, TABLE_END = "<!-- benchmarks/loadgen.py writes from here -->", "<!-- to here -->"
 SCENARIO = f"""name: loadgen-capacity
 source: benchmark
@@ -78,7 +84,7 @@ class RefServer:
         self.process = subprocess.Popen(
             ["taskset", "-c", str(core), sys.executable, str(REPO / "benchmarks" / "refserver.py"), "--port", "0",
              "--ttft-ms", str(ttft_s * 1000), "--itl-ms", str(itl_s * 1000), "--tokens", str(tokens),
-             "--log", str(log)], stdout=subprocess.PIPE, text=True)
+             "--metrics-page", str(METRICS_PAGE), "--log", str(log)], stdout=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         if not line.startswith("listening on "):
             self.process.kill()
@@ -138,64 +144,17 @@ def tokenrig_level(url: str, streams: int, duration: float, core: int, workdir: 
 
     summary = RunSummary.read(run_dir / "summary.json")
     latency, health = summary.latency_s, summary.load_generator
+    if not (summary.server or {}).get("scrapes_in_window"):
+        raise RuntimeError(f"tokenrig did not scrape the server's /metrics: {summary.server}")
     return {"tool": "tokenrig", "streams": streams, "tokens_per_s": summary.throughput.output_tokens_per_s,
             "ttft_p50_s": latency.ttft.p50, "itl_p99_s": latency.itl.p99,
             "client_cpu": health.client_cpu_fraction, "valid": health.valid}
 
 
-# -- baseline: the least a Python client can do per chunk ---------------------------------------
-
-def baseline_main(url: str, streams: int, duration: float) -> None:
-    """gevent greenlets on geventhttpclient, each a stream: readline, and for a content line one
-    timestamp. Prints one JSON row."""
-    import gevent
-    from geventhttpclient import HTTPClient
-    from urllib.parse import urlsplit
-
-    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": " ".join(["ba"] * 64)}],
-                       "max_tokens": TOKENS, "stream": True}).encode()
-    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-    parts = urlsplit(url)
-    start = time.perf_counter()
-    warm, end = start + WARMUP_S, start + duration
-    ttfts, gaps, tokens = [], [], [0]
-
-    def stream(index: int):
-        gevent.sleep(RAMP_S * index / streams)
-        client = HTTPClient(parts.hostname, parts.port, concurrency=1, network_timeout=60)
-        clock = time.perf_counter
-        while clock() < end:
-            sent = clock()
-            response = client.post("/v1/chat/completions", body=body, headers=headers)
-            first = last = None
-            while True:
-                line = response.readline(b"\n")
-                now = clock()
-                if not line or line.startswith(b"data: [DONE]"):
-                    break
-                if b'"content":"' not in line or b'"content":""' in line:
-                    continue
-                if warm <= now < end:
-                    tokens[0] += 1
-                if first is None:
-                    first = now
-                    if sent >= warm:
-                        ttfts.append(now - sent)
-                elif sent >= warm:
-                    gaps.append(now - last)
-                last = now
-        client.close()
-
-    cpu, wall = time.process_time(), time.perf_counter()
-    gevent.joinall([gevent.spawn(stream, index) for index in range(streams)])
-    print(json.dumps({"tool": "baseline", "streams": streams, "tokens_per_s": tokens[0] / (duration - WARMUP_S),
-                      "ttft_p50_s": float(np.percentile(ttfts, 50)), "itl_p99_s": float(np.percentile(gaps, 99)),
-                      "client_cpu": (time.process_time() - cpu) / (time.perf_counter() - wall), "valid": True}))
-
-
-def baseline_level(url: str, streams: int, duration: float, core: int) -> dict:
-    command = ["taskset", "-c", str(core), sys.executable, __file__, "--baseline", url, "--streams", str(streams),
-               "--duration", str(duration)]
+def comparison_level(tool: str, url: str, streams: int, duration: float, core: int) -> dict:
+    """benchmarks/comparison_clients.py's `tool` (baseline, locust) on `core`: its JSON row."""
+    command = ["taskset", "-c", str(core), sys.executable, str(REPO / "benchmarks" / "comparison_clients.py"), tool,
+               url, "--streams", str(streams), "--duration", str(duration)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=duration + 300, preexec_fn=raised_priority,
                             start_new_session=True)
     if result.returncode != 0:
@@ -209,7 +168,7 @@ def measure_level(tool: str, streams: int, duration: float, client_core: int, se
         if tool == "tokenrig":
             row = tokenrig_level(server.url, streams, duration, client_core, workdir)
         else:
-            row = baseline_level(server.url, streams, duration, client_core)
+            row = comparison_level(tool, server.url, streams, duration, client_core)
         # tokenrig's window starts WARMUP_S after its plan starts, a little before the first request arrives
         row["truth"] = server.truth((WARMUP_S, duration))
     row["ttft_err_s"] = row["ttft_p50_s"] - row["truth"]["ttft_p50_s"]
@@ -252,6 +211,53 @@ def per_chunk_profile() -> dict[str, float]:
     }
 
 
+def per_request_profile() -> dict[str, float]:
+    """Microseconds per request (per scrape for /metrics) of tokenrig's work between streams, kept and replaced:
+    a 128-token record written, its tokens counted, fed to the live exporter; the server's page parsed."""
+    import orjson
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.parser import text_string_to_metric_families
+    from tokenrig.loadgen.records import RequestRecord
+    from tokenrig.loadgen.tokens import TokenCounter
+    from tokenrig.monitor.exporter import LATENCY_BUCKETS, RUN_LABELS, LoadgenMetrics, PrometheusSink
+    from tokenrig.serve.scrape import parse_metrics
+    from tokenrig.serve.tokenizer import build_tokenizer, content_words
+
+    tokenizer = build_tokenizer(32000)
+    texts = [" " + word for word in content_words(tokenizer)[:TOKENS]]
+    offsets = [TTFT_S + k * ITL_S + (k % 7) * 1e-5 for k in range(TOKENS)]
+    record = RequestRecord(request_id=1, request_class="fixed", api="chat", scheduled_at=time.time(), send_lag_s=1e-4,
+                           slot_late=False, in_window=True, prompt_tokens_sent=64, max_tokens=TOKENS, status=200,
+                           ttft_s=offsets[0], e2e_s=offsets[-1], chunk_offsets_s=offsets, chunk_tokens=[1] * TOKENS,
+                           output_tokens_usage=TOKENS, output_tokens_tokenizer=TOKENS)
+    counter = TokenCounter(tokenizer)
+    counter(record, texts)
+    sink = PrometheusSink(LoadgenMetrics({name: "x" for name in RUN_LABELS}))
+    per_gap = Histogram("itl", "ITL", buckets=LATENCY_BUCKETS, registry=CollectorRegistry())
+    page = METRICS_PAGE.read_text()
+    number = 2_000
+
+    def us(statement, times=number) -> float:
+        return min(timeit.repeat(statement, number=times, repeat=3)) / times * 1e6
+
+    def observe_each_gap():
+        for gap in record.itl_gaps():
+            per_gap.observe(gap)
+
+    return {
+        "record line, orjson (kept)": us(lambda: orjson.dumps(vars(record), option=orjson.OPT_APPEND_NEWLINE)),
+        "record line, json (was)": us(lambda: json.dumps(vars(record), separators=(",", ":")) + "\n"),
+        "tokens, each chunk's count looked up, usage agreeing (kept)": us(lambda: counter(record, texts)),
+        "tokens, the reply tokenized whole (was every request)": us(
+            lambda: tokenizer.encode("".join(texts), add_special_tokens=False)),
+        "live exporter, ITL gaps in bulk (kept)": us(lambda: sink.metrics.itl.observe_many(record.itl_gaps())),
+        "live exporter, one observe per gap (was)": us(observe_each_gap),
+        "server /metrics page (vLLM 0.26, 50 KB), wanted lines parsed (kept; once a second)": us(
+            lambda: parse_metrics(page), 50),
+        "server /metrics page, parsed whole (was)": us(lambda: list(text_string_to_metric_families(page)), 20),
+    }
+
+
 def environment(load_before: float) -> str:
     """Machine, versions and load, for the record of a measurement."""
     from importlib.metadata import version
@@ -264,7 +270,7 @@ def environment(load_before: float) -> str:
             f"{os.getloadavg()[0]:.2f} after (the benchmark's own two busy processes included).")
 
 
-def render(rows: list[dict], profile: dict, server_core: int, client_core: int) -> str:
+def render(rows: list[dict], profile: dict, request_profile: dict, server_core: int, client_core: int) -> str:
     def ms(value, sign=""):
         return f"{value * 1000:{sign}.2f}" if value is not None else "-"
 
@@ -286,14 +292,21 @@ def render(rows: list[dict], profile: dict, server_core: int, client_core: int) 
                      f"{ms(truth['late_p50_s'])} / {ms(truth['late_p99_s'])} / {ms(truth['late_max_s'])} | "
                      f"{row['client_cpu']:.0%} | {row['cpu_per_1k'] * 100:.2f} % | {verdict} |")
     pairs = {(r["streams"], r["tool"]): r for r in rows}
-    lines += ["", "| streams | tokens/s, tokenrig / baseline | CPU per 1k tok/s, tokenrig / baseline |", "|---:|---:|---:|"]
+    others = [tool for tool in COMPARED if any(r["tool"] == tool for r in rows)]
+    lines += ["", "| streams | " + " | ".join(f"tokens/s, tokenrig / {tool} | CPU per 1k tok/s, tokenrig / {tool}"
+                                            for tool in others) + " |", "|---:|" + "---:|---:|" * len(others)]
     for streams in sorted({r["streams"] for r in rows}):
-        ours, theirs = pairs.get((streams, "tokenrig")), pairs.get((streams, "baseline"))
-        if ours and theirs and theirs["cpu_per_1k"]:
-            lines.append(f"| {streams} | {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f} | "
-                         f"{ours['cpu_per_1k'] / theirs['cpu_per_1k']:.2f} |")
+        ours = pairs.get((streams, "tokenrig"))
+        cells = []
+        for tool in others:
+            theirs = pairs.get((streams, tool))
+            cells += ([f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}", f"{ours['cpu_per_1k'] / theirs['cpu_per_1k']:.2f}"]
+                      if ours and theirs and theirs["cpu_per_1k"] else ["-", "-"])
+        lines.append(f"| {streams} | " + " | ".join(cells) + " |")
     lines += ["", "Per-chunk work of tokenrig's stream reader (µs per chunk, best of 3 × 100k):", ""]
     lines += [f"- {step}: {value:.2f}" for step, value in profile.items()]
+    lines += ["", "Per-request work between streams, one core of the event loop (µs, best of 3):", ""]
+    lines += [f"- {step}: {value:.1f}" for step, value in request_profile.items()]
     return "\n".join(lines)
 
 
@@ -301,13 +314,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", default="1,16,64,128,256,384,512")
     parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--tools", default="tokenrig,baseline")
+    parser.add_argument("--tools", default="tokenrig,baseline,locust")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
-    parser.add_argument("--baseline", help=argparse.SUPPRESS)  # internal: run the baseline client at this URL
     args = parser.parse_args()
-    if args.baseline:
-        baseline_main(args.baseline, int(args.streams), args.duration)
-        return 0
 
     client_core, server_core = cores()
     load_before = os.getloadavg()[0]
@@ -324,7 +333,7 @@ def main() -> int:
                           flush=True)
         except KeyboardInterrupt:
             print("interrupted: reporting the levels measured so far")
-    table = render(rows, per_chunk_profile(), server_core, client_core)
+    table = render(rows, per_chunk_profile(), per_request_profile(), server_core, client_core)
     measured = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python benchmarks/loadgen.py "
                 f"{' '.join(sys.argv[1:])}`. {environment(load_before)}\n\n{table}\n")
     print()

@@ -8,6 +8,9 @@ holds the schedule at well over 50k chunks/s. The loop sleeps on a timerfd armed
 deadline (epoll's own timeout has millisecond grain) and, where allowed, runs SCHED_FIFO so no
 other process on its core delays a due send.
 
+With `--metrics-page` it answers GET /metrics with a real engine's page (vLLM 0.26's, ~50 KB),
+so a client that scrapes its server pays what it would against that engine.
+
 On SIGTERM/SIGINT it writes its log (`--log`, .npz): per request the receive time and the
 perf_counter time each content chunk was handed to the kernel (NaN if not sent), plus the
 schedule it was given. `python benchmarks/refserver.py --port 0` prints `listening on PORT`.
@@ -108,11 +111,14 @@ class Connection:
 
 
 class ReferenceServer:
-    def __init__(self, port: int, ttft_s: float, itl_s: float, tokens: int, max_requests: int):
+    def __init__(self, port: int, ttft_s: float, itl_s: float, tokens: int, max_requests: int,
+                 metrics_page: bytes | None = None):
         self.ttft_s, self.itl_s, self.tokens = ttft_s, itl_s, tokens
         self.head, self.body = render_stream(tokens)
         self.models = _plain("200 OK", json.dumps({"object": "list", "data": [
             {"id": "tiny", "object": "model", "max_model_len": 4096}]}).encode())
+        self.metrics = (_plain("200 OK", metrics_page, b"text/plain; version=0.0.4; charset=utf-8")
+                        if metrics_page is not None else _plain("404 Not Found", b""))
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", port))
@@ -198,7 +204,8 @@ class ReferenceServer:
     def _respond(self, connection: Connection, request_line: list[str]) -> None:
         method, path = request_line[0], request_line[1]
         if method == "GET":
-            self._send(connection, self.models if path.endswith("/models") else _plain("404 Not Found", b""))
+            self._send(connection, self.models if path.endswith("/models") else
+                       self.metrics if path == "/metrics" else _plain("404 Not Found", b""))
             return
         if connection.stream is not None or len(self.received) == self.max_requests:
             self._send(connection, _plain("503 Service Unavailable", b"busy"))
@@ -279,8 +286,11 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--max-requests", type=int, default=200_000)
     parser.add_argument("--log", type=Path, help="write the send log here (.npz) when stopped")
+    parser.add_argument("--metrics-page", type=Path,
+                        help="answer GET /metrics with this Prometheus page (a real engine's), as a server does")
     args = parser.parse_args()
-    server = ReferenceServer(args.port, args.ttft_ms / 1000, args.itl_ms / 1000, args.tokens, args.max_requests)
+    server = ReferenceServer(args.port, args.ttft_ms / 1000, args.itl_ms / 1000, args.tokens, args.max_requests,
+                             args.metrics_page.read_bytes() if args.metrics_page else None)
 
     def stop(_signum, _frame):
         server.stopping = True

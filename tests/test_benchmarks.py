@@ -43,7 +43,7 @@ def test_reference_server_holds_its_schedule_at_512_streams(tmp_path):
 
     client_core, server_core = loadgen.cores()
     with loadgen.RefServer(server_core, tmp_path / "log.npz") as server:
-        row = loadgen.baseline_level(server.url, 512, 4.0, client_core)
+        row = loadgen.comparison_level("baseline", server.url, 512, 4.0, client_core)
         truth = server.truth((loadgen.WARMUP_S, 4.0))
     assert row["tokens_per_s"] > 0 and truth["requests"] >= 512
     assert truth["late_p99_s"] < 0.001, truth
@@ -57,9 +57,13 @@ def test_loadgen_benchmark_reports_errors_against_the_server_log(tmp_path):
                              "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     table = out.read_text()
-    rows = [line.split("|") for line in table.splitlines() if line.startswith(("| tokenrig |", "| baseline |"))]
-    assert len(rows) == 2
+    rows = [line.split("|") for line in table.splitlines() if line.startswith(("| tokenrig |", "| baseline |",
+                                                                              "| locust |"))]
+    assert len(rows) == 3
     for row in rows:
         tokens_per_s, true_figures, lateness = float(row[3]), row[6], row[7]
         assert tokens_per_s > 0 and true_figures.count("/") == 1 and lateness.count("/") == 2
-    assert "CPU per 1k tok/s, tokenrig / baseline" in table and "byte-level fast path" in table
+    ratios = next(line for line in table.splitlines() if line.startswith("| 4 |")).split("|")[2:-1]
+    assert len(ratios) == 4 and all(0.2 < float(ratio) < 5 for ratio in ratios), ratios  # against both clients
+    assert "CPU per 1k tok/s, tokenrig / locust" in table and "byte-level fast path" in table
+    assert "record line, orjson (kept)" in table and "parsed whole (was)" in table
