@@ -96,8 +96,9 @@ capacity: setup
 monitor: setup
 	$(BIN)/python -m tokenrig.monitor.local
 
+# the ceiling measured here is kept for this machine's load tests (tokenrig/loadgen/ceiling.py)
 bench-loadgen: setup  # the load generator's own ceiling per core; table -> docs/results/loadgen-capacity.md
-	$(BIN)/python benchmarks/loadgen.py --out docs/results/loadgen-capacity.md
+	$(BIN)/python benchmarks/loadgen.py --out docs/results/loadgen-capacity.md --save-ceiling
 
 bench-hf-decode: setup  # batch-1 decode of the hf engine vs the bandwidth roofline, e.g. GPU=h200 MODEL=7b
 	$(BIN)/python benchmarks/hf_decode.py --gpu $(GPU) --model $(MODEL) --configs $(DECODE_CONFIGS) $(ARGS)

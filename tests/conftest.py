@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tokenrig.loadgen.ceiling import CEILING_FILE_ENV
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.launcher import LaunchedServer
 from tokenrig.serve.spec import ServerSpec
@@ -30,10 +31,14 @@ VLLM_0_26_PAGE = Path(__file__).resolve().parent / "fixtures" / "vllm-0.26.0-met
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _models_cache(tmp_path_factory):
-    """Checkpoints go to one per-session cache unless the user points TOKENRIG_MODELS elsewhere."""
+def _per_session_state(tmp_path_factory):
+    """Checkpoints go to one per-session cache unless the user points TOKENRIG_MODELS elsewhere; the load
+    generator's ceiling is the shipped one."""
     if "TOKENRIG_MODELS" not in os.environ:
         os.environ["TOKENRIG_MODELS"] = str(tmp_path_factory.mktemp("models"))
+    # the shipped load-generator ceiling, whatever `make bench-loadgen` saved on this machine (tests that need a
+    # measured one point this elsewhere)
+    os.environ[CEILING_FILE_ENV] = str(tmp_path_factory.mktemp("ceiling") / "none.json")
     yield
 
 

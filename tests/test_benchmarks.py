@@ -67,3 +67,29 @@ def test_loadgen_benchmark_reports_errors_against_the_server_log(tmp_path):
     assert len(ratios) == 4 and all(0.2 < float(ratio) < 5 for ratio in ratios), ratios  # against both clients
     assert "CPU per 1k tok/s, tokenrig / locust" in table and "byte-level fast path" in table
     assert "record line, orjson (kept)" in table and "parsed whole (was)" in table
+
+
+def test_the_ceiling_is_the_heaviest_row_within_goal_and_load_tests_here_use_it(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import loadgen
+    from tokenrig.loadgen.ceiling import CEILING_FILE_ENV, per_core_ceiling
+
+    def row(streams, ttft_err_ms, itl_err_ms, late_p99_ms=0.2, tool="tokenrig"):
+        return {"tool": tool, "streams": streams, "tokens_per_s": streams * 93.4, "ttft_err_s": ttft_err_ms / 1000,
+                "itl_err_s": itl_err_ms / 1000, "truth": {"late_p99_s": late_p99_ms / 1000}}
+
+    rows = [row(1, 3.1, 0.3),  # an idle core's wake-up: neither passes nor fails
+            row(16, 0.8, 0.9), row(64, 0.7, 1.2), row(128, 0.5, 1.4), row(128, 0.1, 0.1, tool="baseline"),
+            row(256, 0.6, 2.9),  # ITL p99 past 2.5 ms: the ceiling is the row below
+            row(384, 0.4, 2.0), row(512, 9.0, 20.0)]
+    assert loadgen.measured_ceiling(rows)["streams"] == 128
+    assert loadgen.measured_ceiling([r for r in rows if r["streams"] != 256])["streams"] == 384
+    late = [row(16, 0.8, 0.9), row(64, 0.7, 1.2, late_p99_ms=1.5), row(128, 0.5, 1.4)]  # the server slipped at 64
+    assert loadgen.measured_ceiling(late)["streams"] == 16
+    assert loadgen.measured_ceiling([row(1, 3.1, 0.3), row(16, 1.5, 0.9)]) is None
+
+    monkeypatch.setenv(CEILING_FILE_ENV, str(tmp_path / "ceiling.json"))
+    loadgen.report_ceiling(rows, save=True, measured="2026-11-30 23:00 UTC by benchmarks/loadgen.py")
+    assert "this machine's ceiling: 11,955 chunks/s per load-generator process (the 128-stream row); saved" \
+        in capsys.readouterr().out
+    assert per_core_ceiling().chunks_per_s == 11_955

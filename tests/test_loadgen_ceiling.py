@@ -1,12 +1,14 @@
-"""The per-core chunk ceiling: what a plan asks for, what `tokenrig loadtest` says before it starts,
-and the summary's validity check after."""
+"""The per-core chunk ceiling: the shipped figure or the one measured on this machine, what a plan asks for,
+what `tokenrig loadtest` says before it starts, and the summary's validity check after."""
 
 import dataclasses
+import json
 
 import pytest
 
 from tests.conftest import REPO, run_cli
-from tokenrig.loadgen.ceiling import (CHUNKS_PER_S_PER_CORE, capacity_advice, expected_chunk_rate, free_cores,
+from tokenrig.loadgen.ceiling import (CEILING_FILE_ENV, CHUNKS_PER_S_PER_CORE, SHIPPED, Ceiling, capacity_advice,
+                                       expected_chunk_rate, free_cores, per_core_ceiling, save_ceiling, this_machine,
                                        workers_needed)
 from tokenrig.loadgen.plan import trace_schedule
 from tokenrig.loadgen.records import RequestRecord
@@ -32,10 +34,39 @@ def test_expected_chunk_rate_of_closed_open_and_trace_plans():
 
 
 def test_advice_names_the_workers_a_plan_needs():
-    assert capacity_advice(CHUNKS_PER_S_PER_CORE * 0.9, None) is None
-    assert capacity_advice(CHUNKS_PER_S_PER_CORE * 1.5, 2) is None
-    advice = capacity_advice(CHUNKS_PER_S_PER_CORE * 2.5, None)
-    assert "--workers 3" in advice and workers_needed(CHUNKS_PER_S_PER_CORE * 2.5) == 3
+    assert capacity_advice(CHUNKS_PER_S_PER_CORE * 0.9, None, SHIPPED) is None
+    assert capacity_advice(CHUNKS_PER_S_PER_CORE * 1.5, 2, SHIPPED) is None
+    advice = capacity_advice(CHUNKS_PER_S_PER_CORE * 2.5, None, SHIPPED)
+    assert "--workers 3" in advice and workers_needed(CHUNKS_PER_S_PER_CORE * 2.5, SHIPPED) == 3
+    assert "(docs/results/loadgen-capacity.md)" in advice
+
+
+def test_a_ceiling_measured_here_replaces_the_shipped_one_on_this_machine_only(tmp_path, monkeypatch):
+    path = tmp_path / "ceiling.json"
+    monkeypatch.setenv(CEILING_FILE_ENV, str(path))
+    assert per_core_ceiling() == SHIPPED  # nothing measured yet
+    assert save_ceiling(23_901.7, "2026-11-30 22:50 UTC by make bench-loadgen") == path
+    measured = per_core_ceiling()
+    assert measured.chunks_per_s == 23_901 and "measured on this machine 2026-11-30 22:50 UTC" in measured.source
+    assert str(path) in measured.source
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "machine": "another host / another CPU / 64 CPUs"}))  # a shared home
+    assert per_core_ceiling() == SHIPPED
+    path.write_text("{not json")
+    assert per_core_ceiling() == SHIPPED
+
+
+def test_loadtest_cites_the_ceiling_measured_on_this_machine(tmp_path):
+    env = {CEILING_FILE_ENV: str(tmp_path / "ceiling.json")}
+    (tmp_path / "ceiling.json").write_text(json.dumps({"chunks_per_s": 400, "machine": this_machine(),
+                                                       "measured": "2026-11-30 by make bench-loadgen"}))
+    # 9 users at 10 ms a token: 900 chunks/s, under the shipped ceiling but over three of 400
+    result = run_cli("loadtest", "--backend", "sim", "--model", "tiny", "--scenario", str(TIMING), "--users", "9",
+                     "--sim-ttft-ms", "10", "--sim-tpot-ms", "10", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    assert ("one load-generator core times about 400 chunks/s exactly (measured on this machine 2026-11-30 by make "
+            "bench-loadgen") in result.stdout
+    assert "it needs --workers 3" in result.stdout
 
 
 def test_loadtest_says_before_starting_that_a_plan_exceeds_one_core():
@@ -64,8 +95,14 @@ def test_summary_is_invalid_past_the_ceiling_per_load_process():
                  client_cpu_fraction=0.5)
     one = summarize(records, RunFacts(**facts)).load_generator
     assert not one.valid and any("chunks/s per load-generator process" in p for p in one.problems)
+    assert one.chunks_per_s_ceiling == CHUNKS_PER_S_PER_CORE
     two = summarize(records, RunFacts(**facts, load_processes=2)).load_generator
     assert two.valid, two.problems
+    measured = Ceiling(CHUNKS_PER_S_PER_CORE * 2, "measured on this machine")  # a faster core measured here
+    faster = summarize(records, RunFacts(**facts, ceiling=measured)).load_generator
+    assert faster.valid and faster.chunks_per_s_ceiling == CHUNKS_PER_S_PER_CORE * 2, faster.problems
+    slower = summarize(records, RunFacts(**facts, load_processes=2, ceiling=Ceiling(4_000, "measured here"))).load_generator
+    assert any("above the 4,000 one core times exactly (measured here)" in p for p in slower.problems)
     # a failed request's tokens are not throughput, but the client timed its chunks all the same
     failed = [dataclasses.replace(record, error="JSONDecodeError: garbage after the stream") for record in records]
     summary = summarize(failed, RunFacts(**facts))

@@ -17,6 +17,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from tokenrig.interrupts import stop_signals_interrupt
+from tokenrig.loadgen.ceiling import per_core_ceiling
 from tokenrig.loadgen.plan import LoadPlan
 from tokenrig.loadgen.driver import WorkerLostError
 from tokenrig.loadgen.records import FanoutSink, JsonlSink, read_records
@@ -137,7 +138,7 @@ class Session:
                          client_cpu_fraction=outcome.client_cpu_fraction, interrupted=outcome.interrupted,
                          scheduled_in_window=plan.scheduled_in_window(until_s=ran),
                          load_processes=self.master.expected if self.master else 1,
-                         max_error_rate=self.max_error_rate)
+                         max_error_rate=self.max_error_rate, ceiling=per_core_ceiling())
         summary = summarize(records, facts)
         if self.master:
             summary.load_generator.workers = [

@@ -75,18 +75,18 @@ def _planned_chunk_rate(scenario, profile, spec) -> float:
 def _choose_workers(args, scenario, profile, spec) -> int | None:
     """--workers as given, or for 'auto' what the plan needs; say so before the run when it needs more than
     the load generator has."""
-    from tokenrig.loadgen.ceiling import capacity_advice, free_cores, workers_needed
+    from tokenrig.loadgen.ceiling import capacity_advice, free_cores, per_core_ceiling, workers_needed
 
-    chunk_rate = _planned_chunk_rate(scenario, profile, spec)
+    chunk_rate, ceiling = _planned_chunk_rate(scenario, profile, spec), per_core_ceiling()
     if args.workers == "auto":
-        workers = min(workers_needed(chunk_rate), free_cores())
+        workers = min(workers_needed(chunk_rate, ceiling), free_cores())
         print(f"load generator: {workers} process{'es' if workers > 1 else ''} for about {chunk_rate:,.0f} "
-              f"chunks/s (--workers auto)")
-        advice = capacity_advice(chunk_rate, workers, auto=True)
+              f"chunks/s (--workers auto; {ceiling.chunks_per_s:,} chunks/s a process, {ceiling.source})")
+        advice = capacity_advice(chunk_rate, workers, ceiling, auto=True)
         if advice:
             print(f"warning: {advice}")
         return workers if workers > 1 else None
-    advice = capacity_advice(chunk_rate, args.workers)
+    advice = capacity_advice(chunk_rate, args.workers, ceiling)
     if advice:
         print(f"warning: {advice}")
     return args.workers

@@ -2,15 +2,20 @@
 
 The ceiling is measured by benchmarks/loadgen.py against a server whose own send log is the truth
 (docs/results/loadgen-capacity.md): the highest chunk rate at which one core kept TTFT p50 within
-1 ms and chunk-gap ITL p99 within 2.5 ms of the truth. `tokenrig loadtest` compares a plan's
-expected chunk rate with it before starting, and the summary's validity check compares the
-measured rate per load-generator process with it after.
+1 ms and chunk-gap ITL p99 within 2.5 ms of the truth. `make bench-loadgen` saves the figure it
+measured on this machine (`save_ceiling`); without one, the figure shipped with tokenrig applies.
+`tokenrig loadtest` compares a plan's expected chunk rate with it before starting, and the
+summary's validity check compares the measured rate per load-generator process with it after.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
 
 from tokenrig.loadgen.plan import LoadPlan, trace_schedule
 from tokenrig.loadgen.scenario import Scenario
@@ -18,9 +23,60 @@ from tokenrig.loadgen.scenario import Scenario
 # 64 streams at 10 ms a token, measured on a shared 2-vCPU VM: TTFT p50 within 1 ms of the truth in every
 # run, ITL p99 within 2.5 ms in 2 of 5 (+1.8 to +3.0 ms); at 128 streams and above the ITL goal held once
 CHUNKS_PER_S_PER_CORE = 6_000
+CEILING_FILE_ENV = "TOKENRIG_LOADGEN_CEILING"  # where the machine's measured ceiling is kept, if not the default
 # A closed loop's chunk rate depends on the server's decode speed, unknown before the run: one token
 # every 10 ms per stream (7-13B models on one GPU at moderate batch) unless the sim server says otherwise.
 ASSUMED_TPOT_S = 0.010
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    chunks_per_s: int  # per load-generator process (one core)
+    source: str  # where the figure comes from, for every message that cites it
+
+
+SHIPPED = Ceiling(CHUNKS_PER_S_PER_CORE, "docs/results/loadgen-capacity.md")
+
+
+def ceiling_file() -> Path:
+    override = os.environ.get(CEILING_FILE_ENV)
+    if override:
+        return Path(override)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "tokenrig" / "loadgen-ceiling.json"
+
+
+def this_machine() -> str:
+    """Host name, CPU model and core count: a measurement kept in a home directory shared by several machines
+    applies only to the one it was taken on."""
+    model = platform.processor()
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{platform.node()} / {model} / {os.cpu_count()} CPUs"
+
+
+def per_core_ceiling() -> Ceiling:
+    """This machine's measured ceiling if `make bench-loadgen` saved one here, else the shipped figure."""
+    path = ceiling_file()
+    try:
+        saved = json.loads(path.read_text())
+        if saved["machine"] != this_machine():
+            return SHIPPED
+        return Ceiling(int(saved["chunks_per_s"]), f"measured on this machine {saved['measured']}, {path}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return SHIPPED
+
+
+def save_ceiling(chunks_per_s: float, measured: str) -> Path:
+    """Keep this machine's measured ceiling for later runs; `measured` says when and by what."""
+    path = ceiling_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"chunks_per_s": int(chunks_per_s), "machine": this_machine(),
+                                "measured": measured}, indent=2) + "\n")
+    return path
 
 
 def expected_chunk_rate(scenario: Scenario, tpot_s: float = ASSUMED_TPOT_S) -> float:
@@ -33,8 +89,8 @@ def expected_chunk_rate(scenario: Scenario, tpot_s: float = ASSUMED_TPOT_S) -> f
     return LoadPlan(load).target_rate * (scenario.mean_tokens("output_tokens") or 0.0)
 
 
-def workers_needed(chunk_rate: float) -> int:
-    return max(1, math.ceil(chunk_rate / CHUNKS_PER_S_PER_CORE))
+def workers_needed(chunk_rate: float, ceiling: Ceiling) -> int:
+    return max(1, math.ceil(chunk_rate / ceiling.chunks_per_s))
 
 
 def free_cores() -> int:
@@ -42,14 +98,14 @@ def free_cores() -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
-def capacity_advice(chunk_rate: float, workers: int | None, auto: bool = False) -> str | None:
+def capacity_advice(chunk_rate: float, workers: int | None, ceiling: Ceiling, auto: bool = False) -> str | None:
     """What to say before a run whose expected chunk rate exceeds what its load processes time exactly."""
     processes = workers or 1
-    if chunk_rate <= CHUNKS_PER_S_PER_CORE * processes:
+    if chunk_rate <= ceiling.chunks_per_s * processes:
         return None
-    needed = workers_needed(chunk_rate)
+    needed = workers_needed(chunk_rate, ceiling)
     advice = (f"this plan streams about {chunk_rate:,.0f} chunks/s; one load-generator core times about "
-              f"{CHUNKS_PER_S_PER_CORE:,} chunks/s exactly (docs/results/loadgen-capacity.md), so "
+              f"{ceiling.chunks_per_s:,} chunks/s exactly ({ceiling.source}), so "
               f"{processes} load process{'es' if processes > 1 else ''} would distort the latencies: "
               f"it needs --workers {needed}")
     if needed > free_cores():
