@@ -265,7 +265,8 @@ def environment(load_before: float) -> str:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU")
-    packages = ", ".join(f"{name} {version(name)}" for name in ("gevent", "geventhttpclient", "locust", "tokenizers"))
+    packages = ", ".join(f"{name} {version(name)}" for name in ("gevent", "geventhttpclient", "locust", "tokenizers", "orjson",
+                                                                      "prometheus-client"))
     return (f"Host {os.uname().nodename}: {os.cpu_count()} × {cpu}, Linux {os.uname().release}; Python "
             f"{sys.version.split()[0]}, {packages}. Load average (1 min) {load_before:.2f} before, "
             f"{os.getloadavg()[0]:.2f} after (the benchmark's own two busy processes included).")
