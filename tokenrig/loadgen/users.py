@@ -2,8 +2,8 @@
 
 Each user takes send slots from the shared `LoadPlan`, waits for the slot's due time, and sends
 one streaming request through its API's client (loadgen/clients: OpenAI SSE, TGI
-/generate_stream), which times every chunk. Once the request has ended its tokens are counted (loadgen/tokens.py)
-and the record goes to the run's sink.
+/generate_stream), which times every chunk. Once the request has ended its tokens are counted
+(loadgen/tokens.py) and the record goes to the run's sink.
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ class OpenAIStreamingUser(User):
         if reply_needed:
             self._finish(prepared, record, texts)
             return "".join(texts), record
-        # Counting tokens, writing the record and Locust's statistics take ~0.2 ms a request: done in a
-        # greenlet of their own they run while this user waits for its next first token, not in between
+        # Counting tokens, writing the record and Locust's statistics, done in a greenlet of their own,
+        # run while this user waits for its next first token, not in between
         # the end of one stream and the send of the next (at hundreds of streams ending together, that
         # delayed every send of the wave)
         ctx.finishers.spawn(self._finish, prepared, record, texts, True)
