@@ -3,7 +3,8 @@
 A scripted streaming server on loopback answers each request with the chunks of the script its
 `max_tokens` names: several tokens in one chunk, chunks with no content, escaped and non-ASCII
 text, usage only at the end or no usage at all, chat and completions. `tokenrig loadtest` runs
-against it and every record must say how many tokens each content chunk carried. The client
+against it and every record must say how many tokens each content chunk carried, and each user
+must keep its connection though the body's end comes after [DONE]. The client
 tokenizes each distinct chunk text once per run (loadgen/tokens.py): a unit test checks its
 counts against the tokenizer's, cache full or not.
 """
@@ -11,6 +12,7 @@ counts against the tokenizer's, cache full or not.
 import json
 import socket
 import threading
+import time
 
 import random
 
@@ -88,10 +90,13 @@ def serve_connection(conn: socket.socket) -> None:
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
             for chunk in chunks:  # one send each, so chunks arrive as a server streams them
                 conn.sendall(sse(chunk))
-            conn.sendall(sse("[DONE]") + b"0\r\n\r\n")
+            conn.sendall(sse("[DONE]"))
+            time.sleep(0.002)  # the body's last, empty chunk on its own, a moment later, as uvicorn writes it
+            conn.sendall(b"0\r\n\r\n")
 
 
-def scripted_server() -> tuple[socket.socket, int]:
+def scripted_server(accepted: list) -> tuple[socket.socket, int]:
+    """The server on a loopback port; each connection it accepts is appended to `accepted`."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def accept():
@@ -100,6 +105,7 @@ def scripted_server() -> tuple[socket.socket, int]:
                 conn, _ = listener.accept()
             except OSError:
                 return
+            accepted.append(conn)
             threading.Thread(target=serve_connection, args=(conn,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
@@ -112,7 +118,8 @@ def test_token_counts_are_exact_for_every_chunk_shape(tmp_path):
         f" output_tokens: {{dist: fixed, value: {tokens}}}}}" for tokens in SCRIPTS)
     scenario = tmp_path / "shapes.yaml"
     scenario.write_text(f"name: shapes\nrequests:\n{classes}\nload: {{type: concurrency, users: 4, duration_s: 2}}\n")
-    listener, port = scripted_server()
+    accepted = []
+    listener, port = scripted_server(accepted)
     try:
         result = run_cli("loadtest", "--url", f"http://127.0.0.1:{port}", "--backend", "sim", "--model", "tiny",
                          "--scenario", str(scenario), "--results", str(tmp_path / "runs"), timeout=120)
@@ -130,6 +137,10 @@ def test_token_counts_are_exact_for_every_chunk_shape(tmp_path):
         assert record.output_tokens_usage == server_count
         assert record.output_tokens_tokenizer == sum(per_chunk)
         assert record.output_tokens == sum(per_chunk)  # the tokens streamed, whatever the usage says
+    # Each user keeps its connection from request to request, though the body ends after [DONE]: a new one per
+    # request would put a TCP (and over https a TLS) handshake inside every TTFT. Besides the 4 users', the
+    # pre-flight request, the model list and the /metrics scrapes open theirs.
+    assert len(records) > 100 and len(accepted) <= 4 + 8, (len(records), len(accepted))
     # only the script whose usage miscounts its stream is a mismatch
     assert load_summary(run_dir)["tokens"]["usage_vs_tokenizer_mismatches"] == sum(r.max_tokens == 7 for r in records)
 

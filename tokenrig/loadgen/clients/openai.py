@@ -8,14 +8,17 @@ byte-level cut of the content (`content_fast`); JSON parsing (orjson) only for t
 from __future__ import annotations
 
 import time
+from http.client import HTTPException
 from urllib.parse import urlsplit
 
+import gevent
 import orjson
 from geventhttpclient import HTTPClient
 
 from tokenrig.loadgen.clients import StreamResult
 
 HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+BODY_END_WAIT_S = 0.25  # how long after [DONE] a server may take to end the body before its connection is dropped
 CHAT_CONTENT, COMPLETION_TEXT = b'"content":"', b'"text":"'
 
 
@@ -107,9 +110,24 @@ def stream(client: HTTPClient, path: str, body: bytes, headers: dict, result: St
                 add_offset(now - due)
                 add_text(text)
         result.end()
+        if done:
+            keep_connection(response)
         if not done and result.error is None:  # the connection closed mid-reply: an incomplete answer, not a short one
             result.error = (f"incomplete stream: the connection closed before [DONE], after "
                             f"{len(result.texts)} content chunks")
     except Exception as error:  # noqa: BLE001 - every failure becomes a result, never a crash
         result.error = f"{type(error).__name__}: {error}"
     return result
+
+
+def keep_connection(response) -> None:
+    """Read the body's end after [DONE] (the last, empty chunk, which servers such as vLLM's uvicorn write on
+    its own), so that the connection goes back to the client's pool. Left unread, geventhttpclient closes the
+    connection, and the next request opens a new one inside its TTFT: a DNS lookup in gevent's thread pool,
+    a TCP handshake, and over https a TLS one. A server that does not end the body within BODY_END_WAIT_S
+    loses its connection, as before; the answer it gave stands."""
+    with gevent.Timeout(BODY_END_WAIT_S, False):
+        try:
+            response.read()
+        except (OSError, HTTPException):
+            pass
