@@ -350,6 +350,26 @@ def test_tokens_trust_the_stream_and_short_or_cut_streams_are_marked(tmp_path):
                            f"counted); {ok} of {ok} truncated (short of max_tokens)")
 
 
+def test_a_stop_while_a_server_holds_the_body_open_after_done_keeps_the_complete_answers(tmp_path):
+    """A server that keeps each body open after [DONE]: the client waits up to BODY_END_WAIT_S for its end, to
+    keep the connection, then drops it. Ctrl-C during that wait leaves the answer as it ended: ok, not cancelled."""
+    def respond(number, handler):
+        stream_reply(handler, 5, usage=5)
+        time.sleep(3)  # the body ends when the connection closes, long after [DONE]
+
+    with FaultServer(respond) as server:
+        process = start_cli("loadtest", "--url", server.url, "--backend", "hf", "--model", "tiny", "--scenario", TIMING,
+                            "--users", "2", "--duration", "60", "--warmup", "0", "--results", str(tmp_path))
+        wait_for_requests("*/requests.jsonl", tmp_path)
+        time.sleep(1.2)  # each request then waits 0.25 s in 0.26 s: the stop falls in that wait
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    records = read_records(next(tmp_path.glob("*/requests.jsonl")))
+    ended = [r for r in records if r.e2e_s is not None and len(r.chunk_offsets_s) == 5]
+    assert len(ended) >= 4 and all(r.ok for r in ended), [(len(r.chunk_offsets_s), r.error) for r in records]
+
+
 def self_signed_cert(directory: Path) -> tuple[Path, Path]:
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",

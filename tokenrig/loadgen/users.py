@@ -146,7 +146,8 @@ class OpenAIStreamingUser(User):
         try:
             self._send(prepared, result)
         except BaseException:  # stopped: what was measured is written now
-            result.error = GAVE_UP if ctx.gave_up else CANCELLED
+            if result.e2e_s is None:  # stopped mid-stream; an answer already ended stands as it ended
+                result.error = GAVE_UP if ctx.gave_up else CANCELLED
             texts = take(record, result)
             self._finish(prepared, record, texts)
             raise
