@@ -67,8 +67,9 @@ def test_calibration_recovers_the_known_roofline_and_predicts_an_unseen_gpu(know
     assert len(calibration.held_out) == 4 and band < 0.5, calibration.describe()
     # the real server also spends host time the roofline leaves out (HTTP per token, tokenization, the VM's
     # wake-ups): it lands partly in the fitted parameters, so they come back within the calibration's own
-    # stated band, at least 10 % (runs: compute 0.37-0.38, bandwidth 0.45-0.51), not exactly
-    tolerance = max(0.10, band)
+    # stated band, at least 12 %, not exactly. Runs: compute 0.355-0.389, bandwidth 0.45-0.51; 0.386 against a
+    # band of 9 % failed a fresh-clone run at 10 %, and the code before it fits 0.389 on the same VM
+    tolerance = max(0.12, band)
     assert params.compute_efficiency == pytest.approx(KNOWN_ROOFLINE["compute_efficiency"], rel=tolerance), \
         calibration.describe()
     assert params.bandwidth_efficiency == pytest.approx(KNOWN_ROOFLINE["bandwidth_efficiency"], rel=tolerance), \
