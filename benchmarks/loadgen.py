@@ -180,6 +180,11 @@ def measure_level(tool: str, streams: int, duration: float, client_core: int, se
 
 # -- where a chunk's microseconds go ------------------------------------------------------------
 
+def best_us(statement, calls: int, per_call: int = 1) -> float:
+    """Microseconds per unit of work, best of 3 × `calls` calls of `statement`, each doing `per_call` units."""
+    return min(timeit.repeat(statement, number=calls, repeat=3)) / (calls * per_call) * 1e6
+
+
 def per_chunk_profile() -> dict[str, float]:
     """Microseconds per streamed chunk of each step of tokenrig's per-chunk path, and of what it replaced."""
     import orjson
@@ -195,10 +200,10 @@ def per_chunk_profile() -> dict[str, float]:
     count = TokenCounter(tokenizer).chunk_counts
     reply = [text] * TOKENS
     count(reply)
-    number = 100_000
+    calls = 100_000
 
-    def us(statement, per=1) -> float:
-        return min(timeit.repeat(statement, number=number // per, repeat=3)) / number * 1e6
+    def us(statement, per_call=1) -> float:
+        return best_us(statement, calls // per_call, per_call)
 
     return {
         "timestamp (perf_counter)": us(time.perf_counter),
@@ -206,7 +211,7 @@ def per_chunk_profile() -> dict[str, float]:
         "content, orjson.loads + extraction (the fallback)": us(lambda: parse_openai_chunk(orjson.loads(line[5:].strip()))),
         "content, json.loads + extraction (was every chunk)": us(
             lambda: parse_openai_chunk(json.loads(line[5:].strip()))),
-        "token count, looked up once the request has ended (kept)": us(lambda: count(reply), per=TOKENS),
+        "token count, looked up once the request has ended (kept)": us(lambda: count(reply), per_call=TOKENS),
         "token count, tokenizer.encode of the chunk text (was every chunk; now once per distinct text)": us(
             lambda: tokenizer.encode(text, add_special_tokens=False)),
     }
@@ -236,10 +241,9 @@ def per_request_profile() -> dict[str, float]:
     sink = PrometheusSink(LoadgenMetrics({name: "x" for name in RUN_LABELS}))
     per_gap = Histogram("itl", "ITL", buckets=LATENCY_BUCKETS, registry=CollectorRegistry())
     page = METRICS_PAGE.read_text()
-    number = 2_000
 
-    def us(statement, times=number) -> float:
-        return min(timeit.repeat(statement, number=times, repeat=3)) / times * 1e6
+    def us(statement, calls=2_000) -> float:
+        return best_us(statement, calls)
 
     def observe_each_gap():
         for gap in record.itl_gaps():
@@ -262,9 +266,9 @@ def per_request_profile() -> dict[str, float]:
 def environment(load_before: float) -> str:
     """Machine, versions and load, for the record of a measurement."""
     from importlib.metadata import version
+    from tokenrig.loadgen.ceiling import cpu_model
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
+    cpu = cpu_model()
     packages = ", ".join(f"{name} {version(name)}" for name in ("gevent", "geventhttpclient", "locust", "tokenizers", "orjson",
                                                                       "prometheus-client"))
     return (f"Host {os.uname().nodename}: {os.cpu_count()} × {cpu}, Linux {os.uname().release}; Python "

@@ -46,16 +46,19 @@ def ceiling_file() -> Path:
     return cache / "tokenrig" / "loadgen-ceiling.json"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else what the platform says)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def this_machine() -> str:
     """Host name, CPU model and core count: a measurement kept in a home directory shared by several machines
     applies only to the one it was taken on."""
-    model = platform.processor()
-    try:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{platform.node()} / {model} / {os.cpu_count()} CPUs"
+    return f"{platform.node()} / {cpu_model()} / {os.cpu_count()} CPUs"
 
 
 def per_core_ceiling() -> Ceiling:

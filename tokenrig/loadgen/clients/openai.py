@@ -126,6 +126,8 @@ def keep_connection(response) -> None:
     connection, and the next request opens a new one inside its TTFT: a DNS lookup in gevent's thread pool,
     a TCP handshake, and over https a TLS one. A server that does not end the body within BODY_END_WAIT_S
     loses its connection, as before; the answer it gave stands."""
+    if response.message_complete:  # the end came with [DONE]: the connection is back in the pool already
+        return
     with gevent.Timeout(BODY_END_WAIT_S, False):
         try:
             response.read()
