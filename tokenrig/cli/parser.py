@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "1000 requests for a p99)")
     loadtest.add_argument("--precision", type=_positive, default=0.05, help="--find-max: stop when the bracket is this tight")
     loadtest.add_argument("--max-step", type=_positive, default=300, help="--find-max: longest step, seconds")
+    loadtest.add_argument("--profile-steps", type=int, metavar="N",
+                          help="after each step's warm-up, trace N engine steps with the engine's profiler (vllm, hf) "
+                               "and report the time by operator (GEMMs by layer role, attention, norms, sampling, "
+                               "idle); a profiled step's latencies carry the profiler's cost, so not with --find-max")
+    loadtest.add_argument("--profile-dir", type=Path, metavar="DIR",
+                          help="--url with --profile-steps: where that server writes its traces (its --profiler-config "
+                               "torch_profiler_dir, readable from here)")
     loadtest.add_argument("--workers", type=_count_or("auto", "worker", "'auto'"),
                           help="distributed load: a Locust master here and N worker processes splitting the schedule "
                                "(spawned here unless --local-workers); 'auto': as many as the plan's expected chunk "

@@ -115,6 +115,7 @@ def cmd_loadtest(args) -> int:
                               max_step_s=args.max_step)
     run = plan_run(scenario, overrides, slos)
     scenario, load = run.scenario, run.scenario.load
+    profiling = _profiling(args)
     # the KV cache must hold the closed loop's users, or the open loop's in-flight cap (up to a typical batch limit)
     spec = ServerSpec.from_args(args, concurrency=load.users if load.type == "concurrency" else min(load.max_in_flight, 256))
     _check_hardware(spec, args.dry_run)
@@ -139,8 +140,33 @@ def cmd_loadtest(args) -> int:
     remote = RemoteOptions(args.url, args.api_key, args.served_model, args.tokenizer) if args.url else None
     return run_session(spec, scenario, args.results, remote=remote, monitor=monitor_options(args), slos=slos,
                        profile=run.profile, workers=workers, client=client, seed_source=run.seed_source,
-                       max_error_rate=args.max_error_rate,
+                       max_error_rate=args.max_error_rate, profiling=profiling,
                        scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout)
+
+
+def _profiling(args):
+    """The operator-profile request of a load test, refused at once where it cannot be taken."""
+    from tokenrig.loadgen.scenario import ScenarioError
+
+    if args.profile_steps is None:
+        if args.profile_dir:
+            raise ScenarioError("--profile-dir is for --profile-steps; add --profile-steps N")
+        return None
+    from tokenrig.breakdown.capture import PROFILED_BACKENDS
+    from tokenrig.loadtest import ProfileOptions
+
+    if args.profile_steps < 1:
+        raise ScenarioError("--profile-steps must be at least 1")
+    if args.find_max:
+        raise ScenarioError("--profile-steps: a profiled step's latencies carry the profiler's cost, so an SLO search "
+                            "would judge the profiler; profile a run of its own (--users N or --rate R)")
+    if args.backend not in PROFILED_BACKENDS:
+        raise ScenarioError(f"--profile-steps: the {args.backend} backend has no kernels to trace; profiling works "
+                            f"with {' and '.join(PROFILED_BACKENDS)}")
+    if args.url and not args.profile_dir:
+        raise ScenarioError("--profile-steps with --url: name where that server writes its traces (--profile-dir DIR; "
+                            "vLLM: its --profiler-config torch_profiler_dir)")
+    return ProfileOptions(args.profile_steps, args.profile_dir)
 
 
 def cmd_serve(args) -> int:

@@ -158,6 +158,9 @@ class OpenAIServer:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/generate", self.tgi_generate)
         app.router.add_post("/generate_stream", self.tgi_generate_stream)
+        if getattr(self.engine, "profiler", None) is not None:  # vLLM's routes, as vLLM has them: when profiling is on
+            app.router.add_post("/start_profile", self.start_profile)
+            app.router.add_post("/stop_profile", self.stop_profile)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -187,6 +190,14 @@ class OpenAIServer:
     async def prometheus(self, _request: web.Request) -> web.Response:
         self.metrics.observe_load(self.engine)
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start_profile(self, _request: web.Request) -> web.Response:
+        self.engine.profiler.request_start()
+        return web.Response(status=200)
+
+    async def stop_profile(self, _request: web.Request) -> web.Response:
+        await asyncio.to_thread(self.engine.profiler.request_stop)  # writing the trace takes a while
+        return web.Response(status=200)
 
     # -- generation core ----------------------------------------------------------------------
     def _admit(self, prompt_ids: list[int], sampling: Sampling) -> None:

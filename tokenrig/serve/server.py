@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from aiohttp import web
 
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.api import OpenAIServer
 from tokenrig.serve.engines.hf import HFEngine
+from tokenrig.serve.engines.step_profiler import StepProfiler
 from tokenrig.serve.engines.sim import FixedSchedule, RooflineEngine, RooflineParams
 from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, FitError
 from tokenrig.serve.spec import HfOptions, LaunchError, SimOptions
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tp", type=int, default=1, help="sim engine: tensor-parallel GPUs")
     parser.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION,
                         help="sim engine: fraction of GPU memory its KV plan may use")
+    parser.add_argument("--profile-dir", type=Path, default=None,
+                        help="hf engine: serve /start_profile and /stop_profile, writing torch-profiler traces here")
+    parser.add_argument("--profile-steps", type=int, default=64, help="engine steps a profile records")
     HfOptions.add_arguments(parser)
     SimOptions.add_arguments(parser)
     return parser
@@ -55,7 +60,8 @@ def build_engine(args):
         return HFEngine(args.model_dir, device=args.device, dtype=args.dtype,
                         attn_implementation=args.attn_implementation,
                         max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-                        kv_cache_tokens=args.kv_cache_tokens, options=HfOptions.from_args(args)), model
+                        kv_cache_tokens=args.kv_cache_tokens, options=HfOptions.from_args(args),
+                        profiler=StepProfiler(args.profile_dir, args.profile_steps) if args.profile_dir else None), model
     options = SimOptions.from_args(args)
     options.validate()
     first_content_id = len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS)
