@@ -1,0 +1,230 @@
+"""An engine step's time as the sum of its operators' times, fitted to profiled steps (Vidur's method).
+
+Each operator class of a serving breakdown (tokenrig/breakdown) gets a time function of the step's batch
+and the model's shapes, with few parameters, fitted to the class's measured time over profiled steps of
+one GPU type, engine and weight format:
+
+| class | time per step |
+|---|---|
+| GEMM, by role | layers x (launch + max(weight bytes / (BW e_bw), 2 params tokens / (F e_f))) |
+| attention | layers x (launch + decode KV bytes read / (BW e_kv) + prefill pair FLOPs / (F e_pf)) |
+| norms, activation, rotary, KV write, copies, quantization, embedding, other | layers x (a + b tokens h / BW) |
+| sampling and logits | a + b sequences V / BW |
+| GPU idle (host, scheduler) | a + b sequences |
+
+BW and F are the GPU profile's datasheet bandwidth and BF16 FLOP/s, h the hidden size, V the vocabulary.
+Because each term is bytes or FLOPs over a datasheet rate, the same fitted parameters project a GPU type
+with no profile of its own: GEMMs and prefill attention scale with compute, decode attention, small-batch
+GEMMs and elementwise work with bandwidth; launches, sampling's fixed cost and the host's idle time stay.
+Models of other shapes scale through their bytes and FLOPs. A projection that scaled anything says so.
+
+The fit: GEMMs by bounded least squares on log time (the max() makes it nonlinear), every other class by
+non-negative least squares on relative error. `fit_error` is the model's own check: the worst relative
+error of whole-step times predicted for profiled steps it was not fitted on (k-fold).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import least_squares, nnls
+
+from tokenrig.breakdown.table import OperatorBreakdown, StepRow
+from tokenrig.profiles import GpuProfile, ModelProfile
+from tokenrig.serve.fit import GROUP_SIZE, linear_bytes
+
+GEMM_SHAPES = {"gemm_qkv": ("q_proj", "k_proj", "v_proj"), "gemm_o": ("o_proj",),
+               "gemm_gate_up": ("gate_proj", "up_proj"), "gemm_down": ("down_proj",)}
+PER_LAYER_ELEMENTWISE = ("norm", "activation", "rotary", "kv_cache_write", "copy", "quantize", "embedding", "other")
+ATTENTION = ("attention_prefill", "attention_decode", "attention_mixed")
+FOLDS = 4
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What a step computes, in the terms the model reads (a profiled step's row, or a replayed step's work)."""
+
+    prefill_tokens: int
+    decode_requests: int
+    decode_kv_tokens: int = 0
+    prefill_attention_pairs: int = 0
+    sequences: int = 0  # requests in the step (each is sampled once it ends its prefill)
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.decode_requests
+
+    @classmethod
+    def of_row(cls, row: StepRow) -> Batch:
+        pairs = row.prefill_attention_pairs
+        if pairs is None:  # vLLM's simple annotation: a prompt attending to itself
+            pairs = row.prefill_tokens * row.prefill_tokens // max(2 * row.prefill_requests, 1)
+        return cls(row.prefill_tokens, row.decode_requests, row.decode_kv_tokens or 0, pairs,
+                   row.prefill_requests + row.decode_requests)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The model's bytes and FLOPs the time functions read, per GPU of a `tp`-way replica."""
+
+    layers: int
+    hidden: int
+    vocab: int
+    gemm_bytes: dict[str, float]  # per layer, weight bytes of each role (LM head: the whole)
+    gemm_params: dict[str, float]  # per layer, multiply-adds per token of each role
+    kv_bytes_per_token_layer: float
+    pair_flops_layer: float  # QK^T and AV of one query-key pair, one layer
+
+    @classmethod
+    def of(cls, model: ModelProfile, quant: str, tp: int = 1) -> Shapes:
+        h, i = model.hidden_size, model.config["intermediate_size"]
+        q_dim, kv_dim = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+        dims = {"q_proj": (h, q_dim), "k_proj": (h, kv_dim), "v_proj": (h, kv_dim), "o_proj": (q_dim, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        quantized = quant if quant in ("bf16", "fp16", "int8", "fp8") or h % GROUP_SIZE == 0 else "bf16"
+        gemm_bytes = {role: sum(linear_bytes(quantized, *dims[name]) for name in names) / tp
+                      for role, names in GEMM_SHAPES.items()}
+        gemm_params = {role: sum(dims[name][0] * dims[name][1] for name in names) / tp
+                       for role, names in GEMM_SHAPES.items()}
+        gemm_bytes["gemm_lm_head"] = 2.0 * h * model.vocab_size / tp
+        gemm_params["gemm_lm_head"] = h * model.vocab_size / tp
+        return cls(model.num_layers, h, model.vocab_size, gemm_bytes, gemm_params,
+                   2 * max(model.num_kv_heads // tp, 1) * model.head_dim * 2.0,
+                   4.0 * model.num_heads * model.head_dim / tp)
+
+
+@dataclass
+class OperatorModel:
+    """Fitted per-operator times of one engine configuration and weight format, on the GPU type `gpu`."""
+
+    gpu: GpuProfile  # the GPU type the profiles ran on
+    quant: str
+    gemm: tuple[float, float, float]  # launch per layer (s), e_bw, e_f
+    attention: tuple[float, float, float]  # launch per layer (s), 1/e_kv, 1/e_pf
+    elementwise: dict[str, tuple[float, float]]  # per class: a per layer (s), b (per token-hidden byte / BW)
+    sampling: tuple[float, float]  # a (s), b (per sequence-vocab element / BW)
+    idle: tuple[float, float]  # a (s), b (s per sequence)
+    steps_fitted: int = 0
+    fit_error: float | None = None  # worst relative error of held-out whole-step times (k-fold)
+    sources: list[str] = field(default_factory=list)
+
+    def class_times(self, batch: Batch, shapes: Shapes, gpu: GpuProfile | None = None) -> dict[str, float]:
+        """Seconds per operator class of one step on `gpu` (default: the profiled GPU type)."""
+        gpu = gpu or self.gpu
+        bw, flops = gpu.bandwidth_bytes_per_s, gpu.flops_per_s
+        launch, e_bw, e_f = self.gemm
+        times = {}
+        for role in (*GEMM_SHAPES, "gemm_lm_head"):
+            layers = 1 if role == "gemm_lm_head" else shapes.layers
+            tokens = batch.sequences if role == "gemm_lm_head" else batch.tokens  # logits only for sampled rows
+            times[role] = layers * (launch + max(shapes.gemm_bytes[role] / (bw * e_bw),
+                                                 2 * shapes.gemm_params[role] * tokens / (flops * e_f)))
+        a, inv_kv, inv_pf = self.attention
+        attention = shapes.layers * (a + inv_kv * batch.decode_kv_tokens * shapes.kv_bytes_per_token_layer / bw
+                                     + inv_pf * batch.prefill_attention_pairs * shapes.pair_flops_layer / flops)
+        times["attention"] = attention
+        for name, (a, b) in self.elementwise.items():
+            times[name] = shapes.layers * (a + b * batch.tokens * shapes.hidden * 2 / bw)
+        a, b = self.sampling
+        times["sampling"] = a + b * batch.sequences * shapes.vocab * 4 / bw
+        a, b = self.idle
+        times["gpu_idle"] = a + b * batch.sequences
+        return times
+
+    def step_time(self, batch: Batch, shapes: Shapes, gpu: GpuProfile | None = None) -> float:
+        return sum(self.class_times(batch, shapes, gpu).values())
+
+    def scaled_to(self, gpu: GpuProfile) -> bool:
+        """Whether a projection to `gpu` scales this model by datasheet rates (a GPU type it was not profiled on)."""
+        return gpu.key != self.gpu.key
+
+
+def _rows(breakdowns: list[OperatorBreakdown]) -> list[StepRow]:
+    return [row for b in breakdowns for row in b.step_rows if row.span_ms > 0]
+
+
+def _class_ms(row: StepRow, names) -> float:
+    return sum(row.per_class_ms.get(name, 0.0) for name in names)
+
+
+def fit_operator_model(breakdowns: list[OperatorBreakdown], model: ModelProfile, gpu: GpuProfile, quant: str,
+                       tp: int = 1, sources: list[str] | None = None, check: bool = True) -> OperatorModel:
+    """Fit every class's time function to the profiled steps of one GPU type, engine and weight format."""
+    rows = _rows(breakdowns)
+    if len(rows) < 3:
+        raise ValueError(f"{len(rows)} profiled steps: at least 3 are needed to fit the operator model")
+    shapes = Shapes.of(model, quant, tp)
+    bw, flops = gpu.bandwidth_bytes_per_s, gpu.flops_per_s
+    batches = [Batch.of_row(row) for row in rows]
+
+    gemm_obs = [(batch, role, row.per_class_ms.get(role, 0.0) / 1000) for row, batch in zip(rows, batches)
+                for role in (*GEMM_SHAPES, "gemm_lm_head") if row.per_class_ms.get(role, 0.0) > 0]
+
+    def gemm_residuals(x):
+        launch, e_bw, e_f = math.exp(x[0]), math.exp(x[1]), math.exp(x[2])
+        out = []
+        for batch, role, seconds in gemm_obs:
+            layers = 1 if role == "gemm_lm_head" else shapes.layers
+            tokens = batch.sequences if role == "gemm_lm_head" else batch.tokens
+            predicted = layers * (launch + max(shapes.gemm_bytes[role] / (bw * e_bw),
+                                               2 * shapes.gemm_params[role] * tokens / (flops * e_f)))
+            out.append(math.log(predicted / seconds))
+        return out
+
+    if gemm_obs:
+        solution = least_squares(gemm_residuals, x0=[math.log(5e-6), math.log(0.7), math.log(0.6)],
+                                 bounds=([math.log(1e-8), math.log(0.01), math.log(0.01)],
+                                         [math.log(1e-3), math.log(1.5), math.log(1.5)]))
+        gemm = tuple(float(math.exp(v)) for v in solution.x)
+    else:
+        gemm = (0.0, 1.0, 1.0)
+
+    def nonneg(features: list[list[float]], seconds: list[float]) -> tuple[float, ...]:
+        """Non-negative least squares on relative error (each row divided by what it measured)."""
+        keep = [(f, s) for f, s in zip(features, seconds) if s > 0]
+        if not keep:
+            return tuple(0.0 for _ in features[0]) if features else ()
+        a = np.array([[v / s for v in f] for f, s in keep])
+        coefficients, _ = nnls(a, np.ones(len(keep)))
+        return tuple(float(c) for c in coefficients)
+
+    layers = shapes.layers
+    attention = nonneg([[layers, layers * b.decode_kv_tokens * shapes.kv_bytes_per_token_layer / bw,
+                         layers * b.prefill_attention_pairs * shapes.pair_flops_layer / flops] for b in batches],
+                       [_class_ms(row, ATTENTION) / 1000 for row in rows])
+    elementwise = {}
+    for name in PER_LAYER_ELEMENTWISE:
+        seconds = [row.per_class_ms.get(name, 0.0) / 1000 for row in rows]
+        if any(seconds):
+            elementwise[name] = nonneg([[layers, layers * b.tokens * shapes.hidden * 2 / bw] for b in batches],
+                                       seconds)
+    sampling = nonneg([[1.0, b.sequences * shapes.vocab * 4 / bw] for b in batches],
+                      [row.per_class_ms.get("sampling", 0.0) / 1000 for row in rows]) or (0.0, 0.0)
+    idle = nonneg([[1.0, float(b.sequences)] for b in batches],
+                  [row.per_class_ms.get("gpu_idle", 0.0) / 1000 for row in rows]) or (0.0, 0.0)
+    fitted = OperatorModel(gpu, quant, gemm, attention, elementwise, sampling, idle, len(rows),
+                           sources=list(sources or []))
+    if check:
+        fitted.fit_error = _cross_validated_error(breakdowns, rows, model, gpu, quant, tp)
+    return fitted
+
+
+def _cross_validated_error(breakdowns, rows, model, gpu, quant, tp) -> float | None:
+    """Worst relative error of whole-step times of each fold's steps, predicted by a model fitted on the others."""
+    folds = min(FOLDS, len(rows) // 3)
+    if folds < 2:
+        return None
+    shapes = Shapes.of(model, quant, tp)
+    worst = 0.0
+    for fold in range(folds):
+        held = rows[fold::folds]
+        kept = [row for index, row in enumerate(rows) if index % folds != fold]
+        part = OperatorBreakdown(source="fold", device="gpu", steps=len(kept), span_s=0.0, classes={}, by_kind={},
+                                 step_rows=kept)
+        fitted = fit_operator_model([part], model, gpu, quant, tp, check=False)
+        for row in held:
+            predicted = fitted.step_time(Batch.of_row(row), shapes)
+            worst = max(worst, abs(predicted / (row.span_ms / 1000) - 1))
+    return worst
