@@ -33,6 +33,7 @@ from scipy.optimize import least_squares, nnls
 
 from tokenrig.breakdown.table import OperatorBreakdown, StepRow
 from tokenrig.profiles import GpuProfile, ModelProfile
+from tokenrig.serve.engines.sim import RooflineScheduler
 from tokenrig.serve.fit import GROUP_SIZE, linear_bytes
 
 GEMM_SHAPES = {"gemm_qkv": ("q_proj", "k_proj", "v_proj"), "gemm_o": ("o_proj",),
@@ -228,3 +229,99 @@ def _cross_validated_error(breakdowns, rows, model, gpu, quant, tp) -> float | N
             predicted = fitted.step_time(Batch.of_row(row), shapes)
             worst = max(worst, abs(predicted / (row.span_ms / 1000) - 1))
     return worst
+
+
+def batch_of_work(work) -> Batch:
+    """A replayed step's batch (the sim scheduler's StepWork) in the model's terms."""
+    return Batch(work.prefill_tokens, work.decode_tokens, work.decode_kv_tokens, work.prefill_attention_pairs,
+                 len(work.sequences))
+
+
+class OperatorScheduler(RooflineScheduler):
+    """The sim engine's scheduler (vLLM's batching, KV blocks, preemption, prefix cache) timing each step as
+    the sum of its operators' times on `gpu`, plus TP's all-reduces, instead of the roofline."""
+
+    def __init__(self, operators: OperatorModel, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.operators = operators
+        self.shapes = Shapes.of(self.model, self.quant, self.tp)
+
+    def step_time(self, work) -> float:
+        batch = batch_of_work(work)
+        return self.operators.step_time(batch, self.shapes, self.gpu) + self.all_reduce_s(batch.tokens)
+
+
+@dataclass(frozen=True)
+class ProfileKey:
+    engine: str
+    quant: str
+    gpu: str
+    model: str
+    tp: int
+
+
+@dataclass
+class ChosenProfile:
+    """The operator model a projection uses and how far it had to travel to get there."""
+
+    model: OperatorModel
+    key: ProfileKey
+    scaled: list[str]  # what differs from the question: "GPU type h200 from h100-sxm by datasheet", ...
+
+    def describe(self) -> str:
+        basis = (f"operators profiled on {self.key.gpu} ({self.key.model}, {self.key.quant}, "
+                 f"{self.model.steps_fitted} steps")
+        if self.model.fit_error is not None:
+            basis += f", step time within ±{self.model.fit_error:.0%} held out"
+        return basis + ")" + (f"; {'; '.join(self.scaled)}" if self.scaled else "")
+
+
+class OperatorProfiles:
+    """The operator models fitted to every profiled step in the inputs, one per engine configuration, weight
+    format, GPU type, model and TP size, and the nearest one to a question."""
+
+    def __init__(self, steps, progress=print):
+        from tokenrig.profiles import resolve_gpu, resolve_model
+
+        groups: dict[ProfileKey, list] = {}
+        for step in steps:
+            if step.summary.breakdown is not None and step.summary.breakdown.device == "gpu":
+                key = ProfileKey(step.engine, step.quant, step.gpu, step.model, step.tp)
+                groups.setdefault(key, []).append(step)
+        self.models: dict[ProfileKey, OperatorModel] = {}
+        for key, members in groups.items():
+            try:
+                self.models[key] = fit_operator_model([s.summary.breakdown for s in members], resolve_model(key.model),
+                                                      resolve_gpu(key.gpu), key.quant, key.tp,
+                                                      sources=[str(s.path) for s in members])
+            except ValueError as error:
+                progress(f"operator profile {key}: not used ({error})")
+
+    def without(self, engine: str, quant: str, gpu: str, model: str) -> OperatorProfiles:
+        """These profiles less one configuration's (a held-out check must not see the case it checks)."""
+        other = object.__new__(OperatorProfiles)
+        other.models = {k: m for k, m in self.models.items()
+                        if (k.engine, k.quant, k.gpu, k.model) != (engine, quant, gpu, model)}
+        return other
+
+    def nearest(self, engine: str, quant: str, gpu: GpuProfile, model: str) -> ChosenProfile | None:
+        """Same engine first; then the same weight format and GPU type, the same format on another GPU type
+        (scaled by datasheet), another format on the same GPU type, anything of the engine; the same model
+        before another (scaled through its shapes)."""
+        candidates = [k for k in self.models if k.engine == engine]
+        if not candidates:
+            return None
+
+        def distance(key: ProfileKey) -> tuple:
+            return (key.quant != quant and key.gpu != gpu.key, key.quant != quant, key.gpu != gpu.key,
+                    key.model != model, -self.models[key].steps_fitted)
+
+        key = min(candidates, key=distance)
+        scaled = []
+        if key.gpu != gpu.key:
+            scaled.append(f"GPU type {gpu.key} projected from {key.gpu} by datasheet (compute and bandwidth)")
+        if key.quant != quant:
+            scaled.append(f"{quant} weights projected from {key.quant} kernels by their bytes")
+        if key.model != model:
+            scaled.append(f"{model} projected from {key.model} by its shapes")
+        return ChosenProfile(self.models[key], key, scaled)

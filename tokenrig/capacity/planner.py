@@ -4,10 +4,11 @@ For every GPU type x weight format x engine asked about, one row:
 
 - measured: a --find-max run of exactly that configuration, model and scenario answers the SLOs
   (its best step's goodput);
-- projected: otherwise the engine's calibration (calibrate.py, fitted on every measured step of
-  that engine and weight format) replays the scenario's SLO search on that GPU type in virtual
-  time (simulate.py); the row carries the calibration's held-out error band and the GPU types it
-  was calibrated on;
+- projected: otherwise the scenario's SLO search is replayed on that GPU type in virtual time
+  (simulate.py), each engine step timed by the per-operator model fitted to the nearest operator
+  profile of that engine (operators.py: same weights and GPU type first, else scaled by datasheet),
+  or, where the engine was never profiled, by the roofline calibrated on its measured steps
+  (calibrate.py); the row carries the held-out error band and what the projection rests on;
 - neither (it does not fit, nothing measured that engine with those weights, no rate meets the
   SLOs): a note instead of a row.
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from tokenrig.capacity.calibrate import Calibration, Calibrator
 from tokenrig.capacity.cost import ReplicaCapacity, size
 from tokenrig.capacity.inputs import MeasuredStep, SearchRun
+from tokenrig.capacity.operators import OperatorProfiles
 from tokenrig.capacity.simulate import RequestBook, VirtualSearch
 from tokenrig.loadgen.load_profiles import FindMax
 from tokenrig.loadgen.scenario import Scenario
@@ -98,9 +100,10 @@ def _per_request(summary: RunSummary) -> tuple[float, float]:
 
 class CapacityPlanner:
     def __init__(self, question: CapacityQuestion, steps: list[MeasuredStep], searches: list[SearchRun],
-                 progress=print):
+                 progress=print, profiles: OperatorProfiles | None = None):
         self.question = question
         self.steps = steps
+        self.profiles = profiles if profiles is not None else OperatorProfiles(steps, progress)
         self.searches = searches
         self.progress = progress
         self.calibrator = Calibrator(progress)
@@ -124,9 +127,10 @@ class CapacityPlanner:
                     label = f"{gpu.key} {quant} {engine}"
                     row = self._measured(engine, quant, gpu, notes)
                     if row is None:
-                        key = (engine, quant)
+                        profile = self.profiles.nearest(engine, quant, gpu, q.model.key)
+                        key = (engine, quant, profile.key if profile else None)
                         if key not in calibrations:
-                            calibrations[key] = self._calibration(engine, quant, notes)
+                            calibrations[key] = self._calibration(engine, quant, notes, profile)
                         if calibrations[key] is None:
                             continue
                         self.progress(f"projecting {label} (virtual-time SLO search)")
@@ -161,11 +165,17 @@ class CapacityPlanner:
                              verdict.goodput_rps, step.summary)
         return None
 
-    def _calibration(self, engine: str, quant: str, notes: list[str]) -> Calibration | None:
-        usable = [s for s in self.steps if s.engine == engine and s.quant == quant and s.unusable() is None]
+    def _calibration(self, engine: str, quant: str, notes: list[str], profile=None) -> Calibration | None:
+        usable = [s for s in self.steps if s.engine == engine and s.quant == quant and s.unusable() is None
+                  and s.summary.breakdown is None]  # a profiled step's latencies carry the profiler's cost
+        if profile is not None:
+            usable = usable or [s for s in self.steps if s.engine == engine and s.unusable() is None
+                                and s.summary.breakdown is None]
         if not usable:
             notes.append(f"{engine} with {quant} weights: no measured step to calibrate a projection on")
             return None
+        if profile is not None:
+            return self.calibrator.calibrate_on_operators(engine, quant, usable, profile)
         return self.calibrator.calibrate(engine, quant, usable)
 
     def book(self) -> RequestBook:
@@ -198,7 +208,13 @@ class CapacityPlanner:
             notes.append(f"{label}: projected, no rate meets the SLOs ({search.result.stop_reason})")
             return None
         transfers = gpu.key in calibration.gpus
-        basis = (f"calibrated on {len(calibration.steps)} steps on {', '.join(calibration.gpus)}"
-                 + ("" if transfers else f"; {gpu.key} not among them"))
+        if calibration.profile:
+            scaled = self.profiles.nearest(calibration.engine, calibration.quant, gpu, q.model.key).scaled
+            basis = (f"{calibration.profile.describe().split(';')[0]}"
+                     + (f"; {'; '.join(scaled)}" if scaled else "")
+                     + f"; checked on {len(calibration.steps)} load steps on {', '.join(calibration.gpus)}")
+        else:
+            basis = (f"calibrated on {len(calibration.steps)} steps on {', '.join(calibration.gpus)}"
+                     + ("" if transfers else f"; {gpu.key} not among them"))
         return self._row(calibration.engine, calibration.quant, gpu, tp, "projected", basis, calibration.band,
                          best.summary.slo.goodput_rps, best.summary)
