@@ -181,3 +181,19 @@ load: {type: concurrency, users: 2, duration_s: 6, warmup_s: 1}
     assert all(s.composition.prefill_tokens % 48 == 0 for s in steps)  # whole 48-token prompts (no chunking)
     assert {"gemm_qkv", "gemm_o", "gemm_gate_up", "gemm_down", "gemm_lm_head"} <= set(summary["classes"])
     assert math.isclose(sum(c["share"] for c in summary["classes"].values()), 1.0, rel_tol=1e-6)
+    report = run_cli("report", str(run_dir), "-o", str(tmp_path / "report.html"))
+    assert report.returncode == 0, report.stderr
+    assert "engine time by operator (profiled steps)" in (tmp_path / "report.html").read_text()
+
+
+def test_operator_chart_stacks_each_profiled_step_by_class():
+    from tokenrig.report.charts import operator_breakdown
+
+    steps = {"1 user": breakdown(EngineTrace([_step(_layer())], "gpu"), "test"),
+             "32 users": breakdown(EngineTrace([_step(_layer() + _layer())], "gpu"), "test")}
+    figure = operator_breakdown(steps, "by operator")
+    assert figure.layout.barmode == "stack"
+    names = {trace.name for trace in figure.data}
+    assert {"GEMM QKV", "norms", "GPU idle (host, scheduler)"} <= names
+    norms = next(trace for trace in figure.data if trace.name == "norms")
+    assert list(norms.y) == pytest.approx([0.02, 0.04])  # two 10-µs norms a layer, one layer then two
