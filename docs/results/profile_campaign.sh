@@ -6,8 +6,10 @@
 #   GPU=h100-sxm TOTAL_S=600 bash docs/results/profile_campaign.sh
 #
 # Each configuration is one `tokenrig loadtest --users sweep --sweep ...` that launches and stops its own server; a
-# configuration gets what is left of TOTAL_S. Every step's summary.json carries its breakdown; the first 1-stream
-# vLLM bf16 trace is also cut down (scripts/trim_trace.py) into $RES/fixture-trace.json.gz, the CPU tests' fixture.
+# configuration gets what is left of TOTAL_S. Every step's summary.json carries its breakdown; every trace is also
+# slimmed (scripts/trim_trace.py: only the fields the breakdown reads) into $RES/slim/, so the breakdowns can be
+# classified again without the GPU, and the first 1-stream vLLM bf16 trace is cut to 8 engine steps into
+# $RES/fixture-trace.json.gz, the CPU tests' fixture.
 # Progress in $RES/progress.log; DONE at the end.
 #
 # On the host, after the staging of capacity_campaign.sh (vLLM in /tmp/site, wheels in /tmp/site2), from a fresh
@@ -63,6 +65,11 @@ for config in $CONFIGS; do
   log "$config: rc=$? (124 = cut at the cap)"
   grep -E "^operator breakdown|^  GEMM|^  attention|^  GPU idle|^  steps by kind|^profile:" "$RES/logs/$config.log" \
     | head -40 >> "$RES/progress.log"
+  mkdir -p "$RES/slim"
+  for trace in "$RES/$config"/*/traces/*.pt.trace.json.gz; do
+    [ -f "$trace" ] && $PY scripts/trim_trace.py "$trace" "$RES/slim/$config-$(basename "$trace" .pt.trace.json.gz).json.gz" \
+      --steps $(( PROFILE_STEPS - 1 )) >> "$RES/progress.log" 2>&1
+  done
   if [ "$config" = vllm-bf16 ] && [ ! -f "$RES/fixture-trace.json.gz" ]; then
     first=$(ls -t "$RES"/vllm-bf16/*/traces/*.pt.trace.json.gz 2> /dev/null | tail -1)
     [ -n "$first" ] && $PY scripts/trim_trace.py "$first" "$RES/fixture-trace.json.gz" --steps 8 >> "$RES/progress.log" 2>&1

@@ -25,30 +25,33 @@ from tokenrig.breakdown.trace import Kernel, ProfiledStep
 
 GEMM_ROLES = ("gemm_qkv", "gemm_o", "gemm_gate_up", "gemm_down", "gemm_lm_head")
 CLASSES = (*GEMM_ROLES, "gemm_other", "attention_prefill", "attention_decode", "attention_mixed", "kv_cache_write",
-           "norm", "activation", "rotary", "embedding", "quantize", "sampling", "communication", "copy",
+           "norm", "activation", "rotary", "embedding", "quantize", "sampling", "communication", "prepare", "copy",
            "other", "gpu_idle")
 LABELS = {"gemm_qkv": "GEMM QKV", "gemm_o": "GEMM O", "gemm_gate_up": "GEMM MLP gate/up", "gemm_down": "GEMM MLP down",
           "gemm_lm_head": "GEMM LM head", "gemm_other": "GEMM (role unknown)", "attention_prefill": "attention (prefill)",
           "attention_decode": "attention (decode)", "attention_mixed": "attention (mixed step)",
           "kv_cache_write": "KV cache write", "norm": "norms", "activation": "activation", "rotary": "rotary",
-          "embedding": "embedding", "quantize": "activation quantization", "sampling": "sampling and logits",
+          "embedding": "embedding", "quantize": "activation quantization", "sampling": "sampling and logits", "prepare": "input preparation",
           "communication": "communication", "copy": "copies", "other": "other kernels",
           "gpu_idle": "GPU idle (host, scheduler)"}
 
-# first match wins: attention before GEMM (FlashAttention 3's names contain 'cutlass' and 'gemm')
+# first match wins: attention before GEMM (FlashAttention 3's names contain 'cutlass' and 'gemm'), GEMM before
+# quantization (FP8 GEMMs are named fp8), rotary before embedding (a compiled rotary gathers its cos/sin rows)
 _BY_NAME = (
     ("communication", r"nccl|all_?reduce|cross_device_reduce|reduce_scatter|all_?gather|custom_ar"),
     ("kv_cache_write", r"reshape_and_cache|concat_and_cache|cache_kernel|index_copy|paged_kv_write"),
     ("attention", r"flash|fmha|attention|attn|sdpa|paged_|BatchDecode|BatchPrefill|_fwd_kernel|mha_"),
-    ("sampling", r"argmax|softmax|topk|top_k|top_p|sort|sampl|exponential|gumbel|multinomial|penalt|logit|"
-                 r"cumsum|max_kernel|reduce_kernel<.*(?:Max|ArgMax)"),
-    ("quantize", r"quant(?!ization)|fp8|scaled_fp8|per_token_group"),
-    ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|marlin|Marlin|cublas|splitKreduce|matmul|sm90_|wgmma|"
+    ("gemm_reduce", r"splitKreduce|split_k_reduce"),
+    ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|marlin|Marlin|cublas|matmul|scaled_mm|sm90_|wgmma|"
              r"aten::(?:linear|mm|addmm|matmul|bmm)$"),
+    ("quantize", r"quant(?!ization)|fp8|per_token_group"),
+    ("sampling", r"argmax|softmax|topk|top_k|top_p|sort|sampl|exponential|gumbel|multinomial|penalt|logit|"
+                 r"_bias_kernel|_post_update|cumsum|max_kernel|reduce_kernel<.*(?:Max|ArgMax)"),
     ("norm", r"rms_?norm|layer_?norm|rsqrt|aten::(?:rms_norm|layer_norm)"),
     ("activation", r"silu|gelu|swiglu|act_and_mul|sigmoid|aten::(?:silu|gelu)"),
-    ("rotary", r"rotary|rope|\bcos\b|_cos_|_sin_|cos_sin"),
+    ("rotary", r"rotary|rope|\bcos\b|_cos_|_sin_|cos_sin|^triton_\w*(?=\w*index_select)(?=\w*mul)(?=\w*cat)"),
     ("embedding", r"embedding|indexSelect|index_select"),
+    ("prepare", r"prepare|gather_block_tables|slot_mapping|_apply_write|arange|pos_seq_lens|index_elementwise"),
     ("copy", r"memcpy|memset|Memcpy|Memset|copy|fill|cat_|CatArray|aten::(?:copy_|to|cat|clone|contiguous)$"),
 )
 _PATTERNS = tuple((name, re.compile(pattern, re.IGNORECASE)) for name, pattern in _BY_NAME)
@@ -65,12 +68,19 @@ def kind_of(kernel: Kernel) -> str:
 
 
 def classify_step(step: ProfiledStep) -> list[str]:
-    """The operator class of each of the step's kernels, in order."""
+    """The operator class of each of the step's kernels, in order. A split-K reduction belongs to the GEMM it
+    finishes: it takes that GEMM's role and is not a GEMM of the layer order."""
     kinds = [kind_of(kernel) for kernel in step.kernels]
     classes = [f"attention_{step.composition.kind}" if kind == "attention" else kind for kind in kinds]
     for indices, roles in zip(_gemm_segments(kinds), _segment_roles(kinds)):
         for index, role in zip(indices, roles):
             classes[index] = role
+    last_gemm = "gemm_other"
+    for index, name in enumerate(classes):
+        if name.startswith("gemm_") and name != "gemm_reduce":
+            last_gemm = name
+        elif name == "gemm_reduce":
+            classes[index] = last_gemm
     return ["gemm_other" if name == "gemm" else name for name in classes]
 
 

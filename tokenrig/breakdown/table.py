@@ -57,6 +57,7 @@ class OperatorBreakdown(BaseModel):
     by_kind: dict[str, KindRow]
     step_rows: list[StepRow]
     unclassified: dict[str, float] = {}  # the longest kernels filed as 'other', name -> seconds
+    kernels: dict[str, dict[str, float]] = {}  # per class, its longest kernels by name (seconds): what was filed where
 
     def render(self) -> str:
         """The console table: one row per operator class with time in it, largest first."""
@@ -73,15 +74,17 @@ class OperatorBreakdown(BaseModel):
         return "\n".join(lines)
 
 
-def breakdown(trace: EngineTrace, source: str, longest_others: int = 8) -> OperatorBreakdown:
+def breakdown(trace: EngineTrace, source: str, longest_others: int = 8, longest_per_class: int = 3) -> OperatorBreakdown:
     spans = trace.step_spans_us()
     totals: dict[str, float] = defaultdict(float)
     others: dict[str, float] = defaultdict(float)
+    by_name: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     rows = []
     for step, span in zip(trace.steps, spans):
         per_class: dict[str, float] = defaultdict(float)
         for kernel, name in zip(step.kernels, classify_step(step)):
             per_class[name] += kernel.duration_us
+            by_name[name][kernel.name[:160]] += kernel.duration_us / 1e6
             if name == "other":
                 others[kernel.name] += kernel.duration_us / 1e6
         per_class["gpu_idle"] = max(span - step.busy_us(), 0.0)
@@ -100,7 +103,9 @@ def breakdown(trace: EngineTrace, source: str, longest_others: int = 8) -> Opera
                for name in CLASSES if totals.get(name)}
     return OperatorBreakdown(source=source, device=trace.device, steps=len(trace.steps), span_s=span_total / 1e6,
                              classes=classes, by_kind=_by_kind(rows), step_rows=rows,
-                             unclassified=dict(sorted(others.items(), key=lambda kv: -kv[1])[:longest_others]))
+                             unclassified=dict(sorted(others.items(), key=lambda kv: -kv[1])[:longest_others]),
+                             kernels={name: dict(sorted(names.items(), key=lambda kv: -kv[1])[:longest_per_class])
+                                      for name, names in by_name.items() if name != "other"})
 
 
 def _by_kind(rows: list[StepRow]) -> dict[str, KindRow]:
