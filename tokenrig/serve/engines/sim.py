@@ -197,7 +197,8 @@ class _Sequence:
         prompt, size = self.request.prompt_ids, BLOCK_TOKENS
         while (len(self.block_hashes) + 1) * size <= self.num_tokens:
             start = len(self.block_hashes) * size
-            tokens = prompt[start:start + size] + self.output_ids[max(start - len(prompt), 0):start + size - len(prompt)]
+            outputs = self.output_ids[max(start - len(prompt), 0):start + size - len(prompt)]
+            tokens = prompt[start:start + size] + outputs
             self.block_hashes.append(hash((self.block_hashes[-1] if self.block_hashes else 0, tuple(tokens))))
 
 
