@@ -165,7 +165,7 @@ class BlockPool:
         self._hash[block] = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Sequence:
     """A request in the engine, as vLLM's Request: its tokens (prompt + generated), how many of them have
     KV computed, the KV blocks it holds and the hashes of its full blocks."""
@@ -180,18 +180,18 @@ class _Sequence:
     blocks: list[int] = field(default_factory=list)
     hashed_blocks: int = 0  # leading blocks already entered in the prefix cache
     block_hashes: list[int] = field(default_factory=list)  # of each full block of tokens, chained
+    num_tokens: int = field(init=False)  # prompt + generated
 
     def __post_init__(self):
+        self.num_tokens = len(self.request.prompt_ids) + self.generated
         self._hash_full_blocks()
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.request.prompt_ids) + self.generated
 
     def add_token(self, token: int) -> None:
         self.output_ids.append(token)
         self.generated += 1
-        self._hash_full_blocks()
+        self.num_tokens += 1
+        if self.num_tokens % BLOCK_TOKENS == 0:
+            self._hash_full_blocks()
 
     def _hash_full_blocks(self) -> None:
         prompt, size = self.request.prompt_ids, BLOCK_TOKENS
@@ -386,7 +386,10 @@ class RooflineScheduler:
         while index < len(self._running) and budget > 0:
             sequence = self._running[index]
             new_tokens = min(sequence.num_tokens - sequence.computed, budget)
-            allocated = self.kv_cache.allocate(sequence, new_tokens)
+            end = sequence.computed + new_tokens
+            # most decodes stay within their last block, which they do not fill: nothing to allocate or cache
+            allocated = ((end <= len(sequence.blocks) * BLOCK_TOKENS and end // BLOCK_TOKENS <= sequence.hashed_blocks)
+                         or self.kv_cache.allocate(sequence, new_tokens))
             while not allocated:
                 victim = self._running.pop()  # the last admitted
                 self._preempt(victim)
@@ -427,11 +430,12 @@ class RooflineScheduler:
 
     def _work(self, scheduled: list[tuple[_Sequence, int]], preempted: int) -> StepWork:
         work = StepWork(preemptions=preempted)
+        decodes = decode_kv_tokens = 0  # locals: this loop runs for every sequence of every step
         for sequence, new_tokens in scheduled:
             context_end = sequence.computed + new_tokens
             if new_tokens == 1:
-                work.decode_tokens += 1
-                work.decode_kv_tokens += sequence.computed
+                decodes += 1
+                decode_kv_tokens += sequence.computed
             else:
                 work.prefill_tokens += new_tokens
                 work.prefill_chunks.append((new_tokens, context_end))
@@ -439,11 +443,11 @@ class RooflineScheduler:
             sequence.computed = context_end  # as vLLM advances it when the step is scheduled
             if context_end == sequence.num_tokens:  # caught up: the step samples its next token
                 work.sequences.append(sequence)
+        work.decode_tokens, work.decode_kv_tokens = decodes, decode_kv_tokens
         # each decoded token attends over its context + itself and reads the context's KV cache
-        decode_pairs = work.decode_kv_tokens + work.decode_tokens
-        work.attention_flops = self._attention_flops_per_pair * (work.prefill_attention_pairs + decode_pairs)
-        work.kv_bytes_read = work.decode_kv_tokens * self.kv_bytes_per_token
-        work.kv_tokens_written = work.prefill_tokens + work.decode_tokens
+        work.attention_flops = self._attention_flops_per_pair * (work.prefill_attention_pairs + decode_kv_tokens + decodes)
+        work.kv_bytes_read = decode_kv_tokens * self.kv_bytes_per_token
+        work.kv_tokens_written = work.prefill_tokens + decodes
         return work
 
     def finish_step(self, work: StepWork) -> list[tuple[_Sequence, int]]:
