@@ -225,30 +225,30 @@ class PagedKvCache:
             blocks.append(block)
         return blocks
 
-    def allocate(self, sequence: _Sequence, new_tokens: int, hit: list[int] | None = None,
+    def allocate(self, sequence: _Sequence, new_tokens: int, hit: list[int] = (),
                  whole_sequence: bool = False) -> bool:
         """Blocks for `new_tokens` more tokens after those computed (and the cached `hit` of a request being
         admitted), or False, changing nothing, if the free blocks are too few. `whole_sequence`: admit
         only if all its tokens so far would fit (vLLM 0.26's scheduler_reserve_full_isl, on by default)."""
-        hit = hit or []
+        pool = self.pool
+        end = sequence.computed + len(hit) * BLOCK_TOKENS + new_tokens
         held = len(sequence.blocks) + len(hit)
-        needed = -(-(sequence.computed + len(hit) * BLOCK_TOKENS + new_tokens) // BLOCK_TOKENS) - held
-        taken_from_free = self.pool.unreferenced(hit)
-        if whole_sequence:
-            whole = -(-sequence.num_tokens // BLOCK_TOKENS) - held
-            if max(whole, 0) + taken_from_free > self.pool.free_blocks:
-                return False
-        if max(needed, 0) + taken_from_free > self.pool.free_blocks:
+        needed = max(-(-end // BLOCK_TOKENS) - held, 0)
+        taken_from_free = pool.unreferenced(hit) if hit else 0
+        if whole_sequence and max(-(-sequence.num_tokens // BLOCK_TOKENS) - held, 0) + taken_from_free > pool.free_blocks:
             return False
-        self.pool.touch(hit)
-        sequence.blocks += hit
-        sequence.hashed_blocks += len(hit)
-        sequence.blocks += self.pool.take(max(needed, 0))
+        if needed + taken_from_free > pool.free_blocks:
+            return False
+        if hit:
+            pool.touch(hit)
+            sequence.blocks += hit
+            sequence.hashed_blocks += len(hit)
+        if needed:
+            sequence.blocks += pool.take(needed)
         # the blocks this step fills are entered in the cache now, as vLLM does at allocation
-        full = min(sequence.computed + len(hit) * BLOCK_TOKENS + new_tokens, sequence.num_tokens) // BLOCK_TOKENS
-        for index in range(sequence.hashed_blocks, full):
-            self.pool.cache(sequence.blocks[index], sequence.block_hashes[index])
-        sequence.hashed_blocks = max(sequence.hashed_blocks, full)
+        for index in range(sequence.hashed_blocks, min(end, sequence.num_tokens) // BLOCK_TOKENS):
+            pool.cache(sequence.blocks[index], sequence.block_hashes[index])
+            sequence.hashed_blocks = index + 1
         return True
 
     def free(self, sequence: _Sequence) -> None:
@@ -382,11 +382,14 @@ class RooflineScheduler:
         budget = self.params.max_batch_tokens
         scheduled: list[tuple[_Sequence, int]] = []
         preempted = 0
-        index = 0
-        while index < len(self._running) and budget > 0:
-            sequence = self._running[index]
-            new_tokens = min(sequence.num_tokens - sequence.computed, budget)
-            end = sequence.computed + new_tokens
+        for sequence in self._running:  # a preemption pops the list's end, which this loop has not reached
+            if budget == 0:
+                break
+            computed = sequence.computed
+            new_tokens = sequence.num_tokens - computed
+            if new_tokens > budget:
+                new_tokens = budget
+            end = computed + new_tokens
             # most decodes stay within their last block, which they do not fill: nothing to allocate or cache
             allocated = ((end <= len(sequence.blocks) * BLOCK_TOKENS and end // BLOCK_TOKENS <= sequence.hashed_blocks)
                          or self.kv_cache.allocate(sequence, new_tokens))
@@ -401,7 +404,6 @@ class RooflineScheduler:
                 break
             scheduled.append((sequence, new_tokens))
             budget -= new_tokens
-            index += 1
         while not preempted and self._waiting and budget > 0 and len(self._running) < self.params.max_num_seqs:
             sequence = self._waiting[0]
             if sequence.done:  # cancelled while it waited
@@ -453,10 +455,11 @@ class RooflineScheduler:
     def finish_step(self, work: StepWork) -> list[tuple[_Sequence, int]]:
         """The step has ended: one new token for each of its live sequences; the last one marks it done."""
         emitted = []
+        next_token = self._tokens.next
         for sequence in work.sequences:
             if sequence.done:
                 continue
-            token = self._tokens.next()
+            token = next_token()
             sequence.add_token(token)
             emitted.append((sequence, token))
             if sequence.generated >= sequence.request.max_tokens:
