@@ -18,7 +18,7 @@ from tokenrig.loadgen.search import SATURATION_DEFICIT, SATURATION_SIGMAS, StepR
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.report.console import render_steps
 from tokenrig.report.run_summary import RunSummary
-from tokenrig.serve.engines.sim import PrefixCache, RooflineEngine, StepWork
+from tokenrig.serve.engines.sim import RooflineEngine, StepWork
 from tokenrig.serve.spec import SimOptions
 
 
@@ -107,15 +107,6 @@ load: {type: poisson, rate: 12, duration_s: 6, seed: 4}
     # plus the few prompt tokens of --url's pre-flight request ("hello" in the chat template: no full block)
     assert 0 < queries - sum(r.prompt_tokens_usage for r in records) < 16
     assert hits == expected_hits
-
-
-def test_prefix_cache_blocks_hit_only_after_the_same_prefix():
-    cache = PrefixCache(capacity_blocks=100)
-    a = list(range(40))
-    assert cache.lookup_and_insert(a) == 0
-    assert cache.lookup_and_insert(a[:32] + [999] * 8) == 32
-    assert cache.lookup_and_insert([999] * 16 + a[16:]) == 0  # same block after a different prefix
-    assert cache.lookup_and_insert(a) == 32  # two full blocks; the partial third is never cached
 
 
 @pytest.mark.timing

@@ -1,5 +1,5 @@
-"""The roofline sim engine: its arithmetic, its KV-capacity limit (the fit planner's), and latency growing
-with load."""
+"""The roofline sim engine: its arithmetic, its KV-capacity limit (the fit planner's), latency growing with
+load, and its scheduler (vLLM 0.26's) step by step."""
 
 import asyncio
 
@@ -7,13 +7,13 @@ import pytest
 
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.engines import GenerationRequest
-from tokenrig.serve.engines.sim import RooflineEngine, RooflineParams, StepWork
+from tokenrig.serve.engines.sim import RooflineEngine, RooflineParams, RooflineScheduler, StepWork, _Sequence
 from tokenrig.serve.fit import FitError
 
 
-def engine(model="llama2-7b", gpu="a800", quant="bf16", tp=1, context_tokens=None, **params):
+def engine(model="llama2-7b", gpu="a800", quant="bf16", tp=1, context_tokens=None, kv_cache_tokens=None, **params):
     return RooflineEngine(resolve_model(model), resolve_gpu(gpu), first_content_id=7, params=RooflineParams(**params),
-                          quant=quant, tp=tp, context_tokens=context_tokens)
+                          quant=quant, tp=tp, context_tokens=context_tokens, kv_cache_tokens=kv_cache_tokens)
 
 
 def test_decode_step_is_weight_bandwidth_bound():
@@ -81,14 +81,161 @@ def _requests(n, prompt=256, out=16):
 
 
 def test_latency_grows_with_load_and_kv_capacity_queues_requests():
-    # a small GPU budget: room for about two requests' KV cache at a time
-    sim = engine(model="tiny", gpu="cpu", step_overhead_s=0.001)
-    sim.kv_capacity_tokens = 2 * (256 + 16)
-    single = asyncio.run(_run(sim, _requests(1)))
-    sim = engine(model="tiny", gpu="cpu", step_overhead_s=0.001)
-    sim.kv_capacity_tokens = 2 * (256 + 16)
-    many = asyncio.run(_run(sim, _requests(6)))
+    # a small KV cache: room for two requests' blocks at a time (34 blocks; each ends holding 17)
+    single = asyncio.run(_run(engine(model="tiny", gpu="cpu", step_overhead_s=0.001, kv_cache_tokens=2 * (256 + 16)),
+                              _requests(1)))
+    many = asyncio.run(_run(engine(model="tiny", gpu="cpu", step_overhead_s=0.001, kv_cache_tokens=2 * (256 + 16)),
+                            _requests(6)))
     worst_ttft = max(first for first, _ in many)
     # the 5th and 6th requests wait for two full requests to finish before they are admitted
     assert worst_ttft > 2 * single[0][1]
     assert max(total for _, total in many) > 2.5 * single[0][1]
+
+
+# vLLM 0.26's scheduler, step by step, on the tiny model: small prompts, a KV cache of a few 16-token blocks.
+
+def scheduler(kv_cache_tokens=1024, **params):
+    return RooflineScheduler(resolve_model("tiny"), resolve_gpu("cpu"), first_content_id=7,
+                             params=RooflineParams(**params), kv_cache_tokens=kv_cache_tokens)
+
+
+def submit(sim, name, prompt, max_tokens):
+    sequence = _Sequence(GenerationRequest(name, list(prompt), max_tokens, 0.0))
+    sim.check_fits(sequence.request)
+    sim.submit(sequence)
+    return sequence
+
+
+def step(sim):
+    work = sim.plan_step()
+    sim.finish_step(work)
+    return work
+
+
+def names(sequences):
+    return [sequence.request.request_id for sequence in sequences]
+
+
+def test_one_token_budget_per_step_decodes_first_then_waiting_prefills_within_max_num_seqs():
+    sim = scheduler(max_batch_tokens=32, max_num_seqs=2)
+    submit(sim, "a", [100] * 20, 3)
+    first = step(sim)
+    assert first.prefill_chunks == [(20, 20)] and names(first.sequences) == ["a"]
+    submit(sim, "b", [200] * 40, 2)
+    submit(sim, "c", [300] * 10, 1)
+    # a's decode takes 1 of the 32 tokens; b prefills the other 31; c waits: 2 requests run (max_num_seqs)
+    second = step(sim)
+    assert (second.decode_tokens, second.decode_kv_tokens, second.prefill_chunks) == (1, 20, [(31, 31)])
+    assert second.prefill_attention_pairs == 31 * 31 - 31 * 30 // 2  # causal: 496 query x key pairs
+    assert names(second.sequences) == ["a"]  # b's prompt is not all computed: no token for it yet
+    assert second.attention_flops == sim._attention_flops_per_pair * (496 + 20 + 1)
+    assert second.kv_tokens_written == 32 and second.kv_bytes_read == 20 * sim.kv_bytes_per_token
+    third = step(sim)  # a's last decode, the rest of b's prompt; c still waits for a free slot
+    assert (third.decode_kv_tokens, third.prefill_chunks, names(third.sequences)) == (21, [(9, 40)], ["a", "b"])
+    fourth = step(sim)  # a has ended: b decodes, c is admitted
+    assert (fourth.decode_kv_tokens, fourth.prefill_chunks, names(fourth.sequences)) == (40, [(10, 10)], ["b", "c"])
+    assert not sim.busy
+
+
+def test_a_request_short_of_blocks_preempts_the_last_admitted_which_recomputes():
+    """6 blocks (96 tokens), 3 requests of 40 prompt tokens and 20 out. a and b are admitted (3 + 2 blocks
+    for their first chunks); c is not (its whole prompt needs 3 blocks, 1 is free). a's 49th token needs
+    a 4th block: b, admitted last, is preempted with 8 tokens generated, and a takes b's last block. When
+    a ends, b recomputes its 48 tokens, of which the first 32 are still cached, and c prefills. b's 49th
+    token preempts c in turn."""
+    sim = scheduler(kv_cache_tokens=96, max_batch_tokens=64, max_num_seqs=4)
+    a, b, c = (submit(sim, name, [base] * 40, 20) for name, base in (("a", 100), ("b", 200), ("c", 300)))
+    steps = []
+    while sim.busy:
+        steps.append((step(sim), names(sim._running), names(sim._waiting)))
+    assert steps[0][0].prefill_chunks == [(40, 40), (24, 24)] and steps[0][1:] == (["a", "b"], ["c"])
+    assert sum(work.preemptions for work, _, _ in steps[:9]) == 0
+    work, running, waiting = steps[9]
+    assert (work.preemptions, work.decode_kv_tokens, running, waiting) == (1, 48, ["a"], ["b", "c"])
+    work, running, _ = steps[20]  # a ended after its 20th token (step 19)
+    # b: 40 prompt + 8 generated tokens, the first 32 from the cache; its 9th token comes out of this step
+    assert work.prefill_chunks == [(16, 48), (40, 40)] and running == ["b", "c"] and names(work.sequences) == ["b", "c"]
+    assert steps[21][0].preemptions == 1 and steps[21][2] == ["c"]
+    assert steps[32][0].prefill_chunks == [(9, 41)]  # c: 40 + 1 tokens; its 2 full prompt blocks were still cached
+    assert len(steps) == 51 and all(s.generated == 20 for s in (a, b, c))
+    load = sim.load()
+    assert load.preemptions == 2
+    # a resumed request's lookup is not counted as a query (vLLM counts it apart): 3 prompts, no hits
+    assert (load.prefix_cache_queries, load.prefix_cache_hits) == (120, 0)
+
+
+def run_alone(sim, prompt, max_tokens=1):
+    """Run one request to its end; the prompt tokens it found in the prefix cache."""
+    hits = sim.prefix_cache_hits
+    submit(sim, str(prompt[:3]), prompt, max_tokens)
+    while sim.busy:
+        step(sim)
+    sim.plan_step()  # frees the ended request's blocks, as the next step does
+    return sim.prefix_cache_hits - hits
+
+
+def test_prefix_cache_blocks_hit_only_after_the_same_prefix():
+    sim = scheduler()
+    a = list(range(1000, 1040))
+    assert run_alone(sim, a) == 0
+    assert run_alone(sim, a[:32] + [999] * 8) == 32
+    assert run_alone(sim, [999] * 16 + a[16:]) == 0  # same block after a different prefix
+    assert run_alone(sim, a) == 32  # two full blocks; the partial third is never cached
+    assert run_alone(sim, a[:32]) == 16  # the last prompt token is always computed: its block is recomputed
+
+
+def test_the_prefix_cache_is_the_kv_pool_shared_by_reference_and_evicted_least_recently_freed():
+    """8 blocks. a's and b's prompts (2 full blocks + 8 tokens each) end and stay cached; d's 96-token prompt
+    needs 6 blocks: the 3 free blocks no prefix can hit, then a's two (freed before b's). So a's prompt
+    misses afterwards and b's hits."""
+    sim = scheduler(kv_cache_tokens=128, max_batch_tokens=256)
+    a, b = list(range(1000, 1040)), list(range(2000, 2040))
+    run_alone(sim, a)
+    run_alone(sim, b)
+    assert sim.kv_cache.usage == 0  # cached blocks are free blocks
+    run_alone(sim, list(range(3000, 3096)))
+    assert run_alone(sim, b) == 32
+    assert run_alone(sim, a) == 0
+    # two requests with one prompt at once: the second shares the first's 2 full blocks (cached when allocated)
+    sim = scheduler(kv_cache_tokens=128, max_batch_tokens=256)
+    first, second = submit(sim, "1", a, 2), submit(sim, "2", a, 2)
+    sim.plan_step()
+    assert first.blocks[:2] == second.blocks[:2] and sim.kv_cache.pool.free_blocks == 8 - 4
+    assert sim.prefix_cache_hits == 32
+
+
+def test_a_request_larger_than_the_whole_cache_is_refused():
+    sim = scheduler(kv_cache_tokens=64)  # 4 blocks
+    with pytest.raises(ValueError, match="exceed the whole KV cache"):
+        submit(sim, "too long", [100] * 60, 6)  # 65 tokens of KV
+    whole = submit(sim, "whole cache", [100] * 60, 5)  # the last token's KV is never computed: 64 tokens
+    while sim.busy:
+        step(sim)
+    assert whole.generated == 5 and sim.preemptions == 0
+
+
+def test_the_sim_servers_metrics_count_preemptions(tmp_path):
+    """Four requests at once on a 12-block cache: decodes outgrow it, and /metrics says how often the engine
+    preempted, as vLLM's vllm:num_preemptions does."""
+    from aiohttp.test_utils import TestClient, TestServer
+    from prometheus_client.parser import text_string_to_metric_families
+    from transformers import PreTrainedTokenizerFast
+
+    from tokenrig.serve.api import OpenAIServer
+    from tokenrig.serve.checkpoint import tokenizer_dir
+
+    model = resolve_model("tiny")
+    sim = engine(model="tiny", gpu="cpu", step_overhead_s=0.0005, kv_cache_tokens=12 * 16)
+    server = OpenAIServer(sim, PreTrainedTokenizerFast.from_pretrained(tokenizer_dir(model)), "tiny", 2048)
+
+    async def scenario():
+        async with TestClient(TestServer(server.app())) as client:
+            bodies = [{"prompt": [100 + i] * 30, "max_tokens": 40, "ignore_eos": True} for i in range(4)]
+            replies = await asyncio.gather(*(client.post("/v1/completions", json=body) for body in bodies))
+            assert [(await reply.json())["usage"]["completion_tokens"] for reply in replies] == [40] * 4
+            return await (await client.get("/metrics")).text()
+
+    page = asyncio.run(scenario())
+    counted = [sample.value for family in text_string_to_metric_families(page) for sample in family.samples
+               if sample.name == "vllm:num_preemptions_total"]
+    assert counted == [sim.preemptions] and sim.preemptions > 0

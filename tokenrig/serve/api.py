@@ -57,6 +57,9 @@ class ServerMetrics:
         self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", labels,
                                    registry=self.registry)
         self._prefix_seen = (0, 0)
+        self.preemptions = Counter("vllm:num_preemptions", "Running requests preempted (KV freed, recomputed later)",
+                                   labels, registry=self.registry)
+        self._preemptions_seen = 0
 
     def observe_load(self, engine: Engine) -> None:
         load = engine.load()
@@ -69,6 +72,9 @@ class ServerMetrics:
             self.prefix_queries.labels(self.model_name).inc(load.prefix_cache_queries - queries)
             self.prefix_hits.labels(self.model_name).inc(load.prefix_cache_hits - hits)
             self._prefix_seen = (load.prefix_cache_queries, load.prefix_cache_hits)
+        if load.preemptions is not None:
+            self.preemptions.labels(self.model_name).inc(load.preemptions - self._preemptions_seen)
+            self._preemptions_seen = load.preemptions
 
 
 class Detokenizer:

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--kv-cache-tokens", type=int, default=None,
-                        help="hf engine: paged KV cache size in tokens (default: transformers sizes it from free memory)")
+                        help="hf and sim engines: KV cache size in tokens (default: transformers sizes it from free "
+                             "memory; the sim engine takes the fit planner's)")
     parser.add_argument("--quant", default="bf16", help="sim engine: weight format whose bytes each step streams")
     parser.add_argument("--tp", type=int, default=1, help="sim engine: tensor-parallel GPUs")
     parser.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -74,7 +75,7 @@ def build_engine(args):
     if args.max_batch_tokens:
         params.max_batch_tokens = args.max_batch_tokens
     return RooflineEngine(model, resolve_gpu(args.gpu), first_content_id, options.roofline(params), args.quant,
-                          args.tp, context_tokens=args.max_model_len), model
+                          args.tp, context_tokens=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens), model
 
 
 def main(argv: list[str] | None = None) -> None:

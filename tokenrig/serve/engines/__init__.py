@@ -26,6 +26,7 @@ class EngineLoad:
     kv_cache_usage: float | None  # fraction 0..1, None when the engine cannot tell
     prefix_cache_queries: int | None = None  # prompt tokens looked up in the prefix cache, cumulative
     prefix_cache_hits: int | None = None  # of those, tokens found cached (not recomputed), cumulative
+    preemptions: int | None = None  # running requests preempted (their KV freed, to be recomputed), cumulative
 
 
 class Engine(Protocol):
