@@ -98,7 +98,7 @@ def measure_case(search, key) -> Case | None:
                 measured_tpot_p99_s=value("tpot_p99") if "tpot_p99" in slos else None)
 
 
-def project(case: Case, search, steps, searches, profiles, progress) -> None:
+def project(case: Case, search, steps, searches, profiles, progress, options=None) -> None:
     from tokenrig.capacity.planner import CapacityPlanner, CapacityQuestion
     from tokenrig.capacity.simulate import replay
     from tokenrig.profiles import resolve_gpu, resolve_model
@@ -108,6 +108,8 @@ def project(case: Case, search, steps, searches, profiles, progress) -> None:
     kept_searches = [s for s in searches if configuration(s.steps[0]) != held]
     question = CapacityQuestion(gpus=[resolve_gpu(case.gpu)], model=resolve_model(case.model), quants=[case.quant],
                                 scenario=search.steps[0].scenario, slos=search.slos, engines=[case.engine])
+    if options is not None:
+        question.search = options
     planner = CapacityPlanner(question, kept_steps, kept_searches, progress=progress,
                               profiles=profiles.without(*held))
     answer = planner.answer()
@@ -159,10 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write {'cases': [...]} here")
     parser.add_argument("--only", help="only cases whose name contains this")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--max-step", type=float, help="the projected searches' longest step, seconds (default: "
+                                                         "the search's own, as `tokenrig loadtest --find-max`)")
+    parser.add_argument("--precision", type=float, help="the projected searches' bracket width")
     args = parser.parse_args(argv)
+
+    from dataclasses import replace
 
     from tokenrig.capacity.inputs import read_results
     from tokenrig.capacity.operators import OperatorProfiles
+    from tokenrig.loadgen.load_profiles import FindMax
     from tokenrig.profiles import UnknownProfileError
 
     progress = (lambda *_: None) if args.quiet else (lambda line: print(f"  {line}", flush=True))
@@ -170,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     profiles = OperatorProfiles(steps, progress)
     print(f"{len(searches)} SLO searches, {len(steps)} measured steps, {len(profiles.models)} operator profiles "
           f"under {', '.join(map(str, args.inputs))}", flush=True)
+    options = FindMax()
+    if args.max_step:
+        options = replace(options, max_step_s=args.max_step)
+    if args.precision:
+        options = replace(options, precision=args.precision)
     cases = []
     try:
         for search, key in cases_of(searches):
@@ -179,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"case {len(cases) + 1}: {case.name} (measured {case.measured_goodput:.2f} req/s)", flush=True)
             started = time.perf_counter()
             try:
-                project(case, search, steps, searches, profiles, progress)
+                project(case, search, steps, searches, profiles, progress, options)
             except UnknownProfileError as error:  # a run capacity cannot place: no GPU type or model recorded
                 case.note = f"not projected: {error}"
             case.seconds = time.perf_counter() - started

@@ -34,6 +34,7 @@ from tokenrig.report.run_summary import RunSummary
 from tokenrig.serve.engines.sim import RooflineParams
 
 FIGURES = ("ttft_p50_s", "tpot_p50_s", "output_tokens_per_s")
+STEP_TIME_FIGURES = ("tpot_p50_s", "output_tokens_per_s")
 DEFAULTS = RooflineParams()
 NAMES = ("compute_efficiency", "bandwidth_efficiency", "step_overhead_s", "sequence_overhead_s", "api_latency_s")
 # where each fit starts and what it is pulled towards (RooflineParams' defaults; 10 us per sequence and
@@ -95,10 +96,11 @@ class HeldOut:
     step: MeasuredStep
     measured: dict[str, float]
     predicted: dict[str, float]
+    judged: tuple[str, ...] = FIGURES  # the figures the band takes
 
     @property
     def error(self) -> float:
-        return max(abs(self.predicted[k] / self.measured[k] - 1) for k in FIGURES)
+        return max(abs(self.predicted[k] / self.measured[k] - 1) for k in self.judged)
 
 
 @dataclass
@@ -112,8 +114,14 @@ class Calibration:
 
     @property
     def band(self) -> float | None:
-        """Worst held-out relative error (infinite if a held-out replay measured nothing), None without folds."""
-        return max(h.error for h in self.held_out) if self.held_out else None
+        """Worst held-out relative error (infinite if a held-out replay measured nothing), None without folds;
+        on an operator profile, also no narrower than the profile's own held-out error of summed step time."""
+        if not self.held_out:
+            return None
+        worst = max(h.error for h in self.held_out)
+        if self.profile and self.profile.model.fit_error is not None:
+            worst = max(worst, self.profile.model.fit_error)
+        return worst
 
     @property
     def gpus(self) -> list[str]:
@@ -238,7 +246,8 @@ class Calibrator:
         for index, (step, observed) in enumerate(zip(used, measured)):
             others = gaps[:index] + gaps[index + 1:]
             latency = float(np.median(others)) if others else model.api_latency_s
-            held_out.append(HeldOut(step, observed, self.predict(step, replace(model, api_latency_s=latency))))
+            held_out.append(HeldOut(step, observed, self.predict(step, replace(model, api_latency_s=latency)),
+                                    judged=STEP_TIME_FIGURES))
         if len(used) < 2:
             held_out = []
         calibration = Calibration(engine, quant, model, steps, held_out, profile)

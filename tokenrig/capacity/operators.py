@@ -45,6 +45,7 @@ PER_LAYER_ELEMENTWISE = ("norm", "activation", "rotary", "kv_cache_write", "copy
 GEMM_CLASSES = (*GEMM_SHAPES, "gemm_lm_head", "gemm_other", "quantize")
 ATTENTION = ("attention_prefill", "attention_decode", "attention_mixed")
 FOLDS = 4
+TYPICAL_COMPUTE_EFFICIENCY = 0.6  # the roofline's default (serve/engines/sim.py RooflineParams)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ class OperatorModel:
     sampling: tuple[float, float]  # a (s), b (per sequence-vocab element / BW)
     idle: tuple[float, float]  # a (s), b (s per sequence)
     steps_fitted: int = 0
+    unmeasured: list[str] = field(default_factory=list)  # parameters no profiled step could show ("prefill")
+    borrowed: str | None = None  # where the unmeasured ones came from instead
     fit_error: float | None = None  # k-fold: worst fold's error of its held-out steps' summed time
     step_error_p90: float | None = None  # k-fold: 90th percentile of single held-out steps' errors
     sources: list[str] = field(default_factory=list)
@@ -213,8 +216,10 @@ def fit_operator_model(breakdowns: list[OperatorBreakdown], model: ModelProfile,
                       [row.per_class_ms.get("sampling", 0.0) / 1000 for row in rows]) or (0.0, 0.0)
     idle = nonneg([[1.0, float(b.sequences)] for b in batches],
                   [row.per_class_ms.get("gpu_idle", 0.0) / 1000 for row in rows]) or (0.0, 0.0)
+    ridge_tokens = min(shapes.gemm_bytes[role] / bw / (2 * shapes.gemm_params[role] / flops) for role in GEMM_SHAPES)
+    prefill_seen = any(b.prefill_attention_pairs for b in batches) and any(b.tokens > ridge_tokens for b in batches)
     fitted = OperatorModel(gpu, quant, gemm, attention, elementwise, sampling, idle, len(rows),
-                           sources=list(sources or []))
+                           unmeasured=[] if prefill_seen else ["prefill"], sources=list(sources or []))
     errors = _cross_validated_error(breakdowns, rows, model, gpu, quant, tp) if check else None
     if errors:
         fitted.fit_error, fitted.step_error_p90 = errors
@@ -282,7 +287,7 @@ class ChosenProfile:
 
     def describe(self) -> str:
         basis = (f"operators profiled on {self.key.gpu} ({self.key.model}, {self.key.quant}, "
-                 f"{self.model.steps_fitted} steps")
+                 f"{self.model.steps_fitted} steps" + (f"; {self.model.borrowed}" if self.model.borrowed else ""))
         if self.model.fit_error is not None:
             basis += (f", held-out step time ±{self.model.fit_error:.0%} summed, "
                       f"±{self.model.step_error_p90:.0%} p90 per step")
@@ -309,6 +314,24 @@ class OperatorProfiles:
                                                       sources=[str(s.path) for s in members])
             except ValueError as error:
                 progress(f"operator profile {key}: not used ({error})")
+        for key, fitted in self.models.items():
+            if "prefill" in fitted.unmeasured:
+                self._borrow_prefill(key, fitted)
+
+    def _borrow_prefill(self, key: ProfileKey, fitted: OperatorModel) -> None:
+        """A profile whose steps held no prefill big enough to be compute-bound cannot show the GEMMs' compute
+        efficiency or prefill attention's: take them from the same engine's profile on the same GPU type that did
+        (another weight format), else the roofline's typical values."""
+        donors = [(k, m) for k, m in self.models.items() if k.engine == key.engine and k.gpu == key.gpu
+                  and "prefill" not in m.unmeasured]
+        if donors:
+            donor_key, donor = max(donors, key=lambda item: item[1].steps_fitted)
+            e_f, pair, source = donor.gemm[2], donor.attention[2], f"{donor_key.quant} on {donor_key.gpu}"
+        else:
+            e_f, pair, source = TYPICAL_COMPUTE_EFFICIENCY, 1 / TYPICAL_COMPUTE_EFFICIENCY, "typical values"
+        fitted.gemm = (fitted.gemm[0], fitted.gemm[1], e_f)
+        fitted.attention = (fitted.attention[0], fitted.attention[1], pair)
+        fitted.borrowed = f"prefill compute from {source} (its own profile held no large prefill)"
 
     def without(self, engine: str, quant: str, gpu: str, model: str) -> OperatorProfiles:
         """These profiles less one configuration's (a held-out check must not see the case it checks)."""
