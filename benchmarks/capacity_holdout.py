@@ -87,7 +87,8 @@ def measure_case(search, key) -> Case | None:
     step, verdict = best
     rows = search.document["steps"]
     best_rate = rows[search.steps.index(step)]["load"]
-    failed_above = [row["load"] for row in rows if row["load"] > best_rate and not row.get("slo_met", False)]
+    failed_above = [row["load"] for measured, row in zip(search.steps, rows)  # a step cut short has no verdict
+                    if row["load"] > best_rate and not row.get("slo_met", False) and not measured.summary.interrupted]
     slos = {s.name: s for s in search.slos}
     value = lambda name: (verdict.slos[name].value_s if name in verdict.slos else None)  # noqa: E731
     engine, quant, gpu, model, scenario = key
