@@ -3,11 +3,11 @@
 For every GPU type x weight format x engine asked about, one row:
 
 - measured: a --find-max run of exactly that configuration, model and scenario answers the SLOs
-  (its best step's goodput);
+  (its best step's goodput); of several such runs, the one whose answer rests on the most requests;
 - projected: otherwise the engine's calibration (calibrate.py, fitted on every measured step of
-  that engine and weight format) replays the scenario's SLO search on that GPU type in virtual
-  time (simulate.py); the row carries the calibration's held-out error band and the GPU types it
-  was calibrated on;
+  that engine and weight format on the same class of device, GPU or CPU) replays the scenario's SLO
+  search on that GPU type in virtual time (simulate.py); the row carries the calibration's held-out
+  error band and the GPU types it was calibrated on;
 - neither (it does not fit, nothing measured that engine with those weights, no rate meets the
   SLOs): a note instead of a row.
 
@@ -91,6 +91,11 @@ class CapacityAnswer:
                 "notes": self.notes, "calibrations": [c.document() for c in self.calibrations]}
 
 
+def device_class(gpu: str) -> str:
+    """What a step's time scales with: a CPU's steps say nothing of a GPU's, and the other way round."""
+    return "cpu" if gpu == "cpu" else "gpu"
+
+
 def _per_request(summary: RunSummary) -> tuple[float, float]:
     ok = summary.requests.ok
     return summary.tokens.output_total / ok, summary.tokens.input_total / ok
@@ -98,8 +103,9 @@ def _per_request(summary: RunSummary) -> tuple[float, float]:
 
 class CapacityPlanner:
     def __init__(self, question: CapacityQuestion, steps: list[MeasuredStep], searches: list[SearchRun],
-                 progress=print):
+                 progress=print, notes: list[str] | None = None):
         self.question = question
+        self.notes = list(notes or [])  # about the inputs (runs skipped), ahead of the answer's own
         self.steps = steps
         self.searches = searches
         self.progress = progress
@@ -117,16 +123,16 @@ class CapacityPlanner:
 
     def answer(self) -> CapacityAnswer:
         q = self.question
-        rows, notes, calibrations = [], [], {}
+        rows, notes, calibrations = [], list(self.notes), {}
         for engine in self.engines():
             for quant in q.quants:
                 for gpu in q.gpus:
                     label = f"{gpu.key} {quant} {engine}"
                     row = self._measured(engine, quant, gpu, notes)
                     if row is None:
-                        key = (engine, quant)
+                        key = (engine, quant, device_class(gpu.key))
                         if key not in calibrations:
-                            calibrations[key] = self._calibration(engine, quant, notes)
+                            calibrations[key] = self._calibration(*key, notes)
                         if calibrations[key] is None:
                             continue
                         self.progress(f"projecting {label} (virtual-time SLO search)")
@@ -145,28 +151,40 @@ class CapacityPlanner:
                            goodput_rps * out_per_request, out_per_request, in_per_request, sizing.as_dict())
 
     def _measured(self, engine: str, quant: str, gpu: GpuProfile, notes: list[str]) -> CapacityRow | None:
+        """The row a --find-max run of this configuration answers: of several, the one whose best step measured
+        the most requests (a search of longer steps judges its percentiles on more samples); the latest on a tie."""
         q = self.question
+        label = f"{gpu.key} {quant} {engine}"
         matching = [s for s in self.searches if s.steps[0].engine == engine and s.steps[0].quant == quant
                     and s.steps[0].gpu == gpu.key and s.steps[0].model == q.model.key
                     and s.steps[0].scenario.name == q.scenario.name]
-        for search in sorted(matching, key=lambda s: s.path.name, reverse=True):  # the latest run that answers
+        answers = []
+        for search in sorted(matching, key=lambda s: s.path.name, reverse=True):
             best = search.best_for(q.slos)
             if isinstance(best, str):
-                notes.append(f"{gpu.key} {quant} {engine}: measured run {search.path} not used: {best}")
-                continue
-            step, verdict = best
-            if not verdict.goodput_rps:
-                continue
-            return self._row(engine, quant, gpu, step.tp, "measured", str(search.path), None,
-                             verdict.goodput_rps, step.summary)
-        return None
-
-    def _calibration(self, engine: str, quant: str, notes: list[str]) -> Calibration | None:
-        usable = [s for s in self.steps if s.engine == engine and s.quant == quant and s.unusable() is None]
-        if not usable:
-            notes.append(f"{engine} with {quant} weights: no measured step to calibrate a projection on")
+                notes.append(f"{label}: measured run {search.path} not used: {best}")
+            elif best[1].goodput_rps:
+                answers.append((search, *best))
+        if not answers:
             return None
-        return self.calibrator.calibrate(engine, quant, usable)
+        search, step, verdict = max(answers, key=lambda answer: answer[1].summary.requests.measured)
+        for other, other_step, other_verdict in answers:
+            if other is not search:
+                notes.append(f"{label}: measured run {other.path} also answers, {other_verdict.goodput_rps:.2f} req/s "
+                             f"from {other_step.summary.requests.measured} requests a step; {search.path} answers, "
+                             f"from {step.summary.requests.measured}")
+        return self._row(engine, quant, gpu, step.tp, "measured", str(search.path), None,
+                         verdict.goodput_rps, step.summary)
+
+    def _calibration(self, engine: str, quant: str, device: str, notes: list[str]) -> Calibration | None:
+        usable = [s for s in self.steps if s.engine == engine and s.quant == quant and s.unusable() is None]
+        same_device = [s for s in usable if device_class(s.gpu) == device]
+        if not same_device:
+            elsewhere = f" (its {len(usable)} usable steps ran on a {'GPU' if device == 'cpu' else 'CPU'})" if usable else ""
+            notes.append(f"{engine} with {quant} weights: no measured step on a {device.upper()} to calibrate a "
+                         f"projection on{elsewhere}")
+            return None
+        return self.calibrator.calibrate(engine, quant, same_device)
 
     def book(self) -> RequestBook:
         if self._book is None:
