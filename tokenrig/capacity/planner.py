@@ -180,7 +180,8 @@ class CapacityPlanner:
         usable = [s for s in self.steps if s.engine == engine and s.quant == quant and s.unusable() is None]
         same_device = [s for s in usable if device_class(s.gpu) == device]
         if not same_device:
-            elsewhere = f" (its {len(usable)} usable steps ran on a {'GPU' if device == 'cpu' else 'CPU'})" if usable else ""
+            other = "GPU" if device == "cpu" else "CPU"
+            elsewhere = f" (its {len(usable)} usable step{'s' * (len(usable) > 1)} ran on a {other})" if usable else ""
             notes.append(f"{engine} with {quant} weights: no measured step on a {device.upper()} to calibrate a "
                          f"projection on{elsewhere}")
             return None
