@@ -16,6 +16,7 @@ from tokenrig.capacity.cost import ReplicaCapacity, size
 from tokenrig.capacity.inputs import read_results
 from tokenrig.capacity.simulate import RequestBook, VirtualSearch
 from tokenrig.capacity.table import CSV_COLUMNS, render
+from tokenrig.cli import main
 from tokenrig.loadgen.load_profiles import FindMax
 from tokenrig.loadgen.records import read_records
 from tokenrig.loadgen.search import StepResult
@@ -287,6 +288,11 @@ def test_every_projected_rows_basis_reaches_the_console():
 
 
 @pytest.mark.parametrize("rate", ["-5", "0", "nan"])
-def test_a_target_rate_that_is_no_rate_is_refused_at_once(rate, tmp_path):
-    result = run_cli("capacity", "--from", str(tmp_path), "--slo", "ttft_p99=500ms", "--target-rps", rate, timeout=60)
-    assert result.returncode == 2 and "--target-rps" in result.stderr, result.stdout + result.stderr
+def test_a_target_rate_that_is_no_rate_is_refused_at_once(rate, tmp_path, capsys):
+    """Refused by the command line itself, before any run is read (it once sized 0 GPUs for -5 req/s)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["capacity", "--from", str(tmp_path), "--gpu", "h100-sxm", "--model", "7b", "--slo", "ttft_p99=500ms",
+              "--target-rps", rate])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and f"argument --target-rps: must be {'a finite number' if rate == 'nan' else 'above 0'}" \
+        f", not '{rate}'" in error, error
