@@ -29,7 +29,8 @@ from tokenrig.serve.spec import SimOptions
 
 TIMING = str(DATA / "timing.yaml")  # 64 prompt tokens, 50 output tokens
 # a --find-max run made with --url before the run recorded what its user declared: `gpu: remote`
-OLD_URL_RUN = REPO / "docs/results/serve-h200-vllm-followup-2026-11-30b/findmax-7b/20261130-153421-chat-url-llama2-7b-remote"
+OLD_URL_RUN = (REPO / "docs/results/serve-h200-vllm-followup-2026-11-30b/findmax-7b"
+               / "20261130-153421-chat-url-llama2-7b-remote")
 
 
 def test_sizing_matches_hand_computed_cases():
@@ -225,7 +226,8 @@ def test_a_url_run_records_what_was_declared_and_told_and_capacity_places_it(tmp
     server = json.loads((longer / "metadata.json").read_text())["server"]
     assert server == {"backend": "vllm", "url": server["url"], "model": "llama2-7b", "gpu": "h100-sxm",
                       "served_model": "llama2-7b", "declared": ["backend", "gpu", "max_num_seqs", "model"],
-                      "reported": {"owned_by": "tokenrig", "engine": "tokenrig", "max_model_len": 4096, "kv_cache": None},
+                      "reported": {"owned_by": "tokenrig", "engine": "tokenrig", "max_model_len": 4096,
+                                   "kv_cache": None},
                       "batch_limits": {"max_num_seqs": 1}}
     assert "--backend vllm declared, but the server at" in shorter_result.stdout  # tokenrig's server said otherwise
     steps, searches = read_results([runs])
@@ -243,7 +245,8 @@ def test_a_url_run_records_what_was_declared_and_told_and_capacity_places_it(tmp
     [row] = document["rows"]
     assert (row["gpu"], row["engine"], row["source"], row["basis"]) == ("h100-sxm", "vllm", "measured", str(longer))
     assert f"skipped {OLD_URL_RUN}: unknown GPU 'remote': a --url run that declared no --gpu" in document["notes"]
-    assert any(note.startswith(f"h100-sxm bf16 vllm: measured run {shorter} also answers") for note in document["notes"])
+    also = f"h100-sxm bf16 vllm: measured run {shorter} also answers"
+    assert any(note.startswith(also) for note in document["notes"]), document["notes"]
     assert f"note: skipped {OLD_URL_RUN}" in result.stdout
 
 
@@ -294,5 +297,5 @@ def test_a_target_rate_that_is_no_rate_is_refused_at_once(rate, tmp_path, capsys
         main(["capacity", "--from", str(tmp_path), "--gpu", "h100-sxm", "--model", "7b", "--slo", "ttft_p99=500ms",
               "--target-rps", rate])
     error = capsys.readouterr().err
-    assert stop.value.code == 2 and f"argument --target-rps: must be {'a finite number' if rate == 'nan' else 'above 0'}" \
-        f", not '{rate}'" in error, error
+    reason = "a finite number" if rate == "nan" else "above 0"
+    assert stop.value.code == 2 and f"argument --target-rps: must be {reason}, not '{rate}'" in error, error

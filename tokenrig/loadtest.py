@@ -55,8 +55,8 @@ def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenar
         context = min(report.max_model_len, spec.max_model_len or report.max_model_len)
     declared = remote.declared.get("backend")
     if declared and report.engine and report.engine != declared:
-        progress(f"note: --backend {declared} declared, but the server at {server.base_url} reports the {report.engine} "
-                 f"engine; the run is recorded as {declared}, with what the server reported")
+        progress(f"note: --backend {declared} declared, but the server at {server.base_url} reports the "
+                 f"{report.engine} engine; the run is recorded as {declared}, with what the server reported")
     if remote.tokenizer:
         tokenizer = tokenizer_dir(remote.tokenizer)
     else:
