@@ -224,10 +224,13 @@ def test_a_url_run_records_what_was_declared_and_told_and_capacity_places_it(tmp
         shorter_result = _url_search(server, runs, "3")
     shorter = run_dir_of(shorter_result)
     server = json.loads((longer / "metadata.json").read_text())["server"]
+    kv_cache = server["reported"]["kv_cache"]  # tokenrig's server tells its KV cache as vLLM does
+    assert kv_cache["block_size"] == 16 and kv_cache["gpu_memory_utilization"] == 0.9
+    assert kv_cache["num_gpu_blocks"] == kv_cache["kv_cache_size_tokens"] // 16 > 1000
     assert server == {"backend": "vllm", "url": server["url"], "model": "llama2-7b", "gpu": "h100-sxm",
                       "served_model": "llama2-7b", "declared": ["backend", "gpu", "max_num_seqs", "model"],
                       "reported": {"owned_by": "tokenrig", "engine": "tokenrig", "max_model_len": 4096,
-                                   "kv_cache": None},
+                                   "kv_cache": kv_cache},
                       "batch_limits": {"max_num_seqs": 1}}
     assert "--backend vllm declared, but the server at" in shorter_result.stdout  # tokenrig's server said otherwise
     steps, searches = read_results([runs])
@@ -263,8 +266,8 @@ def test_a_cpu_step_does_not_calibrate_a_gpu_projection(tmp_path):
                   "1", "--duration", "3", "--warmup", "0", "--results", str(tmp_path / "runs"), timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     out = tmp_path / "capacity.json"
-    result = run_cli("capacity", "--from", str(run_dir_of(run)), "--gpu", "a800", "--slo", "ttft_p99=500ms",
-                     "--out", str(out), timeout=120)
+    result = run_cli("capacity", "--from", str(run_dir_of(run)), "--gpu", "a800", "--model", "tiny", "--slo",
+                     "ttft_p99=500ms", "--out", str(out), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     document = json.loads(out.read_text())
     assert document["rows"] == [] and document["calibrations"] == []
