@@ -38,22 +38,28 @@ from tokenrig.report.slo import Slo, judge
 from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
 from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
 from tokenrig.serve.launcher import LaunchedServer
-from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, tokenizer_dir, whole_url
+from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, server_facts, tokenizer_dir, whole_url
 from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics, wait_server_idle
 from tokenrig.serve.spec import Endpoint, ServerSpec
 
 
 def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenario, client: str,
-                       progress=print) -> Endpoint:
-    """The server at --url, checked by one streaming request before any load (RemoteError names the fix)."""
+                       progress=print) -> tuple[Endpoint, dict]:
+    """The server at --url, checked by one streaming request before any load (RemoteError names the fix), and
+    the `server` facts its run records."""
     server = RemoteServer(whole_url(remote.url), remote.api_key)
-    model, served = server.served_model(remote.served_model, spec.model.key)
-    if served is None:
+    model, entry = server.served_model(remote.served_model, spec.model.key)
+    report = server.report(entry)
+    if report.max_model_len is None:
         context = spec.max_model_len or spec.model.max_context
         progress(f"the server at {server.base_url} does not say its context length: prompts are sized for "
                  f"{context} tokens (--max-model-len sets it)")
     else:
-        context = min(served, spec.max_model_len or served)
+        context = min(report.max_model_len, spec.max_model_len or report.max_model_len)
+    declared = remote.declared.get("backend")
+    if declared and report.engine and report.engine != declared:
+        progress(f"note: --backend {declared} declared, but the server at {server.base_url} reports the "
+                 f"{report.engine} engine; the run is recorded as {declared}, with what the server reported")
     if remote.tokenizer:
         tokenizer = tokenizer_dir(remote.tokenizer)
     else:
@@ -65,7 +71,8 @@ def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenar
         note = server.preflight(API_PATHS[first.api], model, chat=first.api == "chat")
         if note:
             progress(note)
-    return Endpoint(server.base_url, f"{server.base_url}/metrics", model, tokenizer, context)
+    endpoint = Endpoint(server.base_url, f"{server.base_url}/metrics", model, tokenizer, context)
+    return endpoint, server_facts(remote.declared, server.base_url, model, report)
 
 
 @dataclass
@@ -196,15 +203,13 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
                 profiling: ProfileOptions | None = None) -> int:
     """Run a load test end to end; the exit status: 0, 1 when past `max_error_rate` (every step, for a
     search), 130 when interrupted."""
-    endpoint = _existing_endpoint(remote, spec, scenario, client, progress) if remote else None
-    # a server tokenrig did not start is named by its URL and model, not by the backend/GPU flags' defaults
-    server_facts = ({"backend": "url", "url": endpoint.base_url, "model": endpoint.model_name, "gpu": "remote"}
-                    if remote else spec.describe())
-    run_dir = new_run_dir(results_root, scenario.name, server_facts["backend"], server_facts["model"],
-                          server_facts["gpu"])
+    # a server tokenrig did not start is named by what its user declared and it reports, not by the flags' defaults
+    endpoint, facts = (_existing_endpoint(remote, spec, scenario, client, progress) if remote
+                       else (None, spec.describe()))
+    run_dir = new_run_dir(results_root, scenario.name, facts["backend"], facts["model"], facts["gpu"])
     metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
                 "seed": scenario.load.seed, "seed_source": seed_source,
-                "server": server_facts, "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
+                "server": facts, "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
                 "search": profile.metadata(), **environment_facts()}
     write_json(run_dir / "metadata.json", metadata)
     where = (f"the server at {endpoint.base_url}" if remote

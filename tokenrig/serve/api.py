@@ -36,10 +36,13 @@ class EngineUnavailable(RuntimeError):
 class ServerMetrics:
     """vLLM-named Prometheus metrics for what a tokenrig engine can measure."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, cache_config: dict | None = None):
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         self.model_name = model_name
+        if cache_config:  # as vLLM tells its KV cache (what `loadtest --url` records of a server)
+            info = Gauge("vllm:cache_config_info", "KV-cache configuration", list(cache_config), registry=self.registry)
+            info.labels(**{key: str(value) for key, value in cache_config.items()}).set(1)
         self.running = Gauge("vllm:num_requests_running", "Requests in the running batch", labels, registry=self.registry)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled", labels, registry=self.registry)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full", labels, registry=self.registry)
@@ -143,7 +146,7 @@ def encode_chat(tokenizer, messages) -> list[int]:
 
 
 class OpenAIServer:
-    def __init__(self, engine: Engine, tokenizer, model_name: str, max_context: int):
+    def __init__(self, engine: Engine, tokenizer, model_name: str, max_context: int, cache_config: dict | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         # The Rust tokenizer itself on the request path: transformers 5's encode() wraps it in ~2-4 ms of
@@ -152,7 +155,7 @@ class OpenAIServer:
         self.model_name = model_name
         self.max_context = max_context
         self.eos_id = tokenizer.eos_token_id
-        self.metrics = ServerMetrics(model_name)
+        self.metrics = ServerMetrics(model_name, cache_config)
         self.ready = False
 
     def app(self) -> web.Application:

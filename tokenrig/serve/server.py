@@ -17,7 +17,7 @@ from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.api import OpenAIServer
 from tokenrig.serve.engines.hf import HFEngine
 from tokenrig.serve.engines.step_profiler import StepProfiler
-from tokenrig.serve.engines.sim import FixedSchedule, RooflineEngine, RooflineParams
+from tokenrig.serve.engines.sim import BLOCK_TOKENS, FixedSchedule, RooflineEngine, RooflineParams
 from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, FitError
 from tokenrig.serve.spec import HfOptions, LaunchError, SimOptions
 from tokenrig.serve.tokenizer import SPECIAL_TOKENS, TEMPLATE_WORDS
@@ -78,6 +78,16 @@ def build_engine(args):
                           args.tp, context_tokens=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens), model
 
 
+def cache_config(engine, args) -> dict | None:
+    """The KV cache in the words of vLLM's cache_config_info, for the engine that sizes it from a memory plan
+    (the sim's roofline); transformers' cache is sized by the library, and tells no block count."""
+    if not isinstance(engine, RooflineEngine):
+        return None
+    block = BLOCK_TOKENS
+    return {"block_size": block, "num_gpu_blocks": engine.kv_capacity_tokens // block,
+            "kv_cache_size_tokens": engine.kv_capacity_tokens, "gpu_memory_utilization": args.gpu_memory_utilization}
+
+
 def main(argv: list[str] | None = None) -> None:
     # heavy: after the arguments are checked. The class tokenrig writes its tokenizers with (serve/checkpoint.py),
     # not AutoTokenizer, whose import pulls in torch: 4.6 s of a sim server's start against 2.0 s
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"tokenrig server: {error}") from None
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.model_dir)
     server = OpenAIServer(engine, tokenizer, args.served_model_name or model.key,
-                          args.max_model_len or model.max_context)
+                          args.max_model_len or model.max_context, cache_config(engine, args))
     try:
         import uvloop
 
