@@ -3,8 +3,8 @@
 Reads what `tokenrig loadtest` writes (metadata.json, summary.json, search.json, steps/NN-*/), so
 results copied from another machine (docs/results) serve as they are. Each step becomes a
 `MeasuredStep`: the serving configuration (engine, weights, model, GPU, TP, the engine's batch
-limits read from the server command), the scenario and the exact load plan it ran, and its
-summary. Runs against `--url` record no server command: their batch limits are the sim engine's
+limits its backend reads from the server command), the scenario and the exact load plan it ran, and
+its summary. Runs against `--url` record no server command: their batch limits are the sim engine's
 defaults.
 """
 
@@ -21,17 +21,7 @@ from tokenrig.loadgen.search import StepResult
 from tokenrig.report.compare import engine_label
 from tokenrig.report.run_summary import RunSummary, SloJudgement
 from tokenrig.report.slo import Slo, judge, recorded_slos
-
-# engine batch limits as each launcher spells them: requests per step, tokens per step
-MAX_SEQS_FLAGS = ("--max-num-seqs", "--max-batch-size")
-MAX_BATCH_TOKENS_FLAGS = ("--max-batch-tokens", "--max-num-batched-tokens", "--max-batch-prefill-tokens")
-
-
-def _flag(command: list[str], names: tuple[str, ...]) -> int | None:
-    for index, word in enumerate(command[:-1]):
-        if word in names:
-            return int(command[index + 1])
-    return None
+from tokenrig.serve.backends import batch_limits
 
 
 @dataclass
@@ -66,11 +56,11 @@ class MeasuredStep:
 
     @property
     def max_num_seqs(self) -> int | None:
-        return _flag(self.server.get("command") or [], MAX_SEQS_FLAGS) or self.server.get("max_num_seqs")
+        return batch_limits(self.server).max_seqs or self.server.get("max_num_seqs")
 
     @property
     def max_batch_tokens(self) -> int | None:
-        return _flag(self.server.get("command") or [], MAX_BATCH_TOKENS_FLAGS)
+        return batch_limits(self.server).max_batch_tokens
 
     def records(self) -> list[RequestRecord] | None:
         path = self.path / "requests.jsonl"
