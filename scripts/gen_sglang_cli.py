@@ -281,7 +281,8 @@ def generate(wheel: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--version", default=VERSION)
-    parser.add_argument("--wheel", type=Path, help="the sglang wheel (default: found or downloaded in $TOKENRIG_WHEELS)")
+    parser.add_argument("--wheel", type=Path,
+                        help="the sglang wheel (default: found or downloaded in $TOKENRIG_WHEELS)")
     parser.add_argument("--out", type=Path, help="default: tests/data/sglang-<version>-cli.json")
     args = parser.parse_args(argv)
     wheel = args.wheel or find_wheel(args.version) or download_wheel(args.version, wheels_dir())

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +28,15 @@ LOAD = {"streams": 32, "prompt_tokens": 512, "output_tokens": 128, "seconds": 60
         "kv_pool_tokens": 466_000, "prefix_hit_tokens_per_request": 64, "model": "llama2-7b"}
 LABEL_VALUES = {"model_name": LOAD["model"], "engine_type": "unified", "tp_rank": "0", "pp_rank": "0",
                 "moe_ep_rank": "0", "is_streaming": "true", "cache_source": "device"}
-HEADER = """# SGLang {version} /metrics page, BUILT (not captured from a running server) by scripts/make_sglang_metrics_fixture.py:
-# the metric names, types, help texts, label names, buckets and multiprocess modes of SGLang {version}'s
-# SchedulerMetricsCollector and TokenizerMetricsCollector (read from the wheel by scripts/gen_sglang_cli.py),
-# registered with prometheus_client {client} in multiprocess mode as SGLang's server does, and filled with the
-# chosen values of one load: {streams} streams of {prompt_tokens} in / {output_tokens} out, {seconds} s in,
-# TTFT {ttft_s} s, TPOT {tpot_s} s, a {kv_pool_tokens}-token KV pool, {prefix_hit_tokens_per_request} radix-cache
-# hit tokens per request. Not rendered: {skipped}.
+HEADER = """# SGLang {version} /metrics page, BUILT (not captured from a running server)
+# by scripts/make_sglang_metrics_fixture.py: the metric names, types, help texts, label names, buckets and
+# multiprocess modes of SGLang {version}'s SchedulerMetricsCollector and TokenizerMetricsCollector (read from
+# the wheel by scripts/gen_sglang_cli.py), registered with prometheus_client {client} in multiprocess mode as
+# SGLang's server does, and filled with the chosen values of one load: {streams} streams of {prompt_tokens} in /
+# {output_tokens} out, {seconds} s in, TTFT {ttft_s} s, TPOT {tpot_s} s, a {kv_pool_tokens}-token KV pool,
+# {prefix_hit_tokens_per_request} radix-cache hit tokens per request. Gauges in prometheus_client's "all" mode
+# carry the rendering process's pid, as SGLang's scheduler processes' do.
+# Not rendered (buckets computed at run time): {skipped}.
 """
 
 
@@ -84,7 +87,6 @@ def build_page(cli: dict) -> str:
     """The page, rendered as SGLang's /metrics route renders it."""
     with tempfile.TemporaryDirectory() as directory:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # before prometheus_client is imported, as SGLang does
-        import prometheus_client
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
         rng = random.Random(17)
@@ -98,22 +100,16 @@ def build_page(cli: dict) -> str:
             elif spec["type"] == "histogram" and spec.get("buckets"):
                 metric = Histogram(**kwargs, buckets=spec["buckets"])
             else:
-                skipped.append(f"{spec['name']} (buckets computed at run time)")
+                skipped.append(spec["name"])
                 continue
             _fill(metric, spec, rng)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         body = generate_latest(registry).decode()
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    header = HEADER.format(version=cli["sglang_version"], client=prometheus_client.__version__ if hasattr(
-        prometheus_client, "__version__") else _client_version(), skipped=", ".join(skipped) or "none", **LOAD)
+    header = HEADER.format(version=cli["sglang_version"], client=version("prometheus-client"),
+                           skipped=", ".join(skipped) or "none", **LOAD)
     return header + body
-
-
-def _client_version() -> str:
-    from importlib.metadata import version
-
-    return version("prometheus-client")
 
 
 def main() -> None:
