@@ -20,16 +20,26 @@ a generated command fails to parse:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 from functools import cache
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 VLLM_PROGRAMS = (["vllm"], ["-m", "vllm.entrypoints.cli.main"])  # `vllm ...` or `<python> -m vllm.entrypoints.cli.main ...`
 TGI_QUANTIZE = ["awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4",
                 "bitsandbytes-fp4", "fp8"]
 TGI_ATTENTION = {"paged", "flashdecoding", "flashinfer"}
+
+
+def generator(name: str):
+    """scripts/<name>.py (gen_vllm_cli, gen_sglang_cli) as a module: the generator of a committed flag list."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class _Strict(argparse.ArgumentParser):

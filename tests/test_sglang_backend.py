@@ -9,31 +9,23 @@ values, so they check that tokenrig reads what SGLang writes, not what a real ru
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli
 from tests.engine_flags import DATA, parse_sglang, sglang_cli
+from tests.engine_flags import generator as engine_generator
 from tests.test_backends import MODEL_DIR, spec
 from tokenrig.serve.backends import BACKENDS, batch_limits, launch_plan
 from tokenrig.serve.backends import sglang as sglang_backend
 from tokenrig.serve.launcher import LaunchedServer
 from tokenrig.serve.spec import LaunchError, SglangOptions
 
-ROOT = Path(__file__).resolve().parents[1]
 MULTICAST_FLAGS = ("--enable-nccl-nvls", "--enable-symm-mem", "--enable-torch-symm-mem")
 
 
-def _generator():
-    module_spec = importlib.util.spec_from_file_location("gen_sglang_cli", ROOT / "scripts" / "gen_sglang_cli.py")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
 def test_committed_cli_is_what_the_generator_reads_from_the_wheel():
-    generator = _generator()
+    generator = engine_generator("gen_sglang_cli")
     wheel = generator.find_wheel(sglang_cli()["sglang_version"])
     if wheel is None:
         pytest.skip(f"no sglang-{sglang_cli()['sglang_version']} wheel in {generator.wheels_dir()} (set "

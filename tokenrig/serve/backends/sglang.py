@@ -30,10 +30,9 @@ import sys
 from pathlib import Path
 
 from tokenrig.serve.backends.base import Backend, LaunchPlan, plan_for, resolve_attention
-from tokenrig.serve.backends.vllm import CHECKPOINT_QUANT, DTYPES, weights_problem
-from tokenrig.serve.checkpoint import config_dir
+from tokenrig.serve.backends.vllm import DTYPES, check_servable, model_dir, weights_problem
 from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION
-from tokenrig.serve.spec import LaunchError, ServerSpec, SglangOptions
+from tokenrig.serve.spec import ServerSpec, SglangOptions
 
 SGLANG_VERSION = "0.5.17"
 ATTENTION = {"fa3": "fa3", "flashinfer": "flashinfer", "triton": "triton", "flash": "fa3", "noflash": "triton"}
@@ -61,21 +60,8 @@ METRICS = {
 }
 
 
-def _check(spec: ServerSpec) -> None:
-    if spec.quant not in DTYPES:
-        raise LaunchError("SGLang has no int8 weight-only path for Llama checkpoints; use --quant gptq, awq or fp8, "
-                          "or --backend tgi --quant int8 (EETQ)")
-    if spec.device == "cpu":
-        raise LaunchError("the sglang backend serves on a GPU: pick a GPU profile with --gpu")
-
-
-def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
-    _check(spec)
-    return config_dir(spec.model, quant=spec.quant if spec.quant in CHECKPOINT_QUANT else None, write=write)
-
-
 def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
-    _check(spec)
+    check_servable(spec)
     fit = plan_for(spec)
     attention = resolve_attention(spec, ATTENTION, None)
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir),

@@ -64,16 +64,19 @@ METRICS = {
 }
 
 
-def _check(spec: ServerSpec) -> None:
+def check_servable(spec: ServerSpec) -> None:
+    """What vLLM and SGLang both cannot serve: int8 weight-only Llama, or anything without a GPU."""
     if spec.quant not in DTYPES:
-        raise LaunchError("vLLM has no int8 weight-only path for Llama checkpoints; use --quant gptq, awq or fp8, "
-                          "or --backend tgi --quant int8 (EETQ)")
+        raise LaunchError(f"the {spec.backend} backend has no int8 weight-only path for Llama checkpoints; use --quant "
+                          "gptq, awq or fp8, or --backend tgi --quant int8 (EETQ)")
     if spec.device == "cpu":
-        raise LaunchError("the vllm backend serves on a GPU: pick a GPU profile with --gpu")
+        raise LaunchError(f"the {spec.backend} backend serves on a GPU: pick a GPU profile with --gpu")
 
 
 def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
-    _check(spec)
+    """Config + tokenizer only (quantized for gptq/awq): vLLM and SGLang make their own random weights
+    (`--load-format dummy`)."""
+    check_servable(spec)
     return config_dir(spec.model, quant=spec.quant if spec.quant in CHECKPOINT_QUANT else None, write=write)
 
 
@@ -86,7 +89,7 @@ def vllm_entrypoint() -> list[str]:
 
 
 def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
-    _check(spec)
+    check_servable(spec)
     fit = plan_for(spec)
     attention = resolve_attention(spec, ATTENTION, None)
     command = [*vllm_entrypoint(), "serve", str(model_dir), "--served-model-name", spec.model.key,
