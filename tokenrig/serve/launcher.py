@@ -88,7 +88,8 @@ class LaunchedServer:
         self.plan = backends.launch_plan(self.spec, model_dir, port)
         self.command = self.plan.command
         if not _program_installed(self.command):
-            raise LaunchError(f"{self.command[0]} is not installed on this machine. {self.plan.install_hint or ''}\n"
+            raise LaunchError(f"{self.command[0]} is not installed on this machine. "
+                              f"{backends.BACKENDS[self.spec.backend].setup}\n"
                               f"The command it would run: {shlex.join(self.command)}")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")

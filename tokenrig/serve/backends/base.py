@@ -28,7 +28,6 @@ class LaunchPlan:
     env: dict[str, str]  # only what tokenrig sets on top of the inherited environment
     fit: FitPlan | None = None  # when the server runs on a GPU
     docker: list[str] | None = None  # the same server as a container, for users who run it that way
-    install_hint: str | None = None  # what to install when command[0] is missing
     health_path: str = "/health"
     metrics_path: str = "/metrics"
     notes: list[str] = field(default_factory=list)
@@ -66,7 +65,7 @@ class Backend:
     check_served: Callable[[ServerSpec, LaunchPlan, dict], str | None] | None = None
     default_client: str = "openai"  # the request API `loadtest` uses unless --client says otherwise
     package: str | None = None  # its Python distribution, whose version a run directory records
-    setup: str = ""  # how to install or stage it (docs/serving.md has the details)
+    setup: str = ""  # how to install or stage it: what the launcher says when its program is missing
 
     def batch_limits(self, command: list[str]) -> BatchLimits:
         """The batch limits a server command of this engine sets."""

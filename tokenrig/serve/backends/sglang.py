@@ -74,7 +74,8 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
     if spec.gpu_memory_utilization != DEFAULT_GPU_MEMORY_UTILIZATION:
         command += ["--mem-fraction-static", str(spec.gpu_memory_utilization)]
     else:
-        notes.append("KV pool: SGLang's own --mem-fraction-static (weights + KV pool); --gpu-memory-utilization sets it")
+        notes.append("KV pool: SGLang's own --mem-fraction-static (weights + KV pool); "
+                     "--gpu-memory-utilization sets it")
     if spec.quant in QUANTIZATION:
         command += ["--quantization", QUANTIZATION[spec.quant]]
     if attention:
@@ -86,11 +87,7 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
         env.update(NO_MULTICAST_ENV)
         notes.append("TP > 1: NVLink multicast off (no FlashInfer all-reduce fusion, custom all-reduce v1, "
                      "NCCL_NVLS_ENABLE=0, no multicast in torch symmetric memory); --nvls allows it")
-    return LaunchPlan(command + spec.extra_args, env=env, fit=fit,
-                      install_hint=f"Install it on the GPU machine: pip install sglang=={SGLANG_VERSION} "
-                                   "(make setup-sglang: a separate venv, SGLang pins torch 2.11), or unpack the "
-                                   "wheels scripts/stage_sglang.sh stages and put that folder first on PYTHONPATH",
-                      notes=notes)
+    return LaunchPlan(command + spec.extra_args, env=env, fit=fit, notes=notes)
 
 
 # Log lines of SGLang 0.5.17: model_executor/model_runner.py ("Load weight end. elapsed=%.2f s, type=%s,
@@ -123,7 +120,8 @@ def served_facts(log_text: str) -> dict:
         facts["attention_backend"] = _resolved_arg(args, "attention_backend")
         multicast = [name for name in MULTICAST_ARGS if _resolved_arg(args, name) == "True"]
         fusion = _resolved_arg(args, "flashinfer_allreduce_fusion_backend")
-        if fusion not in (None, "None") and _resolved_arg(args, "enforce_disable_flashinfer_allreduce_fusion") != "True":
+        fusion_off = _resolved_arg(args, "enforce_disable_flashinfer_allreduce_fusion") == "True"
+        if fusion not in (None, "None") and not fusion_off:
             multicast.append(f"flashinfer_allreduce_fusion_backend={fusion}")
         facts["multicast"] = multicast
     return facts
@@ -147,6 +145,6 @@ BACKEND = Backend(
     launch_plan=launch_plan, metrics=METRICS, max_seqs_flags=("--max-running-requests",),
     max_batch_tokens_flags=("--chunked-prefill-size",), read_served=served_facts, check_served=check_served,
     package="sglang",
-    setup=f"SGLang {SGLANG_VERSION}: pip install sglang=={SGLANG_VERSION} in its own venv (make setup-sglang), or "
-          "on an offline GPU host the wheels scripts/stage_sglang.sh stages, unpacked into their own folder first "
-          "on PYTHONPATH (its pins differ from vLLM's; its wheel is manylinux_2_34: glibc 2.34 or newer)")
+    setup=f"Install it on the GPU machine: pip install sglang=={SGLANG_VERSION} (make setup-sglang: a separate venv, "
+          "SGLang pins torch 2.11), or unpack the wheels scripts/stage_sglang.sh stages into a folder of their own, "
+          "first on PYTHONPATH (its pins differ from vLLM's; its wheel is manylinux_2_34: glibc 2.34 or newer)")

@@ -36,4 +36,4 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
 BACKEND = Backend(
     name="sim", summary="simulated engine", options=SimOptions, model_dir=model_dir, launch_plan=launch_plan,
     metrics=vllm.METRICS,  # tokenrig's server exports vLLM's names
-    max_seqs_flags=("--max-num-seqs",), setup="installed with tokenrig")
+    max_seqs_flags=("--max-num-seqs",), setup="Installed with tokenrig")

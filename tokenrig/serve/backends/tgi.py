@@ -79,8 +79,6 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
         docker += ["-e", f"{key}={value}"]
     docker += [TGI_IMAGE, *server_args(spec, fit, "/data/model")] + spec.extra_args
     return LaunchPlan(command, env=env, fit=fit, docker=docker,
-                      install_hint=f"Run it as a container instead (see --dry-run's docker line), or install "
-                                   f"TGI {TGI_VERSION} from source on the GPU machine",
                       notes=[f"flags checked against TGI {TGI_VERSION}'s launcher reference"])
 
 
@@ -89,5 +87,6 @@ BACKEND = Backend(
     model_dir=model_dir, launch_plan=launch_plan, metrics=METRICS,
     max_seqs_flags=("--max-batch-size",), max_batch_tokens_flags=("--max-batch-prefill-tokens",),
     default_client="tgi",
-    setup=f"TGI {TGI_VERSION}: its server ships only as a Docker image (see --dry-run's docker line); upstream "
-          "put it in maintenance in December 2025 and archived it in March 2026")
+    setup=f"Run it as a container instead (see --dry-run's docker line), or build TGI {TGI_VERSION} from source on "
+          "the GPU machine; upstream put TGI into maintenance in December 2025 and archived it in March 2026, and "
+          "its server ships only as a Docker image")

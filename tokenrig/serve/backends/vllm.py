@@ -111,10 +111,7 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
         env.update(NO_MULTICAST_ENV)
         notes.append("TP > 1: NVLink multicast off (no FlashInfer all-reduce fusion, no symmetric-memory "
                      "all-reduce, NCCL_NVLS_ENABLE=0); --nvls allows it")
-    return LaunchPlan(command + spec.extra_args, env=env, fit=fit,
-                      install_hint=f"Install it on the GPU machine: pip install vllm=={VLLM_VERSION} "
-                                   "(make setup-vllm: a separate venv, vLLM pins torch 2.11)",
-                      notes=notes)
+    return LaunchPlan(command + spec.extra_args, env=env, fit=fit, notes=notes)
 
 
 # Log lines of vLLM 0.26.0: v1/worker/gpu/model_runner.py ("Model loading took %s GiB and ..."),
@@ -176,5 +173,6 @@ BACKEND = Backend(
     name="vllm", summary="vllm serve", options=VllmOptions, model_dir=model_dir, launch_plan=launch_plan,
     metrics=METRICS, max_seqs_flags=("--max-num-seqs",), max_batch_tokens_flags=("--max-num-batched-tokens",),
     read_served=served_facts, check_served=check_served, package="vllm",
-    setup=f"vLLM {VLLM_VERSION}: pip install vllm=={VLLM_VERSION} in its own venv (make setup-vllm; it pins torch "
-          "2.11), or on an offline GPU host its wheels unpacked onto PYTHONPATH")
+    setup=f"Install it on the GPU machine: pip install vllm=={VLLM_VERSION} (make setup-vllm: a separate venv, vLLM "
+          "pins torch 2.11), or unpack its wheels onto PYTHONPATH (tokenrig then runs python -m "
+          "vllm.entrypoints.cli.main)")
