@@ -188,3 +188,14 @@ def test_a_missing_sglang_is_named_with_how_to_install_it(tmp_path):
     with pytest.raises(LaunchError, match="is not installed on this machine.*pip install sglang==0.5.17"):
         server.start()
     assert server.process is None
+
+
+def test_the_metric_names_tokenrig_reads_are_sglangs():
+    """Every SGLang name the scraper and the dashboards read is one SGLang 0.5.17 registers on every server."""
+    registered = {metric["name"]: metric["type"] for metric in sglang_cli()["metrics"]}
+    for figure, names in sglang_backend.METRICS.items():
+        for name in names:
+            assert name in registered, f"{figure}: {name} is not a metric of SGLang 0.5.17"
+    assert {registered[sglang_backend.METRICS[f][0]] for f in ("ttft_seconds", "itl_seconds", "e2e_seconds")} == {
+        "histogram"}
+    assert registered["sglang:cached_tokens_total"] == registered["sglang:prompt_tokens_total"] == "counter"
