@@ -18,6 +18,19 @@
 # On the host: `ldd --version` shows glibc >= 2.34 (the sglang wheel is manylinux_2_34); vLLM's wheels unpacked in
 # /tmp/site, SGLang's (scripts/stage_sglang.sh) in /tmp/site-sglang, the load generator's in /tmp/site2, this
 # checkout as the working directory. SGLang runs with its folder first on PYTHONPATH, vLLM without it.
+#
+# How to run it from a machine without the GPU, one device call at a time (the host keeps /tmp while warm):
+#   1. here: scripts/stage_sglang.sh -> .stage-sglang/part00..part10 (11 parts, 584 MiB; checked 2026-12-07), and
+#      vLLM's and the load generator's parts as for docs/results/serve_vllm_gpu_run.sh;
+#   2. one call per part, carrying it: mkdir -p /tmp/stage-sglang && cp .stage-sglang/partNN /tmp/stage-sglang/;
+#   3. cat /tmp/stage-sglang/part* > /tmp/sglang.tar && tar xf /tmp/sglang.tar -C /tmp && python3 -c "import glob,
+#      zipfile; [zipfile.ZipFile(w).extractall('/tmp/site-sglang') for w in glob.glob('/tmp/sglang-wheels/*.whl')]"
+#      (vLLM's into /tmp/site the same way), then: setsid docs/results/engines_h100_gpu_run.sh > /dev/null 2>&1 &
+#   4. later calls: tail /tmp/results-engines/progress.log; once /tmp/results-engines/DONE exists,
+#      tar czf "$OUT/engines.tgz" -C /tmp results-engines
+#   5. here: tables with `tokenrig loadtest --compare`, the cross-check with docs/results/vllm_crosscheck.py's
+#      method against sglang.bench_serving's --output-details file, into docs/results/engines-h100.md; then
+#      `tokenrig capacity --from docs/results --engine sglang ...` reads the find-max runs.
 set -u
 RES=${RES:-/tmp/results-engines}
 CARD=${CARD:-h100-sxm}
