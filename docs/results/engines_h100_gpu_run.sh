@@ -75,7 +75,9 @@ kept_up() {  # $1 engine: one bf16 server, the load shapes that share it
   PYTHONPATH=$(engine_path "$ENGINE") $PY -m tokenrig.cli serve --backend "$ENGINE" --gpu "$CARD" --model 7b $LIMITS \
     --port $port > "$RES/serve-$ENGINE-bf16.log" 2>&1 &
   local server=$!
-  if ! healthy $port $server; then log "$ENGINE: server never healthy"; tail -30 "$RES/serve-$ENGINE-bf16.log"; return 1; fi
+  if ! healthy $port $server; then
+    log "$ENGINE: server never healthy"; tail -30 "$RES/serve-$ENGINE-bf16.log"; return 1
+  fi
   log "$ENGINE: healthy: $(grep -h '^served:' "$RES/serve-$ENGINE-bf16.log")"
   lt() { cli loadtest --url "http://127.0.0.1:$port" --backend "$ENGINE" --gpu "$CARD" --model 7b "$@" \
            --request-timeout 120 > "$RES/lt-$ENGINE-$label.log" 2>&1; log "$ENGINE: $label done"; }
@@ -106,8 +108,10 @@ launched() {  # $1 engine, $2 label, then loadtest arguments: tokenrig launches 
   log "$ENGINE: $label done: $(grep -h 'served:' "$RES/lt-$ENGINE-$label.log")"
 }
 
-{ ldd --version | head -1; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$RES/card.txt" 2>&1
-PYTHONPATH=$VLLM_PATH $PY -c "import torch, vllm, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
+{ ldd --version | head -1; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } \
+  > "$RES/card.txt" 2>&1
+PYTHONPATH=$VLLM_PATH $PY -c "import torch, vllm, sys; print('python', sys.version.split()[0],
+  'torch', torch.__version__,
   'cuda', torch.version.cuda, 'vllm', vllm.__version__)" >> "$RES/card.txt" 2>&1
 PYTHONPATH=$SGLANG_PATH $PY -c "import sglang, sgl_kernel, transformers; print('sglang', sglang.__version__,
   'sgl_kernel', sgl_kernel.__version__, 'transformers', transformers.__version__)" >> "$RES/card.txt" 2>&1
