@@ -12,8 +12,8 @@
 #
 # On the GPU host:
 #   ldd --version | head -1      # the sglang wheel is manylinux_2_34: glibc 2.34 or newer, else it will not load
-#   cat /tmp/stage/part* > /tmp/sglang.tar && tar xf /tmp/sglang.tar -C /tmp && python3 -c \
-#     "import glob,zipfile; [zipfile.ZipFile(w).extractall('/tmp/site-sglang') for w in glob.glob('/tmp/sglang-wheels/*.whl')]"
+#   cat /tmp/stage/part* > /tmp/sglang.tar && tar xf /tmp/sglang.tar -C /tmp && python3 -c "import glob, zipfile
+#   [zipfile.ZipFile(w).extractall('/tmp/site-sglang') for w in glob.glob('/tmp/sglang-wheels/*.whl')]"
 #   # its own folder FIRST on the path: several of its pins (transformers 5.12.1, openai, fastapi, ...) differ from
 #   # vLLM's; vLLM's unpacked set (/tmp/site) after it supplies the 54 shared wheels
 #   export PYTHONPATH=/tmp/site-sglang:/tmp/site
