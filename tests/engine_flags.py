@@ -42,6 +42,18 @@ def generator(name: str):
     return module
 
 
+def regenerate(engine: str, version: str) -> tuple[dict, dict] | str:
+    """(what scripts/gen_<engine>_cli.py generates from the <engine>-<version> wheel, the committed
+    tests/data/<engine>-*-cli.json), or why the wheel is not here to generate from."""
+    script = generator(f"gen_{engine}_cli")
+    wheel = script.find_wheel(version)
+    if wheel is None:
+        return (f"no {engine}-{version} wheel in {script.wheels_dir()} (set TOKENRIG_WHEELS, or run "
+                f"scripts/gen_{engine}_cli.py once online)")
+    (committed,) = DATA.glob(f"{engine}-*-cli.json")
+    return script.generate(wheel), json.loads(committed.read_text())
+
+
 class _Strict(argparse.ArgumentParser):
     def error(self, message):
         raise ValueError(message)

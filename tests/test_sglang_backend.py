@@ -8,13 +8,11 @@ values, so they check that tokenrig reads what SGLang writes, not what a real ru
 """
 
 import importlib.util
-import json
 
 import pytest
 
 from tests.conftest import run_cli
-from tests.engine_flags import DATA, parse_sglang, sglang_cli
-from tests.engine_flags import generator as engine_generator
+from tests.engine_flags import DATA, parse_sglang, regenerate, sglang_cli
 from tests.test_backends import MODEL_DIR, spec
 from tokenrig.serve.backends import BACKENDS, batch_limits, launch_plan
 from tokenrig.serve.backends import sglang as sglang_backend
@@ -25,13 +23,11 @@ MULTICAST_FLAGS = ("--enable-nccl-nvls", "--enable-symm-mem", "--enable-torch-sy
 
 
 def test_committed_cli_is_what_the_generator_reads_from_the_wheel():
-    generator = engine_generator("gen_sglang_cli")
-    wheel = generator.find_wheel(sglang_cli()["sglang_version"])
-    if wheel is None:
-        pytest.skip(f"no sglang-{sglang_cli()['sglang_version']} wheel in {generator.wheels_dir()} (set "
-                    "TOKENRIG_WHEELS, or run scripts/gen_sglang_cli.py once online)")
-    (committed,) = DATA.glob("sglang-*-cli.json")
-    assert generator.generate(wheel) == json.loads(committed.read_text())
+    result = regenerate("sglang", sglang_cli()["sglang_version"])
+    if isinstance(result, str):
+        pytest.skip(result)
+    generated, committed = result
+    assert generated == committed
 
 
 def test_cli_is_for_the_sglang_version_tokenrig_pins():

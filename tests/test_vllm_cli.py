@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from tests.engine_flags import DATA, parse_vllm, parse_vllm_bench_serve, vllm_cli
-from tests.engine_flags import generator as engine_generator
+from tests.engine_flags import DATA, parse_vllm, parse_vllm_bench_serve, regenerate, vllm_cli
 from tokenrig.paths import GRAFANA
 from tokenrig.profiles import resolve_model
 
@@ -15,13 +14,11 @@ SERVE = ["vllm", "serve", "/models/m", "--served-model-name", "m", "--port", "80
 
 
 def test_committed_cli_is_what_the_generator_reads_from_the_wheel():
-    generator = engine_generator("gen_vllm_cli")
-    wheel = generator.find_wheel(vllm_cli()["vllm_version"])
-    if wheel is None:
-        pytest.skip(f"no vllm-{vllm_cli()['vllm_version']} wheel in {generator.wheels_dir()} (set TOKENRIG_WHEELS, "
-                    "or run scripts/gen_vllm_cli.py once online)")
-    (committed,) = DATA.glob("vllm-*-cli.json")
-    assert generator.generate(wheel) == json.loads(committed.read_text())
+    result = regenerate("vllm", vllm_cli()["vllm_version"])
+    if isinstance(result, str):
+        pytest.skip(result)
+    generated, committed = result
+    assert generated == committed
 
 
 def test_cli_is_for_the_vllm_version_tokenrig_pins():
