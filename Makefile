@@ -3,8 +3,10 @@
 
 PYTHON   ?= python3
 BACKEND  ?= hf
-# vLLM 0.26 pins torch 2.11 (CUDA), the default venv has torch 2.13: BACKEND=vllm gets a venv of its own
-VENV     := $(if $(filter vllm,$(BACKEND)),.venv-vllm,.venv)
+# vLLM 0.26 and SGLang 0.5.17 pin torch 2.11 (CUDA), the default venv has torch 2.13: BACKEND=vllm or sglang
+# gets a venv of its own
+ENGINES  := vllm sglang
+VENV     := $(if $(filter $(ENGINES),$(BACKEND)),.venv-$(BACKEND),.venv)
 BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed-stamp
 
@@ -23,14 +25,14 @@ DECODE_CONFIGS ?= eager sdpa sdpa+graphs+kvpad=1024
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup setup-vllm loadtest serve train finetune train-matrix train-gpu-run test test-fast monitor dashboards bench-loadgen bench-capacity bench-hf-decode report capacity clean
+.PHONY: setup setup-vllm setup-sglang loadtest serve train finetune train-matrix train-gpu-run test test-fast monitor dashboards bench-loadgen bench-capacity bench-hf-decode report capacity clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
 	$(PYTHON) -m venv $(VENV)
-ifeq ($(BACKEND),vllm)
-	# a CUDA machine with internet access: vLLM 0.26.0 brings its torch 2.11 (CUDA 12.9 or 13 builds)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[vllm,test]'
+ifneq ($(filter $(ENGINES),$(BACKEND)),)
+	# a CUDA machine with internet access: vLLM 0.26.0 or SGLang 0.5.17 brings its torch 2.11 (CUDA builds)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[$(BACKEND),test]'
 else
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,fast,train]'
@@ -46,6 +48,9 @@ setup: $(STAMP)
 
 setup-vllm:  # tokenrig + vLLM 0.26.0 in .venv-vllm; then make loadtest BACKEND=vllm GPU=h200 MODEL=7b
 	$(MAKE) setup BACKEND=vllm
+
+setup-sglang:  # tokenrig + SGLang 0.5.17 in .venv-sglang (offline hosts: scripts/stage_sglang.sh)
+	$(MAKE) setup BACKEND=sglang
 
 loadtest: setup
 	$(BIN)/tokenrig loadtest --scenario $(SCENARIO) $(LOAD_ARGS)

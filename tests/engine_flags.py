@@ -1,4 +1,4 @@
-"""Reference parsers for the engines tokenrig launches but cannot install here (no GPU): vLLM and TGI.
+"""Reference parsers for the engines tokenrig launches but cannot install here (no GPU): vLLM, SGLang and TGI.
 
 Built independently of tokenrig's backends, so a wrong or renamed flag or environment variable in
 a generated command fails to parse:
@@ -8,6 +8,11 @@ a generated command fails to parse:
   `vllm serve` and `vllm bench serve` with their types, choices and BooleanOptionalAction flags, the
   names vLLM checks after parsing (quantization methods, load formats, attention backends, the
   fields of --compilation-config's JSON) and the VLLM_* environment variables vllm/envs.py reads.
+* SGLang — a strict argparse parser built from tests/data/sglang-<version>-cli.json, which
+  scripts/gen_sglang_cli.py generates from the SGLang wheel's own source: `python -m sglang.launch_server`
+  with its types (human-readable ints), choices (quantization methods, attention backends, load
+  formats), store_true flags and nargs, and the SGLANG_* environment variables sglang/srt/environ.py
+  declares with the values each one's parser accepts.
 * TGI 3.0.1 — by hand from docs/source/reference/launcher.md (the launcher's clap arguments and
   possible values) and the launcher's checks between them; ATTENTION values from the server's globals.
 """
@@ -15,16 +20,38 @@ a generated command fails to parse:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 from functools import cache
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 VLLM_PROGRAMS = (["vllm"], ["-m", "vllm.entrypoints.cli.main"])  # `vllm ...` or `<python> -m vllm.entrypoints.cli.main ...`
 TGI_QUANTIZE = ["awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4",
                 "bitsandbytes-fp4", "fp8"]
 TGI_ATTENTION = {"paged", "flashdecoding", "flashinfer"}
+
+
+def generator(name: str):
+    """scripts/<name>.py (gen_vllm_cli, gen_sglang_cli) as a module: the generator of a committed flag list."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def regenerate(engine: str, version: str) -> tuple[dict, dict] | str:
+    """(what scripts/gen_<engine>_cli.py generates from the <engine>-<version> wheel, the committed
+    tests/data/<engine>-*-cli.json), or why the wheel is not here to generate from."""
+    script = generator(f"gen_{engine}_cli")
+    wheel = script.find_wheel(version)
+    if wheel is None:
+        return (f"no {engine}-{version} wheel in {script.wheels_dir()} (set TOKENRIG_WHEELS, or run "
+                f"scripts/gen_{engine}_cli.py once online)")
+    (committed,) = DATA.glob(f"{engine}-*-cli.json")
+    return script.generate(wheel), json.loads(committed.read_text())
 
 
 class _Strict(argparse.ArgumentParser):
@@ -174,6 +201,73 @@ def parse_vllm_bench_serve(command: list[str], env: dict[str, str] | None = None
     """A `vllm bench serve` command line."""
     args = build_parser("bench_serve").parse_args(_subcommand(command, ["bench", "serve"]))
     check_vllm_env(env or {})
+    return args
+
+
+@cache
+def sglang_cli() -> dict:
+    """The generated SGLang command-line description (one committed file, named by its version)."""
+    (path,) = DATA.glob("sglang-*-cli.json")
+    return json.loads(path.read_text())
+
+
+def sglang_human_readable_int(value: str) -> int:
+    """sglang/srt/utils/common.py human_readable_int: 1k = 1000, 25.6k, 1Ki = 1024 (no decimals with Ki/Mi/Gi/Ti)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)", value.strip())
+    if not match:
+        return int(value)
+    number, suffix = match.groups()
+    if suffix.endswith("i"):
+        if "." in number:
+            raise argparse.ArgumentTypeError(f"no decimals with {suffix}")
+        return int(number) * 2 ** (10 * ("KMGT".index(suffix[0]) + 1))
+    return int(float(number) * 10 ** (3 * ("kMGT".index(suffix) + 1)))
+
+
+SGLANG_TYPES = {"str": str, "int": int, "float": float, "human_int": sglang_human_readable_int,
+                "nullable_str": lambda value: None if value.lower() == "none" else value}
+SGLANG_PROGRAM = ["-m", "sglang.launch_server"]  # `<python> -m sglang.launch_server ...`
+SGLANG_BOOLS = {"true", "1", "yes", "y", "false", "0", "no", "n"}  # environ.py EnvBool.parse, lower-cased
+
+
+def sglang_parser() -> argparse.ArgumentParser:
+    """A strict parser (no abbreviations, errors raise) for the generated `sglang.launch_server` options."""
+    parser = _Strict(prog=sglang_cli()["launch_server"]["prog"], allow_abbrev=False)
+    for spec in sglang_cli()["launch_server"]["options"]:
+        action = spec.get("action")
+        if action == "store_true":
+            parser.add_argument(*spec["flags"], dest=spec["dest"], action="store_true")
+        elif action == "custom":  # an argparse.Action class of SGLang's own (LoRA paths and the like)
+            parser.add_argument(*spec["flags"], dest=spec["dest"], nargs="*")
+        else:
+            kwargs = {"nargs": spec["nargs"]} if spec.get("nargs") else {}
+            if "choices" in spec:
+                kwargs["choices"] = spec["choices"]
+            parser.add_argument(*spec["flags"], dest=spec["dest"], type=SGLANG_TYPES[spec["type"]], **kwargs)
+    return parser
+
+
+def check_sglang_env(env: dict[str, str]) -> None:
+    """Every SGLANG_* variable must be one environ.py declares, with a value its parser accepts."""
+    known = sglang_cli()["env_vars"]
+    for name, value in env.items():
+        if not name.startswith("SGLANG_"):
+            continue
+        if name not in known:
+            raise ValueError(f"{name} is not an environment variable of SGLang {sglang_cli()['sglang_version']}")
+        kind = known[name]["type"]
+        if kind == "bool" and value.lower() not in SGLANG_BOOLS:
+            raise ValueError(f"{name}={value} is not a boolean SGLang reads")
+        if kind == "int" and not re.fullmatch(r"-?\d+", value):
+            raise ValueError(f"{name}={value}: SGLang reads it with int()")
+
+
+def parse_sglang(command: list[str], env: dict[str, str]) -> argparse.Namespace:
+    """A `python -m sglang.launch_server` command line and its environment."""
+    if command[1:3] != SGLANG_PROGRAM:
+        raise ValueError(f"not a `python -m sglang.launch_server` command: {command[:3]}")
+    args = sglang_parser().parse_args(command[3:])
+    check_sglang_env(env)
     return args
 
 

@@ -31,7 +31,7 @@ def test_stop_ends_the_process_and_frees_the_port(tmp_path_factory):
 
 
 def test_unknown_backend_is_refused(tmp_path_factory):
-    with pytest.raises(LaunchError, match="known backends: hf, sim, vllm, tgi"):
+    with pytest.raises(LaunchError, match="known backends: hf, sim, vllm, sglang, tgi"):
         start_server(tmp_path_factory, "trt")
 
 

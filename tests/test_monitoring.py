@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, VLLM_0_26_PAGE, run_cli, run_dir_of
+from tests.conftest import REPO, SGLANG_0_5_17_PAGE, VLLM_0_26_PAGE, run_cli, run_dir_of
 from tokenrig.monitor.dashboards import DASHBOARDS, panel_queries, render
 from tokenrig.monitor.discovery import TargetFile
 from tokenrig.monitor.local import prometheus_config
 from tokenrig.paths import GRAFANA
 from tokenrig.serve.launcher import free_port
+from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics
 
 DASHBOARD_DIR = GRAFANA / "dashboards"
 
@@ -134,7 +135,7 @@ def _replayed(page: str, elapsed_s: float) -> str:
 
 
 @contextlib.contextmanager
-def _live_vllm(page: str):
+def _live_page(page: str):
     """A loopback /metrics replaying the page; yields its host:port."""
     started = time.monotonic()
 
@@ -159,12 +160,23 @@ def _live_vllm(page: str):
         server.server_close()
 
 
+def _label_values(base: str, label: str, selector: str) -> list[str]:
+    """What Grafana's label_values(selector, label) variable query asks Prometheus."""
+    params = urllib.parse.urlencode({"match[]": selector})
+    with urllib.request.urlopen(f"{base}/api/v1/label/{label}/values?{params}", timeout=10) as response:
+        return json.loads(response.read())["data"]
+
+
 @needs_prometheus
-def test_every_server_panel_query_returns_data_from_a_real_vllm_0_26_page(tmp_path):
-    run_id = "vllm-0.26.0-fixture"
-    labels = {"run_id": run_id, "scenario": "fixed-512x128", "backend": "vllm", "model": "llama2-7b", "gpu": "h200"}
-    queries = panel_queries(render(DASHBOARDS["server"]()))
-    with _prometheus(tmp_path) as (base, targets), _live_vllm(VLLM_0_26_PAGE.read_text()) as address:
+@pytest.mark.parametrize("backend, page, gpu", [("vllm", VLLM_0_26_PAGE, "h200"),
+                                                ("sglang", SGLANG_0_5_17_PAGE, "h100-sxm")])
+def test_every_server_panel_query_returns_data_from_each_engines_page(tmp_path, backend, page, gpu):
+    """vLLM 0.26's page was captured on an H200; SGLang 0.5.17's is built from its metric definitions."""
+    run_id = f"{page.stem}-fixture"
+    labels = {"run_id": run_id, "scenario": "fixed-512x128", "backend": backend, "model": "llama2-7b", "gpu": gpu}
+    dashboard = render(DASHBOARDS["server"]())
+    queries = panel_queries(dashboard)
+    with _prometheus(tmp_path) as (base, targets), _live_page(page.read_text()) as address:
         TargetFile.announce(targets, "server", address, labels)
         start = time.time()
         while True:  # 1-s scrapes until every panel, filtered on this run, has data
@@ -176,4 +188,21 @@ def test_every_server_panel_query_returns_data_from_a_real_vllm_0_26_page(tmp_pa
                 break
         up = _query_range(base, f'up{{run_id="{run_id}",role="server"}}', start, end)
         assert up and {value for _, value in up[0]["values"]} == {"1"}, up
-        assert not empty, "server panels without data from vLLM 0.26:\n" + "\n".join(empty)
+        assert not empty, f"server panels without data from {page.name}:\n" + "\n".join(empty)
+        for variable in dashboard["templating"]["list"]:  # label_values(<selector>, <label>)
+            selector, label = re.fullmatch(r"label_values\((.*), (\w+)\)", variable["query"]).groups()
+            assert labels[label] in _label_values(base, label, selector), variable["query"]
+
+
+def test_the_scraper_reads_an_sglang_page_as_it_grows(tmp_path):
+    """SGLang 0.5.17's page served live (counters growing) through the scraper and its window summary."""
+    out = tmp_path / "server_metrics.jsonl"
+    with _live_page(SGLANG_0_5_17_PAGE.read_text()) as address:
+        with MetricsScraper(f"http://{address}/metrics", out, interval_s=0.25) as scraper:
+            time.sleep(1.2)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    summary = summarize_server_metrics(out, rows[0]["t"], rows[-1]["t"] + 1, scraper.errors)
+    assert summary["scrape_errors"] == 0 and summary["scrapes_in_window"] >= 4
+    assert summary["running"] == {"mean": 32, "max": 32} and summary["kv_cache_usage"]["max"] > 0
+    assert summary["generation_tokens"]["per_s"] > 0
+    assert summary["prefix_cache_hit_rate"] == pytest.approx(64 / 512)  # radix-cache hits over prompt tokens

@@ -1,4 +1,4 @@
-"""Server /metrics scraping (vLLM, TGI and tokenrig names) and the TGI client user, over real servers."""
+"""Server /metrics scraping (vLLM, SGLang, TGI and tokenrig names) and the TGI client user, over real servers."""
 
 import json
 import threading
@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import DATA, VLLM_0_26_PAGE, load_summary, run_cli, run_dir_of
+from tests.conftest import DATA, SGLANG_0_5_17_PAGE, VLLM_0_26_PAGE, load_summary, run_cli, run_dir_of
 from tests.schedule import assert_latency_follows_schedule
 from tokenrig.loadgen.records import read_records
 from tokenrig.serve.scrape import (COUNTERS, GAUGES, MetricsScraper, parse_metrics, summarize_server_metrics,
@@ -68,6 +68,15 @@ def test_a_real_vllm_0_26_page_under_load_reads_its_running_requests_and_kv_cach
                        "prompt_tokens": 112333, "generation_tokens": 19908,
                        "prefix_cache_queries": 112333, "prefix_cache_hits": 0}
     assert figures["running"] > 0 and figures["kv_cache_usage"] > 0
+
+
+def test_an_sglang_0_5_17_page_gives_every_figure_tokenrig_reads():
+    """The page SGLang 0.5.17's collectors render (multiprocess mode) for 32 streams of 512 in / 128 out, 1238
+    requests done, 64 radix-cache hit tokens a request: queries are its prompt tokens, hits its cached tokens."""
+    figures = parse_metrics(SGLANG_0_5_17_PAGE.read_text())
+    assert figures == {"running": 32, "waiting": 0, "kv_cache_usage": pytest.approx(18432 / 466000), "preemptions": 0,
+                       "prompt_tokens": 1238 * 512, "generation_tokens": 1238 * 128,
+                       "prefix_cache_queries": 1238 * 512, "prefix_cache_hits": 1238 * 64}
 
 
 def test_summary_of_gauges_and_counter_deltas_inside_the_window(tmp_path):

@@ -26,9 +26,9 @@ def server_args(spec: ServerSpec) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--backend", "sim", "--prefix-caching"], "--prefix-caching is an option of the vllm/tgi backend, not of the sim"),
-    (["--backend", "hf", "--no-prefix-caching"], "--prefix-caching is an option of the vllm/tgi backend, not of the hf"),
-    (["--backend", "tgi", "--gpu", "h200", "--nvls"], "--nvls is an option of the vllm backend, not of the tgi"),
+    (["--backend", "sim", "--prefix-caching"], "--prefix-caching is an option of the vllm/sglang/tgi backend, not of the sim"),
+    (["--backend", "hf", "--no-prefix-caching"], "--prefix-caching is an option of the vllm/sglang/tgi backend, not of the hf"),
+    (["--backend", "tgi", "--gpu", "h200", "--nvls"], "--nvls is an option of the vllm/sglang backend, not of the tgi"),
     (["--backend", "vllm", "--gpu", "h200", "--cuda-graphs"], "--cuda-graphs is an option of the hf backend"),
     (["--backend", "vllm", "--gpu", "h200", "--compile-level", "0"], "--compile-level is an option of the hf"),
     (["--backend", "hf", "--sim-tpot-ms", "5"], "--sim-tpot-ms is an option of the sim backend, not of the hf"),
@@ -79,7 +79,7 @@ def test_sim_ttft_without_tpot_is_refused_before_any_server_starts():
 
 def test_the_cli_refuses_an_unused_flag_with_a_usage_error():
     refused = run_cli("serve", "--backend", "sim", "--no-prefix-caching", "--dry-run")
-    assert refused.returncode == 2 and "--prefix-caching is an option of the vllm/tgi backend" in refused.stderr
+    assert refused.returncode == 2 and "--prefix-caching is an option of the vllm/sglang/tgi backend" in refused.stderr
 
 
 @pytest.mark.parametrize("options", [

@@ -1,36 +1,24 @@
 """vLLM's command line, generated from its source: the committed file, the reference parser built from
 it, and the names tokenrig reads from or writes for vLLM (metrics, GPTQ's quantization_config)."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-from tests.engine_flags import DATA, parse_vllm, parse_vllm_bench_serve, vllm_cli
+from tests.engine_flags import DATA, parse_vllm, parse_vllm_bench_serve, regenerate, vllm_cli
 from tokenrig.paths import GRAFANA
 from tokenrig.profiles import resolve_model
 
-ROOT = Path(__file__).resolve().parents[1]
 SERVE = ["vllm", "serve", "/models/m", "--served-model-name", "m", "--port", "8000"]
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("gen_vllm_cli", ROOT / "scripts" / "gen_vllm_cli.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_committed_cli_is_what_the_generator_reads_from_the_wheel():
-    generator = _generator()
-    wheel = generator.find_wheel(vllm_cli()["vllm_version"])
-    if wheel is None:
-        pytest.skip(f"no vllm-{vllm_cli()['vllm_version']} wheel in {generator.wheels_dir()} (set TOKENRIG_WHEELS, "
-                    "or run scripts/gen_vllm_cli.py once online)")
-    (committed,) = DATA.glob("vllm-*-cli.json")
-    assert generator.generate(wheel) == json.loads(committed.read_text())
+    result = regenerate("vllm", vllm_cli()["vllm_version"])
+    if isinstance(result, str):
+        pytest.skip(result)
+    generated, committed = result
+    assert generated == committed
 
 
 def test_cli_is_for_the_vllm_version_tokenrig_pins():

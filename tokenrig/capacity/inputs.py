@@ -23,27 +23,16 @@ from tokenrig.profiles import UnknownProfileError, resolve_gpu, resolve_model
 from tokenrig.report.compare import engine_label
 from tokenrig.report.run_summary import RunSummary, SloJudgement
 from tokenrig.report.slo import Slo, judge, recorded_slos
-
-# engine batch limits as each launcher spells them: requests per step, tokens per step
-MAX_SEQS_FLAGS = ("--max-num-seqs", "--max-batch-size")
-MAX_BATCH_TOKENS_FLAGS = ("--max-batch-tokens", "--max-num-batched-tokens", "--max-batch-prefill-tokens")
-
-
-def _flag(command: list[str], names: tuple[str, ...]) -> int | None:
-    for index, word in enumerate(command[:-1]):
-        if word in names:
-            return int(command[index + 1])
-    return None
+from tokenrig.serve.backends import batch_limits
 
 
 def recorded_batch_limits(server: dict) -> tuple[int | None, int | None]:
     """(requests, tokens) an engine step may hold, as the run recorded them: metadata's structured
-    `batch_limits` (what a --url run declared or its server told), else the flags of the server command
-    older runs recorded, else the --max-num-seqs asked for; None where nothing says."""
-    limits = server.get("batch_limits") or {}
-    command = server.get("command") or []
-    return (limits.get("max_num_seqs") or _flag(command, MAX_SEQS_FLAGS) or server.get("max_num_seqs"),
-            limits.get("max_batch_tokens") or _flag(command, MAX_BATCH_TOKENS_FLAGS))
+    `batch_limits` (what a --url run declared or its server told), else what the backend reads from the
+    server command it launched, else the --max-num-seqs asked for; None where nothing says."""
+    limits, launched = server.get("batch_limits") or {}, batch_limits(server)
+    return (limits.get("max_num_seqs") or launched.max_seqs or server.get("max_num_seqs"),
+            limits.get("max_batch_tokens") or launched.max_batch_tokens)
 
 
 @dataclass

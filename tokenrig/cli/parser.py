@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from tokenrig.serve.spec import add_server_arguments
+from tokenrig.serve.spec import add_server_arguments, backend_flag
 from tokenrig.train.spec import add_train_options
 
 
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="no run: one markdown table of every load-test run under these directories")
     loadtest.add_argument("--client", choices=["openai", "tgi"], default=None,
                           help="request API: OpenAI streaming, or TGI's /generate_stream through huggingface_hub's "
-                               "InferenceClient (default: tgi for --backend tgi, else openai)")
+                               "InferenceClient (default: the backend's, tgi for --backend tgi, else openai)")
     loadtest.add_argument("--scrape-interval", type=_positive, default=1.0,
                           help="seconds between scrapes of the server's /metrics into server_metrics.jsonl")
     loadtest.add_argument("--metrics-port", type=int, default=None,
@@ -239,7 +239,7 @@ def _add_capacity_parser(commands) -> None:
     capacity.add_argument("--from", dest="inputs", nargs="+", type=Path, default=[], metavar="DIR",
                           help="results directories of load tests: --find-max runs answer their configuration; "
                                "every measured step calibrates its engine (e.g. docs/results)")
-    capacity.add_argument("--backend", choices=["hf", "sim", "vllm", "tgi"],
+    capacity.add_argument("--backend", choices=backend_flag().choices,
                           help="run the --find-max searches here first, one per GPU type and weight format")
     capacity.add_argument("--engine", action="append", metavar="LABEL",
                           help="only this engine (repeatable): its label as the table prints it, e.g. vllm, or part "

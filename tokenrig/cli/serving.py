@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from tokenrig.cli.parser import monitor_options
-from tokenrig.serve.backends import dry_run_plan
+from tokenrig.serve.backends import BACKENDS, dry_run_plan
 from tokenrig.serve.spec import ServerSpec
 
 
@@ -136,7 +136,7 @@ def cmd_loadtest(args) -> int:
         if not 0 <= local <= count:
             raise ScenarioError("--local-workers must be between 0 and --workers")
         workers = WorkerOptions(count, local, args.master_host, args.master_port)
-    client = args.client or ("tgi" if spec.backend == "tgi" else "openai")
+    client = args.client or BACKENDS[spec.backend].default_client
     from tokenrig.serve.remote import DECLARABLE, RemoteOptions
 
     remote = None

@@ -3,8 +3,10 @@
 `python -m tokenrig.monitor.dashboards [DIR]` (or `make dashboards`) writes one JSON file per
 dashboard (default: the shipped tokenrig/grafana/dashboards/): load test, server/engine, training,
 GPU (DCGM exporter names). Every panel filters on the template variables run, scenario, backend,
-model and gpu, so several benchmarks can be watched and compared side by side. The tests evaluate
-every panel query against a real Prometheus.
+model and gpu, so several benchmarks can be watched and compared side by side. The server dashboard's
+queries select each figure under every engine's name for it (the backend registry's metric maps), so
+vLLM, SGLang and tokenrig's own servers fill the same panels. The tests evaluate every panel query
+against a real Prometheus.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from tokenrig.paths import GRAFANA
+from tokenrig.serve.backends import preferred_metric_names
 
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.builders import prometheus, timeseries
@@ -26,6 +29,7 @@ SELECTOR = ",".join(f'{label}=~"${label}"' for label in RUN_VARIABLES)
 
 
 def _variables(dashboard: db.Dashboard, metric: str, labels=RUN_VARIABLES) -> db.Dashboard:
+    """Template variables whose values are `metric`'s labels (a metric name or a series selector)."""
     for label in labels:
         dashboard = dashboard.with_variable(
             db.QueryVariable(label).label(label).datasource(DATASOURCE)
@@ -43,6 +47,18 @@ def _panel(title: str, unit: str, *queries: tuple[str, str], width: int = 12) ->
 
 def _quantiles(metric: str, selector: str, by: str = "run_id") -> list[tuple[str, str]]:
     return [(f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{selector}}}[$__rate_interval])))",
+             f"p{int(q * 100)} {{{{{by}}}}}") for q in (0.5, 0.99)]
+
+
+def _engines(figure: str, selector: str, suffix: str = "") -> str:
+    """A series selector for one server figure under every engine's name for it (name + suffix, e.g. _bucket)."""
+    names = "|".join(name + suffix for name in preferred_metric_names(figure))
+    return f'{{__name__=~"{names}",{selector}}}'
+
+
+def _engine_quantiles(figure: str, selector: str, by: str = "run_id") -> list[tuple[str, str]]:
+    buckets = _engines(figure, selector, "_bucket")
+    return [(f"histogram_quantile({q}, sum by (le, {by}) (rate({buckets}[$__rate_interval])))",
              f"p{int(q * 100)} {{{{{by}}}}}") for q in (0.5, 0.99)]
 
 
@@ -78,27 +94,28 @@ def loadtest_dashboard() -> db.Dashboard:
 
 
 def server_dashboard() -> db.Dashboard:
-    """vLLM's metric names: tokenrig's own servers and real vLLM servers fill the same panels."""
+    """The engines' own figures, each under every engine's name for it (vLLM's names are tokenrig's servers' too)."""
     s = SELECTOR
-    d = (db.Dashboard("tokenrig — server / engine").uid("tokenrig-server").tags(["tokenrig", "server", "vllm"])
-         .refresh("5s").time("now-30m", "now"))
-    d = _variables(d, "vllm:num_requests_running")
+    d = (db.Dashboard("tokenrig — server / engine").uid("tokenrig-server")
+         .tags(["tokenrig", "server", "vllm", "sglang"]).refresh("5s").time("now-30m", "now"))
+    d = _variables(d, '{__name__=~"%s"}' % "|".join(preferred_metric_names("running")))
     d = d.with_panel(_panel("Requests running / waiting", "short",
-                            (f"sum by (run_id) (vllm:num_requests_running{{{s}}})", "running {{run_id}}"),
-                            (f"sum by (run_id) (vllm:num_requests_waiting{{{s}}})", "waiting {{run_id}}")))
+                            (f"sum by (run_id) ({_engines('running', s)})", "running {{run_id}}"),
+                            (f"sum by (run_id) ({_engines('waiting', s)})", "waiting {{run_id}}")))
     d = d.with_panel(_panel("KV-cache usage", "percentunit",
-                            (f"max by (run_id) (vllm:kv_cache_usage_perc{{{s}}})", "{{run_id}}")))
+                            (f"max by (run_id) ({_engines('kv_cache_usage', s)})", "{{run_id}}")))
     d = d.with_panel(_panel("Token throughput", "short",
-                            (f"sum by (run_id) (rate(vllm:generation_tokens_total{{{s}}}[$__rate_interval]))",
+                            (f"sum by (run_id) (rate({_engines('generation_tokens', s)}[$__rate_interval]))",
                              "generated {{run_id}}"),
-                            (f"sum by (run_id) (rate(vllm:prompt_tokens_total{{{s}}}[$__rate_interval]))",
+                            (f"sum by (run_id) (rate({_engines('prompt_tokens', s)}[$__rate_interval]))",
                              "prompt {{run_id}}")))
+    # vLLM labels finished requests by finished_reason; SGLang's count has no such label (the legend shows none)
     d = d.with_panel(_panel("Finished requests/s", "reqps",
-                            (f"sum by (run_id, finished_reason) (rate(vllm:request_success_total{{{s}}}[$__rate_interval]))",
-                             "{{finished_reason}} {{run_id}}")))
-    d = d.with_panel(_panel("Server TTFT", "s", *_quantiles("vllm:time_to_first_token_seconds", s)))
-    d = d.with_panel(_panel("Server inter-token latency", "s", *_quantiles("vllm:inter_token_latency_seconds", s)))
-    d = d.with_panel(_panel("Server end-to-end latency", "s", *_quantiles("vllm:e2e_request_latency_seconds", s)))
+                            (f"sum by (run_id, finished_reason) (rate({_engines('finished_requests', s)}"
+                             f"[$__rate_interval]))", "{{finished_reason}} {{run_id}}")))
+    d = d.with_panel(_panel("Server TTFT", "s", *_engine_quantiles("ttft_seconds", s)))
+    d = d.with_panel(_panel("Server inter-token latency", "s", *_engine_quantiles("itl_seconds", s)))
+    d = d.with_panel(_panel("Server end-to-end latency", "s", *_engine_quantiles("e2e_seconds", s)))
     return d
 
 

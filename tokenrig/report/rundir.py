@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import tokenrig
+from tokenrig.serve.backends import BACKENDS
 
-PACKAGES = ("torch", "transformers", "locust", "tokenizers", "aiohttp", "prometheus-client", "deepspeed", "vllm")
+# the serving engines' packages (vllm, sglang) come from the backend registry
+PACKAGES = ("torch", "transformers", "locust", "tokenizers", "aiohttp", "prometheus-client", "deepspeed")
 
 
 class ResultsDirError(OSError):
@@ -51,7 +53,8 @@ def _git_sha() -> str | None:
 
 def environment_facts() -> dict:
     versions = {"tokenrig": tokenrig.__version__, "python": platform.python_version()}
-    for package in PACKAGES:
+    engines = [backend.package for backend in BACKENDS.values() if backend.package and backend.package not in PACKAGES]
+    for package in [*PACKAGES, *engines]:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

@@ -8,6 +8,7 @@ route, and on exit sends SIGTERM, then SIGKILL after a grace period.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import shutil
@@ -46,6 +47,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def _program_installed(command: list[str]) -> bool:
+    """The program is on PATH, and for `python -m package...` the package imports from here (an engine's wheels
+    unpacked on PYTHONPATH count: the server inherits this environment)."""
+    if shutil.which(command[0]) is None:
+        return False
+    if command[1:2] == ["-m"]:
+        return importlib.util.find_spec(command[2].split(".")[0]) is not None
+    return True
+
+
 class LaunchedServer:
     def __init__(self, spec: ServerSpec, log_path: Path, health_timeout_s: float = 900, progress=print,
                  progress_every_s: float = 15):
@@ -76,8 +87,9 @@ class LaunchedServer:
         port = self.spec.port or free_port(self.spec.host)
         self.plan = backends.launch_plan(self.spec, model_dir, port)
         self.command = self.plan.command
-        if shutil.which(self.command[0]) is None:
-            raise LaunchError(f"{self.command[0]} is not installed on this machine. {self.plan.install_hint or ''}\n"
+        if not _program_installed(self.command):
+            raise LaunchError(f"{self.command[0]} is not installed on this machine. "
+                              f"{backends.BACKENDS[self.spec.backend].setup}\n"
                               f"The command it would run: {shlex.join(self.command)}")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
@@ -124,12 +136,13 @@ class LaunchedServer:
 
     def _check_served(self) -> None:
         """Read from the log what the engine served; refuse a server that is not what was asked for."""
-        if self.plan.read_served is None:
+        backend = backends.BACKENDS[self.spec.backend]
+        if backend.read_served is None:
             return
-        self.served = self.plan.read_served(self.log_path.read_text(errors="replace"))
+        self.served = backend.read_served(self.log_path.read_text(errors="replace"))
         if self.served:
             self.progress("served: " + ", ".join(f"{key} {value}" for key, value in self.served.items()))
-        problem = self.plan.check_served(self.spec, self.plan, self.served) if self.plan.check_served else None
+        problem = backend.check_served(self.spec, self.plan, self.served) if backend.check_served else None
         if problem:
             raise LaunchError(problem)
 

@@ -2,10 +2,11 @@
 
 Each scrape becomes one line of server_metrics.jsonl (unix time + the engine's figures under
 engine-neutral names: running/waiting requests, KV-cache usage, prefix-cache queries/hits, token
-counters), read from vLLM's names (which tokenrig's own servers also export) or TGI's. The summary
-puts gauge means/maxima and counter deltas over the steady-state window next to client metrics.
-Where engine versions differ, each figure lists its names newest first and takes the first one a
-page has (vLLM 0.10 exported the old and the new KV-cache and prefix-cache names side by side).
+counters), read from the names each registered backend maps them to (serve/backends: vLLM's, which
+tokenrig's own servers also export, SGLang's, TGI's), so a --url server of any of them is read too.
+The summary puts gauge means/maxima and counter deltas over the steady-state window next to client
+metrics. Each figure lists its names engine by engine, each engine's newest first, and takes the first
+one a page has (vLLM 0.10 exported the old and the new KV-cache and prefix-cache names side by side).
 """
 
 from __future__ import annotations
@@ -18,21 +19,12 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-# engine-neutral name -> the sample names engines export it under, preferred first: vLLM 0.11-0.26
-# (tests/data/vllm-*-cli.json lists 0.26's), vLLM <= 0.10 (gpu_*; hidden in 0.11, gone since), TGI 3
-GAUGES = {
-    "running": ("vllm:num_requests_running", "tgi_batch_current_size"),
-    "waiting": ("vllm:num_requests_waiting", "tgi_queue_size"),
-    "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
-    "batch_tokens": ("tgi_batch_current_max_tokens",),
-}
-COUNTERS = {
-    "prefix_cache_queries": ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"),
-    "prefix_cache_hits": ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"),
-    "prompt_tokens": ("vllm:prompt_tokens_total",),
-    "generation_tokens": ("vllm:generation_tokens_total",),
-    "preemptions": ("vllm:num_preemptions_total",),
-}
+from tokenrig.serve.backends import metric_names
+
+# engine-neutral name -> the sample names engines export it under (the backends' metric maps)
+GAUGES = {figure: metric_names(figure) for figure in ("running", "waiting", "kv_cache_usage", "batch_tokens")}
+COUNTERS = {figure: metric_names(figure) for figure in ("prefix_cache_queries", "prefix_cache_hits", "prompt_tokens",
+                                                        "generation_tokens", "preemptions")}
 _NAMES = {key: names for table in (GAUGES, COUNTERS) for key, names in table.items()}
 _SAMPLE_NAMES = {name for names in _NAMES.values() for name in names}
 _SAMPLE_PREFIXES = tuple(sorted(_SAMPLE_NAMES))

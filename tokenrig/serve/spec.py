@@ -1,10 +1,11 @@
 """What a server is asked to be: `ServerSpec`, each backend's own options, and their command-line flags.
 
 A flag is declared once, here: the common ones on `COMMON_FLAGS`, a backend's own as fields of its
-options class (`HfOptions`, `SimOptions`, `VllmOptions`, `TgiOptions`), which validate themselves and
-say how tokenrig's server or the engine takes them (`to_args`). `add_server_arguments` puts all of them
-on a parser; `ServerSpec.from_args` builds the spec and refuses a flag that the chosen backend would
-not use. `Endpoint` is where a started server answers; `LaunchError` says why one cannot start.
+options class (`HfOptions`, `SimOptions`, `VllmOptions`, `SglangOptions`, `TgiOptions`), which validate
+themselves and say how tokenrig's server or the engine takes them (`to_args`). Which backends exist, and
+which options class each takes, is the registry's (serve/backends): `add_server_arguments` puts
+--backend with its choices and every backend's flags on a parser; `ServerSpec.from_args` builds the
+spec and refuses a flag that the chosen backend would not use. `Endpoint` is where a started server answers; `LaunchError` says why one cannot start.
 """
 
 from __future__ import annotations
@@ -48,15 +49,16 @@ class Flag:
                             **{key: value for key, value in kinds.items() if value is not None})
 
 
+DEFAULT_BACKEND = "hf"
 COMMON_FLAGS = (
-    Flag("--backend", "hf (transformers, default), sim (simulated engine), vllm (vllm serve), "
-                      "tgi (text-generation-launcher)", choices=("hf", "sim", "vllm", "tgi"), default="hf"),
     Flag("--gpu", "GPU profile: a800, a100-80g, h100-sxm, h200, rtx4090, rtx3090, l40s, cpu (default)", default="cpu"),
     Flag("--model", "model profile: tiny (default), llama2-7b|7b, llama2-13b|13b, llama2-70b|70b, llama3-8b|8b",
          default="tiny"),
-    Flag("--quant", "bf16 (default), fp16, int8, fp8 (vllm: online FP8), gptq, awq (4-bit, group 128)", default="bf16"),
+    Flag("--quant", "bf16 (default), fp16, int8, fp8 (vllm, sglang: online FP8), gptq, awq (4-bit, group 128)",
+         default="bf16"),
     Flag("--attention", "flash | noflash, or the backend's own name: hf eager/sdpa/flash_attention_2; "
-                        "vllm FLASH_ATTN/FLASHINFER/TRITON_ATTN/FLEX_ATTENTION; tgi flashinfer/flashdecoding/paged",
+                        "vllm FLASH_ATTN/FLASHINFER/TRITON_ATTN/FLEX_ATTENTION; sglang fa3/flashinfer/triton; "
+                        "tgi flashinfer/flashdecoding/paged",
          aliases=("--attn-implementation",)),
     Flag("--tp", "tensor-parallel GPUs (default: the smallest that fits)", type=int),
     Flag("--max-model-len", "context per request (default: the model's)", type=int),
@@ -134,25 +136,41 @@ class HfOptions(BackendOptions):
 
 @dataclass(frozen=True)
 class PrefixCachingOptions(BackendOptions):
-    """The option vLLM and TGI share: automatic prefix caching."""
+    """The option vLLM, SGLang and TGI share: automatic prefix caching (SGLang's radix cache)."""
 
-    prefix_caching: bool | None = option("vllm/tgi: automatic prefix caching (default: the engine's)",
+    prefix_caching: bool | None = option("vllm/sglang/tgi: automatic prefix caching, SGLang's radix cache "
+                                         "(default: the engine's, on in all three)",
                                          action=argparse.BooleanOptionalAction)
 
 
 @dataclass(frozen=True)
-class VllmOptions(PrefixCachingOptions):
-    backend: ClassVar[str] = "vllm"
+class MulticastOptions(PrefixCachingOptions):
+    """The option vLLM and SGLang share: NVLink multicast at TP > 1, off unless asked for."""
 
-    nvls: bool = option("vllm at TP > 1: allow NVLink multicast (FlashInfer all-reduce fusion, symmetric memory, "
-                        "NCCL NVLS), which tokenrig turns off unless asked; only on NVSwitch hosts you own",
+    nvls: bool = option("vllm/sglang at TP > 1: allow NVLink multicast (FlashInfer all-reduce fusion, symmetric "
+                        "memory, NCCL NVLS), which tokenrig turns off unless asked; only on NVSwitch hosts you own",
                         default=False, action="store_true")
+
+
+@dataclass(frozen=True)
+class VllmOptions(MulticastOptions):
+    backend: ClassVar[str] = "vllm"
 
     def to_args(self) -> list[str]:
         """`vllm serve` arguments (--nvls is no flag of vLLM's: the backend turns multicast off without it)."""
         if self.prefix_caching is None:
             return []
         return ["--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching"]
+
+
+@dataclass(frozen=True)
+class SglangOptions(MulticastOptions):
+    backend: ClassVar[str] = "sglang"
+
+    def to_args(self) -> list[str]:
+        """`sglang.launch_server` arguments: its radix cache is on unless --disable-radix-cache (there is no
+        flag to enable it); --nvls is no flag of SGLang's: the backend turns multicast off without it."""
+        return ["--disable-radix-cache"] if self.prefix_caching is False else []
 
 
 @dataclass(frozen=True)
@@ -223,15 +241,27 @@ class SimOptions(BackendOptions):
         return dataclasses.replace(params, **given)
 
 
-BACKEND_OPTIONS: dict[str, type[BackendOptions]] = {
-    options.backend: options for options in (HfOptions, SimOptions, VllmOptions, TgiOptions)}
+def backend_options() -> dict[str, type[BackendOptions]]:
+    """Each registered backend's options class (backends import this module: the registry is read on use)."""
+    from tokenrig.serve.backends import BACKENDS
+
+    return {name: backend.options for name, backend in BACKENDS.items()}
+
+
+def backend_flag() -> Flag:
+    """--backend, its choices and help from the registry."""
+    from tokenrig.serve.backends import BACKENDS
+
+    return Flag("--backend", ", ".join(f"{name} ({backend.summary}{', default' if name == DEFAULT_BACKEND else ''})"
+                                       for name, backend in BACKENDS.items()),
+                choices=tuple(BACKENDS), default=DEFAULT_BACKEND)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every server flag, each once (vllm and tgi share --prefix-caching), in the order --help lists them."""
+    """Every server flag, each once (backends share --prefix-caching, --nvls), in the order --help lists them."""
     added = set()
-    for flag in [*COMMON_FLAGS, *(flag for options in (HfOptions, VllmOptions, TgiOptions, SimOptions)
-                                   for flag in options.flags())]:
+    for flag in [backend_flag(), *COMMON_FLAGS,
+                 *(flag for options in backend_options().values() for flag in options.flags())]:
         if flag.name not in added:
             flag.add_to(parser)
             added.add(flag.name)
@@ -258,9 +288,10 @@ class ServerSpec:
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKEND_OPTIONS:
-            raise LaunchError(f"unknown backend {self.backend!r}; known backends: {', '.join(BACKEND_OPTIONS)}")
-        expected = BACKEND_OPTIONS[self.backend]
+        known = backend_options()
+        if self.backend not in known:
+            raise LaunchError(f"unknown backend {self.backend!r}; known backends: {', '.join(known)}")
+        expected = known[self.backend]
         if self.options is None:
             self.options = expected()
         if type(self.options) is not expected:
@@ -274,7 +305,7 @@ class ServerSpec:
 
         A flag given that the backend would not use is refused: a run that ignores a setting would be
         recorded as if it had applied it."""
-        options = BACKEND_OPTIONS[args.backend].from_args(args)
+        options = backend_options()[args.backend].from_args(args)
         _refuse_unused(options, args)
         gpu = resolve_gpu(args.gpu)
         utilization = args.gpu_memory_utilization
@@ -289,7 +320,7 @@ class ServerSpec:
     def describe(self) -> dict:
         """The settings as run metadata records them: every backend's options, this one's as asked."""
         options: dict = {}
-        for defaults in BACKEND_OPTIONS.values():
+        for defaults in backend_options().values():
             options.update(dataclasses.asdict(defaults()))
         options.update(dataclasses.asdict(self.options))
         return {"backend": self.backend, "model": self.model.key, "gpu": self.gpu.key, "device": self.device,
@@ -300,7 +331,7 @@ class ServerSpec:
 
 def _refuse_unused(options: BackendOptions, args: argparse.Namespace) -> None:
     owners: dict[str, list[str]] = {}
-    for other in BACKEND_OPTIONS.values():
+    for other in backend_options().values():
         for flag in other.flags():
             owners.setdefault(flag.name, []).append(other.backend)
     own = {flag.name for flag in options.flags()}

@@ -1,19 +1,21 @@
-"""Backends: turn one ServerSpec into a launch — the checkpoint it reads, its command line and environment.
+"""The backend registry: every engine tokenrig drives, one plug-in object (`Backend`, backends/base.py) each.
 
-`hf` and `sim` (tokenrig's own server with the transformers or the simulated engine), `vllm`
-(`vllm serve`) and `tgi` (`text-generation-launcher`, plus the equivalent `docker run` line) each
-give a `LaunchPlan` (backends/base.py) and the directory their server reads.
+`hf` and `sim` (tokenrig's own server with the transformers or the simulated engine), `vllm` (`vllm serve`),
+`sglang` (`python -m sglang.launch_server`) and `tgi` (`text-generation-launcher`, plus the equivalent
+`docker run` line). `--backend`'s choices, the server-metrics scraper, the Grafana server dashboard and
+capacity's batch limits read them from `BACKENDS`; adding an engine is one module listed here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tokenrig.serve.backends import hf, sim, tgi, vllm
-from tokenrig.serve.backends.base import LaunchPlan
+from tokenrig.serve.backends import hf, sglang, sim, tgi, vllm
+from tokenrig.serve.backends.base import Backend, BatchLimits, LaunchPlan
 from tokenrig.serve.spec import ServerSpec
 
-BACKENDS = {"hf": hf, "sim": sim, "vllm": vllm, "tgi": tgi}
+BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
+    hf.BACKEND, sim.BACKEND, vllm.BACKEND, sglang.BACKEND, tgi.BACKEND)}
 
 
 def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
@@ -28,3 +30,31 @@ def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
 def dry_run_plan(spec: ServerSpec, port: int) -> LaunchPlan:
     """The plan, with nothing written: what --dry-run prints and what is checked before a load starts."""
     return launch_plan(spec, model_dir(spec, write=False), port)
+
+
+def batch_limits(server: dict) -> BatchLimits:
+    """The batch limits a run's recorded server (metadata.json's "server": backend, command) was launched with;
+    none for a server tokenrig did not launch (--url) or a backend it no longer knows."""
+    backend = BACKENDS.get(server.get("backend"))
+    command = server.get("command")
+    if backend is None or not command:
+        return BatchLimits()
+    return backend.batch_limits(command)
+
+
+def metric_names(figure: str) -> tuple[str, ...]:
+    """Every engine's /metrics sample names for one of tokenrig's server figures, in registry order, each
+    engine's preferred name first."""
+    names: list[str] = []
+    for backend in BACKENDS.values():
+        names += [name for name in backend.metrics.get(figure, ()) if name not in names]
+    return tuple(names)
+
+
+def preferred_metric_names(figure: str) -> tuple[str, ...]:
+    """Each engine's preferred sample name for one figure, once each: what a dashboard query sums over."""
+    names: list[str] = []
+    for backend in BACKENDS.values():
+        preferred = backend.metrics.get(figure, ())[:1]
+        names += [name for name in preferred if name not in names]
+    return tuple(names)

@@ -1,4 +1,9 @@
-"""What every backend's launch is made of: the `LaunchPlan`, and the steps backends share.
+"""What a backend is: its plug-in object (`Backend`), the `LaunchPlan` it makes, and the steps backends share.
+
+A `Backend` holds everything tokenrig knows of one engine: its options, how it is launched, what its
+log proves it served, its /metrics names for tokenrig's server figures, where its server command sets
+its batch limits, its default client and how it is installed. The registry (backends/__init__.py)
+lists them; `--backend`, the scraper, the dashboards and capacity read them from there.
 
 A plan is what the launcher runs, `--dry-run` prints and the run's metadata records. TP size, max
 model length and batch limits come from the fit planner (`plan_for`); attention names are the
@@ -14,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenrig.serve.fit import FitPlan, plan_fit
-from tokenrig.serve.spec import LaunchError, ServerSpec
+from tokenrig.serve.spec import BackendOptions, LaunchError, ServerSpec
 
 
 @dataclass
@@ -23,18 +28,55 @@ class LaunchPlan:
     env: dict[str, str]  # only what tokenrig sets on top of the inherited environment
     fit: FitPlan | None = None  # when the server runs on a GPU
     docker: list[str] | None = None  # the same server as a container, for users who run it that way
-    install_hint: str | None = None  # what to install when command[0] is missing
     health_path: str = "/health"
     metrics_path: str = "/metrics"
     notes: list[str] = field(default_factory=list)
-    # server log -> what the engine says it served (weights loaded, kernels, attention backend)
-    read_served: Callable[[str], dict] | None = None
-    # (spec, plan, served facts) -> why the served engine is not what was asked for, or None
-    check_served: Callable[[ServerSpec, LaunchPlan, dict], str | None] | None = None
 
     def describe(self) -> dict:
         return {"command": self.command, "env": self.env, "docker": self.docker,
                 "fit": self.fit.as_dict() if self.fit is not None else None, "notes": self.notes}
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """An engine's batch limits as its server command sets them; None where the command leaves one to the engine."""
+
+    max_seqs: int | None = None  # requests in one engine step
+    max_batch_tokens: int | None = None  # tokens in one engine step (the prefill chunk)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One engine as tokenrig drives it: the plug-in the registry lists."""
+
+    name: str
+    summary: str  # what --backend's help says of it
+    options: type[BackendOptions]
+    model_dir: Callable[[ServerSpec, Callable, bool], Path]  # (spec, progress, write) -> the directory it reads
+    launch_plan: Callable[[ServerSpec, Path, int], LaunchPlan]  # (spec, model dir, port) -> command, env, fit
+    # tokenrig's server figure (serve/scrape.py, the server dashboard) -> the sample names this engine's
+    # /metrics page exports it under, preferred first
+    metrics: dict[str, tuple[str, ...]]
+    max_seqs_flags: tuple[str, ...] = ()  # the server command's flags that set its batch limits
+    max_batch_tokens_flags: tuple[str, ...] = ()
+    # server log -> what the engine says it served (weights loaded, kernels, attention backend)
+    read_served: Callable[[str], dict] | None = None
+    # (spec, plan, served facts) -> why the served engine is not what was asked for, or None
+    check_served: Callable[[ServerSpec, LaunchPlan, dict], str | None] | None = None
+    default_client: str = "openai"  # the request API `loadtest` uses unless --client says otherwise
+    package: str | None = None  # its Python distribution, whose version a run directory records
+    setup: str = ""  # how to install or stage it: what the launcher says when its program is missing
+
+    def batch_limits(self, command: list[str]) -> BatchLimits:
+        """The batch limits a server command of this engine sets."""
+        return BatchLimits(_flag_value(command, self.max_seqs_flags), _flag_value(command, self.max_batch_tokens_flags))
+
+
+def _flag_value(command: list[str], names: tuple[str, ...]) -> int | None:
+    for index, word in enumerate(command[:-1]):
+        if word in names:
+            return int(command[index + 1])
+    return None
 
 
 def resolve_attention(spec: ServerSpec, choices: dict[str, str], default: str | None) -> str | None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tokenrig.serve.backends.base import LaunchPlan, plan_for, resolve_attention, tokenrig_server_command
+from tokenrig.serve.backends import vllm
+from tokenrig.serve.backends.base import Backend, LaunchPlan, plan_for, resolve_attention, tokenrig_server_command
 from tokenrig.serve.checkpoint import checkpoint_dir, is_complete, make_checkpoint
 from tokenrig.serve.fit import FitPlan
-from tokenrig.serve.spec import LaunchError, ServerSpec
+from tokenrig.serve.spec import HfOptions, LaunchError, ServerSpec
 
 ATTENTION = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash_attention_2",
              "flash": "flash_attention_2", "noflash": "eager"}
@@ -91,6 +92,12 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
     context = fit.max_model_len if fit else spec.max_model_len
     if context:
         command += ["--max-model-len", str(context)]
-    return LaunchPlan(command + spec.options.to_args() + spec.extra_args, env=allocator_env(spec.device), fit=fit,
-                      install_hint="flash_attention_2 needs `pip install flash-attn`; GPTQ/AWQ need "
-                                   "`pip install optimum gptqmodel`")
+    return LaunchPlan(command + spec.options.to_args() + spec.extra_args, env=allocator_env(spec.device), fit=fit)
+
+
+BACKEND = Backend(
+    name="hf", summary="transformers", options=HfOptions, model_dir=model_dir, launch_plan=launch_plan,
+    metrics=vllm.METRICS,  # tokenrig's server exports vLLM's names
+    max_seqs_flags=("--max-num-seqs",), max_batch_tokens_flags=("--max-batch-tokens",), package="transformers",
+    setup="Installed with tokenrig; flash_attention_2 needs `pip install flash-attn`, GPTQ/AWQ need "
+          "`pip install optimum gptqmodel`")

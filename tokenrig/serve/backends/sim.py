@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenrig.serve.backends.base import LaunchPlan, tokenrig_server_command
+from tokenrig.serve.backends import vllm
+from tokenrig.serve.backends.base import Backend, LaunchPlan, tokenrig_server_command
 from tokenrig.serve.checkpoint import tokenizer_dir
 from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION
-from tokenrig.serve.spec import LaunchError, ServerSpec
+from tokenrig.serve.spec import LaunchError, ServerSpec, SimOptions
 
 
 def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
@@ -30,3 +31,9 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
     if spec.gpu_memory_utilization != DEFAULT_GPU_MEMORY_UTILIZATION:
         command += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
     return LaunchPlan(command + spec.options.to_args() + spec.extra_args, env={})
+
+
+BACKEND = Backend(
+    name="sim", summary="simulated engine", options=SimOptions, model_dir=model_dir, launch_plan=launch_plan,
+    metrics=vllm.METRICS,  # tokenrig's server exports vLLM's names
+    max_seqs_flags=("--max-num-seqs",), setup="Installed with tokenrig")

@@ -8,16 +8,18 @@ environment variable (paged | flashdecoding | flashinfer) and prefix caching PRE
 TGI's flash models always use FlashAttention for prefill; ATTENTION picks the decode kernel, so
 `noflash` here means vLLM's paged-attention kernel for decode, not a model without FlashAttention.
 TGI has no dummy-weight loader, so it reads a full synthetic checkpoint (quantized for gptq/awq).
+Upstream put TGI into maintenance in December 2025 and archived it in March 2026; its server ships only as
+a Docker image. tokenrig keeps the launch plan (as --dry-run prints it) and the TGI client.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tokenrig.serve.backends.base import LaunchPlan, plan_for, resolve_attention
+from tokenrig.serve.backends.base import Backend, LaunchPlan, plan_for, resolve_attention
 from tokenrig.serve.checkpoint import checkpoint_dir, make_checkpoint
 from tokenrig.serve.fit import FitPlan
-from tokenrig.serve.spec import LaunchError, ServerSpec
+from tokenrig.serve.spec import LaunchError, ServerSpec, TgiOptions
 
 TGI_VERSION = "3.0.1"
 TGI_IMAGE = f"ghcr.io/huggingface/text-generation-inference:{TGI_VERSION}"
@@ -26,6 +28,8 @@ ATTENTION = {"flashinfer": "flashinfer", "flashdecoding": "flashdecoding", "page
 QUANTIZE = {"gptq": "gptq", "awq": "awq", "int8": "eetq", "fp8": "fp8"}  # eetq, fp8: quantized at load
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 MIN_CONCURRENT_REQUESTS = 128  # TGI's default; more would only queue in the router
+METRICS = {"running": ("tgi_batch_current_size",), "waiting": ("tgi_queue_size",),
+           "batch_tokens": ("tgi_batch_current_max_tokens",)}
 
 
 def _check(spec: ServerSpec) -> None:
@@ -75,6 +79,14 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
         docker += ["-e", f"{key}={value}"]
     docker += [TGI_IMAGE, *server_args(spec, fit, "/data/model")] + spec.extra_args
     return LaunchPlan(command, env=env, fit=fit, docker=docker,
-                      install_hint=f"Run it as a container instead (see --dry-run's docker line), or install "
-                                   f"TGI {TGI_VERSION} from source on the GPU machine",
                       notes=[f"flags checked against TGI {TGI_VERSION}'s launcher reference"])
+
+
+BACKEND = Backend(
+    name="tgi", summary="text-generation-launcher; its server is archived upstream", options=TgiOptions,
+    model_dir=model_dir, launch_plan=launch_plan, metrics=METRICS,
+    max_seqs_flags=("--max-batch-size",), max_batch_tokens_flags=("--max-batch-prefill-tokens",),
+    default_client="tgi",
+    setup=f"Run it as a container instead (see --dry-run's docker line), or build TGI {TGI_VERSION} from source on "
+          "the GPU machine; upstream put TGI into maintenance in December 2025 and archived it in March 2026, and "
+          "its server ships only as a Docker image")

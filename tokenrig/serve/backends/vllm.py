@@ -27,9 +27,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from tokenrig.serve.backends.base import LaunchPlan, plan_for, resolve_attention
+from tokenrig.serve.backends.base import Backend, LaunchPlan, plan_for, resolve_attention
 from tokenrig.serve.checkpoint import config_dir
-from tokenrig.serve.spec import LaunchError, ServerSpec
+from tokenrig.serve.spec import LaunchError, ServerSpec, VllmOptions
 
 VLLM_VERSION = "0.26.0"
 ATTENTION = {"FLASH_ATTN": "FLASH_ATTN", "FLASHINFER": "FLASHINFER", "TRITON_ATTN": "TRITON_ATTN",
@@ -46,18 +46,37 @@ NO_MULTICAST_ENV = {"VLLM_FLASHINFER_ALLREDUCE_BACKEND": "trtllm", "VLLM_ALLREDU
 NO_MULTICAST_COMPILATION = {"pass_config": {"fuse_allreduce_rms": False}}
 # How a weight memory this far from the planned bytes reads: not the quantization that was asked for.
 WEIGHT_TOLERANCE = 0.35
+# vLLM's metric names for tokenrig's figures, newest first: 0.11-0.26 (tests/data/vllm-*-cli.json lists 0.26's),
+# then <= 0.10's gpu_* names (hidden in 0.11, gone since). tokenrig's own server exports the same names.
+METRICS = {
+    "running": ("vllm:num_requests_running",),
+    "waiting": ("vllm:num_requests_waiting",),
+    "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    "prefix_cache_queries": ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"),
+    "prefix_cache_hits": ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"),
+    "prompt_tokens": ("vllm:prompt_tokens_total",),
+    "generation_tokens": ("vllm:generation_tokens_total",),
+    "preemptions": ("vllm:num_preemptions_total",),
+    "finished_requests": ("vllm:request_success_total",),
+    "ttft_seconds": ("vllm:time_to_first_token_seconds",),
+    "itl_seconds": ("vllm:inter_token_latency_seconds",),
+    "e2e_seconds": ("vllm:e2e_request_latency_seconds",),
+}
 
 
-def _check(spec: ServerSpec) -> None:
+def check_servable(spec: ServerSpec) -> None:
+    """What vLLM and SGLang both cannot serve: int8 weight-only Llama, or anything without a GPU."""
     if spec.quant not in DTYPES:
-        raise LaunchError("vLLM has no int8 weight-only path for Llama checkpoints; use --quant gptq, awq or fp8, "
-                          "or --backend tgi --quant int8 (EETQ)")
+        raise LaunchError(f"the {spec.backend} backend has no int8 weight-only path for Llama checkpoints; use --quant "
+                          "gptq, awq or fp8, or --backend tgi --quant int8 (EETQ)")
     if spec.device == "cpu":
-        raise LaunchError("the vllm backend serves on a GPU: pick a GPU profile with --gpu")
+        raise LaunchError(f"the {spec.backend} backend serves on a GPU: pick a GPU profile with --gpu")
 
 
 def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
-    _check(spec)
+    """Config + tokenizer only (quantized for gptq/awq): vLLM and SGLang make their own random weights
+    (`--load-format dummy`)."""
+    check_servable(spec)
     return config_dir(spec.model, quant=spec.quant if spec.quant in CHECKPOINT_QUANT else None, write=write)
 
 
@@ -70,7 +89,7 @@ def vllm_entrypoint() -> list[str]:
 
 
 def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
-    _check(spec)
+    check_servable(spec)
     fit = plan_for(spec)
     attention = resolve_attention(spec, ATTENTION, None)
     command = [*vllm_entrypoint(), "serve", str(model_dir), "--served-model-name", spec.model.key,
@@ -92,10 +111,7 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
         env.update(NO_MULTICAST_ENV)
         notes.append("TP > 1: NVLink multicast off (no FlashInfer all-reduce fusion, no symmetric-memory "
                      "all-reduce, NCCL_NVLS_ENABLE=0); --nvls allows it")
-    return LaunchPlan(command + spec.extra_args, env=env, fit=fit,
-                      install_hint=f"Install it on the GPU machine: pip install vllm=={VLLM_VERSION} "
-                                   "(make setup-vllm: a separate venv, vLLM pins torch 2.11)",
-                      notes=notes, read_served=served_facts, check_served=check_served)
+    return LaunchPlan(command + spec.extra_args, env=env, fit=fit, notes=notes)
 
 
 # Log lines of vLLM 0.26.0: v1/worker/gpu/model_runner.py ("Model loading took %s GiB and ..."),
@@ -131,14 +147,32 @@ def served_facts(log_text: str) -> dict:
 def check_served(spec: ServerSpec, plan: LaunchPlan, facts: dict) -> str | None:
     """Why the served engine is not what was asked for (weights of another size than the requested
     quantization takes, or a multicast all-reduce that was not allowed), else None."""
-    loaded = facts.get("weights_gib_per_gpu")
-    if loaded is not None and plan.fit is not None:
-        planned = plan.fit.weight_bytes / 2**30
-        if abs(loaded - planned) > WEIGHT_TOLERANCE * planned:
-            return (f"vLLM loaded {loaded:.2f} GiB of weights per GPU; {spec.quant} {spec.model.key} at TP "
-                    f"{plan.fit.tp} takes {planned:.2f} GiB: the served weights are not {spec.quant}")
+    problem = weights_problem("vLLM", spec, plan, facts)
+    if problem:
+        return problem
     multicast = sorted(set(facts.get("allreduce_backends", ())) & set(MULTICAST_ALLREDUCE))
     if multicast and not spec.options.nvls:
         return (f"vLLM uses the all-reduce backends {', '.join(multicast)}, which can use NVLink multicast, "
                 "though tokenrig turned them off; stopped (--nvls allows multicast)")
     return None
+
+
+def weights_problem(engine: str, spec: ServerSpec, plan: LaunchPlan, facts: dict) -> str | None:
+    """Why the weight memory an engine loaded per GPU is not the requested quantization's, else None."""
+    loaded = facts.get("weights_gib_per_gpu")
+    if loaded is None or plan.fit is None:
+        return None
+    planned = plan.fit.weight_bytes / 2**30
+    if abs(loaded - planned) <= WEIGHT_TOLERANCE * planned:
+        return None
+    return (f"{engine} loaded {loaded:.2f} GiB of weights per GPU; {spec.quant} {spec.model.key} at TP "
+            f"{plan.fit.tp} takes {planned:.2f} GiB: the served weights are not {spec.quant}")
+
+
+BACKEND = Backend(
+    name="vllm", summary="vllm serve", options=VllmOptions, model_dir=model_dir, launch_plan=launch_plan,
+    metrics=METRICS, max_seqs_flags=("--max-num-seqs",), max_batch_tokens_flags=("--max-num-batched-tokens",),
+    read_served=served_facts, check_served=check_served, package="vllm",
+    setup=f"Install it on the GPU machine: pip install vllm=={VLLM_VERSION} (make setup-vllm: a separate venv, vLLM "
+          "pins torch 2.11), or unpack its wheels onto PYTHONPATH (tokenrig then runs python -m "
+          "vllm.entrypoints.cli.main)")
