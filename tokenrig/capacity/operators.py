@@ -285,13 +285,16 @@ class ChosenProfile:
     key: ProfileKey
     scaled: list[str]  # what differs from the question: "GPU type h200 from h100-sxm by datasheet", ...
 
-    def describe(self) -> str:
-        basis = (f"operators profiled on {self.key.gpu} ({self.key.model}, {self.key.quant}, "
-                 f"{self.model.steps_fitted} steps" + (f"; {self.model.borrowed}" if self.model.borrowed else ""))
-        if self.model.fit_error is not None:
-            basis += (f", held-out step time ±{self.model.fit_error:.0%} summed, "
-                      f"±{self.model.step_error_p90:.0%} p90 per step")
-        return basis + ")" + (f"; {'; '.join(self.scaled)}" if self.scaled else "")
+    def describe(self, with_scaling: bool = True) -> str:
+        """What the projection rests on: the profile, its own check, what it borrowed and (unless the caller
+        names its own) what it had to scale."""
+        model = self.model
+        basis = f"operators profiled on {self.key.gpu} ({self.key.model}, {self.key.quant}, {model.steps_fitted} steps"
+        if model.fit_error is not None:
+            basis += f", held-out step time ±{model.fit_error:.0%} summed, ±{model.step_error_p90:.0%} p90 per step"
+        basis += ")"
+        parts = [basis] + ([model.borrowed] if model.borrowed else []) + (self.scaled if with_scaling else [])
+        return "; ".join(parts)
 
 
 class OperatorProfiles:

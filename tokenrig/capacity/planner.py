@@ -232,7 +232,7 @@ class CapacityPlanner:
         transfers = gpu.key in calibration.gpus
         if calibration.profile:
             scaled = self.profiles.nearest(calibration.engine, calibration.quant, gpu, q.model.key).scaled
-            basis = (f"{calibration.profile.describe().split(';')[0]}"
+            basis = (calibration.profile.describe(with_scaling=False)
                      + (f"; {'; '.join(scaled)}" if scaled else "")
                      + f"; checked on {len(calibration.steps)} load steps on {', '.join(calibration.gpus)}")
         else:
