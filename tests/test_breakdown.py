@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA, run_cli, run_dir_of
-from tokenrig.breakdown.capture import server_profile_args
+from tokenrig.breakdown.capture import profiled_backends, server_profile_args
 from tokenrig.breakdown.operators import classify_step, kind_of
 from tokenrig.breakdown.table import OperatorBreakdown, StepRow, breakdown
 from tokenrig.breakdown.trace import EngineTrace, Kernel, ProfiledStep, StepComposition, parse_annotation, read_trace
@@ -115,6 +115,7 @@ def test_vllm_profiler_flags_are_vllm_0_26s():
     cli = json.loads((DATA / "vllm-0.26.0-cli.json").read_text())
     option = next(o for o in cli["serve"]["options"] if "--profiler-config" in o["flags"])
     assert option["schema"] == "ProfilerConfig"
+    assert set(profiled_backends()) == {"vllm", "hf"}  # the plug-ins that say how to trace their engine
     flag, value = server_profile_args("vllm", Path("/tmp/traces"), 32)
     config = json.loads(value)
     assert flag == "--profiler-config" and config["profiler"] == "torch" and config["max_iterations"] == 32

@@ -1,9 +1,8 @@
 """Taking a kernel trace of a serving engine during a load step.
 
-vLLM 0.26 profiles through its own torch profiler when started with `--profiler-config` (profiler 'torch',
-a trace directory, `detailed_trace_annotation` so each step names its batch, `max_iterations` so it stops
-by itself, the front end left out); its server then has POST /start_profile and /stop_profile. tokenrig's
-hf engine serves the same two routes when started with `--profile-dir` (serve/engines/step_profiler.py).
+Each backend's plug-in says which server flags make its engine trace N steps on request (`profile_args`):
+vLLM 0.26's own torch profiler (`--profiler-config`, each step annotated with its batch), or tokenrig's hf
+engine (`--profile-dir`, serve/engines/step_profiler.py); both serve POST /start_profile and /stop_profile.
 A load step with profiling asks for a trace once its warm-up is over, asks the server to stop when the
 load is over (the engine has usually stopped by itself), and reads the newest trace the server wrote.
 
@@ -13,7 +12,6 @@ profiled step's latencies are not a clean measurement: profile in runs of their 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import urllib.error
@@ -24,7 +22,6 @@ from pathlib import Path
 from tokenrig.breakdown.table import OperatorBreakdown, breakdown
 from tokenrig.breakdown.trace import read_trace
 
-PROFILED_BACKENDS = ("vllm", "hf")
 TRACE_PATTERN = "*.pt.trace.json*"
 
 
@@ -32,17 +29,22 @@ class ProfileError(RuntimeError):
     """A profile that was asked for cannot be taken (wrong backend, no trace directory, no trace written)."""
 
 
+def profiled_backends() -> tuple[str, ...]:
+    """The backends whose plug-in says how to make their server trace its engine steps."""
+    from tokenrig.serve.backends import BACKENDS
+
+    return tuple(name for name, backend in BACKENDS.items() if backend.profile_args is not None)
+
+
 def server_profile_args(backend: str, trace_dir: Path, steps: int) -> list[str]:
     """The server flags that make a launched engine record `steps` engine steps into `trace_dir` on request."""
-    if backend == "vllm":
-        config = {"profiler": "torch", "torch_profiler_dir": str(trace_dir.resolve()), "detailed_trace_annotation": True,
-                  "ignore_frontend": True, "max_iterations": steps, "torch_profiler_with_stack": False,
-                  "torch_profiler_dump_cuda_time_total": False}
-        return ["--profiler-config", json.dumps(config, separators=(",", ":"))]
-    if backend == "hf":
-        return ["--profile-dir", str(trace_dir.resolve()), "--profile-steps", str(steps)]
-    raise ProfileError(f"--profile-steps: the {backend} backend has no kernels to trace; "
-                       f"profiling works with {' and '.join(PROFILED_BACKENDS)}")
+    from tokenrig.serve.backends import BACKENDS
+
+    plugin = BACKENDS.get(backend)
+    if plugin is None or plugin.profile_args is None:
+        raise ProfileError(f"--profile-steps: the {backend} backend has no kernels to trace; "
+                           f"profiling works with {' and '.join(profiled_backends())}")
+    return plugin.profile_args(trace_dir, steps)
 
 
 def _post(url: str, headers: dict, timeout_s: float) -> None:

@@ -158,7 +158,7 @@ def _profiling(args):
         if args.profile_dir:
             raise ScenarioError("--profile-dir is for --profile-steps; add --profile-steps N")
         return None
-    from tokenrig.breakdown.capture import PROFILED_BACKENDS
+    from tokenrig.breakdown.capture import profiled_backends
     from tokenrig.loadtest import ProfileOptions
 
     if args.profile_steps < 1:
@@ -166,9 +166,9 @@ def _profiling(args):
     if args.find_max:
         raise ScenarioError("--profile-steps: a profiled step's latencies carry the profiler's cost, so an SLO search "
                             "would judge the profiler; profile a run of its own (--users N or --rate R)")
-    if args.backend not in PROFILED_BACKENDS:
+    if args.backend not in profiled_backends():
         raise ScenarioError(f"--profile-steps: the {args.backend} backend has no kernels to trace; profiling works "
-                            f"with {' and '.join(PROFILED_BACKENDS)}")
+                            f"with {' and '.join(profiled_backends())}")
     if args.url and not args.profile_dir:
         raise ScenarioError("--profile-steps with --url: name where that server writes its traces (--profile-dir DIR; "
                             "vLLM: its --profiler-config torch_profiler_dir)")

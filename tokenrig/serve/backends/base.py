@@ -63,6 +63,9 @@ class Backend:
     read_served: Callable[[str], dict] | None = None
     # (spec, plan, served facts) -> why the served engine is not what was asked for, or None
     check_served: Callable[[ServerSpec, LaunchPlan, dict], str | None] | None = None
+    # (trace folder, engine steps) -> the server flags that make it trace that many engine steps into the folder
+    # after POST /start_profile (loadtest --profile-steps, tokenrig/breakdown); None: it cannot be profiled
+    profile_args: Callable[[Path, int], list[str]] | None = None
     default_client: str = "openai"  # the request API `loadtest` uses unless --client says otherwise
     package: str | None = None  # its Python distribution, whose version a run directory records
     setup: str = ""  # how to install or stage it: what the launcher says when its program is missing

@@ -95,9 +95,15 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
     return LaunchPlan(command + spec.options.to_args() + spec.extra_args, env=allocator_env(spec.device), fit=fit)
 
 
+def profile_args(trace_dir: Path, steps: int) -> list[str]:
+    """tokenrig's server runs torch.profiler on the hf engine's thread (serve/engines/step_profiler.py)."""
+    return ["--profile-dir", str(trace_dir.resolve()), "--profile-steps", str(steps)]
+
+
 BACKEND = Backend(
     name="hf", summary="transformers", options=HfOptions, model_dir=model_dir, launch_plan=launch_plan,
     metrics=vllm.METRICS,  # tokenrig's server exports vLLM's names
     max_seqs_flags=("--max-num-seqs",), max_batch_tokens_flags=("--max-batch-tokens",), package="transformers",
+    profile_args=profile_args,
     setup="Installed with tokenrig; flash_attention_2 needs `pip install flash-attn`, GPTQ/AWQ need "
           "`pip install optimum gptqmodel`")

@@ -169,10 +169,19 @@ def weights_problem(engine: str, spec: ServerSpec, plan: LaunchPlan, facts: dict
             f"{plan.fit.tp} takes {planned:.2f} GiB: the served weights are not {spec.quant}")
 
 
+def profile_args(trace_dir: Path, steps: int) -> list[str]:
+    """vLLM's own torch profiler: each engine step annotated with its batch (`detailed_trace_annotation`),
+    stopping by itself after `steps` (`max_iterations`), the API front end left out, no Python stacks."""
+    config = {"profiler": "torch", "torch_profiler_dir": str(trace_dir.resolve()), "detailed_trace_annotation": True,
+              "ignore_frontend": True, "max_iterations": steps, "torch_profiler_with_stack": False,
+              "torch_profiler_dump_cuda_time_total": False}
+    return ["--profiler-config", json.dumps(config, separators=(",", ":"))]
+
+
 BACKEND = Backend(
     name="vllm", summary="vllm serve", options=VllmOptions, model_dir=model_dir, launch_plan=launch_plan,
     metrics=METRICS, max_seqs_flags=("--max-num-seqs",), max_batch_tokens_flags=("--max-num-batched-tokens",),
-    read_served=served_facts, check_served=check_served, package="vllm",
+    read_served=served_facts, check_served=check_served, profile_args=profile_args, package="vllm",
     setup=f"Install it on the GPU machine: pip install vllm=={VLLM_VERSION} (make setup-vllm: a separate venv, vLLM "
           "pins torch 2.11), or unpack its wheels onto PYTHONPATH (tokenrig then runs python -m "
           "vllm.entrypoints.cli.main)")
