@@ -19,14 +19,7 @@ TOTAL_S=${TOTAL_S:-1000}
 JOBS=${JOBS:-7b-bf16 7b-fp8 13b-bf16 7b-awq 7b-bf16-code}
 SLO=${SLO:-ttft_p99=500ms,tpot_p99=50ms}
 LIMITS=${LIMITS-"--concurrency 64 --max-model-len 2048 --max-num-seqs 256"}  # as the H200 searches' server
-mkdir -p "$RES/logs"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
-  VLLM_CACHE_ROOT=/tmp/vllm-cache TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TRITON_CACHE_DIR=/tmp/triton-cache \
-  TOKENRIG_MODELS=/tmp/models VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 DO_NOT_TRACK=1 CUDA_VISIBLE_DEVICES=0
-export PYTHONPATH=/tmp/site:/tmp/site2:$PWD
-PY=${PY:-python3}
-START=$(date +%s)
-log() { echo "[$(date +%T) +$(( $(date +%s) - START ))s] $*" | tee -a "$RES/progress.log"; }
+source "$(dirname "$0")/campaign_common.sh"
 
 # job name -> model, weight format, scenario, first rate (near the expected knee, so the search brackets it soon)
 job_args() {
@@ -40,28 +33,17 @@ job_args() {
   esac
 }
 
-nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu,clocks.sm --format=csv,noheader -l 2 > "$RES/gpu.csv" 2>&1 &
-SMI=$!
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  $PY -c "import torch, transformers, vllm, locust, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
-'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'vllm', vllm.__version__, 'locust', locust.__version__)"
-} > "$RES/card.txt" 2>&1
-log "card: $(tr '\n' ' ' < "$RES/card.txt")"
+describe_card
 
 for job in $JOBS; do
   args=$(job_args "$job") || { log "$job: unknown job"; continue; }
-  cap=$(( TOTAL_S - ($(date +%s) - START) ))
+  cap=$(left)
   [ "$cap" -gt 150 ] || { log "$job: not started ($cap s left)"; continue; }
   log "$job: tokenrig loadtest --backend $BACKEND --gpu $GPU $args $LIMITS --find-max --slo $SLO (cap $cap s)"
   mkdir -p "$RES/findmax-$job"
   timeout --signal=TERM --kill-after=60 "$cap" $PY -m tokenrig.cli loadtest --backend "$BACKEND" --gpu "$GPU" $args $LIMITS \
     --find-max --slo "$SLO" --request-timeout 120 --results "$RES/findmax-$job" > "$RES/logs/$job.log" 2>&1
   log "$job: rc=$? (124 = cut at the cap); $(grep -E 'max rate|no rate|bracket' "$RES/logs/$job.log" | tail -2 | tr '\n' ';')"
-  for _ in $(seq 1 60); do  # until the engine process has given the GPU back
-    used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
-    [ "${used:-0}" -lt 2000 ] && break; sleep 1
-  done
+  wait_gpu_free
 done
-kill "$SMI" 2> /dev/null
-log "campaign done"
-touch "$RES/DONE"
+finish

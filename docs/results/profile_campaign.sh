@@ -25,16 +25,8 @@ TOTAL_S=${TOTAL_S:-600}
 PROFILE_STEPS=${PROFILE_STEPS:-48}
 CONFIGS=${CONFIGS:-vllm-bf16 vllm-fp8 hf-bf16 vllm-awq}
 LIMITS="--concurrency 128 --max-model-len 2048 --max-num-seqs 256"
-mkdir -p "$RES/logs"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
-  VLLM_CACHE_ROOT=/tmp/vllm-cache TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TRITON_CACHE_DIR=/tmp/triton-cache \
-  TOKENRIG_MODELS=/tmp/models VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 DO_NOT_TRACK=1 CUDA_VISIBLE_DEVICES=0 \
-  VLLM_RPC_TIMEOUT=600000
-export PYTHONPATH=/tmp/site:/tmp/site2:$PWD
-PY=${PY:-python3}
-START=$(date +%s)
+source "$(dirname "$0")/campaign_common.sh"
 FIXED=$PWD/docs/results/serve-fixed-512x128.yaml
-log() { echo "[$(date +%T) +$(( $(date +%s) - START ))s] $*" | tee -a "$RES/progress.log"; }
 
 config_args() {  # configuration -> backend, weight format, stream counts
   case $1 in
@@ -46,16 +38,11 @@ config_args() {  # configuration -> backend, weight format, stream counts
   esac
 }
 
-nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu,clocks.sm --format=csv,noheader -l 2 > "$RES/gpu.csv" 2>&1 &
-SMI=$!
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  $PY -c "import torch, transformers, vllm, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
-'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
-} > "$RES/card.txt" 2>&1
+describe_card
 
 for config in $CONFIGS; do
   args=$(config_args "$config") || { log "$config: unknown configuration"; continue; }
-  cap=$(( TOTAL_S - ($(date +%s) - START) ))
+  cap=$(left)
   [ "$cap" -gt 120 ] || { log "$config: not started ($cap s left)"; continue; }
   log "$config: tokenrig loadtest --gpu $GPU --model 7b $args --users sweep --profile-steps $PROFILE_STEPS (cap $cap s)"
   mkdir -p "$RES/$config"
@@ -74,11 +61,6 @@ for config in $CONFIGS; do
     first=$(ls -t "$RES"/vllm-bf16/*/traces/*.pt.trace.json.gz 2> /dev/null | tail -1)
     [ -n "$first" ] && $PY scripts/trim_trace.py "$first" "$RES/fixture-trace.json.gz" --steps 8 >> "$RES/progress.log" 2>&1
   fi
-  for _ in $(seq 1 60); do
-    used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
-    [ "${used:-0}" -lt 2000 ] && break; sleep 1
-  done
+  wait_gpu_free
 done
-kill "$SMI" 2> /dev/null
-log "campaign done"
-touch "$RES/DONE"
+finish
