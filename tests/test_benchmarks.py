@@ -1,6 +1,7 @@
 """The benchmarks run as `make bench-*` runs them, on the tiny model on CPU."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -93,3 +94,32 @@ def test_the_ceiling_is_the_heaviest_row_within_goal_and_load_tests_here_use_it(
     assert "this machine's ceiling: 11,955 chunks/s per load-generator process (the 128-stream row); saved" \
         in capsys.readouterr().out
     assert per_core_ceiling().chunks_per_s == 11_955
+
+
+@pytest.mark.slow
+def test_capacity_holdout_leaves_each_configuration_out(tmp_path):
+    """On the H100 data (two chat searches, bf16 and FP8, and the operator profiles of both): one case per
+    configuration, its measured goodput the search's best step's, each projected without its own search or its
+    own profile (bf16 from the FP8 kernels' profile and vice versa), written to --json."""
+    results = REPO / "docs" / "results"
+    inputs = tmp_path / "inputs"
+    for source in [*(results / "capacity-h100-2026-12-07").glob("findmax-7b-*"),
+                   *(results / "serve-breakdown-h100-2026-12-07").glob("vllm-[bf]*")]:
+        shutil.copytree(source, inputs / source.name)
+    out = tmp_path / "holdout.json"
+    result = subprocess.run([sys.executable, "benchmarks/capacity_holdout.py", "--from", str(inputs), "--json", str(out),
+                             "--max-step", "15", "--precision", "0.2", "--quiet"],
+                            capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = {case["quant"]: case for case in json.loads(out.read_text())["cases"]}
+    assert set(cases) == {"bf16", "fp8"}
+    for quant, other in (("bf16", "fp8"), ("fp8", "bf16")):
+        case = cases[quant]
+        search = next((inputs / f"findmax-7b-{quant}").glob("*/search.json"))
+        steps = json.loads(search.read_text())["steps"]
+        best = max((s for s in steps if s["slo_met"]), key=lambda s: s["load"])
+        assert case["measured_goodput"] == pytest.approx(best["goodput_rps"])
+        assert case["projected_goodput"] > 0 and case["band"] is not None
+        assert f"h100-sxm (llama2-7b, {other}" in case["basis"]  # its own profile was left out
+        assert case["error"] == pytest.approx(case["projected_goodput"] / case["measured_goodput"] - 1)
+    assert "cases projected" in result.stdout

@@ -1,5 +1,7 @@
 """Capacity planning: the cost arithmetic by hand, a calibration against a sim engine whose roofline is
-known, and `tokenrig capacity` answering with measured and projected rows."""
+known, `tokenrig capacity` answering with measured and projected rows, and the runs it takes as they
+come: --url runs placed by what their user declared, runs it cannot place skipped with a note, CPU steps
+kept out of GPU calibrations."""
 
 import csv
 import datetime
@@ -8,12 +10,13 @@ from dataclasses import replace
 
 import pytest
 
-from tests.conftest import DATA, KNOWN_ROOFLINE, run_cli
+from tests.conftest import DATA, KNOWN_ROOFLINE, REPO, VLLM_0_26_PAGE, run_cli, run_dir_of, start_server
 from tokenrig.capacity.calibrate import Calibrator, EngineModel, HeldOut, figures
 from tokenrig.capacity.cost import ReplicaCapacity, size
 from tokenrig.capacity.inputs import read_results
 from tokenrig.capacity.simulate import RequestBook, VirtualSearch
-from tokenrig.capacity.table import CSV_COLUMNS
+from tokenrig.capacity.table import CSV_COLUMNS, render
+from tokenrig.cli import main
 from tokenrig.loadgen.load_profiles import FindMax
 from tokenrig.loadgen.records import read_records
 from tokenrig.loadgen.search import StepResult
@@ -21,6 +24,13 @@ from tokenrig.profiles import gpu_profiles, resolve_gpu, resolve_model
 from tokenrig.report.run_summary import RunSummary
 from tokenrig.report.slo import judge, parse_slos
 from tokenrig.serve.engines.sim import RooflineParams
+from tokenrig.serve.remote import read_metrics_page
+from tokenrig.serve.spec import SimOptions
+
+TIMING = str(DATA / "timing.yaml")  # 64 prompt tokens, 50 output tokens
+# a --find-max run made with --url before the run recorded what its user declared: `gpu: remote`
+OLD_URL_RUN = (REPO / "docs/results/serve-h200-vllm-followup-2026-11-30b/findmax-7b"
+               / "20261130-153421-chat-url-llama2-7b-remote")
 
 
 def test_sizing_matches_hand_computed_cases():
@@ -190,3 +200,105 @@ def test_capacity_runs_the_slo_searches_itself_with_a_backend(tmp_path):
     assert metadata["seed_source"] == "random" and metadata["scenario"]["load"]["seed"] == metadata["seed"]
     first_step = json.loads(sorted((runs[0] / "steps").glob("*/summary.json"))[0].read_text())
     assert first_step["load"]["spec"]["seed"] == metadata["seed"]
+
+
+def _url_search(server, results, max_step: str):
+    """A --find-max run through --url of a sim server that holds one sequence at a time (about 2 req/s of TIMING),
+    declared as vLLM on an H100 with that batch limit: constant arrivals, steps of `max_step` seconds."""
+    result = run_cli("loadtest", "--url", server.endpoint.base_url, "--backend", "vllm", "--gpu", "h100-sxm",
+                     "--model", "7b", "--max-num-seqs", "1", "--scenario", TIMING, "--find-max", "--rate", "1",
+                     "--arrival", "constant", "--slo", "ttft_p50=1s", "--tail-samples", "2", "--max-step", max_step,
+                     "--precision", "1", "--results", str(results), timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_a_url_run_records_what_was_declared_and_told_and_capacity_places_it(tmp_path_factory, tmp_path):
+    """`loadtest --url` records the user's --backend/--gpu/--model/--max-num-seqs and what the server tells; capacity
+    answers from it for the run's own GPU and model, skips a run it cannot place with a note naming it, and of two
+    searches of one configuration takes the one whose answer rests on more requests (here the older one)."""
+    runs = tmp_path / "runs"
+    with start_server(tmp_path_factory, "sim", model="llama2-7b", gpu="h100-sxm", max_num_seqs=1,
+                      options=SimOptions(sim_step_overhead_ms=5)) as server:
+        longer = run_dir_of(_url_search(server, runs, "6"))
+        shorter_result = _url_search(server, runs, "3")
+    shorter = run_dir_of(shorter_result)
+    server = json.loads((longer / "metadata.json").read_text())["server"]
+    kv_cache = server["reported"]["kv_cache"]  # tokenrig's server tells its KV cache as vLLM does
+    assert kv_cache["block_size"] == 16 and kv_cache["gpu_memory_utilization"] == 0.9
+    assert kv_cache["num_gpu_blocks"] == kv_cache["kv_cache_size_tokens"] // 16 > 1000
+    assert server == {"backend": "vllm", "url": server["url"], "model": "llama2-7b", "gpu": "h100-sxm",
+                      "served_model": "llama2-7b", "declared": ["backend", "gpu", "max_num_seqs", "model"],
+                      "reported": {"owned_by": "tokenrig", "engine": "tokenrig", "max_model_len": 4096,
+                                   "kv_cache": kv_cache},
+                      "batch_limits": {"max_num_seqs": 1}}
+    assert "--backend vllm declared, but the server at" in shorter_result.stdout  # tokenrig's server said otherwise
+    steps, searches = read_results([runs])
+    assert len(searches) == 2 and {(s.engine, s.gpu, s.model, s.max_num_seqs) for s in steps} == {
+        ("vllm", "h100-sxm", "llama2-7b", 1)}
+
+    out = tmp_path / "capacity.json"
+    result = run_cli("capacity", "--from", str(runs), str(OLD_URL_RUN), "--slo", "ttft_p50=1s", "--target-rps", "5",
+                     "--out", str(out), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads(out.read_text())
+    question = document["question"]
+    assert (question["gpus"], question["model"], question["quants"], question["scenario"]) == (
+        ["h100-sxm"], "llama2-7b", ["bf16"], "timing")  # the runs' own, none named on the command line
+    [row] = document["rows"]
+    assert (row["gpu"], row["engine"], row["source"], row["basis"]) == ("h100-sxm", "vllm", "measured", str(longer))
+    assert f"skipped {OLD_URL_RUN}: unknown GPU 'remote': a --url run that declared no --gpu" in document["notes"]
+    also = f"h100-sxm bf16 vllm: measured run {shorter} also answers"
+    assert any(note.startswith(also) for note in document["notes"]), document["notes"]
+    assert f"note: skipped {OLD_URL_RUN}" in result.stdout
+
+
+def test_the_kv_cache_a_vllm_server_reports_is_read_from_its_metrics_page():
+    engine, kv_cache = read_metrics_page(VLLM_0_26_PAGE.read_text())
+    assert engine == "vllm"
+    assert kv_cache == {"num_gpu_blocks": 14369, "block_size": 16, "kv_cache_size_tokens": 229904,
+                        "gpu_memory_utilization": 0.9}
+
+
+def test_a_cpu_step_does_not_calibrate_a_gpu_projection(tmp_path):
+    """One step of the tiny model on a CPU (what `make loadtest` leaves in results/) says nothing of an A800."""
+    run = run_cli("loadtest", "--backend", "sim", "--gpu", "cpu", "--model", "tiny", "--scenario", TIMING, "--users",
+                  "1", "--duration", "3", "--warmup", "0", "--results", str(tmp_path / "runs"), timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = tmp_path / "capacity.json"
+    result = run_cli("capacity", "--from", str(run_dir_of(run)), "--gpu", "a800", "--model", "tiny", "--slo",
+                     "ttft_p99=500ms", "--out", str(out), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads(out.read_text())
+    assert document["rows"] == [] and document["calibrations"] == []
+    assert "note: sim with bf16 weights: no measured step on a GPU to calibrate a projection on (its 1 usable step " \
+           "ran on a CPU)" in result.stdout
+
+
+def test_every_projected_rows_basis_reaches_the_console():
+    rows = [{"gpu": gpu, "quant": "bf16", "engine": "vllm", "tp": 1, "source": "projected", "basis": basis,
+             "band": 0.2, "goodput_rps": 3.0, "goodput_output_tokens_per_s": 300.0, "output_tokens_per_request": 100.0,
+             "input_tokens_per_request": 500.0,
+             "sizing": {"replicas": 1, "gpus": 1, "served_rps": 3.0, "usd_per_hour": 2.0, "usd_per_month": 1460.0,
+                        "usd_per_million_output_tokens": 1.0, "usd_per_million_input_tokens": 0.2,
+                        "kwh_per_million_output_tokens": 0.5}}
+            for gpu, basis in (("a800", "calibrated on 4 steps on h200; a800 not among them"),
+                               ("rtx4090", "calibrated on 4 steps on h200; rtx4090 not among them"),
+                               ("h200", "calibrated on 4 steps on h200"))]
+    document = {"question": {"model": "llama2-7b", "scenario": "chat", "slos": {"ttft_p99": 0.5}, "target_rps": None,
+                             "headroom": 0.2, "prices": {}, "tdp_w": {}},
+                "rows": rows, "notes": [], "calibrations": []}
+    text = render(document)
+    for row in rows:
+        assert f"note: {row['gpu']} bf16 vllm: projected, {row['basis']}" in text
+
+
+@pytest.mark.parametrize("rate", ["-5", "0", "nan"])
+def test_a_target_rate_that_is_no_rate_is_refused_at_once(rate, tmp_path, capsys):
+    """Refused by the command line itself, before any run is read (it once sized 0 GPUs for -5 req/s)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["capacity", "--from", str(tmp_path), "--gpu", "h100-sxm", "--model", "7b", "--slo", "ttft_p99=500ms",
+              "--target-rps", rate])
+    error = capsys.readouterr().err
+    reason = "a finite number" if rate == "nan" else "above 0"
+    assert stop.value.code == 2 and f"argument --target-rps: must be {reason}, not '{rate}'" in error, error

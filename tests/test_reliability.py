@@ -420,8 +420,11 @@ def test_url_reaches_an_https_server_with_an_api_key_and_its_served_model_name(t
             assert "sk-secret-123" not in path.read_text(errors="replace"), path
     assert "sk-secret-123" not in result.stdout + result.stderr
     metadata = json.loads((run_dir / "metadata.json").read_text())
+    # --model is what the user declared; backend and GPU were not declared, and the server told only its context
     assert metadata["server"] == {"backend": "url", "url": f"https://127.0.0.1:{server.server.server_port}",
-                                  "model": "org/served-7b", "gpu": "remote"}
+                                  "model": "tiny", "gpu": "remote", "served_model": "org/served-7b",
+                                  "declared": ["model"], "reported": {"owned_by": None, "engine": None,
+                                                                      "max_model_len": 2048, "kv_cache": None}}
     assert "timing | url | org/served-7b | remote" in result.stdout and "| hf |" not in result.stdout
     assert "--tokenizer PATH" in result.stdout  # says how prompt lengths are counted without one
 

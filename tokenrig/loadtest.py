@@ -3,19 +3,22 @@
 Opens the run directory first and writes metadata, starts (or reuses, with --url) a server,
 then runs one load step (a plain run), a sweep of steps, or an SLO search (`--find-max`), each
 step with its own requests.jsonl, server_metrics.jsonl (the server's /metrics scraped at a fixed
-interval) and summary.json. Ctrl-C at any point stops the server and
-still summarises what finished.
+interval) and summary.json; with profiling, each step also traces the engine's kernels for a number of
+engine steps and reports the time by operator (tokenrig/breakdown). Ctrl-C at any point stops the server
+and still summarises what finished.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from tokenrig.breakdown.capture import ProfileError, TraceCapture, server_profile_args
 from tokenrig.interrupts import stop_signals_interrupt
 from tokenrig.loadgen.ceiling import per_core_ceiling
 from tokenrig.loadgen.plan import LoadPlan
@@ -35,22 +38,28 @@ from tokenrig.report.slo import Slo, judge
 from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
 from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
 from tokenrig.serve.launcher import LaunchedServer
-from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, tokenizer_dir, whole_url
+from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, server_facts, tokenizer_dir, whole_url
 from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics, wait_server_idle
 from tokenrig.serve.spec import Endpoint, ServerSpec
 
 
 def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenario, client: str,
-                       progress=print) -> Endpoint:
-    """The server at --url, checked by one streaming request before any load (RemoteError names the fix)."""
+                       progress=print) -> tuple[Endpoint, dict]:
+    """The server at --url, checked by one streaming request before any load (RemoteError names the fix), and
+    the `server` facts its run records."""
     server = RemoteServer(whole_url(remote.url), remote.api_key)
-    model, served = server.served_model(remote.served_model, spec.model.key)
-    if served is None:
+    model, entry = server.served_model(remote.served_model, spec.model.key)
+    report = server.report(entry)
+    if report.max_model_len is None:
         context = spec.max_model_len or spec.model.max_context
         progress(f"the server at {server.base_url} does not say its context length: prompts are sized for "
                  f"{context} tokens (--max-model-len sets it)")
     else:
-        context = min(served, spec.max_model_len or served)
+        context = min(report.max_model_len, spec.max_model_len or report.max_model_len)
+    declared = remote.declared.get("backend")
+    if declared and report.engine and report.engine != declared:
+        progress(f"note: --backend {declared} declared, but the server at {server.base_url} reports the "
+                 f"{report.engine} engine; the run is recorded as {declared}, with what the server reported")
     if remote.tokenizer:
         tokenizer = tokenizer_dir(remote.tokenizer)
     else:
@@ -62,7 +71,8 @@ def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenar
         note = server.preflight(API_PATHS[first.api], model, chat=first.api == "chat")
         if note:
             progress(note)
-    return Endpoint(server.base_url, f"{server.base_url}/metrics", model, tokenizer, context)
+    endpoint = Endpoint(server.base_url, f"{server.base_url}/metrics", model, tokenizer, context)
+    return endpoint, server_facts(remote.declared, server.base_url, model, report)
 
 
 @dataclass
@@ -73,6 +83,15 @@ class WorkerOptions:
     local: int
     bind_host: str = "127.0.0.1"
     port: int | None = None
+
+
+@dataclass
+class ProfileOptions:
+    """Trace `steps` engine steps in every load step; a launched server writes into the run's traces/, a --url
+    server into `trace_dir`."""
+
+    steps: int
+    trace_dir: Path | None = None
 
 
 @dataclass
@@ -93,6 +112,8 @@ class Session:
     request_timeout_s: float = 600.0  # silence that fails a request; also how long in-flight ones may drain
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # past this fraction of failed requests a step FAILED
     headers: dict = field(default_factory=dict)  # sent with every request (the API key's Authorization)
+    trace_dir: Path | None = None  # where the server writes profiler traces: each step is profiled
+    trace_source: str = ""
 
     def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False) -> tuple[RunSummary, object]:
         """Run one load plan; write step_dir/requests.jsonl and summary.json; return (summary, outcome)."""
@@ -119,6 +140,10 @@ class Session:
             scraper = stack.enter_context(MetricsScraper(self.endpoint.metrics_url, step_dir / "server_metrics.jsonl",
                                                          self.scrape_interval_s))
             self.progress(f"load: {plan.describe()} for {load.duration_s:g} s (warm-up {load.warmup_s:g} s)")
+            capture = None
+            if self.trace_dir is not None:
+                capture = TraceCapture(self.endpoint.base_url, self.trace_dir, self.trace_source, self.headers)
+                capture.start_after(load.warmup_s)
 
             def stop_when() -> bool:  # a record that cannot be written stops the load as a missed SLO does
                 return sink.failing or (watch is not None and watch.decided())
@@ -151,26 +176,40 @@ class Session:
                                  spec=load.model_dump())
         summary.server = summarize_server_metrics(step_dir / "server_metrics.jsonl", summary.window.start_unix,
                                                   summary.window.end_unix, scraper.errors)
+        if capture is not None:
+            self._add_breakdown(capture, summary, step_dir)
         summary.write(step_dir / "summary.json")
         return summary, outcome
+
+    def _add_breakdown(self, capture: TraceCapture, summary: RunSummary, step_dir: Path) -> None:
+        try:
+            breakdown = capture.finish()
+        except ProfileError as error:
+            self.progress(f"profile: none ({error})")
+            return
+        try:
+            breakdown.trace = os.path.relpath(breakdown.trace, step_dir)
+        except ValueError:  # another drive
+            pass
+        summary.breakdown = breakdown
+        self.progress(breakdown.render())
 
 
 def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote: RemoteOptions | None = None,
                 monitor: MonitorOptions | None = None, progress=print, slos: list[Slo] | None = None,
                 profile: LoadProfile = SingleRun(), workers: WorkerOptions | None = None,
                 client: str = "openai", scrape_interval_s: float = 1.0, request_timeout_s: float = 600.0,
-                seed_source: str = "scenario", max_error_rate: float = DEFAULT_MAX_ERROR_RATE) -> int:
+                seed_source: str = "scenario", max_error_rate: float = DEFAULT_MAX_ERROR_RATE,
+                profiling: ProfileOptions | None = None) -> int:
     """Run a load test end to end; the exit status: 0, 1 when past `max_error_rate` (every step, for a
     search), 130 when interrupted."""
-    endpoint = _existing_endpoint(remote, spec, scenario, client, progress) if remote else None
-    # a server tokenrig did not start is named by its URL and model, not by the backend/GPU flags' defaults
-    server_facts = ({"backend": "url", "url": endpoint.base_url, "model": endpoint.model_name, "gpu": "remote"}
-                    if remote else spec.describe())
-    run_dir = new_run_dir(results_root, scenario.name, server_facts["backend"], server_facts["model"],
-                          server_facts["gpu"])
+    # a server tokenrig did not start is named by what its user declared and it reports, not by the flags' defaults
+    endpoint, facts = (_existing_endpoint(remote, spec, scenario, client, progress) if remote
+                       else (None, spec.describe()))
+    run_dir = new_run_dir(results_root, scenario.name, facts["backend"], facts["model"], facts["gpu"])
     metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
                 "seed": scenario.load.seed, "seed_source": seed_source,
-                "server": server_facts, "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
+                "server": facts, "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
                 "search": profile.metadata(), **environment_facts()}
     write_json(run_dir / "metadata.json", metadata)
     where = (f"the server at {endpoint.base_url}" if remote
@@ -179,6 +218,11 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(stop_signals_interrupt())  # SIGTERM and an inherited-ignored SIGINT stop it too
+        trace_dir = None
+        if profiling:
+            trace_dir = profiling.trace_dir or run_dir / "traces"
+            if not remote:
+                spec.extra_args = [*spec.extra_args, *server_profile_args(spec.backend, trace_dir, profiling.steps)]
         if not remote:
             server = stack.enter_context(LaunchedServer(spec, run_dir / "server.log", progress=progress))
             endpoint = server.endpoint
@@ -192,7 +236,8 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
         session = Session(run_dir, endpoint, tokenizer, scenario, labels, slos, monitor, progress,
                           headers=auth_headers(remote.api_key if remote else None),
                           client=client, scrape_interval_s=scrape_interval_s, request_timeout_s=request_timeout_s,
-                          max_error_rate=max_error_rate)
+                          max_error_rate=max_error_rate, trace_dir=trace_dir,
+                          trace_source=_trace_source(metadata["server"]))
         if workers:
             from tokenrig.loadgen.distributed import DEFAULT_MASTER_PORT, Master
             from tokenrig.serve.launcher import free_port
@@ -216,6 +261,12 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
             interrupted, failed = outcome.interrupted, summary.requests.too_many_errors or bool(outcome.lost_worker)
     progress(f"\nresults: {run_dir}")
     return 130 if interrupted else 1 if failed else 0
+
+
+def _trace_source(server: dict) -> str:
+    if server.get("backend") == "vllm":
+        return "vLLM torch profiler"
+    return "tokenrig hf engine, torch.profiler" if server.get("backend") == "hf" else "server torch profiler"
 
 
 def _run_search(session: Session, profile: Search, title: str) -> tuple[bool, bool]:

@@ -27,12 +27,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from tokenrig.capacity.inputs import MeasuredStep
+from tokenrig.capacity.operators import ChosenProfile, OperatorModel
 from tokenrig.capacity.simulate import EngineSetup, RequestBook, replay
 from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
 from tokenrig.report.run_summary import RunSummary
 from tokenrig.serve.engines.sim import RooflineParams
 
 FIGURES = ("ttft_p50_s", "tpot_p50_s", "output_tokens_per_s")
+STEP_TIME_FIGURES = ("tpot_p50_s", "output_tokens_per_s")
 DEFAULTS = RooflineParams()
 NAMES = ("compute_efficiency", "bandwidth_efficiency", "step_overhead_s", "sequence_overhead_s", "api_latency_s")
 # where each fit starts and what it is pulled towards (RooflineParams' defaults; 10 us per sequence and
@@ -59,6 +61,7 @@ class EngineModel:
 
     params: RooflineParams
     api_latency_s: float
+    operators: OperatorModel | None = None  # step times by operator; the roofline's efficiencies then unused
 
     @classmethod
     def from_vector(cls, x: np.ndarray, limits: RooflineParams) -> EngineModel:
@@ -75,7 +78,7 @@ class EngineModel:
               limits: RooflineParams | None = None) -> EngineSetup:
         params = self.params if limits is None else replace(
             self.params, max_num_seqs=limits.max_num_seqs, max_batch_tokens=limits.max_batch_tokens)
-        return EngineSetup(model, gpu, quant, tp, params, self.api_latency_s)
+        return EngineSetup(model, gpu, quant, tp, params, self.api_latency_s, self.operators)
 
 
 def batch_limits(step: MeasuredStep) -> RooflineParams:
@@ -93,10 +96,11 @@ class HeldOut:
     step: MeasuredStep
     measured: dict[str, float]
     predicted: dict[str, float]
+    judged: tuple[str, ...] = FIGURES  # the figures the band takes
 
     @property
     def error(self) -> float:
-        return max(abs(self.predicted[k] / self.measured[k] - 1) for k in FIGURES)
+        return max(abs(self.predicted[k] / self.measured[k] - 1) for k in self.judged)
 
 
 @dataclass
@@ -106,11 +110,18 @@ class Calibration:
     model: EngineModel
     steps: list[MeasuredStep]
     held_out: list[HeldOut] = field(default_factory=list)
+    profile: ChosenProfile | None = None  # the operator profile the step times come from, if any
 
     @property
     def band(self) -> float | None:
-        """Worst held-out relative error (infinite if a held-out replay measured nothing), None without folds."""
-        return max(h.error for h in self.held_out) if self.held_out else None
+        """Worst held-out relative error (infinite if a held-out replay measured nothing), None without folds;
+        on an operator profile, also no narrower than the profile's own held-out error of summed step time."""
+        if not self.held_out:
+            return None
+        worst = max(h.error for h in self.held_out)
+        if self.profile and self.profile.model.fit_error is not None:
+            worst = max(worst, self.profile.model.fit_error)
+        return worst
 
     @property
     def gpus(self) -> list[str]:
@@ -120,6 +131,10 @@ class Calibration:
         p = self.model.params
         band = (f"held-out error ±{self.band:.0%}" if self.band is not None and math.isfinite(self.band)
                 else "a held-out replay measured nothing" if self.band is not None else "one step: no held-out check")
+        if self.profile:
+            return (f"{self.engine} {self.quant}: step times by operator, {self.profile.describe()}; "
+                    f"{self.model.api_latency_s * 1e3:.1f} ms to reach the engine; checked on {len(self.steps)} "
+                    f"load steps on {', '.join(self.gpus)}; {band}")
         return (f"{self.engine} {self.quant}: compute efficiency {p.compute_efficiency:.3f}, bandwidth efficiency "
                 f"{p.bandwidth_efficiency:.3f}, overhead {p.step_overhead_s * 1e3:.2f} ms per step + "
                 f"{p.sequence_overhead_s * 1e6:.0f} us per sequence, {self.model.api_latency_s * 1e3:.1f} ms to reach "
@@ -127,7 +142,12 @@ class Calibration:
 
     def document(self) -> dict:
         p = self.model.params
-        return {"engine": self.engine, "quant": self.quant, "compute_efficiency": p.compute_efficiency,
+        profile = None
+        if self.profile:
+            profile = {"gpu": self.profile.key.gpu, "model": self.profile.key.model, "quant": self.profile.key.quant,
+                       "scaled": self.profile.scaled, "steps": self.profile.model.steps_fitted,
+                       "fit_error": self.profile.model.fit_error, "sources": self.profile.model.sources}
+        return {"engine": self.engine, "quant": self.quant, "operator_profile": profile, "compute_efficiency": p.compute_efficiency,
                 "bandwidth_efficiency": p.bandwidth_efficiency, "step_overhead_s": p.step_overhead_s,
                 "sequence_overhead_s": p.sequence_overhead_s, "api_latency_s": self.model.api_latency_s,
                 "max_num_seqs": p.max_num_seqs, "max_batch_tokens": p.max_batch_tokens, "band": self.band,
@@ -205,5 +225,31 @@ class Calibrator:
                                                      for k in ("max_num_seqs", "max_batch_tokens")}),
                             model.api_latency_s)
         calibration = Calibration(engine, quant, model, steps, held_out)
+        self.progress(f"  {calibration.describe()}")
+        return calibration
+
+    def calibrate_on_operators(self, engine: str, quant: str, steps: list[MeasuredStep],
+                               profile: ChosenProfile) -> Calibration:
+        """Step times from an operator profile; only the time a request takes to reach the engine is fitted,
+        as the median gap between each measured step's TTFT p50 and its replay's without that time. Each step
+        is then predicted with the latency of the others (leave-one-out), which is the band: the operator
+        model was fitted to traces, not to these steps."""
+        picked = sorted({round(i) for i in np.linspace(0, len(steps) - 1, min(len(steps), MAX_FIT_STEPS))})
+        used = [steps[i] for i in picked]
+        self.progress(f"calibrating {engine} {quant} on operator profiles, API latency from {len(used)} steps")
+        limits = batch_limits(steps[0])
+        bare = EngineModel(limits, 0.0, profile.model)
+        measured = [figures(step.summary) for step in used]
+        gaps = [max(m["ttft_p50_s"] - self.predict(step, bare)["ttft_p50_s"], 0.0) for step, m in zip(used, measured)]
+        model = replace(bare, api_latency_s=float(np.median(gaps)))
+        held_out = []
+        for index, (step, observed) in enumerate(zip(used, measured)):
+            others = gaps[:index] + gaps[index + 1:]
+            latency = float(np.median(others)) if others else model.api_latency_s
+            held_out.append(HeldOut(step, observed, self.predict(step, replace(model, api_latency_s=latency)),
+                                    judged=STEP_TIME_FIGURES))
+        if len(used) < 2:
+            held_out = []
+        calibration = Calibration(engine, quant, model, steps, held_out, profile)
         self.progress(f"  {calibration.describe()}")
         return calibration

@@ -3,9 +3,10 @@
 Reads what `tokenrig loadtest` writes (metadata.json, summary.json, search.json, steps/NN-*/), so
 results copied from another machine (docs/results) serve as they are. Each step becomes a
 `MeasuredStep`: the serving configuration (engine, weights, model, GPU, TP, the engine's batch
-limits read from the server command), the scenario and the exact load plan it ran, and its
-summary. Runs against `--url` record no server command: their batch limits are the sim engine's
-defaults.
+limits), the scenario and the exact load plan it ran, and its summary. A `--url` run is what its user
+declared (--backend, --gpu, --model, --quant, --tp) and its server told (metadata's `reported`); a run
+whose GPU or model no profile names (a `--url` run that declared no --gpu records `gpu: remote`) cannot
+be placed: it is skipped, with one note naming it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tokenrig.loadgen.load_profiles import profile_from_metadata
 from tokenrig.loadgen.records import RequestRecord, read_records
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
 from tokenrig.loadgen.search import StepResult
+from tokenrig.profiles import UnknownProfileError, resolve_gpu, resolve_model
 from tokenrig.report.compare import engine_label
 from tokenrig.report.run_summary import RunSummary, SloJudgement
 from tokenrig.report.slo import Slo, judge, recorded_slos
@@ -32,6 +34,16 @@ def _flag(command: list[str], names: tuple[str, ...]) -> int | None:
         if word in names:
             return int(command[index + 1])
     return None
+
+
+def recorded_batch_limits(server: dict) -> tuple[int | None, int | None]:
+    """(requests, tokens) an engine step may hold, as the run recorded them: metadata's structured
+    `batch_limits` (what a --url run declared or its server told), else the flags of the server command
+    older runs recorded, else the --max-num-seqs asked for; None where nothing says."""
+    limits = server.get("batch_limits") or {}
+    command = server.get("command") or []
+    return (limits.get("max_num_seqs") or _flag(command, MAX_SEQS_FLAGS) or server.get("max_num_seqs"),
+            limits.get("max_batch_tokens") or _flag(command, MAX_BATCH_TOKENS_FLAGS))
 
 
 @dataclass
@@ -66,11 +78,11 @@ class MeasuredStep:
 
     @property
     def max_num_seqs(self) -> int | None:
-        return _flag(self.server.get("command") or [], MAX_SEQS_FLAGS) or self.server.get("max_num_seqs")
+        return recorded_batch_limits(self.server)[0]
 
     @property
     def max_batch_tokens(self) -> int | None:
-        return _flag(self.server.get("command") or [], MAX_BATCH_TOKENS_FLAGS)
+        return recorded_batch_limits(self.server)[1]
 
     def records(self) -> list[RequestRecord] | None:
         path = self.path / "requests.jsonl"
@@ -163,14 +175,33 @@ def read_run(run_dir: Path) -> tuple[list[MeasuredStep], SearchRun | None]:
     return steps, search
 
 
-def read_results(directories: list[Path]) -> tuple[list[MeasuredStep], list[SearchRun]]:
-    """Every load-test run directory under `directories` (metadata.json with a scenario and a server)."""
+def unplaceable(server: dict) -> str | None:
+    """Why capacity cannot place a run serving this (its GPU or model is no profile), or None."""
+    try:
+        resolve_gpu(server.get("gpu") or "?")
+        resolve_model(server.get("model") or "?")
+    except UnknownProfileError as error:
+        problem = str(error).split(";")[0]
+        if server.get("backend") == "url" and server.get("gpu") == "remote":
+            return f"{problem}: a --url run that declared no --gpu"
+        return problem
+    return None
+
+
+def read_results(directories: list[Path], notes: list[str] | None = None) -> tuple[list[MeasuredStep], list[SearchRun]]:
+    """Every load-test run directory under `directories` (metadata.json with a scenario and a server) that
+    capacity can place; one line per run skipped goes to `notes`."""
     steps, searches = [], []
     for directory in directories:
         for metadata in sorted(Path(directory).rglob("metadata.json")):
             document = json.loads(metadata.read_text())
             if "scenario" not in document or "server" not in document:
                 continue  # a training run or a matrix
+            problem = unplaceable(document["server"])
+            if problem:
+                if notes is not None:
+                    notes.append(f"skipped {metadata.parent}: {problem}")
+                continue
             run_steps, search = read_run(metadata.parent)
             steps += run_steps
             if search:

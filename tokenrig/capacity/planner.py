@@ -3,11 +3,13 @@
 For every GPU type x weight format x engine asked about, one row:
 
 - measured: a --find-max run of exactly that configuration, model and scenario answers the SLOs
-  (its best step's goodput);
-- projected: otherwise the engine's calibration (calibrate.py, fitted on every measured step of
-  that engine and weight format) replays the scenario's SLO search on that GPU type in virtual
-  time (simulate.py); the row carries the calibration's held-out error band and the GPU types it
-  was calibrated on;
+  (its best step's goodput); of several such runs, the one whose answer rests on the most requests;
+- projected: otherwise the scenario's SLO search is replayed on that GPU type in virtual time
+  (simulate.py), each engine step timed by the per-operator model fitted to the nearest operator
+  profile of that engine (operators.py: same weights and GPU type first, else scaled by datasheet),
+  or, where the engine was never profiled, by the roofline calibrated on its measured steps on the
+  same class of device, GPU or CPU (calibrate.py); the row carries the held-out error band and what
+  the projection rests on;
 - neither (it does not fit, nothing measured that engine with those weights, no rate meets the
   SLOs): a note instead of a row.
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from tokenrig.capacity.calibrate import Calibration, Calibrator
 from tokenrig.capacity.cost import ReplicaCapacity, size
 from tokenrig.capacity.inputs import MeasuredStep, SearchRun
+from tokenrig.capacity.operators import ChosenProfile, OperatorProfiles
 from tokenrig.capacity.simulate import RequestBook, VirtualSearch
 from tokenrig.loadgen.load_profiles import FindMax
 from tokenrig.loadgen.scenario import Scenario
@@ -91,6 +94,11 @@ class CapacityAnswer:
                 "notes": self.notes, "calibrations": [c.document() for c in self.calibrations]}
 
 
+def device_class(gpu: str) -> str:
+    """What a step's time scales with: a CPU's steps say nothing of a GPU's, and the other way round."""
+    return "cpu" if gpu == "cpu" else "gpu"
+
+
 def _per_request(summary: RunSummary) -> tuple[float, float]:
     ok = summary.requests.ok
     return summary.tokens.output_total / ok, summary.tokens.input_total / ok
@@ -98,9 +106,11 @@ def _per_request(summary: RunSummary) -> tuple[float, float]:
 
 class CapacityPlanner:
     def __init__(self, question: CapacityQuestion, steps: list[MeasuredStep], searches: list[SearchRun],
-                 progress=print):
+                 progress=print, notes: list[str] | None = None, profiles: OperatorProfiles | None = None):
         self.question = question
+        self.notes = list(notes or [])  # about the inputs (runs skipped), ahead of the answer's own
         self.steps = steps
+        self.profiles = profiles if profiles is not None else OperatorProfiles(steps, progress)
         self.searches = searches
         self.progress = progress
         self.calibrator = Calibrator(progress)
@@ -117,16 +127,18 @@ class CapacityPlanner:
 
     def answer(self) -> CapacityAnswer:
         q = self.question
-        rows, notes, calibrations = [], [], {}
+        rows, notes, calibrations = [], list(self.notes), {}
         for engine in self.engines():
             for quant in q.quants:
                 for gpu in q.gpus:
                     label = f"{gpu.key} {quant} {engine}"
                     row = self._measured(engine, quant, gpu, notes)
                     if row is None:
-                        key = (engine, quant)
+                        profile = self.profiles.nearest(engine, quant, gpu, q.model.key)
+                        key = (engine, quant, device_class(gpu.key), profile.key if profile else None)
                         if key not in calibrations:
-                            calibrations[key] = self._calibration(engine, quant, notes)
+                            calibrations[key] = self._calibration(engine, quant, device_class(gpu.key), notes,
+                                                                  profile)
                         if calibrations[key] is None:
                             continue
                         self.progress(f"projecting {label} (virtual-time SLO search)")
@@ -145,28 +157,48 @@ class CapacityPlanner:
                            goodput_rps * out_per_request, out_per_request, in_per_request, sizing.as_dict())
 
     def _measured(self, engine: str, quant: str, gpu: GpuProfile, notes: list[str]) -> CapacityRow | None:
+        """The row a --find-max run of this configuration answers: of several, the one whose best step measured
+        the most requests (a search of longer steps judges its percentiles on more samples); the latest on a tie."""
         q = self.question
+        label = f"{gpu.key} {quant} {engine}"
         matching = [s for s in self.searches if s.steps[0].engine == engine and s.steps[0].quant == quant
                     and s.steps[0].gpu == gpu.key and s.steps[0].model == q.model.key
                     and s.steps[0].scenario.name == q.scenario.name]
-        for search in sorted(matching, key=lambda s: s.path.name, reverse=True):  # the latest run that answers
+        answers = []
+        for search in sorted(matching, key=lambda s: s.path.name, reverse=True):
             best = search.best_for(q.slos)
             if isinstance(best, str):
-                notes.append(f"{gpu.key} {quant} {engine}: measured run {search.path} not used: {best}")
-                continue
-            step, verdict = best
-            if not verdict.goodput_rps:
-                continue
-            return self._row(engine, quant, gpu, step.tp, "measured", str(search.path), None,
-                             verdict.goodput_rps, step.summary)
-        return None
-
-    def _calibration(self, engine: str, quant: str, notes: list[str]) -> Calibration | None:
-        usable = [s for s in self.steps if s.engine == engine and s.quant == quant and s.unusable() is None]
-        if not usable:
-            notes.append(f"{engine} with {quant} weights: no measured step to calibrate a projection on")
+                notes.append(f"{label}: measured run {search.path} not used: {best}")
+            elif best[1].goodput_rps:
+                answers.append((search, *best))
+        if not answers:
             return None
-        return self.calibrator.calibrate(engine, quant, usable)
+        search, step, verdict = max(answers, key=lambda answer: answer[1].summary.requests.measured)
+        for other, other_step, other_verdict in answers:
+            if other is not search:
+                notes.append(f"{label}: measured run {other.path} also answers, {other_verdict.goodput_rps:.2f} req/s "
+                             f"from {other_step.summary.requests.measured} requests a step; {search.path} answers, "
+                             f"from {step.summary.requests.measured}")
+        return self._row(engine, quant, gpu, step.tp, "measured", str(search.path), None,
+                         verdict.goodput_rps, step.summary)
+
+    def _calibration(self, engine: str, quant: str, device: str, notes: list[str],
+                     profile: ChosenProfile | None = None) -> Calibration | None:
+        usable = [s for s in self.steps if s.engine == engine and s.quant == quant and s.unusable() is None
+                  and s.summary.breakdown is None]  # a profiled step's latencies carry the profiler's cost
+        if profile is not None and not usable:  # the time to reach the engine, from its other weight formats
+            usable = [s for s in self.steps if s.engine == engine and s.unusable() is None
+                      and s.summary.breakdown is None]
+        same_device = [s for s in usable if device_class(s.gpu) == device]
+        if not same_device:
+            other = "GPU" if device == "cpu" else "CPU"
+            elsewhere = f" (its {len(usable)} usable step{'s' * (len(usable) > 1)} ran on a {other})" if usable else ""
+            notes.append(f"{engine} with {quant} weights: no measured step on a {device.upper()} to calibrate a "
+                         f"projection on{elsewhere}")
+            return None
+        if profile is not None:
+            return self.calibrator.calibrate_on_operators(engine, quant, same_device, profile)
+        return self.calibrator.calibrate(engine, quant, same_device)
 
     def book(self) -> RequestBook:
         if self._book is None:
@@ -198,7 +230,13 @@ class CapacityPlanner:
             notes.append(f"{label}: projected, no rate meets the SLOs ({search.result.stop_reason})")
             return None
         transfers = gpu.key in calibration.gpus
-        basis = (f"calibrated on {len(calibration.steps)} steps on {', '.join(calibration.gpus)}"
-                 + ("" if transfers else f"; {gpu.key} not among them"))
+        if calibration.profile:
+            scaled = self.profiles.nearest(calibration.engine, calibration.quant, gpu, q.model.key).scaled
+            basis = (f"{calibration.profile.describe().split(';')[0]}"
+                     + (f"; {'; '.join(scaled)}" if scaled else "")
+                     + f"; checked on {len(calibration.steps)} load steps on {', '.join(calibration.gpus)}")
+        else:
+            basis = (f"calibrated on {len(calibration.steps)} steps on {', '.join(calibration.gpus)}"
+                     + ("" if transfers else f"; {gpu.key} not among them"))
         return self._row(calibration.engine, calibration.quant, gpu, tp, "projected", basis, calibration.band,
                          best.summary.slo.goodput_rps, best.summary)

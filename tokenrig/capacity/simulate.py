@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 from functools import cached_property
 
+from tokenrig.capacity.operators import OperatorModel, OperatorScheduler
 from tokenrig.loadgen.load_profiles import FindMax, SearchResult, StepPlan, walk
 from tokenrig.loadgen.plan import LoadPlan, TraceRow
 from tokenrig.loadgen.records import RequestRecord
@@ -37,8 +38,9 @@ REFUSAL_S = 0.001
 
 @dataclass(frozen=True)
 class EngineSetup:
-    """One simulated serving replica: model, GPU type, weight format, TP size, roofline parameters, and
-    the time a request takes to reach the engine once sent (HTTP, parsing, tokenization)."""
+    """One simulated serving replica: model, GPU type, weight format, TP size, roofline parameters (batch
+    limits), the time a request takes to reach the engine once sent (HTTP, parsing, tokenization), and, where
+    the engine was profiled, the per-operator model that times its steps instead of the roofline."""
 
     model: ModelProfile
     gpu: GpuProfile
@@ -46,10 +48,11 @@ class EngineSetup:
     tp: int
     params: RooflineParams
     api_latency_s: float = 0.0
+    operators: OperatorModel | None = None
 
     def scheduler(self) -> RooflineScheduler:
-        return RooflineScheduler(self.model, self.gpu, len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS), self.params,
-                                 self.quant, self.tp)
+        args = (self.model, self.gpu, len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS), self.params, self.quant, self.tp)
+        return OperatorScheduler(self.operators, *args) if self.operators else RooflineScheduler(*args)
 
 
 @dataclass

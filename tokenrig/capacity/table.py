@@ -57,11 +57,10 @@ def render(document: dict) -> str:
                      f"{calibration['sequence_overhead_s'] * 1e6:.0f} us/sequence, API "
                      f"{calibration['api_latency_s'] * 1e3:.1f} ms, from {len(calibration['steps'])} "
                      f"steps on {', '.join(calibration['gpus'])}, held-out {band_text(calibration['band'])}")
-    for row in flat_rows(document):
-        if row["source"] == "projected" and "not among them" in row["basis"]:
-            lines.append(f"note: {row['gpu']} {row['quant']} {row['engine']}: {row['basis']} — the band was checked on "
-                         "other GPU types only")
-            break
+    for row in flat_rows(document):  # every projected row's basis: each may rest on other steps and GPU types
+        if row["source"] == "projected":
+            elsewhere = " — the band was checked on other GPU types only" if "not among them" in row["basis"] else ""
+            lines.append(f"note: {row['gpu']} {row['quant']} {row['engine']}: projected, {row['basis']}{elsewhere}")
     lines += [f"note: {note}" for note in document["notes"]]
     prices = "; ".join(f"{gpu} ${p['usd_per_hour']:.2f}/h ({'--price' if p['overridden'] else p['date']})"
                        for gpu, p in q["prices"].items())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from tokenrig.cli.parser import build_parser
+from tokenrig.cli.parser import build_parser, given_options
 from tokenrig.cli.reporting import cmd_capacity, cmd_report
 from tokenrig.cli.serving import cmd_fit, cmd_gpus, cmd_loadtest, cmd_model, cmd_serve
 from tokenrig.cli.training import cmd_train
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from tokenrig.train.spec import TrainSpecError
 
     args = build_parser().parse_args(argv)
+    args.given = given_options(argv)
     handlers = {"loadtest": cmd_loadtest, "serve": cmd_serve, "train": cmd_train, "model": cmd_model,
                 "gpus": cmd_gpus, "fit": cmd_fit, "capacity": cmd_capacity, "report": cmd_report}
     try:

@@ -87,6 +87,18 @@ def _count_or(keyword: str, unit: str, hint: str):
     return parse
 
 
+def given_options(argv: list[str] | None) -> set[str]:
+    """The options the command line gives, by their dest, whatever their defaults: a --url run records as
+    declared only what its user said (argparse alone cannot tell `--backend hf` from the default)."""
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                for option in command._actions:
+                    option.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenrig", description="Measure LLM serving and training speed and cost on your own hardware.",
@@ -128,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "1000 requests for a p99)")
     loadtest.add_argument("--precision", type=_positive, default=0.05, help="--find-max: stop when the bracket is this tight")
     loadtest.add_argument("--max-step", type=_positive, default=300, help="--find-max: longest step, seconds")
+    loadtest.add_argument("--profile-steps", type=int, metavar="N",
+                          help="after each step's warm-up, trace N engine steps with the engine's profiler (vllm, hf) "
+                               "and report the time by operator (GEMMs by layer role, attention, norms, sampling, "
+                               "idle); a profiled step's latencies carry the profiler's cost, so not with --find-max")
+    loadtest.add_argument("--profile-dir", type=Path, metavar="DIR",
+                          help="--url with --profile-steps: where that server writes its traces (its --profiler-config "
+                               "torch_profiler_dir, readable from here)")
     loadtest.add_argument("--workers", type=_count_or("auto", "worker", "'auto'"),
                           help="distributed load: a Locust master here and N worker processes splitting the schedule "
                                "(spawned here unless --local-workers); 'auto': as many as the plan's expected chunk "
@@ -206,13 +225,15 @@ def _add_capacity_parser(commands) -> None:
                     "band — then replicas and GPUs for --target-rps, $/hour, $/month, $ per million tokens and energy "
                     "at TDP. One table, cheapest first (docs/capacity.md).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    capacity.add_argument("--gpu", required=True, help="comma-separated GPU profiles, e.g. h100-sxm,a800,rtx4090")
-    capacity.add_argument("--model", required=True, help="model profile, e.g. 13b")
-    capacity.add_argument("--quant", default="bf16", help="comma-separated weight formats (default bf16), e.g. bf16,awq")
-    capacity.add_argument("--scenario", default="chat",
-                          help="name in tokenrig/scenarios/serving/ or a path (default chat)")
+    capacity.add_argument("--gpu", help="comma-separated GPU profiles, e.g. h100-sxm,a800,rtx4090 (default: the GPU "
+                                        "every run under --from ran on)")
+    capacity.add_argument("--model", help="model profile, e.g. 13b (default: the model every run under --from served)")
+    capacity.add_argument("--quant", help="comma-separated weight formats, e.g. bf16,awq (default: the runs' one "
+                                          "format, else bf16)")
+    capacity.add_argument("--scenario", help="name in tokenrig/scenarios/serving/ or a path (default: the runs' one "
+                                             "scenario, else chat)")
     capacity.add_argument("--slo", required=True, help="service-level objectives, e.g. ttft_p99=500ms,tpot_p99=50ms")
-    capacity.add_argument("--target-rps", type=float, help="requests/s to serve (default: size one replica)")
+    capacity.add_argument("--target-rps", type=_positive, help="requests/s to serve (default: size one replica)")
     capacity.add_argument("--headroom", type=float, default=0.2,
                           help="spare capacity: replicas = ceil(target x (1 + headroom) / goodput) (default 0.2)")
     capacity.add_argument("--from", dest="inputs", nargs="+", type=Path, default=[], metavar="DIR",

@@ -24,6 +24,8 @@ def cmd_capacity(args) -> int:
     if not args.inputs and not args.backend:
         raise ScenarioError("give --from DIR (results of load tests, e.g. docs/results) or --backend to run the "
                             "SLO searches here")
+    if args.backend and not (args.gpu and args.model):
+        raise ScenarioError("--backend runs a search for each --gpu and --model: give both")
     try:
         slos = parse_slos(args.slo)
     except SloError as error:
@@ -35,13 +37,12 @@ def cmd_capacity(args) -> int:
             prices[resolve_gpu(gpu).key] = float(usd)
         except ValueError:
             raise ScenarioError(f"--price takes GPU=USD, e.g. h100-sxm=2.49, not {item!r}") from None
-    gpus = [resolve_gpu(name) for name in args.gpu.split(",") if name.strip()]
-    quants = [normalise_quant(name) for name in args.quant.split(",") if name.strip()]
+    # what the command line names is checked before any run is read
+    gpus = [resolve_gpu(name) for name in _names(args.gpu)] if args.gpu else None
+    model = resolve_model(args.model) if args.model else None
+    quants = [normalise_quant(name) for name in _names(args.quant)] if args.quant else None
+    scenario = load_scenario(args.scenario) if args.scenario else None
     options = FindMax(tail_samples=args.tail_samples, precision=args.precision, max_step_s=args.max_step)
-    question = CapacityQuestion(gpus, resolve_model(args.model), quants, load_scenario(args.scenario), slos,
-                                target_rps=args.target_rps, headroom=args.headroom, prices=prices,
-                                engines=args.engine,
-                                search=options)
     inputs = list(args.inputs)
     if args.backend:
         import locust  # noqa: F401  - gevent must patch the standard library before the load test's imports
@@ -50,14 +51,27 @@ def cmd_capacity(args) -> int:
 
         defaults = vars(_capacity_server_defaults())
         specs = [ServerSpec.from_args(argparse.Namespace(**{**defaults, "backend": args.backend, "gpu": gpu.key,
-                                                            "model": args.model, "quant": quant}))
-                 for gpu in gpus for quant in quants]
-        inputs += run_searches(specs, question.scenario, slos, options, args.results)
-    steps, searches = read_results(inputs)
+                                                            "model": model.key, "quant": quant}))
+                 for gpu in gpus for quant in quants or ["bf16"]]
+        inputs += run_searches(specs, scenario or load_scenario("chat"), slos, options, args.results)
+    notes: list[str] = []
+    steps, searches = read_results(inputs, notes)
     if not steps:
-        raise ScenarioError(f"no load-test runs under {', '.join(map(str, inputs))}")
-    print(f"capacity inputs: {len(steps)} measured steps, {len(searches)} --find-max runs")
-    answer = CapacityPlanner(question, steps, searches).answer()
+        skipped = f" ({len(notes)} skipped: {notes[0]}{', ...' if len(notes) > 1 else ''})" if notes else ""
+        raise ScenarioError(f"no load-test runs capacity can use under {', '.join(map(str, inputs))}{skipped}")
+    print(f"capacity inputs: {len(steps)} measured steps, {len(searches)} --find-max runs"
+          + (f"; {len(notes)} runs skipped (see the notes)" if notes else ""))
+    # what the command line leaves out, the runs answer when they all agree: `--from RUN` sizes RUN's own setup
+    runs = f"the runs under {', '.join(map(str, inputs))}"
+    gpus = gpus or [resolve_gpu(_shared(steps, "gpu", "--gpu GPU[,GPU...]", runs))]
+    model = model or resolve_model(_shared(steps, "model", "--model", runs))
+    quants = quants or [_shared(steps, "quant") or "bf16"]
+    if scenario is None:  # the runs' own scenario as they recorded it, which may be a file only their machine has
+        name = _shared(steps, "scenario.name")
+        scenario = next((step.scenario for step in steps if step.scenario.name == name), None) or load_scenario("chat")
+    question = CapacityQuestion(gpus, model, quants, scenario, slos, target_rps=args.target_rps,
+                                headroom=args.headroom, prices=prices, engines=args.engine, search=options)
+    answer = CapacityPlanner(question, steps, searches, notes=notes).answer()
     document = answer.document()
     out = args.out or args.results / f"capacity-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +83,29 @@ def cmd_capacity(args) -> int:
         print(f"csv: {args.csv}")
     print(f"capacity.json: {out} (tokenrig report RUN_DIR... --capacity {out})")
     return 0
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _shared(steps, attribute: str, flag: str | None = None, runs: str = "") -> str | None:
+    """The value of `attribute` (dotted) every step shares; when they differ, None, or with `flag` an error
+    asking for it."""
+    from tokenrig.loadgen.scenario import ScenarioError
+
+    values = set()
+    for step in steps:
+        value = step
+        for name in attribute.split("."):
+            value = getattr(value, name)
+        values.add(value)
+    if len(values) == 1:
+        return values.pop()
+    if flag:
+        raise ScenarioError(f"{runs} differ in {attribute} ({', '.join(sorted(map(str, values)))}): say which "
+                            f"with {flag}")
+    return None
 
 
 def _capacity_server_defaults() -> argparse.Namespace:

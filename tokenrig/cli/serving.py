@@ -115,13 +115,16 @@ def cmd_loadtest(args) -> int:
                               max_step_s=args.max_step)
     run = plan_run(scenario, overrides, slos)
     scenario, load = run.scenario, run.scenario.load
+    profiling = _profiling(args)
     # the KV cache must hold the closed loop's users, or the open loop's in-flight cap (up to a typical batch limit)
     spec = ServerSpec.from_args(args, concurrency=load.users if load.type == "concurrency" else min(load.max_in_flight, 256))
-    _check_hardware(spec, args.dry_run)
+    if not args.url:  # a server at --url runs wherever it runs, with its own memory plan
+        _check_hardware(spec, args.dry_run)
     count = _choose_workers(args, scenario, run.profile, spec)
     if args.dry_run:
         print_launch(spec, 0)
-    print_load_fit(spec, scenario, with_plan=not args.dry_run)
+    if not args.url:
+        print_load_fit(spec, scenario, with_plan=not args.dry_run)
     if args.dry_run:
         print("scenario:", scenario.model_dump_json(indent=2))
         return 0
@@ -134,13 +137,42 @@ def cmd_loadtest(args) -> int:
             raise ScenarioError("--local-workers must be between 0 and --workers")
         workers = WorkerOptions(count, local, args.master_host, args.master_port)
     client = args.client or ("tgi" if spec.backend == "tgi" else "openai")
-    from tokenrig.serve.remote import RemoteOptions
+    from tokenrig.serve.remote import DECLARABLE, RemoteOptions
 
-    remote = RemoteOptions(args.url, args.api_key, args.served_model, args.tokenizer) if args.url else None
+    remote = None
+    if args.url:  # what the user declares about the server is the run's, the flags' defaults are not
+        described = spec.describe()
+        declared = {name: described[name] for name in DECLARABLE if name in getattr(args, "given", ())}
+        remote = RemoteOptions(args.url, args.api_key, args.served_model, args.tokenizer, declared)
     return run_session(spec, scenario, args.results, remote=remote, monitor=monitor_options(args), slos=slos,
                        profile=run.profile, workers=workers, client=client, seed_source=run.seed_source,
-                       max_error_rate=args.max_error_rate,
+                       max_error_rate=args.max_error_rate, profiling=profiling,
                        scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout)
+
+
+def _profiling(args):
+    """The operator-profile request of a load test, refused at once where it cannot be taken."""
+    from tokenrig.loadgen.scenario import ScenarioError
+
+    if args.profile_steps is None:
+        if args.profile_dir:
+            raise ScenarioError("--profile-dir is for --profile-steps; add --profile-steps N")
+        return None
+    from tokenrig.breakdown.capture import PROFILED_BACKENDS
+    from tokenrig.loadtest import ProfileOptions
+
+    if args.profile_steps < 1:
+        raise ScenarioError("--profile-steps must be at least 1")
+    if args.find_max:
+        raise ScenarioError("--profile-steps: a profiled step's latencies carry the profiler's cost, so an SLO search "
+                            "would judge the profiler; profile a run of its own (--users N or --rate R)")
+    if args.backend not in PROFILED_BACKENDS:
+        raise ScenarioError(f"--profile-steps: the {args.backend} backend has no kernels to trace; profiling works "
+                            f"with {' and '.join(PROFILED_BACKENDS)}")
+    if args.url and not args.profile_dir:
+        raise ScenarioError("--profile-steps with --url: name where that server writes its traces (--profile-dir DIR; "
+                            "vLLM: its --profiler-config torch_profiler_dir)")
+    return ProfileOptions(args.profile_steps, args.profile_dir)
 
 
 def cmd_serve(args) -> int:

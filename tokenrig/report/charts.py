@@ -13,6 +13,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from tokenrig.breakdown.operators import LABELS as OPERATOR_LABELS
+from tokenrig.breakdown.table import OperatorBreakdown
 from tokenrig.report.slo import Slo
 from tokenrig.report.timeline import Timeline
 
@@ -257,3 +259,20 @@ def capacity(rows: list[dict], title: str) -> go.Figure | None:
     figure.update_xaxes(title="goodput per replica (req/s meeting every SLO)")
     figure.update_yaxes(autorange="reversed")
     return _layout(figure, title, 140 + 34 * len(rows))
+
+
+def operator_breakdown(steps: dict[str, OperatorBreakdown], title: str) -> go.Figure | None:
+    """Each profiled load step's engine time per engine step, stacked by operator class (largest at the base)."""
+    if not steps:
+        return None
+    totals: dict[str, float] = {}
+    for breakdown in steps.values():
+        for name, row in breakdown.classes.items():
+            totals[name] = totals.get(name, 0.0) + row.per_step_ms
+    figure = go.Figure()
+    for name in sorted(totals, key=lambda n: -totals[n]):
+        figure.add_trace(go.Bar(x=list(steps), y=[b.classes[name].per_step_ms if name in b.classes else 0.0
+                                                  for b in steps.values()], name=OPERATOR_LABELS.get(name, name)))
+    figure.update_layout(barmode="stack")
+    figure.update_yaxes(title="ms per engine step (profiled steps' mean)")
+    return _layout(figure, title, 460)

@@ -206,6 +206,12 @@ def _load_run(page: Page, run: LoadRun, anchor: str) -> None:
     elif records:
         page.figure(charts.latency_cdfs({run.run_id: latency_values(records)}, slos,
                                         f"{run.run_id}: latency distributions (CDF)"))
+    profiled = {step.label: step.summary.breakdown for step in run.steps
+                if step.summary is not None and step.summary.breakdown is not None}
+    if profiled:
+        page.heading("engine time by operator (profiled steps)")
+        page.text(next(iter(profiled.values())).source, "meta")
+        page.figure(charts.operator_breakdown(profiled, f"{run.run_id}: engine time by operator"))
     scrapes = [row for step in run.steps for row in step.scrapes]
     line = timeline.build(records, scrapes)
     page.figure(charts.timeline(line, _step_windows(run.steps, line.t0), f"{run.run_id}: per-second timeline "

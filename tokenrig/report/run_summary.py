@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenrig.breakdown.table import OperatorBreakdown
 from tokenrig.report.rundir import write_json
 
 SCHEMA_VERSION = 1
@@ -161,6 +162,7 @@ class RunSummary(_Part):
     workload: WorkloadFacts | None = None
     load: LoadFacts | None = None
     server: dict[str, Any] | None = None  # the server's scraped /metrics over the window (serve/scrape.py)
+    breakdown: OperatorBreakdown | None = None  # the engine's time by operator, when the step was profiled
 
     @property
     def plan(self) -> str:

@@ -36,10 +36,13 @@ class EngineUnavailable(RuntimeError):
 class ServerMetrics:
     """vLLM-named Prometheus metrics for what a tokenrig engine can measure."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, cache_config: dict | None = None):
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         self.model_name = model_name
+        if cache_config:  # as vLLM tells its KV cache (what `loadtest --url` records of a server)
+            info = Gauge("vllm:cache_config_info", "KV-cache configuration", list(cache_config), registry=self.registry)
+            info.labels(**{key: str(value) for key, value in cache_config.items()}).set(1)
         self.running = Gauge("vllm:num_requests_running", "Requests in the running batch", labels, registry=self.registry)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled", labels, registry=self.registry)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full", labels, registry=self.registry)
@@ -143,7 +146,7 @@ def encode_chat(tokenizer, messages) -> list[int]:
 
 
 class OpenAIServer:
-    def __init__(self, engine: Engine, tokenizer, model_name: str, max_context: int):
+    def __init__(self, engine: Engine, tokenizer, model_name: str, max_context: int, cache_config: dict | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         # The Rust tokenizer itself on the request path: transformers 5's encode() wraps it in ~2-4 ms of
@@ -152,7 +155,7 @@ class OpenAIServer:
         self.model_name = model_name
         self.max_context = max_context
         self.eos_id = tokenizer.eos_token_id
-        self.metrics = ServerMetrics(model_name)
+        self.metrics = ServerMetrics(model_name, cache_config)
         self.ready = False
 
     def app(self) -> web.Application:
@@ -164,6 +167,9 @@ class OpenAIServer:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/generate", self.tgi_generate)
         app.router.add_post("/generate_stream", self.tgi_generate_stream)
+        if getattr(self.engine, "profiler", None) is not None:  # vLLM's routes, as vLLM has them: when profiling is on
+            app.router.add_post("/start_profile", self.start_profile)
+            app.router.add_post("/stop_profile", self.stop_profile)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -193,6 +199,14 @@ class OpenAIServer:
     async def prometheus(self, _request: web.Request) -> web.Response:
         self.metrics.observe_load(self.engine)
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start_profile(self, _request: web.Request) -> web.Response:
+        self.engine.profiler.request_start()
+        return web.Response(status=200)
+
+    async def stop_profile(self, _request: web.Request) -> web.Response:
+        await asyncio.to_thread(self.engine.profiler.request_stop)  # writing the trace takes a while
+        return web.Response(status=200)
 
     # -- generation core ----------------------------------------------------------------------
     def _admit(self, prompt_ids: list[int], sampling: Sampling) -> None:

@@ -1,6 +1,9 @@
 """A server tokenrig did not start (`loadtest --url`): the URL made whole, the model it serves, its API
-key, the tokenizer prompt lengths are counted with, and a pre-flight request that stops the run before
-any load with one line naming the fix (server down, wrong key, model not served, no event stream).
+key, the tokenizer prompt lengths are counted with, a pre-flight request that stops the run before
+any load with one line naming the fix (server down, wrong key, model not served, no event stream),
+and what the run records of it: what the user declared (--backend, --gpu, --model, --quant, --tp,
+--max-num-seqs) and what the server tells (its engine, context, KV cache), so that capacity planning
+can place the run as it places a server tokenrig started.
 
 The API key only ever travels in request headers: nothing here writes it to metadata or logs.
 """
@@ -10,11 +13,22 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from prometheus_client.parser import text_string_to_metric_families
+
 STREAM_TYPE = "text/event-stream"
+# the engine a server names as the owner of its models (/v1/models `owned_by`), else the prefix of its
+# /metrics names; tokenrig's own server runs the hf or the sim engine, which it does not tell apart
+OWNERS = {"vllm": "vllm", "sglang": "sglang", "tokenrig": "tokenrig"}
+METRIC_PREFIXES = (("vllm:", "vllm"), ("sglang:", "sglang"), ("tgi_", "tgi"))
+# what a --url run's user may declare about the server, as ServerSpec.describe() names it
+DECLARABLE = ("backend", "gpu", "model", "quant", "tp", "max_num_seqs")
+# vLLM's cache_config_info labels a run keeps: KV blocks, tokens per block, KV tokens, memory fraction
+CACHE_CONFIG_LABELS = {"num_gpu_blocks": int, "block_size": int, "kv_cache_size_tokens": int,
+                       "gpu_memory_utilization": float}
 
 
 class RemoteError(Exception):
@@ -37,12 +51,64 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
 
 @dataclass
 class RemoteOptions:
-    """What `loadtest --url` was given: the URL as typed, the key, the served model name, a tokenizer path."""
+    """What `loadtest --url` was given: the URL as typed, the key, the served model name, a tokenizer path, and
+    what the user declared about the server (a DECLARABLE name -> its value as ServerSpec.describe() has it)."""
 
     url: str
     api_key: str | None = None
     served_model: str | None = None
     tokenizer: Path | None = None
+    declared: dict = field(default_factory=dict)
+
+
+@dataclass
+class ServerReport:
+    """What a running server tells about itself: the owner of its models, the engine that implies (or its
+    /metrics names do), its context, and vLLM's KV-cache configuration (cache_config_info)."""
+
+    owned_by: str | None = None
+    engine: str | None = None
+    max_model_len: int | None = None
+    kv_cache: dict | None = None
+
+    def document(self) -> dict:
+        return asdict(self)
+
+
+def _cache_config(family) -> dict:
+    labels = family.samples[0].labels if family.samples else {}
+    config = {}
+    for name, kind in CACHE_CONFIG_LABELS.items():
+        try:
+            config[name] = kind(labels[name])
+        except (KeyError, ValueError):
+            continue  # not on this engine version's page, or "None"
+    return config
+
+
+def read_metrics_page(text: str) -> tuple[str | None, dict | None]:
+    """(the engine its metric names say, vLLM's cache_config_info figures) of one /metrics page."""
+    names = [line.split("{", 1)[0].split(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")]
+    engine = next((engine for prefix, engine in METRIC_PREFIXES if any(n.startswith(prefix) for n in names)), None)
+    info = "\n".join(line for line in text.splitlines() if line.startswith("vllm:cache_config_info"))
+    kv_cache = None
+    for family in text_string_to_metric_families(info):
+        kv_cache = _cache_config(family) or None
+    return engine, kv_cache
+
+
+def server_facts(declared: dict, base_url: str, served_model: str, report: ServerReport) -> dict:
+    """metadata.json's `server` for a --url run: named by what its user declared (the GPU is `remote` when
+    undeclared), the engine the server reports where --backend was not given, with `reported` holding what
+    it told and `batch_limits` the per-step limits known (a declared --max-num-seqs)."""
+    reported_backend = report.engine if report.engine != "tokenrig" else None
+    facts = {"backend": declared.get("backend") or reported_backend or "url", "url": base_url,
+             "model": declared.get("model", served_model), "gpu": declared.get("gpu", "remote"),
+             **{key: declared[key] for key in ("quant", "tp") if key in declared},
+             "served_model": served_model, "declared": sorted(declared), "reported": report.document()}
+    if declared.get("max_num_seqs"):
+        facts["batch_limits"] = {"max_num_seqs": declared["max_num_seqs"]}
+    return facts
 
 
 @dataclass
@@ -75,12 +141,12 @@ class RemoteServer:
         except ValueError:
             return None
 
-    def served_model(self, asked: str | None, profile_key: str) -> tuple[str, int | None]:
-        """(model name to send, its max_model_len if the server says): --served-model, else the one model
-        /v1/models lists (or the model profile's name among several)."""
+    def served_model(self, asked: str | None, profile_key: str) -> tuple[str, dict]:
+        """(model name to send, its /v1/models entry, {} when the server has no such route): --served-model,
+        else the one model /v1/models lists (or the model profile's name among several)."""
         models = self.models()
         if models is None:
-            return asked or profile_key, None
+            return asked or profile_key, {}
         names = [entry.get("id") for entry in models]
         if asked is None:
             if profile_key in names:
@@ -94,8 +160,21 @@ class RemoteServer:
         if entry is None:
             raise RemoteError(f"{self.base_url} does not serve {asked!r} (it serves {', '.join(map(str, names))}): "
                               "pass --served-model NAME")
+        return asked, entry
+
+    def report(self, entry: dict) -> ServerReport:
+        """What the server tells of itself, from its /v1/models entry and one /metrics page (none: no figures)."""
         context = entry.get("max_model_len")
-        return asked, context if isinstance(context, int) and context > 0 else None
+        owned_by = entry.get("owned_by") if isinstance(entry.get("owned_by"), str) else None
+        engine, kv_cache = None, None
+        try:
+            with self._open("/metrics", timeout=10) as response:
+                engine, kv_cache = read_metrics_page(response.read().decode(errors="replace"))
+        except (urllib.error.HTTPError, RemoteError, ValueError):
+            pass  # no metrics page: the run records what /v1/models said
+        return ServerReport(owned_by=owned_by, engine=OWNERS.get(owned_by or "") or engine,
+                            max_model_len=context if isinstance(context, int) and context > 0 else None,
+                            kv_cache=kv_cache)
 
     def preflight(self, path: str, model: str, chat: bool) -> str | None:
         """One two-token streaming request before the load: it must stream. A busy server (429, 5xx) is no

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from aiohttp import web
 
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.api import OpenAIServer
 from tokenrig.serve.engines.hf import HFEngine
-from tokenrig.serve.engines.sim import FixedSchedule, RooflineEngine, RooflineParams
+from tokenrig.serve.engines.step_profiler import StepProfiler
+from tokenrig.serve.engines.sim import BLOCK_TOKENS, FixedSchedule, RooflineEngine, RooflineParams
 from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, FitError
 from tokenrig.serve.spec import HfOptions, LaunchError, SimOptions
 from tokenrig.serve.tokenizer import SPECIAL_TOKENS, TEMPLATE_WORDS
@@ -44,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tp", type=int, default=1, help="sim engine: tensor-parallel GPUs")
     parser.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION,
                         help="sim engine: fraction of GPU memory its KV plan may use")
+    parser.add_argument("--profile-dir", type=Path, default=None,
+                        help="hf engine: serve /start_profile and /stop_profile, writing torch-profiler traces here")
+    parser.add_argument("--profile-steps", type=int, default=64, help="engine steps a profile records")
     HfOptions.add_arguments(parser)
     SimOptions.add_arguments(parser)
     return parser
@@ -56,7 +61,8 @@ def build_engine(args):
         return HFEngine(args.model_dir, device=args.device, dtype=args.dtype,
                         attn_implementation=args.attn_implementation,
                         max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-                        kv_cache_tokens=args.kv_cache_tokens, options=HfOptions.from_args(args)), model
+                        kv_cache_tokens=args.kv_cache_tokens, options=HfOptions.from_args(args),
+                        profiler=StepProfiler(args.profile_dir, args.profile_steps) if args.profile_dir else None), model
     options = SimOptions.from_args(args)
     options.validate()
     first_content_id = len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS)
@@ -72,6 +78,16 @@ def build_engine(args):
                           args.tp, context_tokens=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens), model
 
 
+def cache_config(engine, args) -> dict | None:
+    """The KV cache in the words of vLLM's cache_config_info, for the engine that sizes it from a memory plan
+    (the sim's roofline); transformers' cache is sized by the library, and tells no block count."""
+    if not isinstance(engine, RooflineEngine):
+        return None
+    block = BLOCK_TOKENS
+    return {"block_size": block, "num_gpu_blocks": engine.kv_capacity_tokens // block,
+            "kv_cache_size_tokens": engine.kv_capacity_tokens, "gpu_memory_utilization": args.gpu_memory_utilization}
+
+
 def main(argv: list[str] | None = None) -> None:
     # heavy: after the arguments are checked. The class tokenrig writes its tokenizers with (serve/checkpoint.py),
     # not AutoTokenizer, whose import pulls in torch: 4.6 s of a sim server's start against 2.0 s
@@ -85,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"tokenrig server: {error}") from None
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.model_dir)
     server = OpenAIServer(engine, tokenizer, args.served_model_name or model.key,
-                          args.max_model_len or model.max_context)
+                          args.max_model_len or model.max_context, cache_config(engine, args))
     try:
         import uvloop
 

@@ -12,6 +12,7 @@ import asyncio
 from typing import AsyncIterator
 
 from tokenrig.serve.engines import EngineLoad, GenerationRequest
+from tokenrig.serve.engines.step_profiler import StepProfiler
 from tokenrig.serve.spec import HfOptions
 
 NO_EOS = -1  # the API layer decides when to stop; the engine generates max_tokens
@@ -28,6 +29,7 @@ class HFEngine:
         max_batch_tokens: int | None = None,
         kv_cache_tokens: int | None = None,
         options: HfOptions = HfOptions(),
+        profiler: StepProfiler | None = None,
     ):
         self.model_dir = model_dir
         self.device = device
@@ -37,6 +39,7 @@ class HFEngine:
         self.max_batch_tokens = max_batch_tokens
         self.kv_cache_tokens = kv_cache_tokens
         self.options = options
+        self.profiler = profiler  # /start_profile and /stop_profile record its steps
         self._manager = None
         self._waiting: set[str] = set()
         self._running: set[str] = set()
@@ -60,6 +63,8 @@ class HFEngine:
             device_map=self.device, **self._quantization_override(),
         )
         model.eval()
+        if self.profiler:
+            self.profiler.wrap(model)
         generation_config = GenerationConfig(do_sample=False, eos_token_id=NO_EOS, pad_token_id=model.config.pad_token_id)
         batching = {"max_requests_per_batch": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
                     "default_compile_level": self.options.compile_level, "use_cuda_graph": self.options.cuda_graphs}
