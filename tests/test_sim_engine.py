@@ -138,11 +138,11 @@ def test_one_token_budget_per_step_decodes_first_then_waiting_prefills_within_ma
 
 
 def test_a_request_short_of_blocks_preempts_the_last_admitted_which_recomputes():
-    """6 blocks (96 tokens), 3 requests of 40 prompt tokens and 20 out. a and b are admitted (3 + 2 blocks
-    for their first chunks); c is not (its whole prompt needs 3 blocks, 1 is free). a's 49th token needs
-    a 4th block: b, admitted last, is preempted with 8 tokens generated, and a takes b's last block. When
-    a ends, b recomputes its 48 tokens, of which the first 32 are still cached, and c prefills. b's 49th
-    token preempts c in turn."""
+    """6 blocks (96 tokens), 64 tokens a step, 3 requests of 40 prompt tokens and 20 out. a and b are admitted
+    (3 + 2 blocks for their first chunks, which spend the budget); c waits. a's 49th token needs a 4th block:
+    b, admitted last, is preempted with 8 tokens generated, and a takes b's last block. When a ends, b
+    recomputes its 48 tokens, of which the first 32 are still cached, and c prefills. b's 49th token
+    preempts c in turn."""
     sim = scheduler(kv_cache_tokens=96, max_batch_tokens=64, max_num_seqs=4)
     a, b, c = (submit(sim, name, [base] * 40, 20) for name, base in (("a", 100), ("b", 200), ("c", 300)))
     steps = []
@@ -162,6 +162,28 @@ def test_a_request_short_of_blocks_preempts_the_last_admitted_which_recomputes()
     assert load.preemptions == 2
     # a resumed request's lookup is not counted as a query (vLLM counts it apart): 3 prompts, no hits
     assert (load.prefix_cache_queries, load.prefix_cache_hits) == (120, 0)
+
+
+def test_admission_needs_the_whole_sequence_and_the_last_admitted_may_preempt_itself():
+    """7 blocks, 96 tokens a step. a and b prefill 40 tokens each (3 blocks each); the 16 tokens and 1 block
+    left would hold a first chunk of c, but c is admitted only once all 40 of its tokens fit. At their 49th
+    token a takes the free block and b, the last admitted, finds none: it preempts itself. When a ends, b's
+    48 tokens are all in the prefix cache (its own blocks, freed but not overwritten): it resumes with a
+    1-token query, as a decode."""
+    sim = scheduler(kv_cache_tokens=112, max_batch_tokens=96, max_num_seqs=4)
+    a, b, c = (submit(sim, name, [base] * 40, 20) for name, base in (("a", 100), ("b", 200), ("c", 300)))
+    steps = []
+    while sim.busy:
+        steps.append((step(sim), names(sim._running), names(sim._waiting)))
+    first, running, waiting = steps[0]
+    assert first.prefill_chunks == [(40, 40), (40, 40)] and (running, waiting) == (["a", "b"], ["c"])
+    work, running, waiting = steps[9]
+    assert (work.preemptions, names(work.sequences), running, waiting) == (1, ["a"], ["a"], ["b", "c"])
+    work, running, _ = steps[20]
+    assert (work.decode_tokens, work.decode_kv_tokens, work.prefill_chunks) == (1, 48, [(40, 40)])
+    assert running == ["b", "c"] and names(work.sequences) == ["b", "c"]
+    assert steps[29][0].preemptions == 1 and steps[29][2] == ["c"]  # c, last admitted, preempts itself too
+    assert sim.preemptions == 2 and all(s.generated == 20 for s in (a, b, c))
 
 
 def run_alone(sim, prompt, max_tokens=1):
@@ -185,17 +207,22 @@ def test_prefix_cache_blocks_hit_only_after_the_same_prefix():
 
 
 def test_the_prefix_cache_is_the_kv_pool_shared_by_reference_and_evicted_least_recently_freed():
-    """8 blocks. a's and b's prompts (2 full blocks + 8 tokens each) end and stay cached; d's 96-token prompt
-    needs 6 blocks: the 3 free blocks no prefix can hit, then a's two (freed before b's). So a's prompt
-    misses afterwards and b's hits."""
+    """8 blocks. a's and b's prompts (2 full blocks + 8 tokens each) run and end: their full blocks stay
+    cached; their partial last blocks, which no prefix can hit, go to the front of the free queue, and each
+    request's blocks are freed tail first. d's 80-token prompt takes 5 blocks: b's partial one, the 3 never
+    used, and a's second (a's were freed before b's, a's tail before its head). So a's prompt still finds
+    its first block cached, and b's both."""
     sim = scheduler(kv_cache_tokens=128, max_batch_tokens=256)
     a, b = list(range(1000, 1040)), list(range(2000, 2040))
     run_alone(sim, a)
     run_alone(sim, b)
     assert sim.kv_cache.usage == 0  # cached blocks are free blocks
-    run_alone(sim, list(range(3000, 3096)))
-    assert run_alone(sim, b) == 32
-    assert run_alone(sim, a) == 0
+    run_alone(sim, list(range(3000, 3080)))
+
+    def cached(prompt):
+        return len(sim.kv_cache.cached_prefix(_Sequence(GenerationRequest("?", prompt, 1, 0.0)))) * 16
+
+    assert (cached(a), cached(b)) == (16, 32)
     # two requests with one prompt at once: the second shares the first's 2 full blocks (cached when allocated)
     sim = scheduler(kv_cache_tokens=128, max_batch_tokens=256)
     first, second = submit(sim, "1", a, 2), submit(sim, "2", a, 2)

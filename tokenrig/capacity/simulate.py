@@ -209,8 +209,6 @@ def replay(setup: EngineSetup, book: RequestBook, load: LoadPlanSpec, slos: list
         if clock > plan.end + DRAIN_S:
             break
         work = scheduler.plan_step()
-        if work.idle:  # the one running request preempted itself: the next step admits it again
-            continue
         clock += scheduler.step_time(work)
         for sequence, _token in scheduler.finish_step(work):
             record, pending = active[id(sequence)]

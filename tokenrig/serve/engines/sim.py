@@ -235,8 +235,10 @@ class PagedKvCache:
         held = len(sequence.blocks) + len(hit)
         needed = max(-(-end // BLOCK_TOKENS) - held, 0)
         taken_from_free = pool.unreferenced(hit) if hit else 0
-        if whole_sequence and max(-(-sequence.num_tokens // BLOCK_TOKENS) - held, 0) + taken_from_free > pool.free_blocks:
-            return False
+        if whole_sequence:
+            whole = max(-(-sequence.num_tokens // BLOCK_TOKENS) - held, 0)
+            if whole + taken_from_free > pool.free_blocks:
+                return False
         if needed + taken_from_free > pool.free_blocks:
             return False
         if hit:
@@ -278,7 +280,7 @@ class StepWork:
 
     @property
     def idle(self) -> bool:
-        """Nothing was scheduled (the one running request preempted itself): no forward pass."""
+        """Nothing was scheduled: no request waits or runs (one that fits the cache is always admitted)."""
         return not self.prefill_tokens and not self.decode_tokens
 
 
@@ -400,7 +402,7 @@ class RooflineScheduler:
                 if victim is sequence:
                     break
                 allocated = self.kv_cache.allocate(sequence, new_tokens)
-            if not allocated:  # it preempted itself: nothing more runs this step
+            if not allocated:  # it preempted itself (vLLM's guard; a request check_fits takes always fits alone)
                 break
             scheduled.append((sequence, new_tokens))
             budget -= new_tokens
@@ -447,7 +449,8 @@ class RooflineScheduler:
                 work.sequences.append(sequence)
         work.decode_tokens, work.decode_kv_tokens = decodes, decode_kv_tokens
         # each decoded token attends over its context + itself and reads the context's KV cache
-        work.attention_flops = self._attention_flops_per_pair * (work.prefill_attention_pairs + decode_kv_tokens + decodes)
+        pairs = work.prefill_attention_pairs + decode_kv_tokens + decodes
+        work.attention_flops = self._attention_flops_per_pair * pairs
         work.kv_bytes_read = decode_kv_tokens * self.kv_bytes_per_token
         work.kv_tokens_written = work.prefill_tokens + decodes
         return work
@@ -515,10 +518,9 @@ class RooflineEngine(RooflineScheduler):
         while True:
             work = self.plan_step()
             if work.idle:
-                if not self.busy:
-                    self._wake.clear()
-                    await self._wake.wait()
-                    deadline = loop.time()
+                self._wake.clear()
+                await self._wake.wait()
+                deadline = loop.time()
                 continue
             deadline += self.step_time(work)
             delay = deadline - loop.time()
