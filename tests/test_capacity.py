@@ -6,6 +6,8 @@ kept out of GPU calibrations."""
 import csv
 import datetime
 import json
+import shutil
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -29,8 +31,18 @@ from tokenrig.serve.spec import SimOptions
 
 TIMING = str(DATA / "timing.yaml")  # 64 prompt tokens, 50 output tokens
 # a --find-max run made with --url before the run recorded what its user declared: `gpu: remote`
-OLD_URL_RUN = (REPO / "docs/results/serve-h200-vllm-followup-2026-11-30b/findmax-7b"
-               / "20261130-153421-chat-url-llama2-7b-remote")
+# a --url run as tokenrig recorded it before --url runs named their server: `backend: url, gpu: remote` (docs/results
+# keeps this run with the server its page says it loaded, declared afterwards; the test restores what was recorded)
+H200_URL_RUN = (REPO / "docs/results/serve-h200-vllm-followup-2026-11-30b/findmax-7b"
+                / "20261130-153421-chat-url-llama2-7b-remote")
+
+
+def old_url_run(root: Path) -> Path:
+    run = shutil.copytree(H200_URL_RUN, root / H200_URL_RUN.name)
+    metadata = json.loads((run / "metadata.json").read_text())
+    metadata["server"] = {"backend": "url", "url": "http://127.0.0.1:8000", "model": "llama2-7b", "gpu": "remote"}
+    (run / "metadata.json").write_text(json.dumps(metadata))
+    return run
 
 
 def test_sizing_matches_hand_computed_cases():
@@ -238,7 +250,8 @@ def test_a_url_run_records_what_was_declared_and_told_and_capacity_places_it(tmp
         ("vllm", "h100-sxm", "llama2-7b", 1)}
 
     out = tmp_path / "capacity.json"
-    result = run_cli("capacity", "--from", str(runs), str(OLD_URL_RUN), "--slo", "ttft_p50=1s", "--target-rps", "5",
+    old = old_url_run(tmp_path / "old")
+    result = run_cli("capacity", "--from", str(runs), str(old), "--slo", "ttft_p50=1s", "--target-rps", "5",
                      "--out", str(out), timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     document = json.loads(out.read_text())
@@ -247,10 +260,10 @@ def test_a_url_run_records_what_was_declared_and_told_and_capacity_places_it(tmp
         ["h100-sxm"], "llama2-7b", ["bf16"], "timing")  # the runs' own, none named on the command line
     [row] = document["rows"]
     assert (row["gpu"], row["engine"], row["source"], row["basis"]) == ("h100-sxm", "vllm", "measured", str(longer))
-    assert f"skipped {OLD_URL_RUN}: unknown GPU 'remote': a --url run that declared no --gpu" in document["notes"]
+    assert f"skipped {old}: unknown GPU 'remote': a --url run that declared no --gpu" in document["notes"]
     also = f"h100-sxm bf16 vllm: measured run {shorter} also answers"
     assert any(note.startswith(also) for note in document["notes"]), document["notes"]
-    assert f"note: skipped {OLD_URL_RUN}" in result.stdout
+    assert f"note: skipped {old}" in result.stdout
 
 
 def test_the_kv_cache_a_vllm_server_reports_is_read_from_its_metrics_page():

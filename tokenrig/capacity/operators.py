@@ -250,8 +250,9 @@ def _cross_validated_error(breakdowns, rows, model, gpu, quant, tp) -> tuple[flo
 
 def batch_of_work(work) -> Batch:
     """A replayed step's batch (the sim scheduler's StepWork) in the model's terms."""
+    # sequences as a profiled step's annotation counts them: every request with tokens in the step
     return Batch(work.prefill_tokens, work.decode_tokens, work.decode_kv_tokens, work.prefill_attention_pairs,
-                 len(work.sequences))
+                 len(work.prefill_chunks) + work.decode_tokens)
 
 
 class OperatorScheduler(RooflineScheduler):
