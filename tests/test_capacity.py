@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import DATA, KNOWN_ROOFLINE, REPO, VLLM_0_26_PAGE, run_cli, run_dir_of, start_server
 from tokenrig.capacity.calibrate import Calibrator, EngineModel, HeldOut, figures
 from tokenrig.capacity.cost import ReplicaCapacity, size
-from tokenrig.capacity.inputs import read_results
+from tokenrig.capacity.inputs import read_results, recorded_batch_limits
 from tokenrig.capacity.simulate import RequestBook, VirtualSearch
 from tokenrig.capacity.table import CSV_COLUMNS, render
 from tokenrig.cli import main
@@ -304,6 +304,15 @@ def test_every_projected_rows_basis_reaches_the_console():
     text = render(document)
     for row in rows:
         assert f"note: {row['gpu']} bf16 vllm: projected, {row['basis']}" in text
+
+
+def test_batch_limits_are_read_from_metadata_old_and_new():
+    """A run records them as `batch_limits`; the runs in docs/results recorded only the server command."""
+    old = json.loads((REPO / "docs/results/serve-h200-vllm-followup-2026-11-30b/13b-64u"
+                      / "20261130-154059-chat-vllm-llama2-13b-h200/metadata.json").read_text())["server"]
+    assert recorded_batch_limits(old) == (64, 8192)
+    assert recorded_batch_limits({"batch_limits": {"max_num_seqs": 1}, "command": old["command"]}) == (1, 8192)
+    assert recorded_batch_limits({"backend": "url", "gpu": "remote"}) == (None, None)
 
 
 @pytest.mark.parametrize("rate", ["-5", "0", "nan"])
