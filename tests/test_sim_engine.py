@@ -1,5 +1,5 @@
 """The roofline sim engine: its arithmetic, its KV-capacity limit (the fit planner's), and latency growing
-with load."""
+with load; the fixed schedule with slots, a FIFO queue."""
 
 import asyncio
 
@@ -7,7 +7,7 @@ import pytest
 
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.engines import GenerationRequest
-from tokenrig.serve.engines.sim import RooflineEngine, RooflineParams, StepWork
+from tokenrig.serve.engines.sim import FixedSchedule, RooflineEngine, RooflineParams, StepWork
 from tokenrig.serve.fit import FitError
 
 
@@ -92,3 +92,26 @@ def test_latency_grows_with_load_and_kv_capacity_queues_requests():
     # the 5th and 6th requests wait for two full requests to finish before they are admitted
     assert worst_ttft > 2 * single[0][1]
     assert max(total for _, total in many) > 2.5 * single[0][1]
+
+
+def test_a_fixed_schedule_with_slots_serves_that_many_at_once_and_queues_the_rest_in_order():
+    async def run():
+        sim = FixedSchedule(0.02, 0.01, vocab_size=100, first_content_id=7, slots=2)
+        loop = asyncio.get_running_loop()
+        arrival, first_tokens = loop.time(), {}
+
+        async def one(index: int):
+            async for _ in sim.generate(GenerationRequest(str(index), [7], 3, arrival)):
+                first_tokens.setdefault(index, loop.time() - arrival)
+
+        tasks = [asyncio.create_task(one(index)) for index in range(3)]
+        await asyncio.sleep(0.005)
+        load = sim.load()
+        await asyncio.gather(*tasks)
+        return load, first_tokens, sim.load()
+
+    load, first_tokens, idle = asyncio.run(run())
+    # two slots: requests 0 and 1 start at once (first token at 20 ms, the last of 3 at 40 ms); request 2 waits
+    # for the first slot to free at 40 ms, on the schedule, so its first token is due at 60 ms
+    assert (load.running, load.waiting) == (2, 1) and (idle.running, idle.waiting) == (0, 0)
+    assert 0.0195 <= first_tokens[0] < 0.04 and 0.0595 <= first_tokens[2] < 0.09, first_tokens

@@ -126,6 +126,7 @@ class SloVerdict(_Part):
     samples: int
     beyond_percentile: int | None = None
     ci95_s: tuple[float, float] | None = None
+    beyond_threshold: int | None = None  # samples over the threshold (summaries before it was recorded lack it)
     confidence: str
 
 

@@ -4,7 +4,9 @@ statement, and goodput (requests/s meeting every SLO, DistServe's definition).
 A percentile estimated from n samples is uncertain; the judgment gives the distribution-free
 95 % confidence interval of the percentile (from the order statistics, via the binomial
 distribution of how many samples fall below the true percentile) and how many samples lay
-beyond it, so "p99 met" from 150 requests is not mistaken for a solid result.
+beyond it, so "p99 met" from 150 requests is not mistaken for a solid result. `threshold_verdict`
+is the same question asked exactly: from how many of n samples exceed the threshold, is the
+percentile certainly under it, certainly over it, or marginal (and how likely met)?
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import beta, binom
 
 from tokenrig.loadgen.records import RequestRecord
 from tokenrig.report.run_summary import SloJudgement, SloVerdict
@@ -85,6 +88,46 @@ def samples_for(percentile: float, beyond: int) -> int:
     return math.ceil(beyond * 100 / (100 - percentile) - 1e-9)  # 1e-9: 5 / (1 - 0.9) is 50.000000000000014
 
 
+@dataclass(frozen=True)
+class ThresholdVerdict:
+    """Where a percentile stands against its threshold, from a sample: "met" or "missed" when the exact
+    two-sided confidence interval of the percentile lies on one side of the threshold, else "marginal";
+    `probability_met` is the posterior probability that it is met (uniform prior on the exceedance rate)."""
+
+    verdict: str  # met | missed | marginal
+    probability_met: float
+    confidence: float
+
+    @property
+    def certain(self) -> bool:
+        return self.verdict != "marginal"
+
+    def describe(self) -> str:
+        if self.certain:
+            return f"{self.verdict} at {self.confidence:.0%}"
+        return f"marginal ({self.probability_met:.0%} likely met)"
+
+
+def threshold_verdict(samples: int, beyond_threshold: int, percentile: float,
+                      confidence: float = 0.95) -> ThresholdVerdict:
+    """The percentile is at or under the threshold exactly when at most a fraction 1 - percentile of the
+    distribution exceeds it; the count beyond it in `samples` independent draws is binomial. The order-statistic
+    confidence interval of the percentile lies under the threshold when even that fraction would rarely leave
+    so few beyond it (P(Bin(n, 1 - p) <= k) <= alpha), above it when it would rarely leave so many."""
+    alpha = (1 - confidence) / 2
+    tail = 1 - percentile / 100
+    if samples == 0:
+        return ThresholdVerdict("marginal", 0.5, confidence)
+    if binom.cdf(beyond_threshold, samples, tail) <= alpha:
+        verdict = "met"
+    elif binom.sf(beyond_threshold - 1, samples, tail) <= alpha:
+        verdict = "missed"
+    else:
+        verdict = "marginal"
+    probability_met = float(beta.cdf(tail, beyond_threshold + 1, samples - beyond_threshold + 1))
+    return ThresholdVerdict(verdict, probability_met, confidence)
+
+
 def judge(records: list[RequestRecord], slos: list[Slo], window_s: float) -> SloJudgement:
     """Every SLO against the measured successful requests, plus goodput over the window."""
     ok = [r for r in records if r.in_window and r.ok]
@@ -102,16 +145,15 @@ def judge(records: list[RequestRecord], slos: list[Slo], window_s: float) -> Slo
         value = float(np.percentile(values, slo.percentile))
         interval = percentile_interval(values, slo.percentile)
         beyond = int(np.sum(values > value))
+        beyond_threshold = int(np.sum(values > slo.threshold_s))
+        certainty = threshold_verdict(int(values.size), beyond_threshold, slo.percentile).describe()
         if interval is None:
-            confidence = f"low: {values.size} samples, {beyond} beyond p{slo.percentile:g} (no 95 % interval)"
-        elif interval[1] <= slo.threshold_s or interval[0] > slo.threshold_s:
-            confidence = f"95 %: interval [{interval[0] * 1e3:.1f}, {interval[1] * 1e3:.1f}] ms is on one side"
+            confidence = f"{certainty}: {values.size} samples, {beyond} beyond p{slo.percentile:g} (no 95 % interval)"
         else:
-            confidence = (f"marginal: 95 % interval [{interval[0] * 1e3:.1f}, {interval[1] * 1e3:.1f}] ms "
-                          "contains the threshold")
+            confidence = f"{certainty}: 95 % interval [{interval[0] * 1e3:.1f}, {interval[1] * 1e3:.1f}] ms"
         verdicts[slo.name] = SloVerdict(threshold_s=slo.threshold_s, value_s=value, met=value <= slo.threshold_s,
                                         samples=int(values.size), beyond_percentile=beyond, ci95_s=interval,
-                                        confidence=confidence)
+                                        beyond_threshold=beyond_threshold, confidence=confidence)
     good = 0
     for record in ok:
         values = [slo.request_value(record) for slo in slos]
