@@ -3,11 +3,12 @@
 A profile answers `next_step(base, slos, steps)` with the next step's plan (the rate or user count it is
 named by, and the whole load plan: seed and length included), or None once the run is over. `SingleRun`
 runs the scenario's own load once; `Sweep` steps through a fixed list of rates or user counts; `FindMax`
-(--find-max, the SLO search) probes open-loop rates ×2 with short steps until one misses an SLO or the server
-saturates, then places full steps where the SLO percentile, interpolated against the rate between the steps
-that bracket it, crosses its threshold, until the bracket is within `precision`; it states the knee's 95 %
-interval from the bracketing steps' percentile intervals. `walk` drives a profile with any `measure(plan) -> StepResult`: a live server (loadtest.py),
-a replayed one (capacity/simulate.py), a test's function. (GPU and model profiles are tokenrig/profiles/.)
+(--find-max, the SLO search) probes open-loop rates x2 or x4 with short steps until one misses an SLO or the
+server saturates, then places full steps where the SLO percentile, interpolated against the rate between the
+steps that bracket it, crosses its threshold, until the bracket is within `precision`; it states the knee's
+95 % interval, between the rates certainly met and certainly missed. `walk` drives a profile with any
+`measure(plan) -> StepResult`: a live server (loadtest.py), a replayed one (capacity/simulate.py), a test's
+function. (GPU and model profiles are tokenrig/profiles/.)
 """
 
 from __future__ import annotations
@@ -95,10 +96,12 @@ class Search(LoadProfile):
         return {"mode": self.mode, **self.conclusion(steps), "steps": [step.row() for step in steps]}
 
 
-# A probe step runs until this many requests have been due: enough to see a server far past its capacity or
-# its SLO, not to judge a tail percentile; the steps that bound the answer are full ones.
-PROBE_REQUESTS = 20
-PROBE_MIN_S = 1.0  # and lasts at least this long
+# A probe step runs until this many requests have been due, between PROBE_MIN_S and PROBE_MAX_S after its warm-up:
+# enough to see a server far past its capacity or its SLO, not to judge a tail percentile; the steps that bound
+# the answer are full ones. A probe whose percentiles are under FAR_BELOW of their thresholds while the server
+# kept up is followed by one at FAR_GROWTH x its rate (a queue's latency is flat until near its knee), else 2x.
+PROBE_REQUESTS, PROBE_MIN_S, PROBE_MAX_S = 20, 1.0, 5.0
+FAR_BELOW, FAR_GROWTH = 0.5, 4.0
 # an interpolated rate stays this share of the precision away from the bracket's ends, so that each full step
 # can close the bracket: a step there that lands on the far side of the knee leaves a bracket within precision
 END_CLEARANCE = 0.5
@@ -109,7 +112,7 @@ QUICK_TAIL_SAMPLES, QUICK_MIN_STEP_S = 3, 3.0
 @dataclass(frozen=True)
 class FindMax(Search):
     """--find-max: the highest open-loop rate meeting every SLO. Probe steps (PROBE_REQUESTS requests each) go
-    ×2 from `start_rate` until one misses; then full steps, each long enough that the percentile it judges has
+    x2 (x4 while far under the SLOs) from `start_rate` until one misses; then full steps, each long enough that the percentile it judges has
     `tail_samples` samples beyond it (10 beyond p99 = 1000 requests) and ended as soon as its verdict is certain
     (SloWatch), are placed where the percentile interpolated against the rate between the bracketing steps
     crosses the threshold (regula falsi on log(percentile / threshold), the Illinois variant), until the rates
@@ -138,7 +141,7 @@ class FindMax(Search):
         if not slos:
             duration = base.duration_s
         elif probe:
-            duration = min(max(PROBE_MIN_S, base.warmup_s + PROBE_REQUESTS / value), self.max_step_s)
+            duration = min(base.warmup_s + min(max(PROBE_MIN_S, PROBE_REQUESTS / value), PROBE_MAX_S), self.max_step_s)
         else:
             duration = step_duration(slos, value, self.tail_samples, base.warmup_s, self.min_step_s, self.max_step_s)
         return open_loop_step(base, value, duration, base.seed + step)
@@ -176,11 +179,14 @@ class FindMax(Search):
             elif len(steps) >= self.max_steps:
                 result.stop_reason = "step limit reached while probing"
             else:
-                result.next_rate, result.next_probe = (best.load * 2, True) if failing is None else (failing.load / 2, True)
+                far = best is not None and (margin := best.margin()) is not None and margin < math.log(FAR_BELOW)
+                growth = FAR_GROWTH if far and best.probe else 2.0
+                result.next_rate, result.next_probe = (best.load * growth if failing is None else failing.load / 2), True
             return result.with_knee(counted)
         # the bracket's own test: 10.5 / 10 - 1 is 0.0500...04 in floating point, above a 5 % precision
         bracketed = failing.load <= best.load * (1 + self.precision) * (1 + 1e-9)
-        unsure_end = best if best.probe else failing if failing.probe and failing.certainty.verdict != "missed" else None
+        surely_missed = failing.certainty is not None and failing.certainty.verdict == "missed"
+        unsure_end = best if best.probe else failing if failing.probe and not surely_missed else None
         if len(steps) >= self.max_steps:
             result.stop_reason = f"step limit reached (bracket {failing.load / best.load - 1:.1%} wide)"
         elif bracketed and unsure_end is not None:  # a first look bounds the answer: judge it with a full step
@@ -195,7 +201,7 @@ class FindMax(Search):
         step = steps[-1]
         verdict = "meets SLOs" if step.slo_met else ("saturated" if step.saturated else "misses SLOs")
         certainty = step.certainty
-        sureness = "" if certainty is None or step.saturated else f", {certainty.describe()}"
+        sureness = "" if certainty is None or step.saturated or step.probe else f", {certainty.describe()}"
         kind = "probe" if step.probe else "step"
         return (f"{kind} {len(steps)}: {step.load:.3g} req/s -> {verdict}{sureness}"
                 + ("" if step.valid else f" ({LATE_BUT_JUDGED})" if step.judged
@@ -238,8 +244,8 @@ class Sweep(Search):
 
 @dataclass
 class SearchResult:
-    """Where a find-max walk stands: its steps, the bracket, the knee between the bracketing steps (interpolated,
-    with the 95 % interval their percentiles' intervals give), and the next rate or the reason it stopped."""
+    """Where a find-max walk stands: its steps, the bracket, the knee (interpolated between the bracketing steps)
+    and its 95 % interval, and the next rate or the reason it stopped."""
 
     steps: list[StepResult] = field(default_factory=list)
     best: float | None = None  # highest rate that met every SLO, below every rate that missed one
@@ -252,18 +258,27 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
 
     def with_knee(self, counted: list[StepResult]) -> SearchResult:
+        """The knee between the bracketing steps, and its interval: above the highest rate certainly met, below
+        the lowest certainly missed (each certain at 95 %, one-sided 97.5 %)."""
         best, failing = _bracket(counted)
         if best is not None and failing is not None:
-            self.knee = crossing(best, failing, 0)
-            self.knee_interval = (crossing(best, failing, +1), crossing(best, failing, -1))
+            self.knee = crossing(best, failing)
+        surely = {verdict: [step.load for step in counted if step.certainty and step.certainty.verdict == verdict]
+                  for verdict in ("met", "missed")}
+        high = min(surely["missed"], default=None)
+        low = max((rate for rate in surely["met"] if high is None or rate < high), default=None)
+        if low is not None or high is not None:
+            self.knee_interval = (low, high)
         return self
 
     def reason(self) -> str:
         """The stop reason, with the knee's interval when there is one."""
         if self.knee is None or self.knee_interval is None:
             return self.stop_reason
-        low, high = (f"{rate:.3g}" if rate is not None else "?" for rate in self.knee_interval)
-        return f"{self.stop_reason}; knee {self.knee:.3g} req/s (95 %: {low} to {high})"
+        low, high = self.knee_interval
+        interval = (f"{low:.3g} to {high:.3g} req/s" if low is not None and high is not None
+                    else f"above {low:.3g} req/s" if low is not None else f"below {high:.3g} req/s")
+        return f"{self.stop_reason}; knee {self.knee:.3g} req/s by interpolation, 95 %: {interval}"
 
 
 def _counted_steps(steps: list[StepResult]) -> tuple[list[StepResult], list[str]]:
@@ -292,14 +307,14 @@ def _bracket(steps: list[StepResult]) -> tuple[StepResult | None, StepResult | N
     return max(met, key=lambda step: step.load, default=None), failing
 
 
-def crossing(met: StepResult, missed: StepResult, bound: int) -> float | None:
-    """The rate where the line through the two steps' margins (StepResult.margin, log(percentile / threshold),
-    of their percentiles or, with `bound` ±1, of their 95 % intervals' ends) crosses 0, not below 0; None
-    when it does not rise from one to the other (a step with no percentile, or the higher one no higher)."""
-    low, high = met.margin(bound), missed.margin(bound)
+def crossing(met: StepResult, missed: StepResult) -> float | None:
+    """The rate where the line through the two steps' margins (StepResult.margin: log(percentile / threshold))
+    crosses 0; None when it does not rise from one to the other (a step with no percentile, or the higher
+    one no higher)."""
+    low, high = met.margin(), missed.margin()
     if low is None or high is None or high <= low:
         return None
-    return max(0.0, met.load + (missed.load - met.load) * -low / (high - low))
+    return met.load + (missed.load - met.load) * -low / (high - low)
 
 
 def next_rate(steps: list[StepResult], precision: float) -> float:

@@ -82,13 +82,14 @@ class StepResult:
 
     @property
     def certainty(self) -> ThresholdVerdict | None:
-        """The step's SLOs together, exactly: missed when the server fell behind or one SLO's percentile is
-        certainly over its threshold, met when every one is certainly under, else marginal with the chance
-        that all are met (the product of theirs). None: no SLO judged."""
+        """The step's SLOs together, exactly: missed when the server fell behind or erred, or one SLO's
+        percentile is certainly over its threshold, met when every one is certainly under, else marginal with
+        the chance that all are met (the product of theirs). A step stopped early is judged on what it
+        measured: certain that its own percentile misses is not certain that the server's does. None: no SLO."""
         slo = self.summary.slo
         if slo is None:
             return None
-        if self.saturated:
+        if self.summary.requests.failed > 0 or self.fell_behind:
             return ThresholdVerdict("missed", 0.0, 0.95)
         verdicts = [_slo_certainty(name, verdict) for name, verdict in slo.slos.items()]
         if not verdicts:
@@ -98,15 +99,12 @@ class StepResult:
             return ThresholdVerdict("missed", probability, 0.95)
         return ThresholdVerdict("met" if all(v.verdict == "met" for v in verdicts) else "marginal", probability, 0.95)
 
-    def margin(self, bound: int = 0) -> float | None:
-        """How far the step's worst SLO lies from its threshold, as log(value / threshold): its percentile
-        (bound 0), or the low (-1) or high (+1) end of the percentile's 95 % interval; None when no SLO has one."""
+    def margin(self) -> float | None:
+        """How far the step's worst SLO percentile lies from its threshold, log(value / threshold); None when no
+        SLO has a value."""
         slo = self.summary.slo
-        margins = []
-        for verdict in (slo.slos.values() if slo else []):
-            value = verdict.value_s if bound == 0 else (verdict.ci95_s[(bound + 1) // 2] if verdict.ci95_s else None)
-            if value is not None:
-                margins.append(math.log(max(value, 1e-9) / verdict.threshold_s))
+        margins = [math.log(max(verdict.value_s, 1e-9) / verdict.threshold_s)
+                   for verdict in (slo.slos.values() if slo else []) if verdict.value_s is not None]
         return max(margins) if margins else None
 
     @property
@@ -138,8 +136,8 @@ class StepResult:
             "certainty": certainty.verdict if (certainty := self.certainty) else None,
             "probability_met": certainty.probability_met if certainty else None,
             "loadgen_valid": self.valid, "judged": self.judged,
-            "slos": {name: verdict.model_dump(include={"value_s", "met", "samples", "beyond_threshold", "ci95_s",
-                                                       "confidence"})
+            "slos": {name: verdict.model_dump(include={"value_s", "met", "samples", "beyond_threshold",
+                                                       "exceedance_clusters", "ci95_s", "confidence"})
                      for name, verdict in (slo.slos if slo else {}).items()},
         }
 
@@ -149,7 +147,8 @@ def _slo_certainty(name: str, verdict) -> ThresholdVerdict:
     if verdict.beyond_threshold is None:
         return ThresholdVerdict("met" if verdict.met else "missed", float(verdict.met), 0.95)
     percentile = float(name.rsplit("_p", 1)[1])
-    return threshold_verdict(verdict.samples, verdict.beyond_threshold, percentile)
+    return threshold_verdict(verdict.samples, verdict.beyond_threshold, percentile,
+                             clusters=verdict.exceedance_clusters)
 
 
 def step_duration(slos: list[Slo], rate: float, tail_samples: int, warmup_s: float, min_s: float,

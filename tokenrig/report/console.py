@@ -120,7 +120,7 @@ def render_steps(document: dict, title: str, slos) -> str:
             verdict = "interrupted (no verdict)"
         elif row["saturated"]:
             verdict += " saturated" if not row["stopped_early"] else " stopped early (SLO already missed)"
-        elif row.get("certainty") == "marginal":
+        elif row.get("certainty") == "marginal" and not row.get("probe"):
             verdict += f" (marginal: {row['probability_met']:.0%} likely met)"
         if row.get("probe"):
             verdict += " [probe]"

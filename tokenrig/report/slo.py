@@ -109,15 +109,21 @@ class ThresholdVerdict:
 
 
 def threshold_verdict(samples: int, beyond_threshold: int, percentile: float,
-                      confidence: float = 0.95) -> ThresholdVerdict:
+                      confidence: float = 0.95, clusters: int | None = None) -> ThresholdVerdict:
     """The percentile is at or under the threshold exactly when at most a fraction 1 - percentile of the
     distribution exceeds it; the count beyond it in `samples` independent draws is binomial. The order-statistic
     confidence interval of the percentile lies under the threshold when even that fraction would rarely leave
-    so few beyond it (P(Bin(n, 1 - p) <= k) <= alpha), above it when it would rarely leave so many."""
+    so few beyond it (P(Bin(n, 1 - p) <= k) <= alpha), above it when it would rarely leave so many.
+
+    Latencies out of a queue are not independent: its slow requests come in runs (a burst of arrivals, a busy
+    period), so k counts fewer independent events than it seems. With `clusters` (exceedance_clusters: runs of
+    exceedances), each run counts once, over n x clusters / k samples: the extremal-index correction."""
     alpha = (1 - confidence) / 2
     tail = 1 - percentile / 100
     if samples == 0:
         return ThresholdVerdict("marginal", 0.5, confidence)
+    if clusters and beyond_threshold > clusters:
+        samples, beyond_threshold = max(round(samples * clusters / beyond_threshold), clusters), clusters
     if binom.cdf(beyond_threshold, samples, tail) <= alpha:
         verdict = "met"
     elif binom.sf(beyond_threshold - 1, samples, tail) <= alpha:
@@ -128,9 +134,18 @@ def threshold_verdict(samples: int, beyond_threshold: int, percentile: float,
     return ThresholdVerdict(verdict, probability_met, confidence)
 
 
+def exceedance_clusters(exceeds: np.ndarray) -> int:
+    """Runs of values beyond a threshold, in the order they were sent: exceedances fewer than sqrt(n) values
+    apart belong to one run (the runs estimator of extreme-value statistics, run length sqrt(n))."""
+    where = np.flatnonzero(exceeds)
+    if where.size == 0:
+        return 0
+    return 1 + int(np.sum(np.diff(where) > math.isqrt(exceeds.size)))
+
+
 def judge(records: list[RequestRecord], slos: list[Slo], window_s: float) -> SloJudgement:
     """Every SLO against the measured successful requests, plus goodput over the window."""
-    ok = [r for r in records if r.in_window and r.ok]
+    ok = sorted((r for r in records if r.in_window and r.ok), key=lambda r: r.scheduled_at)
     measured = [r for r in records if r.in_window]
     verdicts = {}
     for slo in slos:
@@ -146,14 +161,16 @@ def judge(records: list[RequestRecord], slos: list[Slo], window_s: float) -> Slo
         interval = percentile_interval(values, slo.percentile)
         beyond = int(np.sum(values > value))
         beyond_threshold = int(np.sum(values > slo.threshold_s))
-        certainty = threshold_verdict(int(values.size), beyond_threshold, slo.percentile).describe()
+        clusters = exceedance_clusters(values > slo.threshold_s)
+        certainty = threshold_verdict(int(values.size), beyond_threshold, slo.percentile, clusters=clusters).describe()
         if interval is None:
             confidence = f"{certainty}: {values.size} samples, {beyond} beyond p{slo.percentile:g} (no 95 % interval)"
         else:
             confidence = f"{certainty}: 95 % interval [{interval[0] * 1e3:.1f}, {interval[1] * 1e3:.1f}] ms"
         verdicts[slo.name] = SloVerdict(threshold_s=slo.threshold_s, value_s=value, met=value <= slo.threshold_s,
                                         samples=int(values.size), beyond_percentile=beyond, ci95_s=interval,
-                                        beyond_threshold=beyond_threshold, confidence=confidence)
+                                        beyond_threshold=beyond_threshold, exceedance_clusters=clusters,
+                                        confidence=confidence)
     good = 0
     for record in ok:
         values = [slo.request_value(record) for slo in slos]

@@ -53,7 +53,9 @@ class FixedSchedule:
         self._tokens = _TokenSource(vocab_size, first_content_id)
         self._active: set[str] = set()
         self._slot_free_at: list[float] = [0.0] * (slots or 0)  # a heap: when each slot's request is done
-        self._starts: dict[str, float] = {}  # the requests given a slot, by when their schedule starts
+        # (start, end) of each request given a slot: the queue's load is the schedule's, whether or not a
+        # request's stream has been closed (a client that went away leaves its generator to the collector)
+        self._reservations: list[tuple[float, float]] = []
 
     async def start(self) -> None:
         pass
@@ -62,9 +64,12 @@ class FixedSchedule:
         pass
 
     def load(self) -> EngineLoad:
-        now = asyncio.get_running_loop().time() if self.slots else 0.0
-        waiting = sum(start > now for start in self._starts.values())
-        return EngineLoad(running=len(self._active) - waiting, waiting=waiting, kv_cache_usage=None)
+        if not self.slots:
+            return EngineLoad(running=len(self._active), waiting=0, kv_cache_usage=None)
+        now = asyncio.get_running_loop().time()
+        self._reservations = [(start, end) for start, end in self._reservations if end > now]
+        waiting = sum(start > now for start, _ in self._reservations)
+        return EngineLoad(running=len(self._reservations) - waiting, waiting=waiting, kv_cache_usage=None)
 
     def failure(self) -> str | None:
         return None
@@ -75,8 +80,9 @@ class FixedSchedule:
         if not self.slots:
             return request.arrival
         start = max(request.arrival, heapq.heappop(self._slot_free_at))
-        heapq.heappush(self._slot_free_at, start + self.ttft_s + max(request.max_tokens - 1, 0) * self.tpot_s)
-        self._starts[request.request_id] = start
+        end = start + self.ttft_s + max(request.max_tokens - 1, 0) * self.tpot_s
+        heapq.heappush(self._slot_free_at, end)
+        self._reservations.append((start, end))
         return start
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
@@ -91,7 +97,6 @@ class FixedSchedule:
                 yield [self._tokens.next()]
         finally:
             self._active.discard(request.request_id)
-            self._starts.pop(request.request_id, None)
 
 
 @dataclass
