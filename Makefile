@@ -23,7 +23,7 @@ DECODE_CONFIGS ?= eager sdpa sdpa+graphs+kvpad=1024
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup setup-vllm loadtest serve train finetune train-matrix train-gpu-run test test-fast monitor dashboards bench-loadgen bench-hf-decode report capacity clean
+.PHONY: setup setup-vllm loadtest serve train finetune train-matrix train-gpu-run test test-fast monitor dashboards bench-loadgen bench-hf-decode bench-search report capacity clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
@@ -99,6 +99,9 @@ monitor: setup
 # the ceiling measured here is kept for this machine's load tests (tokenrig/loadgen/ceiling.py)
 bench-loadgen: setup  # the load generator's own ceiling per core; table -> docs/results/loadgen-capacity.md
 	$(BIN)/python benchmarks/loadgen.py --out docs/results/loadgen-capacity.md --save-ceiling
+
+bench-search: setup  # --find-max against a sim queue whose knee is computed, vs a 10-rate sweep -> docs/results/slo-search.md
+	$(BIN)/python benchmarks/search.py --out docs/results/slo-search.md $(ARGS)
 
 bench-hf-decode: setup  # batch-1 decode of the hf engine vs the bandwidth roofline, e.g. GPU=h200 MODEL=7b
 	$(BIN)/python benchmarks/hf_decode.py --gpu $(GPU) --model $(MODEL) --configs $(DECODE_CONFIGS) $(ARGS)

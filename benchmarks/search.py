@@ -94,7 +94,8 @@ def true_knee(replications: int = 8, arrivals: int = 1_000_000) -> tuple[float, 
     return float(np.mean(knees)), float(1.96 * np.std(knees, ddof=1) / np.sqrt(replications))
 
 
-def chance_misses(knee: float, fraction: float, samples: int, trials: int = 400) -> tuple[float, float]:
+def chance_misses(knee: float, fraction: float, samples: int, trials: int = 400,
+                  steady: int = 2_000_000) -> tuple[float, float]:
     """At `fraction` of the knee: the share of steps of `samples` requests (from an empty queue, after the
     warm-up) whose TTFT percentile misses the threshold, and the share the binomial rule predicts from the
     steady-state exceedance probability (independent samples)."""
@@ -103,8 +104,7 @@ def chance_misses(knee: float, fraction: float, samples: int, trials: int = 400)
     skip = int(WARMUP_S * rate)
     misses = sum(np.percentile(queue_ttft(rng.exponential(size=skip + samples), rate)[skip:], SLO_PERCENTILE)
                  > SLO_THRESHOLD_S for _ in range(trials))
-    steady = queue_ttft(rng.exponential(size=2_000_000), rate)[100_000:]
-    exceed = float(np.mean(steady > SLO_THRESHOLD_S))
+    exceed = float(np.mean(queue_ttft(rng.exponential(size=steady), rate)[steady // 20:] > SLO_THRESHOLD_S))
     beyond_allowed = int(samples * (100 - SLO_PERCENTILE) / 100)  # more than this beyond: the percentile misses
     return misses / trials, float(binom.sf(beyond_allowed, samples, exceed))
 
@@ -222,6 +222,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3", help="search seeds, comma-separated")
     parser.add_argument("--quick-seeds", default="1", help="seeds of --find-max --quick runs ('' for none)")
     parser.add_argument("--no-sweep", action="store_true", help="leave out the sweep baseline")
+    parser.add_argument("--replications", type=int, default=8, help="queueing simulations of the knee (>= 2)")
+    parser.add_argument("--arrivals", type=int, default=1_000_000, help="arrivals per queueing simulation")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file (between markers)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -229,8 +231,8 @@ def main() -> None:
     command = "python benchmarks/search.py " + shlex.join(sys.argv[1:])
     env = environment()
     print(f"{env}\ncomputing the true knee (queueing simulation)...", flush=True)
-    knee, knee_half = true_knee()
-    misses = [(fraction, *chance_misses(knee, fraction, 1000)) for fraction in (0.9, 0.95)]
+    knee, knee_half = true_knee(args.replications, args.arrivals)
+    misses = [(fraction, *chance_misses(knee, fraction, 1000, steady=args.arrivals)) for fraction in (0.9, 0.95)]
     print(f"true knee {knee:.2f} req/s (95 %: ±{knee_half:.2f})", flush=True)
 
     from tokenrig.profiles import resolve_gpu, resolve_model
@@ -238,27 +240,27 @@ def main() -> None:
     from tokenrig.serve.spec import ServerSpec, SimOptions
 
     searches, sweep = [], None
-    with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
-        work = Path(tmp)
-        scenario = work / "scenario.yaml"
-        scenario.write_text(SCENARIO)
-        log = work / "console.log"
-        spec = ServerSpec(backend="sim", model=resolve_model("tiny"), gpu=resolve_gpu("cpu"), max_num_seqs=SLOTS,
-                          options=SimOptions(sim_ttft_ms=TTFT_S * 1000, sim_tpot_ms=TPOT_S * 1000))
-        try:
-            with LaunchedServer(spec, work / "server.log", progress=lambda *_: None) as server:
-                url = server.endpoint.base_url
-                for seed in seeds:
-                    searches.append(run_search(url, scenario, work, log, seed, knee, quick=False))
-                    print(f"find-max seed {seed}: {searches[-1]}", flush=True)
-                for seed in quick_seeds:
-                    searches.append(run_search(url, scenario, work, log, seed, knee, quick=True))
-                    print(f"find-max --quick seed {seed}: {searches[-1]}", flush=True)
-                if not args.no_sweep:
-                    sweep = run_sweep(url, scenario, work, log, seeds[0] if seeds else 1, knee)
-                    print(f"sweep: {sweep}", flush=True)
-        except KeyboardInterrupt:
-            print("interrupted: the table covers the runs finished so far")
+    work = Path(tempfile.mkdtemp(prefix="bench-search-"))  # kept: the runs' directories and console.log
+    print(f"runs and their console output: {work}", flush=True)
+    scenario = work / "scenario.yaml"
+    scenario.write_text(SCENARIO)
+    log = work / "console.log"
+    spec = ServerSpec(backend="sim", model=resolve_model("tiny"), gpu=resolve_gpu("cpu"), max_num_seqs=SLOTS,
+                      options=SimOptions(sim_ttft_ms=TTFT_S * 1000, sim_tpot_ms=TPOT_S * 1000))
+    try:
+        with LaunchedServer(spec, work / "server.log", progress=lambda *_: None) as server:
+            url = server.endpoint.base_url
+            for seed in seeds:
+                searches.append(run_search(url, scenario, work, log, seed, knee, quick=False))
+                print(f"find-max seed {seed}: {searches[-1]}", flush=True)
+            for seed in quick_seeds:
+                searches.append(run_search(url, scenario, work, log, seed, knee, quick=True))
+                print(f"find-max --quick seed {seed}: {searches[-1]}", flush=True)
+            if not args.no_sweep:
+                sweep = run_sweep(url, scenario, work, log, seeds[0] if seeds else 1, knee)
+                print(f"sweep: {sweep}", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: the table covers the runs finished so far")
     text = table(knee, knee_half, searches, sweep, misses, command, env)
     print("\n" + text)
     if args.out:
