@@ -140,12 +140,15 @@ def run_search(url: str, scenario: Path, work: Path, log: Path, seed: int, knee:
     answer = search.get("max_rate_meeting_slos")
     low, high = search.get("knee_ci95_rps") or (None, None)
     return {"seed": seed, "quick": quick, "answer": answer, "knee_estimate": search.get("knee_rps"),
-            "interval": [low, high], "covers": None if low is None or high is None else low <= knee <= high,
+            "interval": [low, high], "covers": None if low is None and high is None
+            else (low is None or low <= knee) and (high is None or knee <= high),
             "error": None if answer is None else answer / knee - 1, "wall_s": wall, "steps": len(search["steps"]),
             "probes": sum(1 for step in search["steps"] if step.get("probe")), "stop_reason": search["stop_reason"]}
 
 
 def run_sweep(url: str, scenario: Path, work: Path, log: Path, seed: int, knee: float) -> dict:
+    from tokenrig.loadgen.search import StepResult
+    from tokenrig.report.run_summary import RunSummary
     from tokenrig.report.slo import samples_for
 
     samples = samples_for(SLO_PERCENTILE, 10)  # a full search step's (--tail-samples 10)
@@ -154,8 +157,7 @@ def run_sweep(url: str, scenario: Path, work: Path, log: Path, seed: int, knee: 
         rate = CAPACITY_RPS * index / SWEEP_RATES
         summary, _, _ = loadtest(url, scenario, work / "sweep", log, "--rate", f"{rate:g}", "--seed",
                                  str(seed + index), "--duration", f"{WARMUP_S + samples / rate:.3f}")
-        rows.append((rate, summary["slo"]["all_met"]
-                     and summary["throughput"]["requests_per_s"] >= 0.9 * summary["load_generator"]["achieved_send_rate_rps"]))
+        rows.append((rate, StepResult(rate, RunSummary.model_validate(summary)).slo_met))  # as a search step's
     wall = time.perf_counter() - start
     lowest_missed = min((rate for rate, met in rows if not met), default=None)
     met = [rate for rate, ok in rows if ok and (lowest_missed is None or rate < lowest_missed)]
@@ -197,8 +199,8 @@ def table(knee: float, knee_half: float, searches: list[dict], sweep: dict | Non
                      f"{row['steps']} ({row['probes']}) | {row['wall_s']:.0f} |")
     if sweep:
         answer = f"{sweep['answer']:.2f}" if sweep["answer"] is not None else "none"
-        lines.append(f"| sweep of {sweep['steps']} rates, {sweep['samples_per_rate']} requests each | {sweep['seed']} | "
-                     f"{answer} | {percent(sweep['error'])} | - | - | - | {sweep['steps']} | {sweep['wall_s']:.0f} |")
+        lines.append(f"| sweep of {sweep['steps']} rates, {sweep['samples_per_rate']} requests each | "
+                     f"{sweep['seed']} | {answer} | {percent(sweep['error'])} | - | - | - | {sweep['steps']} | {sweep['wall_s']:.0f} |")
     lines.append("")
     full = [row for row in searches if not row["quick"]]
     if sweep and full:
@@ -210,7 +212,8 @@ def table(knee: float, knee_half: float, searches: list[dict], sweep: dict | Non
     if sweep and quick:
         ratio = np.mean([row["wall_s"] for row in quick]) / sweep["wall_s"]
         lines.append(f"find-max --quick: mean wall time {ratio:.2f}x the sweep's")
-    lines += ["", "A full step of 1000 requests (after the warm-up, from an empty queue) missing the SLO by chance:", "",
+    lines += ["", "A full step of 1000 requests (after the warm-up, from an empty queue) missing the SLO by chance:",
+              "",
               "| rate | steps missing (queue simulation) | binomial rule's prediction |", "|---|---|---|"]
     for fraction, observed, predicted in misses:
         lines.append(f"| {fraction:.0%} of the knee | {observed:.1%} | {predicted:.1%} |")

@@ -12,10 +12,10 @@ def step_summary(window_s: float, sent: int, completed: int, slo_met: bool | Non
                  slos: dict | None = None) -> RunSummary:
     """`sent` arrivals and `completed` requests over a `window_s`-second window; `slo_met` None: no SLOs.
     `late_sends_only`: the load generator's one fault was late sends (up to 40 ms). `slos`: name ->
-    (percentile value, threshold, samples, samples beyond the threshold, the runs they came in), s."""
+    (percentile value, threshold, samples, samples beyond the threshold, design effect), s."""
     verdicts = {name: SloVerdict(threshold_s=threshold, value_s=value, met=value <= threshold, samples=samples,
-                                 beyond_threshold=beyond, exceedance_clusters=clusters, confidence="")
-                for name, (value, threshold, samples, beyond, clusters) in (slos or {}).items()}
+                                 beyond_threshold=beyond, design_effect=design_effect, confidence="")
+                for name, (value, threshold, samples, beyond, design_effect) in (slos or {}).items()}
     if slos:
         slo_met = all(verdict.met for verdict in verdicts.values())
     valid = valid and not late_sends_only

@@ -15,7 +15,7 @@ from tokenrig.loadgen.load_profiles import (FindMax, SearchResult, StepPlan, Swe
 from tokenrig.loadgen.scenario import LoadPlanSpec
 from tokenrig.loadgen.search import StepResult
 from tokenrig.report.console import render_steps
-from tokenrig.report.slo import exceedance_clusters, parse_slos, threshold_verdict
+from tokenrig.report.slo import parse_slos, tail_design_effect, threshold_verdict
 
 BASE = LoadPlanSpec(type="poisson", rate=1.0, duration_s=60, seed=100)
 
@@ -178,42 +178,45 @@ def test_every_recorded_search_in_docs_results_reads_back():
         assert profile_from_metadata(block).metadata() == block
 
 
-def ttft_step(rate: float, p99_s: float, beyond: int, clusters: int | None = None, samples: int = 1000,
+def ttft_step(rate: float, p99_s: float, beyond: int, design_effect: float = 1.0, samples: int = 1000,
               probe: bool = False) -> StepResult:
-    """A step at `rate` whose TTFT p99 over `samples` requests is `p99_s` against 200 ms, `beyond` of them over it
-    in `clusters` runs (by default each on its own)."""
+    """A step at `rate` whose TTFT p99 over `samples` requests is `p99_s` against 200 ms, `beyond` of them over it,
+    each sample worth 1 / `design_effect` independent ones."""
     sent = round(rate * samples / rate)
     summary = step_summary(samples / rate, sent, sent,
-                           slos={"ttft_p99": (p99_s, 0.2, samples, beyond, beyond if clusters is None else clusters)})
+                           slos={"ttft_p99": (p99_s, 0.2, samples, beyond, design_effect)})
     return StepResult(rate, summary, probe=probe)
 
 
-@pytest.mark.parametrize("samples, beyond, clusters, verdict", [
-    (1000, 2, None, "met"),  # 1 % of 1000 is 10: 2 beyond is rare if p99 were at the threshold
-    (1000, 10, None, "marginal"),
-    (1000, 20, None, "missed"),
-    (367, 0, None, "marginal"),  # 0.99^367 = 2.5 %: too few for a p99 to be certain even with none beyond
-    (368, 0, None, "met"),
-    (1000, 20, 2, "marginal"),  # 20 beyond in 2 runs (two busy periods): two events, not twenty
-    (1000, 60, 30, "missed"),
+@pytest.mark.parametrize("samples, beyond, design_effect, verdict", [
+    (1000, 2, 1, "met"),  # 1 % of 1000 is 10: 2 beyond is rare if p99 were at the threshold
+    (1000, 10, 1, "marginal"),
+    (1000, 20, 1, "missed"),
+    (367, 0, 1, "marginal"),  # 0.99^367 = 2.5 %: too few for a p99 to be certain even with none beyond
+    (368, 0, 1, "met"),
+    (1000, 0, 3, "marginal"),  # slow requests in runs of 3: 1000 tell what 333 independent ones would
+    (1000, 20, 2, "marginal"),  # 20 beyond, in pairs: 10 events in 500
+    (1000, 60, 3, "missed"),
 ])
-def test_a_step_is_certain_only_when_its_percentiles_exact_interval_lies_on_one_side(samples, beyond, clusters,
+def test_a_step_is_certain_only_when_its_percentiles_exact_interval_lies_on_one_side(samples, beyond, design_effect,
                                                                                      verdict):
-    result = threshold_verdict(samples, beyond, 99, clusters=clusters)
+    result = threshold_verdict(samples, beyond, 99, design_effect=design_effect)
     assert result.verdict == verdict
     if result.certain:  # the posterior chance agrees with the certain verdicts (a uniform prior: near 97.5 %)
         assert result.probability_met > 0.97 if verdict == "met" else result.probability_met < 0.03
 
 
-def test_exceedances_a_run_apart_count_as_one():
-    exceeds = np.zeros(100, dtype=bool)  # runs are sqrt(100) = 10 apart at most
-    exceeds[[3, 5, 12, 40, 80, 81]] = True
-    assert exceedance_clusters(exceeds) == 3 and exceedance_clusters(np.zeros(5, dtype=bool)) == 0
+def test_the_design_effect_is_about_1_for_independent_latencies_and_large_for_runs_of_slow_ones():
+    rng = np.random.default_rng(1)
+    independent = rng.exponential(size=1000)
+    bursts = np.repeat(rng.exponential(size=50), 20)  # the same latency 20 requests running
+    assert tail_design_effect(independent) < 2.5 and tail_design_effect(bursts) > 10
+    assert tail_design_effect(np.arange(50.0)) == 1.0  # too few for 10 batches of 10
 
 
 def test_a_marginal_step_is_said_to_be_and_how_sure_and_the_interval_covers_it():
     steps = [ttft_step(50, 0.100, 0), ttft_step(80, 0.150, 1), ttft_step(84, 0.199, 9), ttft_step(88, 0.210, 12),
-             ttft_step(120, 0.900, 600, clusters=60)]
+             ttft_step(120, 0.900, 600, design_effect=10)]
     result = FindMax(precision=0.05).conclude(steps)
     assert (result.best, result.lowest_failing) == (84, 88) and result.stop_reason == "bracketed within 4.8%"
     # 84 (9 beyond) and 88 (12 beyond) are both marginal: the knee is certain only between 80 and 120
@@ -227,7 +230,7 @@ def test_a_marginal_step_is_said_to_be_and_how_sure_and_the_interval_covers_it()
 
 
 def test_the_next_rate_is_where_the_percentile_interpolated_against_the_rate_crosses_its_threshold():
-    met, missed = ttft_step(50, 0.100, 0), ttft_step(100, 0.800, 500, clusters=50)
+    met, missed = ttft_step(50, 0.100, 0), ttft_step(100, 0.800, 500, design_effect=10)
     # log(0.1 / 0.2) = -0.693 at 50 req/s, log(0.8 / 0.2) = 1.386 at 100: the line crosses 0 at 66.7 req/s
     assert next_rate([met, missed], 0.05) == pytest.approx(50 + 50 * 0.6931 / 2.0794, rel=1e-3)
     assert crossing(met, missed) == pytest.approx(66.67, rel=1e-3)
@@ -242,7 +245,7 @@ def test_the_next_rate_is_where_the_percentile_interpolated_against_the_rate_cro
 
 
 def test_a_probe_that_bounds_the_answer_is_judged_again_by_a_full_step():
-    steps = [ttft_step(64, 0.05, 0, samples=20, probe=True), ttft_step(66, 0.9, 400, clusters=40)]
+    steps = [ttft_step(64, 0.05, 0, samples=20, probe=True), ttft_step(66, 0.9, 400, design_effect=10)]
     result = FindMax(precision=0.05).conclude(steps)
     assert result.next_rate == 64 and not result.next_probe and not result.stop_reason
 

@@ -112,10 +112,10 @@ QUICK_TAIL_SAMPLES, QUICK_MIN_STEP_S = 3, 3.0
 @dataclass(frozen=True)
 class FindMax(Search):
     """--find-max: the highest open-loop rate meeting every SLO. Probe steps (PROBE_REQUESTS requests each) go
-    x2 (x4 while far under the SLOs) from `start_rate` until one misses; then full steps, each long enough that the percentile it judges has
-    `tail_samples` samples beyond it (10 beyond p99 = 1000 requests) and ended as soon as its verdict is certain
-    (SloWatch), are placed where the percentile interpolated against the rate between the bracketing steps
-    crosses the threshold (regula falsi on log(percentile / threshold), the Illinois variant), until the rates
+    x2 (x4 while far under the SLOs) from `start_rate` until one misses; then full steps, each long enough that
+    the percentile it judges has `tail_samples` samples beyond it (10 beyond p99 = 1000 requests) and ended as
+    soon as its verdict is certain (SloWatch), are placed where the percentile interpolated against the rate
+    between the bracketing steps crosses the threshold (regula falsi on log(percentile / threshold), the Illinois variant), until the rates
     that met and missed are within `precision`, both judged by full steps (or the one above missed for certain).
     A step whose one fault was late sends is run again once; if it is late again, its verdict counts, and the
     search says so."""
@@ -141,7 +141,8 @@ class FindMax(Search):
         if not slos:
             duration = base.duration_s
         elif probe:
-            duration = min(base.warmup_s + min(max(PROBE_MIN_S, PROBE_REQUESTS / value), PROBE_MAX_S), self.max_step_s)
+            probing_s = min(max(PROBE_MIN_S, PROBE_REQUESTS / value), PROBE_MAX_S)
+            duration = min(base.warmup_s + probing_s, self.max_step_s)
         else:
             duration = step_duration(slos, value, self.tail_samples, base.warmup_s, self.min_step_s, self.max_step_s)
         return open_loop_step(base, value, duration, base.seed + step)
@@ -155,9 +156,9 @@ class FindMax(Search):
             return SearchResult(steps, next_rate=self.start_rate, next_probe=True)
         counted, notes = _counted_steps(steps)
         last = steps[-1]
-        if counted and counted[-1] is not last:  # the last step is not judged: run it again, or stop
-            best, failing = _bracket(counted)
-            result = SearchResult(steps, best and best.load, failing and failing.load, notes=notes)
+        best, failing = _bracket(counted)
+        result = SearchResult(steps, best and best.load, failing and failing.load, notes=notes)
+        if not any(step is last for step in counted):  # the last step is no verdict: run it again, or stop
             if last.late_sends_only:
                 result.next_rate, result.next_probe = last.load, last.probe
                 return result
@@ -165,15 +166,7 @@ class FindMax(Search):
             result.stop_reason = (f"load generator invalid at {last.load:.3g} req/s ({'; '.join(health.problems)}): "
                                   f"{health.remedy}")
             return result.with_knee(counted)
-        if not counted:
-            if last.late_sends_only:
-                return SearchResult(steps, next_rate=last.load, next_probe=last.probe, notes=notes)
-            health = last.summary.load_generator
-            return SearchResult(steps, stop_reason=f"load generator invalid at {last.load:.3g} req/s "
-                                               f"({'; '.join(health.problems)}): {health.remedy}", notes=notes)
-        best, failing = _bracket(counted)
-        result = SearchResult(steps, best and best.load, failing and failing.load, notes=notes)
-        if best is None or failing is None:  # probing: ×2 while every step met the SLOs, /2 while none did
+        if best is None or failing is None:  # probing: up while every step met the SLOs, /2 while none did
             if best is None and failing.load / 2 < self.start_rate / 64:
                 result.stop_reason = f"SLOs missed even at {failing.load:.3g} req/s"
             elif len(steps) >= self.max_steps:
@@ -181,7 +174,8 @@ class FindMax(Search):
             else:
                 far = best is not None and (margin := best.margin()) is not None and margin < math.log(FAR_BELOW)
                 growth = FAR_GROWTH if far and best.probe else 2.0
-                result.next_rate, result.next_probe = (best.load * growth if failing is None else failing.load / 2), True
+                result.next_rate = best.load * growth if failing is None else failing.load / 2
+                result.next_probe = True
             return result.with_knee(counted)
         # the bracket's own test: 10.5 / 10 - 1 is 0.0500...04 in floating point, above a 5 % precision
         bracketed = failing.load <= best.load * (1 + self.precision) * (1 + 1e-9)

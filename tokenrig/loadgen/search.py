@@ -137,7 +137,7 @@ class StepResult:
             "probability_met": certainty.probability_met if certainty else None,
             "loadgen_valid": self.valid, "judged": self.judged,
             "slos": {name: verdict.model_dump(include={"value_s", "met", "samples", "beyond_threshold",
-                                                       "exceedance_clusters", "ci95_s", "confidence"})
+                                                       "design_effect", "ci95_s", "confidence"})
                      for name, verdict in (slo.slos if slo else {}).items()},
         }
 
@@ -148,7 +148,7 @@ def _slo_certainty(name: str, verdict) -> ThresholdVerdict:
         return ThresholdVerdict("met" if verdict.met else "missed", float(verdict.met), 0.95)
     percentile = float(name.rsplit("_p", 1)[1])
     return threshold_verdict(verdict.samples, verdict.beyond_threshold, percentile,
-                             clusters=verdict.exceedance_clusters)
+                             design_effect=verdict.design_effect or 1.0)
 
 
 def step_duration(slos: list[Slo], rate: float, tail_samples: int, warmup_s: float, min_s: float,

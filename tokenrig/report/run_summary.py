@@ -127,7 +127,7 @@ class SloVerdict(_Part):
     beyond_percentile: int | None = None
     ci95_s: tuple[float, float] | None = None
     beyond_threshold: int | None = None  # samples over the threshold (summaries before it was recorded lack it)
-    exceedance_clusters: int | None = None  # runs those samples came in, in send order (report/slo.py)
+    design_effect: float | None = None  # samples per independent one in the tail (report/slo.tail_design_effect)
     confidence: str
 
 
