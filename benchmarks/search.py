@@ -216,7 +216,8 @@ def table(knee: float, knee_half: float, searches: list[dict], sweep: dict | Non
               "",
               "| rate | steps missing (queue simulation) | binomial rule's prediction |", "|---|---|---|"]
     for fraction, observed, predicted in misses:
-        lines.append(f"| {fraction:.0%} of the knee | {observed:.1%} | {predicted:.1%} |")
+        lines.append(f"| {fraction:.0%} of the knee | {observed:.1%} | {predicted:.1%} |" if predicted >= 0.001
+                     else f"| {fraction:.0%} of the knee | {observed:.1%} | {predicted * 100:.1g} % |")
     return "\n".join(lines)
 
 

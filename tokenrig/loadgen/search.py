@@ -14,9 +14,11 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from tokenrig.loadgen.records import RequestRecord
 from tokenrig.report.run_summary import RunSummary
-from tokenrig.report.slo import Slo, ThresholdVerdict, samples_for, threshold_verdict
+from tokenrig.report.slo import Slo, ThresholdVerdict, samples_for, tail_design_effect, threshold_verdict
 
 # A server is saturated when it completes fewer requests than were sent: the queue grows. Over a window,
 # completions trail sends by the growth of the requests in flight; for a server that keeps up the two counts
@@ -164,7 +166,8 @@ class SloWatch:
     Missed: when, of all the step's scheduled requests, enough violate an SLO that the percentile's own order
     statistic is a violation even if every later request is fast (fewer may still leave the percentile under
     the threshold: 39 x 20 ms and 1 x 60 ms have p99 44.4 ms), or, past WATCH_MIN_FRACTION of them, when the
-    violations are too many for chance at WATCH_CONFIDENCE. Met: with `pending()` (requests due in the window
+    violations are too many for chance at WATCH_CONFIDENCE (counting the samples as fewer when slow ones come
+    in runs, report/slo.tail_design_effect). Met: with `pending()` (requests due in the window
     and not yet recorded), once every SLO is certainly met at WATCH_CONFIDENCE even counting each pending
     request as a violation, so stopping cannot drop the slow requests a queue is still holding."""
 
@@ -175,6 +178,7 @@ class SloWatch:
         self.pending = pending
         self.seen = 0
         self.violations = {slo.name: 0 for slo in self.slos}
+        self.values: dict[str, list[float]] = {slo.name: [] for slo in self.slos}  # in the order they ended
         self.verdict: str | None = None  # "met" or "missed" once decided
 
     def write(self, record: RequestRecord) -> None:
@@ -183,8 +187,10 @@ class SloWatch:
         self.seen += 1
         for slo in self.slos:
             value = slo.request_value(record) if record.ok else math.inf
-            if value is not None and value > slo.threshold_s:
-                self.violations[slo.name] += 1
+            if value is not None:
+                self.values[slo.name].append(value)
+                if value > slo.threshold_s:
+                    self.violations[slo.name] += 1
 
     def close(self) -> None:
         pass
@@ -199,14 +205,15 @@ class SloWatch:
             return "missed"
         if self.seen < WATCH_MIN_FRACTION * self.expected:
             return None
-        if any(threshold_verdict(self.seen, self.violations[slo.name], slo.percentile, WATCH_CONFIDENCE).verdict
-               == "missed" for slo in self.slos):
+        effects = {slo.name: tail_design_effect(np.asarray(self.values[slo.name])) for slo in self.slos}
+        if any(threshold_verdict(self.seen, self.violations[slo.name], slo.percentile, WATCH_CONFIDENCE,
+                                 effects[slo.name]).verdict == "missed" for slo in self.slos):
             return "missed"
         if self.pending is None or not self.judges_every_slo or not self.slos:
             return None
         pending = self.pending()
         if all(threshold_verdict(self.seen + pending, self.violations[slo.name] + pending, slo.percentile,
-                                 WATCH_CONFIDENCE).verdict == "met" for slo in self.slos):
+                                 WATCH_CONFIDENCE, effects[slo.name]).verdict == "met" for slo in self.slos):
             return "met"
         return None
 
