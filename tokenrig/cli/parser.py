@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "confidence statement, goodput reported")
     loadtest.add_argument("--find-max", action="store_true",
                           help="with --slo: find the highest open-loop rate meeting every SLO (short probe steps "
-                               "x2 from --rate, then full steps where the percentile, interpolated between the "
+                               "up from --rate, then full steps where the percentile, interpolated between the "
                                "bracketing steps, crosses its threshold); writes search.json and the curve walked")
     loadtest.add_argument("--quick", action="store_true",
                           help="--find-max for a first look: 3 samples beyond the judged percentile per step (300 "
