@@ -100,7 +100,8 @@ monitor: setup
 bench-loadgen: setup  # the load generator's own ceiling per core; table -> docs/results/loadgen-capacity.md
 	$(BIN)/python benchmarks/loadgen.py --out docs/results/loadgen-capacity.md --save-ceiling
 
-bench-search: setup  # --find-max against a sim queue whose knee is computed, vs a 10-rate sweep -> docs/results/slo-search.md
+# --find-max against a sim queue whose knee is computed, beside a 10-rate sweep: table -> docs/results/slo-search.md
+bench-search: setup
 	$(BIN)/python benchmarks/search.py --out docs/results/slo-search.md $(ARGS)
 
 bench-hf-decode: setup  # batch-1 decode of the hf engine vs the bandwidth roofline, e.g. GPU=h200 MODEL=7b

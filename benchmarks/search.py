@@ -200,7 +200,8 @@ def table(knee: float, knee_half: float, searches: list[dict], sweep: dict | Non
     if sweep:
         answer = f"{sweep['answer']:.2f}" if sweep["answer"] is not None else "none"
         lines.append(f"| sweep of {sweep['steps']} rates, {sweep['samples_per_rate']} requests each | "
-                     f"{sweep['seed']} | {answer} | {percent(sweep['error'])} | - | - | - | {sweep['steps']} | {sweep['wall_s']:.0f} |")
+                     f"{sweep['seed']} | {answer} | {percent(sweep['error'])} | - | - | - | {sweep['steps']} | "
+                     f"{sweep['wall_s']:.0f} |")
     lines.append("")
     full = [row for row in searches if not row["quick"]]
     if sweep and full:

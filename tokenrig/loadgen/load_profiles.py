@@ -115,8 +115,9 @@ class FindMax(Search):
     x2 (x4 while far under the SLOs) from `start_rate` until one misses; then full steps, each long enough that
     the percentile it judges has `tail_samples` samples beyond it (10 beyond p99 = 1000 requests) and ended as
     soon as its verdict is certain (SloWatch), are placed where the percentile interpolated against the rate
-    between the bracketing steps crosses the threshold (regula falsi on log(percentile / threshold), the Illinois variant), until the rates
-    that met and missed are within `precision`, both judged by full steps (or the one above missed for certain).
+    between the bracketing steps crosses the threshold (regula falsi on log(percentile / threshold), the
+    Illinois variant), until the rates that met and missed are within `precision`, both judged by full steps
+    (or the one above missed for certain).
     A step whose one fault was late sends is run again once; if it is late again, its verdict counts, and the
     search says so."""
 
