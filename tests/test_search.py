@@ -293,3 +293,15 @@ def test_a_step_late_twice_running_counts_and_the_search_says_so():
     document = profile.document(steps)
     assert document["notes"] == result.notes and document["max_rate_meeting_slos"] == result.best
     assert "note: 4 req/s: sends late twice running" in render_steps(document, "t", parse_slos("ttft_p99=1s"))
+
+
+def test_the_conclusion_never_says_no_rate_met_when_a_row_did():
+    """Late sends at 1 req/s (met), then a load generator out of CPU on the run again: no verdict to stand on,
+    and the conclusion says why rather than that nothing met the SLOs."""
+    steps = [StepResult(1.0, step_summary(60.0, 60, 60, late_sends_only=True)),
+             StepResult(1.0, step_summary(60.0, 60, 60, valid=False))]
+    profile = FindMax()
+    result = profile.conclude(steps)
+    assert result.best is None and result.next_rate is None and result.stop_reason.startswith("load generator invalid")
+    table = render_steps(profile.document(steps), "t", parse_slos("ttft_p99=1s"))
+    assert "no rate met every SLO with its load generator valid" in table and "no rate tried" not in table

@@ -135,6 +135,8 @@ def render_steps(document: dict, title: str, slos) -> str:
             conclusion = "search interrupted: no max rate (an interrupted step is no verdict)"
         elif best is not None:
             conclusion = f"max rate meeting every SLO: {best:.3g} req/s"
+        elif any(row["slo_met"] for row in document["steps"]):  # only on steps whose load generator was at fault
+            conclusion = "no rate met every SLO with its load generator valid"
         else:
             conclusion = "no rate tried met every SLO"
         lines += ["", conclusion, f"search: {document.get('stop_reason', '')}"]
