@@ -25,7 +25,7 @@ DECODE_CONFIGS ?= eager sdpa sdpa+graphs+kvpad=1024
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup setup-vllm setup-sglang loadtest serve train finetune train-matrix train-gpu-run test test-fast monitor dashboards bench-loadgen bench-capacity bench-hf-decode report capacity clean
+.PHONY: setup setup-vllm setup-sglang loadtest serve train finetune train-matrix train-gpu-run test test-fast monitor dashboards bench-loadgen bench-capacity bench-hf-decode bench-search report capacity clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
@@ -108,6 +108,10 @@ bench-loadgen: setup  # the load generator's own ceiling per core; table -> docs
 # capacity projections against measured SLO searches, one configuration left out at a time (docs/capacity.md)
 bench-capacity: setup
 	$(BIN)/python benchmarks/capacity_holdout.py --from docs/results --json docs/results/capacity-holdout.json $(ARGS)
+
+# --find-max against a sim queue whose knee is computed, beside a 10-rate sweep: table -> docs/results/slo-search.md
+bench-search: setup
+	$(BIN)/python benchmarks/search.py --out docs/results/slo-search.md $(ARGS)
 
 bench-hf-decode: setup  # batch-1 decode of the hf engine vs the bandwidth roofline, e.g. GPU=h200 MODEL=7b
 	$(BIN)/python benchmarks/hf_decode.py --gpu $(GPU) --model $(MODEL) --configs $(DECODE_CONFIGS) $(ARGS)

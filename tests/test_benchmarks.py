@@ -123,3 +123,20 @@ def test_capacity_holdout_leaves_each_configuration_out(tmp_path):
         assert f"h100-sxm (llama2-7b, {other}" in case["basis"]  # its own profile was left out
         assert case["error"] == pytest.approx(case["projected_goodput"] / case["measured_goodput"] - 1)
     assert "cases projected" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timing
+def test_search_benchmark_reports_the_error_against_the_queues_computed_knee(tmp_path):
+    """A quick search only (no sweep), the knee from two short queueing simulations: the table is written."""
+    out = tmp_path / "slo-search.md"
+    result = subprocess.run([sys.executable, "benchmarks/search.py", "--seeds", "", "--quick-seeds", "1", "--no-sweep",
+                             "--replications", "2", "--arrivals", "200000", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = out.read_text()
+    assert "True knee (queueing simulation): **8" in table  # 87.9 req/s for the 16-slot queue
+    row = next(line for line in table.splitlines() if line.startswith("| find-max --quick | 1 |")).split("|")
+    answer, error = float(row[3]), float(row[4].strip().rstrip("%"))
+    assert 40 < answer < 130 and abs(error) < 50, row  # a real answer; its accuracy is the benchmark's to state
+    assert "| 95% of the knee |" in table and "Command: `python benchmarks/search.py --seeds" in table

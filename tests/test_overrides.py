@@ -53,6 +53,13 @@ def test_find_max_starts_at_the_rate_given_or_at_one_request_per_second():
     assert plan_run(CLOSED, LoadOverrides(find_max=True), SLOS).profile.start_rate == 1.0
 
 
+def test_quick_is_a_find_max_of_fewer_samples_per_step():
+    quick = plan_run(CLOSED, LoadOverrides(find_max=True, quick=True), SLOS).profile
+    assert (quick.tail_samples, quick.min_step_s) == (3, 3.0)
+    default = plan_run(CLOSED, LoadOverrides(find_max=True), SLOS).profile
+    assert (default.tail_samples, default.min_step_s) == (10, 10.0)
+
+
 def test_a_rate_sweep_over_a_closed_loop_scenario_runs_open_loop_from_its_first_value():
     run = plan_run(CLOSED, LoadOverrides(sweep="2, 4,8"), None)
     assert run.profile == Sweep(loads=(2.0, 4.0, 8.0))
@@ -69,6 +76,9 @@ def test_a_user_sweep_keeps_the_scenarios_load_for_the_profile_to_vary():
     (LoadOverrides(users=2, rate=1.0), None, "give --users (closed loop) or --rate (open loop), not both"),
     (LoadOverrides(find_max=True), None, "--find-max needs --slo, e.g. --slo ttft_p99=500ms,tpot_p99=50ms"),
     (LoadOverrides(sweep="1,two"), None, "--sweep takes comma-separated numbers, not '1,two'"),
+    (LoadOverrides(find_max=True, quick=True, tail_samples=5), SLOS,
+     "--quick sets the samples per step (--tail-samples 3): give one of them"),
+    (LoadOverrides(quick=True), SLOS, "--quick is a setting of --find-max: add --find-max --slo ..."),
     (LoadOverrides(duration_s=2, warmup_s=3), None,
      "invalid load settings: : Value error, warmup_s + cooldown_s must be shorter than duration_s"),
 ])

@@ -36,8 +36,6 @@ def server_args(spec: ServerSpec) -> argparse.Namespace:
     (["--backend", "sim", "--sim-ttft-ms", "5", "--sim-tpot-ms", "1", "--tp", "2"], "does not use --tp"),
     (["--backend", "sim", "--sim-ttft-ms", "5", "--sim-tpot-ms", "1", "--gpu-memory-utilization", "0.9"],
      "does not use --gpu-memory-utilization"),
-    (["--backend", "sim", "--sim-ttft-ms", "5", "--sim-tpot-ms", "1", "--max-num-seqs", "4"],
-     "does not use --max-num-seqs"),
     (["--backend", "sim", "--sim-ttft-ms", "5", "--sim-tpot-ms", "1", "--sim-compute-efficiency", "0.5"],
      "does not use --sim-compute-efficiency"),
 ])

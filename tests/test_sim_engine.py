@@ -1,5 +1,5 @@
 """The roofline sim engine: its arithmetic, its KV-capacity limit (the fit planner's), latency growing with
-load, and its scheduler (vLLM 0.26's) step by step."""
+load, and its scheduler (vLLM 0.26's) step by step; the fixed schedule with slots, a FIFO queue."""
 
 import asyncio
 
@@ -7,7 +7,8 @@ import pytest
 
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.engines import GenerationRequest
-from tokenrig.serve.engines.sim import RooflineEngine, RooflineParams, RooflineScheduler, StepWork, _Sequence
+from tokenrig.serve.engines.sim import (FixedSchedule, RooflineEngine, RooflineParams, RooflineScheduler, StepWork,
+                                        _Sequence)
 from tokenrig.serve.fit import FitError
 
 
@@ -266,3 +267,26 @@ def test_the_sim_servers_metrics_count_preemptions(tmp_path):
     counted = [sample.value for family in text_string_to_metric_families(page) for sample in family.samples
                if sample.name == "vllm:num_preemptions_total"]
     assert counted == [sim.preemptions] and sim.preemptions > 0
+
+
+def test_a_fixed_schedule_with_slots_serves_that_many_at_once_and_queues_the_rest_in_order():
+    async def run():
+        sim = FixedSchedule(0.02, 0.01, vocab_size=100, first_content_id=7, slots=2)
+        loop = asyncio.get_running_loop()
+        arrival, first_tokens = loop.time(), {}
+
+        async def one(index: int):
+            async for _ in sim.generate(GenerationRequest(str(index), [7], 3, arrival)):
+                first_tokens.setdefault(index, loop.time() - arrival)
+
+        tasks = [asyncio.create_task(one(index)) for index in range(3)]
+        await asyncio.sleep(0.005)
+        load = sim.load()
+        await asyncio.gather(*tasks)
+        return load, first_tokens, sim.load()
+
+    load, first_tokens, idle = asyncio.run(run())
+    # two slots: requests 0 and 1 start at once (first token at 20 ms, the last of 3 at 40 ms); request 2 waits
+    # for the first slot to free at 40 ms, on the schedule, so its first token is due at 60 ms
+    assert (load.running, load.waiting) == (2, 1) and (idle.running, idle.waiting) == (0, 0)
+    assert 0.0195 <= first_tokens[0] < 0.04 and 0.0595 <= first_tokens[2] < 0.09, first_tokens

@@ -69,6 +69,46 @@ def test_slo_watch_stops_a_step_only_once_its_percentile_cannot_be_met(slow):
     assert judge(records, slos, 10).slos["ttft_p99"].value_s == pytest.approx(0.0444 if slow == 1 else 0.060)
 
 
+def test_slo_watch_stops_a_step_whose_slo_is_certainly_met_even_if_every_pending_request_missed_it():
+    """1000 fast requests recorded: a p99 is met at 99.8 % even if the one pending request misses it (P(Bin(1001,
+    1 %) <= 1) = 0.05 %), not if 5 might (6.4 %); and nothing is decided before a quarter of the step is in."""
+    slos = parse_slos("ttft_p99=50ms")
+    fast = [record(i, i, 0.02, [0.02], [1], 0.02, 1) for i in range(1000)]
+    for pending, expected, decided in [(1, 2000, "met"), (5, 2000, None), (0, 5000, None)]:
+        watch = SloWatch(slos, expected_requests=expected, pending=lambda: pending)
+        for r in fast:
+            watch.write(r)
+        assert watch.decided() == (decided is not None) and watch.verdict == decided
+    watch = SloWatch(slos, expected_requests=2000)  # without a count of pending requests it cannot stop a step met
+    for r in fast:
+        watch.write(r)
+    assert not watch.decided()
+
+
+def test_slo_watch_stops_a_step_whose_violations_are_too_many_for_chance():
+    slos = parse_slos("ttft_p99=50ms")
+    watch = SloWatch(slos, expected_requests=3000)
+    for i in range(800):  # 20 of 800 beyond a p99: missed at 99.8 %, though 20 of 3000 could still meet it
+        watch.write(record(i, i, 0.09 if i % 40 == 0 else 0.02, [0.02], [1], 0.1, 1))
+    assert watch.decided() and watch.verdict == "missed"
+
+
+def test_judge_counts_slow_requests_in_runs_as_fewer_samples_and_says_how_sure():
+    """1000 requests, 2 beyond a 50-ms p99: met at 95 % if independent; if they came in runs of 20 alike
+    (busy periods), marginal."""
+    slos = parse_slos("ttft_p99=50ms")
+    rng = np.random.default_rng(2)
+    independent = list(rng.uniform(0.01, 0.045, size=1000))
+    independent[100:300:100] = [0.09] * 2
+    bursts = list(np.repeat(rng.uniform(0.01, 0.045, size=50), 20))
+    bursts[300:302] = [0.09] * 2
+    for ttfts, verdict in [(independent, "met at 95%"), (bursts, "marginal (")]:
+        records = [record(i, i, ttft, [ttft], [1], ttft, 1) for i, ttft in enumerate(ttfts)]
+        judged = judge(records, slos, window_s=10).slos["ttft_p99"]
+        assert judged.beyond_threshold == 2 and judged.met and judged.confidence.startswith(verdict), judged
+        assert (judged.design_effect < 2.5) if verdict.startswith("met") else judged.design_effect > 5
+
+
 def test_violations_that_miss_match_numpy_percentiles():
     rng = random.Random(3)
     for _ in range(300):

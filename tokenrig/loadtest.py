@@ -127,7 +127,10 @@ class Session:
                           client=self.client, request_timeout_s=self.request_timeout_s, headers=self.headers)
         watch = None
         if stop_early and self.slos and plan.open_loop:
-            watch = SloWatch(self.slos, plan.scheduled_in_window())
+            def pending() -> int:  # due in the window so far and not recorded yet: in flight, or about to be sent
+                return plan.scheduled_in_window(until_s=time.perf_counter() - plan.start) - watch.seen
+
+            watch = SloWatch(self.slos, plan.scheduled_in_window(), pending)
             ctx.sink = FanoutSink(sink, watch)
         with contextlib.ExitStack() as stack:
             stack.callback(ctx.sink.close)
@@ -172,7 +175,8 @@ class Session:
             summary.slo = judge(records, self.slos, summary.window.seconds)
         summary.workload = WorkloadFacts(requests_clamped_to_context=workload.clamped,
                                          conversations_cut_at_context=workload.conversations_cut)
-        summary.load = LoadFacts(plan=plan.describe(), stopped_early_slo_missed=outcome.stopped_early,
+        missed = outcome.stopped_early and (watch is None or watch.verdict != "met")  # else its SLOs were surely met
+        summary.load = LoadFacts(plan=plan.describe(), stopped_early_slo_missed=missed,
                                  spec=load.model_dump())
         summary.server = summarize_server_metrics(step_dir / "server_metrics.jsonl", summary.window.start_unix,
                                                   summary.window.end_unix, scraper.errors)
@@ -281,7 +285,7 @@ def _run_search(session: Session, profile: Search, title: str) -> tuple[bool, bo
         step_dir = session.run_dir / "steps" / f"{len(steps) + 1:02d}-{profile.label(plan.value)}"
         wait_server_idle(session.endpoint.metrics_url, progress=progress)
         summary, outcome = session.run_step(plan.load, step_dir, stop_early=plan.stop_early)
-        step = StepResult(plan.value, summary, stopped_early=outcome.stopped_early)
+        step = StepResult(plan.value, summary, stopped_early=summary.stopped_early, probe=plan.probe)
         steps.append(step)
         write_json(session.run_dir / "search.json", {"mode": profile.mode, "steps": [s.row() for s in steps]})
         if outcome.interrupted:  # the search must not judge a step cut short

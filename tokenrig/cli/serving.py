@@ -112,7 +112,7 @@ def cmd_loadtest(args) -> int:
     overrides = LoadOverrides(users=args.users, rate=args.rate, arrival=args.arrival, burstiness=args.burstiness,
                               duration_s=args.duration, warmup_s=args.warmup, seed=args.seed, sweep=args.sweep,
                               find_max=args.find_max, precision=args.precision, tail_samples=args.tail_samples,
-                              max_step_s=args.max_step)
+                              max_step_s=args.max_step, quick=args.quick)
     run = plan_run(scenario, overrides, slos)
     scenario, load = run.scenario, run.scenario.load
     profiling = _profiling(args)

@@ -3,14 +3,17 @@
 A profile answers `next_step(base, slos, steps)` with the next step's plan (the rate or user count it is
 named by, and the whole load plan: seed and length included), or None once the run is over. `SingleRun`
 runs the scenario's own load once; `Sweep` steps through a fixed list of rates or user counts; `FindMax`
-(--find-max, the SLO search) probes open-loop rates ×2 until a step misses an SLO or the server saturates,
-then bisects between the last rate that met every SLO and the first that did not, until they are within
-`precision`. `walk` drives a profile with any `measure(plan) -> StepResult`: a live server (loadtest.py),
-a replayed one (capacity/simulate.py), a test's function. (GPU and model profiles are tokenrig/profiles/.)
+(--find-max, the SLO search) probes open-loop rates x2 or x4 with short steps until one misses an SLO or the
+server saturates, then places full steps where the SLO percentile, interpolated against the rate between the
+steps that bracket it, crosses its threshold, until the bracket is within `precision`; it states the knee's
+95 % interval, between the rates certainly met and certainly missed. `walk` drives a profile with any
+`measure(plan) -> StepResult`: a live server (loadtest.py), a replayed one (capacity/simulate.py), a test's
+function. (GPU and model profiles are tokenrig/profiles/.)
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, ClassVar
@@ -27,7 +30,8 @@ class StepPlan:
 
     value: float | None  # req/s, or users in a user sweep; None: a single run's own load, whatever its shape
     load: LoadPlanSpec
-    stop_early: bool = False  # an SloWatch may end the step once one of its SLOs is already lost
+    stop_early: bool = False  # an SloWatch may end the step once its verdict is certain
+    probe: bool = False  # a short first look of the SLO search, not a full verdict
 
 
 class LoadProfile(ABC):
@@ -92,11 +96,30 @@ class Search(LoadProfile):
         return {"mode": self.mode, **self.conclusion(steps), "steps": [step.row() for step in steps]}
 
 
+# A probe step runs until this many requests have been due, between PROBE_MIN_S and PROBE_MAX_S after its warm-up:
+# enough to see a server far past its capacity or its SLO, not to judge a tail percentile; the steps that bound
+# the answer are full ones. A probe whose percentiles are under FAR_BELOW of their thresholds while the server
+# kept up is followed by one at FAR_GROWTH x its rate (a queue's latency is flat until near its knee), else 2x.
+PROBE_REQUESTS, PROBE_MIN_S, PROBE_MAX_S = 20, 1.0, 5.0
+FAR_BELOW, FAR_GROWTH = 0.5, 4.0
+# an interpolated rate stays this share of the precision away from the bracket's ends, so that each full step
+# can close the bracket: a step there that lands on the far side of the knee leaves a bracket within precision
+END_CLEARANCE = 0.5
+# --quick: samples beyond the judged percentile per step (300 requests for a p99), and the shortest full step
+QUICK_TAIL_SAMPLES, QUICK_MIN_STEP_S = 3, 3.0
+
+
 @dataclass(frozen=True)
 class FindMax(Search):
-    """--find-max: the highest open-loop rate meeting every SLO. Each step runs long enough that the
-    percentile it judges has `tail_samples` samples beyond it (10 beyond p99 = 1000 requests), and stops
-    early once an SLO is already lost."""
+    """--find-max: the highest open-loop rate meeting every SLO. Probe steps (PROBE_REQUESTS requests each) go
+    x2 (x4 while far under the SLOs) from `start_rate` until one misses; then full steps, each long enough that
+    the percentile it judges has `tail_samples` samples beyond it (10 beyond p99 = 1000 requests) and ended as
+    soon as its verdict is certain (SloWatch), are placed where the percentile interpolated against the rate
+    between the bracketing steps crosses the threshold (regula falsi on log(percentile / threshold), the
+    Illinois variant), until the rates that met and missed are within `precision`, both judged by full steps
+    (or the one above missed for certain).
+    A step whose one fault was late sends is run again once; if it is late again, its verdict counts, and the
+    search says so."""
 
     mode: ClassVar[str] = "find-max"
     stop_early: ClassVar[bool] = True
@@ -107,50 +130,83 @@ class FindMax(Search):
     max_step_s: float = 300.0
     max_steps: int = 16
 
-    def step_load(self, base: LoadPlanSpec, value: float, slos: list[Slo] | None, step: int) -> LoadPlanSpec:
-        duration = (step_duration(slos, value, self.tail_samples, base.warmup_s, self.min_step_s, self.max_step_s)
-                    if slos else base.duration_s)
+    def next_step(self, base: LoadPlanSpec, slos: list[Slo] | None, steps: list[StepResult]) -> StepPlan | None:
+        result = self.conclude(steps)
+        if result.next_rate is None:
+            return None
+        load = self.step_load(base, result.next_rate, slos, len(steps), probe=result.next_probe)
+        return StepPlan(result.next_rate, load, self.stop_early, probe=result.next_probe)
+
+    def step_load(self, base: LoadPlanSpec, value: float, slos: list[Slo] | None, step: int,
+                  probe: bool = False) -> LoadPlanSpec:
+        if not slos:
+            duration = base.duration_s
+        elif probe:
+            probing_s = min(max(PROBE_MIN_S, PROBE_REQUESTS / value), PROBE_MAX_S)
+            duration = min(base.warmup_s + probing_s, self.max_step_s)
+        else:
+            duration = step_duration(slos, value, self.tail_samples, base.warmup_s, self.min_step_s, self.max_step_s)
         return open_loop_step(base, value, duration, base.seed + step)
 
     def next_value(self, steps: list[StepResult]) -> float | None:
         return self.conclude(steps).next_rate
 
     def conclude(self, steps: list[StepResult]) -> SearchResult:
-        """Where the walk of `steps` stands: its bracket, and the next rate or why it stops."""
+        """Where the walk of `steps` stands: its bracket and knee interval, and the next rate or why it stops."""
         if not steps:
-            return SearchResult(steps, next_rate=self.start_rate)
+            return SearchResult(steps, next_rate=self.start_rate, next_probe=True)
+        counted, notes = _counted_steps(steps)
         last = steps[-1]
-        if not last.judged:  # only the last step can be: it ends the walk
-            best, failing = _bracket(steps[:-1])
+        best, failing = _bracket(counted)
+        result = SearchResult(steps, best and best.load, failing and failing.load, notes=notes)
+        if not any(step is last for step in counted):  # the last step is no verdict: run it again, or stop
+            if last.late_sends_only:
+                result.next_rate, result.next_probe = last.load, last.probe
+                return result
             health = last.summary.load_generator
-            return SearchResult(steps, best, failing, f"load generator invalid at {last.load:.3g} req/s "
-                                                      f"({'; '.join(health.problems)}): {health.remedy}")
-        best, failing = _bracket(steps)
-        if best is None or failing is None:  # probing: ×2 while every step met the SLOs, /2 while none did
-            rate = last.load * 2 if last.slo_met else last.load / 2
-            if not last.slo_met and rate < self.start_rate / 64:
-                return SearchResult(steps, best, failing, f"SLOs missed even at {failing:.3g} req/s")
-            if len(steps) >= self.max_steps:
-                return SearchResult(steps, best, failing, "step limit reached while probing")
-            return SearchResult(steps, best, failing, next_rate=rate)
-        # the bisection's own test: 10.5 / 10 - 1 is 0.0500...04 in floating point, above a 5 % precision
-        bracketed = failing <= best * (1 + self.precision)
-        if not bracketed and len(steps) < self.max_steps:
-            return SearchResult(steps, best, failing, next_rate=(best + failing) / 2)
-        gap = failing / best - 1
-        return SearchResult(steps, best, failing, f"bracketed within {gap:.1%}" if bracketed
-                            else f"step limit reached (bracket {gap:.1%} wide)")
+            result.stop_reason = (f"load generator invalid at {last.load:.3g} req/s ({'; '.join(health.problems)}): "
+                                  f"{health.remedy}")
+            return result.with_knee(counted)
+        if best is None or failing is None:  # probing: up while every step met the SLOs, /2 while none did
+            if best is None and failing.load / 2 < self.start_rate / 64:
+                result.stop_reason = f"SLOs missed even at {failing.load:.3g} req/s"
+            elif len(steps) >= self.max_steps:
+                result.stop_reason = "step limit reached while probing"
+            else:
+                far = best is not None and (margin := best.margin()) is not None and margin < math.log(FAR_BELOW)
+                growth = FAR_GROWTH if far and best.probe else 2.0
+                result.next_rate = best.load * growth if failing is None else failing.load / 2
+                result.next_probe = True
+            return result.with_knee(counted)
+        # the bracket's own test: 10.5 / 10 - 1 is 0.0500...04 in floating point, above a 5 % precision
+        bracketed = failing.load <= best.load * (1 + self.precision) * (1 + 1e-9)
+        surely_missed = failing.certainty is not None and failing.certainty.verdict == "missed"
+        unsure_end = best if best.probe else failing if failing.probe and not surely_missed else None
+        if len(steps) >= self.max_steps:
+            result.stop_reason = f"step limit reached (bracket {failing.load / best.load - 1:.1%} wide)"
+        elif bracketed and unsure_end is not None:  # a first look bounds the answer: judge it with a full step
+            result.next_rate = unsure_end.load
+        elif not bracketed:
+            result.next_rate = next_rate(counted, self.precision)
+        else:
+            result.stop_reason = f"bracketed within {failing.load / best.load - 1:.1%}"
+        return result.with_knee(counted)
 
     def step_line(self, steps: list[StepResult]) -> str:
         step = steps[-1]
         verdict = "meets SLOs" if step.slo_met else ("saturated" if step.saturated else "misses SLOs")
-        return (f"step {len(steps)}: {step.load:.3g} req/s -> {verdict}"
-                + ("" if step.valid else f" ({LATE_BUT_JUDGED})" if step.judged else " (load generator INVALID)"))
+        certainty = step.certainty
+        sureness = "" if certainty is None or step.saturated or step.probe else f", {certainty.describe()}"
+        kind = "probe" if step.probe else "step"
+        return (f"{kind} {len(steps)}: {step.load:.3g} req/s -> {verdict}{sureness}"
+                + ("" if step.valid else f" ({LATE_BUT_JUDGED})" if step.judged
+                   else " (load generator late: run again)" if step.late_sends_only else " (load generator INVALID)"))
 
     def conclusion(self, steps: list[StepResult]) -> dict:
         result = self.conclude(steps)
         return {"max_rate_meeting_slos": result.best, "lowest_failing_rate": result.lowest_failing,
-                "stop_reason": result.stop_reason}
+                "knee_rps": result.knee, "knee_ci95_rps": result.knee_interval,
+                "samples_beyond_percentile": self.tail_samples, "stop_reason": result.reason(), "notes": result.notes}
 
     def metadata(self) -> dict:
         return {"mode": self.mode, "loads": None, "sweep_users": False, **asdict(self)}
@@ -183,20 +239,104 @@ class Sweep(Search):
 
 @dataclass
 class SearchResult:
-    """Where a find-max walk stands: its steps, the bracket, and the next rate or the reason it stopped."""
+    """Where a find-max walk stands: its steps, the bracket, the knee (interpolated between the bracketing steps)
+    and its 95 % interval, and the next rate or the reason it stopped."""
 
     steps: list[StepResult] = field(default_factory=list)
-    best: float | None = None  # highest rate that met every SLO
+    best: float | None = None  # highest rate that met every SLO, below every rate that missed one
     lowest_failing: float | None = None
     stop_reason: str = ""
     next_rate: float | None = None
+    next_probe: bool = False
+    knee: float | None = None  # where the worst SLO's percentile, interpolated, meets its threshold
+    knee_interval: tuple[float | None, float | None] | None = None  # 95 %; None at an end: unbounded there
+    notes: list[str] = field(default_factory=list)
+
+    def with_knee(self, counted: list[StepResult]) -> SearchResult:
+        """The knee between the bracketing steps, and its interval: above the highest rate certainly met, below
+        the lowest certainly missed (each certain at 95 %, one-sided 97.5 %)."""
+        best, failing = _bracket(counted)
+        if best is not None and failing is not None:
+            self.knee = crossing(best, failing)
+        surely = {verdict: [step.load for step in counted if step.certainty and step.certainty.verdict == verdict]
+                  for verdict in ("met", "missed")}
+        high = min(surely["missed"], default=None)
+        low = max((rate for rate in surely["met"] if high is None or rate < high), default=None)
+        if low is not None or high is not None:
+            self.knee_interval = (low, high)
+        return self
+
+    def reason(self) -> str:
+        """The stop reason, with the knee's interval when there is one."""
+        if self.knee is None or self.knee_interval is None:
+            return self.stop_reason
+        low, high = self.knee_interval
+        interval = (f"{low:.3g} to {high:.3g} req/s" if low is not None and high is not None
+                    else f"above {low:.3g} req/s" if low is not None else f"below {high:.3g} req/s")
+        return f"{self.stop_reason}; knee {self.knee:.3g} req/s by interpolation, 95 %: {interval}"
 
 
-def _bracket(steps: list[StepResult]) -> tuple[float | None, float | None]:
-    """The last rate that met the SLOs and the last that missed them: the walk only ever narrows them."""
-    met = [step.load for step in steps if step.slo_met]
-    missed = [step.load for step in steps if not step.slo_met]
-    return (met[-1] if met else None), (missed[-1] if missed else None)
+def _counted_steps(steps: list[StepResult]) -> tuple[list[StepResult], list[str]]:
+    """The steps whose verdicts the search uses, and notes on those it used despite late sends: a step is
+    counted when judged, or when its one fault was late sends for the second time running at its rate
+    (a busy host: the search goes on and says so). A step with other faults is never counted."""
+    counted, notes = [], []
+    for index, step in enumerate(steps):
+        if step.judged:
+            counted.append(step)
+        elif step.late_sends_only and index and steps[index - 1].late_sends_only \
+                and steps[index - 1].load == step.load and not any(s is steps[index - 1] for s in counted):
+            counted.append(step)
+            lag = step.summary.load_generator.schedule_lag_s
+            notes.append(f"{step.load:.3g} req/s: sends late twice running (lag up to "
+                         f"{lag.max * 1000 if lag else 0:.0f} ms): its verdict is counted, as the load it offered "
+                         "was at most that much later and lighter")
+    return counted, notes
+
+
+def _bracket(steps: list[StepResult]) -> tuple[StepResult | None, StepResult | None]:
+    """The step at the lowest rate that missed, and the one at the highest rate that met below it."""
+    missed = [step for step in steps if not step.slo_met]
+    failing = min(missed, key=lambda step: step.load, default=None)
+    met = [step for step in steps if step.slo_met and (failing is None or step.load < failing.load)]
+    return max(met, key=lambda step: step.load, default=None), failing
+
+
+def crossing(met: StepResult, missed: StepResult) -> float | None:
+    """The rate where the line through the two steps' margins (StepResult.margin: log(percentile / threshold))
+    crosses 0; None when it does not rise from one to the other (a step with no percentile, or the higher
+    one no higher)."""
+    low, high = met.margin(), missed.margin()
+    if low is None or high is None or high <= low:
+        return None
+    return met.load + (missed.load - met.load) * -low / (high - low)
+
+
+def next_rate(steps: list[StepResult], precision: float) -> float:
+    """Where to measure next in a bracket wider than `precision`: the crossing of the bracketing steps'
+    margins (regula falsi), where the end kept while the other end moved twice running counts half as far
+    from the threshold each time (Illinois), kept END_CLEARANCE x precision away from each end; the
+    geometric midpoint when the margins say nothing."""
+    best, failing = _bracket(steps)
+    weight = {id(best): 1.0, id(failing): 1.0}
+    moved = []  # which end each step became, in order
+    for index, step in enumerate(steps):
+        bracket = _bracket(steps[:index + 1])
+        moved.append("met" if step is bracket[0] else "missed" if step is bracket[1] else None)
+    run = 0
+    for side in reversed(moved):
+        if side != moved[-1]:
+            break
+        run += 1
+    stale = failing if moved[-1] == "met" else best
+    weight[id(stale)] = 0.5 ** max(0, run - 1)
+    low, high = best.margin(), failing.margin()
+    low_end, high_end = best.load * (1 + END_CLEARANCE * precision), failing.load / (1 + END_CLEARANCE * precision)
+    if low is None or high is None or high <= low or low_end >= high_end:
+        return math.sqrt(best.load * failing.load)
+    low, high = low * weight[id(best)], high * weight[id(failing)]
+    rate = best.load + (failing.load - best.load) * -low / (high - low)
+    return min(max(rate, low_end), high_end)
 
 
 def open_loop_step(base: LoadPlanSpec, rate: float, duration_s: float, seed: int) -> LoadPlanSpec:
@@ -219,6 +359,8 @@ def walk(profile: Search, base: LoadPlanSpec, slos: list[Slo] | None,
     """Run `profile`'s steps with `measure` until it is done, announcing each step as it ends."""
     steps: list[StepResult] = []
     while (plan := profile.next_step(base, slos, steps)) is not None:
-        steps.append(measure(plan))
+        step = measure(plan)
+        step.probe = plan.probe
+        steps.append(step)
         progress(profile.step_line(steps))
     return steps

@@ -1,7 +1,7 @@
 """The load a run applies: a scenario's load plan with the command line's settings laid over it.
 
 `LoadOverrides` gathers what `tokenrig loadtest` was told about the load (--users, --rate, --arrival,
---burstiness, --duration, --warmup, --seed, --sweep, --find-max and the search's settings); `plan_run`
+--burstiness, --duration, --warmup, --seed, --sweep, --find-max and the search's settings, --quick); `plan_run`
 checks that they agree and returns the scenario with its load replaced, the load profile they ask for
 (a single run, a sweep or the SLO search) and where the run's seed came from. Every refusal is a
 ScenarioError worded for the flags.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from tokenrig.loadgen.load_profiles import FindMax, LoadProfile, SingleRun, Sweep
+from tokenrig.loadgen.load_profiles import QUICK_MIN_STEP_S, QUICK_TAIL_SAMPLES, FindMax, LoadProfile, SingleRun, Sweep
 from tokenrig.loadgen.scenario import Scenario, ScenarioError, with_run_seed
 from tokenrig.report.slo import Slo
 
@@ -34,8 +34,9 @@ class LoadOverrides:
     sweep: str | None = None  # comma-separated rates or user counts, as typed
     find_max: bool = False
     precision: float = 0.05
-    tail_samples: int = 10
+    tail_samples: int | None = None  # None: FindMax's, or QUICK_TAIL_SAMPLES with `quick`
     max_step_s: float = 300.0
+    quick: bool = False  # --quick: a first look, fewer samples per step
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,14 @@ def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | Non
     if overrides.find_max:
         if not slos:
             raise ScenarioError("--find-max needs --slo, e.g. --slo ttft_p99=500ms,tpot_p99=50ms")
-        profile = FindMax(start_rate=rate or 1.0, precision=overrides.precision, tail_samples=overrides.tail_samples,
-                          max_step_s=overrides.max_step_s)
+        if overrides.quick and overrides.tail_samples is not None:
+            raise ScenarioError("--quick sets the samples per step (--tail-samples 3): give one of them")
+        tail = FindMax.tail_samples if overrides.tail_samples is None else overrides.tail_samples
+        tail, shortest = (QUICK_TAIL_SAMPLES, QUICK_MIN_STEP_S) if overrides.quick else (tail, FindMax.min_step_s)
+        profile = FindMax(start_rate=rate or 1.0, precision=overrides.precision, tail_samples=tail,
+                          min_step_s=shortest, max_step_s=overrides.max_step_s)
+    elif overrides.quick:
+        raise ScenarioError("--quick is a setting of --find-max: add --find-max --slo ...")
     elif overrides.sweep:
         values = sweep_values(overrides.sweep)
         profile = Sweep(loads=tuple(values), users=sweep_users)

@@ -1,19 +1,24 @@
-"""A search step's verdict: whether the server kept up with a load and met its SLOs at it.
+"""A search step's verdict: whether the server kept up with a load and met its SLOs at it, and how sure that is.
 
-`StepResult` judges one measured step (SLOs met, saturated, interrupted, load generator valid) and
-is its row in search.json; `step_duration` sizes an SLO step so that the percentile it judges has
-`tail_samples` samples beyond it; `SloWatch` ends a step whose SLO is already lost (its percentile
-cannot be met whatever the remaining requests measure). The walks over steps are load_profiles.py.
+`StepResult` judges one measured step (SLOs met, saturated, interrupted, load generator valid; met, missed or
+marginal at 95 %, report/slo.threshold_verdict) and is its row in search.json; `step_duration` sizes an SLO
+step so that the percentile it judges has `tail_samples` samples beyond it; `SloWatch` ends a step once its
+verdict is certain: an SLO already lost (its percentile cannot be met whatever the remaining requests
+measure, or its exceedances are too many for chance), or every SLO certainly met even if every request still
+pending missed it. The walks over steps are load_profiles.py.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
 
 from tokenrig.loadgen.records import RequestRecord
 from tokenrig.report.run_summary import RunSummary
-from tokenrig.report.slo import Slo, samples_for
+from tokenrig.report.slo import Slo, ThresholdVerdict, samples_for, tail_design_effect, threshold_verdict
 
 # A server is saturated when it completes fewer requests than were sent: the queue grows. Over a window,
 # completions trail sends by the growth of the requests in flight; for a server that keeps up the two counts
@@ -23,13 +28,19 @@ SATURATION_DEFICIT = 0.1
 SATURATION_SIGMAS = 3.0
 # SLOs on these metrics count from the request's due time, so a late send adds its lag to them
 LAGGED_METRICS = ("ttft_", "e2e_")
+# A step looked at while it runs is judged at a stricter confidence than at its end, since it is looked at
+# many times, and only once this fraction of its samples is in: a host hiccup makes a run of consecutive
+# slow requests that, early in a step, the binomial rule (which takes samples as independent) reads as certain.
+WATCH_CONFIDENCE = 0.998
+WATCH_MIN_FRACTION = 0.25
 
 
 @dataclass
 class StepResult:
     load: float  # rate (req/s) or users
     summary: RunSummary
-    stopped_early: bool = False
+    stopped_early: bool = False  # ended once an SLO was already lost
+    probe: bool = False  # a short step of the search's probe for a bracket: its verdict is a first look
 
     @property
     def slo_met(self) -> bool:
@@ -67,6 +78,38 @@ class StepResult:
         return not self.slo_met and (missed_beyond_lag or self.fell_behind)
 
     @property
+    def late_sends_only(self) -> bool:
+        """The load generator's one fault was sends past the late rule (a busy host's hiccup, typically)."""
+        return not self.valid and self.summary.load_generator.late_sends_only and not self.interrupted
+
+    @property
+    def certainty(self) -> ThresholdVerdict | None:
+        """The step's SLOs together, exactly: missed when the server fell behind or erred, or one SLO's
+        percentile is certainly over its threshold, met when every one is certainly under, else marginal with
+        the chance that all are met (the product of theirs). A step stopped early is judged on what it
+        measured: certain that its own percentile misses is not certain that the server's does. None: no SLO."""
+        slo = self.summary.slo
+        if slo is None:
+            return None
+        if self.summary.requests.failed > 0 or self.fell_behind:
+            return ThresholdVerdict("missed", 0.0, 0.95)
+        verdicts = [_slo_certainty(name, verdict) for name, verdict in slo.slos.items()]
+        if not verdicts:
+            return ThresholdVerdict("met" if slo.all_met else "missed", float(slo.all_met), 0.95)
+        probability = math.prod(v.probability_met for v in verdicts)
+        if any(v.verdict == "missed" for v in verdicts):
+            return ThresholdVerdict("missed", probability, 0.95)
+        return ThresholdVerdict("met" if all(v.verdict == "met" for v in verdicts) else "marginal", probability, 0.95)
+
+    def margin(self) -> float | None:
+        """How far the step's worst SLO percentile lies from its threshold, log(value / threshold); None when no
+        SLO has a value."""
+        slo = self.summary.slo
+        margins = [math.log(max(verdict.value_s, 1e-9) / verdict.threshold_s)
+                   for verdict in (slo.slos.values() if slo else []) if verdict.value_s is not None]
+        return max(margins) if margins else None
+
+    @property
     def fell_behind(self) -> bool:
         """Completions behind sends by more than chance over the window."""
         window_s = self.summary.window.seconds
@@ -91,11 +134,23 @@ class StepResult:
             "ttft_p50_s": ttft.p50 if ttft else None, "ttft_p99_s": ttft.p99 if ttft else None,
             "tpot_p50_s": tpot.p50 if tpot else None, "tpot_p99_s": tpot.p99 if tpot else None,
             "slo_met": self.slo_met, "saturated": self.saturated, "stopped_early": self.stopped_early,
-            "interrupted": self.interrupted,
+            "interrupted": self.interrupted, "probe": self.probe, "late_sends_only": self.late_sends_only,
+            "certainty": certainty.verdict if (certainty := self.certainty) else None,
+            "probability_met": certainty.probability_met if certainty else None,
             "loadgen_valid": self.valid, "judged": self.judged,
-            "slos": {name: verdict.model_dump(include={"value_s", "met", "samples", "confidence"})
+            "slos": {name: verdict.model_dump(include={"value_s", "met", "samples", "beyond_threshold",
+                                                       "design_effect", "ci95_s", "confidence"})
                      for name, verdict in (slo.slos if slo else {}).items()},
         }
+
+
+def _slo_certainty(name: str, verdict) -> ThresholdVerdict:
+    """One SLO's exact verdict; a summary from before the count beyond the threshold was kept has only its point."""
+    if verdict.beyond_threshold is None:
+        return ThresholdVerdict("met" if verdict.met else "missed", float(verdict.met), 0.95)
+    percentile = float(name.rsplit("_p", 1)[1])
+    return threshold_verdict(verdict.samples, verdict.beyond_threshold, percentile,
+                             design_effect=verdict.design_effect or 1.0)
 
 
 def step_duration(slos: list[Slo], rate: float, tail_samples: int, warmup_s: float, min_s: float,
@@ -106,32 +161,61 @@ def step_duration(slos: list[Slo], rate: float, tail_samples: int, warmup_s: flo
 
 
 class SloWatch:
-    """A record sink that decides early when a step has already missed an SLO: when, of all the step's
-    scheduled requests, enough violate it that the percentile's own order statistic is a violation
-    even if every later request is fast. Fewer violations than that may still leave the percentile
-    under the threshold (39 x 20 ms and 1 x 60 ms: p99 44.4 ms), so the step runs on."""
+    """A record sink that decides early when a step's verdict is already certain.
 
-    def __init__(self, slos: list[Slo], expected_requests: int):
-        self.slos = slos
+    Missed: when, of all the step's scheduled requests, enough violate an SLO that the percentile's own order
+    statistic is a violation even if every later request is fast (fewer may still leave the percentile under
+    the threshold: 39 x 20 ms and 1 x 60 ms have p99 44.4 ms), or, past WATCH_MIN_FRACTION of them, when the
+    violations are too many for chance at WATCH_CONFIDENCE (counting the samples as fewer when slow ones come
+    in runs, report/slo.tail_design_effect). Met: with `pending()` (requests due in the window
+    and not yet recorded), once every SLO is certainly met at WATCH_CONFIDENCE even counting each pending
+    request as a violation, so stopping cannot drop the slow requests a queue is still holding."""
+
+    def __init__(self, slos: list[Slo], expected_requests: int, pending: Callable[[], int] | None = None):
+        self.slos = [slo for slo in slos if slo.metric != "itl"]  # ITL is judged per token, not per request
+        self.judges_every_slo = len(self.slos) == len(slos)
         self.expected = expected_requests
-        self.violations = {slo.name: 0 for slo in slos}
+        self.pending = pending
+        self.seen = 0
+        self.violations = {slo.name: 0 for slo in self.slos}
+        self.values: dict[str, list[float]] = {slo.name: [] for slo in self.slos}  # in the order they ended
+        self.verdict: str | None = None  # "met" or "missed" once decided
 
     def write(self, record: RequestRecord) -> None:
         if not record.in_window:
             return
+        self.seen += 1
         for slo in self.slos:
-            if slo.metric == "itl":
-                continue  # judged per token, not per request
             value = slo.request_value(record) if record.ok else math.inf
-            if value is not None and value > slo.threshold_s:
-                self.violations[slo.name] += 1
+            if value is not None:
+                self.values[slo.name].append(value)
+                if value > slo.threshold_s:
+                    self.violations[slo.name] += 1
 
     def close(self) -> None:
         pass
 
     def decided(self) -> bool:
-        return any(self.violations[slo.name] >= violations_that_miss(slo.percentile, self.expected)
-                   for slo in self.slos if slo.metric != "itl")
+        if self.verdict is None:
+            self.verdict = self._verdict()
+        return self.verdict is not None
+
+    def _verdict(self) -> str | None:
+        if any(self.violations[slo.name] >= violations_that_miss(slo.percentile, self.expected) for slo in self.slos):
+            return "missed"
+        if self.seen < WATCH_MIN_FRACTION * self.expected:
+            return None
+        effects = {slo.name: tail_design_effect(np.asarray(self.values[slo.name])) for slo in self.slos}
+        if any(threshold_verdict(self.seen, self.violations[slo.name], slo.percentile, WATCH_CONFIDENCE,
+                                 effects[slo.name]).verdict == "missed" for slo in self.slos):
+            return "missed"
+        if self.pending is None or not self.judges_every_slo or not self.slos:
+            return None
+        pending = self.pending()
+        if all(threshold_verdict(self.seen + pending, self.violations[slo.name] + pending, slo.percentile,
+                                 WATCH_CONFIDENCE, effects[slo.name]).verdict == "met" for slo in self.slos):
+            return "met"
+        return None
 
 
 def violations_that_miss(percentile: float, samples: int) -> int:

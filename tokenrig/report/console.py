@@ -98,7 +98,9 @@ def loadgen_note(row: dict) -> str:
     when its one fault was late sends that cannot explain it (search.StepResult.judged); else INVALID."""
     if row["loadgen_valid"]:
         return ""
-    return f" ({LATE_BUT_JUDGED})" if row.get("judged") else " LOADGEN INVALID"
+    if row.get("judged"):
+        return f" ({LATE_BUT_JUDGED})"
+    return " (sends late: run again)" if row.get("late_sends_only") else " LOADGEN INVALID"
 
 
 def render_steps(document: dict, title: str, slos) -> str:
@@ -118,6 +120,10 @@ def render_steps(document: dict, title: str, slos) -> str:
             verdict = "interrupted (no verdict)"
         elif row["saturated"]:
             verdict += " saturated" if not row["stopped_early"] else " stopped early (SLO already missed)"
+        elif row.get("certainty") == "marginal" and not row.get("probe"):
+            verdict += f" (marginal: {row['probability_met']:.0%} likely met)"
+        if row.get("probe"):
+            verdict += " [probe]"
         verdict += loadgen_note(row)
         goodput = f"{row['goodput_rps']:9.2f}" if row["goodput_rps"] is not None else f"{'-':>9}"
         lines.append(f"{row['load']:9.3g}{row['achieved_rps']:9.2f}{row['completed_rps']:9.2f}"
@@ -129,9 +135,12 @@ def render_steps(document: dict, title: str, slos) -> str:
             conclusion = "search interrupted: no max rate (an interrupted step is no verdict)"
         elif best is not None:
             conclusion = f"max rate meeting every SLO: {best:.3g} req/s"
+        elif any(row["slo_met"] for row in document["steps"]):  # only on steps whose load generator was at fault
+            conclusion = "no rate met every SLO with its load generator valid"
         else:
             conclusion = "no rate tried met every SLO"
         lines += ["", conclusion, f"search: {document.get('stop_reason', '')}"]
+        lines += [f"note: {note}" for note in document.get("notes") or []]
         for name, verdict in (document["steps"][-1]["slos"] if document["steps"] else {}).items():
             lines.append(f"last step {name}: {verdict['samples']} samples, {verdict['confidence']}")
     return "\n".join(lines)

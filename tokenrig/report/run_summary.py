@@ -127,6 +127,8 @@ class SloVerdict(_Part):
     samples: int
     beyond_percentile: int | None = None
     ci95_s: tuple[float, float] | None = None
+    beyond_threshold: int | None = None  # samples over the threshold (summaries before it was recorded lack it)
+    design_effect: float | None = None  # samples per independent one in the tail (report/slo.tail_design_effect)
     confidence: str
 
 

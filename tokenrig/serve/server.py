@@ -68,7 +68,7 @@ def build_engine(args):
     first_content_id = len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS)
     if options.fixed_schedule:
         return FixedSchedule(options.sim_ttft_ms / 1000, options.sim_tpot_ms / 1000, model.vocab_size,
-                             first_content_id), model
+                             first_content_id, slots=args.max_num_seqs), model
     params = RooflineParams(gpu_memory_utilization=args.gpu_memory_utilization)
     if args.max_num_seqs:
         params.max_num_seqs = args.max_num_seqs

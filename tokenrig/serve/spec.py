@@ -230,7 +230,7 @@ class SimOptions(BackendOptions):
         unused = {"--concurrency": "its batch limit is --max-num-seqs"}
         if self.fixed_schedule:
             roofline = ["--" + name.replace("_", "-") for name in ROOFLINE_FIELDS]
-            for flag in ["--tp", "--gpu-memory-utilization", "--max-num-seqs", *roofline]:
+            for flag in ["--tp", "--gpu-memory-utilization", *roofline]:  # --max-num-seqs: its slots
                 unused[flag] = "a fixed schedule (--sim-ttft-ms, --sim-tpot-ms) is the same at any load"
         return unused
 

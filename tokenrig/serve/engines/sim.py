@@ -4,7 +4,10 @@ Two timing models:
 
 * `FixedSchedule` — token i of every request is due at arrival + ttft + i * tpot, whatever the
   load. Deadlines are absolute, so sleep jitter never accumulates: the ground truth for checking
-  that a load generator measures what the server did.
+  that a load generator measures what the server did. With `slots` (--max-num-seqs) it is a
+  queue: at most that many requests are served at once, the rest wait in arrival order, and a
+  request's schedule starts when a slot frees (on the schedule, not the clock) — an N-server
+  FIFO queue with known service times, whose SLO knee a queueing simulation computes.
 * `RooflineEngine` — vLLM 0.26's V1 scheduler (the clock-free `RooflineScheduler`) whose step time is
   the roofline of the work in the step: matmul and attention FLOPs over the GPU's BF16 peak, weight and
   KV-cache bytes over its memory bandwidth, each derated by an efficiency (`RooflineParams`, settable
@@ -22,6 +25,7 @@ Two timing models:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -44,11 +48,17 @@ class _TokenSource:
 
 
 class FixedSchedule:
-    def __init__(self, ttft_s: float, tpot_s: float, vocab_size: int, first_content_id: int):
+    def __init__(self, ttft_s: float, tpot_s: float, vocab_size: int, first_content_id: int,
+                 slots: int | None = None):
         self.ttft_s = ttft_s
         self.tpot_s = tpot_s
+        self.slots = slots
         self._tokens = _TokenSource(vocab_size, first_content_id)
         self._active: set[str] = set()
+        self._slot_free_at: list[float] = [0.0] * (slots or 0)  # a heap: when each slot's request is done
+        # (start, end) of each request given a slot: the queue's load is the schedule's, whether or not a
+        # request's stream has been closed (a client that went away leaves its generator to the collector)
+        self._reservations: list[tuple[float, float]] = []
 
     async def start(self) -> None:
         pass
@@ -57,18 +67,34 @@ class FixedSchedule:
         pass
 
     def load(self) -> EngineLoad:
-        return EngineLoad(running=len(self._active), waiting=0, kv_cache_usage=None)
+        if not self.slots:
+            return EngineLoad(running=len(self._active), waiting=0, kv_cache_usage=None)
+        now = asyncio.get_running_loop().time()
+        self._reservations = [(start, end) for start, end in self._reservations if end > now]
+        waiting = sum(start > now for start, _ in self._reservations)
+        return EngineLoad(running=len(self._reservations) - waiting, waiting=waiting, kv_cache_usage=None)
 
     def failure(self) -> str | None:
         return None
 
+    def _schedule_start(self, request: GenerationRequest) -> float:
+        """When the request's first-token clock starts: on arrival, or when the earliest slot frees. A slot is
+        held until the request's last token is due, whether or not its client still reads."""
+        if not self.slots:
+            return request.arrival
+        start = max(request.arrival, heapq.heappop(self._slot_free_at))
+        end = start + self.ttft_s + max(request.max_tokens - 1, 0) * self.tpot_s
+        heapq.heappush(self._slot_free_at, end)
+        self._reservations.append((start, end))
+        return start
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
         loop = asyncio.get_running_loop()
-        arrival = request.arrival
+        start = self._schedule_start(request)
         self._active.add(request.request_id)
         try:
             for index in range(request.max_tokens):
-                delay = arrival + self.ttft_s + index * self.tpot_s - loop.time()
+                delay = start + self.ttft_s + index * self.tpot_s - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 yield [self._tokens.next()]
