@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Weights, activations, runtime and KV cache per GPU for a model on a GPU "
                                           "type; says what would fit when it does not.")
     fit.add_argument("--gpu", required=True)
-    fit.add_argument("--model", required=True)
+    fit.add_argument("--model", required=True, help="model profile, or a Hugging Face config.json")
     fit.add_argument("--quant", default="bf16")
     fit.add_argument("--tp", type=int, default=None)
     fit.add_argument("--concurrency", type=int, default=16)
@@ -207,7 +207,7 @@ def _add_capacity_parser(commands) -> None:
                     "at TDP. One table, cheapest first (docs/capacity.md).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     capacity.add_argument("--gpu", required=True, help="comma-separated GPU profiles, e.g. h100-sxm,a800,rtx4090")
-    capacity.add_argument("--model", required=True, help="model profile, e.g. 13b")
+    capacity.add_argument("--model", required=True, help="model profile, e.g. 13b, or a Hugging Face config.json")
     capacity.add_argument("--quant", default="bf16", help="comma-separated weight formats (default bf16), e.g. bf16,awq")
     capacity.add_argument("--scenario", default="chat",
                           help="name in tokenrig/scenarios/serving/ or a path (default chat)")

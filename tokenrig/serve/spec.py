@@ -52,8 +52,8 @@ COMMON_FLAGS = (
     Flag("--backend", "hf (transformers, default), sim (simulated engine), vllm (vllm serve), "
                       "tgi (text-generation-launcher)", choices=("hf", "sim", "vllm", "tgi"), default="hf"),
     Flag("--gpu", "GPU profile: a800, a100-80g, h100-sxm, h200, rtx4090, rtx3090, l40s, cpu (default)", default="cpu"),
-    Flag("--model", "model profile: tiny (default), llama2-7b|7b, llama2-13b|13b, llama2-70b|70b, llama3-8b|8b",
-         default="tiny"),
+    Flag("--model", "model profile: tiny (default), llama2-7b|7b, llama2-13b|13b, llama2-70b|70b, llama3-8b|8b, "
+                    "or a Hugging Face config.json (llama, mistral, qwen2) or its directory", default="tiny"),
     Flag("--quant", "bf16 (default), fp16, int8, fp8 (vllm: online FP8), gptq, awq (4-bit, group 128)", default="bf16"),
     Flag("--attention", "flash | noflash, or the backend's own name: hf eager/sdpa/flash_attention_2; "
                         "vllm FLASH_ATTN/FLASHINFER/TRITON_ATTN/FLEX_ATTENTION; tgi flashinfer/flashdecoding/paged",
