@@ -440,7 +440,7 @@ def test_url_preflight_stops_before_the_load_with_one_line(tmp_path):
                                    f"cannot reach http://127.0.0.1:{refused_port}: [Errno 111] Connection refused"),
             "not a stream": ([plain.url], "not an event stream"),
             "bad tokenizer": ([server.url, "--api-key", "sk-right", "--tokenizer", str(tmp_path)],
-                              "give a directory holding tokenizer.json, or the tokenizer.json file"),
+                              "give a directory holding tokenizer.json, the tokenizer.json file"),
         }
         for name, (args, says) in cases.items():
             result = run_cli("loadtest", "--url", *args, "--model", "tiny", "--scenario", TIMING, "--users", "1",

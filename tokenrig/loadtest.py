@@ -35,7 +35,7 @@ from tokenrig.report.slo import Slo, judge
 from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
 from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
 from tokenrig.serve.launcher import LaunchedServer
-from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, tokenizer_dir, whole_url
+from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, whole_url
 from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics, wait_server_idle
 from tokenrig.serve.spec import Endpoint, ServerSpec
 
@@ -52,7 +52,7 @@ def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenar
     else:
         context = min(served, spec.max_model_len or served)
     if remote.tokenizer:
-        tokenizer = tokenizer_dir(remote.tokenizer)
+        tokenizer = remote.tokenizer
     else:
         tokenizer = profile_tokenizer_dir(spec.model)
         progress(f"prompt lengths are counted with tokenrig's word-level tokenizer of the {spec.model.key} profile; "

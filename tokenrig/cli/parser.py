@@ -144,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "to the run directory")
     loadtest.add_argument("--served-model", help="--url: the model name the server serves (default: the one "
                                                  "/v1/models lists, or the --model profile's name among several)")
-    loadtest.add_argument("--tokenizer", type=Path, help="--url: the served model's tokenizer.json (or its "
-                                                         "directory), to count prompt and reply tokens with")
+    loadtest.add_argument("--tokenizer", help="--url: the served model's tokenizer.json, its directory, or its "
+                                              "Hugging Face model name (ORG/NAME: from the Hub's cache or the Hub), "
+                                              "to count prompt and reply tokens with")
     loadtest.add_argument("--results", type=Path, default=Path("results"), help="where run directories go")
     loadtest.add_argument("--compare", nargs="+", type=Path, metavar="DIR",
                           help="no run: one markdown table of every load-test run under these directories")

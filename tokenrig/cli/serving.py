@@ -109,6 +109,11 @@ def cmd_loadtest(args) -> int:
         slos = parse_slos(args.slo) if args.slo else None
     except SloError as error:
         raise ScenarioError(str(error)) from None
+    from tokenrig.serve.remote import RemoteOptions, tokenizer_dir
+
+    if args.tokenizer and not args.url:
+        raise ScenarioError("--tokenizer goes with --url: a server tokenrig starts counts with its model's own")
+    tokenizer = tokenizer_dir(args.tokenizer) if args.tokenizer else None  # a Hub name is fetched before any load
     overrides = LoadOverrides(users=args.users, rate=args.rate, arrival=args.arrival, burstiness=args.burstiness,
                               duration_s=args.duration, warmup_s=args.warmup, seed=args.seed, sweep=args.sweep,
                               find_max=args.find_max, precision=args.precision, tail_samples=args.tail_samples,
@@ -134,9 +139,7 @@ def cmd_loadtest(args) -> int:
             raise ScenarioError("--local-workers must be between 0 and --workers")
         workers = WorkerOptions(count, local, args.master_host, args.master_port)
     client = args.client or ("tgi" if spec.backend == "tgi" else "openai")
-    from tokenrig.serve.remote import RemoteOptions
-
-    remote = RemoteOptions(args.url, args.api_key, args.served_model, args.tokenizer) if args.url else None
+    remote = RemoteOptions(args.url, args.api_key, args.served_model, tokenizer) if args.url else None
     return run_session(spec, scenario, args.results, remote=remote, monitor=monitor_options(args), slos=slos,
                        profile=run.profile, workers=workers, client=client, seed_source=run.seed_source,
                        max_error_rate=args.max_error_rate,
