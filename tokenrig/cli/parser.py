@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(loadtest)
     loadtest.add_argument("--scenario", default="chat",
                           help="name in tokenrig/scenarios/serving/ or a path to a .yaml file")
+    loadtest.add_argument("--data", help="the requests, in place of the scenario's (its load stays): a ShareGPT-format "
+                                         ".json file (first human turn = prompt, its gpt reply's tokens = output "
+                                         "length), or synthetic lengths prompt_tokens=512,output_tokens=128 (each "
+                                         "with optional _stdev, _min, _max)")
     loadtest.add_argument("--users", type=_count_or("sweep", "user", "'sweep' with --sweep"),
                           help="closed loop: this many concurrent streams ('sweep' with --sweep)")
     loadtest.add_argument("--rate", type=_positive, help="open loop: requests per second (Poisson unless --arrival)")

@@ -105,6 +105,10 @@ def cmd_loadtest(args) -> int:
     from tokenrig.report.slo import SloError, parse_slos
 
     scenario = load_scenario(args.scenario)
+    if args.data:
+        from tokenrig.loadgen.data import with_data
+
+        scenario = with_data(scenario, args.data)
     try:
         slos = parse_slos(args.slo) if args.slo else None
     except SloError as error:

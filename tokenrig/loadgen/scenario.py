@@ -1,10 +1,11 @@
 """Serving scenarios: YAML files validated into typed objects, with errors that name the line.
 
 A scenario is a weighted mix of request classes (API, input/output length distributions,
-prompt source, optional multi-turn conversations and shared prefixes) and a load plan
-(closed-loop concurrency, an open-loop arrival process with optional stages, or a trace to
-replay; duration, warm-up/cool-down). Data files named in a scenario (traces, prompt files)
-resolve relative to the shipped scenarios directory (tokenrig/scenarios/).
+prompt source: synthetic, a prompt file or a ShareGPT-format conversation file; optional
+multi-turn conversations and shared prefixes) and a load plan (closed-loop concurrency, an
+open-loop arrival process with optional stages, or a trace to replay; duration,
+warm-up/cool-down). Data files named in a scenario (traces, prompt files) resolve relative to
+the shipped scenarios directory (tokenrig/scenarios/).
 """
 
 from __future__ import annotations
@@ -169,7 +170,57 @@ def _prompt_lines(path: str, field: str) -> tuple[str, ...]:
     return tuple(lines)
 
 
-PromptSource = Annotated[Union[SyntheticPrompt, FilePrompt], Field(discriminator="source")]
+SHAREGPT_USER, SHAREGPT_ASSISTANT = ("human", "user"), ("gpt", "assistant", "chatgpt")
+
+
+class ShareGptPrompt(_Strict):
+    """Conversations of a ShareGPT-format JSON file (a list of {"conversations": [{"from": ..., "value": ...}]}),
+    read as vllm bench serve's sharegpt dataset reads them: the first human turn is the prompt, and the gpt turn
+    after it sets the output length (its tokens, counted with the run's tokenizer) unless output_tokens is given.
+    Conversations without such a pair are skipped."""
+
+    source: Literal["sharegpt"]
+    path: str
+
+    @model_validator(mode="after")
+    def _readable(self):
+        self.pairs()  # fail at load time, naming the file
+        return self
+
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """(prompt, reply) of every usable conversation, in file order."""
+        return _sharegpt_pairs(self.path)
+
+
+@functools.lru_cache(maxsize=4)
+def _sharegpt_pairs(path: str) -> tuple[tuple[str, str], ...]:
+    file = resolve_data_path(path)
+    if not file.is_file():
+        raise ValueError(f"ShareGPT file {file} does not exist")
+    try:
+        data = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file.name} is not JSON ({error})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{file.name}: a ShareGPT file is a JSON list of {{\"conversations\": [...]}} entries")
+    pairs = []
+    for entry in data:
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        turns = [turn for turn in turns or []
+                 if isinstance(turn, dict) and isinstance(turn.get("value"), str) and turn["value"].strip()]
+        asked = next((n for n, t in enumerate(turns) if t.get("from") in SHAREGPT_USER), None)
+        if asked is None:
+            continue
+        reply = next((t for t in turns[asked + 1:] if t.get("from") in SHAREGPT_ASSISTANT), None)
+        if reply is not None:
+            pairs.append((turns[asked]["value"], reply["value"]))
+    if not pairs:
+        raise ValueError(f"{file.name}: no conversation has a human turn followed by a gpt turn (entries: "
+                         '{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]})')
+    return tuple(pairs)
+
+
+PromptSource = Annotated[Union[SyntheticPrompt, FilePrompt, ShareGptPrompt], Field(discriminator="source")]
 
 
 class Conversation(_Strict):
@@ -290,7 +341,8 @@ class Scenario(_Strict):
             if trace and (request_class.input_tokens or request_class.output_tokens):
                 raise ValueError(f"request class {request_class.name!r}: a trace plan takes token lengths from "
                                  "the trace; remove input_tokens/output_tokens")
-            if not trace and request_class.output_tokens is None:
+            from_data = isinstance(request_class.prompt, ShareGptPrompt)  # the gpt turn gives the output length
+            if not trace and request_class.output_tokens is None and not from_data:
                 raise ValueError(f"request class {request_class.name!r} needs output_tokens")
             if not trace and needs_input and request_class.input_tokens is None:
                 raise ValueError(f"request class {request_class.name!r} needs input_tokens (synthetic prompts)")
