@@ -148,7 +148,7 @@ class Session:
         summary.workload = WorkloadFacts(requests_clamped_to_context=workload.clamped,
                                          conversations_cut_at_context=workload.conversations_cut)
         summary.load = LoadFacts(plan=plan.describe(), stopped_early_slo_missed=outcome.stopped_early,
-                                 spec=load.model_dump())
+                                 spec=load.model_dump(), throughput_mode=load.type == "throughput")
         summary.server = summarize_server_metrics(step_dir / "server_metrics.jsonl", summary.window.start_unix,
                                                   summary.window.end_unix, scraper.errors)
         summary.write(step_dir / "summary.json")

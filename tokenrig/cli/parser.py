@@ -65,6 +65,11 @@ def _positive(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float:
+    """--rate: requests/s above 0, or inf (the throughput mode)."""
+    return math.inf if text.strip().lower() in ("inf", "infinity") else _positive(text)
+
+
 def _not_negative(text: str) -> float:
     value = _finite(text)
     if value < 0:
@@ -72,15 +77,16 @@ def _not_negative(text: str) -> float:
     return value
 
 
-def _count_or(keyword: str, unit: str, hint: str):
-    """An argparse type: a whole number of `unit`s (1 or more), or the word `keyword`."""
+def _count_or(keyword: str | None, unit: str, hint: str | None = None):
+    """An argparse type: a whole number of `unit`s (1 or more), or the word `keyword` (None: no word)."""
     def parse(text: str) -> int | str:
-        if text == keyword:
+        if keyword is not None and text == keyword:
             return text
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"a whole number of {unit}s (or {hint}), not {text!r}") from None
+            alternative = f" (or {hint})" if hint else ""
+            raise argparse.ArgumentTypeError(f"a whole number of {unit}s{alternative}, not {text!r}") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"at least 1 {unit}, not {value}")
         return value
@@ -107,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                                          "with optional _stdev, _min, _max)")
     loadtest.add_argument("--users", type=_count_or("sweep", "user", "'sweep' with --sweep"),
                           help="closed loop: this many concurrent streams ('sweep' with --sweep)")
-    loadtest.add_argument("--rate", type=_positive, help="open loop: requests per second (Poisson unless --arrival)")
+    loadtest.add_argument("--rate", type=_rate, help="open loop: requests per second (Poisson unless --arrival); "
+                                                     "inf: the throughput mode, --max-in-flight requests kept in flight "
+                                                     "to saturate the server (throughput figures, not latency)")
+    loadtest.add_argument("--max-in-flight", type=_count_or(None, "request"),
+                          help="open loop: cap on requests in flight; --rate inf: the requests kept in flight "
+                               "(default: the scenario's, 512)")
     loadtest.add_argument("--arrival", choices=["poisson", "constant", "gamma"], default="poisson")
     loadtest.add_argument("--burstiness", type=_positive, help="gamma arrivals: coefficient of variation of the gaps")
     loadtest.add_argument("--seed", type=int, help="seed of arrivals and prompts: the same seed sends the same "

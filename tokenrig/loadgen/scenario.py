@@ -283,25 +283,30 @@ class TraceReplay(_Strict):
 
 
 OPEN_LOOP_TYPES = ("poisson", "constant", "gamma")
+CLOSED_LOOP_TYPES = ("concurrency", "throughput")  # each user sends its next request when its last one ends
 
 
 class LoadPlanSpec(_Strict):
-    """concurrency: `users` loop back-to-back, their first requests due evenly over `ramp_s`. poisson/constant/gamma: open loop at `rate` req/s
-    (or through `stages`); gamma's `burstiness` is the coefficient of variation of inter-arrival
-    times (1 = Poisson, >1 burstier, <1 more regular). trace: arrivals and lengths from `trace`."""
+    """concurrency: `users` loop back-to-back, their first requests due evenly over `ramp_s`.
+    poisson/constant/gamma: open loop at `rate` req/s (or through `stages`); gamma's `burstiness` is the
+    coefficient of variation of inter-arrival times (1 = Poisson, >1 burstier, <1 more regular).
+    trace: arrivals and lengths from `trace`. throughput (--rate inf): saturate the server, `users`
+    (default `max_in_flight`) requests sent at once and each replaced the moment it ends; its figures are
+    throughput, its latencies include the server's queue."""
 
-    type: Literal["concurrency", "poisson", "constant", "gamma", "trace"] = "concurrency"
+    type: Literal["concurrency", "poisson", "constant", "gamma", "trace", "throughput"] = "concurrency"
     users: int | None = Field(default=None, ge=1)
     ramp_s: float = Field(default=0, ge=0, description="concurrency: spread the users' first requests evenly over "
                                                        "this many seconds (0: all at once, in lockstep)")
-    rate: float | None = Field(default=None, gt=0)
+    rate: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # as fast as possible: type throughput
     burstiness: float = Field(default=1.0, gt=0)
     stages: list[Stage] | None = None
     trace: TraceReplay | None = None
     duration_s: float = Field(default=60, gt=0)
     warmup_s: float = Field(default=0, ge=0)
     cooldown_s: float = Field(default=0, ge=0)
-    max_in_flight: int = Field(default=512, ge=1, description="open-loop safety cap on concurrent requests")
+    max_in_flight: int = Field(default=512, ge=1, description="open-loop safety cap on concurrent requests; "
+                                                              "a throughput plan's requests in flight")
     seed: int = Field(default=0, description="arrivals and prompts; a run draws a fresh one unless the scenario "
                                              "or --seed gives it")
 
@@ -309,6 +314,8 @@ class LoadPlanSpec(_Strict):
     def _consistent(self):
         if self.type == "concurrency" and not self.users:
             raise ValueError("a concurrency plan needs users")
+        if self.type == "throughput" and not self.users:
+            self.users = self.max_in_flight
         if self.ramp_s and self.type != "concurrency":
             raise ValueError("ramp_s spreads a concurrency plan's users; an open-loop plan ramps through stages")
         if self.type in OPEN_LOOP_TYPES and not self.rate and not self.stages:
