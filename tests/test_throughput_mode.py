@@ -28,6 +28,8 @@ def test_rate_inf_is_a_closed_loop_of_max_in_flight_streams_sent_at_once():
     assert plan.describe() == "throughput mode: 8 requests in flight, each replaced as it ends"
     default = plan_run(load_scenario("chat"), LoadOverrides(rate=INF), None).scenario.load
     assert default.users == default.max_in_flight == 512
+    capped = plan_run(load_scenario("chat"), LoadOverrides(rate=5, max_in_flight=16), None).scenario.load
+    assert capped.type == "poisson" and LoadPlan(capped).pool_size == 16  # --max-in-flight: the open loop's cap
     yaml = parse_scenario(DATA.joinpath("timing.yaml").read_text().replace("type: concurrency", "type: throughput"))
     assert yaml.load.type == "throughput" and yaml.load.users
 
