@@ -41,6 +41,7 @@ def test_rate_inf_is_a_closed_loop_of_max_in_flight_streams_sent_at_once():
     (LoadOverrides(rate=INF, burstiness=2.0), "--burstiness shapes open-loop arrivals"),
     (LoadOverrides(rate=INF, users=4), "give --users (closed loop) or --rate (open loop), not both"),
     (LoadOverrides(sweep="1,inf"), "--sweep takes finite numbers above 0"),
+    (LoadOverrides(users=4, max_in_flight=8), "--max-in-flight caps an open loop (--rate)"),
 ])
 def test_throughput_mode_refuses_what_does_not_go_with_it(overrides, message):
     with pytest.raises(ScenarioError, match=message.replace("(", r"\(").replace(")", r"\)")):

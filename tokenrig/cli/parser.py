@@ -113,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "with optional _stdev, _min, _max)")
     loadtest.add_argument("--users", type=_count_or("sweep", "user", "'sweep' with --sweep"),
                           help="closed loop: this many concurrent streams ('sweep' with --sweep)")
-    loadtest.add_argument("--rate", type=_rate, help="open loop: requests per second (Poisson unless --arrival); "
-                                                     "inf: the throughput mode, --max-in-flight requests kept in flight "
-                                                     "to saturate the server (throughput figures, not latency)")
+    loadtest.add_argument("--rate", type=_rate,
+                          help="open loop: requests per second (Poisson unless --arrival); inf: the throughput mode, "
+                               "--max-in-flight requests kept in flight to saturate the server (throughput figures, "
+                               "not latency)")
     loadtest.add_argument("--max-in-flight", type=_count_or(None, "request"),
                           help="open loop: cap on requests in flight; --rate inf: the requests kept in flight "
                                "(default: the scenario's, 512)")

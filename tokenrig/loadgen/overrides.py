@@ -1,10 +1,10 @@
 """The load a run applies: a scenario's load plan with the command line's settings laid over it.
 
 `LoadOverrides` gathers what `tokenrig loadtest` was told about the load (--users, --rate (inf: the
-throughput mode), --max-in-flight, --arrival, --burstiness, --duration, --warmup, --seed, --sweep, --find-max and the search's settings); `plan_run`
-checks that they agree and returns the scenario with its load replaced, the load profile they ask for
-(a single run, a sweep or the SLO search) and where the run's seed came from. Every refusal is a
-ScenarioError worded for the flags.
+throughput mode), --max-in-flight, --arrival, --burstiness, --duration, --warmup, --seed, --sweep,
+--find-max and the search's settings); `plan_run` checks that they agree and returns the scenario
+with its load replaced, the load profile they ask for (a single run, a sweep, the SLO search) and
+where the run's seed came from. Every refusal is a ScenarioError worded for the flags.
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | Non
     if rate:
         load = load.model_copy(update={"type": overrides.arrival, "rate": rate, "stages": None, "trace": None,
                                        "ramp_s": 0})
+    if overrides.max_in_flight is not None and load.type == "concurrency":
+        raise ScenarioError("--max-in-flight caps an open loop (--rate) or sets --rate inf's requests in flight; "
+                            "a closed loop has --users")
     updates = {k: v for k, v in {"duration_s": overrides.duration_s, "warmup_s": overrides.warmup_s,
                                  "burstiness": overrides.burstiness,
                                  "max_in_flight": overrides.max_in_flight}.items() if v is not None}
