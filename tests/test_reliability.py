@@ -426,7 +426,7 @@ def test_url_reaches_an_https_server_with_an_api_key_and_its_served_model_name(t
                                   "declared": ["model"], "reported": {"owned_by": None, "engine": None,
                                                                       "max_model_len": 2048, "kv_cache": None}}
     assert "timing | url | org/served-7b | remote" in result.stdout and "| hf |" not in result.stdout
-    assert "--tokenizer PATH" in result.stdout  # says how prompt lengths are counted without one
+    assert "--tokenizer gives its tokenizer.json or Hub name" in result.stdout  # how to count prompts without one
 
 
 def test_url_preflight_stops_before_the_load_with_one_line(tmp_path):
@@ -443,7 +443,7 @@ def test_url_preflight_stops_before_the_load_with_one_line(tmp_path):
                                    f"cannot reach http://127.0.0.1:{refused_port}: [Errno 111] Connection refused"),
             "not a stream": ([plain.url], "not an event stream"),
             "bad tokenizer": ([server.url, "--api-key", "sk-right", "--tokenizer", str(tmp_path)],
-                              "give a directory holding tokenizer.json, or the tokenizer.json file"),
+                              "give a directory holding tokenizer.json, the tokenizer.json file"),
         }
         for name, (args, says) in cases.items():
             result = run_cli("loadtest", "--url", *args, "--model", "tiny", "--scenario", TIMING, "--users", "1",

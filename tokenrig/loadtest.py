@@ -38,7 +38,7 @@ from tokenrig.report.slo import Slo, judge
 from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
 from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
 from tokenrig.serve.launcher import LaunchedServer
-from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, server_facts, tokenizer_dir, whole_url
+from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, server_facts, whole_url
 from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics, wait_server_idle
 from tokenrig.serve.spec import Endpoint, ServerSpec
 
@@ -61,11 +61,11 @@ def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenar
         progress(f"note: --backend {declared} declared, but the server at {server.base_url} reports the "
                  f"{report.engine} engine; the run is recorded as {declared}, with what the server reported")
     if remote.tokenizer:
-        tokenizer = tokenizer_dir(remote.tokenizer)
+        tokenizer = remote.tokenizer
     else:
         tokenizer = profile_tokenizer_dir(spec.model)
         progress(f"prompt lengths are counted with tokenrig's word-level tokenizer of the {spec.model.key} profile; "
-                 "the server's own tokenizer may count them differently: --tokenizer PATH gives its tokenizer.json")
+                 "the server's own tokenizer may count them differently: --tokenizer gives its tokenizer.json or Hub name")
     if client == "openai":
         first = scenario.requests[0]
         note = server.preflight(API_PATHS[first.api], model, chat=first.api == "chat")
@@ -177,7 +177,7 @@ class Session:
                                          conversations_cut_at_context=workload.conversations_cut)
         missed = outcome.stopped_early and (watch is None or watch.verdict != "met")  # else its SLOs were surely met
         summary.load = LoadFacts(plan=plan.describe(), stopped_early_slo_missed=missed,
-                                 spec=load.model_dump())
+                                 spec=load.model_dump(), throughput_mode=load.type == "throughput")
         summary.server = summarize_server_metrics(step_dir / "server_metrics.jsonl", summary.window.start_unix,
                                                   summary.window.end_unix, scraper.errors)
         if capture is not None:

@@ -65,6 +65,11 @@ def _positive(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float:
+    """--rate: requests/s above 0, or inf (the throughput mode)."""
+    return math.inf if text.strip().lower() in ("inf", "infinity") else _positive(text)
+
+
 def _not_negative(text: str) -> float:
     value = _finite(text)
     if value < 0:
@@ -72,15 +77,16 @@ def _not_negative(text: str) -> float:
     return value
 
 
-def _count_or(keyword: str, unit: str, hint: str):
-    """An argparse type: a whole number of `unit`s (1 or more), or the word `keyword`."""
+def _count_or(keyword: str | None, unit: str, hint: str | None = None):
+    """An argparse type: a whole number of `unit`s (1 or more), or the word `keyword` (None: no word)."""
     def parse(text: str) -> int | str:
-        if text == keyword:
+        if keyword is not None and text == keyword:
             return text
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"a whole number of {unit}s (or {hint}), not {text!r}") from None
+            alternative = f" (or {hint})" if hint else ""
+            raise argparse.ArgumentTypeError(f"a whole number of {unit}s{alternative}, not {text!r}") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"at least 1 {unit}, not {value}")
         return value
@@ -113,9 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(loadtest)
     loadtest.add_argument("--scenario", default="chat",
                           help="name in tokenrig/scenarios/serving/ or a path to a .yaml file")
+    loadtest.add_argument("--data", help="the requests, in place of the scenario's (its load stays): a ShareGPT-format "
+                                         ".json file (first human turn = prompt, its gpt reply's tokens = output "
+                                         "length), or synthetic lengths prompt_tokens=512,output_tokens=128 (each "
+                                         "with optional _stdev, _min, _max)")
     loadtest.add_argument("--users", type=_count_or("sweep", "user", "'sweep' with --sweep"),
                           help="closed loop: this many concurrent streams ('sweep' with --sweep)")
-    loadtest.add_argument("--rate", type=_positive, help="open loop: requests per second (Poisson unless --arrival)")
+    loadtest.add_argument("--rate", type=_rate,
+                          help="open loop: requests per second (Poisson unless --arrival); inf: the throughput mode, "
+                               "--max-in-flight requests kept in flight to saturate the server (throughput figures, "
+                               "not latency)")
+    loadtest.add_argument("--max-in-flight", type=_count_or(None, "request"),
+                          help="open loop: cap on requests in flight; --rate inf: the requests kept in flight "
+                               "(default: the scenario's, 512)")
     loadtest.add_argument("--arrival", choices=["poisson", "constant", "gamma"], default="poisson")
     loadtest.add_argument("--burstiness", type=_positive, help="gamma arrivals: coefficient of variation of the gaps")
     loadtest.add_argument("--seed", type=int, help="seed of arrivals and prompts: the same seed sends the same "
@@ -167,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "to the run directory")
     loadtest.add_argument("--served-model", help="--url: the model name the server serves (default: the one "
                                                  "/v1/models lists, or the --model profile's name among several)")
-    loadtest.add_argument("--tokenizer", type=Path, help="--url: the served model's tokenizer.json (or its "
-                                                         "directory), to count prompt and reply tokens with")
+    loadtest.add_argument("--tokenizer", help="--url: the served model's tokenizer.json, its directory, or its "
+                                              "Hugging Face model name (ORG/NAME: from the Hub's cache or the Hub), "
+                                              "to count prompt and reply tokens with")
     loadtest.add_argument("--results", type=Path, default=Path("results"), help="where run directories go")
     loadtest.add_argument("--compare", nargs="+", type=Path, metavar="DIR",
                           help="no run: one markdown table of every load-test run under these directories")
@@ -208,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Weights, activations, runtime and KV cache per GPU for a model on a GPU "
                                           "type; says what would fit when it does not.")
     fit.add_argument("--gpu", required=True)
-    fit.add_argument("--model", required=True)
+    fit.add_argument("--model", required=True, help="model profile, or a Hugging Face config.json")
     fit.add_argument("--quant", default="bf16")
     fit.add_argument("--tp", type=int, default=None)
     fit.add_argument("--concurrency", type=int, default=16)
@@ -231,7 +248,8 @@ def _add_capacity_parser(commands) -> None:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     capacity.add_argument("--gpu", help="comma-separated GPU profiles, e.g. h100-sxm,a800,rtx4090 (default: the GPU "
                                         "every run under --from ran on)")
-    capacity.add_argument("--model", help="model profile, e.g. 13b (default: the model every run under --from served)")
+    capacity.add_argument("--model", help="model profile, e.g. 13b, or a Hugging Face config.json (default: the model every run "
+                                          "under --from served)")
     capacity.add_argument("--quant", help="comma-separated weight formats, e.g. bf16,awq (default: the runs' one "
                                           "format, else bf16)")
     capacity.add_argument("--scenario", help="name in tokenrig/scenarios/serving/ or a path (default: the runs' one "

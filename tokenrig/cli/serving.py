@@ -30,12 +30,13 @@ def print_load_fit(spec, scenario, with_plan: bool) -> None:
     KV cache."""
     if spec.device == "cpu" or spec.backend == "sim":
         return
+    from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES
     from tokenrig.serve.fit import load_in_flight
 
     fit = dry_run_plan(spec, 0).fit
     load = scenario.load
     prompt, output = scenario.mean_tokens("input_tokens"), scenario.mean_tokens("output_tokens")
-    in_flight, basis = load_in_flight(fit, spec.gpu, load.users if load.type == "concurrency" else None,
+    in_flight, basis = load_in_flight(fit, spec.gpu, load.users if load.type in CLOSED_LOOP_TYPES else None,
                                       load.rate, output)
     if with_plan:
         print("fit:", fit.describe())
@@ -101,15 +102,25 @@ def cmd_loadtest(args) -> int:
     import locust  # noqa: F401  - gevent must patch the standard library before anything else imports it
 
     from tokenrig.loadgen.overrides import LoadOverrides, plan_run
-    from tokenrig.loadgen.scenario import ScenarioError, load_scenario
+    from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES, ScenarioError, load_scenario
     from tokenrig.report.slo import SloError, parse_slos
 
     scenario = load_scenario(args.scenario)
+    if args.data:
+        from tokenrig.loadgen.data import with_data
+
+        scenario = with_data(scenario, args.data)
     try:
         slos = parse_slos(args.slo) if args.slo else None
     except SloError as error:
         raise ScenarioError(str(error)) from None
-    overrides = LoadOverrides(users=args.users, rate=args.rate, arrival=args.arrival, burstiness=args.burstiness,
+    from tokenrig.serve.remote import RemoteOptions, tokenizer_dir
+
+    if args.tokenizer and not args.url:
+        raise ScenarioError("--tokenizer goes with --url: a server tokenrig starts counts with its model's own")
+    tokenizer = tokenizer_dir(args.tokenizer) if args.tokenizer else None  # a Hub name is fetched before any load
+    overrides = LoadOverrides(users=args.users, rate=args.rate, max_in_flight=args.max_in_flight,
+                              arrival=args.arrival, burstiness=args.burstiness,
                               duration_s=args.duration, warmup_s=args.warmup, seed=args.seed, sweep=args.sweep,
                               find_max=args.find_max, precision=args.precision, tail_samples=args.tail_samples,
                               max_step_s=args.max_step, quick=args.quick)
@@ -117,7 +128,8 @@ def cmd_loadtest(args) -> int:
     scenario, load = run.scenario, run.scenario.load
     profiling = _profiling(args)
     # the KV cache must hold the closed loop's users, or the open loop's in-flight cap (up to a typical batch limit)
-    spec = ServerSpec.from_args(args, concurrency=load.users if load.type == "concurrency" else min(load.max_in_flight, 256))
+    closed = load.type in CLOSED_LOOP_TYPES
+    spec = ServerSpec.from_args(args, concurrency=load.users if closed else min(load.max_in_flight, 256))
     if not args.url:  # a server at --url runs wherever it runs, with its own memory plan
         _check_hardware(spec, args.dry_run)
     count = _choose_workers(args, scenario, run.profile, spec)
@@ -137,13 +149,13 @@ def cmd_loadtest(args) -> int:
             raise ScenarioError("--local-workers must be between 0 and --workers")
         workers = WorkerOptions(count, local, args.master_host, args.master_port)
     client = args.client or BACKENDS[spec.backend].default_client
-    from tokenrig.serve.remote import DECLARABLE, RemoteOptions
+    from tokenrig.serve.remote import DECLARABLE
 
     remote = None
     if args.url:  # what the user declares about the server is the run's, the flags' defaults are not
         described = spec.describe()
         declared = {name: described[name] for name in DECLARABLE if name in getattr(args, "given", ())}
-        remote = RemoteOptions(args.url, args.api_key, args.served_model, args.tokenizer, declared)
+        remote = RemoteOptions(args.url, args.api_key, args.served_model, tokenizer, declared)
     return run_session(spec, scenario, args.results, remote=remote, monitor=monitor_options(args), slos=slos,
                        profile=run.profile, workers=workers, client=client, seed_source=run.seed_source,
                        max_error_rate=args.max_error_rate, profiling=profiling,

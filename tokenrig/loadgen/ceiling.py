@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenrig.loadgen.plan import LoadPlan, trace_schedule
-from tokenrig.loadgen.scenario import Scenario
+from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES, Scenario
 
 # 64 streams at 10 ms a token, measured on a shared 2-vCPU VM: TTFT p50 within 1 ms of the truth in every
 # run, ITL p99 within 2.5 ms in 2 of 5 (+1.8 to +3.0 ms); at 128 streams and above the ITL goal held once
@@ -85,7 +85,7 @@ def save_ceiling(chunks_per_s: float, measured: str) -> Path:
 def expected_chunk_rate(scenario: Scenario, tpot_s: float = ASSUMED_TPOT_S) -> float:
     """Streamed chunks per second the plan asks the load generator to time, at most one per token."""
     load = scenario.load
-    if load.type == "concurrency":
+    if load.type in CLOSED_LOOP_TYPES:
         return load.users / tpot_s
     if load.type == "trace":
         return sum(row.output_tokens for _, row in trace_schedule(load)) / load.duration_s

@@ -1,14 +1,15 @@
 """The load a run applies: a scenario's load plan with the command line's settings laid over it.
 
-`LoadOverrides` gathers what `tokenrig loadtest` was told about the load (--users, --rate, --arrival,
---burstiness, --duration, --warmup, --seed, --sweep, --find-max and the search's settings, --quick); `plan_run`
-checks that they agree and returns the scenario with its load replaced, the load profile they ask for
-(a single run, a sweep or the SLO search) and where the run's seed came from. Every refusal is a
-ScenarioError worded for the flags.
+`LoadOverrides` gathers what `tokenrig loadtest` was told about the load (--users, --rate (inf: the
+throughput mode), --max-in-flight, --arrival, --burstiness, --duration, --warmup, --seed, --sweep,
+--find-max and the search's settings, --quick); `plan_run` checks that they agree and returns the
+scenario with its load replaced, the load profile they ask for (a single run, a sweep, the SLO search)
+and where the run's seed came from. Every refusal is a ScenarioError worded for the flags.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -25,7 +26,8 @@ class LoadOverrides:
     """The command line's load settings; None leaves the scenario's own."""
 
     users: int | str | None = None  # closed loop with this many users, or SWEEP_USERS
-    rate: float | None = None  # open loop at this many requests/s
+    rate: float | None = None  # open loop at this many requests/s; math.inf: the throughput mode
+    max_in_flight: int | None = None  # open loop's cap on requests in flight; the throughput mode's streams
     arrival: str = "poisson"  # the open loop's arrival process, with --rate
     burstiness: float | None = None
     duration_s: float | None = None
@@ -56,6 +58,16 @@ def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | Non
     rate = overrides.rate
     if rate and users:
         raise ScenarioError("give --users (closed loop) or --rate (open loop), not both")
+    if rate == math.inf:  # the throughput mode: one saturating run
+        if overrides.find_max or overrides.sweep:
+            raise ScenarioError("--rate inf is the throughput mode, one run saturating the server: drop "
+                                f"{'--find-max' if overrides.find_max else '--sweep'}")
+        if overrides.burstiness is not None:
+            raise ScenarioError("--burstiness shapes open-loop arrivals; --rate inf sends as fast as the server takes "
+                                "requests: drop it")
+        load = load.model_copy(update={"type": "throughput", "users": None, "rate": None, "stages": None,
+                                       "trace": None, "ramp_s": 0})
+        rate = None
     profile: LoadProfile = SingleRun()
     if overrides.find_max:
         if not slos:
@@ -79,8 +91,12 @@ def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | Non
     if rate:
         load = load.model_copy(update={"type": overrides.arrival, "rate": rate, "stages": None, "trace": None,
                                        "ramp_s": 0})
+    if overrides.max_in_flight is not None and load.type == "concurrency":
+        raise ScenarioError("--max-in-flight caps an open loop (--rate) or sets --rate inf's requests in flight; "
+                            "a closed loop has --users")
     updates = {k: v for k, v in {"duration_s": overrides.duration_s, "warmup_s": overrides.warmup_s,
-                                 "burstiness": overrides.burstiness}.items() if v is not None}
+                                 "burstiness": overrides.burstiness,
+                                 "max_in_flight": overrides.max_in_flight}.items() if v is not None}
     try:
         load = type(load).model_validate({**load.model_dump(), **updates})
     except ValidationError as error:
@@ -92,6 +108,9 @@ def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | Non
 def sweep_values(text: str) -> list[float]:
     """--sweep's comma-separated numbers."""
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ScenarioError(f"--sweep takes comma-separated numbers, not {text!r}") from None
+    if not all(math.isfinite(value) and value > 0 for value in values):
+        raise ScenarioError(f"--sweep takes finite numbers above 0, not {text!r} (--rate inf is the throughput mode)")
+    return values

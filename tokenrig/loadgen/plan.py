@@ -1,7 +1,8 @@
 """Load plans: when each request is due.
 
-A plan hands out send slots. Closed loop (`concurrency`): a user's next request is due the
-moment its previous one ends. Open loop (constant, Poisson, gamma, stages, trace replay): the
+A plan hands out send slots. Closed loop (`concurrency`, and `throughput`: as many users as the
+open loop's in-flight cap, to saturate the server): a user's next request is due the moment its
+previous one ends. Open loop (constant, Poisson, gamma, stages, trace replay): the
 whole schedule of due times is computed before the run from the seed (or the trace), so it is
 the same whatever the server or the client does; latency is measured from the scheduled time
 and a late client counts against the result (no coordinated omission).
@@ -21,7 +22,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from tokenrig.loadgen.scenario import LoadPlanSpec, Stage, TraceReplay, resolve_data_path
+from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES, LoadPlanSpec, Stage, TraceReplay, resolve_data_path
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ class LoadPlan:
 
     @property
     def open_loop(self) -> bool:
-        return self.spec.type != "concurrency"
+        return self.spec.type not in CLOSED_LOOP_TYPES
 
     @property
     def scheduled_total(self) -> int:
@@ -232,6 +233,8 @@ class LoadPlan:
 
     def describe(self) -> str:
         spec = self.spec
+        if spec.type == "throughput":
+            return f"throughput mode: {spec.users} requests in flight, each replaced as it ends"
         if not self.open_loop:
             return f"{spec.users} concurrent users"
         if spec.type == "trace":

@@ -1,10 +1,11 @@
 """Serving scenarios: YAML files validated into typed objects, with errors that name the line.
 
 A scenario is a weighted mix of request classes (API, input/output length distributions,
-prompt source, optional multi-turn conversations and shared prefixes) and a load plan
-(closed-loop concurrency, an open-loop arrival process with optional stages, or a trace to
-replay; duration, warm-up/cool-down). Data files named in a scenario (traces, prompt files)
-resolve relative to the shipped scenarios directory (tokenrig/scenarios/).
+prompt source: synthetic, a prompt file or a ShareGPT-format conversation file; optional
+multi-turn conversations and shared prefixes) and a load plan (closed-loop concurrency, an
+open-loop arrival process with optional stages, or a trace to replay; duration,
+warm-up/cool-down). Data files named in a scenario (traces, prompt files) resolve relative to
+the shipped scenarios directory (tokenrig/scenarios/).
 """
 
 from __future__ import annotations
@@ -169,7 +170,57 @@ def _prompt_lines(path: str, field: str) -> tuple[str, ...]:
     return tuple(lines)
 
 
-PromptSource = Annotated[Union[SyntheticPrompt, FilePrompt], Field(discriminator="source")]
+SHAREGPT_USER, SHAREGPT_ASSISTANT = ("human", "user"), ("gpt", "assistant", "chatgpt")
+
+
+class ShareGptPrompt(_Strict):
+    """Conversations of a ShareGPT-format JSON file (a list of {"conversations": [{"from": ..., "value": ...}]}),
+    read as vllm bench serve's sharegpt dataset reads them: the first human turn is the prompt, and the gpt turn
+    after it sets the output length (its tokens, counted with the run's tokenizer) unless output_tokens is given.
+    Conversations without such a pair are skipped."""
+
+    source: Literal["sharegpt"]
+    path: str
+
+    @model_validator(mode="after")
+    def _readable(self):
+        self.pairs()  # fail at load time, naming the file
+        return self
+
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """(prompt, reply) of every usable conversation, in file order."""
+        return _sharegpt_pairs(self.path)
+
+
+@functools.lru_cache(maxsize=4)
+def _sharegpt_pairs(path: str) -> tuple[tuple[str, str], ...]:
+    file = resolve_data_path(path)
+    if not file.is_file():
+        raise ValueError(f"ShareGPT file {file} does not exist")
+    try:
+        data = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file.name} is not JSON ({error})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{file.name}: a ShareGPT file is a JSON list of {{\"conversations\": [...]}} entries")
+    pairs = []
+    for entry in data:
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        turns = [turn for turn in turns or []
+                 if isinstance(turn, dict) and isinstance(turn.get("value"), str) and turn["value"].strip()]
+        asked = next((n for n, t in enumerate(turns) if t.get("from") in SHAREGPT_USER), None)
+        if asked is None:
+            continue
+        reply = next((t for t in turns[asked + 1:] if t.get("from") in SHAREGPT_ASSISTANT), None)
+        if reply is not None:
+            pairs.append((turns[asked]["value"], reply["value"]))
+    if not pairs:
+        raise ValueError(f"{file.name}: no conversation has a human turn followed by a gpt turn (entries: "
+                         '{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]})')
+    return tuple(pairs)
+
+
+PromptSource = Annotated[Union[SyntheticPrompt, FilePrompt, ShareGptPrompt], Field(discriminator="source")]
 
 
 class Conversation(_Strict):
@@ -232,25 +283,30 @@ class TraceReplay(_Strict):
 
 
 OPEN_LOOP_TYPES = ("poisson", "constant", "gamma")
+CLOSED_LOOP_TYPES = ("concurrency", "throughput")  # each user sends its next request when its last one ends
 
 
 class LoadPlanSpec(_Strict):
-    """concurrency: `users` loop back-to-back, their first requests due evenly over `ramp_s`. poisson/constant/gamma: open loop at `rate` req/s
-    (or through `stages`); gamma's `burstiness` is the coefficient of variation of inter-arrival
-    times (1 = Poisson, >1 burstier, <1 more regular). trace: arrivals and lengths from `trace`."""
+    """concurrency: `users` loop back-to-back, their first requests due evenly over `ramp_s`.
+    poisson/constant/gamma: open loop at `rate` req/s (or through `stages`); gamma's `burstiness` is the
+    coefficient of variation of inter-arrival times (1 = Poisson, >1 burstier, <1 more regular).
+    trace: arrivals and lengths from `trace`. throughput (--rate inf): saturate the server, `users`
+    (default `max_in_flight`) requests sent at once and each replaced the moment it ends; its figures are
+    throughput, its latencies include the server's queue."""
 
-    type: Literal["concurrency", "poisson", "constant", "gamma", "trace"] = "concurrency"
+    type: Literal["concurrency", "poisson", "constant", "gamma", "trace", "throughput"] = "concurrency"
     users: int | None = Field(default=None, ge=1)
     ramp_s: float = Field(default=0, ge=0, description="concurrency: spread the users' first requests evenly over "
                                                        "this many seconds (0: all at once, in lockstep)")
-    rate: float | None = Field(default=None, gt=0)
+    rate: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # as fast as possible: type throughput
     burstiness: float = Field(default=1.0, gt=0)
     stages: list[Stage] | None = None
     trace: TraceReplay | None = None
     duration_s: float = Field(default=60, gt=0)
     warmup_s: float = Field(default=0, ge=0)
     cooldown_s: float = Field(default=0, ge=0)
-    max_in_flight: int = Field(default=512, ge=1, description="open-loop safety cap on concurrent requests")
+    max_in_flight: int = Field(default=512, ge=1, description="open-loop safety cap on concurrent requests; "
+                                                              "a throughput plan's requests in flight")
     seed: int = Field(default=0, description="arrivals and prompts; a run draws a fresh one unless the scenario "
                                              "or --seed gives it")
 
@@ -258,6 +314,8 @@ class LoadPlanSpec(_Strict):
     def _consistent(self):
         if self.type == "concurrency" and not self.users:
             raise ValueError("a concurrency plan needs users")
+        if self.type == "throughput" and not self.users:
+            self.users = self.max_in_flight
         if self.ramp_s and self.type != "concurrency":
             raise ValueError("ramp_s spreads a concurrency plan's users; an open-loop plan ramps through stages")
         if self.type in OPEN_LOOP_TYPES and not self.rate and not self.stages:
@@ -290,7 +348,8 @@ class Scenario(_Strict):
             if trace and (request_class.input_tokens or request_class.output_tokens):
                 raise ValueError(f"request class {request_class.name!r}: a trace plan takes token lengths from "
                                  "the trace; remove input_tokens/output_tokens")
-            if not trace and request_class.output_tokens is None:
+            from_data = isinstance(request_class.prompt, ShareGptPrompt)  # the gpt turn gives the output length
+            if not trace and request_class.output_tokens is None and not from_data:
                 raise ValueError(f"request class {request_class.name!r} needs output_tokens")
             if not trace and needs_input and request_class.input_tokens is None:
                 raise ValueError(f"request class {request_class.name!r} needs input_tokens (synthetic prompts)")

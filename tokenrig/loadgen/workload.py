@@ -1,8 +1,10 @@
 """Request sampling: turn a scenario's request mix into ready-to-send request bodies.
 
 Synthetic prompts are drawn from the served model's own tokenizer vocabulary, so their length
-in tokens is exact. What arrival k sends depends only on the seed and k (not on which process
-or when), so a distributed run sends the same requests as a single process. A `Dialogue` is
+in tokens is exact; prompts from files and ShareGPT conversations are counted with it (a ShareGPT
+reply's tokens are the request's output length). What arrival k sends depends only on the seed
+and k (not on which process or when), so a distributed run sends the same requests as a single
+process. A `Dialogue` is
 the requests of one arrival: one request, or the turns of a conversation whose history grows
 with each reply. Shared prefixes come from a pool with a target hit ratio, or (trace replay)
 from Mooncake's prefix-block hashes: equal hash, equal block of text.
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from tokenrig.loadgen.plan import TraceRow
-from tokenrig.loadgen.scenario import FilePrompt, RequestClass, Scenario, SharedPrefix
+from tokenrig.loadgen.scenario import FilePrompt, RequestClass, Scenario, SharedPrefix, ShareGptPrompt
 from tokenrig.serve.tokenizer import content_words
 
 API_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -76,6 +78,7 @@ class Workload:
         self._pools = {c.name: PrefixPool(c.shared_prefix, f"{seed}:pool:{c.name}")
                        for c in scenario.requests if c.shared_prefix}
         self._blocks: dict[tuple[str, int], list[str]] = {}
+        self._reply_tokens: dict[tuple[str, int], int] = {}  # ShareGPT: the reply's tokens by (file, conversation)
         self.clamped = 0  # requests shortened to fit the model's context
         self.conversations_cut = 0  # conversations ended early because the history filled the context
 
@@ -95,6 +98,25 @@ class Workload:
         rng = random.Random(self.seed * 1_000_003 + index)
         request_class = rng.choices(self._classes, self._weights)[0]
         return Dialogue(self, request_class, index, rng, trace_row)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def data_prompt(self, request_class: RequestClass, rng: random.Random) -> tuple[str, int]:
+        """A prompt from a prompt file or a ShareGPT file, and its output length: the class's distribution, else
+        (ShareGPT) the tokens of the reply the conversation had, counted once a run."""
+        source = request_class.prompt
+        if isinstance(source, FilePrompt):
+            return rng.choice(source.prompts()), request_class.output_tokens.sample(rng)
+        pairs = source.pairs()
+        index = rng.randrange(len(pairs))
+        prompt, reply = pairs[index]
+        if request_class.output_tokens is not None:
+            return prompt, request_class.output_tokens.sample(rng)
+        key = (source.path, index)
+        if key not in self._reply_tokens:
+            self._reply_tokens[key] = max(1, self.count_tokens(reply))
+        return prompt, self._reply_tokens[key]
 
     def fit(self, input_tokens: int, output_tokens: int) -> tuple[int, int]:
         room = self.max_context - TEMPLATE_MARGIN
@@ -170,15 +192,14 @@ class Dialogue:
             new_tokens, output_tokens = workload.fit(row.input_tokens, row.output_tokens)
             words, prefix_id, reused = self._trace_prompt(row, new_tokens)
             text = " ".join(words)
-        elif isinstance(request_class.prompt, FilePrompt):
-            text = rng.choice(request_class.prompt.prompts())
-            new_tokens = len(workload.tokenizer.encode(text, add_special_tokens=False).ids)
-            output_tokens = request_class.output_tokens.sample(rng)
+        elif isinstance(request_class.prompt, (FilePrompt, ShareGptPrompt)):
+            text, output_tokens = workload.data_prompt(request_class, rng)
+            new_tokens = workload.count_tokens(text)
             if self.turn == 0:
                 fitted, output_tokens = workload.fit(new_tokens, output_tokens)
                 if fitted < new_tokens:  # cut the prompt by words (exact for word-level tokenizers)
                     text = " ".join(text.split()[:fitted])
-                    new_tokens = len(workload.tokenizer.encode(text, add_special_tokens=False).ids)
+                    new_tokens = workload.count_tokens(text)
         else:
             new_tokens = request_class.input_tokens.sample(rng)
             output_tokens = request_class.output_tokens.sample(rng)

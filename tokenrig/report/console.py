@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenrig.report.run_summary import Distribution, Requests, RunSummary, Tokens
+from tokenrig.report.run_summary import THROUGHPUT_MODE_NOTE, Distribution, Requests, RunSummary, Tokens
 
 
 def _ms(stats: Distribution | None, key: str) -> str:
@@ -36,7 +36,10 @@ def data_quality(tokens: Tokens, ok: int) -> str:
 
 def render(summary: RunSummary, title: str) -> str:
     latency = summary.latency_s
-    lines = [title, "", f"{'metric (ms)':<12}{'p50':>9}{'p90':>9}{'p99':>9}{'mean':>9}{'max':>9}  n"]
+    lines = [title, ""]
+    if summary.load and summary.load.throughput_mode:
+        lines += [THROUGHPUT_MODE_NOTE, ""]
+    lines.append(f"{'metric (ms)':<12}{'p50':>9}{'p90':>9}{'p99':>9}{'mean':>9}{'max':>9}  n")
     uncertain = []  # metrics whose p99 has too few samples for a 95 % interval
     for name in ("ttft", "itl", "tpot", "e2e"):
         stats = latency.get(name)

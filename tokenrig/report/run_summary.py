@@ -145,10 +145,15 @@ class WorkloadFacts(_Part):
     conversations_cut_at_context: int
 
 
+THROUGHPUT_MODE_NOTE = ("THROUGHPUT MODE (--rate inf): the server was saturated on purpose; read output tok/s and "
+                        "req/s. TTFT, TPOT and E2E include the wait in its queue: they are no latency figures")
+
+
 class LoadFacts(_Part):
     plan: str
     stopped_early_slo_missed: bool
     spec: dict[str, Any] | None = None  # the step's LoadPlanSpec (summaries before it was recorded lack it)
+    throughput_mode: bool = False  # a saturating run (--rate inf): THROUGHPUT_MODE_NOTE applies to its figures
 
 
 class RunSummary(_Part):

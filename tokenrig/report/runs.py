@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from tokenrig.loadgen.records import RequestRecord, read_records
-from tokenrig.report.run_summary import RunSummary, SummaryVersionError
+from tokenrig.report.run_summary import THROUGHPUT_MODE_NOTE, RunSummary, SummaryVersionError
 
 
 def _json(path: Path) -> dict | None:
@@ -76,6 +76,8 @@ class LoadStep:
             errors = (summary.requests.errors_by_type if summary else None) or _error_types(self.records or [])
             notes.append(f"no request succeeded ({failed} failed: "
                          + (", ".join(f"{kind} x{n}" for kind, n in errors.items()) or "none sent") + ")")
+        if summary is not None and summary.load and summary.load.throughput_mode:
+            notes.append(THROUGHPUT_MODE_NOTE)
         if summary is not None and not summary.load_generator.valid:
             notes.append("INVALID: the load generator was the bottleneck (" +
                          "; ".join(summary.load_generator.problems) + ")")

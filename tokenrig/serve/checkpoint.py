@@ -37,7 +37,7 @@ def default_models_dir() -> Path:
 
 
 def checkpoint_dir(model: ModelProfile, root: Path | None = None, quant: str | None = None) -> Path:
-    return (root or default_models_dir()) / (model.key if quant is None else f"{model.key}-{quant}")
+    return (root or default_models_dir()) / (model.cache_name if quant is None else f"{model.cache_name}-{quant}")
 
 
 def is_complete(path: Path) -> bool:
@@ -45,14 +45,15 @@ def is_complete(path: Path) -> bool:
 
 
 def parameter_shapes(model: ModelProfile) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the model's weights, from transformers' own module tree on the meta device."""
+    """Names and shapes of the model's weights, from transformers' own module tree on the meta device; a tied
+    output projection is the embedding, stored once (written twice, transformers would untie them)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(**model.config)
     with torch.device("meta"):
         module = AutoModelForCausalLM.from_config(config)
-    return {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+    return {name: tuple(tensor.shape) for name, tensor in module.named_parameters()}
 
 
 def quantization_config(quant: str) -> dict:
@@ -205,7 +206,7 @@ def config_dir(model: ModelProfile, root: Path | None = None, quant: str | None 
     """config.json (with quantization_config for gptq/awq) and tokenizer, no weights: for engines that
     initialise random weights themselves. A directory an older tokenrig wrote with another config.json
     (GPTQ without modules_in_block_to_quantize: vLLM 0.26 served it in bf16) is rewritten."""
-    name = f"{model.key}-config" if quant is None else f"{model.key}-{quant}-config"
+    name = f"{model.cache_name}-config" if quant is None else f"{model.cache_name}-{quant}-config"
     out = (root or default_models_dir()) / name
     dtype = "float16" if quant else "bfloat16"
     current = out / "config.json"
@@ -221,7 +222,7 @@ def config_dir(model: ModelProfile, root: Path | None = None, quant: str | None 
 
 def tokenizer_dir(model: ModelProfile, root: Path | None = None, write: bool = True) -> Path:
     """A directory with only the model's tokenizer (what the sim engine and clients need)."""
-    out = (root or default_models_dir()) / f"{model.key}-tokenizer"
+    out = (root or default_models_dir()) / f"{model.cache_name}-tokenizer"
     if write and not (out / "tokenizer.json").exists():
         staging = out.with_name(out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)

@@ -72,13 +72,13 @@ def linear_bytes(quant: str, fan_in: int, fan_out: int) -> int:
 
 
 def weight_bytes(model: ModelProfile, quant: str = "bf16") -> int:
-    """All weight bytes of the checkpoint: quantized linears plus 16-bit embeddings, lm_head and norms."""
+    """All weight bytes of the checkpoint: quantized linears plus 16-bit embeddings, lm_head, norms and biases."""
     quant = normalise_quant(quant)
     linears = sum(linear_bytes(quant, fan_in, fan_out) for _, fan_in, fan_out in linear_shapes(model))
     h, v = model.hidden_size, model.vocab_size
-    embeddings = v * h * (1 if model.config.get("tie_word_embeddings") else 2)
+    embeddings = v * h * (1 if model.tied_embeddings else 2)
     norms = (2 * model.num_layers + 1) * h
-    return linears + 2 * (embeddings + norms)
+    return linears + 2 * (embeddings + norms + model.bias_params)
 
 
 def kv_heads_per_gpu(model: ModelProfile, tp: int) -> int:

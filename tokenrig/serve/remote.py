@@ -1,9 +1,9 @@
 """A server tokenrig did not start (`loadtest --url`): the URL made whole, the model it serves, its API
-key, the tokenizer prompt lengths are counted with, a pre-flight request that stops the run before
-any load with one line naming the fix (server down, wrong key, model not served, no event stream),
-and what the run records of it: what the user declared (--backend, --gpu, --model, --quant, --tp,
---max-num-seqs) and what the server tells (its engine, context, KV cache), so that capacity planning
-can place the run as it places a server tokenrig started.
+key, the tokenizer prompt lengths are counted with (a local file, or a Hugging Face Hub model's), a
+pre-flight request that stops the run before any load with one line naming the fix (server down, wrong
+key, model not served, no event stream), and what the run records of it: what the user declared
+(--backend, --gpu, --model, --quant, --tp, --max-num-seqs) and what the server tells (its engine,
+context, KV cache), so that capacity planning can place the run as it places a server tokenrig started.
 
 The API key only ever travels in request headers: nothing here writes it to metadata or logs.
 """
@@ -11,6 +11,7 @@ The API key only ever travels in request headers: nothing here writes it to meta
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -57,7 +58,7 @@ class RemoteOptions:
     url: str
     api_key: str | None = None
     served_model: str | None = None
-    tokenizer: Path | None = None
+    tokenizer: Path | None = None  # the directory of the tokenizer --tokenizer names (tokenizer_dir)
     declared: dict = field(default_factory=dict)
 
 
@@ -205,10 +206,67 @@ def _auth_problem(base_url: str, code: int, api_key: str | None) -> str:
     return f"{base_url}: HTTP {code}, {given}: pass --api-key KEY or set OPENAI_API_KEY"
 
 
-def tokenizer_dir(path: Path) -> Path:
-    """--tokenizer: a directory holding tokenizer.json, or that file itself."""
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # a Hugging Face repository id: NAME or ORG/NAME
+HUB_PROBE_TIMEOUT_S = 10.0
+
+
+def tokenizer_dir(value: str) -> Path:
+    """--tokenizer: a directory holding tokenizer.json, that file itself, or a Hugging Face Hub model name
+    (its tokenizer from the Hub's cache, else fetched, written as tokenizer.json under tokenrig's models)."""
+    path = Path(value).expanduser()
     if path.is_dir() and (path / "tokenizer.json").is_file():
         return path
     if path.is_file() and path.name == "tokenizer.json":
         return path.parent
-    raise RemoteError(f"--tokenizer {path}: give a directory holding tokenizer.json, or the tokenizer.json file")
+    if path.exists() or value.endswith(".json") or not HUB_NAME.match(value):
+        raise RemoteError(f"--tokenizer {value}: give a directory holding tokenizer.json, the tokenizer.json file, "
+                          "or a Hugging Face model name (ORG/NAME)")
+    return _hub_tokenizer(value)
+
+
+def _hub_tokenizer(name: str) -> Path:
+    """The directory of Hub model `name`'s tokenizer.json: the Hub's cache when it holds it, else the Hub, probed
+    first so that an unreachable one fails at once, not after the download's retries. A model with no
+    tokenizer.json has its tokenizer converted by transformers and written under tokenrig's models."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(name, "tokenizer.json", local_files_only=True)).parent
+    except OSError:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise RemoteError(f"--tokenizer {name}: not a local path, and not in the Hugging Face cache "
+                          f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set: give a local tokenizer.json "
+                          "or its directory")
+    _probe_hub(name, constants.ENDPOINT)
+    try:
+        try:
+            return Path(hf_hub_download(name, "tokenizer.json")).parent
+        except RemoteEntryNotFoundError:  # a slow (e.g. SentencePiece-only) tokenizer: transformers converts it
+            from transformers import AutoTokenizer
+
+            from tokenrig.serve.checkpoint import default_models_dir
+
+            backend = AutoTokenizer.from_pretrained(name).backend_tokenizer
+            out = default_models_dir() / "hub-tokenizers" / name.replace("/", "--")
+            out.mkdir(parents=True, exist_ok=True)
+            backend.save(str(out / "tokenizer.json"))
+            return out
+    except (OSError, ValueError, AttributeError) as error:
+        reason = str(error).strip().splitlines()[0][:200]
+        raise RemoteError(f"--tokenizer {name}: the Hugging Face Hub did not give its tokenizer ({reason}); check "
+                          "the name, set HF_TOKEN for a gated model, or give a local tokenizer.json") from None
+
+
+def _probe_hub(name: str, endpoint: str) -> None:
+    """Any HTTP answer from the Hub's endpoint will do; no answer within the timeout is one line."""
+    try:
+        urllib.request.urlopen(f"{endpoint}/api/models/{name}", timeout=HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # the Hub answered (a missing or gated model is for the download to name)
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise RemoteError(f"--tokenizer {name}: not a local path, and the Hugging Face Hub at {endpoint} cannot be "
+                          f"reached ({reason}): give a local tokenizer.json or its directory, or set HF_ENDPOINT "
+                          "to a reachable mirror") from None

@@ -52,8 +52,8 @@ class Flag:
 DEFAULT_BACKEND = "hf"
 COMMON_FLAGS = (
     Flag("--gpu", "GPU profile: a800, a100-80g, h100-sxm, h200, rtx4090, rtx3090, l40s, cpu (default)", default="cpu"),
-    Flag("--model", "model profile: tiny (default), llama2-7b|7b, llama2-13b|13b, llama2-70b|70b, llama3-8b|8b",
-         default="tiny"),
+    Flag("--model", "model profile: tiny (default), llama2-7b|7b, llama2-13b|13b, llama2-70b|70b, llama3-8b|8b, "
+                    "or a Hugging Face config.json (llama, mistral, qwen2) or its directory", default="tiny"),
     Flag("--quant", "bf16 (default), fp16, int8, fp8 (vllm, sglang: online FP8), gptq, awq (4-bit, group 128)",
          default="bf16"),
     Flag("--attention", "flash | noflash, or the backend's own name: hf eager/sdpa/flash_attention_2; "

@@ -102,5 +102,5 @@ def plan_for(spec: ServerSpec, tp: int | None = None) -> FitPlan:
 
 def tokenrig_server_command(engine: str, spec: ServerSpec, model_dir: Path, port: int) -> list[str]:
     """The start of `python -m tokenrig.serve.server` for one of its engines (hf, sim)."""
-    return [sys.executable, "-m", "tokenrig.serve.server", "--engine", engine, "--model", spec.model.key,
+    return [sys.executable, "-m", "tokenrig.serve.server", "--engine", engine, "--model", spec.model.reference,
             "--model-dir", str(model_dir), "--host", spec.host, "--port", str(port), "--gpu", spec.gpu.key]
