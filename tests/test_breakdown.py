@@ -226,3 +226,22 @@ def test_operator_chart_stacks_each_profiled_step_by_class():
     assert {"GEMM QKV", "norms", "GPU idle (host, scheduler)"} <= names
     norms = next(trace for trace in figure.data if trace.name == "norms")
     assert list(norms.y) == pytest.approx([0.02, 0.04])  # two 10-µs norms a layer, one layer then two
+
+
+def test_a_profile_without_prefill_borrows_it_and_a_held_out_check_borrows_again_without_the_case():
+    """FP8's profile held only decode steps: it takes bf16's prefill compute on the same GPU; with bf16 left out
+    (a held-out check of bf16), it must not keep what it took from bf16."""
+    from tokenrig.capacity.inputs import read_results
+    from tokenrig.capacity.operators import OperatorProfiles
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "results" / "serve-breakdown-h100-2026-12-07"
+    steps, _ = read_results([root / "vllm-bf16", root / "vllm-fp8"])
+    profiles = OperatorProfiles(steps, progress=lambda *_: None)
+    fp8 = next(m for k, m in profiles.models.items() if k.quant == "fp8")
+    bf16 = next(m for k, m in profiles.models.items() if k.quant == "bf16")
+    assert not bf16.unmeasured and fp8.unmeasured == ["prefill"]
+    assert fp8.borrowed.startswith("prefill compute from bf16 on h100-sxm") and fp8.gemm[2] == bf16.gemm[2]
+    alone = profiles.without("vllm", "bf16", "h100-sxm", "llama2-7b")
+    [(key, left)] = alone.models.items()
+    assert key.quant == "fp8" and left.borrowed.startswith("prefill compute from typical values")
+    assert left.gemm[2] == 0.6

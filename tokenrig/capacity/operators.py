@@ -27,7 +27,7 @@ percentile of single held-out steps' errors (host stalls make single steps miss)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import least_squares, nnls
@@ -310,38 +310,43 @@ class OperatorProfiles:
             if step.summary.breakdown is not None and step.summary.breakdown.device == "gpu":
                 key = ProfileKey(step.engine, step.quant, step.gpu, step.model, step.tp)
                 groups.setdefault(key, []).append(step)
-        self.models: dict[ProfileKey, OperatorModel] = {}
+        self.fitted: dict[ProfileKey, OperatorModel] = {}  # each as its own steps showed it
         for key, members in groups.items():
             try:
-                self.models[key] = fit_operator_model([s.summary.breakdown for s in members], resolve_model(key.model),
+                self.fitted[key] = fit_operator_model([s.summary.breakdown for s in members], resolve_model(key.model),
                                                       resolve_gpu(key.gpu), key.quant, key.tp,
                                                       sources=[str(s.path) for s in members])
             except ValueError as error:
                 progress(f"operator profile {key}: not used ({error})")
-        for key, fitted in self.models.items():
-            if "prefill" in fitted.unmeasured:
-                self._borrow_prefill(key, fitted)
+        self.models = self._completed()
 
-    def _borrow_prefill(self, key: ProfileKey, fitted: OperatorModel) -> None:
+    def _completed(self) -> dict[ProfileKey, OperatorModel]:
+        """The fitted models, those whose steps held no compute-bound prefill completed by `_borrowed_prefill`."""
+        return {key: self._borrowed_prefill(key, fitted) if "prefill" in fitted.unmeasured else fitted
+                for key, fitted in self.fitted.items()}
+
+    def _borrowed_prefill(self, key: ProfileKey, fitted: OperatorModel) -> OperatorModel:
         """A profile whose steps held no prefill big enough to be compute-bound cannot show the GEMMs' compute
         efficiency or prefill attention's: take them from the same engine's profile on the same GPU type that did
         (another weight format), else the roofline's typical values."""
-        donors = [(k, m) for k, m in self.models.items() if k.engine == key.engine and k.gpu == key.gpu
+        donors = [(k, m) for k, m in self.fitted.items() if k.engine == key.engine and k.gpu == key.gpu
                   and "prefill" not in m.unmeasured]
         if donors:
             donor_key, donor = max(donors, key=lambda item: item[1].steps_fitted)
             e_f, pair, source = donor.gemm[2], donor.attention[2], f"{donor_key.quant} on {donor_key.gpu}"
         else:
             e_f, pair, source = TYPICAL_COMPUTE_EFFICIENCY, 1 / TYPICAL_COMPUTE_EFFICIENCY, "typical values"
-        fitted.gemm = (fitted.gemm[0], fitted.gemm[1], e_f)
-        fitted.attention = (fitted.attention[0], fitted.attention[1], pair)
-        fitted.borrowed = f"prefill compute from {source} (its own profile held no large prefill)"
+        return replace(fitted, gemm=(fitted.gemm[0], fitted.gemm[1], e_f),
+                       attention=(fitted.attention[0], fitted.attention[1], pair),
+                       borrowed=f"prefill compute from {source} (its own profile held no large prefill)")
 
     def without(self, engine: str, quant: str, gpu: str, model: str) -> OperatorProfiles:
-        """These profiles less one configuration's (a held-out check must not see the case it checks)."""
+        """These profiles less one configuration's, borrowing again among the rest (a held-out check must not
+        see the case it checks, not even through what another profile borrowed from it)."""
         other = object.__new__(OperatorProfiles)
-        other.models = {k: m for k, m in self.models.items()
+        other.fitted = {k: m for k, m in self.fitted.items()
                         if (k.engine, k.quant, k.gpu, k.model) != (engine, quant, gpu, model)}
+        other.models = other._completed()
         return other
 
     def nearest(self, engine: str, quant: str, gpu: GpuProfile, model: str) -> ChosenProfile | None:
