@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from tokenrig import exit_status
 from tokenrig.interrupts import stop_signals_interrupt
 from tokenrig.loadgen.ceiling import per_core_ceiling
 from tokenrig.loadgen.plan import LoadPlan
@@ -138,7 +139,8 @@ class Session:
                          client_cpu_fraction=outcome.client_cpu_fraction, interrupted=outcome.interrupted,
                          scheduled_in_window=plan.scheduled_in_window(until_s=ran),
                          load_processes=self.master.expected if self.master else 1,
-                         max_error_rate=self.max_error_rate, ceiling=per_core_ceiling())
+                         max_error_rate=self.max_error_rate, ceiling=per_core_ceiling(),
+                         in_flight_cap=load.max_in_flight if plan.open_loop else None)
         summary = summarize(records, facts)
         if self.master:
             summary.load_generator.workers = [
@@ -160,8 +162,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
                 profile: LoadProfile = SingleRun(), workers: WorkerOptions | None = None,
                 client: str = "openai", scrape_interval_s: float = 1.0, request_timeout_s: float = 600.0,
                 seed_source: str = "scenario", max_error_rate: float = DEFAULT_MAX_ERROR_RATE) -> int:
-    """Run a load test end to end; the exit status: 0, 1 when past `max_error_rate` (every step, for a
-    search), 130 when interrupted."""
+    """Run a load test end to end; returns its exit status (tokenrig/exit_status.py)."""
     endpoint = _existing_endpoint(remote, spec, scenario, client, progress) if remote else None
     # a server tokenrig did not start is named by its URL and model, not by the backend/GPU flags' defaults
     server_facts = ({"backend": "url", "url": endpoint.base_url, "model": endpoint.model_name, "gpu": "remote"}
@@ -205,7 +206,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
             write_json(run_dir / "metadata.json", metadata)
         title = f"{scenario.name} | {labels['backend']} | {labels['model']} | {labels['gpu']}"
         if isinstance(profile, Search):
-            interrupted, failed = _run_search(session, profile, title)
+            status = _run_search(session, profile, title)
         else:
             plan = profile.next_step(scenario.load, slos, [])
             summary, outcome = session.run_step(plan.load, run_dir)
@@ -213,15 +214,19 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
             progress(render(summary, f"{title} | {summary.plan}"))
             if outcome.lost_worker:
                 progress(f"STOPPED: {outcome.lost_worker}")
-            interrupted, failed = outcome.interrupted, summary.requests.too_many_errors or bool(outcome.lost_worker)
+            status = (exit_status.INTERRUPTED if outcome.interrupted
+                      else exit_status.FAILED if summary.requests.too_many_errors or outcome.lost_worker
+                      else exit_status.INVALID if not summary.load_generator.valid or summary.no_measurement
+                      else exit_status.OK)
     progress(f"\nresults: {run_dir}")
-    return 130 if interrupted else 1 if failed else 0
+    return status
 
 
-def _run_search(session: Session, profile: Search, title: str) -> tuple[bool, bool]:
-    """Sweep or SLO search; writes search.json and prints the curve. Returns (interrupted, FAILED): FAILED when
+def _run_search(session: Session, profile: Search, title: str) -> int:
+    """Sweep or SLO search; writes search.json and prints the curve. Returns the exit status: FAILED when
     a load-generator worker was lost, or every step failed (a search past its capacity sees errors, but a
-    search none of whose steps served is no measurement)."""
+    search none of whose steps served is no measurement); NO_RATE_FOUND when --find-max found no rate;
+    INVALID when a sweep's row is no verdict on its load (its load generator shaped it, or it measured nothing)."""
     progress = session.progress
     steps: list[StepResult] = []
     interrupted, lost = False, None
@@ -257,4 +262,12 @@ def _run_search(session: Session, profile: Search, title: str) -> tuple[bool, bo
     failed = [s.summary.requests for s in steps if s.summary.requests.too_many_errors]
     if steps and len(failed) == len(steps):
         progress(failed_line(failed[-1]))
-    return interrupted, lost is not None or (bool(steps) and len(failed) == len(steps))
+    if interrupted:
+        return exit_status.INTERRUPTED
+    if lost is not None or (steps and len(failed) == len(steps)):
+        return exit_status.FAILED
+    if profile.mode == "find-max" and document.get("max_rate_meeting_slos") is None:
+        return exit_status.NO_RATE_FOUND
+    if any(not s.judged or s.summary.no_measurement for s in steps):
+        return exit_status.INVALID
+    return exit_status.OK

@@ -85,6 +85,9 @@ def render(summary: RunSummary, title: str) -> str:
     if not health.valid:
         lines.append(f"INVALID RUN: the load generator was the bottleneck ({'; '.join(health.problems)}). "
                      f"Remedy: {health.remedy}.")
+    if health.server_saturated:
+        lines.append(f"SERVER SATURATED: {health.server_saturated}. This rate is past what the server sustains; "
+                     "lower --rate, or find the highest rate within SLOs with --find-max --slo.")
     if summary.interrupted:
         lines.append("interrupted: the summary covers the requests finished before Ctrl-C")
     return "\n".join(lines)
