@@ -262,6 +262,13 @@ def test_an_interrupted_run_keeps_its_health_checks_and_reports_in_flight_reques
     (["--slo", "ttft_p99=1s,ttft_p99=2s"], "SLO ttft_p99 is given twice"),
     (["--max-error-rate", "120%"], "is not between 0 and 1"),
     (["--results", "FILE"], "is a file, not a directory"),
+    # what the plan and the per-core ceiling cannot do is refused before anything is drawn or spawned
+    (["--rate", "1e9", "--duration", "5"], "--rate: this plan streams about 50,000,000,000 chunks/s, over 10 times"),
+    (["--users", "100000"], "--users: this plan streams about 10,000,000 chunks/s, over 10 times"),
+    (["--find-max", "--sweep", "1,2", "--slo", "ttft_p99=1s"], "give --find-max (search for the highest rate"),
+    (["--duration", "1"], "--duration 1 s leaves nothing to measure after the warm-up (the scenario's "
+                          "load.warmup_s 1 s)"),
+    (["--quant", "int3"], "unknown quantization 'int3'"),
 ])
 def test_bad_input_is_refused_with_one_line(tmp_path, args, says):
     (tmp_path / "FILE").write_text("")

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from tokenrig.report.rundir import ResultsDirError
     from tokenrig.report.runs import NoRunsError
     from tokenrig.serve.remote import RemoteError
-    from tokenrig.serve.fit import FitError
+    from tokenrig.serve.fit import FitError, UnknownQuantError
     from tokenrig.serve.spec import LaunchError
     from tokenrig.train.spec import TrainSpecError
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokenrig: does not fit: {error}", file=sys.stderr)
         return DOES_NOT_FIT
     except (UnknownProfileError, ScenarioError, LaunchError, TrainSpecError, CompareError,
-            ResultsDirError, NoRunsError, RemoteError, ExporterPortError) as error:
+            ResultsDirError, NoRunsError, RemoteError, ExporterPortError, UnknownQuantError) as error:
         print(f"tokenrig: error: {error}", file=sys.stderr)
         return BAD_INPUT
     except RecordWriteError as error:

@@ -75,9 +75,14 @@ def _planned_chunk_rate(scenario, profile, spec) -> float:
 def _choose_workers(args, scenario, profile, spec) -> int | None:
     """--workers as given, or for 'auto' what the plan needs; say so before the run when it needs more than
     the load generator has."""
-    from tokenrig.loadgen.ceiling import capacity_advice, free_cores, per_core_ceiling, workers_needed
+    from tokenrig.loadgen.ceiling import capacity_advice, free_cores, per_core_ceiling, refusal, workers_needed
+    from tokenrig.loadgen.scenario import ScenarioError
 
     chunk_rate, ceiling = _planned_chunk_rate(scenario, profile, spec), per_core_ceiling()
+    too_much = refusal(chunk_rate, free_cores() if args.workers == "auto" else args.workers or 1, ceiling)
+    if too_much:
+        flag = ("--sweep" if args.sweep else "--users" if scenario.load.type == "concurrency" else "--rate")
+        raise ScenarioError(f"{flag}: {too_much}; lower {flag}")
     if args.workers == "auto":
         workers = min(workers_needed(chunk_rate, ceiling), free_cores())
         print(f"load generator: {workers} process{'es' if workers > 1 else ''} for about {chunk_rate:,.0f} "
