@@ -433,6 +433,38 @@ def test_url_reaches_an_https_server_with_an_api_key_and_its_served_model_name(t
     assert "--tokenizer PATH" in result.stdout  # says how prompt lengths are counted without one
 
 
+def test_url_with_a_wrong_path_or_an_untrusted_certificate_says_what_was_asked_and_how_to_fix_it(tmp_path):
+    """--url http://host/v2: /v2/v1/models answers 404, said in one line (not a silent fall back to the profile's
+    model name). An HTTPS server whose self-signed certificate nothing trusts: the line names --ca-cert and
+    SSL_CERT_FILE; --ca-cert FILE then carries the test request and the load (the load client trusts what the
+    pre-flight trusts)."""
+    import ssl
+
+    cert, key = self_signed_cert(tmp_path)
+    with FaultServer(lambda number, handler: stream_reply(handler, 50, usage=50), model="served-7b") as server:
+        common = ["loadtest", "--model", "tiny", "--scenario", TIMING, "--users", "1", "--duration", "2",
+                  "--warmup", "0", "--results", str(tmp_path / "runs")]
+        wrong_path = run_cli(*common, "--url", server.url + "/v2", timeout=60)
+        assert wrong_path.returncode == 2, wrong_path.stdout + wrong_path.stderr
+        assert wrong_path.stderr.strip() == (
+            f"tokenrig: error: {server.url}/v2/v1/models answered HTTP 404 (not found) when asked which model it "
+            "serves: check --url (its path comes before /v1), or name the model with --served-model NAME")
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.server.socket = context.wrap_socket(server.server.socket, server_side=True)
+        https = f"https://127.0.0.1:{server.server.server_port}"
+        untrusted = run_cli(*common, "--url", https, timeout=60, env={"SSL_CERT_FILE": ""})
+        assert untrusted.returncode == 2, untrusted.stdout + untrusted.stderr
+        assert len(untrusted.stderr.strip().splitlines()) == 1
+        assert (f"{https}: TLS certificate verification failed (self-signed certificate): trust the CA that signed the "
+                "server's certificate with --ca-cert FILE (or SSL_CERT_FILE=FILE)") in untrusted.stderr
+        trusted = run_cli(*common, "--url", https, "--ca-cert", str(cert), timeout=120, env={"SSL_CERT_FILE": ""})
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    records = read_records(run_dir_of(trusted) / "requests.jsonl")
+    assert records and all(r.ok for r in records), records[0].error
+
+
 def test_url_preflight_stops_before_the_load_with_one_line(tmp_path):
     respond, _ = production_like("sk-right", "served-7b")
     refused_port = free_port()

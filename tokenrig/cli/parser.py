@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "to the run directory")
     loadtest.add_argument("--served-model", help="--url: the model name the server serves (default: the one "
                                                  "/v1/models lists, or the --model profile's name among several)")
+    loadtest.add_argument("--ca-cert", type=Path, metavar="FILE",
+                          help="--url over https: trust the CA certificate(s) in this PEM file, for the test request "
+                               "and the load (sets SSL_CERT_FILE; default: the system's certificates)")
     loadtest.add_argument("--tokenizer", type=Path, help="--url: the served model's tokenizer.json (or its "
                                                          "directory), to count prompt and reply tokens with")
     loadtest.add_argument("--results", type=Path, default=Path("results"), help="where run directories go")

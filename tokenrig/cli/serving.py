@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -109,6 +110,12 @@ def cmd_loadtest(args) -> int:
     from tokenrig.loadgen.scenario import ScenarioError, load_scenario
     from tokenrig.report.slo import SloError, parse_slos
 
+    if args.ca_cert:
+        if not args.ca_cert.is_file():
+            raise ScenarioError(f"--ca-cert {args.ca_cert}: no such file; give the PEM file of the CA that signed "
+                                "the server's certificate")
+        # OpenSSL reads it for every TLS context made with the default paths here and in spawned workers
+        os.environ["SSL_CERT_FILE"] = str(args.ca_cert.resolve())
     scenario = load_scenario(args.scenario)
     try:
         slos = parse_slos(args.slo) if args.slo else None
