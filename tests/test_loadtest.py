@@ -207,3 +207,15 @@ def test_a_find_max_that_finds_no_rate_exits_5(tmp_path):
                      "--max-step", "1", "--warmup", "0", "--results", str(tmp_path))
     assert result.returncode == 5, result.stdout + result.stderr
     assert "no rate tried met every SLO" in result.stdout
+
+
+def test_the_console_says_draining_after_the_load_and_no_locust_spawn_rate_warning(tmp_path):
+    """1 s of 2 req/s against 6.5-s requests: the progress line 5 s in says how many are still in flight, not
+    [1s/1s] again; spawning the open loop's 512 users in the lead time draws no Locust warning."""
+    result = run_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "6500", "--sim-tpot-ms", "1",
+                     "--scenario", TIMING, "--rate", "2", "--arrival", "constant", "--duration", "1", "--warmup", "0",
+                     "--results", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "[draining 2 in flight, 4s past the 1s of load] done      0" in output, output
+    assert "[    1s/1s]" not in output and "spawn rate is very high" not in output
