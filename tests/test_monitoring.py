@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -177,3 +178,43 @@ def test_every_server_panel_query_returns_data_from_a_real_vllm_0_26_page(tmp_pa
         up = _query_range(base, f'up{{run_id="{run_id}",role="server"}}', start, end)
         assert up and {value for _, value in up[0]["values"]} == {"1"}, up
         assert not empty, "server panels without data from vLLM 0.26:\n" + "\n".join(empty)
+
+
+@needs_prometheus
+def test_sigterm_stops_the_monitor_wrappers_prometheus_and_a_docker_without_daemon_is_named(tmp_path):
+    """`make monitor`'s wrapper stopped by SIGTERM (a script, a service manager) stops its Prometheus too; a
+    docker client whose daemon does not answer is not reported as Docker being there."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # what the docker CLI does on a machine where the daemon is not running
+    (bin_dir / "docker").write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon at "
+                                    "unix:///var/run/docker.sock. Is the docker daemon running?' >&2\nexit 1\n")
+    (bin_dir / "docker").chmod(0o755)
+    port = free_port()
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    wrapper = subprocess.Popen([sys.executable, "-m", "tokenrig.monitor.local", "--listen", f"127.0.0.1:{port}",
+                                "--data", str(tmp_path / "data")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    children = []
+    try:
+        deadline = time.monotonic() + 60
+        while not children and time.monotonic() < deadline:
+            time.sleep(0.2)
+            children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(wrapper.pid)], capture_output=True,
+                                                            text=True).stdout.split()]
+        assert children, "the wrapper started no Prometheus"
+        wrapper.send_signal(signal.SIGTERM)
+        output, _ = wrapper.communicate(timeout=60)
+        assert wrapper.returncode == 0, output
+        assert ("A docker client is here, but its daemon does not answer (Cannot connect to the Docker daemon at "
+                "unix:///var/run/docker.sock. Is the docker daemon running?)") in output
+        assert "Docker is here" not in output
+        assert not any(Path(f"/proc/{pid}").exists() for pid in children), "Prometheus outlived its wrapper"
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.communicate()
