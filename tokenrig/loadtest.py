@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
 from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
 from tokenrig.serve.launcher import LaunchedServer
 from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, tokenizer_dir, whole_url
-from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics, wait_server_idle
+from tokenrig.serve.scrape import MetricsScraper, fetch_metrics, summarize_server_metrics, wait_server_idle
 from tokenrig.serve.spec import Endpoint, ServerSpec
 
 
@@ -64,6 +65,24 @@ def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenar
         if note:
             progress(note)
     return Endpoint(server.base_url, f"{server.base_url}/metrics", model, tokenizer, context)
+
+
+def _serves_metrics(metrics_url: str, progress) -> bool:
+    """Whether a server tokenrig did not start has a Prometheus /metrics page, asked once before the load: one
+    that answers an HTTP error or something else has none, and every scrape of every step would fail."""
+    try:
+        fetch_metrics(metrics_url, timeout_s=5)
+    except urllib.error.HTTPError as error:
+        progress(f"{metrics_url} answered HTTP {error.code}: the server exports no metrics there, so it is not "
+                 "scraped (no running/waiting/KV-cache figures; --no-scrape skips this check)")
+        return False
+    except ValueError as error:
+        progress(f"{metrics_url} is not a Prometheus page ({error}), so it is not scraped (--no-scrape skips "
+                 "this check)")
+        return False
+    except OSError:
+        return True  # unreachable for now: the scraper counts its failures
+    return True
 
 
 @dataclass
@@ -94,6 +113,7 @@ class Session:
     request_timeout_s: float = 600.0  # silence that fails a request; also how long in-flight ones may drain
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # past this fraction of failed requests a step FAILED
     headers: dict = field(default_factory=dict)  # sent with every request (the API key's Authorization)
+    scrape: bool = True  # the server's /metrics is scraped (not with --no-scrape, nor when it has none)
 
     def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False) -> tuple[RunSummary, object]:
         """Run one load plan; write step_dir/requests.jsonl and summary.json; return (summary, outcome)."""
@@ -114,11 +134,12 @@ class Session:
             if self.monitor:
                 from tokenrig.monitor.exporter import live_loadgen_metrics
 
-                stack.enter_context(live_loadgen_metrics(ctx, self.labels, self.endpoint.metrics_url,
+                stack.enter_context(live_loadgen_metrics(ctx, self.labels,
+                                                         self.endpoint.metrics_url if self.scrape else None,
                                                          self.monitor.port, self.monitor.targets_dir,
                                                          self.monitor.linger_s, self.progress))
-            scraper = stack.enter_context(MetricsScraper(self.endpoint.metrics_url, step_dir / "server_metrics.jsonl",
-                                                         self.scrape_interval_s))
+            scraper = (stack.enter_context(MetricsScraper(self.endpoint.metrics_url, step_dir / "server_metrics.jsonl",
+                                                          self.scrape_interval_s)) if self.scrape else None)
             self.progress(f"load: {plan.describe()} for {load.duration_s:g} s (warm-up {load.warmup_s:g} s)")
 
             def stop_when() -> bool:  # a record that cannot be written stops the load as a missed SLO does
@@ -152,7 +173,7 @@ class Session:
         summary.load = LoadFacts(plan=plan.describe(), stopped_early_slo_missed=outcome.stopped_early,
                                  spec=load.model_dump())
         summary.server = summarize_server_metrics(step_dir / "server_metrics.jsonl", summary.window.start_unix,
-                                                  summary.window.end_unix, scraper.errors)
+                                                  summary.window.end_unix, scraper.errors if scraper else 0)
         summary.write(step_dir / "summary.json")
         return summary, outcome
 
@@ -161,7 +182,8 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
                 monitor: MonitorOptions | None = None, progress=print, slos: list[Slo] | None = None,
                 profile: LoadProfile = SingleRun(), workers: WorkerOptions | None = None,
                 client: str = "openai", scrape_interval_s: float = 1.0, request_timeout_s: float = 600.0,
-                seed_source: str = "scenario", max_error_rate: float = DEFAULT_MAX_ERROR_RATE) -> int:
+                seed_source: str = "scenario", max_error_rate: float = DEFAULT_MAX_ERROR_RATE,
+                scrape: bool = True) -> int:
     """Run a load test end to end; returns its exit status (tokenrig/exit_status.py)."""
     endpoint = _existing_endpoint(remote, spec, scenario, client, progress) if remote else None
     # a server tokenrig did not start is named by its URL and model, not by the backend/GPU flags' defaults
@@ -185,7 +207,8 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
             endpoint = server.endpoint
             metadata["server"].update(server.plan.describe())  # the exact command, environment and memory plan
             metadata["server"]["served"] = server.served  # what the engine's log says it loaded and chose
-        metadata["endpoint"] = {"base_url": endpoint.base_url, "metrics_url": endpoint.metrics_url}
+        scrape = scrape and (not remote or _serves_metrics(endpoint.metrics_url, progress))
+        metadata["endpoint"] = {"base_url": endpoint.base_url, "metrics_url": endpoint.metrics_url if scrape else None}
         write_json(run_dir / "metadata.json", metadata)
         tokenizer = Tokenizer.from_file(str(Path(endpoint.tokenizer_dir) / "tokenizer.json"))
         labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": metadata["server"]["backend"],
@@ -193,7 +216,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
         session = Session(run_dir, endpoint, tokenizer, scenario, labels, slos, monitor, progress,
                           headers=auth_headers(remote.api_key if remote else None),
                           client=client, scrape_interval_s=scrape_interval_s, request_timeout_s=request_timeout_s,
-                          max_error_rate=max_error_rate)
+                          max_error_rate=max_error_rate, scrape=scrape)
         if workers:
             from tokenrig.loadgen.distributed import DEFAULT_MASTER_PORT, Master
             from tokenrig.serve.launcher import free_port
@@ -233,7 +256,8 @@ def _run_search(session: Session, profile: Search, title: str) -> int:
 
     def measure(plan: StepPlan) -> StepResult:
         step_dir = session.run_dir / "steps" / f"{len(steps) + 1:02d}-{profile.label(plan.value)}"
-        wait_server_idle(session.endpoint.metrics_url, progress=progress)
+        if session.scrape:
+            wait_server_idle(session.endpoint.metrics_url, progress=progress)
         summary, outcome = session.run_step(plan.load, step_dir, stop_early=plan.stop_early)
         step = StepResult(plan.value, summary, stopped_early=outcome.stopped_early)
         steps.append(step)

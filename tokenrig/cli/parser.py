@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "InferenceClient (default: tgi for --backend tgi, else openai)")
     loadtest.add_argument("--scrape-interval", type=_positive, default=1.0,
                           help="seconds between scrapes of the server's /metrics into server_metrics.jsonl")
+    loadtest.add_argument("--no-scrape", action="store_true",
+                          help="do not scrape the server's /metrics (a --url server without one is found out "
+                               "before the load and not scraped anyway)")
     loadtest.add_argument("--metrics-port", type=int, default=None,
                           help="expose live Prometheus metrics on this port (0 = any free port)")
     loadtest.add_argument("--prometheus-targets", type=Path, default=None,

@@ -152,7 +152,8 @@ def cmd_loadtest(args) -> int:
     return run_session(spec, scenario, args.results, remote=remote, monitor=monitor_options(args), slos=slos,
                        profile=run.profile, workers=workers, client=client, seed_source=run.seed_source,
                        max_error_rate=args.max_error_rate,
-                       scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout)
+                       scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout,
+                       scrape=not args.no_scrape)
 
 
 def cmd_serve(args) -> int:
