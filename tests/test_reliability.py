@@ -698,3 +698,13 @@ def test_a_stop_signal_during_the_drain_cancels_the_requests_still_in_flight(tmp
     assert requests["cancelled"] == 2 and requests["failed"] == 0 and requests["ok"] == 0, requests
     assert len(read_records(run_dir / "requests.jsonl")) == 2
     assert "Traceback" not in output
+
+
+def test_the_help_examples_can_be_pasted_into_a_shell():
+    """The capacity example spans two lines: the help shows its backslash, so the pasted command is one."""
+    from tokenrig.cli.parser import EXAMPLES
+
+    lines = EXAMPLES.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("tokenrig capacity"))
+    assert lines[start].endswith(" \\") and lines[start + 1].strip().startswith("--scenario chat")
+    assert "--quant bf16,awq       --scenario" not in EXAMPLES

@@ -25,7 +25,7 @@ EXAMPLES = """examples:
   tokenrig train                                     tiny model, ZeRO-2, one CPU process
   tokenrig train --gpu h100-sxm --model 7b --mode lora --zero 2 --recompute --micro-batch 8 --seq-len 1024
   tokenrig train --matrix study-7b                   the study's grid, one comparison table
-  tokenrig capacity --from docs/results --gpu h100-sxm,a800,rtx4090 --model 13b --quant bf16,awq \
+  tokenrig capacity --from docs/results --gpu h100-sxm,a800,rtx4090 --model 13b --quant bf16,awq \\
       --scenario chat --slo ttft_p99=500ms,tpot_p99=50ms --target-rps 50
   tokenrig report results/RUN_ID results/OTHER_RUN -o report.html --csv exports/
 """
