@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import DATA, REPO, load_summary, run_cli, run_dir_of
+from tests.conftest import DATA, REPO, instant_server_env, load_summary, run_cli, run_dir_of
 from tokenrig.loadgen.records import read_records
 from tokenrig.profiles import resolve_model
 from tokenrig.serve.checkpoint import tokenizer_dir
@@ -109,9 +109,11 @@ class FaultServer:
     """A real HTTP server on loopback that answers the n-th POST (from 0) with `respond(n, handler)`,
     and /v1/models with the model tokenrig asks for: a server that fails in a scripted way."""
 
-    def __init__(self, respond, model: str = "tiny", max_model_len: int = 2048):
+    def __init__(self, respond, model: str = "tiny", max_model_len: int = 2048, metrics_pages: int = 0):
+        """`metrics_pages`: how many GET /metrics get a (figureless) Prometheus page before it answers 404."""
         outer = self
         self.posts = 0
+        self.metrics_pages = metrics_pages
         self._lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -123,6 +125,11 @@ class FaultServer:
                                                                    "max_model_len": max_model_len}]}).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
+                elif self.path == "/metrics" and outer.metrics_pages > 0:
+                    outer.metrics_pages -= 1
+                    body = b"# HELP process_start_time_seconds Start time.\n"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4")
                 else:
                     body = b"not found"
                     self.send_response(404)
@@ -189,7 +196,7 @@ def fault_run(server: FaultServer, tmp_path: Path, *extra: str, users: str = "2"
     """A short closed-loop load test of the fault server (tiny model's tokenizer, timing scenario)."""
     return run_cli("loadtest", "--url", server.url, "--backend", "hf", "--model", "tiny", "--scenario", TIMING,
                    "--users", users, "--duration", duration, "--warmup", "0", "--request-timeout", "5",
-                   "--results", str(tmp_path), *extra, timeout=120)
+                   "--results", str(tmp_path), *extra, timeout=120, env=instant_server_env())
 
 
 def test_a_run_past_the_max_error_rate_fails_loudly_and_counts_no_failed_tokens(tmp_path):
@@ -412,7 +419,7 @@ def test_url_reaches_an_https_server_with_an_api_key_and_its_served_model_name(t
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
         server.server.socket = context.wrap_socket(server.server.socket, server_side=True)
-        env = {**os.environ, "OPENAI_API_KEY": "sk-secret-123", "SSL_CERT_FILE": str(cert)}
+        env = {**os.environ, "OPENAI_API_KEY": "sk-secret-123", "SSL_CERT_FILE": str(cert), **instant_server_env()}
         result = subprocess.run(
             [sys.executable, "-m", "tokenrig.cli", "loadtest", "--url", f"https://127.0.0.1:{server.server.server_port}",
              "--model", "tiny", "--scenario", TIMING, "--users", "2", "--duration", "2", "--warmup", "0",
@@ -459,7 +466,8 @@ def test_url_with_a_wrong_path_or_an_untrusted_certificate_says_what_was_asked_a
         assert len(untrusted.stderr.strip().splitlines()) == 1
         assert (f"{https}: TLS certificate verification failed (self-signed certificate): trust the CA that signed the "
                 "server's certificate with --ca-cert FILE (or SSL_CERT_FILE=FILE)") in untrusted.stderr
-        trusted = run_cli(*common, "--url", https, "--ca-cert", str(cert), timeout=120, env={"SSL_CERT_FILE": ""})
+        trusted = run_cli(*common, "--url", https, "--ca-cert", str(cert), timeout=120,
+                          env={"SSL_CERT_FILE": "", **instant_server_env()})
     assert trusted.returncode == 0, trusted.stdout + trusted.stderr
     records = read_records(run_dir_of(trusted) / "requests.jsonl")
     assert records and all(r.ok for r in records), records[0].error
@@ -619,9 +627,9 @@ def test_a_taken_exporter_port_stops_the_run_with_one_line_and_no_server_left(tm
 
 
 def test_a_scrape_target_that_is_down_leaves_the_load_test_measuring_and_says_so(tmp_path):
-    """The server answers requests but its /metrics is gone (404): every scrape fails and is counted, the load
-    test itself is untouched."""
-    with FaultServer(lambda number, handler: stream_reply(handler, 50, usage=50)) as server:
+    """The server answers requests but its /metrics, there when the run checked it, is gone (404) from then on:
+    every scrape fails and is counted, the load test itself is untouched."""
+    with FaultServer(lambda number, handler: stream_reply(handler, 50, usage=50), metrics_pages=1) as server:
         result = fault_run(server, tmp_path, "--scrape-interval", "0.5")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = load_summary(run_dir_of(result))
