@@ -17,7 +17,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenrig.loadgen.plan import trace_schedule
+from tokenrig.loadgen.plan import RateCurve, trace_schedule
 from tokenrig.loadgen.scenario import Scenario
 
 # 64 streams at 10 ms a token, measured on a shared 2-vCPU VM: TTFT p50 within 1 ms of the truth in every
@@ -90,8 +90,7 @@ def expected_chunk_rate(scenario: Scenario, tpot_s: float = ASSUMED_TPOT_S) -> f
     if load.type == "trace":
         return sum(row.output_tokens for _, row in trace_schedule(load)) / load.duration_s
     # the mean rate from the plan's spec, not from its arrivals: a plan of --rate 1e9 is not drawn to be judged
-    mean_rate = (sum(stage.rate * stage.duration_s for stage in load.stages) / load.duration_s if load.stages
-                 else load.rate)
+    mean_rate = RateCurve(load.stages).total_u / load.duration_s if load.stages else load.rate
     return mean_rate * (scenario.mean_tokens("output_tokens") or 0.0)
 
 
