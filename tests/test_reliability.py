@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import DATA, REPO, load_summary, run_cli, run_dir_of
+from tests.conftest import DATA, REPO, instant_server_env, load_summary, run_cli, run_dir_of
 from tokenrig.loadgen.records import read_records
 from tokenrig.profiles import resolve_model
 from tokenrig.serve.checkpoint import tokenizer_dir
@@ -109,9 +109,11 @@ class FaultServer:
     """A real HTTP server on loopback that answers the n-th POST (from 0) with `respond(n, handler)`,
     and /v1/models with the model tokenrig asks for: a server that fails in a scripted way."""
 
-    def __init__(self, respond, model: str = "tiny", max_model_len: int = 2048):
+    def __init__(self, respond, model: str = "tiny", max_model_len: int = 2048, metrics_pages: int = 0):
+        """`metrics_pages`: how many GET /metrics get a (figureless) Prometheus page before it answers 404."""
         outer = self
         self.posts = 0
+        self.metrics_pages = metrics_pages
         self._lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -123,6 +125,11 @@ class FaultServer:
                                                                    "max_model_len": max_model_len}]}).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
+                elif self.path == "/metrics" and outer.metrics_pages > 0:
+                    outer.metrics_pages -= 1
+                    body = b"# HELP process_start_time_seconds Start time.\n"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4")
                 else:
                     body = b"not found"
                     self.send_response(404)
@@ -189,7 +196,7 @@ def fault_run(server: FaultServer, tmp_path: Path, *extra: str, users: str = "2"
     """A short closed-loop load test of the fault server (tiny model's tokenizer, timing scenario)."""
     return run_cli("loadtest", "--url", server.url, "--backend", "hf", "--model", "tiny", "--scenario", TIMING,
                    "--users", users, "--duration", duration, "--warmup", "0", "--request-timeout", "5",
-                   "--results", str(tmp_path), *extra, timeout=120)
+                   "--results", str(tmp_path), *extra, timeout=120, env=instant_server_env())
 
 
 def test_a_run_past_the_max_error_rate_fails_loudly_and_counts_no_failed_tokens(tmp_path):
@@ -253,7 +260,7 @@ def test_an_interrupted_run_keeps_its_health_checks_and_reports_in_flight_reques
 
 @pytest.mark.parametrize("args, says", [
     (["--rate", "0"], "argument --rate: must be above 0"),
-    (["--rate", "inf"], "argument --rate: must be a finite number"),
+    (["--rate", "nan"], "argument --rate: must be a finite number"),  # inf is the throughput mode
     (["--users", "0"], "argument --users: at least 1 user"),
     (["--rate", "2", "--users", "3"], "give --users (closed loop) or --rate (open loop), not both"),
     (["--request-timeout", "-1"], "argument --request-timeout: must be above 0"),
@@ -262,6 +269,13 @@ def test_an_interrupted_run_keeps_its_health_checks_and_reports_in_flight_reques
     (["--slo", "ttft_p99=1s,ttft_p99=2s"], "SLO ttft_p99 is given twice"),
     (["--max-error-rate", "120%"], "is not between 0 and 1"),
     (["--results", "FILE"], "is a file, not a directory"),
+    # what the plan and the per-core ceiling cannot do is refused before anything is drawn or spawned
+    (["--rate", "1e9", "--duration", "5"], "--rate: this plan streams about 50,000,000,000 chunks/s, over 10 times"),
+    (["--users", "100000"], "--users: this plan streams about 10,000,000 chunks/s, over 10 times"),
+    (["--find-max", "--sweep", "1,2", "--slo", "ttft_p99=1s"], "give --find-max (search for the highest rate"),
+    (["--duration", "1"], "--duration 1 s leaves nothing to measure after the warm-up (the scenario's "
+                          "load.warmup_s 1 s)"),
+    (["--quant", "int3"], "unknown quantization 'int3'"),
 ])
 def test_bad_input_is_refused_with_one_line(tmp_path, args, says):
     (tmp_path / "FILE").write_text("")
@@ -405,7 +419,7 @@ def test_url_reaches_an_https_server_with_an_api_key_and_its_served_model_name(t
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
         server.server.socket = context.wrap_socket(server.server.socket, server_side=True)
-        env = {**os.environ, "OPENAI_API_KEY": "sk-secret-123", "SSL_CERT_FILE": str(cert)}
+        env = {**os.environ, "OPENAI_API_KEY": "sk-secret-123", "SSL_CERT_FILE": str(cert), **instant_server_env()}
         result = subprocess.run(
             [sys.executable, "-m", "tokenrig.cli", "loadtest", "--url", f"https://127.0.0.1:{server.server.server_port}",
              "--model", "tiny", "--scenario", TIMING, "--users", "2", "--duration", "2", "--warmup", "0",
@@ -427,6 +441,60 @@ def test_url_reaches_an_https_server_with_an_api_key_and_its_served_model_name(t
                                                                       "max_model_len": 2048, "kv_cache": None}}
     assert "timing | url | org/served-7b | remote" in result.stdout and "| hf |" not in result.stdout
     assert "--tokenizer gives its tokenizer.json or Hub name" in result.stdout  # how to count prompts without one
+
+
+def test_url_with_a_wrong_path_or_an_untrusted_certificate_says_what_was_asked_and_how_to_fix_it(tmp_path):
+    """--url http://host/v2: /v2/v1/models answers 404, said in one line (not a silent fall back to the profile's
+    model name). An HTTPS server whose self-signed certificate nothing trusts: the line names --ca-cert and
+    SSL_CERT_FILE; --ca-cert FILE then carries the test request and the load (the load client trusts what the
+    pre-flight trusts)."""
+    import ssl
+
+    cert, key = self_signed_cert(tmp_path)
+    with FaultServer(lambda number, handler: stream_reply(handler, 50, usage=50), model="served-7b") as server:
+        common = ["loadtest", "--model", "tiny", "--scenario", TIMING, "--users", "1", "--duration", "2",
+                  "--warmup", "0", "--results", str(tmp_path / "runs")]
+        wrong_path = run_cli(*common, "--url", server.url + "/v2", timeout=60)
+        assert wrong_path.returncode == 2, wrong_path.stdout + wrong_path.stderr
+        assert wrong_path.stderr.strip() == (
+            f"tokenrig: error: {server.url}/v2/v1/models answered HTTP 404 (not found) when asked which model it "
+            "serves: check --url (its path comes before /v1), or name the model with --served-model NAME")
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.server.socket = context.wrap_socket(server.server.socket, server_side=True)
+        https = f"https://127.0.0.1:{server.server.server_port}"
+        untrusted = run_cli(*common, "--url", https, timeout=60, env={"SSL_CERT_FILE": ""})
+        assert untrusted.returncode == 2, untrusted.stdout + untrusted.stderr
+        assert len(untrusted.stderr.strip().splitlines()) == 1
+        assert (f"{https}: TLS certificate verification failed (self-signed certificate): trust the CA that signed the "
+                "server's certificate with --ca-cert FILE (or SSL_CERT_FILE=FILE)") in untrusted.stderr
+        trusted = run_cli(*common, "--url", https, "--ca-cert", str(cert), timeout=120,
+                          env={"SSL_CERT_FILE": "", **instant_server_env()})
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    records = read_records(run_dir_of(trusted) / "requests.jsonl")
+    assert records and all(r.ok for r in records), records[0].error
+
+
+def test_a_url_server_without_metrics_is_found_out_once_and_not_scraped(tmp_path):
+    """A server whose /metrics answers 404: one note before the load, no scrape, no 'N of N scrapes failed'
+    line; --no-scrape skips even the check."""
+    with FaultServer(lambda number, handler: stream_reply(handler, 20, usage=20)) as server:
+        common = ["loadtest", "--url", server.url, "--model", "tiny", "--scenario", TIMING, "--rate", "5",
+                  "--duration", "2", "--warmup", "0", "--scrape-interval", "0.2"]
+        found = run_cli(*common, "--results", str(tmp_path / "found"), timeout=60)
+        skipped = run_cli(*common, "--no-scrape", "--results", str(tmp_path / "skipped"), timeout=60)
+    # 4 (INVALID) is no failure of what this test checks: two late sends of ten on a busy 2-core host make one
+    assert found.returncode in (0, 4) and skipped.returncode in (0, 4), found.stdout + found.stderr + skipped.stderr
+    note = (f"{server.url}/metrics answered HTTP 404: the server exports no metrics there, so it is not scraped "
+            "(no running/waiting/KV-cache figures; --no-scrape skips this check)")
+    assert found.stdout.count(note) == 1, found.stdout
+    for result in (found, skipped):
+        run_dir = run_dir_of(result)
+        assert "scrapes of its /metrics failed" not in result.stdout
+        assert not (run_dir / "server_metrics.jsonl").exists()
+        assert json.loads((run_dir / "metadata.json").read_text())["endpoint"]["metrics_url"] is None
+    assert "exports no metrics" not in skipped.stdout
 
 
 def test_url_preflight_stops_before_the_load_with_one_line(tmp_path):
@@ -562,9 +630,9 @@ def test_a_taken_exporter_port_stops_the_run_with_one_line_and_no_server_left(tm
 
 
 def test_a_scrape_target_that_is_down_leaves_the_load_test_measuring_and_says_so(tmp_path):
-    """The server answers requests but its /metrics is gone (404): every scrape fails and is counted, the load
-    test itself is untouched."""
-    with FaultServer(lambda number, handler: stream_reply(handler, 50, usage=50)) as server:
+    """The server answers requests but its /metrics, there when the run checked it, is gone (404) from then on:
+    every scrape fails and is counted, the load test itself is untouched."""
+    with FaultServer(lambda number, handler: stream_reply(handler, 50, usage=50), metrics_pages=1) as server:
         result = fault_run(server, tmp_path, "--scrape-interval", "0.5")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = load_summary(run_dir_of(result))
@@ -641,3 +709,13 @@ def test_a_stop_signal_during_the_drain_cancels_the_requests_still_in_flight(tmp
     assert requests["cancelled"] == 2 and requests["failed"] == 0 and requests["ok"] == 0, requests
     assert len(read_records(run_dir / "requests.jsonl")) == 2
     assert "Traceback" not in output
+
+
+def test_the_help_examples_can_be_pasted_into_a_shell():
+    """The capacity example spans two lines: the help shows its backslash, so the pasted command is one."""
+    from tokenrig.cli.parser import EXAMPLES
+
+    lines = EXAMPLES.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("tokenrig capacity"))
+    assert lines[start].endswith(" \\") and lines[start + 1].strip().startswith("--scenario chat")
+    assert "--quant bf16,awq       --scenario" not in EXAMPLES

@@ -151,3 +151,120 @@ def test_report_on_a_stopped_run_and_a_run_where_nothing_succeeded(tmp_path):
         summaries = {row["run_id"]: row for row in csv.DictReader(handle)}
     assert summaries[stopped.name]["interrupted"] == "True" and int(summaries[stopped.name]["requests.ok"]) > 0
     assert summaries[nothing.name]["requests.ok"] == "0"
+
+
+def _summarised_run(run_dir: Path, ok: int, failed: int, slos=None, step: bool = False) -> Path:
+    """A plain run directory as `tokenrig loadtest` leaves it (a step's, without metadata.json): records at
+    10 req/s summarised by the real summariser, and the metadata a report reads."""
+    from tokenrig.loadgen.records import JsonlSink
+    from tokenrig.report.slo import judge
+    from tokenrig.report.summary import RunFacts, summarize
+
+    run_dir.mkdir(parents=True)
+    records = [_record(i, 1000.5 + i * 0.1, 0.0, 0.3 if i < ok else None, [0.1, 0.2, 0.3] if i < ok else [],
+                       error=None if i < ok else "HTTP 503: unavailable") for i in range(ok + failed)]
+    sink = JsonlSink(run_dir / "requests.jsonl")
+    for record in records:
+        sink.write(record)
+    sink.close()
+    summary = summarize(records, RunFacts(duration_s=(ok + failed) * 0.1 + 1, warmup_s=0.5, cooldown_s=0,
+                                          plan_start_unix=1000.0, target_rate=10.0, client_cpu_fraction=0.05))
+    if slos:
+        summary.slo = judge(records, slos, summary.window.seconds)
+    summary.write(run_dir / "summary.json")
+    (run_dir / ("step.json" if step else "metadata.json")).write_text(json.dumps({
+        "run_id": run_dir.name, "scenario": {"name": "timing"}, "created_unix": 1000.0,
+        "server": {"backend": "sim", "model": "tiny", "gpu": "cpu"},
+        "slos": [f"{slo.name}<={slo.threshold_s:g}s" for slo in slos or []]}))
+    return run_dir
+
+
+def test_a_failed_run_is_flagged_in_the_html_and_in_compare_and_a_training_run_is_skipped(tmp_path):
+    """79 % of the requests failed: the report's notice and --compare's notes say FAILED; a training run
+    among the results is skipped with a note, not a traceback."""
+    from tokenrig.report.compare import compare_runs, markdown
+    from tokenrig.report.html import write_report
+
+    failed = _summarised_run(tmp_path / "results" / "failed", ok=21, failed=79)
+    _summarised_run(tmp_path / "results" / "fine", ok=50, failed=0)
+    training = tmp_path / "results" / "train-run"
+    training.mkdir()
+    (training / "metadata.json").write_text(json.dumps({"run_id": "train-run", "kind": "train", "spec": {}}))
+    (training / "summary.json").write_text(json.dumps({"run_id": "train-run", "status": "ok", "tokens_per_s": 9.0}))
+
+    notes = []
+    rows = compare_runs([tmp_path / "results"], note=notes.append)
+    assert [row["run_id"] for row in rows] == ["failed", "fine"]
+    assert notes == [f"skipped {training}: a training run (tokenrig train --compare tables those)"]
+    table = markdown(rows)
+    assert "- failed (sim tiny cpu, bf16, ): FAILED: 79% of 100 measured requests failed" in table
+    cli = run_cli("loadtest", "--compare", str(tmp_path / "results"))
+    assert cli.returncode == 0 and "Traceback" not in cli.stderr and "skipped" in cli.stderr, cli.stderr
+
+    page = write_report([failed, tmp_path / "results" / "fine"], tmp_path / "r.html", progress=lambda *_: None)
+    assert '<div class="notice bad">FAILED: 79% of 100 measured requests failed' in page.read_text()
+    assert "comparison of 2 load tests" in page.read_text()
+
+
+def test_report_of_a_path_that_does_not_exist_refuses_with_exit_2(tmp_path):
+    result = run_cli("report", str(tmp_path / "nonexistent"), "-o", str(tmp_path / "r.html"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("no such directory; give run directories (results/RUN_ID) or directories "
+                                          "holding them (results/)")
+    assert not (tmp_path / "r.html").exists()
+    empty = run_cli("report", str(tmp_path), "-o", str(tmp_path / "r.html"))
+    assert empty.returncode == 2 and "nothing to report" in empty.stderr and not (tmp_path / "r.html").exists()
+
+
+def test_a_sweep_shows_the_percentile_its_slo_judges_and_the_comparison_counts_what_it_lists(tmp_path):
+    """--sweep with --slo ttft_p90: the console's and the report's step tables have a TTFT p90 column; a
+    comparison of a plain run and a sweep says so, not 'of 2 load tests' over a table of one."""
+    from tokenrig.loadgen.search import StepResult
+    from tokenrig.report.console import render_steps
+    from tokenrig.report.html import write_report
+    from tokenrig.report.run_summary import RunSummary
+    from tokenrig.report.slo import parse_slos
+
+    slos = parse_slos("ttft_p90=1s")
+    sweep = tmp_path / "sweep"
+    rows = []
+    for number, rate in enumerate((1, 2), start=1):
+        step = _summarised_run(sweep / "steps" / f"{number:02d}-{rate}rps", ok=40, failed=0, slos=slos, step=True)
+        rows.append(StepResult(rate, RunSummary.read(step / "summary.json")).row())
+    (step / "step.json").rename(sweep / "metadata.json")
+    (sweep / "search.json").write_text(json.dumps({"mode": "sweep", "steps": rows}))
+    ttft_p90 = rows[0]["slos"]["ttft_p90"]["value_s"]
+
+    console = render_steps({"mode": "sweep", "steps": rows}, "t", slos).splitlines()
+    assert "TTFT p90" in console[2] and f"{ttft_p90 * 1000:.1f}" in console[3]
+    plain = _summarised_run(tmp_path / "plain", ok=30, failed=0)
+    page = write_report([plain, sweep], tmp_path / "r.html", progress=lambda *_: None).read_text()
+    assert "<th>ttft_p90</th>" in page and f"<td>{ttft_p90 * 1000:.1f}</td>" in page
+    assert "comparison of 1 load test and 1 sweep or search" in page
+
+
+def test_charts_sort_curves_by_load_label_steps_keep_slo_labels_clear_and_draw_cancelled_apart():
+    from tokenrig.loadgen.records import CANCELLED
+    from tokenrig.report import charts
+    from tokenrig.report.slo import parse_slos
+
+    # a search visits 8, 16, then 12 req/s: its curves join 8, 12, 16
+    rows = [{"load": load, "completed_rps": load * 0.9, "goodput_rps": None, "ttft_p50_s": load / 1000,
+             "ttft_p99_s": load / 500, "tpot_p50_s": 0.01, "tpot_p99_s": 0.02} for load in (8, 16, 12)]
+    curves = charts.search_curves(rows, [], False, "c")
+    assert all(list(trace.x) == sorted(trace.x) for trace in curves.data)
+    assert list(curves.data[0].text) == ["step 1", "step 3", "step 2"]
+
+    cdfs = charts.latency_cdfs({"run": {"ttft": [0.1, 0.2, 0.3]}}, parse_slos("ttft_p99=250ms"), "cdf")
+    title = next(a for a in cdfs.layout.annotations if a.text == "TTFT (ms)")
+    label = next(a for a in cdfs.layout.annotations if a.text.startswith("ttft_p99"))
+    assert label.y < title.y - 0.2  # at the foot of the threshold line, not on the subplot's title
+
+    records = [_record(1, 100.0, 0.0, 0.5, [0.2, 0.5]),
+               _record(2, 100.5, 0.0, None, [0.1], error=CANCELLED),  # in flight when an early stop came
+               _record(3, 100.6, 0.0, None, [], error="HTTP 500: boom")]
+    line = build(records, [])
+    assert line.errors == [1] and line.cancelled == [1]
+    figure = charts.timeline(line, [("01-8rps", 0.0, 0.4), ("02-16rps", 0.5, 0.9)], "t")
+    assert {a.text for a in figure.layout.annotations} >= {"01-8rps", "02-16rps"}
+    assert {trace.name for trace in figure.data} >= {"errors", "cancelled"}

@@ -16,7 +16,7 @@ import time
 
 import random
 
-from tests.conftest import load_summary, run_cli, run_dir_of
+from tests.conftest import instant_server_env, load_summary, run_cli, run_dir_of
 from tokenrig.loadgen.records import read_records
 from tokenrig.loadgen.tokens import TokenCounter
 from tokenrig.serve.tokenizer import build_tokenizer, content_words
@@ -121,8 +121,10 @@ def test_token_counts_are_exact_for_every_chunk_shape(tmp_path):
     accepted = []
     listener, port = scripted_server(accepted)
     try:
+        # the scripted server has no /v1/models (404): the model it serves is named, as such a server needs
         result = run_cli("loadtest", "--url", f"http://127.0.0.1:{port}", "--backend", "sim", "--model", "tiny",
-                         "--scenario", str(scenario), "--results", str(tmp_path / "runs"), timeout=120)
+                         "--served-model", "tiny", "--scenario", str(scenario), "--results", str(tmp_path / "runs"),
+                         timeout=120, env=instant_server_env())
     finally:
         listener.close()
     assert result.returncode == 0, result.stdout + result.stderr

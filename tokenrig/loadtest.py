@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from tokenrig import exit_status
 from tokenrig.breakdown.capture import ProfileError, TraceCapture, server_profile_args
 from tokenrig.interrupts import stop_signals_interrupt
 from tokenrig.loadgen.ceiling import per_core_ceiling
@@ -39,7 +41,7 @@ from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
 from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
 from tokenrig.serve.launcher import LaunchedServer
 from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, server_facts, whole_url
-from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics, wait_server_idle
+from tokenrig.serve.scrape import MetricsScraper, fetch_metrics, summarize_server_metrics, wait_server_idle
 from tokenrig.serve.spec import Endpoint, ServerSpec
 
 
@@ -73,6 +75,24 @@ def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenar
             progress(note)
     endpoint = Endpoint(server.base_url, f"{server.base_url}/metrics", model, tokenizer, context)
     return endpoint, server_facts(remote.declared, server.base_url, model, report)
+
+
+def _serves_metrics(metrics_url: str, progress) -> bool:
+    """Whether a server tokenrig did not start has a Prometheus /metrics page, asked once before the load: one
+    that answers an HTTP error or something else has none, and every scrape of every step would fail."""
+    try:
+        fetch_metrics(metrics_url, timeout_s=5)
+    except urllib.error.HTTPError as error:
+        progress(f"{metrics_url} answered HTTP {error.code}: the server exports no metrics there, so it is not "
+                 "scraped (no running/waiting/KV-cache figures; --no-scrape skips this check)")
+        return False
+    except ValueError as error:
+        progress(f"{metrics_url} is not a Prometheus page ({error}), so it is not scraped (--no-scrape skips "
+                 "this check)")
+        return False
+    except OSError:
+        return True  # unreachable for now: the scraper counts its failures
+    return True
 
 
 @dataclass
@@ -114,6 +134,7 @@ class Session:
     headers: dict = field(default_factory=dict)  # sent with every request (the API key's Authorization)
     trace_dir: Path | None = None  # where the server writes profiler traces: each step is profiled
     trace_source: str = ""
+    scrape: bool = True  # the server's /metrics is scraped (not with --no-scrape, nor when it has none)
 
     def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False) -> tuple[RunSummary, object]:
         """Run one load plan; write step_dir/requests.jsonl and summary.json; return (summary, outcome)."""
@@ -137,11 +158,12 @@ class Session:
             if self.monitor:
                 from tokenrig.monitor.exporter import live_loadgen_metrics
 
-                stack.enter_context(live_loadgen_metrics(ctx, self.labels, self.endpoint.metrics_url,
+                stack.enter_context(live_loadgen_metrics(ctx, self.labels,
+                                                         self.endpoint.metrics_url if self.scrape else None,
                                                          self.monitor.port, self.monitor.targets_dir,
                                                          self.monitor.linger_s, self.progress))
-            scraper = stack.enter_context(MetricsScraper(self.endpoint.metrics_url, step_dir / "server_metrics.jsonl",
-                                                         self.scrape_interval_s))
+            scraper = (stack.enter_context(MetricsScraper(self.endpoint.metrics_url, step_dir / "server_metrics.jsonl",
+                                                          self.scrape_interval_s)) if self.scrape else None)
             self.progress(f"load: {plan.describe()} for {load.duration_s:g} s (warm-up {load.warmup_s:g} s)")
             capture = None
             if self.trace_dir is not None:
@@ -166,7 +188,8 @@ class Session:
                          client_cpu_fraction=outcome.client_cpu_fraction, interrupted=outcome.interrupted,
                          scheduled_in_window=plan.scheduled_in_window(until_s=ran),
                          load_processes=self.master.expected if self.master else 1,
-                         max_error_rate=self.max_error_rate, ceiling=per_core_ceiling())
+                         max_error_rate=self.max_error_rate, ceiling=per_core_ceiling(),
+                         in_flight_cap=load.max_in_flight if plan.open_loop else None)
         summary = summarize(records, facts)
         if self.master:
             summary.load_generator.workers = [
@@ -179,7 +202,7 @@ class Session:
         summary.load = LoadFacts(plan=plan.describe(), stopped_early_slo_missed=missed,
                                  spec=load.model_dump(), throughput_mode=load.type == "throughput")
         summary.server = summarize_server_metrics(step_dir / "server_metrics.jsonl", summary.window.start_unix,
-                                                  summary.window.end_unix, scraper.errors)
+                                                  summary.window.end_unix, scraper.errors if scraper else 0)
         if capture is not None:
             self._add_breakdown(capture, summary, step_dir)
         summary.write(step_dir / "summary.json")
@@ -204,9 +227,8 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
                 profile: LoadProfile = SingleRun(), workers: WorkerOptions | None = None,
                 client: str = "openai", scrape_interval_s: float = 1.0, request_timeout_s: float = 600.0,
                 seed_source: str = "scenario", max_error_rate: float = DEFAULT_MAX_ERROR_RATE,
-                profiling: ProfileOptions | None = None) -> int:
-    """Run a load test end to end; the exit status: 0, 1 when past `max_error_rate` (every step, for a
-    search), 130 when interrupted."""
+                profiling: ProfileOptions | None = None, scrape: bool = True) -> int:
+    """Run a load test end to end; returns its exit status (tokenrig/exit_status.py)."""
     # a server tokenrig did not start is named by what its user declared and it reports, not by the flags' defaults
     endpoint, facts = (_existing_endpoint(remote, spec, scenario, client, progress) if remote
                        else (None, spec.describe()))
@@ -232,7 +254,8 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
             endpoint = server.endpoint
             metadata["server"].update(server.plan.describe())  # the exact command, environment and memory plan
             metadata["server"]["served"] = server.served  # what the engine's log says it loaded and chose
-        metadata["endpoint"] = {"base_url": endpoint.base_url, "metrics_url": endpoint.metrics_url}
+        scrape = scrape and (not remote or _serves_metrics(endpoint.metrics_url, progress))
+        metadata["endpoint"] = {"base_url": endpoint.base_url, "metrics_url": endpoint.metrics_url if scrape else None}
         write_json(run_dir / "metadata.json", metadata)
         tokenizer = Tokenizer.from_file(str(Path(endpoint.tokenizer_dir) / "tokenizer.json"))
         labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": metadata["server"]["backend"],
@@ -241,7 +264,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
                           headers=auth_headers(remote.api_key if remote else None),
                           client=client, scrape_interval_s=scrape_interval_s, request_timeout_s=request_timeout_s,
                           max_error_rate=max_error_rate, trace_dir=trace_dir,
-                          trace_source=_trace_source(metadata["server"]))
+                          trace_source=_trace_source(metadata["server"]), scrape=scrape)
         if workers:
             from tokenrig.loadgen.distributed import DEFAULT_MASTER_PORT, Master
             from tokenrig.serve.launcher import free_port
@@ -254,7 +277,7 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
             write_json(run_dir / "metadata.json", metadata)
         title = f"{scenario.name} | {labels['backend']} | {labels['model']} | {labels['gpu']}"
         if isinstance(profile, Search):
-            interrupted, failed = _run_search(session, profile, title)
+            status = _run_search(session, profile, title)
         else:
             plan = profile.next_step(scenario.load, slos, [])
             summary, outcome = session.run_step(plan.load, run_dir)
@@ -262,9 +285,12 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
             progress(render(summary, f"{title} | {summary.plan}"))
             if outcome.lost_worker:
                 progress(f"STOPPED: {outcome.lost_worker}")
-            interrupted, failed = outcome.interrupted, summary.requests.too_many_errors or bool(outcome.lost_worker)
+            status = (exit_status.INTERRUPTED if outcome.interrupted
+                      else exit_status.FAILED if summary.requests.too_many_errors or outcome.lost_worker
+                      else exit_status.INVALID if not summary.load_generator.valid or summary.no_measurement
+                      else exit_status.OK)
     progress(f"\nresults: {run_dir}")
-    return 130 if interrupted else 1 if failed else 0
+    return status
 
 
 def _trace_source(server: dict) -> str:
@@ -273,17 +299,19 @@ def _trace_source(server: dict) -> str:
     return "tokenrig hf engine, torch.profiler" if server.get("backend") == "hf" else "server torch profiler"
 
 
-def _run_search(session: Session, profile: Search, title: str) -> tuple[bool, bool]:
-    """Sweep or SLO search; writes search.json and prints the curve. Returns (interrupted, FAILED): FAILED when
+def _run_search(session: Session, profile: Search, title: str) -> int:
+    """Sweep or SLO search; writes search.json and prints the curve. Returns the exit status: FAILED when
     a load-generator worker was lost, or every step failed (a search past its capacity sees errors, but a
-    search none of whose steps served is no measurement)."""
+    search none of whose steps served is no measurement); NO_RATE_FOUND when --find-max found no rate;
+    INVALID when a sweep's row is no verdict on its load (its load generator shaped it, or it measured nothing)."""
     progress = session.progress
     steps: list[StepResult] = []
     interrupted, lost = False, None
 
     def measure(plan: StepPlan) -> StepResult:
         step_dir = session.run_dir / "steps" / f"{len(steps) + 1:02d}-{profile.label(plan.value)}"
-        wait_server_idle(session.endpoint.metrics_url, progress=progress)
+        if session.scrape:
+            wait_server_idle(session.endpoint.metrics_url, progress=progress)
         summary, outcome = session.run_step(plan.load, step_dir, stop_early=plan.stop_early)
         step = StepResult(plan.value, summary, stopped_early=summary.stopped_early, probe=plan.probe)
         steps.append(step)
@@ -312,4 +340,12 @@ def _run_search(session: Session, profile: Search, title: str) -> tuple[bool, bo
     failed = [s.summary.requests for s in steps if s.summary.requests.too_many_errors]
     if steps and len(failed) == len(steps):
         progress(failed_line(failed[-1]))
-    return interrupted, lost is not None or (bool(steps) and len(failed) == len(steps))
+    if interrupted:
+        return exit_status.INTERRUPTED
+    if lost is not None or (steps and len(failed) == len(steps)):
+        return exit_status.FAILED
+    if profile.mode == "find-max" and document.get("max_rate_meeting_slos") is None:
+        return exit_status.NO_RATE_FOUND
+    if any(not s.judged or s.summary.no_measurement for s in steps):
+        return exit_status.INVALID
+    return exit_status.OK

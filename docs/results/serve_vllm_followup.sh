@@ -3,7 +3,7 @@
 # (no NVLink multicast), synthetic llama2 models with `--load-format dummy`. One 7B server started by
 # `tokenrig serve` serves checks 1, 2, 4, 6 and 3 through `tokenrig loadtest --url`; then check 5 starts its own.
 #
-#   1. fresh prompts every run (issue 17 item 1): the same chat load test (16 users, 60 s) twice without --seed,
+#   1. fresh prompts every run: the same chat load test (16 users, 60 s) twice without --seed,
 #      then once with run 1's recorded seed; TTFT and the prefix-cache hit rate per run, from the server's
 #      /metrics counters read before and after each run (and from summary.json's window). Then a short pair
 #      with one fixed seed (12 s each), small enough for the KV cache to hold the first run's prompts.
@@ -21,7 +21,7 @@
 #   CHECKS="1 4 6 3 5" which checks, in this order (2 runs inside 1)
 # Each run writes its own directory under $RES as it finishes; progress in $RES/progress.log.
 #
-# On the host: vLLM's installed tree in /tmp/site (../shared/gpu/stage_vllm.sh, re-packed), the load generator's
+# On the host: vLLM's installed tree in /tmp/site (scripts/stage_vllm.sh, re-packed), the load generator's
 # wheels in /tmp/site2 (.whl), this checkout as the working directory; run detached:
 #   setsid nohup bash docs/results/serve_vllm_followup.sh > /tmp/campaign.log 2>&1 < /dev/null &
 set -u

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU campaign behind docs/results/serve-h200-vllm.md (issue 14): tokenrig launches, load-tests and scrapes
+# The GPU campaign behind docs/results/serve-h200-vllm.md: tokenrig launches, load-tests and scrapes
 # vLLM 0.26.0 serving a synthetic llama2-7b (dummy weights) on an H200, cross-checked against `vllm bench serve`
 # on the same server, and llama2-70b at TP=2 where the host has two GPUs.
 #
@@ -14,7 +14,7 @@
 # Everything lands in $RES (default /tmp/results); `collect` in the device call tars it into $OUT. The campaign
 # runs detached (setsid) so it survives between device calls on a warm host; progress in $RES/progress.log.
 #
-# On the host: vLLM's wheels unpacked in /tmp/site (../shared/gpu/stage_vllm.sh), the load generator's wheels
+# On the host: vLLM's wheels unpacked in /tmp/site (scripts/stage_vllm.sh), the load generator's wheels
 # in /tmp/site2 (.whl: locust 2.47 and what the image lacks), this checkout as the working directory.
 set -u
 RES=${RES:-/tmp/results}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The training run of issue 6 (tokenrig/scenarios/matrix/eight-gpu.yaml) on the GPUs this host has, under one time
+# The 8-GPU training matrix (tokenrig/scenarios/matrix/eight-gpu.yaml) on the GPUs this host has, under one time
 # budget, most important first: Llama-2 7B pre-training with ZeRO-2/3 on 1, 2, 4 (and 8) GPUs, then 13B on 2,
 # 4 (and 8), then Llama-2 70B LoRA with ZeRO-3 across all the GPUs. Behind docs/results/train-h200x4-2026-11-28.md
 # (4 H200s); on an 8-GPU host the same script runs the whole matrix: make train-gpu-run

@@ -21,8 +21,7 @@ from tokenrig.cli.parser import build_parser, given_options
 from tokenrig.cli.reporting import cmd_capacity, cmd_report
 from tokenrig.cli.serving import cmd_fit, cmd_gpus, cmd_loadtest, cmd_model, cmd_serve
 from tokenrig.cli.training import cmd_train
-
-EXIT_DOES_NOT_FIT = 3  # 2 is a usage error
+from tokenrig.exit_status import BAD_INPUT, DOES_NOT_FIT, FAILED, INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     from tokenrig.profiles import UnknownProfileError
     from tokenrig.report.compare import CompareError
     from tokenrig.report.rundir import ResultsDirError
+    from tokenrig.report.runs import NoRunsError
     from tokenrig.serve.remote import RemoteError
-    from tokenrig.serve.fit import FitError
+    from tokenrig.serve.fit import FitError, UnknownQuantError
     from tokenrig.serve.spec import LaunchError
     from tokenrig.train.spec import TrainSpecError
 
@@ -45,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except FitError as error:  # a valid question whose answer is no
         print(f"tokenrig: does not fit: {error}", file=sys.stderr)
-        return EXIT_DOES_NOT_FIT
+        return DOES_NOT_FIT
     except (UnknownProfileError, ScenarioError, LaunchError, TrainSpecError, CompareError,
-            ResultsDirError, RemoteError, ExporterPortError) as error:
+            ResultsDirError, NoRunsError, RemoteError, ExporterPortError, UnknownQuantError) as error:
         print(f"tokenrig: error: {error}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     except RecordWriteError as error:
         print(f"tokenrig: error: {error}", file=sys.stderr)
-        return 1
+        return FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED

@@ -25,7 +25,7 @@ EXAMPLES = """examples:
   tokenrig train                                     tiny model, ZeRO-2, one CPU process
   tokenrig train --gpu h100-sxm --model 7b --mode lora --zero 2 --recompute --micro-batch 8 --seq-len 1024
   tokenrig train --matrix study-7b                   the study's grid, one comparison table
-  tokenrig capacity --from docs/results --gpu h100-sxm,a800,rtx4090 --model 13b --quant bf16,awq \
+  tokenrig capacity --from docs/results --gpu h100-sxm,a800,rtx4090 --model 13b --quant bf16,awq \\
       --scenario chat --slo ttft_p99=500ms,tpot_p99=50ms --target-rps 50
   tokenrig report results/RUN_ID results/OTHER_RUN -o report.html --csv exports/
 """
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "to the run directory")
     loadtest.add_argument("--served-model", help="--url: the model name the server serves (default: the one "
                                                  "/v1/models lists, or the --model profile's name among several)")
+    loadtest.add_argument("--ca-cert", type=Path, metavar="FILE",
+                          help="--url over https: trust the CA certificate(s) in this PEM file, for the test request "
+                               "and the load (sets SSL_CERT_FILE; default: the system's certificates)")
     loadtest.add_argument("--tokenizer", help="--url: the served model's tokenizer.json, its directory, or its "
                                               "Hugging Face model name (ORG/NAME: from the Hub's cache or the Hub), "
                                               "to count prompt and reply tokens with")
@@ -194,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "InferenceClient (default: the backend's, tgi for --backend tgi, else openai)")
     loadtest.add_argument("--scrape-interval", type=_positive, default=1.0,
                           help="seconds between scrapes of the server's /metrics into server_metrics.jsonl")
+    loadtest.add_argument("--no-scrape", action="store_true",
+                          help="do not scrape the server's /metrics (a --url server without one is found out "
+                               "before the load and not scraped anyway)")
     loadtest.add_argument("--metrics-port", type=int, default=None,
                           help="expose live Prometheus metrics on this port (0 = any free port)")
     loadtest.add_argument("--prometheus-targets", type=Path, default=None,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -76,9 +77,14 @@ def _planned_chunk_rate(scenario, profile, spec) -> float:
 def _choose_workers(args, scenario, profile, spec) -> int | None:
     """--workers as given, or for 'auto' what the plan needs; say so before the run when it needs more than
     the load generator has."""
-    from tokenrig.loadgen.ceiling import capacity_advice, free_cores, per_core_ceiling, workers_needed
+    from tokenrig.loadgen.ceiling import capacity_advice, free_cores, per_core_ceiling, refusal, workers_needed
+    from tokenrig.loadgen.scenario import ScenarioError
 
     chunk_rate, ceiling = _planned_chunk_rate(scenario, profile, spec), per_core_ceiling()
+    too_much = refusal(chunk_rate, free_cores() if args.workers == "auto" else args.workers or 1, ceiling)
+    if too_much:
+        flag = ("--sweep" if args.sweep else "--users" if scenario.load.type == "concurrency" else "--rate")
+        raise ScenarioError(f"{flag}: {too_much}; lower {flag}")
     if args.workers == "auto":
         workers = min(workers_needed(chunk_rate, ceiling), free_cores())
         print(f"load generator: {workers} process{'es' if workers > 1 else ''} for about {chunk_rate:,.0f} "
@@ -105,6 +111,12 @@ def cmd_loadtest(args) -> int:
     from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES, ScenarioError, load_scenario
     from tokenrig.report.slo import SloError, parse_slos
 
+    if args.ca_cert:
+        if not args.ca_cert.is_file():
+            raise ScenarioError(f"--ca-cert {args.ca_cert}: no such file; give the PEM file of the CA that signed "
+                                "the server's certificate")
+        # OpenSSL reads it for every TLS context made with the default paths here and in spawned workers
+        os.environ["SSL_CERT_FILE"] = str(args.ca_cert.resolve())
     scenario = load_scenario(args.scenario)
     if args.data:
         from tokenrig.loadgen.data import with_data
@@ -159,7 +171,8 @@ def cmd_loadtest(args) -> int:
     return run_session(spec, scenario, args.results, remote=remote, monitor=monitor_options(args), slos=slos,
                        profile=run.profile, workers=workers, client=client, seed_source=run.seed_source,
                        max_error_rate=args.max_error_rate, profiling=profiling,
-                       scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout)
+                       scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout,
+                       scrape=not args.no_scrape)
 
 
 def _profiling(args):

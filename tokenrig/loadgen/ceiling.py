@@ -17,7 +17,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenrig.loadgen.plan import LoadPlan, trace_schedule
+from tokenrig.loadgen.plan import RateCurve, trace_schedule
 from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES, Scenario
 
 # 64 streams at 10 ms a token, measured on a shared 2-vCPU VM: TTFT p50 within 1 ms of the truth in every
@@ -89,7 +89,25 @@ def expected_chunk_rate(scenario: Scenario, tpot_s: float = ASSUMED_TPOT_S) -> f
         return load.users / tpot_s
     if load.type == "trace":
         return sum(row.output_tokens for _, row in trace_schedule(load)) / load.duration_s
-    return LoadPlan(load).target_rate * (scenario.mean_tokens("output_tokens") or 0.0)
+    # the mean rate from the plan's spec, not from its arrivals: a plan of --rate 1e9 is not drawn to be judged
+    mean_rate = RateCurve(load.stages).total_u / load.duration_s if load.stages else load.rate
+    return mean_rate * (scenario.mean_tokens("output_tokens") or 0.0)
+
+
+# Past this many times what its load processes time exactly, a plan is refused before it starts: the latencies
+# would be the load generator's, and drawing or spawning it would hold the machine for minutes (--rate 1e9,
+# --users 100000)
+REFUSED_OVERLOAD = 10
+
+
+def refusal(chunk_rate: float, processes: int, ceiling: Ceiling) -> str | None:
+    """Why a plan is beyond what `processes` load-generator processes can do at all (None: it is not)."""
+    if chunk_rate <= REFUSED_OVERLOAD * ceiling.chunks_per_s * processes:
+        return None
+    return (f"this plan streams about {chunk_rate:,.0f} chunks/s, over {REFUSED_OVERLOAD} times what {processes} "
+            f"load-generator process{'es time' if processes > 1 else ' times'} exactly ({ceiling.chunks_per_s:,} chunks/s "
+            f"each, {ceiling.source}); it needs --workers {workers_needed(chunk_rate, ceiling)} "
+            f"(this machine has {free_cores()} free core(s))")
 
 
 def workers_needed(chunk_rate: float, ceiling: Ceiling) -> int:

@@ -66,10 +66,12 @@ def freeze_heap() -> None:
 
 def drive(plan: LoadPlan, finished: Callable[[], bool], give_up_at: float, status: Callable[[float], str],
           progress=print, progress_every_s: float = 5.0, stop_when: Callable[[], bool] | None = None,
-          lost_worker: Callable[[], str | None] | None = None) -> LoadStop:
+          lost_worker: Callable[[], str | None] | None = None,
+          in_flight: Callable[[], int] | None = None) -> LoadStop:
     """Wait until `finished()`; stop at `give_up_at` (perf_counter), on Ctrl-C, on `stop_when()`, or when
     `lost_worker()` names a worker gone missing. Every `progress_every_s` prints `[elapsed/duration] ` and
-    `status(elapsed)`."""
+    `status(elapsed)`; once the plan is over, `[draining N in flight, Ts past the end]` instead (N when
+    `in_flight` tells it)."""
     stop = LoadStop()
     next_report = plan.start + progress_every_s
     try:
@@ -91,7 +93,16 @@ def drive(plan: LoadPlan, finished: Callable[[], bool], give_up_at: float, statu
             if now >= next_report:
                 next_report += progress_every_s
                 elapsed = now - plan.start
-                progress(f"  [{min(elapsed, plan.spec.duration_s):5.0f}s/{plan.spec.duration_s:.0f}s] {status(elapsed)}")
+                progress(f"  [{_where(elapsed, plan.spec.duration_s, in_flight)}] {status(elapsed)}")
     except KeyboardInterrupt:
         stop.interrupted, stop.stopped_at = True, time.perf_counter()
     return stop
+
+
+def _where(elapsed: float, duration: float, in_flight: Callable[[], int] | None) -> str:
+    """How far the load is: seconds of its duration, then how long it has been draining (not the duration
+    repeated while the last requests finish)."""
+    if elapsed <= duration:
+        return f"{elapsed:5.0f}s/{duration:.0f}s"
+    waiting = f" {in_flight()} in flight" if in_flight is not None else ""
+    return f"draining{waiting}, {elapsed - duration:.0f}s past the {duration:.0f}s of load"

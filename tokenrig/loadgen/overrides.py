@@ -69,6 +69,9 @@ def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | Non
                                        "trace": None, "ramp_s": 0})
         rate = None
     profile: LoadProfile = SingleRun()
+    if overrides.find_max and overrides.sweep:
+        raise ScenarioError("give --find-max (search for the highest rate within the SLOs) or --sweep (run the "
+                            "rates given), not both")
     if overrides.find_max:
         if not slos:
             raise ScenarioError("--find-max needs --slo, e.g. --slo ttft_p99=500ms,tpot_p99=50ms")
@@ -97,12 +100,34 @@ def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | Non
     updates = {k: v for k, v in {"duration_s": overrides.duration_s, "warmup_s": overrides.warmup_s,
                                  "burstiness": overrides.burstiness,
                                  "max_in_flight": overrides.max_in_flight}.items() if v is not None}
+    _check_window({**load.model_dump(), **updates}, overrides)
     try:
         load = type(load).model_validate({**load.model_dump(), **updates})
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(f"{FLAGS.get('.'.join(map(str, e['loc'])), 'load.' + '.'.join(map(str, e['loc'])))}: "
+                             f"{e['msg'].removeprefix('Value error, ')}" for e in error.errors())
         raise ScenarioError(f"invalid load settings: {problems}") from None
     return RunPlan(scenario.model_copy(update={"load": load}), profile, seed_source)
+
+
+# the flag that sets each load field, for messages about them
+FLAGS = {"duration_s": "--duration", "warmup_s": "--warmup", "burstiness": "--burstiness", "rate": "--rate",
+         "users": "--users"}
+
+
+def _check_window(load: dict, overrides: LoadOverrides) -> None:
+    """The measured window is what is left of the duration after warm-up and cool-down: refuse none, by flag.
+    (A plan of stages takes its duration from them.)"""
+    if load.get("stages"):
+        return
+    duration, warmup, cooldown = load["duration_s"], load["warmup_s"], load["cooldown_s"]
+    if warmup + cooldown < duration:
+        return
+    duration_from = "--duration" if overrides.duration_s is not None else "the scenario's load.duration_s"
+    warmup_from = "--warmup" if overrides.warmup_s is not None else "the scenario's load.warmup_s"
+    raise ScenarioError(f"{duration_from} {duration:g} s leaves nothing to measure after the warm-up ({warmup_from} "
+                        f"{warmup:g} s) and cool-down (the scenario's load.cooldown_s {cooldown:g} s): give "
+                        f"--duration above {warmup + cooldown:g}, or a shorter --warmup")
 
 
 def sweep_values(text: str) -> list[float]:

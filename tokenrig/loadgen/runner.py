@@ -7,6 +7,7 @@ request is already in the sink.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from locust.env import Environment
@@ -15,6 +16,18 @@ from tokenrig.loadgen.driver import LoadOutcome, cpu_seconds, drive, freeze_heap
 from tokenrig.loadgen.users import USER_CLASSES, LoadContext
 
 SPAWN_LEAD_S = 0.5  # users are spawned before the plan's first due time
+
+
+class _QuietSpawnRate(logging.Filter):
+    """Locust warns that a spawn rate above 100 users/s 'sometimes causes issues': tokenrig spawns the whole pool
+    (up to the open loop's cap) in the lead time before the plan starts, where no user sends yet, so the
+    warning is noise on every open-loop run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "spawn rate is very high" not in record.getMessage()
+
+
+logging.getLogger("locust.runners").addFilter(_QuietSpawnRate())
 
 
 def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0, stop_when=None) -> LoadOutcome:
@@ -37,7 +50,8 @@ def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0, st
 
     try:
         stop = drive(plan, lambda: time.perf_counter() > plan.end and ctx.in_flight == 0,
-                     plan.end + ctx.request_timeout_s, status, progress, progress_every_s, stop_when)
+                     plan.end + ctx.request_timeout_s, status, progress, progress_every_s, stop_when,
+                     in_flight=lambda: ctx.in_flight)
         if stop.timed_out:
             ctx.gave_up = True  # the requests still in flight fail: the server never finished them
         if stop.interrupted:

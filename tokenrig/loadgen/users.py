@@ -41,6 +41,7 @@ class LoadContext:
     headers: dict = field(default_factory=dict)  # added to every request (an API key's Authorization)
     gave_up: bool = False  # the run stopped waiting for requests still in flight: they failed, not cancelled
     in_flight: int = 0
+    sent: int = 0  # requests sent so far (counted at the send, not when they end)
     completed: int = 0
     failed: int = 0
     output_tokens: int = 0
@@ -142,6 +143,7 @@ class OpenAIStreamingUser(User):
             prefix_reused=prepared.prefix_reused,
         )
         ctx.in_flight += 1
+        ctx.sent += 1
         result = StreamResult(due)
         try:
             self._send(prepared, result)

@@ -82,8 +82,7 @@ def loadtest_dashboard() -> db.Dashboard:
                             (f"sum by (run_id) (tokenrig_target_request_rate{{{s}}})", "target {{run_id}}"),
                             (f"sum by (run_id) (rate(tokenrig_requests_sent_total{{{s}}}[$__rate_interval]))",
                              "achieved {{run_id}}")))
-    d = d.with_panel(_panel("Users and requests in flight", "short",
-                            (f"sum by (run_id) (tokenrig_users{{{s}}})", "users {{run_id}}"),
+    d = d.with_panel(_panel("Requests in flight", "short",
                             (f"sum by (run_id) (tokenrig_requests_in_flight{{{s}}})", "in flight {{run_id}}")))
     d = d.with_row(db.Row("Load-generator health"))
     d = d.with_panel(_panel("Schedule lag (actual - scheduled send)", "s",

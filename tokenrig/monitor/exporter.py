@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from tokenrig.loadgen.records import FanoutSink, RequestRecord
@@ -59,6 +59,24 @@ class BulkHistogram:
         yield family
 
 
+class SentCounter:
+    """tokenrig_requests_sent_total: requests sent, counted at the send (the load context's count), so that its
+    rate is the achieved send rate even while an overloaded server holds the requests. A distributed run's master
+    sees only the records its workers ship: there it counts records, the most it knows."""
+
+    def __init__(self, label_names: list[str], label_values: list[str], registry: CollectorRegistry):
+        self.label_names, self.label_values = label_names, label_values
+        self.ctx = None
+        self.records = 0
+        registry.register(self)
+
+    def collect(self):
+        family = CounterMetricFamily("tokenrig_requests_sent", "Requests sent (achieved rate = rate() of this)",
+                                     labels=self.label_names)
+        family.add_metric(self.label_values, max(self.ctx.sent if self.ctx else 0, self.records))
+        yield family
+
+
 class LoadgenMetrics:
     def __init__(self, labels: dict[str, str]):
         self.registry = CollectorRegistry()
@@ -80,19 +98,18 @@ class LoadgenMetrics:
                                     registry=self.registry).labels(*self.label_values)
         self.output_tokens = Counter("tokenrig_output_tokens", "Output tokens of successful requests", names,
                                      registry=self.registry).labels(*self.label_values)
-        self.users = Gauge("tokenrig_users", "Locust users running the plan", names, registry=self.registry)
+        # in flight, not the Locust users: an open loop keeps its whole in-flight cap of users (512) at any rate
         self.in_flight = Gauge("tokenrig_requests_in_flight", "Requests sent and not yet finished", names,
                                registry=self.registry)
         self.target_rate = Gauge("tokenrig_target_request_rate", "Open-loop target arrival rate, requests per second",
                                  names, registry=self.registry)
-        self.sent = Counter("tokenrig_requests_sent", "Requests sent (achieved rate = rate() of this)", names,
-                            registry=self.registry).labels(*self.label_values)
+        self.sent = SentCounter(names, self.label_values, self.registry)
 
-    def bind(self, ctx, users: int) -> None:
-        """Gauges that read the live run state at scrape time."""
+    def bind(self, ctx) -> None:
+        """Gauges and the sent counter read the live run state at scrape time."""
         labels = self.label_values
-        self.users.labels(*labels).set(users)
         self.in_flight.labels(*labels).set_function(lambda: ctx.in_flight)
+        self.sent.ctx = ctx
         if ctx.plan.target_rate:
             self.target_rate.labels(*labels).set(ctx.plan.target_rate)
 
@@ -113,7 +130,7 @@ class PrometheusSink:
 
     def write(self, record: RequestRecord) -> None:
         m = self.metrics
-        m.sent.inc()
+        m.sent.records += 1
         m.lag.observe(max(record.send_lag_s, 0.0))
         outcome = "ok" if record.ok else ("aborted" if (record.error or "").startswith("aborted") else "error")
         m.requests.labels(*m.label_values, outcome).inc()
@@ -144,7 +161,7 @@ def live_loadgen_metrics(ctx, labels: dict[str, str], server_metrics_url: str | 
     """Expose the run's metrics and announce them (and the server's /metrics) to Prometheus."""
     metrics = LoadgenMetrics(labels)
     bound_port = metrics.serve(port)
-    metrics.bind(ctx, ctx.plan.pool_size)
+    metrics.bind(ctx)
     ctx.sink = FanoutSink(ctx.sink, PrometheusSink(metrics))
     target_files = [TargetFile.announce(targets_dir, "loadgen", f"127.0.0.1:{bound_port}", labels)]
     if server_metrics_url:

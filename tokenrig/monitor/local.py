@@ -3,14 +3,16 @@
 Runs Prometheus (Debian's `prometheus` package, or any on PATH) in the foreground with the shipped
 tokenrig/grafana/prometheus.yml, aimed at the targets directory runs announce themselves in
 (`--prometheus-targets`' default: grafana/targets in the working directory). Grafana needs Docker
-(tokenrig/grafana/docker-compose.yml); without it, Prometheus' own UI shows the same PromQL the
-dashboards use.
+(tokenrig/grafana/docker-compose.yml) with a daemon that answers; without it, Prometheus' own UI shows the
+same PromQL the dashboards use. SIGTERM or Ctrl-C stops Prometheus' whole process group with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from tokenrig.interrupts import stop_signals_interrupt
 from tokenrig.monitor.discovery import DEFAULT_TARGETS_DIR
 from tokenrig.paths import GRAFANA
 
@@ -39,12 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     targets = DEFAULT_TARGETS_DIR
     targets.mkdir(parents=True, exist_ok=True)
-    if shutil.which("docker"):
-        print(f"Docker is here: `docker compose -f {GRAFANA / 'docker-compose.yml'} up -d` starts Prometheus + "
-              "Grafana (http://localhost:3000) with tokenrig's dashboards.")
-    else:
-        print(f"Grafana is not installable on this machine (no Docker); its dashboards are in {GRAFANA / 'dashboards'} "
-              "for any Grafana you have, and Prometheus' UI below runs the same queries.")
+    print(grafana_advice())
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         print("Prometheus is not installed: `apt-get install prometheus` (Debian/Ubuntu) or use the compose file.",
@@ -57,10 +55,45 @@ def main(argv: list[str] | None = None) -> int:
         config.write_text(yaml.safe_dump(prometheus_config(targets)))
         command = [prometheus, f"--config.file={config}", f"--storage.tsdb.path={args.data}",
                    f"--web.listen-address={args.listen}"]
+        return run_until_stopped(command)
+
+
+def run_until_stopped(command: list[str]) -> int:
+    """Run `command` in a process group of its own until it exits, or until Ctrl-C or SIGTERM reaches this
+    process: then its whole group is stopped (SIGTERM, SIGKILL after 30 s), so no Prometheus outlives
+    the wrapper that a script or a service manager stopped."""
+    with stop_signals_interrupt():
+        child = subprocess.Popen(command, start_new_session=True)
         try:
-            return subprocess.run(command).returncode
+            return child.wait()
         except KeyboardInterrupt:
+            os.killpg(child.pid, signal.SIGTERM)
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
             return 0
+
+
+def grafana_advice() -> str:
+    """Where Grafana can come from here: Docker whose daemon answers, or the dashboards' JSON for another one.
+    A docker client on PATH is not enough: without its daemon `docker compose up` fails."""
+    elsewhere = (f"its dashboards are in {GRAFANA / 'dashboards'} for any Grafana you have, and Prometheus' UI "
+                 "below runs the same queries")
+    if not shutil.which("docker"):
+        return f"Grafana is not installable on this machine (no Docker); {elsewhere}."
+    try:
+        check = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True,
+                               text=True, timeout=15)
+        answer = (check.stderr.strip().splitlines() or ["no answer"])[0] if check.returncode else None
+    except subprocess.TimeoutExpired:
+        answer = "no answer in 15 s"
+    if answer:
+        return (f"A docker client is here, but its daemon does not answer ({answer}): start Docker to run "
+                f"Grafana with `docker compose -f {GRAFANA / 'docker-compose.yml'} up -d`; meanwhile {elsewhere}.")
+    return (f"Docker is here: `docker compose -f {GRAFANA / 'docker-compose.yml'} up -d` starts Prometheus + "
+            "Grafana (http://localhost:3000) with tokenrig's dashboards.")
 
 
 if __name__ == "__main__":

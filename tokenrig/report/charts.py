@@ -58,7 +58,9 @@ def latency_cdfs(series: dict[str, dict[str, list[float]]], slos: list[Slo], tit
     for slo in slos:
         position = [metric for metric, _ in METRICS].index(slo.metric)
         figure.add_vline(x=slo.threshold_s * 1000, line_dash="dash", line_color="#555",
-                         annotation_text=f"{slo.name} ≤ {slo.threshold_s * 1000:g} ms", annotation_position="top left",
+                         # at the foot of the line: at its top the label sat on the subplot's title
+                         annotation_text=f"{slo.name} ≤ {slo.threshold_s * 1000:g} ms",
+                         annotation_position="bottom right",
                          row=position // 2 + 1, col=position % 2 + 1)
     figure.update_yaxes(range=[0, 1.02], tickformat=".0%")
     return _layout(figure, title, 620)
@@ -77,8 +79,9 @@ def schedule_lag(lags_s: list[float], threshold_s: float, title: str) -> go.Figu
     return _layout(figure, title, 320)
 
 
-def timeline(tl: Timeline, windows: list[tuple[float, float]], title: str) -> go.Figure | None:
-    """Per second: sent / done / errors / in flight, output tokens, and the server's scraped state."""
+def timeline(tl: Timeline, windows: list[tuple[str, float, float]], title: str) -> go.Figure | None:
+    """Per second: sent / done / errors / cancelled / in flight, output tokens, and the server's scraped state;
+    each (label, start, end) steady-state window shaded and labelled (a sweep's or search's steps)."""
     if not tl.seconds:
         return None
     server_rows = [key for key in ("running", "waiting") if key in tl.server]
@@ -89,8 +92,11 @@ def timeline(tl: Timeline, windows: list[tuple[float, float]], title: str) -> go
     figure = make_subplots(rows=rows, cols=1, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.07)
     x = tl.seconds
     if any(tl.sent) or any(tl.done) or any(tl.errors):
-        for name, values, colour in (("sent", tl.sent, "#1f77b4"), ("done", tl.done, "#2ca02c"),
-                                     ("errors", tl.errors, "#d62728"), ("in flight", tl.in_flight, "#7f7f7f")):
+        series = [("sent", tl.sent, "#1f77b4"), ("done", tl.done, "#2ca02c"), ("errors", tl.errors, "#d62728"),
+                  ("in flight", tl.in_flight, "#7f7f7f")]
+        if any(tl.cancelled):  # in flight when the load stopped (Ctrl-C, an early stop): not the server's errors
+            series.insert(3, ("cancelled", tl.cancelled, "#bcbd22"))
+        for name, values, colour in series:
             figure.add_trace(go.Scatter(x=x, y=values, name=name, mode="lines", line={"color": colour,
                                         "shape": "hv", "dash": "dot" if name == "in flight" else "solid"}), row=1, col=1)
         figure.add_trace(go.Scatter(x=x, y=tl.output_tokens, name="output tok/s", mode="lines",
@@ -110,8 +116,10 @@ def timeline(tl: Timeline, windows: list[tuple[float, float]], title: str) -> go
         figure.update_yaxes(tickformat=".0%", row=row, col=1)
     if not figure.data:
         return None
-    for start, end in windows:
-        figure.add_vrect(x0=start, x1=end, fillcolor="#2ca02c", opacity=0.06, line_width=0)
+    for label, start, end in windows:
+        label_it = {"annotation_text": label, "annotation_position": "top left", "annotation_font_size": 10}
+        figure.add_vrect(x0=start, x1=end, fillcolor="#2ca02c", opacity=0.06, line_width=0,
+                         **(label_it if label else {}))
     figure.update_xaxes(title="seconds since the first scheduled request", row=rows, col=1)
     return _layout(figure, title, 220 * rows + 80)
 
@@ -123,18 +131,19 @@ def search_curves(rows: list[dict], slos: list[Slo], users: bool, title: str) ->
     load_name = "users" if users else "offered req/s"
     figure = make_subplots(rows=1, cols=3, horizontal_spacing=0.07, subplot_titles=(
         "TTFT (ms) vs completed req/s", "TPOT (ms) vs completed req/s", f"completed and goodput req/s vs {load_name}"))
-    done = [row["completed_rps"] for row in rows]
+    # a curve joins the steps by load, not in the order a search visited them (up, then bisecting back)
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["load"])
+    done = [rows[i]["completed_rps"] for i in order]
     for metric, col in (("ttft", 1), ("tpot", 2)):
         for quantile, dash in (("p50", "dot"), ("p99", "solid")):
-            values = [(row[f"{metric}_{quantile}_s"] or np.nan) * 1000 for row in rows]
+            values = [(rows[i][f"{metric}_{quantile}_s"] or np.nan) * 1000 for i in order]
             figure.add_trace(go.Scatter(x=done, y=values, mode="lines+markers", name=f"{metric.upper()} {quantile}",
-                                        line={"dash": dash}, text=[f"step {i + 1}" for i in range(len(rows))]),
+                                        line={"dash": dash}, text=[f"step {i + 1}" for i in order]),
                              row=1, col=col)
         for slo in slos:
             if slo.metric == metric:
                 figure.add_hline(y=slo.threshold_s * 1000, line_dash="dash", line_color="#d62728",
                                  annotation_text=f"{slo.name} ≤ {slo.threshold_s * 1000:g} ms", row=1, col=col)
-    order = sorted(range(len(rows)), key=lambda i: rows[i]["load"])
     loads = [rows[i]["load"] for i in order]
     figure.add_trace(go.Scatter(x=loads, y=[rows[i]["completed_rps"] for i in order], mode="lines+markers",
                                 name="completed req/s"), row=1, col=3)

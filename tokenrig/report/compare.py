@@ -2,15 +2,20 @@
 
 Reads each run directory's metadata.json (server configuration, load plan) and summary.json
 (docs/metrics.md definitions), so a results page is regenerated from the data, not typed.
-Runs that measured nothing, or whose load generator was the bottleneck, are kept and marked.
+Runs that failed, measured nothing, or whose load generator was the bottleneck, are kept and marked;
+directories that are not load tests (a training run) are skipped with a note.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from tokenrig.report.run_summary import Distribution, RunSummary
+from pydantic import ValidationError
+
+from tokenrig.report.console import failed_line
+from tokenrig.report.run_summary import Distribution, RunSummary, SummaryVersionError
 
 
 class CompareError(ValueError):
@@ -74,10 +79,14 @@ def run_row(run_dir: Path) -> dict:
     latency, server_metrics = summary.latency_s, summary.server or {}
     running = server_metrics.get("running") or {}
     notes = []
+    if summary.requests.too_many_errors:
+        notes.append(failed_line(summary.requests))
     if summary.no_measurement:
         notes.append(f"no measurement: {summary.no_measurement}")
     if not summary.load_generator.valid:
-        notes.append("load generator invalid: " + "; ".join(summary.load_generator.problems))
+        notes.append("INVALID: the load generator was the bottleneck: " + "; ".join(summary.load_generator.problems))
+    if summary.load_generator.server_saturated:
+        notes.append(f"server saturated: {summary.load_generator.server_saturated}")
     if summary.interrupted:
         notes.append("interrupted")
     return {
@@ -95,14 +104,32 @@ def run_row(run_dir: Path) -> dict:
     }
 
 
-def compare_runs(directories: list[Path]) -> list[dict]:
-    """A row per run directory (metadata.json + summary.json) under `directories`, in creation order per directory."""
+def _not_a_load_test(run_dir: Path) -> str | None:
+    """Why a directory with metadata.json and summary.json is no load test to table (None: it is one)."""
+    try:
+        metadata = json.loads(_metadata_path(run_dir).read_text())
+        if metadata.get("kind") == "train":
+            return "a training run (tokenrig train --compare tables those)"
+        RunSummary.read(run_dir / "summary.json")
+    except (OSError, ValueError, ValidationError, SummaryVersionError) as error:
+        return f"its summary.json is not a load test's this tokenrig reads ({str(error).splitlines()[0]})"
+    return None
+
+
+def compare_runs(directories: list[Path], note=lambda text: print(text, file=sys.stderr)) -> list[dict]:
+    """A row per run directory (metadata.json + summary.json) under `directories`, in creation order per directory;
+    `note` says which directories were skipped and why."""
     rows = []
     for directory in directories:
         run_dirs = sorted({path.parent for path in Path(directory).rglob("summary.json")
                            if _metadata_path(path.parent) is not None},
                           key=lambda p: (p.parent.parent.name, p.name) if p.parent.name == "steps" else (p.name, ""))
-        rows += [run_row(run_dir) for run_dir in run_dirs]
+        for run_dir in run_dirs:
+            reason = _not_a_load_test(run_dir)
+            if reason:
+                note(f"skipped {run_dir}: {reason}")
+            else:
+                rows.append(run_row(run_dir))
     if not rows:
         raise CompareError(f"no load-test runs (summary.json + metadata.json) under {', '.join(map(str, directories))}")
     return rows

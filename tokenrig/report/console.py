@@ -88,6 +88,9 @@ def render(summary: RunSummary, title: str) -> str:
     if not health.valid:
         lines.append(f"INVALID RUN: the load generator was the bottleneck ({'; '.join(health.problems)}). "
                      f"Remedy: {health.remedy}.")
+    if health.server_saturated:
+        lines.append(f"SERVER SATURATED: {health.server_saturated}. This rate is past what the server sustains; "
+                     "lower --rate, or find the highest rate within SLOs with --find-max --slo.")
     if summary.interrupted:
         lines.append("interrupted: the summary covers the requests finished before Ctrl-C")
     return "\n".join(lines)
@@ -106,14 +109,31 @@ def loadgen_note(row: dict) -> str:
     return " (sends late: run again)" if row.get("late_sends_only") else " LOADGEN INVALID"
 
 
+STEP_PERCENTILES = ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")  # every step table's latency columns
+
+
+def extra_slo_columns(slos) -> list:
+    """The SLOs judged at a percentile the step table does not show (ttft_p90, e2e_p99, ...): each gets its
+    own column, so the figure an SLO was judged on stands next to the verdict."""
+    return [slo for slo in slos or [] if slo.name not in STEP_PERCENTILES]
+
+
+def slo_value(row: dict, slo) -> float | None:
+    """A step row's measured value of one SLO's percentile (seconds)."""
+    return (row["slos"].get(slo.name) or {}).get("value_s")
+
+
 def render_steps(document: dict, title: str, slos) -> str:
     """The curve a sweep or SLO search walked, one line per step, and its conclusion."""
     def ms(value):
         return f"{value * 1000:9.1f}" if value is not None else f"{'-':>9}"
 
+    extra = extra_slo_columns(slos)
     lines = [f"{title} | {document['mode']}", "",
              f"{'load':>9}{'sent/s':>9}{'done/s':>9}{'tok/s':>9}{'TTFT p50':>9}{'TTFT p99':>9}"
-             f"{'TPOT p50':>9}{'TPOT p99':>9}{'goodput':>9}  verdict"]
+             f"{'TPOT p50':>9}{'TPOT p99':>9}"
+             + "".join(f"{slo.metric.upper() + f' p{slo.percentile:g}':>10}" for slo in extra)
+             + f"{'goodput':>9}  verdict"]
     for row in document["steps"]:
         if slos:
             verdict = "meets SLOs" if row["slo_met"] else "misses SLOs"
@@ -131,7 +151,8 @@ def render_steps(document: dict, title: str, slos) -> str:
         goodput = f"{row['goodput_rps']:9.2f}" if row["goodput_rps"] is not None else f"{'-':>9}"
         lines.append(f"{row['load']:9.3g}{row['achieved_rps']:9.2f}{row['completed_rps']:9.2f}"
                      f"{row['output_tokens_per_s']:9.0f}{ms(row['ttft_p50_s'])}{ms(row['ttft_p99_s'])}"
-                     f"{ms(row['tpot_p50_s'])}{ms(row['tpot_p99_s'])}{goodput}  {verdict.strip()}")
+                     f"{ms(row['tpot_p50_s'])}{ms(row['tpot_p99_s'])}"
+                     + "".join(f" {ms(slo_value(row, slo))}" for slo in extra) + f"{goodput}  {verdict.strip()}")
     if document["mode"] == "find-max":
         best = document.get("max_rate_meeting_slos")
         if document.get("stop_reason") == "interrupted":

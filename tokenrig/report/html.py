@@ -19,8 +19,8 @@ from pathlib import Path
 
 from tokenrig.report import charts, timeline
 from tokenrig.report.compare import run_row, server_label
-from tokenrig.report.console import loadgen_note
-from tokenrig.report.runs import LoadRun, LoadStep, Runs, TrainRun, find_runs
+from tokenrig.report.console import extra_slo_columns, loadgen_note, slo_value
+from tokenrig.report.runs import LoadRun, LoadStep, NoRunsError, Runs, TrainRun, find_runs
 from tokenrig.report.slo import recorded_slos
 from tokenrig.report.run_summary import RunSummary
 from tokenrig.report.summary import MAX_HEALTHY_LAG_S
@@ -158,8 +158,9 @@ def _configuration(page: Page, run: LoadRun) -> None:
     page.table(["", ""], rows, text_columns=2)
 
 
-def _step_windows(steps: list[LoadStep], t0: float) -> list[tuple[float, float]]:
-    return [(s.summary.window.start_unix - t0, s.summary.window.end_unix - t0)
+def _step_windows(steps: list[LoadStep], t0: float) -> list[tuple[str, float, float]]:
+    """Each step's steady-state window on the timeline's clock, labelled by its step (none for a plain run)."""
+    return [(s.label if len(steps) > 1 else "", s.summary.window.start_unix - t0, s.summary.window.end_unix - t0)
             for s in steps if s.summary is not None]
 
 
@@ -174,7 +175,7 @@ def _load_run(page: Page, run: LoadRun, anchor: str) -> None:
     for step in run.steps:
         for note in step.notices():
             page.notice((f"{step.label}: " if search or len(run.steps) > 1 else "") + note,
-                        bad=note.startswith(("no request", "INVALID", "no measurement")))
+                        bad=note.startswith(("no request", "FAILED", "INVALID", "no measurement")))
     if not run.steps:
         page.notice("no load step was recorded: the run stopped before its first step", bad=True)
     _configuration(page, run)
@@ -186,11 +187,13 @@ def _load_run(page: Page, run: LoadRun, anchor: str) -> None:
                         if search.get("max_rate_meeting_slos") is not None else ""))
         if search.get("stop_reason"):
             page.text(f"search: {search['stop_reason']}")
-        page.table(["step", "load", "sent/s", "done/s", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
-                    "goodput", "verdict"],
+        extra = extra_slo_columns(slos)
+        page.table(["step", "load", "sent/s", "done/s", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99"]
+                   + [slo.name for slo in extra] + ["goodput", "verdict"],
                    [[i + 1, f"{row['load']:.4g}", _number(row["achieved_rps"]), _number(row["completed_rps"]),
                      _number(row["output_tokens_per_s"], ".0f"), _ms(row["ttft_p50_s"]), _ms(row["ttft_p99_s"]),
-                     _ms(row["tpot_p50_s"]), _ms(row["tpot_p99_s"]), _number(row["goodput_rps"]),
+                     _ms(row["tpot_p50_s"]), _ms(row["tpot_p99_s"])]
+                    + [_ms(slo_value(row, slo)) for slo in extra] + [_number(row["goodput_rps"]),
                      ("meets SLOs" if row["slo_met"] else "misses SLOs" if slos else "")
                      + (" saturated" if row["saturated"] else "") + (" stopped early" if row["stopped_early"] else "")
                      + loadgen_note(row)]
@@ -227,8 +230,17 @@ def _load_run(page: Page, run: LoadRun, anchor: str) -> None:
 
 
 def _comparison(page: Page, runs: list[LoadRun]) -> None:
-    page.section("comparison", f"comparison of {len(runs)} load tests")
     plain = [run for run in runs if run.search is None and run.steps and run.steps[0].summary is not None]
+    curves = {run.run_id: run.search["steps"] for run in runs if run.search and run.search.get("steps")}
+    # the title counts what the section shows: a search is a curve, a run stopped before its summary nothing
+    shown = ([f"{len(plain)} load test{'s' if len(plain) > 1 else ''}"] * bool(plain)
+             + [f"{len(curves)} sweep{'s' if len(curves) > 1 else ''} or search{'es' if len(curves) > 1 else ''}"]
+             * bool(curves))
+    page.section("comparison", "comparison of " + " and ".join(shown or ["no finished load test"]))
+    unshown = len(runs) - len(plain) - len(curves)
+    if unshown:
+        page.text(f"{unshown} more load test{'s' if unshown > 1 else ''} without a summary or steps: see "
+                  "their own sections")
     if plain:
         rows = [run_row(run.path) for run in plain]
         page.table(["run", "config", "load", "window s", "ok", "failed", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms",
@@ -241,8 +253,7 @@ def _comparison(page: Page, runs: list[LoadRun]) -> None:
                     for r in rows], text_columns=3)
     page.figure(charts.latency_cdfs({run.run_id: latency_values(run.steps[0].records) for run in plain
                                      if run.steps[0].records}, [], "latency distributions, overlaid"))
-    page.figure(charts.sweep_overlay({run.run_id: run.search["steps"] for run in runs
-                                      if run.search and run.search.get("steps")}, "sweeps and searches, overlaid"))
+    page.figure(charts.sweep_overlay(curves, "sweeps and searches, overlaid"))
 
 
 def _training(page: Page, runs: list[TrainRun]) -> None:
@@ -314,7 +325,8 @@ def write_report(paths: list[Path], out: Path, capacity: Path | None = None, csv
     if runs.train:
         _training(page, runs.train)
     if not runs.load and not runs.train and capacity is None:
-        page.notice("no run directory found: nothing to report", bad=True)
+        raise NoRunsError(f"no load-test or training run (metadata.json) under {', '.join(map(str, paths))}: "
+                          "nothing to report")
     subtitle = (f"{len(runs.load)} load tests, {len(runs.train)} training runs; written "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')} by tokenrig report")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,8 @@ class LoadGenerator(_Part):
     # its one problem was sends past the late rule: the load it offered was later and lighter, never heavier
     late_sends_only: bool = False
     remedy: str | None = None
+    # the open loop's in-flight cap was reached by a slow server, not a busy client: what happened, in words
+    server_saturated: str | None = None
     workers: list[WorkerCpu] | None = None  # a distributed run's worker processes
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from tokenrig.loadgen.records import RequestRecord, read_records
+from tokenrig.report.console import failed_line
 from tokenrig.report.run_summary import THROUGHPUT_MODE_NOTE, RunSummary, SummaryVersionError
 
 
@@ -45,6 +46,10 @@ def _jsonl(path: Path) -> list[dict]:
         except ValueError:
             continue  # a line cut short by a kill
     return rows
+
+
+class NoRunsError(ValueError):
+    """A path given to the report is no directory, or nothing under the paths is a run."""
 
 
 @dataclass
@@ -78,6 +83,10 @@ class LoadStep:
                          + (", ".join(f"{kind} x{n}" for kind, n in errors.items()) or "none sent") + ")")
         if summary is not None and summary.load and summary.load.throughput_mode:
             notes.append(THROUGHPUT_MODE_NOTE)
+        if summary is not None and summary.requests.too_many_errors and total_ok:
+            notes.append(failed_line(summary.requests))
+        if summary is not None and summary.load_generator.server_saturated:
+            notes.append(f"server saturated: {summary.load_generator.server_saturated}")
         if summary is not None and not summary.load_generator.valid:
             notes.append("INVALID: the load generator was the bottleneck (" +
                          "; ".join(summary.load_generator.problems) + ")")
@@ -156,8 +165,8 @@ def find_runs(paths: list[Path], progress=print) -> Runs:
     runs = Runs()
     for path in paths:
         if not path.is_dir():
-            runs.skipped.append(f"{path}: not a directory")
-            continue
+            raise NoRunsError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}; give run "
+                              "directories (results/RUN_ID) or directories holding them (results/)")
         found = 0
         for metadata_path in sorted(path.rglob("metadata.json")):
             metadata = _json(metadata_path)

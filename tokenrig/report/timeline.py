@@ -1,7 +1,8 @@
 """A run second by second: request records and server scrapes -> per-second series on one clock.
 
 Second k covers [t0 + k, t0 + k + 1), t0 = the first scheduled request (or the first scrape). Sent
-counts actual sends (scheduled + lag), done and errors count requests by the moment they ended,
+counts actual sends (scheduled + lag), done, errors and cancelled (in flight when the load was stopped)
+count requests by the moment they ended,
 in flight is the count at the start of each second, output tokens are the streamed chunks by the
 second they arrived. The server's running and waiting requests and KV-cache usage are its scrapes
 on the same clock.
@@ -24,6 +25,7 @@ class Timeline:
     in_flight: list[int] = field(default_factory=list)
     done: list[int] = field(default_factory=list)
     errors: list[int] = field(default_factory=list)
+    cancelled: list[int] = field(default_factory=list)  # in flight when the load was stopped: no error
     output_tokens: list[int] = field(default_factory=list)
     server: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)  # key -> (times, values)
     t0: float = 0.0
@@ -61,5 +63,6 @@ def build(records: list[RequestRecord], scrapes: list[dict]) -> Timeline:
             server[key] = ([t for t, _ in points], [v for _, v in points])
     return Timeline(seconds=edges[:-1].tolist(), sent=per_second(r.scheduled_at + r.send_lag_s for r in records),
                     in_flight=in_flight, done=per_second(_ended(r) for r in records if r.ok),
-                    errors=per_second(_ended(r) for r in records if not r.ok),
+                    errors=per_second(_ended(r) for r in records if not r.ok and not r.cancelled),
+                    cancelled=per_second(_ended(r) for r in records if r.cancelled),
                     output_tokens=tokens.astype(int).tolist(), server=server, t0=t0)

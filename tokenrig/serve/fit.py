@@ -35,11 +35,15 @@ class FitError(ValueError):
     """The model does not fit; the message says what would."""
 
 
+class UnknownQuantError(ValueError):
+    """A weight format tokenrig does not know: bad input, not a model that does not fit."""
+
+
 def normalise_quant(quant: str) -> str:
     key = quant.strip().lower()
     key = QUANT_ALIASES.get(key, key)
     if key not in QUANTS:
-        raise FitError(f"unknown quantization {quant!r}; known: {', '.join(QUANTS)} "
+        raise UnknownQuantError(f"unknown quantization {quant!r}; known: {', '.join(QUANTS)} "
                        "(gptq and awq are 4-bit, group size 128)")
     return key
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -127,17 +128,26 @@ class RemoteServer:
             raise
         except (OSError, ValueError) as error:
             reason = getattr(error, "reason", error)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise RemoteError(f"{self.base_url}: TLS certificate verification failed ({reason.verify_message}): "
+                                  "trust the CA that signed the server's certificate with --ca-cert FILE (or "
+                                  "SSL_CERT_FILE=FILE)") from None
             raise RemoteError(f"cannot reach {self.base_url}: {reason}; is the server up, and is --url right "
                               "(scheme, host, port)?") from None
 
-    def models(self) -> list[dict] | None:
-        """The /v1/models entries, or None when the server has no such route."""
+    def models(self, asked: str | None = None) -> list[dict] | None:
+        """The /v1/models entries, or None when the server does not say (a 404 only with the model `asked`)."""
         try:
             with self._open("/v1/models") as response:
                 return json.load(response).get("data") or []
         except urllib.error.HTTPError as error:
             if error.code in (401, 403):
                 raise RemoteError(_auth_problem(self.base_url, error.code, self.api_key)) from None
+            if error.code == 404 and asked is None:  # a wrong --url path answers 404 too: no name to guess
+                detail = error.read()[:100].decode(errors="replace").strip()
+                raise RemoteError(f"{self.base_url}/v1/models answered HTTP 404 ({detail or 'no body'}) when asked "
+                                  "which model it serves: check --url (its path comes before /v1), or name the "
+                                  "model with --served-model NAME") from None
             return None
         except ValueError:
             return None
@@ -145,7 +155,7 @@ class RemoteServer:
     def served_model(self, asked: str | None, profile_key: str) -> tuple[str, dict]:
         """(model name to send, its /v1/models entry, {} when the server has no such route): --served-model,
         else the one model /v1/models lists (or the model profile's name among several)."""
-        models = self.models()
+        models = self.models(asked)
         if models is None:
             return asked or profile_key, {}
         names = [entry.get("id") for entry in models]

@@ -18,7 +18,7 @@ from tokenrig.serve.api import OpenAIServer
 from tokenrig.serve.engines.hf import HFEngine
 from tokenrig.serve.engines.step_profiler import StepProfiler
 from tokenrig.serve.engines.sim import BLOCK_TOKENS, FixedSchedule, RooflineEngine, RooflineParams
-from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, FitError
+from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, FitError, UnknownQuantError
 from tokenrig.serve.spec import HfOptions, LaunchError, SimOptions
 from tokenrig.serve.tokenizer import SPECIAL_TOKENS, TEMPLATE_WORDS
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine, model = build_engine(args)
-    except (FitError, LaunchError) as error:
+    except (FitError, UnknownQuantError, LaunchError) as error:
         raise SystemExit(f"tokenrig server: {error}") from None
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.model_dir)
     server = OpenAIServer(engine, tokenizer, args.served_model_name or model.key,

@@ -245,6 +245,15 @@ def check(breakdown: dict, profiled_step_ms: float, unprofiled_step_ms: float,
             "profiler_overhead": profiled_step_ms / unprofiled_step_ms - 1}
 
 
+def overhead_text(overhead: float) -> str:
+    """The profiled steps against the unprofiled median, in words: an overhead, or, when they ran faster, the
+    step times' own spread (a profiler has no negative overhead)."""
+    if overhead >= 0:
+        return f"profiler overhead {overhead:+.0%} (profiled steps against the unprofiled median)"
+    return (f"profiler overhead not measurable: the profiled steps ran {-overhead:.0%} faster than the unprofiled "
+            "median (step-time noise)")
+
+
 def table(breakdown: dict, verdict: dict) -> str:
     lines = ["| category | forward ms | backward ms | optimizer ms | total ms | share |", "|---|---:|---:|---:|---:|---:|"]
     step = verdict["profiled_step_ms"]
@@ -265,8 +274,8 @@ def table(breakdown: dict, verdict: dict) -> str:
     lines.append(f"Rows sum to {verdict['rows_total_ms']:.2f} ms against {step:.2f} ms timed: "
                  f"{verdict['deviation']:.1%} apart, {status} the {verdict['tolerance']:.0%} tolerance. "
                  f"Work attributed to a category: {verdict['attributed_fraction']:.1%} of the step. "
-                 f"The profiled steps ran {verdict['profiler_overhead']:+.1%} against the unprofiled median: the "
-                 f"profiler's overhead, which lands in the idle row (kernel times are unaffected). "
+                 f"{overhead_text(verdict['profiler_overhead']).capitalize()}; the profiler's overhead lands in "
+                 "the idle row (kernel times are unaffected). "
                  f"Averaged over {breakdown['profiled_steps']} profiled step(s) on rank 0.")
     return "\n".join(lines)
 

@@ -73,8 +73,9 @@ def _progress_line(spec: TrainSpec, record: StepRecord, flops_per_token: float) 
     mfu = flops_per_token * tokens_per_s / spec.world_size / (spec.gpu_profile.tflops_bf16 * 1e12)
     memory = (f"  GPU mem {record.gpu_allocated_peak_bytes / 1e9:.1f} GB"
               if record.gpu_allocated_peak_bytes is not None else f"  host {record.host_rss_bytes / 1e9:.2f} GB")
+    utilisation = f"  MFU {mfu:6.1%}" if spec.device != "cpu" else ""
     return (f"  step {record.step:>3}/{total} {record.phase:<8} {record.step_time_s * 1e3:9.1f} ms "
-            f"{tokens_per_s:11,.0f} tok/s  MFU {mfu:6.1%}  loss {record.loss:7.3f}{memory}")
+            f"{tokens_per_s:11,.0f} tok/s{utilisation}  loss {record.loss:7.3f}{memory}")
 
 
 def run_training(spec: TrainSpec, results: Path, monitor: MonitorOptions | None = None, quiet: bool = False,
@@ -200,9 +201,12 @@ def render(summary: dict) -> str:
             f"  step time          median {step['median'] * 1e3:.1f} ms  p10 {step['p10'] * 1e3:.1f}  "
             f"p90 {step['p90'] * 1e3:.1f}  stdev {step['stdev'] * 1e3:.1f}",
             f"  tokens/s           {summary['tokens_per_s']:,.0f} total, {summary['tokens_per_s_per_gpu']:,.0f} per GPU",
-            f"  TFLOP/s per GPU    {summary['achieved_tflops_per_gpu']:.1f} model, "
-            f"{summary['hardware_tflops_per_gpu']:.1f} hardware (peak {summary['peak_tflops_per_gpu']:g})",
-            f"  MFU                {summary['mfu']:.1%}  (HFU {summary['hfu']:.1%}; 6N-nominal {summary['mfu_6n']:.1%})",
+            f"  TFLOP/s per GPU    {summary['achieved_tflops_per_gpu']:.2f} model, "
+            f"{summary['hardware_tflops_per_gpu']:.2f} hardware"
+            + (f" (peak {summary['peak_tflops_per_gpu']:g})" if summary.get("mfu") is not None else ""),
+            (f"  MFU                {summary['mfu']:.1%}  (HFU {summary['hfu']:.1%}; 6N-MFU {summary['mfu_6n']:.1%}, "
+             "nominal: 6 x all parameters, as public figures count)" if summary.get("mfu") is not None else
+             "  MFU                not on CPU: no measured peak FLOP/s to hold the FLOP/s above against"),
             f"  loss               {summary['loss']['first']:.3f} -> {summary['loss']['last']:.3f}",
         ]
     memory = summary.get("memory") or {}
@@ -215,6 +219,6 @@ def render(summary: dict) -> str:
         check = summary["breakdown_check"]
         lines.append(f"  breakdown          rows sum to {check['rows_total_ms']:.1f} ms vs {check['profiled_step_ms']:.1f} ms "
                      f"timed ({check['deviation']:.1%} apart, tolerance {check['tolerance']:.0%}): "
-                     f"{'ok' if check['ok'] else 'OUTSIDE TOLERANCE'}; profiler overhead {check['profiler_overhead']:+.0%}")
+                     f"{'ok' if check['ok'] else 'OUTSIDE TOLERANCE'}; {breakdown.overhead_text(check['profiler_overhead'])}")
     lines.append(f"  results            {summary['run_id']}")
     return "\n".join(lines)

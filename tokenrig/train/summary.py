@@ -1,6 +1,7 @@
 """Step records -> the run's figures: step time, tokens/s, TFLOP/s, MFU/HFU, memory, loss.
 
-Warm-up and profiled steps are excluded; docs/metrics.md defines every figure.
+Warm-up and profiled steps are excluded; docs/metrics.md defines every figure. On CPU the FLOP/s are
+real but the utilisations (MFU, HFU, 6N-MFU) are left out: there is no measured peak to hold them against.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def summarize(spec: TrainSpec, steps: list[StepRecord]) -> dict:
         achieved, mfu = utilisation(flops.model_per_token, per_gpu, peak)
         hardware, hfu = utilisation(flops.hardware_per_token, per_gpu, peak)
         _, mfu_6n = utilisation(flops.nominal_6n_per_token, per_gpu, peak)
+        if spec.device == "cpu":  # the cpu profile's peak is a notional figure, not this CPU's: no utilisation
+            mfu = hfu = mfu_6n = None
         result.update(
             step_time_s={"median": float(np.median(times)), "mean": float(times.mean()),
                          "p10": float(np.percentile(times, 10)), "p90": float(np.percentile(times, 90)),

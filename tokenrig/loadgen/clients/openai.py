@@ -7,6 +7,7 @@ byte-level cut of the content (`content_fast`); JSON parsing (orjson) only for t
 
 from __future__ import annotations
 
+import ssl
 import time
 from http.client import HTTPException
 from urllib.parse import urlsplit
@@ -28,8 +29,16 @@ def connect(base_url: str) -> tuple[HTTPClient, str]:
     https = url.scheme == "https"
     # no network_timeout: silence is the load context's watchdog's (LoadContext.watch_stream), not a timer per read
     client = HTTPClient(url.hostname, url.port or (443 if https else 80), ssl=https, concurrency=1,
-                        connection_timeout=30, network_timeout=None)
+                        connection_timeout=30, network_timeout=None,
+                        **({"ssl_context_factory": trusted_tls_context} if https else {}))
     return client, url.path.rstrip("/")
+
+
+def trusted_tls_context(cafile: str | None = None) -> ssl.SSLContext:
+    """The certificates the pre-flight request trusts: the system's, or $SSL_CERT_FILE's (which --ca-cert sets).
+    geventhttpclient would trust certifi's bundle alone (its `cafile`, ignored here), and fail every request
+    to a server whose CA the pre-flight had accepted."""
+    return ssl.create_default_context()
 
 
 def content_fast(line: bytes) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenrig.serve.backends import vllm
-from tokenrig.serve.backends.base import Backend, LaunchPlan, tokenrig_server_command
+from tokenrig.serve.backends.base import Backend, LaunchPlan, plan_for, tokenrig_server_command
 from tokenrig.serve.checkpoint import tokenizer_dir
 from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION
 from tokenrig.serve.spec import LaunchError, ServerSpec, SimOptions
@@ -23,14 +23,18 @@ def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
 def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
     if spec.attention is not None:
         raise LaunchError("the sim backend models one attention cost; drop --attention")
-    command = tokenrig_server_command("sim", spec, model_dir, port) + ["--quant", spec.quant, "--tp", str(spec.tp or 1)]
+    # the roofline engine holds the model's weights and KV cache in the GPU profile's memory: without --tp it
+    # takes the smallest TP the fit planner finds (llama2-70b bf16 on h100-sxm: 2), as a GPU backend does
+    fit = None if spec.options.fixed_schedule or spec.tp else plan_for(spec)
+    tp = spec.tp or (fit.tp if fit else 1)
+    command = tokenrig_server_command("sim", spec, model_dir, port) + ["--quant", spec.quant, "--tp", str(tp)]
     if spec.max_num_seqs:
         command += ["--max-num-seqs", str(spec.max_num_seqs)]
     if spec.max_model_len:
         command += ["--max-model-len", str(spec.max_model_len)]
     if spec.gpu_memory_utilization != DEFAULT_GPU_MEMORY_UTILIZATION:
         command += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
-    return LaunchPlan(command + spec.options.to_args() + spec.extra_args, env={})
+    return LaunchPlan(command + spec.options.to_args() + spec.extra_args, env={}, fit=fit)
 
 
 BACKEND = Backend(
