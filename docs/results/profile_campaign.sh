@@ -24,15 +24,18 @@ GPU=${GPU:-h100-sxm}
 TOTAL_S=${TOTAL_S:-600}
 PROFILE_STEPS=${PROFILE_STEPS:-48}
 CONFIGS=${CONFIGS:-vllm-bf16 vllm-fp8 hf-bf16 vllm-awq}
+VLLM_SWEEP=${VLLM_SWEEP:-1,32,128}  # the streams of each vLLM configuration's steps
+DURATION=${DURATION:-20}  # seconds of each step, WARMUP of them before the profile is asked for
+WARMUP=${WARMUP:-5}
 LIMITS="--concurrency 128 --max-model-len 2048 --max-num-seqs 256"
 source "$(dirname "$0")/campaign_common.sh"
 FIXED=$PWD/docs/results/serve-fixed-512x128.yaml
 
 config_args() {  # configuration -> backend, weight format, stream counts
   case $1 in
-    vllm-bf16) echo "--backend vllm --quant bf16 --sweep 1,32,128 $LIMITS" ;;
-    vllm-fp8) echo "--backend vllm --quant fp8 --sweep 1,32,128 $LIMITS" ;;
-    vllm-awq) echo "--backend vllm --quant awq --sweep 1,32,128 $LIMITS" ;;
+    vllm-bf16) echo "--backend vllm --quant bf16 --sweep $VLLM_SWEEP $LIMITS" ;;
+    vllm-fp8) echo "--backend vllm --quant fp8 --sweep $VLLM_SWEEP $LIMITS" ;;
+    vllm-awq) echo "--backend vllm --quant awq --sweep $VLLM_SWEEP $LIMITS" ;;
     hf-bf16) echo "--backend hf --quant bf16 --sweep 1,8,32 --max-model-len 2048" ;;
     *) return 1 ;;
   esac
@@ -47,7 +50,7 @@ for config in $CONFIGS; do
   log "$config: tokenrig loadtest --gpu $GPU --model 7b $args --users sweep --profile-steps $PROFILE_STEPS (cap $cap s)"
   mkdir -p "$RES/$config"
   timeout --signal=TERM --kill-after=60 "$cap" $PY -m tokenrig.cli loadtest --gpu "$GPU" --model 7b $args \
-    --scenario "$FIXED" --users sweep --duration 20 --warmup 5 --profile-steps "$PROFILE_STEPS" \
+    --scenario "$FIXED" --users sweep --duration "$DURATION" --warmup "$WARMUP" --profile-steps "$PROFILE_STEPS" \
     --request-timeout 120 --results "$RES/$config" > "$RES/logs/$config.log" 2>&1
   log "$config: rc=$? (124 = cut at the cap)"
   grep -E "^operator breakdown|^  GEMM|^  attention|^  GPU idle|^  steps by kind|^profile:" "$RES/logs/$config.log" \
