@@ -324,3 +324,28 @@ def test_a_target_rate_that_is_no_rate_is_refused_at_once(rate, tmp_path, capsys
     error = capsys.readouterr().err
     reason = "a finite number" if rate == "nan" else "above 0"
     assert stop.value.code == 2 and f"argument --target-rps: must be {reason}, not '{rate}'" in error, error
+
+
+def test_a_probe_is_no_answer_of_a_projected_or_measured_search(tmp_path):
+    """The search's short probes give a first look, not an answer: a probe that met the SLOs at 16 req/s where the
+    full step at 16 then saturated must not answer, neither in a virtual search nor in a measured search.json."""
+    from tests.summaries import step_summary
+    from tokenrig.capacity.inputs import MeasuredStep, SearchRun
+    from tokenrig.loadgen.load_profiles import SearchResult
+    from tokenrig.loadgen.scenario import load_scenario
+
+    probe = StepResult(16.0, step_summary(1.2, 20, 17), probe=True)
+    saturated = StepResult(16.0, step_summary(60, 960, 700), stopped_early=True)
+    met = StepResult(8.75, step_summary(114, 1000, 1000))
+    search = object.__new__(VirtualSearch)
+    search.__dict__["result"] = SearchResult(steps=[probe, saturated, met])
+    assert search.best_step() is met
+
+    scenario = load_scenario("chat")
+    steps = [MeasuredStep(tmp_path / name, {"backend": "vllm", "gpu": "h100-sxm", "model": "llama2-7b"}, scenario,
+                          scenario.load, result.summary) for name, result in (("1", probe), ("2", saturated), ("3", met))]
+    rows = [{"load": s.load, "stopped_early": s.stopped_early, "probe": s.probe} for s in (probe, saturated, met)]
+    slos = parse_slos("ttft_p99=500ms")
+    run = SearchRun(tmp_path, slos, {"mode": "find-max", "steps": rows}, steps)
+    answer_step, _ = run.best_for(slos)
+    assert answer_step is steps[2]

@@ -113,7 +113,8 @@ class SearchRun:
 
         With the SLOs the run searched for, each step's recorded verdict counts; with others, each step
         is judged again from its requests.jsonl (a copy without it cannot answer other SLOs). Either way
-        a step meets them by today's rules (a step that fell behind does not), whatever search.json says."""
+        a step meets them by today's rules (a step that fell behind does not), whatever search.json says, and a
+        probe (the search's short first look) is no answer."""
         same = set(slos) == set(self.slos)
         best = None
         for step, row in zip(self.steps, self.document["steps"]):
@@ -126,8 +127,8 @@ class SearchRun:
                             f"requests.jsonl, not kept in {step.path}")
                 verdict = judge(records, slos, step.summary.window.seconds)
             result = StepResult(row["load"], step.summary.model_copy(update={"slo": verdict}),
-                                stopped_early=row["stopped_early"])
-            if result.slo_met and result.valid and (best is None or result.load > best[0]):
+                                stopped_early=row["stopped_early"], probe=row.get("probe", False))
+            if result.slo_met and result.valid and not result.probe and (best is None or result.load > best[0]):
                 best = (result.load, step, verdict)
         if best is None:
             return "no step met the SLOs"

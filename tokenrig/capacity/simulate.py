@@ -259,6 +259,7 @@ class VirtualSearch:
         return self.options.conclude(steps)
 
     def best_step(self) -> StepResult | None:
-        """The step at the highest rate that met every SLO."""
-        met = [step for step in self.result.steps if step.slo_met]
+        """The full step at the highest rate that met every SLO (a probe's short look is no answer: its goodput is
+        a count over a second or two)."""
+        met = [step for step in self.result.steps if step.slo_met and not step.probe]
         return max(met, key=lambda step: step.load) if met else None
