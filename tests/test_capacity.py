@@ -311,7 +311,8 @@ def test_batch_limits_are_read_from_metadata_old_and_new():
     old = json.loads((REPO / "docs/results/serve-h200-vllm-followup-2026-11-30b/13b-64u"
                       / "20261130-154059-chat-vllm-llama2-13b-h200/metadata.json").read_text())["server"]
     assert recorded_batch_limits(old) == (64, 8192)
-    assert recorded_batch_limits({"batch_limits": {"max_num_seqs": 1}, "command": old["command"]}) == (1, 8192)
+    structured = {"backend": "vllm", "batch_limits": {"max_num_seqs": 1}, "command": old["command"]}
+    assert recorded_batch_limits(structured) == (1, 8192)  # what is recorded as such first, the command for the rest
     assert recorded_batch_limits({"backend": "url", "gpu": "remote"}) == (None, None)
 
 
