@@ -350,3 +350,23 @@ def test_a_probe_is_no_answer_of_a_projected_or_measured_search(tmp_path):
     run = SearchRun(tmp_path, slos, {"mode": "find-max", "steps": rows}, steps)
     answer_step, _ = run.best_for(slos)
     assert answer_step is steps[2]
+
+
+def test_an_operator_calibration_is_printed_as_what_it_is():
+    """A calibration on an operator profile fits no roofline: the console names the profile, not the defaults."""
+    from tokenrig.capacity.table import render
+
+    common = {"quant": "bf16", "api_latency_s": 0.012, "steps": ["a", "b"], "gpus": ["h200"], "band": 0.25}
+    roofline = {**common, "engine": "hf", "compute_efficiency": 0.5, "bandwidth_efficiency": 0.7,
+                "step_overhead_s": 0.008, "sequence_overhead_s": 0.001, "operator_profile": None}
+    operators = {**common, "engine": "vllm", "compute_efficiency": 0.6, "bandwidth_efficiency": 0.8,
+                 "step_overhead_s": 0.002, "sequence_overhead_s": 0.0,
+                 "operator_profile": {"gpu": "h100-sxm", "model": "llama2-7b", "quant": "bf16", "steps": 144}}
+    document = {"question": {"model": "llama2-7b", "scenario": "chat", "slos": {"ttft_p99": 0.5}, "target_rps": None,
+                             "headroom": 0.2, "prices": {}, "tdp_w": {}},
+                "rows": [], "notes": [], "calibrations": [roofline, operators]}
+    text = render(document)
+    assert ("calibration vllm bf16: step times by operator, profiled on h100-sxm (llama2-7b, bf16, 144 steps), "
+            "API 12.0 ms, checked on 2 steps on h200, held-out ±25%") in text
+    assert "calibration hf bf16: compute 0.500, bandwidth 0.700, 8.00 ms/step" in text
+    assert "compute 0.600" not in text

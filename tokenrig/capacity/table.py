@@ -48,9 +48,17 @@ def render(document: dict) -> str:
                      f"{row['kwh_per_million_output_tokens']:>10.2f}")
     if not document["rows"]:
         lines.append("(no configuration could be answered: see the notes)")
-    lines += ["", "measured: a --find-max run of that configuration; projected: the engine's calibrated roofline "
-              "replayed in virtual time, ± its worst held-out error (docs/capacity.md)"]
+    lines += ["", "measured: a --find-max run of that configuration; projected: the SLO search replayed in virtual "
+              "time, its steps timed by the engine's operator profile (else its calibrated roofline), ± its worst "
+              "held-out error (docs/capacity.md)"]
     for calibration in document["calibrations"]:
+        profile = calibration.get("operator_profile")
+        if profile:
+            lines.append(f"calibration {calibration['engine']} {calibration['quant']}: step times by operator, profiled "
+                         f"on {profile['gpu']} ({profile['model']}, {profile['quant']}, {profile['steps']} steps), API "
+                         f"{calibration['api_latency_s'] * 1e3:.1f} ms, checked on {len(calibration['steps'])} steps "
+                         f"on {', '.join(calibration['gpus'])}, held-out {band_text(calibration['band'])}")
+            continue
         lines.append(f"calibration {calibration['engine']} {calibration['quant']}: compute "
                      f"{calibration['compute_efficiency']:.3f}, bandwidth {calibration['bandwidth_efficiency']:.3f}, "
                      f"{calibration['step_overhead_s'] * 1e3:.2f} ms/step + "
