@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,14 +40,14 @@ from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
 from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
 from tokenrig.serve.launcher import LaunchedServer
 from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, server_facts, whole_url
-from tokenrig.serve.scrape import MetricsScraper, fetch_metrics, summarize_server_metrics, wait_server_idle
+from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics, wait_server_idle
 from tokenrig.serve.spec import Endpoint, ServerSpec
 
 
 def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenario, client: str,
-                       progress=print) -> tuple[Endpoint, dict]:
-    """The server at --url, checked by one streaming request before any load (RemoteError names the fix), and
-    the `server` facts its run records."""
+                       progress=print) -> tuple[Endpoint, dict, str | None]:
+    """The server at --url, checked by one streaming request before any load (RemoteError names the fix), the
+    `server` facts its run records, and why its /metrics is no page to scrape (None: it is one)."""
     server = RemoteServer(whole_url(remote.url), remote.api_key)
     model, entry = server.served_model(remote.served_model, spec.model.key)
     report = server.report(entry)
@@ -74,25 +73,7 @@ def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenar
         if note:
             progress(note)
     endpoint = Endpoint(server.base_url, f"{server.base_url}/metrics", model, tokenizer, context)
-    return endpoint, server_facts(remote.declared, server.base_url, model, report)
-
-
-def _serves_metrics(metrics_url: str, progress) -> bool:
-    """Whether a server tokenrig did not start has a Prometheus /metrics page, asked once before the load: one
-    that answers an HTTP error or something else has none, and every scrape of every step would fail."""
-    try:
-        fetch_metrics(metrics_url, timeout_s=5)
-    except urllib.error.HTTPError as error:
-        progress(f"{metrics_url} answered HTTP {error.code}: the server exports no metrics there, so it is not "
-                 "scraped (no running/waiting/KV-cache figures; --no-scrape skips this check)")
-        return False
-    except ValueError as error:
-        progress(f"{metrics_url} is not a Prometheus page ({error}), so it is not scraped (--no-scrape skips "
-                 "this check)")
-        return False
-    except OSError:
-        return True  # unreachable for now: the scraper counts its failures
-    return True
+    return endpoint, server_facts(remote.declared, server.base_url, model, report), report.metrics_problem
 
 
 @dataclass
@@ -230,8 +211,8 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
                 profiling: ProfileOptions | None = None, scrape: bool = True) -> int:
     """Run a load test end to end; returns its exit status (tokenrig/exit_status.py)."""
     # a server tokenrig did not start is named by what its user declared and it reports, not by the flags' defaults
-    endpoint, facts = (_existing_endpoint(remote, spec, scenario, client, progress) if remote
-                       else (None, spec.describe()))
+    endpoint, facts, metrics_problem = (_existing_endpoint(remote, spec, scenario, client, progress) if remote
+                                        else (None, spec.describe(), None))
     run_dir = new_run_dir(results_root, scenario.name, facts["backend"], facts["model"], facts["gpu"])
     metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
                 "seed": scenario.load.seed, "seed_source": seed_source,
@@ -254,7 +235,10 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
             endpoint = server.endpoint
             metadata["server"].update(server.plan.describe())  # the exact command, environment and memory plan
             metadata["server"]["served"] = server.served  # what the engine's log says it loaded and chose
-        scrape = scrape and (not remote or _serves_metrics(endpoint.metrics_url, progress))
+        if scrape and metrics_problem:  # every scrape of every step would fail
+            progress(f"{endpoint.metrics_url} {metrics_problem}: the server exports no metrics there, so it is not "
+                     "scraped (no running/waiting/KV-cache figures)")
+            scrape = False
         metadata["endpoint"] = {"base_url": endpoint.base_url, "metrics_url": endpoint.metrics_url if scrape else None}
         write_json(run_dir / "metadata.json", metadata)
         tokenizer = Tokenizer.from_file(str(Path(endpoint.tokenizer_dir) / "tokenizer.json"))

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tokenrig.serve.scrape import parse_metrics
+
 STREAM_TYPE = "text/event-stream"
 # the engine a server names as the owner of its models (/v1/models `owned_by`), else the prefix of its
 # /metrics names; tokenrig's own server runs the hf or the sim engine, which it does not tell apart
@@ -66,15 +68,17 @@ class RemoteOptions:
 @dataclass
 class ServerReport:
     """What a running server tells about itself: the owner of its models, the engine that implies (or its
-    /metrics names do), its context, and vLLM's KV-cache configuration (cache_config_info)."""
+    /metrics names do), its context, and vLLM's KV-cache configuration (cache_config_info); and, not recorded,
+    why its /metrics page is no page to scrape (an HTTP error, or not Prometheus' format)."""
 
     owned_by: str | None = None
     engine: str | None = None
     max_model_len: int | None = None
     kv_cache: dict | None = None
+    metrics_problem: str | None = None
 
     def document(self) -> dict:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if key != "metrics_problem"}
 
 
 def _cache_config(family) -> dict:
@@ -177,15 +181,21 @@ class RemoteServer:
         """What the server tells of itself, from its /v1/models entry and one /metrics page (none: no figures)."""
         context = entry.get("max_model_len")
         owned_by = entry.get("owned_by") if isinstance(entry.get("owned_by"), str) else None
-        engine, kv_cache = None, None
-        try:
+        engine, kv_cache, problem = None, None, None
+        try:  # one look at /metrics before the load: what it names, and whether it is a page to scrape at all
             with self._open("/metrics", timeout=10) as response:
-                engine, kv_cache = read_metrics_page(response.read().decode(errors="replace"))
-        except (urllib.error.HTTPError, RemoteError, ValueError):
-            pass  # no metrics page: the run records what /v1/models said
+                text = response.read().decode(errors="replace")
+            parse_metrics(text)
+            engine, kv_cache = read_metrics_page(text)
+        except urllib.error.HTTPError as error:
+            problem = f"answered HTTP {error.code}"
+        except ValueError as error:
+            problem = f"is not a Prometheus page ({error})"
+        except RemoteError:
+            pass  # unreachable for now: the scraper counts its failures
         return ServerReport(owned_by=owned_by, engine=OWNERS.get(owned_by or "") or engine,
                             max_model_len=context if isinstance(context, int) and context > 0 else None,
-                            kv_cache=kv_cache)
+                            kv_cache=kv_cache, metrics_problem=problem)
 
     def preflight(self, path: str, model: str, chat: bool) -> str | None:
         """One two-token streaming request before the load: it must stream. A busy server (429, 5xx) is no
