@@ -199,6 +199,7 @@ def test_an_open_loop_past_a_slow_servers_in_flight_cap_is_the_servers_verdict(t
     assert health["valid"] and health["slot_late_requests"] > 0 and "server completed" in health["server_saturated"]
 
 
+@pytest.mark.timing  # its probes' verdicts (saturated, late) move with a neighbouring test's load
 def test_a_find_max_that_finds_no_rate_exits_5(tmp_path):
     """TTFT is 100 ms at every rate, the SLO 20 ms: the search walks down, finds nothing, and says so by its
     exit status (tokenrig/exit_status.py), not 0."""
