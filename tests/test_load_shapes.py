@@ -113,7 +113,8 @@ load: {type: poisson, rate: 12, duration_s: 6, seed: 4}
 @pytest.mark.timing
 def test_latency_counts_the_wait_for_a_free_user(tmp_path):
     """Open loop with a safety cap of 2 in-flight requests and a burst the cap cannot absorb: the
-    burst's requests are sent late, and their TTFT counts from the time they were due."""
+    burst's requests are sent late, and their TTFT counts from the time they were due. The server, not the
+    client, filled the cap: SERVER SATURATED, a valid measurement of that server."""
     scenario = tmp_path / "burst.yaml"
     scenario.write_text("""name: burst
 source: test
@@ -140,9 +141,9 @@ load:
     assert all(r.ttft_s >= r.send_lag_s + 0.1 - 0.001 for r in burst)
     assert_ttft_follows_schedule(float(np.median([r.ttft_s - r.send_lag_s for r in burst])), 0.1)
     assert max(r.send_lag_s for r in burst) > 0.5  # ~6 of the 20 burst arrivals still queued at its end
-    assert not summary["load_generator"]["valid"]
-    assert any("safety cap" in problem for problem in summary["load_generator"]["problems"])
-    assert "INVALID RUN" in result.stdout
+    # the cap was hit by a server slower than the burst, not by the client: the server's verdict, a valid run
+    assert summary["load_generator"]["valid"] and summary["load_generator"]["server_saturated"]
+    assert "SERVER SATURATED" in result.stdout and "INVALID RUN" not in result.stdout
 
 
 @pytest.mark.timing
