@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 from tokenrig.cli.parser import monitor_options
+from tokenrig.errors import UsageError
 from tokenrig.serve.backends import BACKENDS, dry_run_plan
 from tokenrig.serve.spec import ServerSpec
 
@@ -78,13 +79,11 @@ def _choose_workers(args, scenario, profile, spec) -> int | None:
     """--workers as given, or for 'auto' what the plan needs; say so before the run when it needs more than
     the load generator has."""
     from tokenrig.loadgen.ceiling import capacity_advice, free_cores, per_core_ceiling, refusal, workers_needed
-    from tokenrig.loadgen.scenario import ScenarioError
-
     chunk_rate, ceiling = _planned_chunk_rate(scenario, profile, spec), per_core_ceiling()
     too_much = refusal(chunk_rate, free_cores() if args.workers == "auto" else args.workers or 1, ceiling)
     if too_much:
         flag = ("--sweep" if args.sweep else "--users" if scenario.load.type == "concurrency" else "--rate")
-        raise ScenarioError(f"{flag}: {too_much}; lower {flag}")
+        raise UsageError(f"{flag}: {too_much}; lower {flag}")
     if args.workers == "auto":
         workers = min(workers_needed(chunk_rate, ceiling), free_cores())
         print(f"load generator: {workers} process{'es' if workers > 1 else ''} for about {chunk_rate:,.0f} "
@@ -108,12 +107,12 @@ def cmd_loadtest(args) -> int:
     import locust  # noqa: F401  - gevent must patch the standard library before anything else imports it
 
     from tokenrig.loadgen.overrides import LoadOverrides, plan_run
-    from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES, ScenarioError, load_scenario
+    from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES, load_scenario
     from tokenrig.report.slo import SloError, parse_slos
 
     if args.ca_cert:
         if not args.ca_cert.is_file():
-            raise ScenarioError(f"--ca-cert {args.ca_cert}: no such file; give the PEM file of the CA that signed "
+            raise UsageError(f"--ca-cert {args.ca_cert}: no such file; give the PEM file of the CA that signed "
                                 "the server's certificate")
         # OpenSSL reads it for every TLS context made with the default paths here and in spawned workers
         os.environ["SSL_CERT_FILE"] = str(args.ca_cert.resolve())
@@ -125,11 +124,11 @@ def cmd_loadtest(args) -> int:
     try:
         slos = parse_slos(args.slo) if args.slo else None
     except SloError as error:
-        raise ScenarioError(str(error)) from None
+        raise UsageError(str(error)) from None
     from tokenrig.serve.remote import RemoteOptions, tokenizer_dir
 
     if args.tokenizer and not args.url:
-        raise ScenarioError("--tokenizer goes with --url: a server tokenrig starts counts with its model's own")
+        raise UsageError("--tokenizer goes with --url: a server tokenrig starts counts with its model's own")
     tokenizer = tokenizer_dir(args.tokenizer) if args.tokenizer else None  # a Hub name is fetched before any load
     overrides = LoadOverrides(users=args.users, rate=args.rate, max_in_flight=args.max_in_flight,
                               arrival=args.arrival, burstiness=args.burstiness,
@@ -158,7 +157,7 @@ def cmd_loadtest(args) -> int:
     if count:
         local = count if args.local_workers is None else args.local_workers
         if not 0 <= local <= count:
-            raise ScenarioError("--local-workers must be between 0 and --workers")
+            raise UsageError("--local-workers must be between 0 and --workers")
         workers = WorkerOptions(count, local, args.master_host, args.master_port)
     client = args.client or BACKENDS[spec.backend].default_client
     from tokenrig.serve.remote import DECLARABLE
@@ -177,25 +176,23 @@ def cmd_loadtest(args) -> int:
 
 def _profiling(args):
     """The operator-profile request of a load test, refused at once where it cannot be taken."""
-    from tokenrig.loadgen.scenario import ScenarioError
-
     if args.profile_steps is None:
         if args.profile_dir:
-            raise ScenarioError("--profile-dir is for --profile-steps; add --profile-steps N")
+            raise UsageError("--profile-dir is for --profile-steps; add --profile-steps N")
         return None
     from tokenrig.breakdown.capture import profiled_backends
     from tokenrig.loadtest import ProfileOptions
 
     if args.profile_steps < 1:
-        raise ScenarioError("--profile-steps must be at least 1")
+        raise UsageError("--profile-steps must be at least 1")
     if args.find_max:
-        raise ScenarioError("--profile-steps: a profiled step's latencies carry the profiler's cost, so an SLO search "
+        raise UsageError("--profile-steps: a profiled step's latencies carry the profiler's cost, so an SLO search "
                             "would judge the profiler; profile a run of its own (--users N or --rate R)")
     if args.backend not in profiled_backends():
-        raise ScenarioError(f"--profile-steps: the {args.backend} backend has no kernels to trace; profiling works "
+        raise UsageError(f"--profile-steps: the {args.backend} backend has no kernels to trace; profiling works "
                             f"with {' and '.join(profiled_backends())}")
     if args.url and not args.profile_dir:
-        raise ScenarioError("--profile-steps with --url: name where that server writes its traces (--profile-dir DIR; "
+        raise UsageError("--profile-steps with --url: name where that server writes its traces (--profile-dir DIR; "
                             "vLLM: its --profiler-config torch_profiler_dir)")
     return ProfileOptions(args.profile_steps, args.profile_dir)
 

@@ -18,11 +18,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from tokenrig.errors import UserError
 from tokenrig.loadgen.records import FanoutSink, RequestRecord
 from tokenrig.monitor.discovery import TargetFile
 
 
-class ExporterPortError(OSError):
+class ExporterPortError(UserError, OSError):
     """The exporter's port cannot be bound (taken, or not allowed)."""
 
 # 1 ms .. 10 min, roughly 2.5x apart: resolves ITL milliseconds and minute-long E2E alike

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tokenrig.errors import UserError
 from tokenrig.serve.scrape import parse_metrics
 
 STREAM_TYPE = "text/event-stream"
@@ -35,7 +36,7 @@ CACHE_CONFIG_LABELS = {"num_gpu_blocks": int, "block_size": int, "kv_cache_size_
                        "gpu_memory_utilization": float}
 
 
-class RemoteError(Exception):
+class RemoteError(UserError):
     """The remote server cannot be load-tested as asked; the message names the fix."""
 
 
