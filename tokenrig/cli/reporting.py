@@ -24,7 +24,7 @@ def cmd_capacity(args) -> int:
 
     if not args.inputs and not args.backend:
         raise UsageError("give --from DIR (results of load tests, e.g. docs/results) or --backend to run the "
-                            "SLO searches here")
+                         "SLO searches here")
     if args.backend and not (args.gpu and args.model):
         raise UsageError("--backend runs a search for each --gpu and --model: give both")
     try:
@@ -103,7 +103,7 @@ def _shared(steps, attribute: str, flag: str | None = None, runs: str = "") -> s
         return values.pop()
     if flag:
         raise UsageError(f"{runs} differ in {attribute} ({', '.join(sorted(map(str, values)))}): say which "
-                            f"with {flag}")
+                         f"with {flag}")
     return None
 
 

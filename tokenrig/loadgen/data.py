@@ -53,7 +53,7 @@ def _synthetic_lengths(data: str) -> dict:
             raise UsageError(f"--data: {key} takes a number, not {value.strip()!r}") from None
         if number < 0 or (not key.endswith("_stdev") and (number < 1 or number != int(number))):
             raise UsageError(f"--data: {key} must be a whole number of tokens, 1 or more (a stdev: 0 or more), "
-                                f"not {value.strip()}")
+                             f"not {value.strip()}")
         given[key] = number
     fields = {}
     for length in LENGTHS:

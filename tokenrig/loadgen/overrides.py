@@ -62,16 +62,16 @@ def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | Non
     if rate == math.inf:  # the throughput mode: one saturating run
         if overrides.find_max or overrides.sweep:
             raise UsageError("--rate inf is the throughput mode, one run saturating the server: drop "
-                                f"{'--find-max' if overrides.find_max else '--sweep'}")
+                             f"{'--find-max' if overrides.find_max else '--sweep'}")
         if overrides.burstiness is not None:
             raise UsageError("--burstiness shapes open-loop arrivals; --rate inf sends as fast as the server takes "
-                                "requests: drop it")
+                             "requests: drop it")
         load = load.as_throughput()
         rate = None
     profile: LoadProfile = SingleRun()
     if overrides.find_max and overrides.sweep:
         raise UsageError("give --find-max (search for the highest rate within the SLOs) or --sweep (run the "
-                            "rates given), not both")
+                         "rates given), not both")
     if overrides.find_max:
         if not slos:
             raise UsageError("--find-max needs --slo, e.g. --slo ttft_p99=500ms,tpot_p99=50ms")
@@ -94,7 +94,7 @@ def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | Non
         load = load.as_open_loop(rate, overrides.arrival)
     if overrides.max_in_flight is not None and load.type == "concurrency":
         raise UsageError("--max-in-flight caps an open loop (--rate) or sets --rate inf's requests in flight; "
-                            "a closed loop has --users")
+                         "a closed loop has --users")
     updates = {k: v for k, v in {"duration_s": overrides.duration_s, "warmup_s": overrides.warmup_s,
                                  "burstiness": overrides.burstiness,
                                  "max_in_flight": overrides.max_in_flight}.items() if v is not None}
@@ -124,8 +124,8 @@ def _check_window(load: dict, overrides: LoadOverrides) -> None:
     duration_from = "--duration" if overrides.duration_s is not None else "the scenario's load.duration_s"
     warmup_from = "--warmup" if overrides.warmup_s is not None else "the scenario's load.warmup_s"
     raise UsageError(f"{duration_from} {duration:g} s leaves nothing to measure after the warm-up ({warmup_from} "
-                        f"{warmup:g} s) and cool-down (the scenario's load.cooldown_s {cooldown:g} s): give "
-                        f"--duration above {warmup + cooldown:g}, or a shorter --warmup")
+                     f"{warmup:g} s) and cool-down (the scenario's load.cooldown_s {cooldown:g} s): give "
+                     f"--duration above {warmup + cooldown:g}, or a shorter --warmup")
 
 
 def sweep_values(text: str) -> list[float]:
