@@ -167,7 +167,7 @@ def loadtest_plan(args):
     count = _choose_workers(args, scenario, run.profile, spec)
     fit = None if args.url else load_fit(spec)
     workers = None
-    if count and not args.dry_run:
+    if count and not args.dry_run:  # a dry run starts no worker
         local = count if args.local_workers is None else args.local_workers
         if not 0 <= local <= count:
             raise UsageError("--local-workers must be between 0 and --workers")
