@@ -295,11 +295,13 @@ def _counted_steps(steps: list[StepResult]) -> tuple[list[StepResult], list[str]
 
 
 def _bracket(steps: list[StepResult]) -> tuple[StepResult | None, StepResult | None]:
-    """The step at the lowest rate that missed, and the one at the highest rate that met below it."""
+    """The step at the lowest rate that missed, and the one at the highest rate that met below it; of a probe and a
+    full step at one rate, the full step (else the full step that judged a probe's rate again left the probe as the
+    bracket's end, and the search ran that full step again until its step limit)."""
     missed = [step for step in steps if not step.slo_met]
-    failing = min(missed, key=lambda step: step.load, default=None)
+    failing = min(missed, key=lambda step: (step.load, step.probe), default=None)
     met = [step for step in steps if step.slo_met and (failing is None or step.load < failing.load)]
-    return max(met, key=lambda step: step.load, default=None), failing
+    return max(met, key=lambda step: (step.load, not step.probe), default=None), failing
 
 
 def crossing(met: StepResult, missed: StepResult) -> float | None:
