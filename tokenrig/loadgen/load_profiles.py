@@ -342,10 +342,11 @@ def next_rate(steps: list[StepResult], precision: float) -> float:
 
 
 def open_loop_step(base: LoadPlanSpec, rate: float, duration_s: float, seed: int) -> LoadPlanSpec:
-    """`base` as an open loop at `rate` for `duration_s` (its arrival process kept when it has one)."""
+    """`base` as an open loop at `rate` for `duration_s` (its arrival process kept when it has one; a closed loop's
+    ramp of its users dropped)."""
     open_type = base.type if base.type in OPEN_LOOP_TYPES else "poisson"
     return LoadPlanSpec.model_validate({**base.model_dump(), "type": open_type, "rate": rate,
-                                        "stages": None, "trace": None, "duration_s": duration_s,
+                                        "stages": None, "trace": None, "duration_s": duration_s, "ramp_s": 0,
                                         "cooldown_s": min(base.cooldown_s, duration_s / 4), "seed": seed})
 
 
