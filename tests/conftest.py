@@ -55,8 +55,8 @@ def _per_session_state(tmp_path_factory):
     ninja = hashlib.sha1(str(shutil.which("ninja")).encode()).hexdigest()[:8]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch-extensions" / f"ninja-{ninja}"))
     # One thread per torch process: the suite runs two tests at a time on two cores, each with a server, the CLI or
-    # DeepSpeed ranks; torch's default of a thread per core spins its OpenMP barriers against the other processes
-    # (a tiny model's training step took 30 s on the loaded 2-core VM)
+    # two DeepSpeed ranks, where torch's default of a thread per core has each process's OpenMP threads wait on
+    # each other's time slices (the tiny models here gain nothing from a second thread)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     yield
 
