@@ -118,14 +118,9 @@ def test_calibration_recovers_the_known_roofline_and_predicts_an_unseen_gpu(know
 
 
 
-def test_capacity_answers_measured_and_projected_rows_cheapest_first(known_engine_runs, tmp_path):
-    out, table = tmp_path / "capacity.json", tmp_path / "capacity.csv"
-    # not the 300 ms the A800 search ran for: its steps are judged again from their records. Looser, so that its
-    # best full step (its probes are first looks, never answers) surely meets it
-    slo = "ttft_p90=350ms"
-    result = run_cli("capacity", "--from", *map(str, known_engine_runs.values()), "--gpu", "a800,l40s,h200",
-                     "--model", "7b", "--scenario", str(DATA / "capacity.yaml"), "--slo", slo, "--target-rps", "20",
-                     "--price", "l40s=1.00", "--out", str(out), "--csv", str(table), timeout=600)
+def test_capacity_answers_measured_and_projected_rows_cheapest_first(known_engine_runs, known_engine_capacity):
+    out, table, slo, result = (known_engine_capacity.json, known_engine_capacity.csv, known_engine_capacity.slo,
+                               known_engine_capacity.result)
     assert result.returncode == 0, result.stdout + result.stderr
     document = json.loads(out.read_text())
     rows = {row["gpu"]: row for row in document["rows"]}

@@ -42,14 +42,11 @@ def test_timeline_counts_each_second_from_the_records_and_scrapes():
 
 
 @needs_chromium
-def test_report_opens_in_headless_chromium_with_every_chart_drawn(known_engine_runs, tmp_path):
+def test_report_opens_in_headless_chromium_with_every_chart_drawn(known_engine_runs, known_engine_capacity, tmp_path):
     train = run_cli("train", "--steps", "2", "--warmup-steps", "1", "--profile-steps", "1",
                     "--results", str(tmp_path / "train"), timeout=300)
     assert train.returncode == 0, train.stdout + train.stderr
-    capacity = tmp_path / "capacity.json"
-    answered = run_cli("capacity", "--from", str(known_engine_runs["a800"]), "--gpu", "a800", "--model", "7b",
-                       "--scenario", str(DATA / "capacity.yaml"), "--slo", "ttft_p90=300ms", "--target-rps", "10",
-                       "--out", str(capacity))
+    answered, capacity = known_engine_capacity.result, known_engine_capacity.json  # measured and projected rows
     assert answered.returncode == 0, answered.stdout + answered.stderr
     out = tmp_path / "report.html"
     result = run_cli("report", str(known_engine_runs["rtx3090"]), str(known_engine_runs["a800"]), str(tmp_path / "train"),

@@ -306,8 +306,9 @@ def _probes_refuted(steps: list[StepResult]) -> bool:
 
 
 def _bracket(steps: list[StepResult]) -> tuple[StepResult | None, StepResult | None]:
-    """The step at the lowest rate that missed, and the one at the highest rate that met below it; at one rate a
-    full step's verdict before a probe's."""
+    """The step at the lowest rate that missed, and the one at the highest rate that met below it; of a probe and a
+    full step at one rate, the full step (else the full step that judged a probe's rate again left the probe as the
+    bracket's end, and the search ran that full step again until its step limit)."""
     missed = [step for step in steps if not step.slo_met]
     failing = min(missed, key=lambda step: (step.load, step.probe), default=None)
     met = [step for step in steps if step.slo_met and (failing is None or step.load < failing.load)]
