@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import DATA, run_cli, run_dir_of
+
 from tokenrig.breakdown.capture import profiled_backends, server_profile_args
 from tokenrig.breakdown.operators import classify_step, kind_of
 from tokenrig.breakdown.table import OperatorBreakdown, StepRow, breakdown
@@ -18,7 +18,7 @@ from tokenrig.capacity.operators import Batch, OperatorModel, Shapes, fit_operat
 from tokenrig.profiles import resolve_gpu, resolve_model
 
 # kernel names as vLLM 0.26 on Hopper launches them (cuBLAS nvjet GEMMs, FlashAttention 3, compiled elementwise)
-QKV, O, GATE_UP, DOWN = ("nvjet_tst_128x64_64x4_1x2_h_bz_coopA_NNT",) * 4
+QKV, O_PROJ, GATE_UP, DOWN = ("nvjet_tst_128x64_64x4_1x2_h_bz_coopA_NNT",) * 4
 ATTN = "void flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90<2, cute::tuple<cute::C<1>>, cutlass::bfloat16_t>>"
 NORM = "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0"
 ACT = "triton_poi_fused_mul_silu_slice_1"
@@ -28,7 +28,7 @@ SAMPLE = "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, 
 
 
 def _layer() -> list[str]:
-    return [NORM, QKV, ROPE, CACHE, ATTN, O, NORM, GATE_UP, ACT, DOWN]
+    return [NORM, QKV, ROPE, CACHE, ATTN, O_PROJ, NORM, GATE_UP, ACT, DOWN]
 
 
 def _step(names: list[str], composition=StepComposition(0, 0, 4, 4, 0, 0, 400)) -> ProfiledStep:
@@ -171,7 +171,8 @@ def test_operator_model_fit_recovers_its_parameters():
         per_class = {"attention_decode" if not prefill else "attention_mixed": times.pop("attention") * 1000}
         per_class.update({name: value * 1000 for name, value in times.items()})
         rows.append(StepRow(prefill_requests=1 if prefill else 0, prefill_tokens=prefill, decode_requests=decode,
-                            decode_tokens=decode, prefill_kv_tokens=prefill, prefill_attention_pairs=batch.prefill_attention_pairs,
+                            decode_tokens=decode, prefill_kv_tokens=prefill,
+                            prefill_attention_pairs=batch.prefill_attention_pairs,
                             decode_kv_tokens=batch.decode_kv_tokens, span_ms=sum(per_class.values()),
                             per_class_ms=per_class))
     profiled = OperatorBreakdown(source="generated", device="gpu", steps=len(rows), span_s=0, classes={}, by_kind={},

@@ -32,7 +32,8 @@ def test_two_workers_send_the_single_process_schedule_and_merge_exactly(tmp_path
     merged, summary = run(tmp_path / "two", "--workers", "2", "--seed", "7")
 
     # the same seeded schedule, each arrival sent exactly once by one of the workers
-    assert sorted(r.arrival_index for r in merged) == sorted(r.arrival_index for r in single) == list(range(len(single)))
+    arrivals = list(range(len(single)))
+    assert sorted(r.arrival_index for r in merged) == sorted(r.arrival_index for r in single) == arrivals
 
     def offsets(records):
         start = min(r.scheduled_at for r in records)

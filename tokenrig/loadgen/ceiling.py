@@ -105,8 +105,9 @@ def refusal(chunk_rate: float, processes: int, ceiling: Ceiling) -> str | None:
     if chunk_rate <= REFUSED_OVERLOAD * ceiling.chunks_per_s * processes:
         return None
     return (f"this plan streams about {chunk_rate:,.0f} chunks/s, over {REFUSED_OVERLOAD} times what {processes} "
-            f"load-generator process{'es time' if processes > 1 else ' times'} exactly ({ceiling.chunks_per_s:,} chunks/s "
-            f"each, {ceiling.source}); it needs --workers {workers_needed(chunk_rate, ceiling)} "
+            f"load-generator process{'es time' if processes > 1 else ' times'} exactly "
+            f"({ceiling.chunks_per_s:,} chunks/s each, {ceiling.source}); "
+            f"it needs --workers {workers_needed(chunk_rate, ceiling)} "
             f"(this machine has {free_cores()} free core(s))")
 
 

@@ -14,7 +14,10 @@ Workers: `--workers N` spawns N local worker processes; workers elsewhere run
 
 from __future__ import annotations
 
-import locust  # noqa: F401, I001  - first: gevent patches the standard library before anything else imports it
+# first: importing locust lets gevent patch the standard library before anything else imports it
+import locust  # noqa: F401
+
+# isort: split
 
 import argparse
 import contextlib

@@ -142,8 +142,8 @@ def markdown(rows: list[dict]) -> str:
     def pair(row, metric):
         return f"{number(row[f'{metric}_p50_ms'])} / {number(row[f'{metric}_p99_ms'])}"
 
-    lines = ["| config | load | window s | ok | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms | output tok/s "
-             "| req/s | server running mean / max |",
+    lines = ["| config | load | window s | ok | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms "
+             "| output tok/s | req/s | server running mean / max |",
              "|---|---|---:|---:|---|---|---|---:|---:|---|"]
     for row in rows:
         running = (f"{number(row['server_running_mean'])} / {number(row['server_running_max'], '.0f')}"

@@ -43,12 +43,15 @@ class ServerMetrics:
         if cache_config:  # as vLLM tells its KV cache (what `loadtest --url` records of a server)
             info = Gauge("vllm:cache_config_info", "KV-cache configuration", list(cache_config), registry=self.registry)
             info.labels(**{key: str(value) for key, value in cache_config.items()}).set(1)
-        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch", labels, registry=self.registry)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled", labels, registry=self.registry)
+        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch", labels,
+                             registry=self.registry)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled", labels,
+                             registry=self.registry)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full", labels, registry=self.registry)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed", labels, registry=self.registry)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens", labels, registry=self.registry)
-        self.success = Counter("vllm:request_success", "Finished requests", labels + ["finished_reason"], registry=self.registry)
+        self.success = Counter("vllm:request_success", "Finished requests", labels + ["finished_reason"],
+                               registry=self.registry)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", labels,
                               buckets=LATENCY_BUCKETS, registry=self.registry)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens", labels,
@@ -277,7 +280,8 @@ class OpenAIServer:
             sampling = _sampling(body, default_max=16)
             self._admit(prompt_ids, sampling)
         except BadRequest as error:
-            return web.json_response({"error": {"message": str(error), "type": "BadRequestError", "code": 400}}, status=400)
+            return web.json_response({"error": {"message": str(error), "type": "BadRequestError", "code": 400}},
+                                     status=400)
         except EngineUnavailable as error:
             return web.json_response({"error": {"message": str(error), "type": "ServiceUnavailable", "code": 503}},
                                      status=503)

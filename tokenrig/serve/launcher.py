@@ -94,7 +94,8 @@ class LaunchedServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.plan.env.items())
-        self.progress(f"starting {self.spec.backend} server: {env_text + ' ' if env_text else ''}{shlex.join(self.command)}")
+        env_prefix = env_text + " " if env_text else ""
+        self.progress(f"starting {self.spec.backend} server: {env_prefix}{shlex.join(self.command)}")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.plan.env)
         self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True, preexec_fn=_die_with_parent())

@@ -5,7 +5,8 @@ options class (`HfOptions`, `SimOptions`, `VllmOptions`, `SglangOptions`, `TgiOp
 themselves and say how tokenrig's server or the engine takes them (`to_args`). Which backends exist, and
 which options class each takes, is the registry's (serve/backends): `add_server_arguments` puts
 --backend with its choices and every backend's flags on a parser; `ServerSpec.from_args` builds the
-spec and refuses a flag that the chosen backend would not use. `Endpoint` is where a started server answers; `LaunchError` says why one cannot start.
+spec and refuses a flag that the chosen backend would not use. `Endpoint` is where a started server
+answers; `LaunchError` says why one cannot start.
 """
 
 from __future__ import annotations

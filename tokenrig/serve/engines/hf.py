@@ -65,7 +65,8 @@ class HFEngine:
         model.eval()
         if self.profiler:
             self.profiler.wrap(model)
-        generation_config = GenerationConfig(do_sample=False, eos_token_id=NO_EOS, pad_token_id=model.config.pad_token_id)
+        generation_config = GenerationConfig(do_sample=False, eos_token_id=NO_EOS,
+                                             pad_token_id=model.config.pad_token_id)
         batching = {"max_requests_per_batch": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
                     "default_compile_level": self.options.compile_level, "use_cuda_graph": self.options.cuda_graphs}
         if self.options.kv_padding_tokens:
