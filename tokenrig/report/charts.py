@@ -105,13 +105,13 @@ def timeline(tl: Timeline, windows: list[tuple[str, float, float]], title: str) 
     if server_rows:
         for key, colour in (("running", "#17becf"), ("waiting", "#ff7f0e")):
             if key in tl.server:
-                times, values = tl.server[key]
-                figure.add_trace(go.Scatter(x=times, y=values, name=f"server {key}", mode="lines+markers",
+                times, samples = tl.server[key]
+                figure.add_trace(go.Scatter(x=times, y=samples, name=f"server {key}", mode="lines+markers",
                                             marker={"size": 3}, line={"color": colour}), row=row, col=1)
         row += 1
     if has_kv:
-        times, values = tl.server["kv_cache_usage"]
-        figure.add_trace(go.Scatter(x=times, y=values, name="server KV usage", mode="lines+markers",
+        times, samples = tl.server["kv_cache_usage"]
+        figure.add_trace(go.Scatter(x=times, y=samples, name="server KV usage", mode="lines+markers",
                                     marker={"size": 3}, line={"color": "#8c564b"}), row=row, col=1)
         figure.update_yaxes(tickformat=".0%", row=row, col=1)
     if not figure.data:

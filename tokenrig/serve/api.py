@@ -13,6 +13,8 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -20,6 +22,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tokenizers import Tokenizer
 
 from tokenrig.serve.engines import Engine, GenerationRequest
+
+if TYPE_CHECKING:
+    from tokenrig.serve.engines.step_profiler import StepProfiler
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
@@ -73,7 +78,8 @@ class ServerMetrics:
         self.waiting.labels(self.model_name).set(load.waiting)
         if load.kv_cache_usage is not None:
             self.kv_usage.labels(self.model_name).set(load.kv_cache_usage)
-        if load.prefix_cache_queries is not None:  # engines report totals; counters take the increase
+        # engines report totals; counters take the increase
+        if load.prefix_cache_queries is not None and load.prefix_cache_hits is not None:
             queries, hits = self._prefix_seen
             self.prefix_queries.labels(self.model_name).inc(load.prefix_cache_queries - queries)
             self.prefix_hits.labels(self.model_name).inc(load.prefix_cache_hits - hits)
@@ -160,6 +166,8 @@ class OpenAIServer:
         self.eos_id = tokenizer.eos_token_id
         self.metrics = ServerMetrics(model_name, cache_config)
         self.ready = False
+        # the hf engine's step profiler, when profiling is on
+        self.profiler: StepProfiler | None = getattr(engine, "profiler", None)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024**2)
@@ -170,9 +178,9 @@ class OpenAIServer:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/generate", self.tgi_generate)
         app.router.add_post("/generate_stream", self.tgi_generate_stream)
-        if getattr(self.engine, "profiler", None) is not None:  # vLLM's routes, as vLLM has them: when profiling is on
-            app.router.add_post("/start_profile", self.start_profile)
-            app.router.add_post("/stop_profile", self.stop_profile)
+        if self.profiler is not None:  # vLLM's routes, as vLLM has them: when profiling is on
+            app.router.add_post("/start_profile", partial(self.start_profile, self.profiler))
+            app.router.add_post("/stop_profile", partial(self.stop_profile, self.profiler))
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -203,12 +211,12 @@ class OpenAIServer:
         self.metrics.observe_load(self.engine)
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def start_profile(self, _request: web.Request) -> web.Response:
-        self.engine.profiler.request_start()
+    async def start_profile(self, profiler: StepProfiler, _request: web.Request) -> web.Response:
+        profiler.request_start()
         return web.Response(status=200)
 
-    async def stop_profile(self, _request: web.Request) -> web.Response:
-        await asyncio.to_thread(self.engine.profiler.request_stop)  # writing the trace takes a while
+    async def stop_profile(self, profiler: StepProfiler, _request: web.Request) -> web.Response:
+        await asyncio.to_thread(profiler.request_stop)  # writing the trace takes a while
         return web.Response(status=200)
 
     # -- generation core ----------------------------------------------------------------------
@@ -367,7 +375,7 @@ class OpenAIServer:
         async for token_ids, finish in tokens:
             count += len(token_ids)
             text += detokenizer.add(token_ids) if token_ids else ""
-        result = {"generated_text": text}
+        result: dict[str, object] = {"generated_text": text}
         if parameters.get("details"):
             result["details"] = {"finish_reason": finish, "generated_tokens": count, "seed": None,
                                  "prefill": [], "tokens": []}

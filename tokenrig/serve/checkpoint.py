@@ -97,7 +97,7 @@ def tensor_layout(model: ModelProfile, dtype: torch.dtype,
     return layout
 
 
-def _packed_zero(quant: str) -> int:
+def _packed_zero(quant: str | None) -> int:
     """Every nibble the zero point of symmetric 4-bit: 8, which GPTQ's v1 format stores as 7."""
     nibble = 7 if quant == "gptq" else 8
     word = sum(nibble << (4 * i) for i in range(PACK))

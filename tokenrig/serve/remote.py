@@ -162,7 +162,7 @@ class RemoteServer:
         models = self.models(asked)
         if models is None:
             return asked or profile_key, {}
-        names = [entry.get("id") for entry in models]
+        names = [entry["id"] for entry in models if entry.get("id")]  # an entry without one cannot be asked for
         if asked is None:
             if profile_key in names:
                 asked = profile_key

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
 from tokenrig.serve.engines.sim import RooflineParams
@@ -118,6 +118,9 @@ class BackendOptions:
     def env(self) -> dict[str, str]:
         """Environment variables the engine reads these options from."""
         return {}
+
+
+OptionsT = TypeVar("OptionsT", bound=BackendOptions)
 
 
 @dataclass(frozen=True)
@@ -300,6 +303,13 @@ class ServerSpec:
                               f"{type(self.options).__name__}")
         self.options.validate()
 
+    def options_as(self, kind: type[OptionsT]) -> OptionsT:
+        """The backend's own options as `kind`, its options class (or BackendOptions for what every one has)."""
+        if not isinstance(self.options, kind):  # __post_init__ set them to the backend's class
+            raise TypeError(f"the {self.backend} backend's options are {type(self.options).__name__}, "
+                            f"not {kind.__name__}")
+        return self.options
+
     @classmethod
     def from_args(cls, args: argparse.Namespace, concurrency: int | None = None) -> ServerSpec:
         """The spec a parsed command line asks for (`concurrency`: the load's, when --concurrency is not given).
@@ -323,7 +333,7 @@ class ServerSpec:
         options: dict = {}
         for defaults in backend_options().values():
             options.update(dataclasses.asdict(defaults()))
-        options.update(dataclasses.asdict(self.options))
+        options.update(dataclasses.asdict(self.options_as(BackendOptions)))
         return {"backend": self.backend, "model": self.model.key, "gpu": self.gpu.key, "device": self.device,
                 "quant": self.quant, "attention": self.attention, "tp": self.tp, "max_model_len": self.max_model_len,
                 "concurrency": self.concurrency, "max_num_seqs": self.max_num_seqs,

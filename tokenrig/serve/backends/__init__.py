@@ -35,7 +35,7 @@ def dry_run_plan(spec: ServerSpec, port: int) -> LaunchPlan:
 def batch_limits(server: dict) -> BatchLimits:
     """The batch limits a run's recorded server (metadata.json's "server": backend, command) was launched with;
     none for a server tokenrig did not launch (--url) or a backend it no longer knows."""
-    backend = BACKENDS.get(server.get("backend"))
+    backend = BACKENDS.get(server.get("backend", ""))
     command = server.get("command")
     if backend is None or not command:
         return BatchLimits()

@@ -82,7 +82,8 @@ def engine_limits(spec: ServerSpec) -> tuple[FitPlan | None, int | None, int, in
     if fit:
         kv_tokens = paged_cache_tokens(fit, batch_tokens, spec.model.num_layers)
     if fit and resolve_attention(spec, ATTENTION, "sdpa") == "eager":
-        kv_span = min(kv_tokens, max_num_seqs * fit.max_model_len)  # the most KV one step can read
+        seqs = spec.max_num_seqs or fit.max_num_seqs
+        kv_span = min(kv_tokens, seqs * fit.max_model_len)  # the most KV one step can read
         budget = EAGER_HEADROOM_SHARE * (1 - spec.gpu_memory_utilization) * spec.gpu.memory_bytes
         fits = int(budget / (spec.model.num_heads * (kv_span + batch_tokens) * EAGER_SCORE_BYTES))
         batch_tokens = max(EAGER_MIN_STEP_TOKENS, min(batch_tokens, fits))
@@ -108,7 +109,8 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
     context = fit.max_model_len if fit else spec.max_model_len
     if context:
         command += ["--max-model-len", str(context)]
-    return LaunchPlan(command + spec.options.to_args() + spec.extra_args, env=allocator_env(spec.device), fit=fit)
+    return LaunchPlan(command + spec.options_as(HfOptions).to_args() + spec.extra_args,
+                      env=allocator_env(spec.device), fit=fit)
 
 
 def profile_args(trace_dir: Path, steps: int) -> list[str]:

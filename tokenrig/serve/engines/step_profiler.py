@@ -16,8 +16,12 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenrig.breakdown.trace import StepComposition
+
+if TYPE_CHECKING:
+    import torch
 
 
 def composition_of(kwargs: dict) -> StepComposition | None:
@@ -49,7 +53,7 @@ class StepProfiler:
         self.max_steps = max_steps
         self._lock = threading.Lock()
         self._requested = False
-        self._profiler = None
+        self._profiler: torch.profiler.profile | None = None
         self._steps = 0
         self.last_trace: Path | None = None
 
@@ -94,12 +98,16 @@ class StepProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self._profiler = torch.profiler.profile(activities=activities)
-        self._profiler.start()
-        self._steps = 0
+        profiler = torch.profiler.profile(activities=activities)
+        profiler.start()
+        self._profiler, self._steps = profiler, 0
 
     def _finish(self) -> None:
+        """Stop and write the trace (under the lock); a no-op once stopped: a forward that was under way when
+        request_stop finished the trace from another thread ends its step here too."""
         profiler, self._profiler, self._requested = self._profiler, None, False
+        if profiler is None:
+            return
         profiler.stop()
         self.trace_dir.mkdir(parents=True, exist_ok=True)
         path = self.trace_dir / f"hf-engine.{time.time_ns()}.pt.trace.json"
