@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tokenrig.cli.parser import add_server_args
+from tokenrig.errors import UsageError
 from tokenrig.serve.spec import ServerSpec
 
 
@@ -15,28 +16,28 @@ def cmd_capacity(args) -> int:
     from tokenrig.capacity.planner import CapacityPlanner, CapacityQuestion
     from tokenrig.capacity.table import render, write_csv
     from tokenrig.loadgen.load_profiles import FindMax
-    from tokenrig.loadgen.scenario import ScenarioError, load_scenario
+    from tokenrig.loadgen.scenario import load_scenario
     from tokenrig.profiles import resolve_gpu, resolve_model
     from tokenrig.report.rundir import write_json
     from tokenrig.report.slo import SloError, parse_slos
     from tokenrig.serve.fit import normalise_quant
 
     if not args.inputs and not args.backend:
-        raise ScenarioError("give --from DIR (results of load tests, e.g. docs/results) or --backend to run the "
-                            "SLO searches here")
+        raise UsageError("give --from DIR (results of load tests, e.g. docs/results) or --backend to run the "
+                         "SLO searches here")
     if args.backend and not (args.gpu and args.model):
-        raise ScenarioError("--backend runs a search for each --gpu and --model: give both")
+        raise UsageError("--backend runs a search for each --gpu and --model: give both")
     try:
         slos = parse_slos(args.slo)
     except SloError as error:
-        raise ScenarioError(str(error)) from None
+        raise UsageError(str(error)) from None
     prices = {}
     for item in args.price:
         gpu, _, usd = item.partition("=")
         try:
             prices[resolve_gpu(gpu).key] = float(usd)
         except ValueError:
-            raise ScenarioError(f"--price takes GPU=USD, e.g. h100-sxm=2.49, not {item!r}") from None
+            raise UsageError(f"--price takes GPU=USD, e.g. h100-sxm=2.49, not {item!r}") from None
     # what the command line names is checked before any run is read
     gpus = [resolve_gpu(name) for name in _names(args.gpu)] if args.gpu else None
     model = resolve_model(args.model) if args.model else None
@@ -59,7 +60,7 @@ def cmd_capacity(args) -> int:
     steps, searches = read_results(inputs, notes)
     if not steps:
         skipped = f" ({len(notes)} skipped: {notes[0]}{', ...' if len(notes) > 1 else ''})" if notes else ""
-        raise ScenarioError(f"no load-test runs capacity can use under {', '.join(map(str, inputs))}{skipped}")
+        raise UsageError(f"no load-test runs capacity can use under {', '.join(map(str, inputs))}{skipped}")
     print(f"capacity inputs: {len(steps)} measured steps, {len(searches)} --find-max runs"
           + (f"; {len(notes)} runs skipped (see the notes)" if notes else ""))
     # what the command line leaves out, the runs answer when they all agree: `--from RUN` sizes RUN's own setup
@@ -109,12 +110,10 @@ def _shared(steps, attribute: str) -> str | None:
 
 def _agreed(steps, attribute: str, flag: str, runs: str) -> str:
     """The value of `attribute` (dotted) every step shares; when they differ, an error asking for it with `flag`."""
-    from tokenrig.loadgen.scenario import ScenarioError
-
     values = _values(steps, attribute)
     if len(values) != 1:
-        raise ScenarioError(f"{runs} differ in {attribute} ({', '.join(sorted(map(str, values)))}): say which "
-                            f"with {flag}")
+        raise UsageError(f"{runs} differ in {attribute} ({', '.join(sorted(map(str, values)))}): say which "
+                         f"with {flag}")
     return values.pop()
 
 

@@ -213,7 +213,7 @@ class TGIStreamingUser(OpenAIStreamingUser):
         pass  # InferenceClient keeps no connection of its own to close
 
     def _send(self, prepared: PreparedRequest, result: StreamResult) -> None:
-        self.tgi.stream(self.inference_client, prepared.body, prepared.max_tokens, result)
+        self.tgi.stream(self.inference_client, prepared.text, prepared.max_tokens, result)
 
 
 USER_CLASSES = {"openai": OpenAIStreamingUser, "tgi": TGIStreamingUser}

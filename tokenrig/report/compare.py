@@ -14,11 +14,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from tokenrig.errors import UserError
 from tokenrig.report.console import failed_line
 from tokenrig.report.run_summary import Distribution, RunSummary, SummaryVersionError
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     pass
 
 

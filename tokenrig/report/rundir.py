@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 import tokenrig
+from tokenrig.errors import UserError
 from tokenrig.serve.backends import BACKENDS
 
 # the serving engines' packages (vllm, sglang) come from the backend registry
 PACKAGES = ("torch", "transformers", "locust", "tokenizers", "aiohttp", "prometheus-client", "deepspeed")
 
 
-class ResultsDirError(OSError):
+class ResultsDirError(UserError, OSError):
     """The results root cannot hold run directories (a file, unwritable, ...)."""
 
 

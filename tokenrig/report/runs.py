@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from tokenrig.errors import UserError
 from tokenrig.loadgen.records import RequestRecord, read_records
 from tokenrig.report.console import failed_line
 from tokenrig.report.run_summary import THROUGHPUT_MODE_NOTE, RunSummary, SummaryVersionError
@@ -48,7 +49,7 @@ def _jsonl(path: Path) -> list[dict]:
     return rows
 
 
-class NoRunsError(ValueError):
+class NoRunsError(UserError, ValueError):
     """A path given to the report is no directory, or nothing under the paths is a run."""
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenrig import exit_status
+from tokenrig.errors import UserError
 from tokenrig.profiles import GpuProfile, ModelProfile, gpu_profiles
 
 GROUP_SIZE = 128  # quantization group along the input dimension (GPTQ/AWQ default)
@@ -31,11 +33,14 @@ ACTIVATION_BYTES = 2  # bf16/fp16 activations
 LOGIT_BYTES = 4  # samplers upcast logits to fp32
 
 
-class FitError(ValueError):
-    """The model does not fit; the message says what would."""
+class FitError(UserError, ValueError):
+    """The model does not fit; the message says what would. A valid question whose answer is no."""
+
+    exit_code = exit_status.DOES_NOT_FIT
+    label = "does not fit"
 
 
-class UnknownQuantError(ValueError):
+class UnknownQuantError(UserError, ValueError):
     """A weight format tokenrig does not know: bad input, not a model that does not fit."""
 
 

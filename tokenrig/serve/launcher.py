@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tokenrig.serve import backends
 from tokenrig.serve.backends.base import LaunchPlan
+from tokenrig.serve.fit import FitPlan
 from tokenrig.serve.spec import Endpoint, LaunchError, ServerSpec
 
 
@@ -59,8 +60,9 @@ def _program_installed(command: list[str]) -> bool:
 
 class LaunchedServer:
     def __init__(self, spec: ServerSpec, log_path: Path, health_timeout_s: float = 900, progress=print,
-                 progress_every_s: float = 15):
+                 progress_every_s: float = 15, fit: FitPlan | None = None):
         self.spec = spec
+        self.fit = fit  # the spec's fit plan when planned already
         self.log_path = log_path
         self.health_timeout_s = health_timeout_s
         self.progress_every_s = progress_every_s
@@ -85,7 +87,7 @@ class LaunchedServer:
     def start(self) -> Endpoint:
         model_dir = backends.model_dir(self.spec, self.progress)
         port = self.spec.port or free_port(self.spec.host)
-        self.plan = plan = backends.launch_plan(self.spec, model_dir, port)
+        self.plan = plan = backends.launch_plan(self.spec, model_dir, port, self.fit)
         self.command = plan.command
         if not _program_installed(self.command):
             raise LaunchError(f"{self.command[0]} is not installed on this machine. "

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from tokenrig.errors import UserError
 from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
 from tokenrig.serve.engines.sim import RooflineParams
 from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, normalise_quant
@@ -24,7 +25,7 @@ from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, normalise_quant
 DEFAULT_CONCURRENCY = 16
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     pass
 
 

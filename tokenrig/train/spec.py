@@ -13,11 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tokenrig.errors import UserError
 from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
 from tokenrig.train.flops import LORA_DEFAULT_TARGETS, projection_shapes
 
 
-class TrainSpecError(ValueError):
+class TrainSpecError(UserError, ValueError):
     """Training settings that cannot run; the message says which field and what to do."""
 
 

@@ -29,9 +29,9 @@ import re
 import sys
 from pathlib import Path
 
-from tokenrig.serve.backends.base import Backend, LaunchPlan, plan_for, resolve_attention
+from tokenrig.serve.backends.base import Backend, BatchLimits, LaunchPlan, plan_for, resolve_attention
 from tokenrig.serve.backends.vllm import DTYPES, check_servable, model_dir, weights_problem
-from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION
+from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, FitPlan
 from tokenrig.serve.spec import ServerSpec, SglangOptions
 
 SGLANG_VERSION = "0.5.17"
@@ -60,9 +60,9 @@ METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
-def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
+def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | None = None) -> LaunchPlan:
     check_servable(spec)
-    fit = plan_for(spec)
+    fit = fit or plan_for(spec)
     attention = resolve_attention(spec, ATTENTION, None)
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir),
                "--served-model-name", spec.model.key, "--host", spec.host, "--port", str(port), "--enable-metrics",
@@ -87,7 +87,11 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
         env.update(NO_MULTICAST_ENV)
         notes.append("TP > 1: NVLink multicast off (no FlashInfer all-reduce fusion, custom all-reduce v1, "
                      "NCCL_NVLS_ENABLE=0, no multicast in torch symmetric memory); --nvls allows it")
-    return LaunchPlan(command + spec.extra_args, env=env, fit=fit, notes=notes)
+    limits = BatchLimits.known(max_num_seqs=spec.max_num_seqs or fit.max_num_seqs,
+                               max_batch_tokens=fit.prefill_chunk_tokens,
+                               gpu_memory_utilization=spec.gpu_memory_utilization
+                               if spec.gpu_memory_utilization != DEFAULT_GPU_MEMORY_UTILIZATION else None)
+    return LaunchPlan(command + spec.extra_args, env=env, fit=fit, notes=notes, batch_limits=limits)
 
 
 # Log lines of SGLang 0.5.17: model_executor/model_runner.py ("Load weight end. elapsed=%.2f s, type=%s,
