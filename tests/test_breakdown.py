@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import DATA, run_cli, run_dir_of
 
+from conftest import DATA, run_cli, run_dir_of
 from tokenrig.breakdown.capture import profiled_backends, server_profile_args
 from tokenrig.breakdown.operators import classify_step, kind_of
 from tokenrig.breakdown.table import OperatorBreakdown, StepRow, breakdown
@@ -100,6 +100,33 @@ def test_breakdown_sums_classes_and_idle():
     assert result.classes["norm"].time_s == pytest.approx(20e-6)
     assert sum(c.share for c in result.classes.values()) == pytest.approx(1.0)
     assert result.by_kind["decode"].mean_decode_kv_tokens == 400
+
+
+def test_a_stop_request_during_a_profiled_step_ends_the_trace_when_the_step_ends(tmp_path):
+    """/stop_profile (on another thread) while the engine runs a profiled forward: the forward ends, then the
+    trace is written, once (stopping torch's profiler under the open step annotation crashed the process)."""
+    import threading
+
+    import torch
+
+    from tokenrig.serve.engines.step_profiler import StepProfiler
+
+    profiler = StepProfiler(tmp_path, max_steps=5)
+
+    class Model:
+        def forward(self, hidden, **_batch):
+            stop = threading.Thread(target=profiler.request_stop)
+            stop.start()
+            stop.join()
+            return hidden * 2
+
+    model = Model()
+    profiler.wrap(model)
+    profiler.request_start()
+    output = model.forward(torch.ones(2), cu_seq_lens_q=torch.tensor([0, 1]), cu_seq_lens_k=torch.tensor([0, 8]))
+    assert output.tolist() == [2.0, 2.0]
+    assert model.forward(torch.ones(1)).tolist() == [2.0]  # stopped: later forwards are not profiled
+    assert [path.name for path in tmp_path.iterdir()] == [profiler.last_trace.name]
 
 
 def test_annotations_parse_in_both_of_vllms_forms():
