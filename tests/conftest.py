@@ -35,7 +35,8 @@ from tokenrig.serve.spec import ServerSpec
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 VLLM_0_26_PAGE = Path(__file__).resolve().parent / "fixtures" / "vllm-0.26.0-metrics.txt"
-# built from SGLang 0.5.17's metric definitions, not captured (its header says how: scripts/make_sglang_metrics_fixture.py)
+# built from SGLang 0.5.17's metric definitions, not captured
+# (its header says how: scripts/make_sglang_metrics_fixture.py)
 SGLANG_0_5_17_PAGE = Path(__file__).resolve().parent / "fixtures" / "sglang-0.5.17-metrics-under-load.txt"
 
 

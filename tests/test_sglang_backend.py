@@ -181,7 +181,8 @@ def test_a_missing_sglang_is_named_with_how_to_install_it(tmp_path):
     """`python -m sglang.launch_server` with no sglang importable here: refused before a process starts."""
     if importlib.util.find_spec("sglang") is not None:
         pytest.skip("sglang is installed here")
-    server = LaunchedServer(spec("sglang", model="tiny", gpu="h100-sxm"), tmp_path / "server.log", progress=lambda m: None)
+    server = LaunchedServer(spec("sglang", model="tiny", gpu="h100-sxm"), tmp_path / "server.log",
+                            progress=lambda m: None)
     with pytest.raises(LaunchError, match="is not installed on this machine.*pip install sglang==0.5.17"):
         server.start()
     assert server.process is None

@@ -50,6 +50,7 @@ def cmd_capacity(args) -> int:
 
         from tokenrig.capacity.searches import run_searches
 
+        assert gpus is not None and model is not None  # --backend without --gpu and --model was refused above
         defaults = vars(_capacity_server_defaults())
         specs = [ServerSpec.from_args(argparse.Namespace(**{**defaults, "backend": args.backend, "gpu": gpu.key,
                                                             "model": model.key, "quant": quant}))
@@ -64,8 +65,8 @@ def cmd_capacity(args) -> int:
           + (f"; {len(notes)} runs skipped (see the notes)" if notes else ""))
     # what the command line leaves out, the runs answer when they all agree: `--from RUN` sizes RUN's own setup
     runs = f"the runs under {', '.join(map(str, inputs))}"
-    gpus = gpus or [resolve_gpu(_shared(steps, "gpu", "--gpu GPU[,GPU...]", runs))]
-    model = model or resolve_model(_shared(steps, "model", "--model", runs))
+    gpus = gpus or [resolve_gpu(_agreed(steps, "gpu", "--gpu GPU[,GPU...]", runs))]
+    model = model or resolve_model(_agreed(steps, "model", "--model", runs))
     quants = quants or [_shared(steps, "quant") or "bf16"]
     if scenario is None:  # the runs' own scenario as they recorded it, which may be a file only their machine has
         name = _shared(steps, "scenario.name")
@@ -90,21 +91,30 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _shared(steps, attribute: str, flag: str | None = None, runs: str = "") -> str | None:
-    """The value of `attribute` (dotted) every step shares; when they differ, None, or with `flag` an error
-    asking for it."""
+def _values(steps, attribute: str) -> set:
+    """The values of `attribute` (dotted) over the steps."""
     values = set()
     for step in steps:
         value = step
         for name in attribute.split("."):
             value = getattr(value, name)
         values.add(value)
-    if len(values) == 1:
-        return values.pop()
-    if flag:
+    return values
+
+
+def _shared(steps, attribute: str) -> str | None:
+    """The value of `attribute` (dotted) every step shares; None when they differ."""
+    values = _values(steps, attribute)
+    return values.pop() if len(values) == 1 else None
+
+
+def _agreed(steps, attribute: str, flag: str, runs: str) -> str:
+    """The value of `attribute` (dotted) every step shares; when they differ, an error asking for it with `flag`."""
+    values = _values(steps, attribute)
+    if len(values) != 1:
         raise UsageError(f"{runs} differ in {attribute} ({', '.join(sorted(map(str, values)))}): say which "
                          f"with {flag}")
-    return None
+    return values.pop()
 
 
 def _capacity_server_defaults() -> argparse.Namespace:

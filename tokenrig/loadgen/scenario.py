@@ -17,6 +17,7 @@ import math
 import random
 import secrets
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -39,6 +40,7 @@ def column_values(path: str, column: str) -> tuple[float, ...]:
     if not file.exists():
         raise ValueError(f"file {file} does not exist")
     with file.open(newline="") as handle:
+        rows: Iterable[dict]
         if file.suffix == ".jsonl":
             rows = (json.loads(line) for line in handle if line.strip())
         else:

@@ -21,12 +21,26 @@ from dataclasses import dataclass, field
 from tokenizers import Tokenizer
 
 from tokenrig.loadgen.plan import TraceRow
-from tokenrig.loadgen.scenario import FilePrompt, RequestClass, Scenario, SharedPrefix, ShareGptPrompt
+from tokenrig.loadgen.scenario import (
+    FilePrompt,
+    LengthDist,
+    RequestClass,
+    Scenario,
+    SharedPrefix,
+    ShareGptPrompt,
+)
 from tokenrig.serve.tokenizer import content_words
 
 API_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 # chat template and special tokens add a few tokens around each message
 TEMPLATE_MARGIN = 8
+
+
+def _sample(lengths: LengthDist | None, rng: random.Random, request_class: RequestClass) -> int:
+    """A token length from the class's distribution, which the scenario's validation requires wherever one is drawn."""
+    if lengths is None:
+        raise ValueError(f"request class {request_class.name!r} has no token length distribution to draw from")
+    return lengths.sample(rng)
 
 
 @dataclass
@@ -68,7 +82,11 @@ class PreparedRequest:
     @property
     def text(self) -> str:
         """The request as one text (what TGI takes): the prompt, or the messages' contents one a line."""
-        return "\n".join(m["content"] for m in self.messages) if self.messages is not None else self.prompt
+        if self.messages is not None:
+            return "\n".join(m["content"] for m in self.messages)
+        if self.prompt is None:
+            raise ValueError("a prepared request holds chat messages or a completions prompt, and this has neither")
+        return self.prompt
 
 
 class PrefixPool:
@@ -132,12 +150,12 @@ class Workload:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def data_prompt(self, request_class: RequestClass, rng: random.Random) -> tuple[str, int]:
-        """A prompt from a prompt file or a ShareGPT file, and its output length: the class's distribution, else
-        (ShareGPT) the tokens of the reply the conversation had, counted once a run."""
-        source = request_class.prompt
+    def data_prompt(self, request_class: RequestClass, source: FilePrompt | ShareGptPrompt,
+                    rng: random.Random) -> tuple[str, int]:
+        """A prompt from the class's prompt file or ShareGPT file `source`, and its output length: the class's
+        distribution, else (ShareGPT) the tokens of the reply the conversation had, counted once a run."""
         if isinstance(source, FilePrompt):
-            return rng.choice(source.prompts()), request_class.output_tokens.sample(rng)
+            return rng.choice(source.prompts()), _sample(request_class.output_tokens, rng, request_class)
         pairs = source.pairs()
         index = rng.randrange(len(pairs))
         prompt, reply = pairs[index]
@@ -207,7 +225,7 @@ class Dialogue:
             words, prefix_id, reused = self._trace_prompt(row, new_tokens)
             text = " ".join(words)
         elif isinstance(request_class.prompt, (FilePrompt, ShareGptPrompt)):
-            text, output_tokens = workload.data_prompt(request_class, rng)
+            text, output_tokens = workload.data_prompt(request_class, request_class.prompt, rng)
             new_tokens = workload.count_tokens(text)
             if self.turn == 0:
                 fitted, output_tokens = workload.fit(new_tokens, output_tokens)
@@ -215,8 +233,8 @@ class Dialogue:
                     text = " ".join(text.split()[:fitted])
                     new_tokens = workload.count_tokens(text)
         else:
-            new_tokens = request_class.input_tokens.sample(rng)
-            output_tokens = request_class.output_tokens.sample(rng)
+            new_tokens = _sample(request_class.input_tokens, rng, request_class)
+            output_tokens = _sample(request_class.output_tokens, rng, request_class)
             if self.turn == 0:
                 new_tokens, output_tokens = workload.fit(len(prefix_words) + new_tokens, output_tokens)
                 new_tokens -= len(prefix_words)

@@ -85,7 +85,8 @@ class LoadgenMetrics:
         self.label_values = [labels[name] for name in RUN_LABELS]
 
         def histogram(name, doc):
-            return Histogram(name, doc, names, buckets=LATENCY_BUCKETS, registry=self.registry).labels(*self.label_values)
+            family = Histogram(name, doc, names, buckets=LATENCY_BUCKETS, registry=self.registry)
+            return family.labels(*self.label_values)
 
         self.ttft = histogram("tokenrig_request_ttft_seconds", "Time to first token, from the scheduled send time")
         self.itl = BulkHistogram("tokenrig_request_itl_seconds", "Inter-token latency, one observation per token",

@@ -20,9 +20,9 @@ from pathlib import Path
 from tokenrig.report import charts, timeline
 from tokenrig.report.compare import run_row, server_label
 from tokenrig.report.console import extra_slo_columns, loadgen_note, slo_value
+from tokenrig.report.run_summary import RunSummary
 from tokenrig.report.runs import LoadRun, LoadStep, NoRunsError, Runs, TrainRun, find_runs
 from tokenrig.report.slo import recorded_slos
-from tokenrig.report.run_summary import RunSummary
 from tokenrig.report.summary import MAX_HEALTHY_LAG_S
 
 STYLE = """
@@ -151,7 +151,8 @@ def _configuration(page: Page, run: LoadRun) -> None:
                                                            f"{(scenario.get('description') or '').strip()}"],
             ["SLOs", ", ".join(metadata.get("slos") or []) or "none"],
             ["command", shlex.join(server["command"]) if server.get("command") else server.get("url", "–")],
-            ["host", f"{metadata.get('host', '?')} ({metadata.get('platform', '?')}, {metadata.get('cpu_count', '?')} CPUs)"],
+            ["host", f"{metadata.get('host', '?')} "
+                     f"({metadata.get('platform', '?')}, {metadata.get('cpu_count', '?')} CPUs)"],
             ["versions", versions], ["git", metadata.get("git_sha") or "–"],
             ["started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(metadata["created_unix"]))
              if metadata.get("created_unix") else "–"]]
@@ -290,7 +291,8 @@ def _capacity(page: Page, document: dict) -> None:
     q = document["question"]
     page.section("capacity", f"capacity: {q['model']}, scenario {q['scenario']}")
     slos = ", ".join(f"{name} ≤ {seconds * 1000:g} ms" for name, seconds in q["slos"].items())
-    target = f"{q['target_rps']:g} req/s, headroom {q['headroom']:.0%}" if q["target_rps"] is not None else "one replica"
+    target = (f"{q['target_rps']:g} req/s, headroom {q['headroom']:.0%}" if q["target_rps"] is not None
+              else "one replica")
     page.text(f"SLOs {slos}; sized for {target}. Measured rows come from --find-max runs; projected rows from the "
               "engine's calibrated roofline, ± its worst held-out error.")
     page.table(["GPU", "weights", "engine", "TP", "source", "goodput req/s", "band", "out tok/s", "replicas", "GPUs",

@@ -122,7 +122,7 @@ class LoadRun:
 class TrainRun:
     path: Path
     metadata: dict
-    summary: RunSummary | None
+    summary: dict | None  # the training summary.json as written (train/summary.py), not a load step's RunSummary
     steps: list[dict]
     breakdown: dict | None
 
@@ -175,7 +175,10 @@ def find_runs(paths: list[Path], progress=print) -> Runs:
                 continue
             progress(f"reading {metadata_path.parent}")
             run = read_run(metadata_path.parent, metadata, progress)
-            (runs.train if isinstance(run, TrainRun) else runs.load).append(run)
+            if isinstance(run, TrainRun):
+                runs.train.append(run)
+            else:
+                runs.load.append(run)
             found += 1
         if not found:
             runs.skipped.append(f"{path}: no load-test or training run (metadata.json) under it")

@@ -170,8 +170,9 @@ class FitPlan:
 
     def describe(self) -> str:
         gb = 1e9
-        return (f"{self.model} {self.quant} on {self.tp} x {self.gpu}: per GPU {self.usable_bytes / gb:.1f} GB usable = "
-                f"weights {self.weight_bytes / gb:.1f} + activations {self.activation_bytes / gb:.1f} + runtime "
+        return (f"{self.model} {self.quant} on {self.tp} x {self.gpu}: "
+                f"per GPU {self.usable_bytes / gb:.1f} GB usable = weights {self.weight_bytes / gb:.1f} "
+                f"+ activations {self.activation_bytes / gb:.1f} + runtime "
                 f"{self.reserve_bytes / gb:.1f} + KV {self.kv_budget_bytes / gb:.1f} GB "
                 f"({self.kv_capacity_tokens} tokens, {self.full_context_sequences()} sequences of "
                 f"{self.context_tokens}); the engine pages its KV cache and needs room for "

@@ -170,7 +170,7 @@ class RemoteServer:
         models = self.models(asked)
         if models is None:
             return asked or profile_key, {}
-        names = [entry.get("id") for entry in models]
+        names = [entry["id"] for entry in models if entry.get("id")]  # an entry without one cannot be asked for
         if asked is None:
             if profile_key in names:
                 asked = profile_key
@@ -224,7 +224,8 @@ class RemoteServer:
                 raise RemoteError(f"{self.base_url}{path}: HTTP 404 for model {model!r} ({detail}): pass the served "
                                   "name with --served-model, or check --url") from None
             if error.code == 429 or error.code >= 500:
-                return f"the test request to {self.base_url}{path} got HTTP {error.code} ({detail}); load testing anyway"
+                return (f"the test request to {self.base_url}{path} got HTTP {error.code} ({detail}); "
+                        "load testing anyway")
             raise RemoteError(f"{self.base_url}{path}: HTTP {error.code} to a test request ({detail})") from None
         return None
 

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 from pydantic import BaseModel, ConfigDict
 
@@ -100,6 +101,10 @@ def _flag_value(command: list[str], names: tuple[str, ...]) -> int | None:
     return None
 
 
+@overload
+def resolve_attention(spec: ServerSpec, choices: dict[str, str], default: str) -> str: ...
+@overload
+def resolve_attention(spec: ServerSpec, choices: dict[str, str], default: None) -> str | None: ...
 def resolve_attention(spec: ServerSpec, choices: dict[str, str], default: str | None) -> str | None:
     """The backend's own name for the requested attention ('flash'/'noflash' are portable aliases)."""
     if spec.attention is None:

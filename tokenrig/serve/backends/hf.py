@@ -12,8 +12,14 @@ import os
 from pathlib import Path
 
 from tokenrig.serve.backends import vllm
-from tokenrig.serve.backends.base import (Backend, BatchLimits, LaunchPlan, plan_for, resolve_attention,
-                                          tokenrig_server_command)
+from tokenrig.serve.backends.base import (
+    Backend,
+    BatchLimits,
+    LaunchPlan,
+    plan_for,
+    resolve_attention,
+    tokenrig_server_command,
+)
 from tokenrig.serve.checkpoint import checkpoint_dir, is_complete, make_checkpoint
 from tokenrig.serve.fit import FitPlan
 from tokenrig.serve.spec import HfOptions, LaunchError, ServerSpec
@@ -84,7 +90,8 @@ def engine_limits(spec: ServerSpec, fit: FitPlan | None = None) -> tuple[FitPlan
     if fit:
         kv_tokens = paged_cache_tokens(fit, batch_tokens, spec.model.num_layers)
     if fit and resolve_attention(spec, ATTENTION, "sdpa") == "eager":
-        kv_span = min(kv_tokens, max_num_seqs * fit.max_model_len)  # the most KV one step can read
+        seqs = spec.max_num_seqs or fit.max_num_seqs
+        kv_span = min(kv_tokens, seqs * fit.max_model_len)  # the most KV one step can read
         budget = EAGER_HEADROOM_SHARE * (1 - spec.gpu_memory_utilization) * spec.gpu.memory_bytes
         fits = int(budget / (spec.model.num_heads * (kv_span + batch_tokens) * EAGER_SCORE_BYTES))
         batch_tokens = max(EAGER_MIN_STEP_TOKENS, min(batch_tokens, fits))
@@ -111,8 +118,8 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | Non
     if context:
         command += ["--max-model-len", str(context)]
     limits = BatchLimits.known(max_num_seqs=max_num_seqs, max_batch_tokens=batch_tokens, kv_cache_tokens=kv_tokens)
-    return LaunchPlan(command + spec.options.to_args() + spec.extra_args, env=allocator_env(spec.device), fit=fit,
-                      batch_limits=limits)
+    return LaunchPlan(command + spec.options_as(HfOptions).to_args() + spec.extra_args,
+                      env=allocator_env(spec.device), fit=fit, batch_limits=limits)
 
 
 def profile_args(trace_dir: Path, steps: int) -> list[str]:

@@ -44,7 +44,7 @@ NO_MULTICAST_FLAGS = ["--enforce-disable-flashinfer-allreduce-fusion"]
 # prefix-cache lookup counter: every prompt token is looked up in the radix cache, so the queries are its
 # prompt tokens and the hits its cached tokens (both counted as each request finishes). Preemptions are
 # SGLang's retractions.
-METRICS = {
+METRICS: dict[str, tuple[str, ...]] = {
     "running": ("sglang:num_running_reqs",),
     "waiting": ("sglang:num_queue_reqs",),
     "kv_cache_usage": ("sglang:token_usage",),
@@ -80,9 +80,9 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | Non
         command += ["--quantization", QUANTIZATION[spec.quant]]
     if attention:
         command += ["--attention-backend", attention]
-    command += spec.options.to_args()
+    command += spec.options_as(SglangOptions).to_args()
     env: dict[str, str] = {}
-    if fit.tp > 1 and not spec.options.nvls:
+    if fit.tp > 1 and not spec.options_as(SglangOptions).nvls:
         command += NO_MULTICAST_FLAGS
         env.update(NO_MULTICAST_ENV)
         notes.append("TP > 1: NVLink multicast off (no FlashInfer all-reduce fusion, custom all-reduce v1, "
@@ -138,7 +138,7 @@ def check_served(spec: ServerSpec, plan: LaunchPlan, facts: dict) -> str | None:
     if problem:
         return problem
     multicast = facts.get("multicast")
-    if multicast and plan.fit is not None and plan.fit.tp > 1 and not spec.options.nvls:
+    if multicast and plan.fit is not None and plan.fit.tp > 1 and not spec.options_as(SglangOptions).nvls:
         return (f"SGLang resolved {', '.join(multicast)}, which can use NVLink multicast, though tokenrig turned it "
                 "off; stopped (--nvls allows multicast)")
     return None

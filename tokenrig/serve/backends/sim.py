@@ -25,7 +25,7 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | Non
         raise LaunchError("the sim backend models one attention cost; drop --attention")
     # the roofline engine holds the model's weights and KV cache in the GPU profile's memory: without --tp it
     # takes the smallest TP the fit planner finds (llama2-70b bf16 on h100-sxm: 2), as a GPU backend does
-    fit = fit or (None if spec.options.fixed_schedule or spec.tp else plan_for(spec))
+    fit = fit or (None if spec.options_as(SimOptions).fixed_schedule or spec.tp else plan_for(spec))
     tp = spec.tp or (fit.tp if fit else 1)
     command = tokenrig_server_command("sim", spec, model_dir, port) + ["--quant", spec.quant, "--tp", str(tp)]
     if spec.max_num_seqs:
@@ -35,7 +35,8 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | Non
     if spec.gpu_memory_utilization != DEFAULT_GPU_MEMORY_UTILIZATION:
         command += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
     limits = BatchLimits.known(max_num_seqs=spec.max_num_seqs)  # else the engine's own default
-    return LaunchPlan(command + spec.options.to_args() + spec.extra_args, env={}, fit=fit, batch_limits=limits)
+    return LaunchPlan(command + spec.options_as(SimOptions).to_args() + spec.extra_args, env={}, fit=fit,
+                      batch_limits=limits)
 
 
 BACKEND = Backend(

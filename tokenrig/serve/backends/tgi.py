@@ -28,7 +28,7 @@ ATTENTION = {"flashinfer": "flashinfer", "flashdecoding": "flashdecoding", "page
 QUANTIZE = {"gptq": "gptq", "awq": "awq", "int8": "eetq", "fp8": "fp8"}  # eetq, fp8: quantized at load
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 MIN_CONCURRENT_REQUESTS = 128  # TGI's default; more would only queue in the router
-METRICS = {"running": ("tgi_batch_current_size",), "waiting": ("tgi_queue_size",),
+METRICS: dict[str, tuple[str, ...]] = {"running": ("tgi_batch_current_size",), "waiting": ("tgi_queue_size",),
            "batch_tokens": ("tgi_batch_current_max_tokens",)}
 
 
@@ -70,7 +70,7 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | Non
     attention = resolve_attention(spec, ATTENTION, None)
     if attention:
         env["ATTENTION"] = attention
-    env.update(spec.options.env())
+    env.update(spec.options_as(TgiOptions).env())
     command = ["text-generation-launcher", *server_args(spec, fit, str(model_dir)),
                "--hostname", spec.host, "--port", str(port)] + spec.extra_args
     docker = ["docker", "run", "--gpus", "all", "--shm-size", "1g", "-p", f"{port}:80",

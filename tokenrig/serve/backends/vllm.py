@@ -104,10 +104,10 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | Non
         command += ["--quantization", QUANTIZATION[spec.quant]]
     if attention:
         command += ["--attention-backend", attention]
-    command += spec.options.to_args()
+    command += spec.options_as(VllmOptions).to_args()
     env: dict[str, str] = {}
     notes = [f"flags checked against vLLM {VLLM_VERSION}"]
-    if fit.tp > 1 and not spec.options.nvls:
+    if fit.tp > 1 and not spec.options_as(VllmOptions).nvls:
         command += ["--compilation-config", json.dumps(NO_MULTICAST_COMPILATION, separators=(",", ":"))]
         env.update(NO_MULTICAST_ENV)
         notes.append("TP > 1: NVLink multicast off (no FlashInfer all-reduce fusion, no symmetric-memory "
@@ -155,7 +155,7 @@ def check_served(spec: ServerSpec, plan: LaunchPlan, facts: dict) -> str | None:
     if problem:
         return problem
     multicast = sorted(set(facts.get("allreduce_backends", ())) & set(MULTICAST_ALLREDUCE))
-    if multicast and not spec.options.nvls:
+    if multicast and not spec.options_as(VllmOptions).nvls:
         return (f"vLLM uses the all-reduce backends {', '.join(multicast)}, which can use NVLink multicast, "
                 "though tokenrig turned them off; stopped (--nvls allows multicast)")
     return None
