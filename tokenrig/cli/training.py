@@ -21,13 +21,18 @@ def cmd_train(args) -> int:
 
         matrix = load_matrix(args.matrix)
         only = [int(n) for n in args.runs.split(",")] if args.runs else None
-        if args.dry_run or args.fit:
+        if args.fit:  # each run's fit, and why a run cannot run at all
             from tokenrig.train.fit import fit_report
+            from tokenrig.train.matrix import expand_each
 
-            for number, spec in enumerate(expand(matrix, given), start=1):
+            for number, spec in enumerate(expand_each(matrix, given), start=1):
                 if not only or number in only:
-                    lines = fit_report(spec) if args.fit else [spec.label()]
+                    lines = [f"cannot run: {spec}"] if isinstance(spec, Exception) else fit_report(spec)
                     print(f"{number}: " + "\n    ".join(lines))
+            return 0
+        if args.dry_run:
+            for spec in expand(matrix, given):
+                print(spec.label())
             return 0
         from tokenrig.train.matrix import available_gpus
 

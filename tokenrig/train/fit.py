@@ -88,7 +88,8 @@ def plan_training_fit(spec: TrainSpec, moment_bytes: int = 8) -> TrainFit:
     host = 0.0
     if spec.offload in ("optimizer", "params"):
         bucket = spec.bucket_size or (ZERO12_BUCKET_SIZE if spec.zero < 3 else model.hidden_size ** 2)
-        host, optimizer, step, gradients = optimizer + 4 * trained / optimizer_shards, 0.0, 0.0, 2 * 2 * bucket
+        host, optimizer, step = optimizer + 4 * trained / optimizer_shards, 0.0, 0.0
+        gradients = 2 * 2 * min(bucket, trained)
     if spec.offload == "params":
         host, weights = host + weights, 0.0
     return TrainFit(label=spec.label(), gpu_state_bytes=frozen + weights + gradients + optimizer, step_bytes=step,

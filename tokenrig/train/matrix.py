@@ -47,18 +47,27 @@ def find_matrix(name_or_path: str) -> Path:
 
 def expand(matrix: MatrixFile, overrides: dict | None = None) -> list[TrainSpec]:
     """The matrix's TrainSpecs; `overrides` (e.g. from the command line) apply to every run."""
+    specs = expand_each(matrix, overrides)
+    for spec in specs:
+        if isinstance(spec, TrainSpecError):
+            raise spec
+    return specs
+
+
+def expand_each(matrix: MatrixFile, overrides: dict | None = None) -> list[TrainSpec | TrainSpecError]:
+    """Each run's TrainSpec, or the error that says why its settings cannot run (e.g. QLoRA on CPU)."""
     entries = [dict(run) for run in matrix.runs]
     if matrix.grid:
         keys = list(matrix.grid)
         entries += [dict(zip(keys, values)) for values in itertools.product(*(matrix.grid[k] for k in keys))]
     if not entries:
         entries = [{}]
-    specs = []
+    specs: list[TrainSpec | TrainSpecError] = []
     for index, entry in enumerate(entries, start=1):
         try:
             specs.append(make_spec(**{**matrix.base, **entry, **(overrides or {})}))
         except TrainSpecError as error:
-            raise TrainSpecError(f"matrix {matrix.name!r}, run {index} ({entry}): {error}") from None
+            specs.append(TrainSpecError(f"matrix {matrix.name!r}, run {index} ({entry}): {error}"))
     return specs
 
 
