@@ -24,9 +24,9 @@
 #   EXTRA     overrides for every run, e.g. the CPU rehearsal below
 # Ctrl-C or SIGTERM stops the run in progress the way Ctrl-C stops `tokenrig train` (its measured steps kept),
 # starts nothing more, and still writes the comparison and results.tgz.
-# Rehearse on CPU (tiny model, a few steps):
-#   EXTRA="--gpu cpu --model tiny --seq-len 128 --warmup-steps 1 --steps 2 --profile-steps 0" MIN_S=5 \
-#     OUT=/tmp/o RES=/tmp/r bash docs/results/train_mfu_campaign.sh
+# Rehearse on CPU (tiny model, one step after one warm-up, no accumulation, so every run takes seconds):
+#   EXTRA="--gpu cpu --model tiny --seq-len 128 --warmup-steps 1 --steps 1 --profile-steps 0 --grad-accum 1" \
+#     MIN_S=5 OUT=/tmp/o RES=/tmp/r bash docs/results/train_mfu_campaign.sh
 set -u
 PY=${PY:-python3}
 BUDGET_S=${BUDGET_S:-1500} MIN_S=${MIN_S:-150}
@@ -39,14 +39,8 @@ START=$SECONDS
 DEADLINE=$((START + BUDGET_S))
 mkdir -p "$RES" "$OUT"
 log() { echo "$(date +%T) +$((SECONDS - START))s $*" | tee -a "$OUT/progress.log"; }
-if [ -n "${WHEELS:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-$PY -c "import tokenrig.train.session, tokenrig.train.worker, deepspeed" 2> "$OUT/import-error.txt" \
-  || { echo "tokenrig train does not import:"; tail -5 "$OUT/import-error.txt"; exit 3; }
-rm -f "$OUT/import-error.txt"
+# shellcheck source=train_setup.sh
+. "$(dirname "$0")/train_setup.sh"
 if [ -z "${GPU:-}" ]; then
   case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -1)" in
     *H200*) GPU=h200 ;; *H100*) GPU=h100-sxm ;; "") GPU=cpu ;;
@@ -89,12 +83,12 @@ print(next((r['tokens_per_s'] for r in runs if r.get('status') == 'ok' and r.get
 }
 
 RC=0
-run() {  # NAME FLAGS...: one `tokenrig train` into $RES/NAME, stopped like Ctrl-C when the budget ends
+run() {  # NAME FLAGS...: one `tokenrig train` into $RES/NAME, stopped like Ctrl-C when the budget ends; 1 if not run
   local name=$1 left=$((DEADLINE - SECONDS))
   shift
-  if [ "$STOP" = 1 ]; then RC=130; return; fi
+  if [ "$STOP" = 1 ]; then return 1; fi
   if [ "$left" -lt "$MIN_S" ]; then
-    log "NOT RUN $name: ${left}s left, needs ${MIN_S}s" | tee -a "$OUT/not-run.txt"; RC=124; return
+    log "NOT RUN $name: ${left}s left, needs ${MIN_S}s" | tee -a "$OUT/not-run.txt"; return 1
   fi
   log "START $name: tokenrig train $* $EXTRA (stopped after $((left - 10)) s)"
   # shellcheck disable=SC2086
@@ -114,17 +108,17 @@ run() {  # NAME FLAGS...: one `tokenrig train` into $RES/NAME, stopped like Ctrl
 BASE=(--model llama2-7b --mode pretrain --zero 2 --micro-batch 1 --seq-len 2048 --grad-accum 8 --attention sdpa
       --warmup-steps 2 --steps 5 --profile-steps 1)
 KEPT=() BEST=0 BATCH=()
-rung() {  # NAME FLAGS...
+rung() {  # NAME FLAGS...: returns 0 if the rung beat the best so far
   local name=$1 got
   shift
-  run "$name" --gpu "$GPU" "${BASE[@]}" "${KEPT[@]}" "${BATCH[@]}" "$@"
+  run "$name" --gpu "$GPU" "${BASE[@]}" "${KEPT[@]}" "${BATCH[@]}" "$@" || return 1
   got=$(tokens_per_s "$RES/$name")
   if awk "BEGIN {exit !($got > $BEST)}"; then
     echo "$name: $got tok/s, kept: ${KEPT[*]} ${BATCH[*]} $*" >> "$OUT/ladder.txt"
     BEST=$got
     return 0
   fi
-  echo "$name: $got tok/s, not kept (best $BEST): $*" >> "$OUT/ladder.txt"
+  echo "$name: $got tok/s (exit $RC), not kept (best $BEST): $*" >> "$OUT/ladder.txt"
   return 1
 }
 
@@ -154,7 +148,7 @@ else
   $PY -m tokenrig.cli train --gpu "$GPU" "${BASE[@]}" $EXTRA --fit | tee -a "$OUT/not-run.txt"
 fi
 
-if [ -n "$MATRIX" ]; then
+if [ -n "$MATRIX" ] && [ "$STOP" = 0 ]; then
   numbers=$($PY -m tokenrig.cli train --matrix "$MATRIX" --gpu "$GPU" $EXTRA --fit | grep -E '^[0-9]+: .*: fits \(' \
             | cut -d: -f1 | tr '\n' ' ')
   log "matrix $MATRIX on $GPU: runs that fit: ${numbers:-none}"
