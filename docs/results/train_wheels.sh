@@ -10,7 +10,7 @@
 #   liger-kernel          --liger (triton kernels)
 #   bitsandbytes          --mode qlora; only with QLORA=1 (it is the one large wheel: 43 MB)
 # Every wheel is --no-deps: nothing here may pull a torch. Usage: bash docs/results/train_wheels.sh [DIR]
-# (default .train-wheels). Measured: 6.5 MB for the 12 wheels, 50 MB with bitsandbytes, under the 64 MiB one
+# (default .train-wheels). Measured: 6.5 MB for the 12 wheels, 48 MB with bitsandbytes, under the 64 MiB one
 # device call may carry.
 set -eu
 DIR=${1:-.train-wheels}
