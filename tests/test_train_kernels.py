@@ -148,7 +148,8 @@ def test_dollars_per_billion_tokens_trained():
     assert two["usd_per_billion_tokens"] == pytest.approx(291.05, abs=0.005) and two["gpus"] == 2
     priced = training_cost(one, 7831, 3.00)
     assert priced["usd_per_billion_tokens"] == pytest.approx(106.41, abs=0.005)
-    assert priced["price_source"] == "--price" and training_cost(one, 7831)["price_source"] == "h200 profile, 2026-03-10"
+    assert priced["price_source"] == "--price"
+    assert training_cost(one, 7831)["price_source"] == "h200 profile, 2026-03-10"
 
 
 def test_the_comparison_table_costs_each_run_at_its_price_or_the_one_given(tmp_path):
@@ -233,3 +234,39 @@ def test_liger_kernels_give_the_eager_loss_on_gpu():
     fused.loss.backward()
     assert fused.loss.item() == pytest.approx(eager, abs=0.02)
     assert model.model.norm.forward.__func__ is LigerRMSNorm.forward
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_each_sdpa_backend_that_runs_on_this_gpu_gives_the_math_loss():
+    from tokenrig.train.kernels import probe_sdpa
+
+    spec = make_spec(gpu="h200", model="tiny", seq_len=256, micro_batch=2)
+    tokens = torch.randint(0, spec.model_profile.vocab_size, (2, 256), device="cuda")
+
+    def loss(backend: str) -> float:
+        torch.manual_seed(0)
+        model = build_model(spec, torch.device("cuda"), {})
+        with sdpa_backend(spec.model_copy(update={"sdpa_backend": backend})):
+            return model(input_ids=tokens, labels=tokens).loss.item()
+
+    reference = loss("math")
+    head_dim = spec.model_profile.head_dim
+    runnable = [b for b in ("cudnn", "flash", "efficient") if probe_sdpa(b, "cuda", head_dim) is None]
+    assert "flash" in runnable
+    for backend in runnable:
+        assert loss(backend) == pytest.approx(reference, abs=0.02), backend
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_deferred_step_timing_reads_cuda_events():
+    from tokenrig.train.worker import StepTimer
+
+    timer = StepTimer(torch.device("cuda"), sync_every=4)
+    matrix = torch.randn(4096, 4096, device="cuda")
+    started = timer.start()
+    for _ in range(20):
+        matrix = matrix @ matrix / 64
+    seconds = timer.stop(started)
+    assert timer.events and 0 < seconds() < 10

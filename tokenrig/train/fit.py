@@ -10,7 +10,8 @@ measured them (7B ZeRO-2 on 1, 2 and 4 GPUs peaked at 22N, 2N + 10N and 2N + 5N 
   FP32 gradient partition at the step  4N/G (not ZeRO-3)
 ZeRO-Offload of the optimizer moves the master weights, moments and FP32 gradients to the host, and the
 BF16 gradients leave the GPU bucket by bucket (two buckets stay); offloading the parameters (ZeRO-3) moves
-the weights too. LoRA/QLoRA: frozen BF16 (QLoRA: 4-bit) weights, the rest for the adapters only. Activations (what backward keeps), per micro-batch: 34·s·b·h·L bytes with SDPA/FlashAttention
+the weights too. LoRA/QLoRA: frozen BF16 (QLoRA: 4-bit) weights, the rest for the adapters only.
+Activations (what backward keeps), per micro-batch: 34·s·b·h·L bytes with SDPA/FlashAttention
 (Korthikanti et al. 2022; eager attention adds the scores, 5·a·s²·b·L), with recomputation only each layer's
 input (2·s·b·h·L) plus one layer's; and the logits, 6·s·b·V (BF16 and their FP32 upcast for the loss).
 The peak is the larger of backward's (resident state + activations) and the optimizer step's (resident

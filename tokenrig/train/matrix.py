@@ -132,8 +132,8 @@ def markdown(rows: list[dict], title: str) -> str:
         return "" if value is None else format(value, fmt)
 
     lines = [f"# {title}", "",
-             "| run | status | step ms | tok/s | tok/s/GPU | TFLOP/s/GPU | MFU | HFU | 6N-MFU | $/B tok | GPU alloc GiB | "
-             "GPU resv GiB | host GiB | loss | scaling | comm share |",
+             "| run | status | step ms | tok/s | tok/s/GPU | TFLOP/s/GPU | MFU | HFU | 6N-MFU | $/B tok | "
+             "GPU alloc GiB | GPU resv GiB | host GiB | loss | scaling | comm share |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
@@ -152,8 +152,8 @@ def markdown(rows: list[dict], title: str) -> str:
               "6 x all parameters per token, the figure most public numbers quote. Scaling = tokens/s per GPU "
               "against the same configuration on the fewest GPUs in this table. Comm share = kernel time of "
               "all-gather, reduce-scatter, all-reduce and other collectives in the profiled step, over the "
-              "unprofiled median step time. $/B tok = the GPUs' price per hour (tokenrig/profiles/gpus.yaml, or --price) "
-              "over the billions of tokens trained in an hour."]
+              "unprofiled median step time. $/B tok = the GPUs' price per hour (tokenrig/profiles/gpus.yaml, or "
+              "--price) over the billions of tokens trained in an hour."]
     return "\n".join(lines) + "\n"
 
 
