@@ -53,6 +53,18 @@ def test_the_new_flags_reach_the_spec_and_the_deepspeed_config():
         parser.parse_args(["--bucket-size", "2.5"])
 
 
+def test_a_matrix_yaml_switches_the_paths_one_run_at_a_time(tmp_path):
+    from tokenrig.train.matrix import expand, load_matrix
+
+    path = tmp_path / "ladder.yaml"
+    path.write_text("name: ladder\nbase: {gpu: cpu, model: tiny, seq_len: 64}\nruns:\n  - {}\n"
+                    "  - {sdpa_backend: flash}\n  - {sdpa_backend: flash, compile: true}\n"
+                    "  - {optimizer: adamw, sync_every: 5, bucket_size: 100000000}\n")
+    assert [spec.label() for spec in expand(load_matrix(str(path)))] == [
+        "tiny-pretrain-z2-1xcpu-b1x64-sdpa", "tiny-pretrain-z2-1xcpu-b1x64-sdpa-flash",
+        "tiny-pretrain-z2-1xcpu-b1x64-sdpa-flash-compiled", "tiny-pretrain-z2-1xcpu-b1x64-sdpa-adamw-sync5-bucket1e8"]
+
+
 @pytest.mark.parametrize("fields, says", [
     ({"liger": True}, "liger=true needs a CUDA GPU"),
     ({"optimizer": "deepspeed-fused"}, "optimizer=deepspeed-fused needs a CUDA GPU"),
