@@ -65,6 +65,15 @@ def test_a_matrix_yaml_switches_the_paths_one_run_at_a_time(tmp_path):
         "tiny-pretrain-z2-1xcpu-b1x64-sdpa-flash-compiled", "tiny-pretrain-z2-1xcpu-b1x64-sdpa-adamw-sync5-bucket1e8"]
 
 
+def test_only_the_chosen_matrix_runs_must_be_able_to_run_here():
+    from tokenrig.train.matrix import choose, expand_each, load_matrix
+
+    specs = expand_each(load_matrix("study-7b"), {"gpu": "cpu", "model": "tiny", "seq_len": 128})
+    assert [(number, spec.mode) for number, spec in choose(specs, [1, 3])] == [(1, "lora"), (3, "pretrain")]
+    with pytest.raises(TrainSpecError, match="run 2 .*mode=qlora needs a CUDA GPU"):
+        choose(specs, None)
+
+
 @pytest.mark.parametrize("fields, says", [
     ({"liger": True}, "liger=true needs a CUDA GPU"),
     ({"optimizer": "deepspeed-fused"}, "optimizer=deepspeed-fused needs a CUDA GPU"),

@@ -71,6 +71,16 @@ def expand_each(matrix: MatrixFile, overrides: dict | None = None) -> list[Train
     return specs
 
 
+def choose(specs: list[TrainSpec | TrainSpecError], only: list[int] | None) -> list[tuple[int, TrainSpec]]:
+    """(number, spec) of the runs numbered in `only` (1-based; all if None). Only those must be able to run
+    here: `--runs 3` of a matrix whose run 2 is QLoRA still runs on CPU."""
+    chosen = [(i, s) for i, s in enumerate(specs, start=1) if not only or i in only]
+    for _, spec in chosen:
+        if isinstance(spec, TrainSpecError):
+            raise spec
+    return chosen
+
+
 def load_matrix(name_or_path: str) -> MatrixFile:
     path = find_matrix(name_or_path)
     try:
@@ -188,8 +198,8 @@ def run_matrix(matrix: MatrixFile, results: Path, overrides: dict | None = None,
                max_gpus: int | None = None, say=print, prices: dict[str, float] | None = None) -> Path:
     """Run the matrix (or the runs numbered in `only`, 1-based); runs needing more than `max_gpus` are skipped,
     and so are runs whose kernel choices this host cannot run (a row saying why)."""
-    specs = expand(matrix, overrides)
-    chosen = [(i, s) for i, s in enumerate(specs, start=1) if not only or i in only]
+    specs = expand_each(matrix, overrides)
+    chosen = choose(specs, only)
     matrix_dir = new_run_dir(results, "matrix", matrix.name)
     write_json(matrix_dir / "metadata.json", {"matrix": matrix.model_dump(), "overrides": overrides or {},
                                               "runs": only, "max_gpus": max_gpus,
