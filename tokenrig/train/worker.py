@@ -195,20 +195,20 @@ def measure_steps(engine, spec: TrainSpec, device: torch.device, sink, stop: Sto
     Returns (stopped, steps run)."""
     timer = StepTimer(device, spec.sync_every)
     total = spec.warmup_steps + spec.steps
-    pending: list[tuple[int, torch.Tensor, typing.Callable[[], float]]] = []
+    pending: list[tuple[int, torch.Tensor, typing.Callable[[], float], float]] = []
     step, stopped = 0, False
     while step < total and not stopped:
         started = timer.start()
         loss = train_step(engine, spec, device, phase_ranges=False)
         step += 1
-        pending.append((step, loss, timer.stop(started)))
+        pending.append((step, loss, timer.stop(started), time.time()))  # wall clock once the step is queued
         if len(pending) < spec.sync_every and step < total:
             continue
-        for done, loss, elapsed in pending:
+        for done, loss, elapsed, ended in pending:
             if sink:
                 sink.write(StepRecord(step=done, phase="warmup" if done <= spec.warmup_steps else "measured",
                                       step_time_s=elapsed(), loss=float(loss), tokens=spec.tokens_per_step,
-                                      time=time.time(), **memory_fields(device)))
+                                      time=ended, **memory_fields(device)))
         pending.clear()
         stopped = all_ranks_agree_to_stop(stop.set, device)
     return stopped, step
