@@ -25,7 +25,7 @@ DECODE_CONFIGS ?= eager sdpa sdpa+graphs+kvpad=1024
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup setup-vllm setup-sglang loadtest serve train finetune train-matrix train-gpu-run lint test test-fast monitor dashboards bench-loadgen bench-capacity bench-hf-decode bench-search report capacity clean
+.PHONY: setup setup-vllm setup-sglang loadtest serve train finetune train-matrix train-gpu-run train-mfu-campaign lint test test-fast monitor dashboards bench-loadgen bench-capacity bench-hf-decode bench-search report capacity clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
@@ -79,6 +79,11 @@ train-gpu-run: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# on one GPU: the MFU ladder of 7B pre-training (SDPA backend, compile, Liger, optimizer, host syncs, batch), then
+# the study-7b points the memory planner says fit the card (docs/results/train_mfu_campaign.sh)
+train-mfu-campaign: setup
+	PY=$(BIN)/python OUT=results/mfu-campaign RES=results/mfu-campaign/runs bash docs/results/train_mfu_campaign.sh
 
 # two at a time on the machine's cores, each file on one worker (its servers start once); then the tests marked
 # `timing` alone, since they judge latencies against a schedule that a neighbouring test's load would move

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokenrig.cli.parser import add_server_args
+from tokenrig.cli.parser import add_server_args, parse_prices
 from tokenrig.errors import UsageError
 from tokenrig.serve.spec import ServerSpec
 
@@ -31,13 +31,7 @@ def cmd_capacity(args) -> int:
         slos = parse_slos(args.slo)
     except SloError as error:
         raise UsageError(str(error)) from None
-    prices = {}
-    for item in args.price:
-        gpu, _, usd = item.partition("=")
-        try:
-            prices[resolve_gpu(gpu).key] = float(usd)
-        except ValueError:
-            raise UsageError(f"--price takes GPU=USD, e.g. h100-sxm=2.49, not {item!r}") from None
+    prices = parse_prices(args.price)
     # what the command line names is checked before any run is read
     gpus = [resolve_gpu(name) for name in _names(args.gpu)] if args.gpu else None
     model = resolve_model(args.model) if args.model else None

@@ -265,11 +265,12 @@ def _training(page: Page, runs: list[TrainRun]) -> None:
     specs = [(run, TrainSpec.model_validate(run.metadata["spec"])) for run in runs if run.metadata.get("spec")]
     rows = comparison_rows([(spec, run.summary or {"status": "no summary.json (stopped before it was written)"})
                             for run, spec in specs])
-    page.table(["run", "status", "step ms", "tok/s", "tok/s/GPU", "TFLOP/s/GPU", "MFU", "HFU", "GPU alloc GiB",
-                "host GiB", "loss", "comm share"],
+    page.table(["run", "status", "step ms", "tok/s", "tok/s/GPU", "TFLOP/s/GPU", "MFU", "HFU", "$/B tok",
+                "GPU alloc GiB", "host GiB", "loss", "comm share"],
                [[r["label"], r["status"], _number(r["step_ms"], ".0f"), _number(r["tokens_per_s"], ",.0f"),
                  _number(r["tokens_per_s_per_gpu"], ",.0f"), _number(r["tflops_per_gpu"], ".2f"),
-                 _number(r["mfu"], ".1%"), _number(r["hfu"], ".1%"), _number(r["gpu_allocated_gib"], ".1f"),
+                 _number(r["mfu"], ".1%"), _number(r["hfu"], ".1%"), _number(r["usd_per_billion_tokens"], ",.2f"),
+                 _number(r["gpu_allocated_gib"], ".1f"),
                  _number(r["host_rss_gib"], ".2f"), _number(r["loss"], ".3f"), _number(r["comm_share"], ".1%")]
                 for r in rows], text_columns=2)
     for run, spec in specs:
