@@ -106,15 +106,15 @@ def _per_request(summary: RunSummary) -> tuple[float, float]:
 
 class CapacityPlanner:
     def __init__(self, question: CapacityQuestion, steps: list[MeasuredStep], searches: list[SearchRun],
-                 progress=print, notes: list[str] | None = None, profiles: OperatorProfiles | None = None):
+                 progress=print, notes: list[str] | None = None, profiles: OperatorProfiles | None = None,
+                 calibrator: Calibrator | None = None):
         self.question = question
         self.notes = list(notes or [])  # about the inputs (runs skipped), ahead of the answer's own
         self.steps = steps
         self.profiles = profiles if profiles is not None else OperatorProfiles(steps, progress)
         self.searches = searches
         self.progress = progress
-        self.calibrator = Calibrator(progress)
-        self._book: RequestBook | None = None
+        self.calibrator = calibrator or Calibrator(progress)  # shared, its request books serve every planner
 
     def engines(self) -> list[str]:
         names = sorted({step.engine for step in self.steps})
@@ -184,11 +184,10 @@ class CapacityPlanner:
 
     def _calibration(self, engine: str, quant: str, device: str, notes: list[str],
                      profile: ChosenProfile | None = None) -> Calibration | None:
-        usable = [s for s in self.steps if s.engine == engine and s.quant == quant and s.unusable() is None
-                  and s.summary.breakdown is None]  # a profiled step's latencies carry the profiler's cost
-        if profile is not None and not usable:  # the time to reach the engine, from its other weight formats
-            usable = [s for s in self.steps if s.engine == engine and s.unusable() is None
-                      and s.summary.breakdown is None]
+        # a profiled step's latencies carry the profiler's cost; an operator profile is checked on every weight
+        # format's steps (what each scales the profile by is the band's business), a roofline fitted to its own
+        usable = [s for s in self.steps if s.engine == engine and (profile is not None or s.quant == quant)
+                  and s.unusable() is None and s.summary.breakdown is None]
         same_device = [s for s in usable if device_class(s.gpu) == device]
         if not same_device:
             other = "GPU" if device == "cpu" else "CPU"
@@ -201,10 +200,7 @@ class CapacityPlanner:
         return self.calibrator.calibrate(engine, quant, same_device)
 
     def book(self) -> RequestBook:
-        if self._book is None:
-            q = self.question
-            self._book = RequestBook(q.scenario, q.model)
-        return self._book
+        return self.calibrator.book_for(self.question.scenario, self.question.model)
 
     def largest_request(self) -> int:
         book = self.book()
@@ -231,12 +227,15 @@ class CapacityPlanner:
             return None
         transfers = gpu.key in calibration.gpus
         if calibration.profile:
-            scaled = self.profiles.nearest(calibration.engine, calibration.quant, gpu, q.model.key).scaled
+            chosen = self.profiles.nearest(calibration.engine, calibration.quant, gpu, q.model.key)
+            band = calibration.band_for(chosen.kinds)
             basis = (calibration.profile.describe(with_scaling=False)
-                     + (f"; {'; '.join(scaled)}" if scaled else "")
-                     + f"; checked on {len(calibration.steps)} load steps on {', '.join(calibration.gpus)}")
+                     + (f"; {'; '.join(chosen.scaled)}" if chosen.scaled else "")
+                     + f"; checked on {len(calibration.steps)} load steps on {', '.join(calibration.gpus)}"
+                     + (f"; {band.describe()}" if band else ""))
         else:
+            band = calibration.band_for()
             basis = (f"calibrated on {len(calibration.steps)} steps on {', '.join(calibration.gpus)}"
                      + ("" if transfers else f"; {gpu.key} not among them"))
-        return self._row(calibration.engine, calibration.quant, gpu, tp, "projected", basis, calibration.band,
-                         best.summary.slo.goodput_rps, best.summary)
+        return self._row(calibration.engine, calibration.quant, gpu, tp, "projected", basis,
+                         band.value if band else None, best.summary.slo.goodput_rps, best.summary)

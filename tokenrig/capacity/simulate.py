@@ -189,11 +189,13 @@ def replay(setup: EngineSetup, book: RequestBook, load: LoadPlanSpec, slos: list
         if not plan.open_loop:
             take_slot(ended)  # a closed-loop user takes its next arrival the moment it is done
 
-    stopped_early = False
+    stopped_early, judged = False, 0
     while True:
-        if watch and watch.decided():
-            stopped_early = True
-            break
+        if watch and len(records) > judged:  # a verdict changes only with a new record: judge each once
+            judged = len(records)
+            if watch.decided():
+                stopped_early = True
+                break
         if scheduler.busy:
             # the engine plans its next step the moment the last one ends, before a request sent in
             # reply to its tokens can arrive: what is due now waits for the step after
