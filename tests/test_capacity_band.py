@@ -1,6 +1,7 @@
 """The error band of a capacity projection, against hand-worked numbers: which held-out load steps it takes (by what
 predicting them scaled the operator profile), the checks it adds in quadrature, the profile's own error as its floor,
-the step-time error a step's figures imply through their elasticities, and a weight format's own check."""
+the step-time error a step's figures imply through their elasticities, and a weight format's own check; and the note
+for a configuration nothing can calibrate."""
 
 import math
 
@@ -98,3 +99,32 @@ def test_a_weight_formats_check_is_the_other_formats_summed_time():
     assert alone.format_error(BF16) is None
     chosen = profiles.nearest("vllm", "fp8", resolve_gpu("h100-sxm"), "llama2-7b")
     assert chosen.kinds == frozenset({"quant"}) and chosen.format_check[0] == pytest.approx(0.25, rel=1e-6)
+
+
+def test_a_configuration_nothing_calibrates_says_what_was_measured_near_it_and_what_to_measure():
+    """hf with sdpa and CUDA graphs, bf16, left out: the same engine's AWQ steps and the hf backend's other bf16
+    configurations ran on the H200, but a roofline is one configuration's and format's; the note names them and asks
+    for load steps or a profile of exactly what was asked."""
+    from pathlib import Path
+
+    from tokenrig.capacity.inputs import read_results
+    from tokenrig.capacity.planner import CapacityPlanner, CapacityQuestion
+    from tokenrig.loadgen.scenario import load_scenario
+    from tokenrig.profiles import resolve_model
+    from tokenrig.report.slo import parse_slos
+
+    runs = Path(__file__).resolve().parents[1] / "docs" / "results" / "serve-h200-2026-11-29"
+    steps, _ = read_results([runs / "sdpa-graphs", runs / "awq-graphs", runs / "eager-graphs"])
+    asked = "hf, sdpa, CUDA graphs, KV padding 1024"
+    kept = [step for step in steps if (step.engine, step.quant) != (asked, "bf16")]
+    question = CapacityQuestion(gpus=[resolve_gpu("h200")], model=resolve_model("llama2-7b"), quants=["bf16"],
+                                scenario=load_scenario("chat"), slos=parse_slos("ttft_p99=500ms"), engines=[asked])
+    answer = CapacityPlanner(question, kept, [], progress=lambda *_: None).answer()
+    [note] = answer.notes
+    assert not answer.rows
+    assert note.startswith(f"{asked} with bf16 weights: no measured step on a GPU to calibrate a projection on. "
+                           "Measured near it, not used")
+    assert "hf, eager, CUDA graphs, KV padding 1024 with bf16: 4 steps" in note
+    assert f"{asked} with awq: 4 steps" in note
+    assert note.endswith(f"measure {asked} with bf16 weights on any GPU: load steps at a few loads (e.g. a closed-loop "
+                         "sweep of 1, 8 and 32 users), or an operator profile (`loadtest --profile-steps`)")

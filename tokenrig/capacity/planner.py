@@ -193,11 +193,27 @@ class CapacityPlanner:
             other = "GPU" if device == "cpu" else "CPU"
             elsewhere = f" (its {len(usable)} usable step{'s' * (len(usable) > 1)} ran on a {other})" if usable else ""
             notes.append(f"{engine} with {quant} weights: no measured step on a {device.upper()} to calibrate a "
-                         f"projection on{elsewhere}")
+                         f"projection on{elsewhere}{self._what_to_measure(engine, quant, device)}")
             return None
         if profile is not None:
             return self.calibrator.calibrate_on_operators(engine, quant, same_device, profile)
         return self.calibrator.calibrate(engine, quant, same_device)
+
+    def _what_to_measure(self, engine: str, quant: str, device: str) -> str:
+        """For a configuration nothing can calibrate: what was measured near it, and what would do."""
+        near: dict[str, int] = {}
+        for step in self.steps:
+            if step.unusable() is None and device_class(step.gpu) == device and (step.engine, step.quant) != (
+                    engine, quant) and (step.engine == engine or step.engine.split(",")[0] == engine.split(",")[0]
+                                        and step.quant == quant):
+                label = f"{step.engine} with {step.quant}"
+                near[label] = near.get(label, 0) + 1
+        measured = "; ".join(f"{label}: {count} steps" for label, count in sorted(near.items()))
+        return ((f". Measured near it, not used (a roofline is fitted to one engine configuration and weight format, "
+                 f"whose kernels set its step time): {measured}" if measured else "")
+                + f". To project it, measure {engine} with {quant} weights on any {device.upper()}: load steps at a "
+                  f"few loads (e.g. a closed-loop sweep of 1, 8 and 32 users), or an operator profile "
+                  f"(`loadtest --profile-steps`)")
 
     def book(self) -> RequestBook:
         return self.calibrator.book_for(self.question.scenario, self.question.model)
