@@ -54,6 +54,10 @@ def test_the_band_takes_the_steps_that_scaled_as_the_projection_does():
     band = checked.band_for(frozenset({"gpu"}))
     assert band.value == pytest.approx(0.30) and band.steps_scalings == (frozenset({"gpu", "quant"}),)
     assert checked.band_for(frozenset({"gpu", "quant"})).value == pytest.approx(0.30)
+    # each group that scaled more is a bound: the tightest answers (another model on that GPU type missed by 12 %)
+    bounded = calibration([same, gpu_and_format, held(0.12, {"gpu", "model"})])
+    band = bounded.band_for(frozenset({"gpu"}))
+    assert band.value == pytest.approx(0.12) and band.steps_scalings == (frozenset({"gpu", "model"}),)
     # a step that scaled exactly the format answers for it before the format's own check does
     exact = calibration([same, gpu_and_format, held(0.06, {"quant"})], format_check=0.04)
     assert exact.band_for(frozenset({"quant"})).value == pytest.approx(0.06)

@@ -178,8 +178,8 @@ class Calibration:
         Roofline: the worst held-out error. Operator profile: the held-out load steps whose prediction scaled the
         profile the way the projection does, in this order: exactly as it does; scaling less, each scaling they
         miss added in quadrature from its own check (weight format: OperatorProfiles.format_error); scaling more
-        (a bound: their error includes scalings the projection does not make), fewest first; scaling less with a
-        scaling nothing checked (named in `unchecked`). Never narrower than the profile's own summed-time error."""
+        (each such group bounds the error, its own including scalings the projection does not make: the tightest
+        bound); scaling less with a scaling nothing checked (named in `unchecked`). Never narrower than the profile's own summed-time error."""
         if not self.held_out:
             return None
         if self.profile is None:
@@ -195,8 +195,13 @@ class Calibration:
             order = 0 if not extra and missing <= checks.keys() else 1 if not missing else 2 if not extra else 3
             return order, len(missing), len(extra)
 
-        best = min(map(rank, groups))
-        chosen = tuple(sorted((scale for scale in groups if rank(scale) == best), key=sorted))
+        best = min(rank(scale)[0] for scale in groups)
+        if best == 1:  # every group that scaled more bounds the error: the tightest bound answers
+            chosen = (min((scale for scale in groups if rank(scale)[0] == 1),
+                          key=lambda scale: (max(held.error for held in groups[scale]), sorted(scale))),)
+        else:
+            fewest = min(rank(scale) for scale in groups if rank(scale)[0] == best)
+            chosen = tuple(sorted((scale for scale in groups if rank(scale) == fewest), key=sorted))
         taken = [held for scale in chosen for held in groups[scale]]
         missing = frozenset().union(*(kinds - scale for scale in chosen))
         terms = {kind: checks[kind] for kind in missing if kind in checks}
