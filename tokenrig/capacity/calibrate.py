@@ -327,6 +327,7 @@ class Calibrator:
         """Step times from an operator profile; only the time a request takes to reach the engine is fitted,
         as the median gap between each checked step's TTFT p50 and its replay's without that time.
 
+        The latency: from the checked steps of the asked weight format where there are any, else from all.
         The check: `steps` (any weight format of the engine) grouped by what predicting them scales the profile by
         (operators.scalings), up to MAX_FIT_STEPS of them taken round robin from the least scaled group, each
         spread over its group. Each is predicted with the latency of the others (leave-one-out; the operator model
@@ -349,10 +350,13 @@ class Calibrator:
         bare = EngineModel(limits, 0.0, profile.model)
         measured = [figures(step.summary) for step in used]
         gaps = [max(m["ttft_p50_s"] - self.predict(step, bare)["ttft_p50_s"], 0.0) for step, m in zip(used, measured)]
-        model = replace(bare, api_latency_s=float(np.median(gaps)))
+        # the time to reach the engine from the steps of the asked weight format where any were checked: the gap
+        # also carries the model's error of their prompts' time, which another format's kernels make another
+        pool = [index for index, step in enumerate(used) if step.quant == quant] or list(range(len(used)))
+        model = replace(bare, api_latency_s=float(np.median([gaps[i] for i in pool])))
         held_out = []
         for index, (step, observed) in enumerate(zip(used, measured)):
-            others = gaps[:index] + gaps[index + 1:]
+            others = [gaps[i] for i in pool if i != index]
             checked = replace(model, api_latency_s=float(np.median(others)) if others else model.api_latency_s)
             predicted = self.predict(step, checked)
             longer = self.predict(step, replace(checked, operators=replace(profile.model,

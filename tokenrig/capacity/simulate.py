@@ -108,7 +108,8 @@ class RequestBook:
             ids = (encode_chat(self._encoder, body["messages"]) if "messages" in body
                    else encode_prompt(self._encoder, body["prompt"]))
             turns.append(Turn(prepared, ids))
-            dialogue.add_reply(" ".join(workload.words(prepared.max_tokens, replies)), prepared.max_tokens)
+            if dialogue.turn < dialogue.turns:  # a reply is written only where a later turn carries it
+                dialogue.add_reply(" ".join(workload.words(prepared.max_tokens, replies)), prepared.max_tokens)
         return Conversation(turns, dialogue.think_time_s)
 
 
