@@ -47,6 +47,7 @@ class Case:
     projected_tpot_p99_s: float | None = None
     band: float | None = None
     band_derivation: dict | None = None  # calibrate.Band: the load steps and checks the band was made of
+    check: list | None = None  # each held-out load step of the calibration: what it scaled, its figures, its error
     seed_matched_goodput: float | None = None  # the measured search's own steps replayed: its best that met
     seed_matched: list | None = None  # [rate, measured met, replay met] per step of the measured search
     basis: str = ""
@@ -136,6 +137,9 @@ def project(case: Case, search, steps, searches, profiles, calibrator, progress,
     chosen = planner.profiles.nearest(case.engine, case.quant, question.gpus[0], question.model.key)
     band = calibration.band_for(chosen.kinds if chosen and calibration.profile else frozenset())
     case.band_derivation = band.document() if band else None
+    case.check = [{"step": str(held.step.path), "scalings": sorted(held.scalings), "measured": held.measured,
+                   "predicted": held.predicted, "elasticity": held.elasticity, "error": held.error}
+                  for held in calibration.held_out]
     best = search.best_for(search.slos)
     step = best[0]
     setup = calibration.model.setup(question.model, question.gpus[0], case.quant, row.tp)

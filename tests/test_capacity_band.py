@@ -132,3 +132,22 @@ def test_a_configuration_nothing_calibrates_says_what_was_measured_near_it_and_w
     assert f"{asked} with awq: 4 steps" in note
     assert note.endswith(f"measure {asked} with bf16 weights on any GPU: load steps at a few loads (e.g. a closed-loop "
                          "sweep of 1, 8 and 32 users), or an operator profile (`loadtest --profile-steps`)")
+
+
+def test_the_check_takes_each_scalings_busiest_steps_in_turn():
+    """Against the H100 bf16 profile: the H100 bf16 chat search (nothing scaled), the H100 FP8 one (format) and the
+    13B runs on the H200 (GPU type and model); 8 steps, in turn from the least scaled, busiest first."""
+    from pathlib import Path
+
+    from tokenrig.capacity.calibrate import check_steps, in_flight
+    from tokenrig.capacity.inputs import read_results
+
+    results = Path(__file__).resolve().parents[1] / "docs" / "results"
+    steps, _ = read_results([results / "capacity-h100-2026-12-07", results / "serve-h200-vllm-2026-11-30" / "tp2-13b",
+                             results / "serve-h200-vllm-followup-2026-11-30b" / "13b-64u"])
+    usable = [step for step in steps if step.unusable() is None]  # 3 bf16, 2 FP8 on the H100; 3 13B on the H200
+    checked = check_steps(usable, BF16)
+    assert [sorted(scalings(BF16, s.gpu, s.quant, s.model, s.tp)) for s in checked] == [
+        [], [], [], ["quant"], ["quant"], ["gpu", "model"], ["gpu", "model"], ["gpu", "model"]]
+    assert [s.load.rate for s in checked[:3]] == [14.25, 13.5, 12.0]  # 37, 36 and 20 requests in flight
+    assert [round(in_flight(s)) for s in checked[5:]] == [46, 30, 1]  # 13B chat at 64 users, TP 2 at 32 and 1

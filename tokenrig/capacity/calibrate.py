@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from tokenrig.capacity.inputs import MeasuredStep
-from tokenrig.capacity.operators import ChosenProfile, OperatorModel, scalings
+from tokenrig.capacity.operators import ChosenProfile, OperatorModel, ProfileKey, scalings
 from tokenrig.capacity.simulate import EngineSetup, RequestBook, replay
 from tokenrig.loadgen.scenario import Scenario
 from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
@@ -86,6 +86,28 @@ class EngineModel:
         params = self.params if limits is None else replace(
             self.params, max_num_seqs=limits.max_num_seqs, max_batch_tokens=limits.max_batch_tokens)
         return EngineSetup(model, gpu, quant, tp, params, self.api_latency_s, self.operators)
+
+
+def in_flight(step: MeasuredStep) -> float:
+    """Requests the step held in flight on average (Little's law: completions/s x median end-to-end latency)."""
+    e2e = step.summary.latency_s.e2e
+    return step.summary.throughput.requests_per_s * e2e.p50 if e2e else 0.0
+
+
+def check_steps(steps: list[MeasuredStep], key: ProfileKey) -> list[MeasuredStep]:
+    """The load steps an operator calibration is checked on: grouped by what predicting them scales the profile
+    `key` by (operators.scalings), up to MAX_FIT_STEPS taken round robin from the least scaled group, each group's
+    with the most requests in flight first (goodput is decided where the engine is busiest)."""
+    groups: dict[frozenset[str], list[MeasuredStep]] = {}
+    for step in steps:
+        groups.setdefault(scalings(key, step.gpu, step.quant, step.model, step.tp), []).append(step)
+    order = sorted(groups, key=lambda scale: (len(scale), sorted(scale)))
+    counts = dict.fromkeys(order, 0)
+    while sum(counts.values()) < min(len(steps), MAX_FIT_STEPS):
+        for scale in order:
+            if counts[scale] < len(groups[scale]) and sum(counts.values()) < MAX_FIT_STEPS:
+                counts[scale] += 1
+    return [step for scale in order for step in sorted(groups[scale], key=in_flight, reverse=True)[:counts[scale]]]
 
 
 def batch_limits(step: MeasuredStep) -> RooflineParams:
@@ -328,22 +350,10 @@ class Calibrator:
         as the median gap between each checked step's TTFT p50 and its replay's without that time.
 
         The latency: from the checked steps of the asked weight format where there are any, else from all.
-        The check: `steps` (any weight format of the engine) grouped by what predicting them scales the profile by
-        (operators.scalings), up to MAX_FIT_STEPS of them taken round robin from the least scaled group, each
-        spread over its group. Each is predicted with the latency of the others (leave-one-out; the operator model
-        was fitted to traces, not to these steps), and again with every step ELASTICITY_STEP longer, which says
-        how much each figure moves with step time (HeldOut.error)."""
-        groups: dict[frozenset[str], list[MeasuredStep]] = {}
-        for step in steps:
-            groups.setdefault(scalings(profile.key, step.gpu, step.quant, step.model, step.tp), []).append(step)
-        order = sorted(groups, key=lambda scale: (len(scale), sorted(scale)))
-        counts = dict.fromkeys(order, 0)
-        while sum(counts.values()) < min(len(steps), MAX_FIT_STEPS):
-            for scale in order:
-                if counts[scale] < len(groups[scale]) and sum(counts.values()) < MAX_FIT_STEPS:
-                    counts[scale] += 1
-        used = [groups[scale][i] for scale in order
-                for i in sorted({round(i) for i in np.linspace(0, len(groups[scale]) - 1, counts[scale])})]
+        The check: `check_steps` of `steps` (any weight format of the engine). Each is predicted with the latency
+        of the others (leave-one-out; the operator model was fitted to traces, not to these steps), and again with
+        every step ELASTICITY_STEP longer, which says how much each figure moves with step time (HeldOut.error)."""
+        used = check_steps(steps, profile.key)
         self.progress(f"calibrating {engine} {quant} on operator profiles, API latency and check from {len(used)} "
                       f"of {len(steps)} steps")
         limits = batch_limits(steps[0])
