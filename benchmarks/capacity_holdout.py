@@ -12,7 +12,7 @@ between its best passing rate and its first failing one) is printed beside it.
 
     python benchmarks/capacity_holdout.py --from docs/results --json docs/results/capacity-holdout.json
 
-Ctrl-C stops after the case in progress and prints the cases finished.
+`--jobs N` projects N cases at once, each in its own process. Ctrl-C stops at once and prints the cases finished.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -161,6 +163,32 @@ def project(case: Case, search, steps, searches, profiles, calibrator, progress,
     case.seed_matched_goodput = max(met)[1] if met else 0.0
 
 
+# what every case reads, set before a pool of workers forks (they inherit it): the cases, the inputs, the operator
+# profiles, the search's options, the progress printer, the case in progress and this process's calibrator
+_SHARED: dict = {}
+
+
+def run_case(index: int) -> Case:
+    """Project the case at `index` of _SHARED["cases"], in this process or a forked worker."""
+    from tokenrig.capacity.calibrate import Calibrator
+    from tokenrig.profiles import UnknownProfileError
+
+    shared = _SHARED
+    case, search = shared["cases"][index]
+    shared["case"] = index
+    if "calibrator" not in shared:  # one a process: the scenarios' requests are built once for all its cases
+        shared["calibrator"] = Calibrator(shared["progress"])
+    print(f"case {index + 1}: {case.name} (measured {case.measured_goodput:.2f} req/s)", flush=True)
+    started = time.perf_counter()
+    try:
+        project(case, search, shared["steps"], shared["searches"], shared["profiles"], shared["calibrator"],
+                shared["progress"], shared["options"])
+    except UnknownProfileError as error:  # a run capacity cannot place: no GPU type or model recorded
+        case.note = f"not projected: {error}"
+    case.seconds = time.perf_counter() - started
+    return case
+
+
 def table(cases: list[Case]) -> str:
     ms = lambda v: f"{v * 1000:.0f}" if v is not None else "-"  # noqa: E731
     pct = lambda v: f"{v:+.0%}" if v is not None else "-"  # noqa: E731
@@ -197,41 +225,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-step", type=float, help="the projected searches' longest step, seconds (default: "
                                                          "the search's own, as `tokenrig loadtest --find-max`)")
     parser.add_argument("--precision", type=float, help="the projected searches' bracket width")
+    parser.add_argument("--jobs", type=int, default=1, help="cases projected at once, each in its own process "
+                                                            "(default 1)")
     args = parser.parse_args(argv)
 
     from dataclasses import replace
 
-    from tokenrig.capacity.calibrate import Calibrator
     from tokenrig.capacity.inputs import read_results
     from tokenrig.capacity.operators import OperatorProfiles
     from tokenrig.loadgen.load_profiles import FindMax
-    from tokenrig.profiles import UnknownProfileError
 
-    progress = (lambda *_: None) if args.quiet else (lambda line: print(f"  {line}", flush=True))
+    quiet, parallel = args.quiet, args.jobs > 1
+
+    def progress(line: str) -> None:
+        if not quiet:
+            print(f"  [{_SHARED['case'] + 1}] {line}" if parallel and "case" in _SHARED else f"  {line}", flush=True)
+
     steps, searches = read_results(args.inputs)
     profiles = OperatorProfiles(steps, progress)
     print(f"{len(searches)} SLO searches, {len(steps)} measured steps, {len(profiles.models)} operator profiles "
           f"under {', '.join(map(str, args.inputs))}", flush=True)
-    calibrator = Calibrator(progress)  # one for every case: the scenarios' requests are built once
     options = FindMax()
     if args.max_step:
         options = replace(options, max_step_s=args.max_step)
     if args.precision:
         options = replace(options, precision=args.precision)
+    pending = [(case, search) for search, key in cases_of(searches)
+               if (case := measure_case(search, key)) is not None and (not args.only or args.only in case.name)]
+    _SHARED.update(cases=pending, steps=steps, searches=searches, profiles=profiles, options=options, progress=progress)
     cases = []
     try:
-        for search, key in cases_of(searches):
-            case = measure_case(search, key)
-            if case is None or (args.only and args.only not in case.name):
-                continue
-            print(f"case {len(cases) + 1}: {case.name} (measured {case.measured_goodput:.2f} req/s)", flush=True)
-            started = time.perf_counter()
-            try:
-                project(case, search, steps, searches, profiles, calibrator, progress, options)
-            except UnknownProfileError as error:  # a run capacity cannot place: no GPU type or model recorded
-                case.note = f"not projected: {error}"
-            case.seconds = time.perf_counter() - started
-            cases.append(case)
+        if not parallel:
+            cases += map(run_case, range(len(pending)))
+        else:  # forked workers inherit _SHARED; Ctrl-C reaches this process alone, which ends them
+            with multiprocessing.get_context("fork").Pool(args.jobs, initializer=signal.signal,
+                                                          initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+                for case in pool.imap(run_case, range(len(pending))):
+                    cases.append(case)
     except KeyboardInterrupt:
         print("interrupted: the cases finished so far", flush=True)
     print(table(cases))
