@@ -49,6 +49,7 @@ MAX_FIT_STEPS = 8
 # much each figure moves with step time; a figure that moves less than MIN_ELASTICITY per unit (an open loop's
 # tokens/s below saturation: its arrivals set it) says nothing about the step time
 ELASTICITY_STEP = 0.1
+LATENCY_STEPS = 4  # the least busy steps the time to reach the engine is taken from
 MIN_ELASTICITY = 0.25
 SCALING_NAMES = {"gpu": "GPU type by datasheet", "quant": "weight format by bytes", "model": "model by shapes"}
 # the coarse start: host overhead per step and per sequence (seconds)
@@ -347,27 +348,29 @@ class Calibrator:
     def calibrate_on_operators(self, engine: str, quant: str, steps: list[MeasuredStep],
                                profile: ChosenProfile) -> Calibration:
         """Step times from an operator profile; only the time a request takes to reach the engine is fitted,
-        as the median gap between each checked step's TTFT p50 and its replay's without that time.
+        as the median gap between the TTFT p50 of the LATENCY_STEPS least busy steps of the asked weight format
+        (else of any) and their replays' without that time.
 
-        The latency: from the checked steps of the asked weight format where there are any, else from all.
         The check: `check_steps` of `steps` (any weight format of the engine). Each is predicted with the latency
         of the others (leave-one-out; the operator model was fitted to traces, not to these steps), and again with
         every step ELASTICITY_STEP longer, which says how much each figure moves with step time (HeldOut.error)."""
         used = check_steps(steps, profile.key)
-        self.progress(f"calibrating {engine} {quant} on operator profiles, API latency and check from {len(used)} "
-                      f"of {len(steps)} steps")
+        # the time to reach the engine from the least busy steps of the asked weight format (else of any): at low
+        # load a TTFT is that time and the prompt's own; under load, mostly the queue, which the replay may not have
+        own = [step for step in steps if step.quant == quant] or steps
+        quiet = sorted(own, key=in_flight)[:LATENCY_STEPS]
+        self.progress(f"calibrating {engine} {quant} on operator profiles, API latency from {len(quiet)} steps, "
+                      f"checked on {len(used)} of {len(steps)}")
         limits = batch_limits(steps[0])
         bare = EngineModel(limits, 0.0, profile.model)
-        measured = [figures(step.summary) for step in used]
-        gaps = [max(m["ttft_p50_s"] - self.predict(step, bare)["ttft_p50_s"], 0.0) for step, m in zip(used, measured)]
-        # the time to reach the engine from the steps of the asked weight format where any were checked: the gap
-        # also carries the model's error of their prompts' time, which another format's kernels make another
-        pool = [index for index, step in enumerate(used) if step.quant == quant] or list(range(len(used)))
-        model = replace(bare, api_latency_s=float(np.median([gaps[i] for i in pool])))
+        gaps = [max(figures(step.summary)["ttft_p50_s"] - self.predict(step, bare)["ttft_p50_s"], 0.0)
+                for step in quiet]
+        model = replace(bare, api_latency_s=float(np.median(gaps)))
         held_out = []
-        for index, (step, observed) in enumerate(zip(used, measured)):
-            others = [gaps[i] for i in pool if i != index]
+        for step in used:
+            others = [gap for gap, other in zip(gaps, quiet) if other is not step]  # never its own gap
             checked = replace(model, api_latency_s=float(np.median(others)) if others else model.api_latency_s)
+            observed = figures(step.summary)
             predicted = self.predict(step, checked)
             longer = self.predict(step, replace(checked, operators=replace(profile.model,
                                                                            time_scale=1 + ELASTICITY_STEP)))
