@@ -305,3 +305,21 @@ def test_the_conclusion_never_says_no_rate_met_when_a_row_did():
     assert result.best is None and result.next_rate is None and result.stop_reason.startswith("load generator invalid")
     table = render_steps(profile.document(steps), "t", parse_slos("ttft_p99=1s"))
     assert "no rate met every SLO with its load generator valid" in table and "no rate tried" not in table
+
+
+def test_once_a_full_step_refutes_a_probe_the_search_trusts_full_steps_only():
+    """13B on an H100: probes met at 8 and 16 req/s, full steps missed at 16.4 and 16, then the search spent
+    three full steps narrowing towards the probe at 8 (8.83, 8.2) before judging 8 itself (missed)."""
+    def measure(plan: StepPlan) -> StepResult:
+        knee = 16.0 if plan.probe else 7.3  # a short probe does not see this server's overload
+        sent = round(plan.value * 60)
+        return StepResult(plan.value, step_summary(60.0, sent, sent, slo_met=plan.value <= knee))
+
+    profile = FindMax(start_rate=8.0, precision=0.05)
+    result = profile.conclude(walk(profile, BASE, None, measure))
+    loads = [(round(step.load, 2), step.probe) for step in result.steps]
+    refuted = next(i for i, (load, probe) in enumerate(loads) if not probe and load <= 16)
+    # from the first full step at or below a probe that met: halving in full steps, then narrowing
+    assert loads[refuted + 1:refuted + 3] == [(8, False), (4, False)]
+    assert not any(probe for _, probe in loads[refuted:])
+    assert result.best <= 7.3 < result.lowest_failing and result.stop_reason.startswith("bracketed")

@@ -135,3 +135,12 @@ def test_options_of_another_backend_are_refused():
 
 def _profiles(model: str, gpu: str):
     return resolve_model(model), resolve_gpu(gpu)
+
+
+def test_a_user_sweep_plans_the_server_for_its_largest_step():
+    """A profiled hf sweep 1,8,32 on an H100 once ran every step on a server planned for 1 stream: 8 and 32 users
+    queued behind --max-num-seqs 1."""
+    dry = run_cli("loadtest", "--backend", "hf", "--gpu", "h100-sxm", "--model", "7b", "--scenario", "chat",
+                  "--users", "sweep", "--sweep", "1,8,32", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "--max-num-seqs 32" in dry.stdout

@@ -140,8 +140,10 @@ def cmd_loadtest(args) -> int:
     scenario, load = run.scenario, run.scenario.load
     profiling = _profiling(args)
     # the KV cache must hold the closed loop's users, or the open loop's in-flight cap (up to a typical batch limit)
-    closed = load.type in CLOSED_LOOP_TYPES
-    spec = ServerSpec.from_args(args, concurrency=load.users if closed else min(load.max_in_flight, 256))
+    user_sweep = getattr(run.profile, "users", False)  # its steps are closed loops; the server must hold the largest
+    closed = user_sweep or load.type in CLOSED_LOOP_TYPES
+    users = max(run.profile.loads) if user_sweep else load.users
+    spec = ServerSpec.from_args(args, concurrency=int(users) if closed else min(load.max_in_flight, 256))
     if not args.url:  # a server at --url runs wherever it runs, with its own memory plan
         _check_hardware(spec, args.dry_run)
     count = _choose_workers(args, scenario, run.profile, spec)

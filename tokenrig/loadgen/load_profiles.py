@@ -155,11 +155,16 @@ class FindMax(Search):
         """Where the walk of `steps` stands: its bracket and knee interval, and the next rate or why it stops."""
         if not steps:
             return SearchResult(steps, next_rate=self.start_rate, next_probe=True)
-        counted, notes = _counted_steps(steps)
+        judged, notes = _counted_steps(steps)
+        # A full step that missed where a probe had met: this server's overload shows only in full steps (a large
+        # batch absorbs a short probe's queue), so no probe's "met" bounds the answer and the search goes on with
+        # full steps only (13B on an H100: probes met at 8 and 16 req/s, full steps missed down to 8; capacity 7.3)
+        probes_refuted = _probes_refuted(judged)
+        counted = [step for step in judged if not (probes_refuted and step.probe and step.slo_met)]
         last = steps[-1]
         best, failing = _bracket(counted)
         result = SearchResult(steps, best and best.load, failing and failing.load, notes=notes)
-        if not any(step is last for step in counted):  # the last step is no verdict: run it again, or stop
+        if not any(step is last for step in judged):  # the last step is no verdict: run it again, or stop
             if last.late_sends_only:
                 result.next_rate, result.next_probe = last.load, last.probe
                 return result
@@ -176,7 +181,7 @@ class FindMax(Search):
                 far = best is not None and (margin := best.margin()) is not None and margin < math.log(FAR_BELOW)
                 growth = FAR_GROWTH if far and best.probe else 2.0
                 result.next_rate = best.load * growth if failing is None else failing.load / 2
-                result.next_probe = True
+                result.next_probe = not probes_refuted
             return result.with_knee(counted)
         # the bracket's own test: 10.5 / 10 - 1 is 0.0500...04 in floating point, above a 5 % precision
         bracketed = failing.load <= best.load * (1 + self.precision) * (1 + 1e-9)
@@ -294,12 +299,20 @@ def _counted_steps(steps: list[StepResult]) -> tuple[list[StepResult], list[str]
     return counted, notes
 
 
+def _probes_refuted(steps: list[StepResult]) -> bool:
+    """Whether a full step missed the SLOs at a rate no higher than one a probe met."""
+    probe_met = max((step.load for step in steps if step.probe and step.slo_met), default=None)
+    return probe_met is not None and any(not step.probe and not step.slo_met and step.load <= probe_met
+                                         for step in steps)
+
+
 def _bracket(steps: list[StepResult]) -> tuple[StepResult | None, StepResult | None]:
-    """The step at the lowest rate that missed, and the one at the highest rate that met below it."""
+    """The step at the lowest rate that missed, and the one at the highest rate that met below it; at one rate a
+    full step's verdict before a probe's."""
     missed = [step for step in steps if not step.slo_met]
-    failing = min(missed, key=lambda step: step.load, default=None)
+    failing = min(missed, key=lambda step: (step.load, step.probe), default=None)
     met = [step for step in steps if step.slo_met and (failing is None or step.load < failing.load)]
-    return max(met, key=lambda step: step.load, default=None), failing
+    return max(met, key=lambda step: (step.load, not step.probe), default=None), failing
 
 
 def crossing(met: StepResult, missed: StepResult) -> float | None:
