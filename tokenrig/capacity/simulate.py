@@ -10,7 +10,6 @@ the SLO search are then the code a real run uses, and minutes of load replay in 
 from __future__ import annotations
 
 import heapq
-import json
 import random
 from dataclasses import dataclass
 from functools import cached_property
@@ -104,9 +103,8 @@ class RequestBook:
         replies = random.Random(f"replies:{seed}:{index}")
         turns = []
         while (prepared := dialogue.next_request()) is not None:
-            body = json.loads(prepared.body)
-            ids = (encode_chat(self._encoder, body["messages"]) if "messages" in body
-                   else encode_prompt(self._encoder, body["prompt"]))
+            ids = (encode_chat(self._encoder, prepared.messages) if prepared.messages is not None
+                   else encode_prompt(self._encoder, prepared.prompt))
             turns.append(Turn(prepared, ids))
             if dialogue.turn < dialogue.turns:  # a reply is written only where a later turn carries it
                 dialogue.add_reply(" ".join(workload.words(prepared.max_tokens, replies)), prepared.max_tokens)

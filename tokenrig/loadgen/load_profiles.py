@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, ClassVar
 
-from tokenrig.loadgen.scenario import OPEN_LOOP_TYPES, LoadPlanSpec
+from tokenrig.loadgen.scenario import LoadPlanSpec
 from tokenrig.loadgen.search import StepResult, step_duration
 from tokenrig.report.console import LATE_BUT_JUDGED
 from tokenrig.report.slo import Slo
@@ -230,8 +230,7 @@ class Sweep(Search):
 
     def step_load(self, base: LoadPlanSpec, value: float, slos: list[Slo] | None, step: int) -> LoadPlanSpec:
         if self.users:
-            return base.model_copy(update={"type": "concurrency", "users": int(value), "rate": None,
-                                           "stages": None, "trace": None, "seed": base.seed + step})
+            return base.as_closed_loop(int(value), seed=base.seed + step)
         return open_loop_step(base, value, base.duration_s, base.seed + step)
 
     def step_line(self, steps: list[StepResult]) -> str:
@@ -307,8 +306,9 @@ def _probes_refuted(steps: list[StepResult]) -> bool:
 
 
 def _bracket(steps: list[StepResult]) -> tuple[StepResult | None, StepResult | None]:
-    """The step at the lowest rate that missed, and the one at the highest rate that met below it; at one rate a
-    full step's verdict before a probe's."""
+    """The step at the lowest rate that missed, and the one at the highest rate that met below it; of a probe and a
+    full step at one rate, the full step (else the full step that judged a probe's rate again left the probe as the
+    bracket's end, and the search ran that full step again until its step limit)."""
     missed = [step for step in steps if not step.slo_met]
     failing = min(missed, key=lambda step: (step.load, step.probe), default=None)
     met = [step for step in steps if step.slo_met and (failing is None or step.load < failing.load)]
@@ -353,11 +353,9 @@ def next_rate(steps: list[StepResult], precision: float) -> float:
 
 
 def open_loop_step(base: LoadPlanSpec, rate: float, duration_s: float, seed: int) -> LoadPlanSpec:
-    """`base` as an open loop at `rate` for `duration_s` (its arrival process kept when it has one)."""
-    open_type = base.type if base.type in OPEN_LOOP_TYPES else "poisson"
-    return LoadPlanSpec.model_validate({**base.model_dump(), "type": open_type, "rate": rate,
-                                        "stages": None, "trace": None, "duration_s": duration_s,
-                                        "cooldown_s": min(base.cooldown_s, duration_s / 4), "seed": seed})
+    """`base` as an open loop at `rate` for `duration_s` (its arrival process kept when it has one), validated."""
+    step = base.as_open_loop(rate, duration_s=duration_s, cooldown_s=min(base.cooldown_s, duration_s / 4), seed=seed)
+    return LoadPlanSpec.model_validate(step.model_dump())
 
 
 def profile_from_metadata(block: dict) -> Search:

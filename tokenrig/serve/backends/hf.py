@@ -12,7 +12,14 @@ import os
 from pathlib import Path
 
 from tokenrig.serve.backends import vllm
-from tokenrig.serve.backends.base import Backend, LaunchPlan, plan_for, resolve_attention, tokenrig_server_command
+from tokenrig.serve.backends.base import (
+    Backend,
+    BatchLimits,
+    LaunchPlan,
+    plan_for,
+    resolve_attention,
+    tokenrig_server_command,
+)
 from tokenrig.serve.checkpoint import checkpoint_dir, is_complete, make_checkpoint
 from tokenrig.serve.fit import FitPlan
 from tokenrig.serve.spec import HfOptions, LaunchError, ServerSpec
@@ -69,20 +76,22 @@ def allocator_env(device: str) -> dict[str, str]:
     return {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
 
 
-def engine_limits(spec: ServerSpec) -> tuple[FitPlan | None, int | None, int, int]:
-    """(fit plan or None, max_num_seqs, KV-cache tokens, per-step tokens) that the hf engine runs with.
+def engine_limits(spec: ServerSpec, fit: FitPlan | None = None) -> tuple[FitPlan | None, int | None, int, int]:
+    """(fit plan or None, max_num_seqs, KV-cache tokens, per-step tokens) that the hf engine runs with (`fit`:
+    the spec's, planned already).
 
     One GPU: what one card holds, never a larger TP's share. On CPU, bounded: left to itself
     transformers sizes the cache and step from free memory, which on CPU is host RAM (14 GB for tiny).
     """
-    fit = plan_for(spec, tp=1) if spec.device != "cpu" else None
+    fit = fit or (plan_for(spec, tp=1) if spec.device != "cpu" else None)
     max_num_seqs = spec.max_num_seqs or (fit.max_num_seqs if fit else None)
     kv_tokens = fit.kv_capacity_tokens if fit else (max_num_seqs or CPU_MAX_NUM_SEQS) * spec.model.max_context
     batch_tokens = fit.prefill_chunk_tokens if fit else spec.model.max_context
     if fit:
         kv_tokens = paged_cache_tokens(fit, batch_tokens, spec.model.num_layers)
     if fit and resolve_attention(spec, ATTENTION, "sdpa") == "eager":
-        kv_span = min(kv_tokens, max_num_seqs * fit.max_model_len)  # the most KV one step can read
+        seqs = spec.max_num_seqs or fit.max_num_seqs
+        kv_span = min(kv_tokens, seqs * fit.max_model_len)  # the most KV one step can read
         budget = EAGER_HEADROOM_SHARE * (1 - spec.gpu_memory_utilization) * spec.gpu.memory_bytes
         fits = int(budget / (spec.model.num_heads * (kv_span + batch_tokens) * EAGER_SCORE_BYTES))
         batch_tokens = max(EAGER_MIN_STEP_TOKENS, min(batch_tokens, fits))
@@ -96,10 +105,10 @@ def paged_cache_tokens(fit: FitPlan, batch_tokens: int, num_layers: int) -> int:
     return max(0, int((fit.kv_budget_bytes - mask_per_cache_token * batch_tokens) // per_token))
 
 
-def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
+def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | None = None) -> LaunchPlan:
     _check(spec)
     attention = resolve_attention(spec, ATTENTION, "sdpa")
-    fit, max_num_seqs, kv_tokens, batch_tokens = engine_limits(spec)
+    fit, max_num_seqs, kv_tokens, batch_tokens = engine_limits(spec, fit)
     command = tokenrig_server_command("hf", spec, model_dir, port) + [
         "--device", spec.device, "--dtype", DTYPES[spec.quant], "--attn-implementation", attention]
     if max_num_seqs:
@@ -108,7 +117,9 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
     context = fit.max_model_len if fit else spec.max_model_len
     if context:
         command += ["--max-model-len", str(context)]
-    return LaunchPlan(command + spec.options.to_args() + spec.extra_args, env=allocator_env(spec.device), fit=fit)
+    limits = BatchLimits.known(max_num_seqs=max_num_seqs, max_batch_tokens=batch_tokens, kv_cache_tokens=kv_tokens)
+    return LaunchPlan(command + spec.options_as(HfOptions).to_args() + spec.extra_args,
+                      env=allocator_env(spec.device), fit=fit, batch_limits=limits)
 
 
 def profile_args(trace_dir: Path, steps: int) -> list[str]:
