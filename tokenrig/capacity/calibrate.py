@@ -50,7 +50,7 @@ MAX_FIT_STEPS = 8
 # tokens/s below saturation: its arrivals set it) says nothing about the step time
 ELASTICITY_STEP = 0.1
 # the load steps an operator calibration is checked on: enough that each group of what they scale has two or three
-# (a group's bound from one step is thin: one 13B step bounded two projections at 9 % that missed by 13 and 18 %)
+# (a group's bound from a single step is thin)
 MAX_CHECK_STEPS = 12
 LATENCY_STEPS = 4  # the least busy steps the time to reach the engine is taken from
 MIN_ELASTICITY = 0.25
