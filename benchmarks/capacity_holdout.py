@@ -12,7 +12,7 @@ between its best passing rate and its first failing one) is printed beside it.
 
     python benchmarks/capacity_holdout.py --from docs/results --json docs/results/capacity-holdout.json
 
-Ctrl-C stops after the case in progress and prints the cases finished.
+`--jobs N` projects N cases at once, each in its own process. Ctrl-C stops at once and prints the cases finished.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -46,6 +48,10 @@ class Case:
     projected_ttft_p99_s: float | None = None
     projected_tpot_p99_s: float | None = None
     band: float | None = None
+    band_derivation: dict | None = None  # calibrate.Band: the load steps and checks the band was made of
+    check: list | None = None  # each held-out load step of the calibration: what it scaled, its figures, its error
+    seed_matched_goodput: float | None = None  # the measured search's own steps replayed: its best that met
+    seed_matched: list | None = None  # [rate, measured met, replay met] per step of the measured search
     basis: str = ""
     note: str = ""
     seconds: float = 0.0
@@ -55,6 +61,12 @@ class Case:
         if self.projected_goodput is None or not self.measured_goodput:
             return None
         return self.projected_goodput / self.measured_goodput - 1
+
+    @property
+    def seed_matched_error(self) -> float | None:
+        if self.seed_matched_goodput is None or not self.measured_goodput:
+            return None
+        return self.seed_matched_goodput / self.measured_goodput - 1
 
     @property
     def within_band(self) -> bool | None:
@@ -99,9 +111,10 @@ def measure_case(search, key) -> Case | None:
                 measured_tpot_p99_s=value("tpot_p99") if "tpot_p99" in slos else None)
 
 
-def project(case: Case, search, steps, searches, profiles, progress, options=None) -> None:
+def project(case: Case, search, steps, searches, profiles, calibrator, progress, options=None) -> None:
     from tokenrig.capacity.planner import CapacityPlanner, CapacityQuestion
     from tokenrig.capacity.simulate import replay
+    from tokenrig.loadgen.search import StepResult
     from tokenrig.profiles import resolve_gpu, resolve_model
 
     held = (case.engine, case.quant, case.gpu, case.model)
@@ -112,7 +125,7 @@ def project(case: Case, search, steps, searches, profiles, progress, options=Non
     if options is not None:
         question.search = options
     planner = CapacityPlanner(question, kept_steps, kept_searches, progress=progress,
-                              profiles=profiles.without(*held))
+                              profiles=profiles.without(*held), calibrator=calibrator)
     answer = planner.answer()
     rows = [r for r in answer.rows if r.engine == case.engine and r.quant == case.quant]
     if not rows:
@@ -123,6 +136,12 @@ def project(case: Case, search, steps, searches, profiles, progress, options=Non
     calibration = next((c for c in answer.calibrations if c.engine == case.engine and c.quant == case.quant), None)
     if calibration is None:
         return
+    chosen = planner.profiles.nearest(case.engine, case.quant, question.gpus[0], question.model.key)
+    band = calibration.band_for(chosen.kinds if chosen and calibration.profile else frozenset())
+    case.band_derivation = band.document() if band else None
+    case.check = [{"step": str(held.step.path), "scalings": sorted(held.scalings), "measured": held.measured,
+                   "predicted": held.predicted, "elasticity": held.elasticity, "error": held.error}
+                  for held in calibration.held_out]
     best = search.best_for(search.slos)
     step = best[0]
     setup = calibration.model.setup(question.model, question.gpus[0], case.quant, row.tp)
@@ -130,19 +149,60 @@ def project(case: Case, search, steps, searches, profiles, progress, options=Non
     latency = at_measured.latency_s
     case.projected_ttft_p99_s = latency.ttft.p99 if latency.ttft else None
     case.projected_tpot_p99_s = latency.tpot.p99 if latency.tpot else None
+    # the measured search's own steps (same arrivals, seeds and early stops): the projection's error without the
+    # difference between two searches' random arrivals
+    case.seed_matched, met = [], []
+    for measured, document in zip(search.steps, search.document["steps"]):
+        if document.get("probe") or measured.summary.interrupted:
+            continue
+        replayed = replay(setup, planner.book(), measured.load, search.slos, stop_early=True)
+        result = StepResult(document["load"], replayed.summary, stopped_early=replayed.stopped_early)
+        case.seed_matched.append([document["load"], bool(document.get("slo_met")), result.slo_met])
+        if result.slo_met:
+            met.append((document["load"], result.summary.slo.goodput_rps))
+    case.seed_matched_goodput = max(met)[1] if met else 0.0
+
+
+# what every case reads, set before a pool of workers forks (they inherit it): the cases, the inputs, the operator
+# profiles, the search's options, the progress printer, the case in progress and this process's calibrator
+_SHARED: dict = {}
+
+
+def run_case(index: int) -> Case:
+    """Project the case at `index` of _SHARED["cases"], in this process or a forked worker."""
+    from tokenrig.capacity.calibrate import Calibrator
+    from tokenrig.profiles import UnknownProfileError
+
+    shared = _SHARED
+    case, search = shared["cases"][index]
+    shared["case"] = index
+    if "calibrator" not in shared:  # one a process: the scenarios' requests are built once for all its cases
+        shared["calibrator"] = Calibrator(shared["progress"])
+    print(f"case {index + 1}: {case.name} (measured {case.measured_goodput:.2f} req/s)", flush=True)
+    started = time.perf_counter()
+    try:
+        project(case, search, shared["steps"], shared["searches"], shared["profiles"], shared["calibrator"],
+                shared["progress"], shared["options"])
+    except UnknownProfileError as error:  # a run capacity cannot place: no GPU type or model recorded
+        case.note = f"not projected: {error}"
+    case.seconds = time.perf_counter() - started
+    return case
 
 
 def table(cases: list[Case]) -> str:
     ms = lambda v: f"{v * 1000:.0f}" if v is not None else "-"  # noqa: E731
     pct = lambda v: f"{v:+.0%}" if v is not None else "-"  # noqa: E731
-    lines = ["| case | measured req/s (next failed) | projected req/s | error | band | in band | TTFT p99 ms "
-             "meas/proj | TPOT p99 ms meas/proj | basis |", "|---|---:|---:|---:|---:|---|---|---|---|"]
+    lines = ["| case | measured req/s (next failed) | projected req/s | error | band | in band | its steps replayed: "
+             "req/s (error) | TTFT p99 ms meas/proj | TPOT p99 ms meas/proj | basis |",
+             "|---|---:|---:|---:|---:|---|---:|---|---|---|"]
     for c in cases:
         measured = f"{c.measured_goodput:.2f}" + (f" ({c.measured_next_failed:g})" if c.measured_next_failed else "")
         projected = f"{c.projected_goodput:.2f}" if c.projected_goodput is not None else "-"
         band = f"±{c.band:.0%}" if c.band is not None and math.isfinite(c.band) else "-"
         inside = {True: "yes", False: "no", None: "-"}[c.within_band]
-        lines.append(f"| {c.name} | {measured} | {projected} | {pct(c.error)} | {band} | {inside} | "
+        matched = (f"{c.seed_matched_goodput:.2f} ({pct(c.seed_matched_error)})" if c.seed_matched_goodput is not None
+                   else "-")
+        lines.append(f"| {c.name} | {measured} | {projected} | {pct(c.error)} | {band} | {inside} | {matched} | "
                      f"{ms(c.measured_ttft_p99_s)}/{ms(c.projected_ttft_p99_s)} | "
                      f"{ms(c.measured_tpot_p99_s)}/{ms(c.projected_tpot_p99_s)} | {c.basis or c.note} |")
     done = [c for c in cases if c.error is not None]
@@ -165,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-step", type=float, help="the projected searches' longest step, seconds (default: "
                                                          "the search's own, as `tokenrig loadtest --find-max`)")
     parser.add_argument("--precision", type=float, help="the projected searches' bracket width")
+    parser.add_argument("--jobs", type=int, default=1, help="cases projected at once, each in its own process "
+                                                            "(default 1)")
     args = parser.parse_args(argv)
 
     from dataclasses import replace
@@ -172,9 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     from tokenrig.capacity.inputs import read_results
     from tokenrig.capacity.operators import OperatorProfiles
     from tokenrig.loadgen.load_profiles import FindMax
-    from tokenrig.profiles import UnknownProfileError
 
-    progress = (lambda *_: None) if args.quiet else (lambda line: print(f"  {line}", flush=True))
+    quiet, parallel = args.quiet, args.jobs > 1
+
+    def progress(line: str) -> None:
+        if not quiet:
+            print(f"  [{_SHARED['case'] + 1}] {line}" if parallel and "case" in _SHARED else f"  {line}", flush=True)
+
     steps, searches = read_results(args.inputs)
     profiles = OperatorProfiles(steps, progress)
     print(f"{len(searches)} SLO searches, {len(steps)} measured steps, {len(profiles.models)} operator profiles "
@@ -184,25 +250,24 @@ def main(argv: list[str] | None = None) -> int:
         options = replace(options, max_step_s=args.max_step)
     if args.precision:
         options = replace(options, precision=args.precision)
+    pending = [(case, search) for search, key in cases_of(searches)
+               if (case := measure_case(search, key)) is not None and (not args.only or args.only in case.name)]
+    _SHARED.update(cases=pending, steps=steps, searches=searches, profiles=profiles, options=options, progress=progress)
     cases = []
     try:
-        for search, key in cases_of(searches):
-            case = measure_case(search, key)
-            if case is None or (args.only and args.only not in case.name):
-                continue
-            print(f"case {len(cases) + 1}: {case.name} (measured {case.measured_goodput:.2f} req/s)", flush=True)
-            started = time.perf_counter()
-            try:
-                project(case, search, steps, searches, profiles, progress, options)
-            except UnknownProfileError as error:  # a run capacity cannot place: no GPU type or model recorded
-                case.note = f"not projected: {error}"
-            case.seconds = time.perf_counter() - started
-            cases.append(case)
+        if not parallel:
+            cases += map(run_case, range(len(pending)))
+        else:  # forked workers inherit _SHARED; Ctrl-C reaches this process alone, which ends them
+            with multiprocessing.get_context("fork").Pool(args.jobs, initializer=signal.signal,
+                                                          initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+                for case in pool.imap(run_case, range(len(pending))):
+                    cases.append(case)
     except KeyboardInterrupt:
         print("interrupted: the cases finished so far", flush=True)
     print(table(cases))
     if args.json:
-        document = {"cases": [{**asdict(c), "error": c.error, "within_band": c.within_band} for c in cases]}
+        document = {"cases": [{**asdict(c), "error": c.error, "within_band": c.within_band,
+                               "seed_matched_error": c.seed_matched_error} for c in cases]}
         args.json.write_text(json.dumps(document, indent=1) + "\n")
     return 0
 

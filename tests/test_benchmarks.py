@@ -100,7 +100,9 @@ def test_the_ceiling_is_the_heaviest_row_within_goal_and_load_tests_here_use_it(
 def test_capacity_holdout_leaves_each_configuration_out(tmp_path):
     """On the H100 data (two chat searches, bf16 and FP8, and the operator profiles of both): one case per
     configuration, its measured goodput the search's best step's, each projected without its own search or its
-    own profile (bf16 from the FP8 kernels' profile and vice versa), written to --json."""
+    own profile (bf16 from the FP8 kernels' profile and vice versa), its band from the other format's load steps
+    (they scaled nothing of that profile) with the format scaling named as unchecked, its search's own steps
+    replayed, the two cases in two processes, written to --json."""
     results = REPO / "docs" / "results"
     inputs = tmp_path / "inputs"
     for source in [*(results / "capacity-h100-2026-12-07").glob("findmax-7b-*"),
@@ -108,7 +110,7 @@ def test_capacity_holdout_leaves_each_configuration_out(tmp_path):
         shutil.copytree(source, inputs / source.name)
     out = tmp_path / "holdout.json"
     result = subprocess.run([sys.executable, "benchmarks/capacity_holdout.py", "--from", str(inputs),
-                             "--json", str(out), "--max-step", "15", "--precision", "0.2", "--quiet"],
+                             "--json", str(out), "--max-step", "15", "--precision", "0.2", "--quiet", "--jobs", "2"],
                             capture_output=True, text=True, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     cases = {case["quant"]: case for case in json.loads(out.read_text())["cases"]}
@@ -122,6 +124,15 @@ def test_capacity_holdout_leaves_each_configuration_out(tmp_path):
         assert case["projected_goodput"] > 0 and case["band"] is not None
         assert f"h100-sxm (llama2-7b, {other}" in case["basis"]  # its own profile was left out
         assert case["error"] == pytest.approx(case["projected_goodput"] / case["measured_goodput"] - 1)
+        band = case["band_derivation"]
+        # the other format's steps scaled nothing of its profile; no third format's profile checks the format
+        assert band["steps_scalings"] == [[]] and band["terms"] == {} and band["unchecked"] == ["quant"]
+        assert case["band"] == pytest.approx(max(band["steps_error"], band["floor"]))
+        assert band["steps_error"] == pytest.approx(max(check["error"] for check in case["check"]))
+        full = [s["load"] for s in steps if not s.get("probe") and not s.get("interrupted")]
+        assert [rate for rate, _, _ in case["seed_matched"]] == full
+        assert [met for _, met, _ in case["seed_matched"]] == [s["slo_met"] for s in steps if s["load"] in full]
+        assert case["seed_matched_goodput"] is not None
     assert "cases projected" in result.stdout
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from scipy.optimize import least_squares, nnls
 
 from tokenrig.breakdown.table import OperatorBreakdown, StepRow
-from tokenrig.profiles import GpuProfile, ModelProfile
+from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
 from tokenrig.serve.engines.sim import RooflineScheduler
 from tokenrig.serve.fit import GROUP_SIZE, linear_bytes
 
@@ -118,6 +118,9 @@ class OperatorModel:
     fit_error: float | None = None  # k-fold: worst fold's error of its held-out steps' summed time
     step_error_p90: float | None = None  # k-fold: 90th percentile of single held-out steps' errors
     sources: list[str] = field(default_factory=list)
+    # every step's time times this: 1 in a projection; the band's check replays at 1 + a little to see how much a
+    # step's figures move with step time (calibrate.py, implied step-time error)
+    time_scale: float = 1.0
 
     def class_times(self, batch: Batch, shapes: Shapes, gpu: GpuProfile | None = None) -> dict[str, float]:
         """Seconds per operator class of one step on `gpu` (default: the profiled GPU type)."""
@@ -137,7 +140,7 @@ class OperatorModel:
         return times
 
     def step_time(self, batch: Batch, shapes: Shapes, gpu: GpuProfile | None = None) -> float:
-        return sum(self.class_times(batch, shapes, gpu).values())
+        return sum(self.class_times(batch, shapes, gpu).values()) * self.time_scale
 
     def scaled_to(self, gpu: GpuProfile) -> bool:
         """Whether a projection to `gpu` scales this model by datasheet rates (a GPU type it was not profiled on)."""
@@ -278,6 +281,13 @@ class ProfileKey:
     tp: int
 
 
+def scalings(key: ProfileKey, gpu: str, quant: str, model: str, tp: int) -> frozenset[str]:
+    """What a projection from the profile `key` to this configuration scales: "gpu" (another GPU type, by
+    datasheet), "quant" (another weight format, by its bytes), "model" (another model or TP size, by its shapes)."""
+    return frozenset(kind for kind, differs in (("gpu", gpu != key.gpu), ("quant", quant != key.quant),
+                                                 ("model", (model, tp) != (key.model, key.tp))) if differs)
+
+
 @dataclass
 class ChosenProfile:
     """The operator model a projection uses and how far it had to travel to get there."""
@@ -285,6 +295,8 @@ class ChosenProfile:
     model: OperatorModel
     key: ProfileKey
     scaled: list[str]  # what differs from the question: "GPU type h200 from h100-sxm by datasheet", ...
+    kinds: frozenset[str] = frozenset()  # the same as `scalings` names them
+    format_check: tuple[float, str] | None = None  # where it scales weight format: OperatorProfiles.format_error
 
     def describe(self, with_scaling: bool = True) -> str:
         """What the projection rests on: the profile, its own check, what it borrowed and (unless the caller
@@ -303,19 +315,19 @@ class OperatorProfiles:
     format, GPU type, model and TP size, and the nearest one to a question."""
 
     def __init__(self, steps, progress=print):
-        from tokenrig.profiles import resolve_gpu, resolve_model
-
         groups: dict[ProfileKey, list] = {}
         for step in steps:
             if step.summary.breakdown is not None and step.summary.breakdown.device == "gpu":
                 key = ProfileKey(step.engine, step.quant, step.gpu, step.model, step.tp)
                 groups.setdefault(key, []).append(step)
         self.fitted: dict[ProfileKey, OperatorModel] = {}  # each as its own steps showed it
+        self.profiled: dict[ProfileKey, list[StepRow]] = {}  # the profiled steps each was fitted to
         for key, members in groups.items():
+            breakdowns = [s.summary.breakdown for s in members]
             try:
-                self.fitted[key] = fit_operator_model([s.summary.breakdown for s in members], resolve_model(key.model),
-                                                      resolve_gpu(key.gpu), key.quant, key.tp,
-                                                      sources=[str(s.path) for s in members])
+                self.fitted[key] = fit_operator_model(breakdowns, resolve_model(key.model), resolve_gpu(key.gpu),
+                                                      key.quant, key.tp, sources=[str(s.path) for s in members])
+                self.profiled[key] = _rows(breakdowns)
             except ValueError as error:
                 progress(f"operator profile {key}: not used ({error})")
         self.models = self._completed()
@@ -346,8 +358,27 @@ class OperatorProfiles:
         other = object.__new__(OperatorProfiles)
         other.fitted = {k: m for k, m in self.fitted.items()
                         if (k.engine, k.quant, k.gpu, k.model) != (engine, quant, gpu, model)}
+        other.profiled = {k: rows for k, rows in self.profiled.items() if k in other.fitted}
         other.models = other._completed()
         return other
+
+    def format_error(self, key: ProfileKey) -> tuple[float, str] | None:
+        """How far `key`'s model travels to another weight format: the worst relative error of the summed time of
+        another format's profiled steps (same engine, GPU type and model), each predicted through its format's
+        bytes, and which format that was; None where the engine has no other format's profile there."""
+        errors = []
+        for other, rows in self.profiled.items():
+            if other.quant == key.quant or (other.engine, other.gpu, other.model, other.tp) != (
+                    key.engine, key.gpu, key.model, key.tp):
+                continue
+            shapes = Shapes.of(resolve_model(other.model), other.quant, other.tp)
+            predicted = sum(self.models[key].step_time(Batch.of_row(row), shapes) for row in rows)
+            measured = sum(row.span_ms for row in rows) / 1000
+            errors.append((abs(predicted / measured - 1), other.quant))
+        if not errors:
+            return None
+        error, quant = max(errors)
+        return error, f"{key.quant} -> {quant} on {key.gpu}"
 
     def nearest(self, engine: str, quant: str, gpu: GpuProfile, model: str) -> ChosenProfile | None:
         """Same engine first; then the same weight format and GPU type, the same format on another GPU type
@@ -362,6 +393,7 @@ class OperatorProfiles:
                     key.model != model, -self.models[key].steps_fitted)
 
         key = min(candidates, key=distance)
+        kinds = scalings(key, gpu.key, quant, model, key.tp)
         scaled = []
         if key.gpu != gpu.key:
             scaled.append(f"GPU type {gpu.key} projected from {key.gpu} by datasheet (compute and bandwidth)")
@@ -369,4 +401,5 @@ class OperatorProfiles:
             scaled.append(f"{quant} weights projected from {key.quant} kernels by their bytes")
         if key.model != model:
             scaled.append(f"{model} projected from {key.model} by its shapes")
-        return ChosenProfile(self.models[key], key, scaled)
+        return ChosenProfile(self.models[key], key, scaled, kinds,
+                             self.format_error(key) if "quant" in kinds else None)

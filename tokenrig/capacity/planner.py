@@ -106,15 +106,15 @@ def _per_request(summary: RunSummary) -> tuple[float, float]:
 
 class CapacityPlanner:
     def __init__(self, question: CapacityQuestion, steps: list[MeasuredStep], searches: list[SearchRun],
-                 progress=print, notes: list[str] | None = None, profiles: OperatorProfiles | None = None):
+                 progress=print, notes: list[str] | None = None, profiles: OperatorProfiles | None = None,
+                 calibrator: Calibrator | None = None):
         self.question = question
         self.notes = list(notes or [])  # about the inputs (runs skipped), ahead of the answer's own
         self.steps = steps
         self.profiles = profiles if profiles is not None else OperatorProfiles(steps, progress)
         self.searches = searches
         self.progress = progress
-        self.calibrator = Calibrator(progress)
-        self._book: RequestBook | None = None
+        self.calibrator = calibrator or Calibrator(progress)  # shared, its request books serve every planner
 
     def engines(self) -> list[str]:
         names = sorted({step.engine for step in self.steps})
@@ -184,27 +184,39 @@ class CapacityPlanner:
 
     def _calibration(self, engine: str, quant: str, device: str, notes: list[str],
                      profile: ChosenProfile | None = None) -> Calibration | None:
-        usable = [s for s in self.steps if s.engine == engine and s.quant == quant and s.unusable() is None
-                  and s.summary.breakdown is None]  # a profiled step's latencies carry the profiler's cost
-        if profile is not None and not usable:  # the time to reach the engine, from its other weight formats
-            usable = [s for s in self.steps if s.engine == engine and s.unusable() is None
-                      and s.summary.breakdown is None]
+        # a profiled step's latencies carry the profiler's cost; an operator profile is checked on every weight
+        # format's steps (what each scales the profile by is the band's business), a roofline fitted to its own
+        usable = [s for s in self.steps if s.engine == engine and (profile is not None or s.quant == quant)
+                  and s.unusable() is None and s.summary.breakdown is None]
         same_device = [s for s in usable if device_class(s.gpu) == device]
         if not same_device:
             other = "GPU" if device == "cpu" else "CPU"
             elsewhere = f" (its {len(usable)} usable step{'s' * (len(usable) > 1)} ran on a {other})" if usable else ""
             notes.append(f"{engine} with {quant} weights: no measured step on a {device.upper()} to calibrate a "
-                         f"projection on{elsewhere}")
+                         f"projection on{elsewhere}{self._what_to_measure(engine, quant, device)}")
             return None
         if profile is not None:
             return self.calibrator.calibrate_on_operators(engine, quant, same_device, profile)
         return self.calibrator.calibrate(engine, quant, same_device)
 
+    def _what_to_measure(self, engine: str, quant: str, device: str) -> str:
+        """For a configuration nothing can calibrate: what was measured near it, and what would do."""
+        near: dict[str, int] = {}
+        for step in self.steps:
+            if step.unusable() is None and device_class(step.gpu) == device and (step.engine, step.quant) != (
+                    engine, quant) and (step.engine == engine or step.engine.split(",")[0] == engine.split(",")[0]
+                                        and step.quant == quant):
+                label = f"{step.engine} with {step.quant}"
+                near[label] = near.get(label, 0) + 1
+        measured = "; ".join(f"{label}: {count} steps" for label, count in sorted(near.items()))
+        return ((f". Measured near it, not used (a roofline is fitted to one engine configuration and weight format, "
+                 f"whose kernels set its step time): {measured}" if measured else "")
+                + f". To project it, measure {engine} with {quant} weights on any {device.upper()}: load steps at a "
+                  f"few loads (e.g. a closed-loop sweep of 1, 8 and 32 users), or an operator profile "
+                  f"(`loadtest --profile-steps`)")
+
     def book(self) -> RequestBook:
-        if self._book is None:
-            q = self.question
-            self._book = RequestBook(q.scenario, q.model)
-        return self._book
+        return self.calibrator.book_for(self.question.scenario, self.question.model)
 
     def largest_request(self) -> int:
         book = self.book()
@@ -231,12 +243,15 @@ class CapacityPlanner:
             return None
         transfers = gpu.key in calibration.gpus
         if calibration.profile:
-            scaled = self.profiles.nearest(calibration.engine, calibration.quant, gpu, q.model.key).scaled
+            chosen = self.profiles.nearest(calibration.engine, calibration.quant, gpu, q.model.key)
+            band = calibration.band_for(chosen.kinds)
             basis = (calibration.profile.describe(with_scaling=False)
-                     + (f"; {'; '.join(scaled)}" if scaled else "")
-                     + f"; checked on {len(calibration.steps)} load steps on {', '.join(calibration.gpus)}")
+                     + (f"; {'; '.join(chosen.scaled)}" if chosen.scaled else "")
+                     + f"; checked on {len(calibration.steps)} load steps on {', '.join(calibration.gpus)}"
+                     + (f"; {band.describe()}" if band else ""))
         else:
+            band = calibration.band_for()
             basis = (f"calibrated on {len(calibration.steps)} steps on {', '.join(calibration.gpus)}"
                      + ("" if transfers else f"; {gpu.key} not among them"))
-        return self._row(calibration.engine, calibration.quant, gpu, tp, "projected", basis, calibration.band,
-                         best.summary.slo.goodput_rps, best.summary)
+        return self._row(calibration.engine, calibration.quant, gpu, tp, "projected", basis,
+                         band.value if band else None, best.summary.slo.goodput_rps, best.summary)

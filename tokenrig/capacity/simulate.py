@@ -106,7 +106,8 @@ class RequestBook:
             ids = (encode_chat(self._encoder, prepared.messages) if prepared.messages is not None
                    else encode_prompt(self._encoder, prepared.prompt))
             turns.append(Turn(prepared, ids))
-            dialogue.add_reply(" ".join(workload.words(prepared.max_tokens, replies)), prepared.max_tokens)
+            if dialogue.turn < dialogue.turns:  # a reply is written only where a later turn carries it
+                dialogue.add_reply(" ".join(workload.words(prepared.max_tokens, replies)), prepared.max_tokens)
         return Conversation(turns, dialogue.think_time_s)
 
 
@@ -187,11 +188,13 @@ def replay(setup: EngineSetup, book: RequestBook, load: LoadPlanSpec, slos: list
         if not plan.open_loop:
             take_slot(ended)  # a closed-loop user takes its next arrival the moment it is done
 
-    stopped_early = False
+    stopped_early, judged = False, 0
     while True:
-        if watch and watch.decided():
-            stopped_early = True
-            break
+        if watch and len(records) > judged:  # a verdict changes only with a new record: judge each once
+            judged = len(records)
+            if watch.decided():
+                stopped_early = True
+                break
         if scheduler.busy:
             # the engine plans its next step the moment the last one ends, before a request sent in
             # reply to its tokens can arrive: what is due now waits for the step after
