@@ -10,8 +10,8 @@ from tokenrig.train.flops import lora_params, training_flops, utilisation
 from tokenrig.train.spec import TrainSpecError, make_spec
 
 # Llama-2 7B by hand: h=4096, i=11008, L=32, v=32000, 32 heads of 128
-H, I, L, V = 4096, 11008, 32, 32000
-N_7B = L * (4 * H * H + 3 * H * I) + V * H  # every matmul weight, LM head included: 6,607,077,376
+H, FFN, L, V = 4096, 11008, 32, 32000
+N_7B = L * (4 * H * H + 3 * H * FFN) + V * H  # every matmul weight, LM head included: 6,607,077,376
 
 
 def test_matmul_parameters_of_llama2_7b():
@@ -78,7 +78,8 @@ def test_deepspeed_config_follows_the_spec():
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 8
     assert config["bf16"] == {"enabled": True}
     zero = config["zero_optimization"]
-    assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["stage"] == 3
+    assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
     assert config["optimizer"]["type"] == "AdamW"  # ZeRO-Offload's CPU Adam
     assert "optimizer" not in deepspeed_config(make_spec(zero=2))  # client torch AdamW otherwise
     assert spec.tokens_per_step == 4 * 2048 * 8 * 2

@@ -76,7 +76,8 @@ def test_zero2_pretrain_with_breakdown_that_adds_up(tmp_path):
     assert check["attributed_fraction"] > 0.5
     assert (run_dir / "breakdown.png").stat().st_size > 10_000 and "| MLP |" in (run_dir / "breakdown.md").read_text()
     assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
-    assert "deepspeed.launcher.runner" in " ".join(json.loads((run_dir / "metadata.json").read_text())["launcher_command"])
+    launcher_command = json.loads((run_dir / "metadata.json").read_text())["launcher_command"]
+    assert "deepspeed.launcher.runner" in " ".join(launcher_command)
 
 
 def test_zero3_on_two_processes_communicates(tmp_path):

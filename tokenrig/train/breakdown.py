@@ -170,7 +170,8 @@ class _Trace:
                 return by_name
             if node.name.startswith(SCOPE_PREFIX):
                 return node.name[len(SCOPE_PREFIX):]
-            if node.name.startswith("autograd::engine::evaluate_function") and node.sequence_nr in self.forward_category:
+            if (node.name.startswith("autograd::engine::evaluate_function")
+                    and node.sequence_nr in self.forward_category):
                 return self.forward_category[node.sequence_nr]
             node = node.cpu_parent
         return OPTIMIZER if self.phase_at(op.time_range.start) == "optimizer" else OTHER
@@ -215,7 +216,7 @@ def analyse(events, device: str) -> dict:
                 covered += own
             idle_total += (end - start) - covered
     steps = len(trace.steps)
-    rows = []
+    rows: list[dict[str, str | float | None]] = []
     for category in CATEGORIES:
         by_phase = {phase: times.get((category, phase), 0.0) / steps / 1e3 for phase in PHASES}
         rows.append({"category": category, **{f"{p}_ms": v for p, v in by_phase.items()},
@@ -255,7 +256,8 @@ def overhead_text(overhead: float) -> str:
 
 
 def table(breakdown: dict, verdict: dict) -> str:
-    lines = ["| category | forward ms | backward ms | optimizer ms | total ms | share |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| category | forward ms | backward ms | optimizer ms | total ms | share |",
+             "|---|---:|---:|---:|---:|---:|"]
     step = verdict["profiled_step_ms"]
 
     def cell(value):

@@ -25,7 +25,8 @@ class TrainMetrics:
         def gauge(name, doc):
             return Gauge(name, doc, names, registry=self.registry).labels(*values)
 
-        self.tokens_per_second = gauge("tokenrig_train_tokens_per_second", "Tokens trained per second, all GPUs, last step")
+        self.tokens_per_second = gauge("tokenrig_train_tokens_per_second",
+                                       "Tokens trained per second, all GPUs, last step")
         self.step_time = gauge("tokenrig_train_step_seconds", "Duration of the last optimizer step")
         self.flops_per_second = gauge("tokenrig_train_model_flops_per_second_per_gpu",
                                       "Model FLOP/s per GPU achieved in the last step")
@@ -37,7 +38,8 @@ class TrainMetrics:
         self.reserved = memory.labels(*values, "gpu_reserved_peak")
         self.host = memory.labels(*values, "host_resident")
         self.loss = gauge("tokenrig_train_loss", "Training loss of the last step")
-        self.steps = Counter("tokenrig_train_steps", "Finished steps by phase", names + ["phase"], registry=self.registry)
+        self.steps = Counter("tokenrig_train_steps", "Finished steps by phase", names + ["phase"],
+                             registry=self.registry)
         self.label_values = values
 
     def observe(self, record: StepRecord) -> None:
@@ -53,7 +55,7 @@ class TrainMetrics:
         self.host.set(record.host_rss_bytes)
         if record.gpu_allocated_peak_bytes is not None:
             self.allocated.set(record.gpu_allocated_peak_bytes)
-            self.reserved.set(record.gpu_reserved_peak_bytes)
+            self.reserved.set(record.gpu_reserved_peak_bytes or 0)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

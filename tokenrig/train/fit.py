@@ -73,7 +73,7 @@ def plan_training_fit(spec: TrainSpec, moment_bytes: int = 8) -> TrainFit:
     n = model.num_params
     if spec.mode == "pretrain":
         frozen, trained = 0, n
-        weights = weight_bytes(model, "bf16")
+        weights: float = weight_bytes(model, "bf16")
     else:
         trained = lora_params(model, spec.lora_rank, spec.lora_targets)
         # QLoRA's NF4 weights take ~0.5 byte each with their scales, as 4-bit group-128 checkpoints do

@@ -47,10 +47,11 @@ def find_matrix(name_or_path: str) -> Path:
 
 def expand(matrix: MatrixFile, overrides: dict | None = None) -> list[TrainSpec]:
     """The matrix's TrainSpecs; `overrides` (e.g. from the command line) apply to every run."""
-    specs = expand_each(matrix, overrides)
-    for spec in specs:
+    specs = []
+    for spec in expand_each(matrix, overrides):
         if isinstance(spec, TrainSpecError):
             raise spec
+        specs.append(spec)
     return specs
 
 
@@ -74,10 +75,13 @@ def expand_each(matrix: MatrixFile, overrides: dict | None = None) -> list[Train
 def choose(specs: list[TrainSpec | TrainSpecError], only: list[int] | None) -> list[tuple[int, TrainSpec]]:
     """(number, spec) of the runs numbered in `only` (1-based; all if None). Only those must be able to run
     here: `--runs 3` of a matrix whose run 2 is QLoRA still runs on CPU."""
-    chosen = [(i, s) for i, s in enumerate(specs, start=1) if not only or i in only]
-    for _, spec in chosen:
+    chosen = []
+    for number, spec in enumerate(specs, start=1):
+        if only and number not in only:
+            continue
         if isinstance(spec, TrainSpecError):
             raise spec
+        chosen.append((number, spec))
     return chosen
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,8 +19,12 @@ from torch import nn
 from tokenrig.train.kernels import apply_liger, compile_blocks
 from tokenrig.train.spec import TrainSpec
 
-FLASH_ATTN_MISSING = ("attention=flash_attention_2 needs the flash-attn package (GPU only): pip install 'tokenrig[flash]'; "
-                      "--attention sdpa runs PyTorch's own FlashAttention-2 kernels for causal BF16 on Ampere and newer")
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+FLASH_ATTN_MISSING = ("attention=flash_attention_2 needs the flash-attn package (GPU only): "
+                      "pip install 'tokenrig[flash]'; --attention sdpa runs PyTorch's own FlashAttention-2 kernels "
+                      "for causal BF16 on Ampere and newer")
 BITSANDBYTES_MISSING = ("mode=qlora needs bitsandbytes (a GPU-only optional extra): "
                         "pip install 'tokenrig[qlora]' or pip install bitsandbytes")
 
@@ -35,7 +40,8 @@ def build_model(spec: TrainSpec, device: torch.device, ds_config: dict) -> nn.Mo
     if spec.zero == 3:
         import deepspeed
 
-        importlib.import_module("torch._dynamo")  # imported lazily it would meet zero.Init's patched tensor constructors
+        # imported lazily it would meet zero.Init's patched tensor constructors
+        importlib.import_module("torch._dynamo")
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # import the modeling module now, for the same reason
@@ -73,7 +79,7 @@ def add_lora(model: nn.Module, spec: TrainSpec) -> nn.Module:
     return model
 
 
-def quantize_decoder_linears_4bit(model: nn.Module, device: torch.device) -> None:
+def quantize_decoder_linears_4bit(model: PreTrainedModel, device: torch.device) -> None:
     """Replace every linear layer inside the decoder with a bitsandbytes NF4 Linear4bit (LM head stays BF16).
 
     This is what loading a checkpoint with BitsAndBytesConfig(load_in_4bit, nf4, double quant,
@@ -100,7 +106,8 @@ def quantize_decoder_linears_4bit(model: nn.Module, device: torch.device) -> Non
             setattr(module, name, quantized)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    model.is_loaded_in_4bit = True  # what transformers' 4-bit loader sets; peft then wraps with its bnb LoRA layer
+    # what transformers' 4-bit loader sets (an attribute it does not declare); peft then wraps with its bnb LoRA layer
+    setattr(model, "is_loaded_in_4bit", True)
     torch.cuda.empty_cache()
 
 

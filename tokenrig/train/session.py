@@ -100,7 +100,8 @@ def run_training(spec: TrainSpec, results: Path, monitor: MonitorOptions | None 
                                            "launcher_command": command, "gpu_profile": spec.gpu_profile.model_dump(),
                                            "model_profile": spec.model_profile.model_dump(),
                                            "train_packages": _package_versions(), **environment_facts()})
-    flops = training_flops(spec.model_profile, spec.seq_len, spec.mode, spec.recompute, spec.lora_rank, spec.lora_targets)
+    flops = training_flops(spec.model_profile, spec.seq_len, spec.mode, spec.recompute, spec.lora_rank,
+                           spec.lora_targets)
     metrics = target = None
     if monitor is not None:
         from tokenrig.train.exporter import TrainMetrics
@@ -143,7 +144,7 @@ def run_training(spec: TrainSpec, results: Path, monitor: MonitorOptions | None 
             except (subprocess.TimeoutExpired, KeyboardInterrupt):
                 _signal_group(process, signal.SIGKILL)
                 process.wait()
-    if target:
+    if monitor is not None and target:
         wait_for_final_scrape(monitor.linger_s)
         target.remove()
     return finish(spec, run_dir, process.returncode, interrupted, say, (prices or {}).get(spec.gpu_profile.key))
@@ -209,7 +210,8 @@ def render(summary: dict) -> str:
             f"  measured steps     {summary['measured_steps']} (after {summary['warmup_steps']} warm-up)",
             f"  step time          median {step['median'] * 1e3:.1f} ms  p10 {step['p10'] * 1e3:.1f}  "
             f"p90 {step['p90'] * 1e3:.1f}  stdev {step['stdev'] * 1e3:.1f}",
-            f"  tokens/s           {summary['tokens_per_s']:,.0f} total, {summary['tokens_per_s_per_gpu']:,.0f} per GPU",
+            f"  tokens/s           {summary['tokens_per_s']:,.0f} total, "
+            f"{summary['tokens_per_s_per_gpu']:,.0f} per GPU",
             f"  TFLOP/s per GPU    {summary['achieved_tflops_per_gpu']:.2f} model, "
             f"{summary['hardware_tflops_per_gpu']:.2f} hardware"
             + (f" (peak {summary['peak_tflops_per_gpu']:g})" if summary.get("mfu") is not None else ""),
@@ -230,8 +232,9 @@ def render(summary: dict) -> str:
         lines.append(f"  host memory peak   {memory['host_rss_peak_bytes'] / 2**30:.2f} GiB RSS (rank 0)")
     if "breakdown_check" in summary:
         check = summary["breakdown_check"]
-        lines.append(f"  breakdown          rows sum to {check['rows_total_ms']:.1f} ms vs {check['profiled_step_ms']:.1f} ms "
-                     f"timed ({check['deviation']:.1%} apart, tolerance {check['tolerance']:.0%}): "
-                     f"{'ok' if check['ok'] else 'OUTSIDE TOLERANCE'}; {breakdown.overhead_text(check['profiler_overhead'])}")
+        verdict = "ok" if check["ok"] else "OUTSIDE TOLERANCE"
+        lines.append(f"  breakdown          rows sum to {check['rows_total_ms']:.1f} ms vs "
+                     f"{check['profiled_step_ms']:.1f} ms timed ({check['deviation']:.1%} apart, tolerance "
+                     f"{check['tolerance']:.0%}): {verdict}; {breakdown.overhead_text(check['profiler_overhead'])}")
     lines.append(f"  results            {summary['run_id']}")
     return "\n".join(lines)

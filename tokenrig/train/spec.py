@@ -77,7 +77,8 @@ class TrainSpec(BaseModel):
     def _check(self) -> TrainSpec:
         gpu, model = self.gpu_profile, self.model_profile  # raise UnknownProfileError with the known names
         if self.offload == "params" and self.zero != 3:
-            raise TrainSpecError("offload=params needs ZeRO stage 3 (--zero 3); ZeRO-1/2 can only offload the optimizer")
+            raise TrainSpecError("offload=params needs ZeRO stage 3 (--zero 3); "
+                                 "ZeRO-1/2 can only offload the optimizer")
         if self.offload == "optimizer" and self.zero == 0:
             raise TrainSpecError("offload=optimizer needs ZeRO stage 1, 2 or 3 (--zero 1|2|3)")
         if self.mode == "qlora" and gpu.key == "cpu":
@@ -106,7 +107,8 @@ class TrainSpec(BaseModel):
             raise TrainSpecError(f"seq_len={self.seq_len} exceeds {model.key}'s context of {model.max_context}")
         unknown = set(self.lora_targets) - set(projection_shapes(model))
         if unknown:
-            raise TrainSpecError(f"lora_targets {sorted(unknown)} unknown; choose from {', '.join(projection_shapes(model))}")
+            known = ", ".join(projection_shapes(model))
+            raise TrainSpecError(f"lora_targets {sorted(unknown)} unknown; choose from {known}")
         if self.hostfile is None and self.nodes > 1:
             raise TrainSpecError("nodes > 1 needs a DeepSpeed hostfile (--hostfile), one line per node: 'host slots=N'")
         return self
@@ -175,7 +177,7 @@ def make_spec(**fields) -> TrainSpec:
 def _cli_fields() -> dict[str, Any]:
     """TrainSpec's fields that are `tokenrig train` flags: name -> pydantic FieldInfo, in declaration order."""
     return {name: info for name, info in TrainSpec.model_fields.items()
-            if CLI_HELP in (info.json_schema_extra or {})}
+            if isinstance(info.json_schema_extra, dict) and CLI_HELP in info.json_schema_extra}
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:

@@ -38,6 +38,9 @@ def summarize(spec: TrainSpec, steps: list[StepRecord], price_usd_per_hour: floa
         times = np.array([s.step_time_s for s in measured])
         tokens_per_s = spec.tokens_per_step * len(times) / times.sum()
         per_gpu = tokens_per_s / spec.world_size
+        mfu: float | None
+        hfu: float | None
+        mfu_6n: float | None
         achieved, mfu = utilisation(flops.model_per_token, per_gpu, peak)
         hardware, hfu = utilisation(flops.hardware_per_token, per_gpu, peak)
         _, mfu_6n = utilisation(flops.nominal_6n_per_token, per_gpu, peak)

@@ -122,7 +122,8 @@ def release_shm_allreduce_buffer(rank: int) -> None:
     """
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{rank}"
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
     (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
@@ -134,7 +135,7 @@ def train_step(engine, spec: TrainSpec, device: torch.device, phase_ranges: bool
     from tokenrig.train.breakdown import PHASE_PREFIX
 
     vocab = spec.model_profile.vocab_size
-    loss_value = 0.0
+    loss_value = torch.zeros(())
     for _ in range(spec.grad_accum):
         tokens = torch.randint(0, vocab, (spec.micro_batch, spec.seq_len), device=device)
         with record_function(PHASE_PREFIX + "forward") if phase_ranges else nullcontext():
@@ -178,7 +179,7 @@ def run(run_dir: Path) -> int:
             stopped, step = measure_steps(engine, spec, device, sink, stop)
             if spec.profile_steps and not stopped:
                 profile_steps(engine, spec, device, run_dir, rank, sink, step)
-        status = "interrupted" if stopped or stop.set else "ok"
+        status: typing.Literal["interrupted", "ok"] = "interrupted" if stopped or stop.set else "ok"
     except torch.OutOfMemoryError as error:
         write_outcome(run_dir, Outcome(status="oom", rank=rank, message=str(error).splitlines()[0][:400]))
         return 3
