@@ -10,15 +10,14 @@ counts against the tokenizer's, cache full or not.
 """
 
 import json
+import random
 import socket
 import threading
 import time
 
-import random
-
 from tests.conftest import instant_server_env, load_summary, run_cli, run_dir_of
-from tokenrig.loadgen.records import read_records
 from tokenrig.loadgen.tokens import TokenCounter
+from tokenrig.metrics.records import read_records
 from tokenrig.serve.tokenizer import build_tokenizer, content_words
 
 BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "tiny"}

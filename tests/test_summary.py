@@ -4,10 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tokenrig.loadgen.records import RequestRecord
+from tokenrig.metrics.distribution import distribution
+from tokenrig.metrics.records import RequestRecord
+from tokenrig.metrics.run_summary import SCHEMA_VERSION, RunSummary, SummaryVersionError
+from tokenrig.metrics.summary import RunFacts, summarize
 from tokenrig.report.console import render
-from tokenrig.report.run_summary import SCHEMA_VERSION, RunSummary, SummaryVersionError
-from tokenrig.report.summary import RunFacts, distribution, summarize
 
 
 def record(i, scheduled_at, ttft, offsets, tokens, e2e, usage, error=None, lag=0.0, in_window=True):
@@ -166,3 +167,14 @@ def test_a_summary_from_a_newer_tokenrig_is_refused_by_name():
     document = json.loads(OLD_SUMMARIES[0].read_text())
     with pytest.raises(SummaryVersionError, match="upgrade tokenrig"):
         RunSummary.from_json({**document, "schema_version": SCHEMA_VERSION + 1})
+
+
+def test_a_step_stopped_early_ends_its_window_when_the_load_stopped():
+    facts = RunFacts(duration_s=60, warmup_s=5, cooldown_s=2, plan_start_unix=100.0, target_rate=None,
+                     client_cpu_fraction=0.0)
+    assert facts.window() == (105.0, 158.0)
+    stopped = RunFacts(**{**vars(facts), "stopped_after_s": 20.0})  # the cool-down still follows the stop
+    assert stopped.window() == (105.0, 120.0)
+    at_once = RunFacts(**{**vars(facts), "stopped_after_s": 1.0})  # never a window of no length
+    assert at_once.window() == pytest.approx((105.0, 105.001))
+    assert summarize([], at_once).window.seconds == pytest.approx(0.001)

@@ -30,7 +30,7 @@ from tokenrig.capacity.inputs import MeasuredStep
 from tokenrig.capacity.operators import ChosenProfile, OperatorModel
 from tokenrig.capacity.simulate import EngineSetup, RequestBook, replay
 from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
-from tokenrig.report.run_summary import RunSummary
+from tokenrig.metrics.run_summary import RunSummary
 from tokenrig.serve.engines.sim import RooflineParams
 
 FIGURES = ("ttft_p50_s", "tpot_p50_s", "output_tokens_per_s")

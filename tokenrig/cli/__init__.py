@@ -25,7 +25,7 @@ from tokenrig.exit_status import BAD_INPUT, DOES_NOT_FIT, FAILED, INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokenrig.loadgen.records import RecordWriteError
+    from tokenrig.metrics.records import RecordWriteError
     from tokenrig.loadgen.scenario import ScenarioError
     from tokenrig.monitor.exporter import ExporterPortError
     from tokenrig.profiles import UnknownProfileError

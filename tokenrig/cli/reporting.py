@@ -17,8 +17,8 @@ def cmd_capacity(args) -> int:
     from tokenrig.loadgen.load_profiles import FindMax
     from tokenrig.loadgen.scenario import ScenarioError, load_scenario
     from tokenrig.profiles import resolve_gpu, resolve_model
-    from tokenrig.report.rundir import write_json
-    from tokenrig.report.slo import SloError, parse_slos
+    from tokenrig.jsonfile import write_json
+    from tokenrig.metrics.slo import SloError, parse_slos
     from tokenrig.serve.fit import normalise_quant
 
     if not args.inputs and not args.backend:

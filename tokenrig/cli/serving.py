@@ -109,7 +109,7 @@ def cmd_loadtest(args) -> int:
 
     from tokenrig.loadgen.overrides import LoadOverrides, plan_run
     from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES, ScenarioError, load_scenario
-    from tokenrig.report.slo import SloError, parse_slos
+    from tokenrig.metrics.slo import SloError, parse_slos
 
     if args.ca_cert:
         if not args.ca_cert.is_file():

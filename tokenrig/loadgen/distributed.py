@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 
 from tokenrig.loadgen.driver import LoadOutcome, cpu_seconds, drive, freeze_heap
 from tokenrig.loadgen.plan import LoadPlan
-from tokenrig.loadgen.records import RequestRecord
+from tokenrig.metrics.records import RequestRecord
 from tokenrig.loadgen.scenario import Scenario
 from tokenrig.loadgen.users import USER_CLASSES, LoadContext
 from tokenrig.loadgen.workload import Workload
