@@ -3,12 +3,13 @@ requests.csv and the Prometheus exporter: a metric registered here, in the test 
 judged and shown with no other change. The metrics core imports none of the modules that read it."""
 
 import ast
+import csv
 import json
 from pathlib import Path
 
 import pytest
 
-from tokenrig.metrics.records import RequestRecord
+from tokenrig.metrics.records import JsonlSink, RequestRecord
 from tokenrig.metrics.registry import METRICS, Metric, by_row, compared_metrics, stepped_metrics
 from tokenrig.metrics.run_summary import RunSummary
 from tokenrig.metrics.slo import SloError, judge, parse_slos
@@ -17,6 +18,8 @@ from tokenrig.metrics.verdict import SloWatch, StepResult
 from tokenrig.monitor.exporter import RUN_LABELS, LoadgenMetrics, PrometheusSink
 from tokenrig.report.compare import compare_runs, markdown
 from tokenrig.report.console import render, render_steps
+from tokenrig.report.export import write_csv
+from tokenrig.report.runs import find_runs
 
 METRICS_CORE = Path(__file__).parents[1] / "tokenrig" / "metrics"
 # the core's readers: it must import none of them
@@ -27,6 +30,10 @@ READERS = ("tokenrig.loadgen", "tokenrig.report", "tokenrig.capacity", "tokenrig
 DECODE = Metric("decode", "DECODE", "Decode time", "Time after the first token, per request",
                 lambda record: [] if record.e2e_s is None else [record.e2e_s - record.ttft_s], row=4,
                 csv_column="decode_s", stepped=True)
+
+
+def _quiet(line: str) -> None:
+    pass
 
 
 @pytest.fixture
@@ -96,7 +103,7 @@ def test_a_registered_metric_is_parsed_summarised_judged_and_stopped_on(decode_m
     assert watch.decided() and watch.verdict == "missed"
 
 
-def test_a_registered_metric_is_shown_on_the_console_in_search_rows_and_in_compare(decode_metric, tmp_path):
+def test_a_registered_metric_is_shown_on_the_console_in_search_rows_in_compare_and_in_csv(decode_metric, tmp_path):
     summary = summarize(RECORDS, FACTS)
     decode_line = next(line for line in render(summary, "t").splitlines() if line.startswith("DECODE"))
     assert decode_line.split()[1] == "550.0"  # p50 in ms
@@ -111,9 +118,18 @@ def test_a_registered_metric_is_shown_on_the_console_in_search_rows_and_in_compa
     run = tmp_path / "run"
     run.mkdir()
     summary.write(run / "summary.json")
-    (run / "metadata.json").write_text(json.dumps({"run_id": "run", "server": {"backend": "sim"}}))
+    (run / "metadata.json").write_text(json.dumps({"run_id": "run", "server": {"backend": "sim"}, "scenario": {}}))
     table = markdown(compare_runs([tmp_path]))
     assert "| DECODE p50 / p99 ms |" in table and "| 550.0 / 991.0 |" in table
+
+    sink = JsonlSink(run / "requests.jsonl")
+    for r in RECORDS:
+        sink.write(r)
+    sink.close()
+    requests_csv, _ = write_csv(find_runs([run], progress=_quiet), tmp_path / "csv", progress=_quiet)
+    with requests_csv.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["decode_s"]) for row in rows] == pytest.approx([1.0 - 0.1 * i for i in range(10)])
 
 
 def test_a_registered_metric_is_exported_to_prometheus(decode_metric):

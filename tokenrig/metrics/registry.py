@@ -30,7 +30,7 @@ class Metric:
     unit: str = "s"
     per_token: bool = False  # a value per token: a request's own figure is its percentile of its samples
     from_due_time: bool = False  # counted from the request's due time, so a late send adds its lag to it
-    csv_column: str | None = None  # requests.csv's column of the per-request value, where no record field has it
+    csv_column: str | None = None  # requests.csv's column of a per-request value no record field holds already
     compared: bool = True  # a column of `loadtest --compare`'s table
     stepped: bool = False  # p50 and p99 columns of every step table (search.json rows, sweep and search charts)
 

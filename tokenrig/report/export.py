@@ -44,8 +44,8 @@ def write_csv(runs: Runs, directory: Path, progress=print) -> tuple[Path, Path]:
                     row = {"run_id": run.run_id, "step": step.label,
                            **{k: v for k, v in vars(record).items() if k not in REQUEST_SKIPPED},
                            "ok": record.ok, "output_tokens": record.output_tokens,
-                           **{metric.csv_column: metric.request_value(record, 50) for metric in METRICS.values()
-                              if metric.csv_column},
+                           **{metric.csv_column: metric.request_value(record, percentile=50)
+                              for metric in METRICS.values() if metric.csv_column},
                            "chunks": len(record.chunk_offsets_s)}
                     if writer is None:
                         writer = csv.DictWriter(handle, list(row))
