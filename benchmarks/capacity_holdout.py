@@ -127,9 +127,9 @@ def project(case: Case, search, steps, searches, profiles, progress, options=Non
     step = best[0]
     setup = calibration.model.setup(question.model, question.gpus[0], case.quant, row.tp)
     at_measured = replay(setup, planner.book(), step.load, search.slos).summary
-    latency = at_measured.latency_s
-    case.projected_ttft_p99_s = latency.ttft.p99 if latency.ttft else None
-    case.projected_tpot_p99_s = latency.tpot.p99 if latency.tpot else None
+    ttft, tpot = at_measured.latency_s.get("ttft"), at_measured.latency_s.get("tpot")
+    case.projected_ttft_p99_s = ttft.p99 if ttft else None
+    case.projected_tpot_p99_s = tpot.p99 if tpot else None
 
 
 def table(cases: list[Case]) -> str:

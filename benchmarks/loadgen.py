@@ -153,7 +153,7 @@ def tokenrig_level(url: str, streams: int, duration: float, core: int, workdir: 
     if not (summary.server or {}).get("scrapes_in_window"):
         raise RuntimeError(f"tokenrig did not scrape the server's /metrics: {summary.server}")
     return {"tool": "tokenrig", "streams": streams, "tokens_per_s": summary.throughput.output_tokens_per_s,
-            "ttft_p50_s": latency.ttft.p50, "itl_p99_s": latency.itl.p99,
+            "ttft_p50_s": latency.get("ttft").p50, "itl_p99_s": latency.get("itl").p99,
             "client_cpu": health.client_cpu_fraction, "valid": health.valid}
 
 

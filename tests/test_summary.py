@@ -48,7 +48,7 @@ def test_summary_windows_errors_and_health():
                                    "excluded_warmup_cooldown": 1, "errors_by_type": {"HTTP 500": 1},
                                    "error_examples": {"HTTP 500": "HTTP 500: boom"}, "error_rate": pytest.approx(1 / 3),
                                    "max_error_rate": 0.05, "too_many_errors": True}
-    assert summary.latency_s.ttft.p50 == pytest.approx(0.25)
+    assert summary.latency_s.get("ttft").p50 == pytest.approx(0.25)
     # 5 tokens of requests 2 and 3 arrive in the 9-s window, plus none of request 1 (it ended at start+0.7)
     assert summary.throughput.output_tokens_per_s == pytest.approx(5 / 9)
     assert summary.load_generator.valid
@@ -63,7 +63,7 @@ def test_a_window_shorter_than_every_request_says_so_instead_of_reporting_nothin
     start = 1000.0
     records = [record(i, start, 0.5, [0.5, 21.0], [1, 1], 21.0, 2, in_window=False) for i in range(32)]
     summary = summarize(records, RunFacts(20, 3, 0, start, None, client_cpu_fraction=0.02))
-    assert summary.requests.measured == 0 and summary.latency_s.ttft is None
+    assert summary.requests.measured == 0 and summary.latency_s.get("ttft") is None
     assert summary.window.problem == ("no request was scheduled inside the 17.0-s window "
                                             "(requests took 21.0 s, median E2E); lengthen --duration")
     assert "NO MEASUREMENT: no request was scheduled" in render(summary, "t")

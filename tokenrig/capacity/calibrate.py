@@ -51,7 +51,7 @@ SEQUENCE_OVERHEAD_GRID = (1e-6, 3e-5, 1e-3)
 
 def figures(summary: RunSummary) -> dict[str, float]:
     latency = summary.latency_s
-    return {"ttft_p50_s": latency.ttft.p50, "tpot_p50_s": latency.tpot.p50,
+    return {"ttft_p50_s": latency.get("ttft").p50, "tpot_p50_s": latency.get("tpot").p50,
             "output_tokens_per_s": summary.throughput.output_tokens_per_s}
 
 
@@ -172,7 +172,7 @@ class Calibrator:
     def predict(self, step: MeasuredStep, model: EngineModel) -> dict[str, float]:
         setup = model.setup(resolve_model(step.model), resolve_gpu(step.gpu), step.quant, step.tp, batch_limits(step))
         summary = replay(setup, self.book(step), step.load).summary
-        if not summary.latency_s.ttft or not summary.latency_s.tpot:
+        if not summary.latency_s.get("ttft") or not summary.latency_s.get("tpot"):
             return {k: math.inf for k in FIGURES}
         return figures(summary)
 
