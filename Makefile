@@ -25,7 +25,7 @@ DECODE_CONFIGS ?= eager sdpa sdpa+graphs+kvpad=1024
 LOAD_ARGS = --gpu $(GPU) --model $(MODEL) --backend $(BACKEND) \
 	$(if $(USERS),--users $(USERS)) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
-.PHONY: setup setup-vllm setup-sglang loadtest serve train finetune train-matrix train-gpu-run test test-fast monitor dashboards bench-loadgen bench-capacity bench-hf-decode bench-search report capacity clean
+.PHONY: setup setup-vllm setup-sglang loadtest serve train finetune train-matrix train-gpu-run train-mfu-campaign lint test test-fast monitor dashboards bench-loadgen bench-capacity bench-hf-decode bench-search report capacity clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only)"
@@ -75,9 +75,19 @@ train-matrix: setup
 train-gpu-run: setup
 	PY=$(BIN)/python OUT=results/gpu-run RES=results/gpu-run/runs bash docs/results/train_gpu_run.sh
 
+# ruff (style, pyflakes, import order, 120 columns) over the repository and mypy over tokenrig/ (pyproject.toml)
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# on one GPU: the MFU ladder of 7B pre-training (SDPA backend, compile, Liger, optimizer, host syncs, batch), then
+# the study-7b points the memory planner says fit the card (docs/results/train_mfu_campaign.sh)
+train-mfu-campaign: setup
+	PY=$(BIN)/python OUT=results/mfu-campaign RES=results/mfu-campaign/runs bash docs/results/train_mfu_campaign.sh
+
 # two at a time on the machine's cores, each file on one worker (its servers start once); then the tests marked
 # `timing` alone, since they judge latencies against a schedule that a neighbouring test's load would move
-test: setup
+test: setup lint
 	@status=0; \
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not timing" --durations=15 || status=$$?; \
 	$(BIN)/python -m pytest -q -m timing --durations=10 || status=$$?; \
@@ -85,7 +95,7 @@ test: setup
 
 # the inner loop, < 60 s: every test that starts no server or CLI process (tests/conftest.py marks those e2e)
 # and is not marked slow
-test-fast: setup
+test-fast: setup lint
 	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
 # one offline HTML report (and CSV exports) of run directories: make report RUNS="results/RUN_A results/RUN_B"

@@ -60,9 +60,10 @@ def server_spec(args, config: dict):
                         kv_padding_tokens=config["kv_padding_tokens"], quant_kernel=args.quant_kernel)
     # +kv=N: the server's --kv-cache-tokens after the planner's, and the last one given counts
     kv_override = ["--kv-cache-tokens", str(config["kv_tokens"])] if config["kv_tokens"] else []
-    return ServerSpec(backend="hf", model=resolve_model(args.model), gpu=gpu, device="cpu" if gpu.key == "cpu" else "cuda",
-                      quant=args.quant, attention=config["attention"], concurrency=args.concurrency,
-                      max_model_len=args.max_model_len, options=options, extra_args=kv_override)
+    return ServerSpec(backend="hf", model=resolve_model(args.model), gpu=gpu,
+                      device="cpu" if gpu.key == "cpu" else "cuda", quant=args.quant, attention=config["attention"],
+                      concurrency=args.concurrency, max_model_len=args.max_model_len, options=options,
+                      extra_args=kv_override)
 
 
 def served_engine(spec):
@@ -138,7 +139,8 @@ def run_child(args, config_text: str) -> dict:
     env = dict(os.environ, **dry_run_plan(server_spec(args, parse_config(config_text)), 0).env)  # as the server's
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     if result.returncode != 0:
-        return {**parse_config(config_text), "error": (result.stderr.strip().splitlines() or ["exit " + str(result.returncode)])[-1]}
+        last_line = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        return {**parse_config(config_text), "error": last_line}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -152,8 +154,9 @@ def table(results: list[dict], roofline_ms: float, args) -> str:
         if "error" in r:
             lines.append(f"| {r['label']} | | | | | | | failed: {r['error'][:120]} |")
             continue
-        lines.append(f"| {r['label']} | {r['kv_tokens']} | {r['load_s']:.1f} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | "
-                     f"{1e3 / r['tpot_ms']:.1f} | {roofline_ms / r['tpot_ms']:.1%} | {r['tpot_ms'] / baseline:.2f}x |")
+        lines.append(f"| {r['label']} | {r['kv_tokens']} | {r['load_s']:.1f} | {r['ttft_ms']:.1f} | "
+                     f"{r['tpot_ms']:.2f} | {1e3 / r['tpot_ms']:.1f} | {roofline_ms / r['tpot_ms']:.1%} | "
+                     f"{r['tpot_ms'] / baseline:.2f}x |")
     return "\n".join(lines)
 
 

@@ -53,7 +53,10 @@ TABLE_START, TABLE_END = "<!-- benchmarks/loadgen.py writes from here -->", "<!-
 SCENARIO = f"""name: loadgen-capacity
 source: benchmark
 requests:
-  - {{name: fixed, api: chat, input_tokens: {{dist: fixed, value: 64}}, output_tokens: {{dist: fixed, value: {TOKENS}}}}}
+  - name: fixed
+    api: chat
+    input_tokens: {{dist: fixed, value: 64}}
+    output_tokens: {{dist: fixed, value: {TOKENS}}}
 load: {{type: concurrency, users: 1, duration_s: 10, warmup_s: {WARMUP_S:g}, ramp_s: {RAMP_S:g}}}
 """
 
@@ -193,6 +196,7 @@ def best_us(statement, calls: int, per_call: int = 1) -> float:
 def per_chunk_profile() -> dict[str, float]:
     """Microseconds per streamed chunk of each step of tokenrig's per-chunk path, and of what it replaced."""
     import orjson
+
     from refserver import render_stream
     from tokenrig.loadgen.clients.openai import content_fast, parse_openai_chunk
     from tokenrig.loadgen.tokens import TokenCounter
@@ -213,7 +217,8 @@ def per_chunk_profile() -> dict[str, float]:
     return {
         "timestamp (perf_counter)": us(time.perf_counter),
         "content, byte-level fast path (kept)": us(lambda: content_fast(line)),
-        "content, orjson.loads + extraction (the fallback)": us(lambda: parse_openai_chunk(orjson.loads(line[5:].strip()))),
+        "content, orjson.loads + extraction (the fallback)": us(
+            lambda: parse_openai_chunk(orjson.loads(line[5:].strip()))),
         "content, json.loads + extraction (was every chunk)": us(
             lambda: parse_openai_chunk(json.loads(line[5:].strip()))),
         "token count, looked up once the request has ended (kept)": us(lambda: count(reply), per_call=TOKENS),
@@ -228,9 +233,10 @@ def per_request_profile() -> dict[str, float]:
     import orjson
     from prometheus_client import CollectorRegistry, Histogram
     from prometheus_client.parser import text_string_to_metric_families
+
+    from tokenrig.loadgen.tokens import TokenCounter
     from tokenrig.metrics.records import RequestRecord
     from tokenrig.metrics.registry import METRICS
-    from tokenrig.loadgen.tokens import TokenCounter
     from tokenrig.monitor.exporter import LATENCY_BUCKETS, RUN_LABELS, LoadgenMetrics
     from tokenrig.serve.scrape import parse_metrics
     from tokenrig.serve.tokenizer import build_tokenizer, content_words
@@ -272,11 +278,12 @@ def per_request_profile() -> dict[str, float]:
 def environment(load_before: float) -> str:
     """Machine, versions and load, for the record of a measurement."""
     from importlib.metadata import version
+
     from tokenrig.loadgen.ceiling import cpu_model
 
     cpu = cpu_model()
-    packages = ", ".join(f"{name} {version(name)}" for name in ("gevent", "geventhttpclient", "locust", "tokenizers", "orjson",
-                                                                      "prometheus-client"))
+    packages = ", ".join(f"{name} {version(name)}" for name in (
+        "gevent", "geventhttpclient", "locust", "tokenizers", "orjson", "prometheus-client"))
     return (f"Host {os.uname().nodename}: {os.cpu_count()} × {cpu}, Linux {os.uname().release}; Python "
             f"{sys.version.split()[0]}, {packages}. Load average (1 min) {load_before:.2f} before, "
             f"{os.getloadavg()[0]:.2f} after (the benchmark's own two busy processes included).")
@@ -313,7 +320,8 @@ def render(rows: list[dict], profile: dict, request_profile: dict, server_core: 
              f"{client_core}; closed loop, streams started evenly over one request's length; a fresh server per row. "
              "The server runs SCHED_FIFO, each client nice -20 in a session of its own, where allowed.", "",
              "err = the client's figure − the server's own (its send log, same requests window). "
-             f"A row whose server lateness p99 exceeds {MAX_SERVER_LATENESS_P99_S * 1000:.0f} ms is marked invalid.", "",
+             f"A row whose server lateness p99 exceeds {MAX_SERVER_LATENESS_P99_S * 1000:.0f} ms is marked invalid.",
+             "",
              "| tool | streams | tokens/s | TTFT p50 err ms | ITL p99 err ms | true TTFT p50 / ITL p99 ms "
              "| server late p50 / p99 / max ms | client CPU | CPU per 1k tok/s | within goal |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -332,8 +340,11 @@ def render(rows: list[dict], profile: dict, request_profile: dict, server_core: 
         cells = []
         for tool in others:
             theirs = pairs.get((streams, tool))
-            cells += ([f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}", f"{ours['cpu_per_1k'] / theirs['cpu_per_1k']:.2f}"]
-                      if ours and theirs and theirs["cpu_per_1k"] else ["-", "-"])
+            if ours and theirs and theirs["cpu_per_1k"]:
+                cells += [f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}",
+                          f"{ours['cpu_per_1k'] / theirs['cpu_per_1k']:.2f}"]
+            else:
+                cells += ["-", "-"]
         lines.append(f"| {streams} | " + " | ".join(cells) + " |")
     lines += ["", "Per-chunk work of tokenrig's stream reader (µs per chunk, best of 3 × 100k):", ""]
     lines += [f"- {step}: {value:.2f}" for step, value in profile.items()]
@@ -362,7 +373,8 @@ def main() -> int:
                     row = measure_level(tool, streams, args.duration, client_core, server_core, Path(tmp))
                     rows.append(row)
                     print(f"{tool:>9} {streams:4d} streams: {row['tokens_per_s']:8.0f} tok/s  "
-                          f"TTFT p50 err {row['ttft_err_s'] * 1000:+6.2f} ms  ITL p99 err {row['itl_err_s'] * 1000:+6.2f} ms  "
+                          f"TTFT p50 err {row['ttft_err_s'] * 1000:+6.2f} ms  "
+                          f"ITL p99 err {row['itl_err_s'] * 1000:+6.2f} ms  "
                           f"server late p99 {row['truth']['late_p99_s'] * 1000:.3f} ms  CPU {row['client_cpu']:.0%}",
                           flush=True)
         except KeyboardInterrupt:
@@ -384,8 +396,9 @@ def report_ceiling(rows: list[dict], save: bool, measured: str) -> None:
 
     row = measured_ceiling(rows)
     if row is None:
-        print(f"no tokenrig row within goal: this machine's ceiling is not measured ({per_core_ceiling().chunks_per_s:,} "
-              f"chunks/s a process stays in use, {per_core_ceiling().source})")
+        shipped = per_core_ceiling()
+        print(f"no tokenrig row within goal: this machine's ceiling is not measured ({shipped.chunks_per_s:,} "
+              f"chunks/s a process stays in use, {shipped.source})")
         return
     line = (f"this machine's ceiling: {row['tokens_per_s']:,.0f} chunks/s per load-generator process "
             f"(the {row['streams']}-stream row)")

@@ -232,7 +232,8 @@ class Types:
                 if kind == "enum":
                     members = self.enum_members(found[1])
                     ints = all(isinstance(v, int) for v in members.values())
-                    return [("enum", found[1].name, tuple(str(v) for v in members.values()) if ints else tuple(members))]
+                    values = tuple(str(v) for v in members.values()) if ints else tuple(members)
+                    return [("enum", found[1].name, values)]
                 return [(kind, found[1].name, found[2])]
         return [("other", name)]
 
@@ -514,7 +515,8 @@ def serve_parser(source: Source, types: Types) -> dict:
     arg_utils = "vllm.engine.arg_utils"
     classes = source.symbols(arg_utils)
     for class_name in ("EngineArgs", "AsyncEngineArgs"):
-        method = next(n for n in classes[class_name][1].body if isinstance(n, ast.FunctionDef) and n.name == "add_cli_args")
+        method = next(n for n in classes[class_name][1].body
+                      if isinstance(n, ast.FunctionDef) and n.name == "add_cli_args")
         engine = ParserReader(source, types, arg_utils)
         engine.run(method, arg_utils)
         reader.options += engine.options

@@ -10,10 +10,15 @@ against a schedule, which another test's load on the same two cores would move.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
+import hashlib
 import inspect
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +35,8 @@ from tokenrig.serve.spec import ServerSpec
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 VLLM_0_26_PAGE = Path(__file__).resolve().parent / "fixtures" / "vllm-0.26.0-metrics.txt"
-# built from SGLang 0.5.17's metric definitions, not captured (its header says how: scripts/make_sglang_metrics_fixture.py)
+# built from SGLang 0.5.17's metric definitions, not captured
+# (its header says how: scripts/make_sglang_metrics_fixture.py)
 SGLANG_0_5_17_PAGE = Path(__file__).resolve().parent / "fixtures" / "sglang-0.5.17-metrics-under-load.txt"
 
 
@@ -43,6 +49,16 @@ def _per_session_state(tmp_path_factory):
     # the shipped load-generator ceiling, whatever `make bench-loadgen` saved on this machine (tests that need a
     # measured one point this elsewhere)
     os.environ[CEILING_FILE_ENV] = str(tmp_path_factory.mktemp("ceiling") / "none.json")
+    # DeepSpeed compiles its CPU communication op on a training run's first use (1-2 min on 2 cores) into one
+    # directory per op name, shared by every virtualenv on the machine; a build by another venv, or by another
+    # ninja (the venv's 1.13 and Debian's 1.11 hash the same command line differently), makes the next run rebuild
+    # it. The tests keep the build of this venv and of the ninja on their PATH.
+    ninja = hashlib.sha1(str(shutil.which("ninja")).encode()).hexdigest()[:8]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch-extensions" / f"ninja-{ninja}"))
+    # One thread per torch process: the suite runs two tests at a time on two cores, each with a server, the CLI or
+    # two DeepSpeed ranks, where torch's default of a thread per core has each process's OpenMP threads wait on
+    # each other's time slices (the tiny models here gain nothing from a second thread)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     yield
 
 
@@ -79,9 +95,19 @@ def sim_server(tmp_path_factory):
 def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `tokenrig ...` as a user would, in its own process (Locust patches the interpreter); `env` adds to
-    this process's environment."""
-    return subprocess.run([sys.executable, "-m", "tokenrig.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd or REPO, env={**os.environ, **(env or {})})
+    this process's environment. On a timeout, or when the test is stopped, its whole process group goes: killing
+    the CLI alone left DeepSpeed's launcher and ranks (or a server it started) loading the tests after it."""
+    with subprocess.Popen([sys.executable, "-m", "tokenrig.cli", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=cwd or REPO, env={**os.environ, **(env or {})},
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def without_torch(tmp_path: Path) -> dict[str, str]:
@@ -133,6 +159,22 @@ def known_engine_runs(tmp_path_factory):
     return runs
 
 
+@pytest.fixture(scope="session")
+def known_engine_capacity(known_engine_runs, tmp_path_factory):
+    """`tokenrig capacity` answered once from the known-engine runs, for the tests that read its answer: the A800
+    measured (its search), an L40S and the H200 projected from the engine's calibration, 20 req/s asked for, the
+    L40S at $1.00/h. Its SLO is not the 300 ms the A800 search ran for: the steps are judged again from their
+    records; looser, so that the search's best full step (its probes are first looks, never answers) surely meets it."""
+    directory = tmp_path_factory.mktemp("known-engine-capacity")
+    answer = types.SimpleNamespace(slo="ttft_p90=350ms", json=directory / "capacity.json",
+                                   csv=directory / "capacity.csv")
+    answer.result = run_cli("capacity", "--from", *map(str, known_engine_runs.values()), "--gpu", "a800,l40s,h200",
+                            "--model", "7b", "--scenario", str(DATA / "capacity.yaml"), "--slo", answer.slo,
+                            "--target-rps", "20", "--price", "l40s=1.00", "--out", str(answer.json), "--csv",
+                            str(answer.csv), timeout=600)
+    return answer
+
+
 # What starts a process or a server when a test calls it: these helpers and classes (OpenAIServer: tokenrig's
 # HTTP server, in the test's process), subprocess's functions, and a fixture looked up by name at run time
 # (request.getfixturevalue), which may be a server.
@@ -180,6 +222,11 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.e2e)
         if "known_engine_runs" in item.fixturenames:  # its sweeps and search judge the load generator's timing
             item.add_marker(pytest.mark.timing)
+    # The files with the most process-starting tests first: `make test` hands each file whole to one of its two
+    # workers (--dist loadfile), in this order, so the long files start early and the short ones fill in at the end
+    # (in name order the training runs' file, minutes of DeepSpeed launches, started near the end and ran alone)
+    starts = collections.Counter(item.path for item in items if item.get_closest_marker("e2e"))
+    items.sort(key=lambda item: -starts[item.path])  # stable: each file's tests keep their order
 
 
 _running_unit_test: list[str] = []  # the node id of the test running now, when it is not e2e

@@ -28,7 +28,8 @@ from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-VLLM_PROGRAMS = (["vllm"], ["-m", "vllm.entrypoints.cli.main"])  # `vllm ...` or `<python> -m vllm.entrypoints.cli.main ...`
+# `vllm ...` or `<python> -m vllm.entrypoints.cli.main ...`
+VLLM_PROGRAMS = (["vllm"], ["-m", "vllm.entrypoints.cli.main"])
 TGI_QUANTIZE = ["awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4",
                 "bitsandbytes-fp4", "fp8"]
 TGI_ATTENTION = {"paged", "flashdecoding", "flashinfer"}

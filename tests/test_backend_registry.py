@@ -39,7 +39,8 @@ def test_the_scraper_reads_every_engines_names_for_its_figures():
         assert names == metric_names(figure)
         for backend in BACKENDS.values():
             assert set(backend.metrics.get(figure, ())) <= set(names)
-    assert scrape.GAUGES["running"] == ("vllm:num_requests_running", "sglang:num_running_reqs", "tgi_batch_current_size")
+    assert scrape.GAUGES["running"] == (
+        "vllm:num_requests_running", "sglang:num_running_reqs", "tgi_batch_current_size")
 
 
 def test_default_clients_and_recorded_engine_versions_come_from_the_registry():

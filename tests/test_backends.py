@@ -97,8 +97,21 @@ def test_hf_command_parses_with_tokenrigs_server_parser(quant, attention):
     assert args.compile_level == 1 and args.cuda_graphs is True and args.max_num_seqs == 16
     assert args.kv_padding_tokens == 1024
     eager = args.attn_implementation == "eager"
-    assert args.kv_cache_tokens == plan.fit.kv_capacity_tokens
+    assert 0.85 * plan.fit.kv_capacity_tokens < args.kv_cache_tokens < plan.fit.kv_capacity_tokens
     assert args.max_batch_tokens < 8192 if eager else args.max_batch_tokens == 8192
+
+
+def test_hf_paged_cache_leaves_room_for_transformers_masks_and_read_back_on_an_h100():
+    # 7B on one H100: the plan's 61.1 GB of KV was refused by transformers' footprint check (65.4 GB with its
+    # read-back and masks > 63.9 GB available); the launched cache must pay for both inside the KV budget
+    plan = launch_plan(spec("hf", model="7b", gpu="h100-sxm", quant="bf16"), MODEL_DIR, 8125)
+    fit, command = plan.fit, plan.command
+    tokens = int(command[command.index("--kv-cache-tokens") + 1])
+    step = int(command[command.index("--max-batch-tokens") + 1])
+    kv, layers = fit.kv_bytes_per_token, 32
+    footprint = tokens * kv * (1 + 1 / layers) + 2 * 2 * step * (tokens + step)
+    assert footprint <= fit.kv_budget_bytes < footprint + kv
+    assert 100_000 < tokens < 110_000 < fit.kv_capacity_tokens
 
 
 @pytest.mark.parametrize("backend,kwargs,message", [
@@ -121,7 +134,8 @@ def test_hf_plans_for_the_one_gpu_it_runs_on():
                             quant="gptq", options=HfOptions(quant_kernel="gptq_triton")), MODEL_DIR, 1)
     args = build_parser().parse_args(plan.command[3:])
     one_gpu = plan_fit(resolve_model("7b"), resolve_gpu("h200"), "gptq", concurrency=64, context_tokens=1024, tp=1)
-    assert plan.fit.tp == 1 and args.kv_cache_tokens == one_gpu.kv_capacity_tokens
+    assert plan.fit.tp == 1 and plan.fit.kv_capacity_tokens == one_gpu.kv_capacity_tokens
+    assert 0.85 * one_gpu.kv_capacity_tokens < args.kv_cache_tokens < one_gpu.kv_capacity_tokens
     assert args.quant_kernel == "gptq_triton" and args.max_num_seqs == 64
     # 138 GB of 70B bf16 weights exceed one H200's 129 GB usable: refused, not silently planned for two
     with pytest.raises(FitError, match="does not fit on 1 x h200"):

@@ -13,8 +13,8 @@ from tests.conftest import REPO
 def test_hf_decode_times_each_configuration_in_its_own_process(tmp_path):
     out = tmp_path / "decode"
     result = subprocess.run(
-        [sys.executable, "benchmarks/hf_decode.py", "--configs", "eager", "sdpa+kv=2048", "sdpa+graphs+kvpad=1024", "--prompt-tokens", "64",
-         "--output-tokens", "9", "--repeats", "1", "--out", str(out)],
+        [sys.executable, "benchmarks/hf_decode.py", "--configs", "eager", "sdpa+kv=2048", "sdpa+graphs+kvpad=1024",
+         "--prompt-tokens", "64", "--output-tokens", "9", "--repeats", "1", "--out", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     document = json.loads(out.with_suffix(".json").read_text())
@@ -107,8 +107,8 @@ def test_capacity_holdout_leaves_each_configuration_out(tmp_path):
                    *(results / "serve-breakdown-h100-2026-12-07").glob("vllm-[bf]*")]:
         shutil.copytree(source, inputs / source.name)
     out = tmp_path / "holdout.json"
-    result = subprocess.run([sys.executable, "benchmarks/capacity_holdout.py", "--from", str(inputs), "--json", str(out),
-                             "--max-step", "15", "--precision", "0.2", "--quiet"],
+    result = subprocess.run([sys.executable, "benchmarks/capacity_holdout.py", "--from", str(inputs),
+                             "--json", str(out), "--max-step", "15", "--precision", "0.2", "--quiet"],
                             capture_output=True, text=True, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     cases = {case["quant"]: case for case in json.loads(out.read_text())["cases"]}

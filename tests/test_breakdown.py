@@ -18,7 +18,7 @@ from tokenrig.capacity.operators import Batch, OperatorModel, Shapes, fit_operat
 from tokenrig.profiles import resolve_gpu, resolve_model
 
 # kernel names as vLLM 0.26 on Hopper launches them (cuBLAS nvjet GEMMs, FlashAttention 3, compiled elementwise)
-QKV, O, GATE_UP, DOWN = ("nvjet_tst_128x64_64x4_1x2_h_bz_coopA_NNT",) * 4
+QKV, O_PROJ, GATE_UP, DOWN = ("nvjet_tst_128x64_64x4_1x2_h_bz_coopA_NNT",) * 4
 ATTN = "void flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90<2, cute::tuple<cute::C<1>>, cutlass::bfloat16_t>>"
 NORM = "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0"
 ACT = "triton_poi_fused_mul_silu_slice_1"
@@ -28,7 +28,7 @@ SAMPLE = "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, 
 
 
 def _layer() -> list[str]:
-    return [NORM, QKV, ROPE, CACHE, ATTN, O, NORM, GATE_UP, ACT, DOWN]
+    return [NORM, QKV, ROPE, CACHE, ATTN, O_PROJ, NORM, GATE_UP, ACT, DOWN]
 
 
 def _step(names: list[str], composition=StepComposition(0, 0, 4, 4, 0, 0, 400)) -> ProfiledStep:
@@ -102,6 +102,33 @@ def test_breakdown_sums_classes_and_idle():
     assert result.by_kind["decode"].mean_decode_kv_tokens == 400
 
 
+def test_a_stop_request_during_a_profiled_step_ends_the_trace_when_the_step_ends(tmp_path):
+    """/stop_profile (on another thread) while the engine runs a profiled forward: the forward ends, then the
+    trace is written, once (stopping torch's profiler under the open step annotation crashed the process)."""
+    import threading
+
+    import torch
+
+    from tokenrig.serve.engines.step_profiler import StepProfiler
+
+    profiler = StepProfiler(tmp_path, max_steps=5)
+
+    class Model:
+        def forward(self, hidden, **_batch):
+            stop = threading.Thread(target=profiler.request_stop)
+            stop.start()
+            stop.join()
+            return hidden * 2
+
+    model = Model()
+    profiler.wrap(model)
+    profiler.request_start()
+    output = model.forward(torch.ones(2), cu_seq_lens_q=torch.tensor([0, 1]), cu_seq_lens_k=torch.tensor([0, 8]))
+    assert output.tolist() == [2.0, 2.0]
+    assert model.forward(torch.ones(1)).tolist() == [2.0]  # stopped: later forwards are not profiled
+    assert [path.name for path in tmp_path.iterdir()] == [profiler.last_trace.name]
+
+
 def test_annotations_parse_in_both_of_vllms_forms():
     detailed = "execute_70_context_1(sq64sk64sqsq4096sqsk4096)_generation_6(sq6sk900sqsq6sqsk900)"
     assert parse_annotation(detailed) == StepComposition(1, 64, 6, 6, 64, 4096, 900)
@@ -171,7 +198,8 @@ def test_operator_model_fit_recovers_its_parameters():
         per_class = {"attention_decode" if not prefill else "attention_mixed": times.pop("attention") * 1000}
         per_class.update({name: value * 1000 for name, value in times.items()})
         rows.append(StepRow(prefill_requests=1 if prefill else 0, prefill_tokens=prefill, decode_requests=decode,
-                            decode_tokens=decode, prefill_kv_tokens=prefill, prefill_attention_pairs=batch.prefill_attention_pairs,
+                            decode_tokens=decode, prefill_kv_tokens=prefill,
+                            prefill_attention_pairs=batch.prefill_attention_pairs,
                             decode_kv_tokens=batch.decode_kv_tokens, span_ms=sum(per_class.values()),
                             per_class_ms=per_class))
     profiled = OperatorBreakdown(source="generated", device="gpu", steps=len(rows), span_s=0, classes={}, by_kind={},

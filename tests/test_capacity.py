@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import DATA, KNOWN_ROOFLINE, REPO, VLLM_0_26_PAGE, run_cli, run_dir_of, start_server
 from tokenrig.capacity.calibrate import Calibrator, EngineModel, HeldOut, figures
 from tokenrig.capacity.cost import ReplicaCapacity, size
-from tokenrig.capacity.inputs import read_results, recorded_batch_limits
+from tokenrig.capacity.inputs import read_results
 from tokenrig.capacity.simulate import VirtualSearch
 from tokenrig.capacity.table import CSV_COLUMNS, render
 from tokenrig.cli import main
@@ -23,6 +23,7 @@ from tokenrig.metrics.run_summary import RunSummary
 from tokenrig.metrics.slo import judge, parse_slos
 from tokenrig.metrics.verdict import StepResult
 from tokenrig.profiles import gpu_profiles, resolve_gpu
+from tokenrig.report.run_metadata import ServerFacts
 from tokenrig.serve.engines.sim import RooflineParams
 from tokenrig.serve.remote import read_metrics_page
 from tokenrig.serve.spec import SimOptions
@@ -117,14 +118,9 @@ def test_calibration_recovers_the_known_roofline_and_predicts_an_unseen_gpu(know
 
 
 
-def test_capacity_answers_measured_and_projected_rows_cheapest_first(known_engine_runs, tmp_path):
-    out, table = tmp_path / "capacity.json", tmp_path / "capacity.csv"
-    # not the 300 ms the A800 search ran for: its steps are judged again from their records. Looser, so that its
-    # best full step (its probes are first looks, never answers) surely meets it
-    slo = "ttft_p90=350ms"
-    result = run_cli("capacity", "--from", *map(str, known_engine_runs.values()), "--gpu", "a800,l40s,h200",
-                     "--model", "7b", "--scenario", str(DATA / "capacity.yaml"), "--slo", slo, "--target-rps", "20",
-                     "--price", "l40s=1.00", "--out", str(out), "--csv", str(table), timeout=600)
+def test_capacity_answers_measured_and_projected_rows_cheapest_first(known_engine_runs, known_engine_capacity):
+    out, table, slo, result = (known_engine_capacity.json, known_engine_capacity.csv, known_engine_capacity.slo,
+                               known_engine_capacity.result)
     assert result.returncode == 0, result.stdout + result.stderr
     document = json.loads(out.read_text())
     rows = {row["gpu"]: row for row in document["rows"]}
@@ -231,7 +227,9 @@ def test_a_url_run_records_what_was_declared_and_told_and_capacity_places_it(tmp
                       "served_model": "llama2-7b", "declared": ["backend", "gpu", "max_num_seqs", "model"],
                       "reported": {"owned_by": "tokenrig", "engine": "tokenrig", "max_model_len": 4096,
                                    "kv_cache": kv_cache},
-                      "batch_limits": {"max_num_seqs": 1}}
+                      "batch_limits": {"max_num_seqs": 1, "kv_cache_tokens": kv_cache["kv_cache_size_tokens"],
+                                       "kv_cache_blocks": kv_cache["num_gpu_blocks"], "kv_block_tokens": 16,
+                                       "gpu_memory_utilization": 0.9}}  # declared, then told
     assert "--backend vllm declared, but the server at" in shorter_result.stdout  # tokenrig's server said otherwise
     steps, searches = read_results([runs])
     assert len(searches) == 2 and {(s.engine, s.gpu, s.model, s.max_num_seqs) for s in steps} == {
@@ -294,16 +292,6 @@ def test_every_projected_rows_basis_reaches_the_console():
         assert f"note: {row['gpu']} bf16 vllm: projected, {row['basis']}" in text
 
 
-def test_batch_limits_are_read_from_metadata_old_and_new():
-    """A run records them as `batch_limits`; the runs in docs/results recorded only the server command."""
-    old = json.loads((REPO / "docs/results/serve-h200-vllm-followup-2026-11-30b/13b-64u"
-                      / "20261130-154059-chat-vllm-llama2-13b-h200/metadata.json").read_text())["server"]
-    assert recorded_batch_limits(old) == (64, 8192)
-    structured = {"backend": "vllm", "batch_limits": {"max_num_seqs": 1}, "command": old["command"]}
-    assert recorded_batch_limits(structured) == (1, 8192)  # what is recorded as such first, the command for the rest
-    assert recorded_batch_limits({"backend": "url", "gpu": "remote"}) == (None, None)
-
-
 @pytest.mark.parametrize("rate", ["-5", "0", "nan"])
 def test_a_target_rate_that_is_no_rate_is_refused_at_once(rate, tmp_path, capsys):
     """Refused by the command line itself, before any run is read (it once sized 0 GPUs for -5 req/s)."""
@@ -331,7 +319,8 @@ def test_a_probe_is_no_answer_of_a_projected_or_measured_search(tmp_path):
     assert search.best_step() is met
 
     scenario = load_scenario("chat")
-    steps = [MeasuredStep(tmp_path / name, {"backend": "vllm", "gpu": "h100-sxm", "model": "llama2-7b"}, scenario,
+    server = ServerFacts(backend="vllm", gpu="h100-sxm", model="llama2-7b")
+    steps = [MeasuredStep(tmp_path / name, server, scenario,
                           scenario.load, result.summary) for name, result in (("1", probe), ("2", saturated), ("3", met))]
     rows = [{"load": s.load, "stopped_early": s.stopped_early, "probe": s.probe} for s in (probe, saturated, met)]
     slos = parse_slos("ttft_p99=500ms")

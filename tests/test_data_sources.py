@@ -7,8 +7,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from tests.conftest import DATA, run_cli, run_dir_of
+from tokenrig.errors import UsageError
 from tokenrig.loadgen.data import with_data
-from tokenrig.loadgen.scenario import ScenarioError, load_scenario, parse_scenario
+from tokenrig.loadgen.scenario import load_scenario, parse_scenario
 from tokenrig.loadgen.workload import Workload
 from tokenrig.metrics.records import read_records
 from tokenrig.profiles import resolve_model
@@ -89,7 +90,7 @@ def test_inline_synthetic_lengths_fixed_and_distributed(tokenizer):
     (str(DATA / "vllm-0.26.0-cli.json"), "a ShareGPT file is a JSON list"),
 ])
 def test_bad_data_is_one_line_naming_the_flag(data, message):
-    with pytest.raises(ScenarioError, match="--data") as error:
+    with pytest.raises(UsageError, match="--data") as error:
         with_data(load_scenario("chat"), data)
     assert message in str(error.value) and "\n" not in str(error.value)
 

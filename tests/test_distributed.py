@@ -1,5 +1,6 @@
 """Distributed load: a master and 2 local workers split one schedule and merge every record."""
 
+import json
 import os
 import re
 import signal
@@ -13,6 +14,8 @@ import pytest
 
 from tests.conftest import REPO, load_summary, run_cli, run_dir_of
 from tests.schedule import assert_latency_follows_schedule
+from tokenrig.loadgen.plan import LoadPlan
+from tokenrig.loadgen.scenario import LoadPlanSpec
 from tokenrig.metrics.records import read_records
 
 ARGS = ("loadtest", "--backend", "sim", "--sim-ttft-ms", "100", "--sim-tpot-ms", "10",
@@ -20,19 +23,22 @@ ARGS = ("loadtest", "--backend", "sim", "--sim-ttft-ms", "100", "--sim-tpot-ms",
 
 
 def run(tmp_path, *extra):
+    """The run's records, summary and the load plan it followed."""
     result = run_cli(*ARGS, "--results", str(tmp_path), *extra, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = run_dir_of(result)
-    return read_records(run_dir / "requests.jsonl"), load_summary(run_dir)
+    load = LoadPlanSpec.model_validate(json.loads((run_dir / "metadata.json").read_text())["scenario"]["load"])
+    return read_records(run_dir / "requests.jsonl"), load_summary(run_dir), LoadPlan(load)
 
 
 @pytest.mark.timing
 def test_two_workers_send_the_single_process_schedule_and_merge_exactly(tmp_path):
-    single, single_summary = run(tmp_path / "one", "--seed", "7")
-    merged, summary = run(tmp_path / "two", "--workers", "2", "--seed", "7")
+    single, single_summary, plan = run(tmp_path / "one", "--seed", "7")
+    merged, summary, _ = run(tmp_path / "two", "--workers", "2", "--seed", "7")
 
-    # the same seeded schedule, each arrival sent exactly once by one of the workers
-    assert sorted(r.arrival_index for r in merged) == sorted(r.arrival_index for r in single) == list(range(len(single)))
+    # the same seeded schedule, each of its arrivals sent exactly once by one of the workers
+    assert sorted(r.arrival_index for r in merged) == sorted(r.arrival_index for r in single) == list(
+        range(plan.scheduled_total))
 
     def offsets(records):
         start = min(r.scheduled_at for r in records)
@@ -58,10 +64,13 @@ def test_two_workers_send_the_single_process_schedule_and_merge_exactly(tmp_path
 
 @pytest.mark.timing
 def test_the_tgi_client_runs_on_workers(tmp_path):
-    """`--client tgi --workers 2`: each worker sends its share through TGI's /generate_stream."""
-    records, summary = run(tmp_path, "--client", "tgi", "--workers", "2")
+    """`--client tgi --workers 2`: each worker sends its share through TGI's /generate_stream, every arrival of the
+    plan once. Seeded: the Poisson plan of an unseeded run has a random number of arrivals (72 on average, fewer
+    than 60 in 6 % of seeds)."""
+    records, summary, plan = run(tmp_path, "--client", "tgi", "--workers", "2", "--seed", "7")
     assert [w["index"] for w in summary["load_generator"]["workers"]] == [0, 1]
-    assert sorted(r.arrival_index for r in records) == list(range(len(records))) and len(records) >= 60
+    planned = plan.scheduled_total
+    assert planned >= 60 and sorted(r.arrival_index for r in records) == list(range(planned))
     assert all(r.ok for r in records), {r.error for r in records}
     # details.generated_tokens is TGI's count; the TGI route reports no prompt usage (the OpenAI one does)
     assert all(r.output_tokens_usage == r.output_tokens_tokenizer == 50 and r.prompt_tokens_usage is None

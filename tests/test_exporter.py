@@ -17,7 +17,8 @@ ITL = "tokenrig_request_itl_seconds"
 def samples(registry: CollectorRegistry, family_name: str) -> dict:
     page = generate_latest(registry).decode()
     family = next(f for f in text_string_to_metric_families(page) if f.name == family_name)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples if not s.name.endswith("_created")}
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for s in family.samples if not s.name.endswith("_created")}
 
 
 def test_itl_histogram_fed_in_bulk_exposes_what_one_observation_a_gap_does():

@@ -3,8 +3,17 @@
 import pytest
 
 from tokenrig.profiles import resolve_gpu, resolve_model
-from tokenrig.serve.fit import (FitError, UnknownQuantError, evaluate, kv_bytes_per_token_per_gpu, linear_bytes,
-                                load_in_flight, plan_fit, tp_is_valid, weight_bytes)
+from tokenrig.serve.fit import (
+    FitError,
+    UnknownQuantError,
+    evaluate,
+    kv_bytes_per_token_per_gpu,
+    linear_bytes,
+    load_in_flight,
+    plan_fit,
+    tp_is_valid,
+    weight_bytes,
+)
 
 
 def test_weight_bytes_per_quantization_of_llama2_7b():

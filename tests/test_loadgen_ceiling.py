@@ -7,8 +7,16 @@ import json
 import pytest
 
 from tests.conftest import REPO, run_cli
-from tokenrig.loadgen.ceiling import (CEILING_FILE_ENV, capacity_advice, expected_chunk_rate, free_cores,
-                                       per_core_ceiling, save_ceiling, this_machine, workers_needed)
+from tokenrig.loadgen.ceiling import (
+    CEILING_FILE_ENV,
+    capacity_advice,
+    expected_chunk_rate,
+    free_cores,
+    per_core_ceiling,
+    save_ceiling,
+    this_machine,
+    workers_needed,
+)
 from tokenrig.loadgen.plan import trace_schedule
 from tokenrig.loadgen.scenario import load_scenario
 from tokenrig.metrics.health import CHUNKS_PER_S_PER_CORE, SHIPPED, Ceiling
@@ -71,8 +79,8 @@ def test_loadtest_cites_the_ceiling_measured_on_this_machine(tmp_path):
 
 def test_loadtest_says_before_starting_that_a_plan_exceeds_one_core():
     users = int(CHUNKS_PER_S_PER_CORE * 0.010 * 2) + 1  # at 10 ms a token: just over two cores' worth
-    result = run_cli("loadtest", "--backend", "sim", "--model", "tiny", "--scenario", str(TIMING), "--users", str(users),
-                     "--sim-ttft-ms", "10", "--sim-tpot-ms", "10", "--dry-run")
+    result = run_cli("loadtest", "--backend", "sim", "--model", "tiny", "--scenario", str(TIMING),
+                     "--users", str(users), "--sim-ttft-ms", "10", "--sim-tpot-ms", "10", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert f"warning: this plan streams about {users * 100:,} chunks/s" in result.stdout
     assert "it needs --workers 3" in result.stdout
@@ -88,7 +96,8 @@ def test_summary_is_invalid_past_the_ceiling_per_load_process():
     requests = int(CHUNKS_PER_S_PER_CORE * 1.5) // per_request
     records = [RequestRecord(request_id=i, request_class="c", api="chat", scheduled_at=100.0, send_lag_s=0.0,
                              slot_late=False, in_window=True, prompt_tokens_sent=8, max_tokens=per_request, status=200,
-                             ttft_s=0.001, e2e_s=1.0, chunk_offsets_s=[(k + 1) / per_request for k in range(per_request - 1)],
+                             ttft_s=0.001, e2e_s=1.0,
+                             chunk_offsets_s=[(k + 1) / per_request for k in range(per_request - 1)],
                              chunk_tokens=[1] * (per_request - 1), output_tokens_usage=per_request - 1)
                for i in range(requests)]
     facts = dict(duration_s=1.0, warmup_s=0.0, cooldown_s=0.0, plan_start_unix=100.0, target_rate=None,
@@ -101,7 +110,8 @@ def test_summary_is_invalid_past_the_ceiling_per_load_process():
     measured = Ceiling(CHUNKS_PER_S_PER_CORE * 2, "measured on this machine")  # a faster core measured here
     faster = summarize(records, RunFacts(**facts, ceiling=measured)).load_generator
     assert faster.valid and faster.chunks_per_s_ceiling == CHUNKS_PER_S_PER_CORE * 2, faster.problems
-    slower = summarize(records, RunFacts(**facts, load_processes=2, ceiling=Ceiling(4_000, "measured here"))).load_generator
+    slower_facts = RunFacts(**facts, load_processes=2, ceiling=Ceiling(4_000, "measured here"))
+    slower = summarize(records, slower_facts).load_generator
     assert any("above the 4,000 one core times exactly (measured here)" in p for p in slower.problems)
     # a failed request's tokens are not throughput, but the client timed its chunks all the same
     failed = [dataclasses.replace(record, error="JSONDecodeError: garbage after the stream") for record in records]

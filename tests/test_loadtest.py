@@ -28,6 +28,7 @@ def test_hf_tiny_load_test_end_to_end(tmp_path):
     metadata = json.loads((run_dir / "metadata.json").read_text())
     assert metadata["server"]["backend"] == "hf" and "tokenrig.serve.server" in " ".join(metadata["server"]["command"])
     assert metadata["versions"]["torch"] and metadata["scenario"]["name"] == "timing"
+    assert metadata["schema_version"] == 1 and metadata["server"]["batch_limits"]["max_batch_tokens"]
     records = read_records(run_dir / "requests.jsonl")
     assert len(records) >= 8
     assert all(r.ok for r in records), [r.error for r in records if not r.ok]

@@ -3,9 +3,10 @@ for, where the seed comes from, and the refusals, worded for the flags."""
 
 import pytest
 
+from tokenrig.errors import UsageError
 from tokenrig.loadgen.load_profiles import FindMax, SingleRun, Sweep
 from tokenrig.loadgen.overrides import LoadOverrides, plan_run
-from tokenrig.loadgen.scenario import Scenario, ScenarioError
+from tokenrig.loadgen.scenario import Scenario
 from tokenrig.metrics.slo import parse_slos
 
 REQUESTS = [{"name": "short", "api": "chat", "input_tokens": {"dist": "fixed", "value": 64},
@@ -72,6 +73,23 @@ def test_a_user_sweep_keeps_the_scenarios_load_for_the_profile_to_vary():
     assert (run.scenario.load.type, run.scenario.load.rate) == ("poisson", 2.0)
 
 
+def test_find_max_over_a_ramped_closed_loop_scenario_steps_open_loop_without_the_ramp():
+    run = plan_run(CLOSED, LoadOverrides(find_max=True), SLOS)
+    step = run.profile.next_step(run.scenario.load, SLOS, []).load
+    assert (step.type, step.rate, step.ramp_s, step.users, step.seed) == ("poisson", 1.0, 0, 4, 11)
+
+
+def test_a_user_sweep_step_is_a_closed_loop_keeping_its_ramp():
+    step = Sweep(loads=(3.0,), users=True).step_load(CLOSED.load.as_open_loop(2.0), 3.0, None, step=1)
+    assert (step.type, step.users, step.rate, step.ramp_s, step.seed) == ("concurrency", 3, None, 0, 12)
+    assert Sweep(loads=(3.0,), users=True).step_load(CLOSED.load, 3.0, None, step=0).ramp_s == 2
+
+
+def test_the_throughput_mode_drops_every_other_shape_and_takes_its_streams_from_the_in_flight_cap():
+    load = plan_run(STAGED, LoadOverrides(rate=float("inf"), max_in_flight=32), None).scenario.load
+    assert (load.type, load.users, load.rate, load.stages, load.trace) == ("throughput", 32, None, None, None)
+
+
 @pytest.mark.parametrize("overrides, slos, message", [
     (LoadOverrides(users=2, rate=1.0), None, "give --users (closed loop) or --rate (open loop), not both"),
     (LoadOverrides(find_max=True), None, "--find-max needs --slo, e.g. --slo ttft_p99=500ms,tpot_p99=50ms"),
@@ -89,7 +107,7 @@ def test_a_user_sweep_keeps_the_scenarios_load_for_the_profile_to_vary():
      "give --find-max (search for the highest rate within the SLOs) or --sweep (run the rates given), not both"),
 ])
 def test_settings_that_do_not_go_together_are_refused_by_flag(overrides, slos, message):
-    with pytest.raises(ScenarioError) as error:
+    with pytest.raises(UsageError) as error:
         plan_run(CLOSED, overrides, slos)
     assert str(error.value) == message
 

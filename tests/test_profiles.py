@@ -49,7 +49,8 @@ def test_cli_unknown_gpu_is_a_clear_error():
 
 def test_cli_malformed_arguments_are_rejected():
     result = run_cli("loadtest", "--users", "many")
-    assert result.returncode == 2 and "argument --users: a whole number of users" in result.stderr and "'many'" in result.stderr
+    assert result.returncode == 2
+    assert "argument --users: a whole number of users" in result.stderr and "'many'" in result.stderr
     result = run_cli("loadtest", "--backend", "sim", "--duration", "-5", "--dry-run")
     assert result.returncode != 0 and "argument --duration: must be above 0" in result.stderr
 

@@ -352,8 +352,8 @@ def test_tokens_trust_the_stream_and_short_or_cut_streams_are_marked(tmp_path):
     short = [r for r in records if r.ok]
     assert short and all(r.output_tokens == 20 and r.truncated and r.output_tokens_usage == 999 for r in short)
     cut = [r for r in records if not r.ok]
-    assert cut and all(r.error.startswith("incomplete stream: the connection closed before [DONE], after 30 content chunks")
-                       for r in cut)
+    expected = "incomplete stream: the connection closed before [DONE], after 30 content chunks"
+    assert cut and all(r.error.startswith(expected) for r in cut)
     summary = load_summary(run_dir)
     tpot_p50 = summary["latency_s"]["tpot"]["p50"]
     # the summary's TPOT is over the requests due inside the window; a closed loop sends one more at its end

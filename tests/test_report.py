@@ -30,7 +30,8 @@ def test_timeline_counts_each_second_from_the_records_and_scrapes():
     records = [_record(1, 100.0, 0.1, 2.5, [0.5, 1.5, 2.5]),  # sent 100.1, tokens at 100.5/101.5/102.5, ends 102.5
                _record(2, 100.8, 0.0, 0.3, [0.3]),  # sent 100.8, ends 101.1
                _record(3, 101.2, 0.0, None, [], error="ConnectionRefusedError: refused")]  # fails at once, 101.2
-    scrapes = [{"t": 100.0, "running": 0, "waiting": 0}, {"t": 101.0, "running": 2, "waiting": 1, "kv_cache_usage": 0.5}]
+    scrapes = [{"t": 100.0, "running": 0, "waiting": 0},
+               {"t": 101.0, "running": 2, "waiting": 1, "kv_cache_usage": 0.5}]
     line = build(records, scrapes)
     assert line.t0 == 100.0 and line.seconds == [0.0, 1.0, 2.0]
     assert line.sent == [2, 1, 0]
@@ -41,18 +42,15 @@ def test_timeline_counts_each_second_from_the_records_and_scrapes():
 
 
 @needs_chromium
-def test_report_opens_in_headless_chromium_with_every_chart_drawn(known_engine_runs, tmp_path):
+def test_report_opens_in_headless_chromium_with_every_chart_drawn(known_engine_runs, known_engine_capacity, tmp_path):
     train = run_cli("train", "--steps", "2", "--warmup-steps", "1", "--profile-steps", "1",
                     "--results", str(tmp_path / "train"), timeout=300)
     assert train.returncode == 0, train.stdout + train.stderr
-    capacity = tmp_path / "capacity.json"
-    answered = run_cli("capacity", "--from", str(known_engine_runs["a800"]), "--gpu", "a800", "--model", "7b",
-                       "--scenario", str(DATA / "capacity.yaml"), "--slo", "ttft_p90=300ms", "--target-rps", "10",
-                       "--out", str(capacity))
+    answered, capacity = known_engine_capacity.result, known_engine_capacity.json  # measured and projected rows
     assert answered.returncode == 0, answered.stdout + answered.stderr
     out = tmp_path / "report.html"
-    result = run_cli("report", str(known_engine_runs["rtx3090"]), str(known_engine_runs["a800"]), str(tmp_path / "train"),
-                     "-o", str(out), "--capacity", str(capacity))
+    result = run_cli("report", str(known_engine_runs["rtx3090"]), str(known_engine_runs["a800"]),
+                     str(tmp_path / "train"), "-o", str(out), "--capacity", str(capacity))
     assert result.returncode == 0, result.stdout + result.stderr
     page = out.read_text()
     assert "<script src" not in page and "<link" not in page  # nothing fetched: plotly.js is inlined

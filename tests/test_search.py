@@ -250,6 +250,25 @@ def test_a_probe_that_bounds_the_answer_is_judged_again_by_a_full_step():
     assert result.next_rate == 64 and not result.next_probe and not result.stop_reason
 
 
+def test_the_full_step_that_judged_a_probes_rate_again_ends_the_bracket():
+    """A --url search at 3-s steps: the probe at 4 req/s missed (a first look), 2.67 met, the full step at 4 missed
+    too; the bracket is within its precision, so the search stops (it ran the full step at 4 again 13 times)."""
+    steps = [ttft_step(1, 0.05, 0, samples=20, probe=True), ttft_step(4, 0.25, 1, samples=20, probe=True),
+             ttft_step(2.667, 0.1, 0), ttft_step(4, 0.25, 1, samples=20)]
+    result = FindMax(precision=1.0).conclude(steps)
+    assert result.next_rate is None and result.stop_reason.startswith("bracketed"), result
+    assert (result.best, result.lowest_failing) == (2.667, 4)
+
+
+def test_a_scenario_whose_users_ramp_up_searches_open_loop_rates():
+    """A scenario's closed loop may spread its users' first requests (ramp_s); --find-max and a rate sweep step
+    through open-loop rates from it, which have no users to ramp (the step's plan was refused)."""
+    ramped = LoadPlanSpec(type="concurrency", users=8, ramp_s=0.8, duration_s=8, warmup_s=1.5)
+    for step in (FindMax().step_load(ramped, 2.0, parse_slos("ttft_p90=300ms"), 0),
+                 Sweep(loads=(2.0,)).step_load(ramped, 2.0, None, 0)):
+        assert (step.type, step.rate, step.ramp_s) == ("poisson", 2.0, 0)
+
+
 def test_probes_go_up_4x_while_far_under_the_slo_then_2x():
     far, near = ttft_step(8, 0.05, 0, samples=20, probe=True), ttft_step(8, 0.15, 0, samples=20, probe=True)
     assert FindMax().conclude([far]).next_rate == 32 and FindMax().conclude([near]).next_rate == 16
@@ -305,3 +324,21 @@ def test_the_conclusion_never_says_no_rate_met_when_a_row_did():
     assert result.best is None and result.next_rate is None and result.stop_reason.startswith("load generator invalid")
     table = render_steps(profile.document(steps), "t", parse_slos("ttft_p99=1s"))
     assert "no rate met every SLO with its load generator valid" in table and "no rate tried" not in table
+
+
+def test_once_a_full_step_refutes_a_probe_the_search_trusts_full_steps_only():
+    """13B on an H100: probes met at 8 and 16 req/s, full steps missed at 16.4 and 16, then the search spent
+    three full steps narrowing towards the probe at 8 (8.83, 8.2) before judging 8 itself (missed)."""
+    def measure(plan: StepPlan) -> StepResult:
+        knee = 16.0 if plan.probe else 7.3  # a short probe does not see this server's overload
+        sent = round(plan.value * 60)
+        return StepResult(plan.value, step_summary(60.0, sent, sent, slo_met=plan.value <= knee))
+
+    profile = FindMax(start_rate=8.0, precision=0.05)
+    result = profile.conclude(walk(profile, BASE, None, measure))
+    loads = [(round(step.load, 2), step.probe) for step in result.steps]
+    refuted = next(i for i, (load, probe) in enumerate(loads) if not probe and load <= 16)
+    # from the first full step at or below a probe that met: halving in full steps, then narrowing
+    assert loads[refuted + 1:refuted + 3] == [(8, False), (4, False)]
+    assert not any(probe for _, probe in loads[refuted:])
+    assert result.best <= 7.3 < result.lowest_failing and result.stop_reason.startswith("bracketed")

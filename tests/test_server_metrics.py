@@ -10,8 +10,14 @@ import requests
 from tests.conftest import DATA, SGLANG_0_5_17_PAGE, VLLM_0_26_PAGE, load_summary, run_cli, run_dir_of
 from tests.schedule import assert_latency_follows_schedule
 from tokenrig.metrics.records import read_records
-from tokenrig.serve.scrape import (COUNTERS, GAUGES, MetricsScraper, parse_metrics, summarize_server_metrics,
-                                   wait_server_idle)
+from tokenrig.serve.scrape import (
+    COUNTERS,
+    GAUGES,
+    MetricsScraper,
+    parse_metrics,
+    summarize_server_metrics,
+    wait_server_idle,
+)
 
 VLLM_PAGE = """# TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0",model_name="m"} 3.0

@@ -9,8 +9,15 @@ from tests.conftest import run_cli
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.backends import launch_plan
 from tokenrig.serve.server import build_engine, build_parser
-from tokenrig.serve.spec import (HfOptions, LaunchError, ServerSpec, SimOptions, TgiOptions, VllmOptions,
-                                 add_server_arguments)
+from tokenrig.serve.spec import (
+    HfOptions,
+    LaunchError,
+    ServerSpec,
+    SimOptions,
+    TgiOptions,
+    VllmOptions,
+    add_server_arguments,
+)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -26,8 +33,10 @@ def server_args(spec: ServerSpec) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--backend", "sim", "--prefix-caching"], "--prefix-caching is an option of the vllm/sglang/tgi backend, not of the sim"),
-    (["--backend", "hf", "--no-prefix-caching"], "--prefix-caching is an option of the vllm/sglang/tgi backend, not of the hf"),
+    (["--backend", "sim", "--prefix-caching"],
+     "--prefix-caching is an option of the vllm/sglang/tgi backend, not of the sim"),
+    (["--backend", "hf", "--no-prefix-caching"],
+     "--prefix-caching is an option of the vllm/sglang/tgi backend, not of the hf"),
     (["--backend", "tgi", "--gpu", "h200", "--nvls"], "--nvls is an option of the vllm/sglang backend, not of the tgi"),
     (["--backend", "vllm", "--gpu", "h200", "--cuda-graphs"], "--cuda-graphs is an option of the hf backend"),
     (["--backend", "vllm", "--gpu", "h200", "--compile-level", "0"], "--compile-level is an option of the hf"),
@@ -99,8 +108,9 @@ def test_sim_options_reach_the_server_as_given(options):
 
 
 def test_the_roofline_flags_set_the_engine_in_its_units():
-    engine, _ = build_engine(server_args(ServerSpec("sim", *_profiles("7b", "a800"), options=SimOptions(
-        sim_compute_efficiency=0.3, sim_bandwidth_efficiency=0.4, sim_step_overhead_ms=3, sim_sequence_overhead_us=20))))
+    options = SimOptions(sim_compute_efficiency=0.3, sim_bandwidth_efficiency=0.4, sim_step_overhead_ms=3,
+                         sim_sequence_overhead_us=20)
+    engine, _ = build_engine(server_args(ServerSpec("sim", *_profiles("7b", "a800"), options=options)))
     params = engine.params
     assert (params.compute_efficiency, params.bandwidth_efficiency) == (0.3, 0.4)
     assert params.step_overhead_s == pytest.approx(0.003) and params.sequence_overhead_s == pytest.approx(20e-6)
@@ -135,3 +145,12 @@ def test_options_of_another_backend_are_refused():
 
 def _profiles(model: str, gpu: str):
     return resolve_model(model), resolve_gpu(gpu)
+
+
+def test_a_user_sweep_plans_the_server_for_its_largest_step():
+    """A profiled hf sweep 1,8,32 on an H100 once ran every step on a server planned for 1 stream: 8 and 32 users
+    queued behind --max-num-seqs 1."""
+    dry = run_cli("loadtest", "--backend", "hf", "--gpu", "h100-sxm", "--model", "7b", "--scenario", "chat",
+                  "--users", "sweep", "--sweep", "1,8,32", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "--max-num-seqs 32" in dry.stdout

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import run_cli
 from tests.engine_flags import DATA, parse_sglang, regenerate, sglang_cli
 from tests.test_backends import MODEL_DIR, spec
-from tokenrig.serve.backends import BACKENDS, batch_limits, launch_plan
+from tokenrig.serve.backends import BACKENDS, launch_plan
 from tokenrig.serve.backends import sglang as sglang_backend
 from tokenrig.serve.launcher import LaunchedServer
 from tokenrig.serve.spec import LaunchError, SglangOptions
@@ -67,11 +67,12 @@ def test_prefix_caching_memory_and_batch_limits_follow_the_flags():
     on = launch_plan(spec("sglang", model="7b", gpu="h100-sxm", options=SglangOptions(prefix_caching=True)),
                      MODEL_DIR, 1)
     assert not parse_sglang(on.command, on.env).disable_radix_cache
+    assert (off.batch_limits.max_num_seqs, off.batch_limits.max_batch_tokens) == (64, off.fit.prefill_chunk_tokens)
+    assert off.batch_limits.gpu_memory_utilization == 0.85 and on.batch_limits.gpu_memory_utilization is None
+    # how a run recorded before the structured limits is read: the same limits from its command line
     limits = BACKENDS["sglang"].batch_limits(off.command)
-    assert (limits.max_seqs, limits.max_batch_tokens) == (64, off.fit.prefill_chunk_tokens)
-    assert batch_limits({"backend": "sglang", "command": off.command}) == limits
-    assert batch_limits({"backend": "vllm", "command": off.command}).max_seqs is None  # vLLM's flags differ
-    assert batch_limits({"backend": "sglang"}).max_seqs is None  # a --url run records no command
+    assert (limits.max_num_seqs, limits.max_batch_tokens) == (64, off.fit.prefill_chunk_tokens)
+    assert BACKENDS["vllm"].batch_limits(off.command).max_num_seqs is None  # vLLM's flags differ
 
 
 @pytest.mark.parametrize("extra, env, message", [
@@ -180,7 +181,8 @@ def test_a_missing_sglang_is_named_with_how_to_install_it(tmp_path):
     """`python -m sglang.launch_server` with no sglang importable here: refused before a process starts."""
     if importlib.util.find_spec("sglang") is not None:
         pytest.skip("sglang is installed here")
-    server = LaunchedServer(spec("sglang", model="tiny", gpu="h100-sxm"), tmp_path / "server.log", progress=lambda m: None)
+    server = LaunchedServer(spec("sglang", model="tiny", gpu="h100-sxm"), tmp_path / "server.log",
+                            progress=lambda m: None)
     with pytest.raises(LaunchError, match="is not installed on this machine.*pip install sglang==0.5.17"):
         server.start()
     assert server.process is None

@@ -7,8 +7,14 @@ import pytest
 
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.engines import GenerationRequest
-from tokenrig.serve.engines.sim import (FixedSchedule, RooflineEngine, RooflineParams, RooflineScheduler, SimSequence,
-                                        StepWork)
+from tokenrig.serve.engines.sim import (
+    FixedSchedule,
+    RooflineEngine,
+    RooflineParams,
+    RooflineScheduler,
+    SimSequence,
+    StepWork,
+)
 from tokenrig.serve.fit import FitError
 
 

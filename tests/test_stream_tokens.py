@@ -33,7 +33,8 @@ def completion(text: str, finish=None) -> dict:
 
 
 def usage(tokens: int) -> dict:
-    return {**BASE, "choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}}
+    return {**BASE, "choices": [],
+            "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}}
 
 
 # max_tokens -> (chunks, tokens per content chunk, the server's count or None)
@@ -113,8 +114,9 @@ def scripted_server(accepted: list) -> tuple[socket.socket, int]:
 
 def test_token_counts_are_exact_for_every_chunk_shape(tmp_path):
     classes = "\n".join(
-        f"  - {{name: s{tokens}, api: {'completions' if tokens == 5 else 'chat'}, input_tokens: {{dist: fixed, value: 8}},"
-        f" output_tokens: {{dist: fixed, value: {tokens}}}}}" for tokens in SCRIPTS)
+        f"  - {{name: s{tokens}, api: {'completions' if tokens == 5 else 'chat'},"
+        f" input_tokens: {{dist: fixed, value: 8}}, output_tokens: {{dist: fixed, value: {tokens}}}}}"
+        for tokens in SCRIPTS)
     scenario = tmp_path / "shapes.yaml"
     scenario.write_text(f"name: shapes\nrequests:\n{classes}\nload: {{type: concurrency, users: 4, duration_s: 2}}\n")
     accepted = []
@@ -158,5 +160,6 @@ def test_chunk_counts_are_the_tokenizers_whether_the_text_was_seen_or_not():
     for capacity in (1 << 16, 7):  # every text kept, and a cache that starts over every 7 texts
         counter = TokenCounter(tokenizer, capacity=capacity)
         assert counter.chunk_counts(texts) == expected  # first sight: tokenized
-        assert counter.chunk_counts(texts) == expected  # seen: looked up (or tokenized again after the cache started over)
+        # seen: looked up (or tokenized again after the cache started over)
+        assert counter.chunk_counts(texts) == expected
         assert len(counter) <= capacity

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tests.conftest import DATA, run_cli, run_dir_of
+from tokenrig.errors import UsageError
 from tokenrig.loadgen.overrides import LoadOverrides, plan_run
 from tokenrig.loadgen.plan import LoadPlan
 from tokenrig.loadgen.scenario import ScenarioError, load_scenario, parse_scenario
@@ -44,7 +45,7 @@ def test_rate_inf_is_a_closed_loop_of_max_in_flight_streams_sent_at_once():
     (LoadOverrides(users=4, max_in_flight=8), "--max-in-flight caps an open loop (--rate)"),
 ])
 def test_throughput_mode_refuses_what_does_not_go_with_it(overrides, message):
-    with pytest.raises(ScenarioError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         plan_run(load_scenario("chat"), overrides, parse_slos("ttft_p99=1s") if overrides.find_max else None)
 
 

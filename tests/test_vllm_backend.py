@@ -34,7 +34,8 @@ def test_multicast_is_off_at_tp2_unless_nvls_and_dry_run_shows_it():
     parse_vllm(safe.command, safe.env)
     assert safe.env == {"VLLM_FLASHINFER_ALLREDUCE_BACKEND": "trtllm", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
                         "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-    assert safe.command[safe.command.index("--compilation-config") + 1] == '{"pass_config":{"fuse_allreduce_rms":false}}'
+    compilation_config = safe.command[safe.command.index("--compilation-config") + 1]
+    assert compilation_config == '{"pass_config":{"fuse_allreduce_rms":false}}'
     allowed = launch_plan(spec("vllm", model="70b", gpu="h200", tp=2, max_model_len=2048,
                                options=VllmOptions(nvls=True)), MODEL_DIR, 1)
     assert allowed.env == {} and "--compilation-config" not in allowed.command

@@ -133,3 +133,26 @@ load: {users: 1}
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
     assert messages[1]["content"] == "alpha beta gamma delta epsilon"
     assert messages[0] == json.loads(first.body)["messages"][0]
+    # as data, each turn is the conversation as it was sent: later replies do not reach an earlier turn
+    assert third.messages == messages and first.messages == json.loads(first.body)["messages"]
+    assert len(first.messages) == 1 and first.prompt is None
+    assert third.text == "\n".join(m["content"] for m in messages)  # what TGI is sent
+
+
+def test_a_prepared_request_is_its_body_as_data():
+    workload = workload_for("""
+name: t
+requests:
+  - name: c
+    api: completions
+    input_tokens: {dist: fixed, value: 6}
+    output_tokens: {dist: fixed, value: 3}
+    temperature: 0.5
+load: {users: 1}
+""")
+    prepared = workload.dialogue(0).next_request()
+    body = json.loads(prepared.body)
+    assert prepared.messages is None and prepared.prompt == body["prompt"] == prepared.text
+    assert len(prepared.prompt.split()) == prepared.prompt_tokens == 6
+    assert body == {"model": "m", "max_tokens": 3, "min_tokens": 3, "ignore_eos": True, "temperature": 0.5,
+                    "stream": True, "stream_options": {"include_usage": True}, "prompt": prepared.prompt}

@@ -28,17 +28,19 @@ from tokenrig.loadgen.driver import WorkerLostError
 from tokenrig.metrics.records import FanoutSink, JsonlSink, read_records
 from tokenrig.loadgen.runner import run_load
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
-from tokenrig.loadgen.load_profiles import LoadProfile, Search, SingleRun, StepPlan, walk
+from tokenrig.loadgen.load_profiles import Search, StepPlan, walk
 from tokenrig.metrics.verdict import SloWatch, StepResult
 from tokenrig.loadgen.users import LoadContext
 from tokenrig.loadgen.workload import API_PATHS, Workload
+from tokenrig.loadtest_plan import LoadTestPlan
 from tokenrig.monitor.discovery import MonitorOptions
 from tokenrig.report.console import failed_line, render, render_steps
 from tokenrig.jsonfile import write_json
-from tokenrig.report.rundir import environment_facts, new_run_dir
 from tokenrig.metrics.run_summary import LoadFacts, RunSummary, WorkerCpu, WorkloadFacts
 from tokenrig.metrics.slo import Slo
 from tokenrig.metrics.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, SummaryParts, summarize
+from tokenrig.report.run_metadata import RunMetadata, ServerFacts
+from tokenrig.report.rundir import environment_facts, new_run_dir
 from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
 from tokenrig.serve.launcher import LaunchedServer
 from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, server_facts, whole_url
@@ -79,25 +81,6 @@ def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenar
 
 
 @dataclass
-class WorkerOptions:
-    """Distributed load: `workers` in all, `local` of them spawned here, the master's bind address."""
-
-    workers: int
-    local: int
-    bind_host: str = "127.0.0.1"
-    port: int | None = None
-
-
-@dataclass
-class ProfileOptions:
-    """Trace `steps` engine steps in every load step; a launched server writes into the run's traces/, a --url
-    server into `trace_dir`."""
-
-    steps: int
-    trace_dir: Path | None = None
-
-
-@dataclass
 class Session:
     """What every step of a run shares: the run directory, server endpoint, tokenizer, scenario."""
 
@@ -123,28 +106,33 @@ class Session:
         """Run one load plan; write step_dir/requests.jsonl and summary.json; return (summary, outcome)."""
         step_dir.mkdir(parents=True, exist_ok=True)
         scenario = self.scenario.model_copy(update={"load": load})
-        sink = JsonlSink(step_dir / "requests.jsonl")
         workload = Workload(scenario, self.tokenizer, self.endpoint.model_name, self.endpoint.max_context,
                             seed=load.seed)
         plan = LoadPlan(load)
-        ctx = LoadContext(self.endpoint.base_url, plan, workload, self.tokenizer, sink, unix_offset=0.0,
-                          client=self.client, request_timeout_s=self.request_timeout_s, headers=self.headers)
         watch = None
         if stop_early and self.slos and plan.open_loop:
             def pending() -> int:  # due in the window so far and not recorded yet: in flight, or about to be sent
                 return plan.scheduled_in_window(until_s=time.perf_counter() - plan.start) - watch.seen
 
             watch = SloWatch(self.slos, plan.scheduled_in_window(), pending)
-            ctx.sink = FanoutSink(sink, watch)
         with contextlib.ExitStack() as stack:
-            stack.callback(ctx.sink.close)
+            # the record stream's sinks, all assembled before the load's context: requests.jsonl first (the source
+            # of truth), the early stop's SLO watch, the Prometheus exporter
+            exporter = None
             if self.monitor:
-                from tokenrig.monitor.exporter import live_loadgen_metrics
+                from tokenrig.monitor.exporter import PrometheusSink, live_loadgen_metrics
 
-                stack.enter_context(live_loadgen_metrics(ctx, self.labels,
-                                                         self.endpoint.metrics_url if self.scrape else None,
-                                                         self.monitor.port, self.monitor.targets_dir,
-                                                         self.monitor.linger_s, self.progress))
+                exporter = stack.enter_context(live_loadgen_metrics(
+                    self.labels, self.endpoint.metrics_url if self.scrape else None, self.monitor.port,
+                    self.monitor.targets_dir, self.monitor.linger_s, self.progress))
+            sink = JsonlSink(step_dir / "requests.jsonl")
+            sinks = [sink, *([watch] if watch else []), *([PrometheusSink(exporter)] if exporter else [])]
+            record_stream = FanoutSink(*sinks) if len(sinks) > 1 else sink
+            stack.callback(record_stream.close)
+            ctx = LoadContext(self.endpoint.base_url, plan, workload, self.tokenizer, record_stream, unix_offset=0.0,
+                              client=self.client, request_timeout_s=self.request_timeout_s, headers=self.headers)
+            if exporter is not None:
+                exporter.bind(ctx)  # its gauges read the load's live state at scrape time
             scraper = (stack.enter_context(MetricsScraper(self.endpoint.metrics_url, step_dir / "server_metrics.jsonl",
                                                           self.scrape_interval_s)) if self.scrape else None)
             self.progress(f"load: {plan.describe()} for {load.duration_s:g} s (warm-up {load.warmup_s:g} s)")
@@ -202,22 +190,19 @@ class Session:
         return breakdown
 
 
-def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote: RemoteOptions | None = None,
-                monitor: MonitorOptions | None = None, progress=print, slos: list[Slo] | None = None,
-                profile: LoadProfile = SingleRun(), workers: WorkerOptions | None = None,
-                client: str = "openai", scrape_interval_s: float = 1.0, request_timeout_s: float = 600.0,
-                seed_source: str = "scenario", max_error_rate: float = DEFAULT_MAX_ERROR_RATE,
-                profiling: ProfileOptions | None = None, scrape: bool = True) -> int:
+def run_session(plan: LoadTestPlan, progress=print) -> int:
     """Run a load test end to end; returns its exit status (tokenrig/exit_status.py)."""
+    spec, scenario, remote, slos, profile = plan.spec, plan.scenario, plan.remote, plan.slos, plan.profile
+    client, workers, profiling, scrape, seed_source = (plan.client, plan.workers, plan.profiling, plan.scrape,
+                                                       plan.seed_source)
     # a server tokenrig did not start is named by what its user declared and it reports, not by the flags' defaults
     endpoint, facts, metrics_problem = (_existing_endpoint(remote, spec, scenario, client, progress) if remote
                                         else (None, spec.describe(), None))
-    run_dir = new_run_dir(results_root, scenario.name, facts["backend"], facts["model"], facts["gpu"])
-    metadata = {"run_id": run_dir.name, "created_unix": time.time(), "scenario": scenario.model_dump(),
-                "seed": scenario.load.seed, "seed_source": seed_source,
-                "server": facts, "slos": [slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
-                "search": profile.metadata(), **environment_facts()}
-    write_json(run_dir / "metadata.json", metadata)
+    run_dir = new_run_dir(plan.results_root, scenario.name, facts["backend"], facts["model"], facts["gpu"])
+    metadata = RunMetadata.new(run_id=run_dir.name, created_unix=time.time(), scenario=scenario.model_dump(),
+                               seed=scenario.load.seed, seed_source=seed_source, server=facts,
+                               slos=[slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
+                               search=profile.metadata(), **environment_facts())
     where = (f"the server at {endpoint.base_url}" if remote
              else f"{spec.backend} backend, {spec.model.key} on {spec.gpu.key}")
     progress(f"run {run_dir.name}: scenario {scenario.name}, {where}, seed {scenario.load.seed} ({seed_source})")
@@ -229,41 +214,46 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
             trace_dir = profiling.trace_dir or run_dir / "traces"
             if not remote:
                 spec.extra_args = [*spec.extra_args, *server_profile_args(spec.backend, trace_dir, profiling.steps)]
-        if not remote:
-            server = stack.enter_context(LaunchedServer(spec, run_dir / "server.log", progress=progress))
-            endpoint = server.endpoint
-            metadata["server"].update(server.plan.describe())  # the exact command, environment and memory plan
-            metadata["server"]["served"] = server.served  # what the engine's log says it loaded and chose
-        if scrape and metrics_problem:  # every scrape of every step would fail
-            progress(f"{endpoint.metrics_url} {metrics_problem}: the server exports no metrics there, so it is not "
-                     "scraped (no running/waiting/KV-cache figures)")
-            scrape = False
-        metadata["endpoint"] = {"base_url": endpoint.base_url, "metrics_url": endpoint.metrics_url if scrape else None}
-        write_json(run_dir / "metadata.json", metadata)
-        tokenizer = Tokenizer.from_file(str(Path(endpoint.tokenizer_dir) / "tokenizer.json"))
-        labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": metadata["server"]["backend"],
-                  "model": endpoint.model_name, "gpu": metadata["server"]["gpu"]}
-        session = Session(run_dir, endpoint, tokenizer, scenario, labels, slos, monitor, progress,
-                          headers=auth_headers(remote.api_key if remote else None),
-                          client=client, scrape_interval_s=scrape_interval_s, request_timeout_s=request_timeout_s,
-                          max_error_rate=max_error_rate, trace_dir=trace_dir,
-                          trace_source=_trace_source(metadata["server"]), scrape=scrape)
-        if workers:
-            from tokenrig.loadgen.distributed import DEFAULT_MASTER_PORT, Master
-            from tokenrig.serve.launcher import free_port
+        master = None
+        try:  # metadata.json is written once: when the load is ready, or with what is known when it cannot start
+            if not remote:
+                server = stack.enter_context(LaunchedServer(spec, run_dir / "server.log", progress=progress,
+                                                            fit=plan.fit))
+                endpoint = server.endpoint
+                # the exact command, environment, memory plan and batch limits; what the engine's log says it served
+                metadata.server = ServerFacts.model_validate({**metadata.server.document(), **server.plan.describe(),
+                                                              "served": server.served})
+            if scrape and metrics_problem:  # every scrape of every step would fail
+                progress(f"{endpoint.metrics_url} {metrics_problem}: the server exports no metrics there, so it is "
+                         "not scraped (no running/waiting/KV-cache figures)")
+                scrape = False
+            metadata.endpoint = {"base_url": endpoint.base_url,
+                                 "metrics_url": endpoint.metrics_url if scrape else None}
+            if workers:
+                from tokenrig.loadgen.distributed import DEFAULT_MASTER_PORT, Master
+                from tokenrig.serve.launcher import free_port
 
-            port = workers.port or (free_port() if workers.local == workers.workers else DEFAULT_MASTER_PORT)
-            session.master = Master(workers.workers, workers.local, workers.bind_host, port, progress, client)
-            stack.callback(session.master.close)
-            metadata["load_generator_workers"] = {"workers": workers.workers, "local": workers.local,
-                                                  "master": f"{workers.bind_host}:{port}"}
-            write_json(run_dir / "metadata.json", metadata)
+                port = workers.port or (free_port() if workers.local == workers.workers else DEFAULT_MASTER_PORT)
+                master = Master(workers.workers, workers.local, workers.bind_host, port, progress, client)
+                stack.callback(master.close)
+                metadata.load_generator_workers = {"workers": workers.workers, "local": workers.local,
+                                                   "master": f"{workers.bind_host}:{port}"}
+        finally:
+            metadata.write(run_dir / "metadata.json")
+        tokenizer = Tokenizer.from_file(str(Path(endpoint.tokenizer_dir) / "tokenizer.json"))
+        labels = {"run_id": run_dir.name, "scenario": scenario.name, "backend": metadata.server.backend,
+                  "model": endpoint.model_name, "gpu": metadata.server.gpu}
+        session = Session(run_dir, endpoint, tokenizer, scenario, labels, slos, plan.monitor, progress, master=master,
+                          headers=auth_headers(remote.api_key if remote else None), client=client,
+                          scrape_interval_s=plan.scrape_interval_s, request_timeout_s=plan.request_timeout_s,
+                          max_error_rate=plan.max_error_rate, trace_dir=trace_dir,
+                          trace_source=_trace_source(metadata.server.backend), scrape=scrape)
         title = f"{scenario.name} | {labels['backend']} | {labels['model']} | {labels['gpu']}"
         if isinstance(profile, Search):
             status = _run_search(session, profile, title)
         else:
-            plan = profile.next_step(scenario.load, slos, [])
-            summary, outcome = session.run_step(plan.load, run_dir)
+            step = profile.next_step(scenario.load, slos, [])
+            summary, outcome = session.run_step(step.load, run_dir)
             progress("")
             progress(render(summary, f"{title} | {summary.plan}"))
             if outcome.lost_worker:
@@ -276,10 +266,10 @@ def run_session(spec: ServerSpec, scenario: Scenario, results_root: Path, remote
     return status
 
 
-def _trace_source(server: dict) -> str:
-    if server.get("backend") == "vllm":
+def _trace_source(backend: str) -> str:
+    if backend == "vllm":
         return "vLLM torch profiler"
-    return "tokenrig hf engine, torch.profiler" if server.get("backend") == "hf" else "server torch profiler"
+    return "tokenrig hf engine, torch.profiler" if backend == "hf" else "server torch profiler"
 
 
 def _run_search(session: Session, profile: Search, title: str) -> int:

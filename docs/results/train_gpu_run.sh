@@ -28,14 +28,8 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 START=$SECONDS
 DEADLINE=$((START + BUDGET_S))
 mkdir -p "$RES" "$OUT"
-if [ -n "${WHEELS:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-$PY -c "import tokenrig.train.session, tokenrig.train.worker, deepspeed, peft" 2> "$OUT/import-error.txt" \
-  || { echo "tokenrig train does not import:"; tail -5 "$OUT/import-error.txt"; exit 3; }
-rm -f "$OUT/import-error.txt"
+# shellcheck source=train_setup.sh
+. "$(dirname "$0")/train_setup.sh"
 NGPU=${NGPU:-$($PY -c "import torch; print(torch.cuda.device_count())")}
 if [ "$NGPU" -lt 4 ]; then echo "needs 4 or more GPUs (NGPU=$NGPU); for 1-2 GPUs: tokenrig train --matrix scaling-7b"; exit 2; fi
 

@@ -34,7 +34,8 @@ def tokenrig_step(step_dir: Path) -> tuple[dict, dict]:
     own = {"ttft_p50": latency["ttft"]["p50"] * 1e3, "ttft_p99": latency["ttft"]["p99"] * 1e3,
            "tpot_p50": latency["tpot"]["p50"] * 1e3, "output_tok_s": summary["throughput"]["output_tokens_per_s"]}
     records_path = next(step_dir.glob("requests.jsonl*"))
-    ok = [r for r in _read_json_lines(records_path) if r["status"] == 200 and r["error"] is None and r["chunk_offsets_s"]]
+    ok = [r for r in _read_json_lines(records_path)
+          if r["status"] == 200 and r["error"] is None and r["chunk_offsets_s"]]
     sent = np.array([r["scheduled_at"] + r["send_lag_s"] for r in ok])
     ttft = np.array([r["ttft_s"] - r["send_lag_s"] for r in ok])
     last_chunk = np.array([r["chunk_offsets_s"][-1] - r["send_lag_s"] for r in ok])
@@ -58,7 +59,8 @@ def bench_result(path: Path) -> dict:
 def table(sweep_run: Path, bench_dir: Path) -> str:
     steps = {int(step.name.split("-")[-1]): step for step in sorted(sweep_run.rglob("steps/*-users-*"))}
     benches = {result["streams"]: result for result in map(bench_result, sorted(bench_dir.glob("c*.json*")))}
-    lines = ["| streams | metric | tokenrig | tokenrig records, vLLM's definitions | vllm bench serve | tokenrig vs bench |",
+    lines = ["| streams | metric | tokenrig | tokenrig records, vLLM's definitions | vllm bench serve "
+             "| tokenrig vs bench |",
              "|---:|---|---:|---:|---:|---:|"]
     names = {"ttft_p50": "TTFT p50 ms", "ttft_p99": "TTFT p99 ms", "tpot_p50": "TPOT p50 ms",
              "output_tok_s": "output tok/s"}

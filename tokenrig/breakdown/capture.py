@@ -82,7 +82,8 @@ class TraceCapture:
         """Stop the profiler if it still runs, then the breakdown of the trace it wrote."""
         if self._timer:
             self._timer.cancel()
-        if self._asked_at is None:
+        asked_at = self._asked_at
+        if asked_at is None:
             raise ProfileError("the load ended before its warm-up did: no profile was asked for")
         if self.error:
             raise ProfileError(self.error)
@@ -90,17 +91,18 @@ class TraceCapture:
             _post(f"{self.base_url}/stop_profile", self.headers, self.stop_timeout_s)
         except (urllib.error.URLError, OSError) as error:
             raise ProfileError(f"POST /stop_profile failed: {error}") from None
-        trace = self.newest_trace()
+        trace = self.newest_trace(asked_at)
         result = breakdown(read_trace(trace), self.source)
         if not result.steps:
             raise ProfileError(f"{trace} holds no annotated engine steps")
         return result.model_copy(update={"trace": str(trace)})
 
-    def newest_trace(self, wait_s: float = 30.0) -> Path:
-        """The newest trace written since the profile was asked for (the engine may still be writing it)."""
+    def newest_trace(self, asked_at: float, wait_s: float = 30.0) -> Path:
+        """The newest trace written since the profile was asked for at `asked_at` (the engine may still be
+        writing it)."""
         deadline = time.time() + wait_s
         while True:
-            fresh = [p for p in self.trace_dir.glob(TRACE_PATTERN) if p.stat().st_mtime >= self._asked_at - 1]
+            fresh = [p for p in self.trace_dir.glob(TRACE_PATTERN) if p.stat().st_mtime >= asked_at - 1]
             if fresh:
                 return max(fresh, key=lambda p: (p.stat().st_mtime, p.stat().st_size))
             if time.time() > deadline:

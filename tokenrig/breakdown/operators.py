@@ -28,11 +28,12 @@ CLASSES = (*GEMM_ROLES, "gemm_other", "attention_prefill", "attention_decode", "
            "norm", "activation", "rotary", "embedding", "quantize", "sampling", "communication", "prepare", "copy",
            "other", "gpu_idle")
 LABELS = {"gemm_qkv": "GEMM QKV", "gemm_o": "GEMM O", "gemm_gate_up": "GEMM MLP gate/up", "gemm_down": "GEMM MLP down",
-          "gemm_lm_head": "GEMM LM head", "gemm_other": "GEMM (role unknown)", "attention_prefill": "attention (prefill)",
-          "attention_decode": "attention (decode)", "attention_mixed": "attention (mixed step)",
+          "gemm_lm_head": "GEMM LM head", "gemm_other": "GEMM (role unknown)",
+          "attention_prefill": "attention (prefill)", "attention_decode": "attention (decode)",
+          "attention_mixed": "attention (mixed step)",
           "kv_cache_write": "KV cache write", "norm": "norms", "activation": "activation", "rotary": "rotary",
-          "embedding": "embedding", "quantize": "activation quantization", "sampling": "sampling and logits", "prepare": "input preparation",
-          "communication": "communication", "copy": "copies", "other": "other kernels",
+          "embedding": "embedding", "quantize": "activation quantization", "sampling": "sampling and logits",
+          "prepare": "input preparation", "communication": "communication", "copy": "copies", "other": "other kernels",
           "gpu_idle": "GPU idle (host, scheduler)"}
 
 # first match wins: attention before GEMM (FlashAttention 3's names contain 'cutlass' and 'gemm'), GEMM before

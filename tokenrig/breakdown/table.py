@@ -74,7 +74,8 @@ class OperatorBreakdown(BaseModel):
         return "\n".join(lines)
 
 
-def breakdown(trace: EngineTrace, source: str, longest_others: int = 8, longest_per_class: int = 3) -> OperatorBreakdown:
+def breakdown(trace: EngineTrace, source: str, longest_others: int = 8,
+              longest_per_class: int = 3) -> OperatorBreakdown:
     spans = trace.step_spans_us()
     totals: dict[str, float] = defaultdict(float)
     others: dict[str, float] = defaultdict(float)

@@ -131,9 +131,10 @@ def load_events(path: Path) -> list[dict]:
 def read_trace(path: Path) -> EngineTrace:
     """The engine steps of a torch-profiler trace, each with the device work it launched."""
     events = [e for e in load_events(path) if e.get("ph") == "X"]
-    marks = sorted((e for e in events if e.get("cat") == "user_annotation" and parse_annotation(e.get("name", ""))),
-                   key=lambda e: e["ts"])
-    steps = [ProfiledStep(parse_annotation(e["name"]), float(e["ts"])) for e in marks]
+    annotated = [(e, parse_annotation(e.get("name", ""))) for e in events if e.get("cat") == "user_annotation"]
+    compositions = sorted(((e, c) for e, c in annotated if c is not None), key=lambda pair: pair[0]["ts"])
+    marks = [e for e, _ in compositions]
+    steps = [ProfiledStep(composition, float(e["ts"])) for e, composition in compositions]
     if not steps:
         return EngineTrace([], "gpu", str(path))
     starts = [step.launch_start_us for step in steps]

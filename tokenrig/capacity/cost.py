@@ -8,6 +8,7 @@ Pure functions of their inputs (no measurement here), checked against hand-compu
 - $/hour = GPUs x the GPU's price; $/month = $/hour x 730 (8760 hours / 12);
 - $ per million output (input) tokens = $/hour over the output (input) tokens served in an hour at the
   target rate, each figure carrying the whole cost (they are two views of one bill, not two parts);
+- training: $ per billion tokens trained = GPUs x the GPU's price over the tokens trained in an hour;
 - energy per million output tokens = GPUs x TDP over the output tokens served: a bound, as GPUs
   rarely draw their TDP, without the host, cooling or idle replicas' share beyond the GPUs.
 
@@ -65,3 +66,8 @@ def size(capacity: ReplicaCapacity, price_usd_per_hour: float, tdp_w: float, tar
                   usd_per_million_output_tokens=per_hour / output_per_hour * 1e6,
                   usd_per_million_input_tokens=per_hour / input_per_hour * 1e6 if input_per_hour else math.inf,
                   kwh_per_million_output_tokens=kwh_per_hour / output_per_hour * 1e6)
+
+
+def usd_per_billion_tokens_trained(gpus: int, price_usd_per_hour: float, tokens_per_s: float) -> float:
+    """What training costs at a measured throughput: the GPUs' $/hour over the tokens trained in that hour."""
+    return gpus * price_usd_per_hour / (tokens_per_s * 3600) * 1e9

@@ -3,10 +3,11 @@
 Reads what `tokenrig loadtest` writes (metadata.json, summary.json, search.json, steps/NN-*/), so
 results copied from another machine (docs/results) serve as they are. Each step becomes a
 `MeasuredStep`: the serving configuration (engine, weights, model, GPU, TP, the engine's batch
-limits), the scenario and the exact load plan it ran, and its summary. A `--url` run is what its user
-declared (--backend, --gpu, --model, --quant, --tp) and its server told (metadata's `reported`); a run
-whose GPU or model no profile names (a `--url` run that declared no --gpu records `gpu: remote`) cannot
-be placed: it is skipped, with one note naming it.
+limits as metadata.json's `server.batch_limits` records them: RunMetadata reads them from older files'
+server commands), the scenario and the exact load plan it ran, and its summary. A `--url` run is what
+its user declared (--backend, --gpu, --model, --quant, --tp) and its server told (metadata's
+`reported`); a run whose GPU or model no profile names (a `--url` run that declared no --gpu records
+`gpu: remote`) cannot be placed: it is skipped, with one note naming it.
 """
 
 from __future__ import annotations
@@ -21,18 +22,9 @@ from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
 from tokenrig.metrics.verdict import StepResult
 from tokenrig.profiles import UnknownProfileError, resolve_gpu, resolve_model
 from tokenrig.report.compare import engine_label
+from tokenrig.report.run_metadata import RunMetadata, ServerFacts
 from tokenrig.metrics.run_summary import RunSummary, SloJudgement
 from tokenrig.metrics.slo import Slo, judge, recorded_slos
-from tokenrig.serve.backends import batch_limits
-
-
-def recorded_batch_limits(server: dict) -> tuple[int | None, int | None]:
-    """(requests, tokens) an engine step may hold, as the run recorded them: metadata's structured
-    `batch_limits` (what a --url run declared or its server told), else what the backend reads from the
-    server command it launched, else the --max-num-seqs asked for; None where nothing says."""
-    limits, launched = server.get("batch_limits") or {}, batch_limits(server)
-    return (limits.get("max_num_seqs") or launched.max_seqs or server.get("max_num_seqs"),
-            limits.get("max_batch_tokens") or launched.max_batch_tokens)
 
 
 @dataclass
@@ -40,38 +32,39 @@ class MeasuredStep:
     """One measured load step: the configuration served, the load it ran, what it measured."""
 
     path: Path
-    server: dict
+    server: ServerFacts
     scenario: Scenario
     load: LoadPlanSpec
     summary: RunSummary
 
     @property
     def engine(self) -> str:
-        return engine_label(self.server)
+        return engine_label(self.server.document())
 
     @property
     def quant(self) -> str:
-        return self.server.get("quant") or "bf16"
+        return self.server.quant or "bf16"
 
     @property
     def model(self) -> str:
-        return self.server["model"]
+        return self.server.model
 
     @property
     def gpu(self) -> str:
-        return self.server["gpu"]
+        return self.server.gpu
 
     @property
     def tp(self) -> int:
-        return (self.server.get("fit") or {}).get("tp") or self.server.get("tp") or 1
+        return (self.server.fit or {}).get("tp") or self.server.tp or 1
 
     @property
     def max_num_seqs(self) -> int | None:
-        return recorded_batch_limits(self.server)[0]
+        """Requests an engine step may hold, as the run recorded them (None: the engine's default)."""
+        return self.server.batch_limits.max_num_seqs if self.server.batch_limits else None
 
     @property
     def max_batch_tokens(self) -> int | None:
-        return recorded_batch_limits(self.server)[1]
+        return self.server.batch_limits.max_batch_tokens if self.server.batch_limits else None
 
     def records(self) -> list[RequestRecord] | None:
         path = self.path / "requests.jsonl"
@@ -105,7 +98,7 @@ class SearchRun:
     steps: list[MeasuredStep] = field(default_factory=list)
 
     @property
-    def server(self) -> dict:
+    def server(self) -> ServerFacts:
         return self.steps[0].server
 
     def best_for(self, slos: list[Slo]) -> tuple[MeasuredStep, SloJudgement] | str:
@@ -141,9 +134,9 @@ def _step_dirs(run_dir: Path) -> list[Path]:
 
 def read_run(run_dir: Path) -> tuple[list[MeasuredStep], SearchRun | None]:
     """The measured steps of one load-test run directory, and its search if it was a --find-max run."""
-    metadata = json.loads((run_dir / "metadata.json").read_text())
-    scenario = Scenario.model_validate(metadata["scenario"])
-    server = metadata["server"]
+    metadata = RunMetadata.read(run_dir / "metadata.json")
+    scenario = Scenario.model_validate(metadata.scenario)
+    server = metadata.server
     search_file = run_dir / "search.json"
     if not search_file.exists():
         if not (run_dir / "summary.json").exists():
@@ -151,8 +144,8 @@ def read_run(run_dir: Path) -> tuple[list[MeasuredStep], SearchRun | None]:
         summary = RunSummary.read(run_dir / "summary.json")
         return [MeasuredStep(run_dir, server, scenario, scenario.load, summary)], None
     document = json.loads(search_file.read_text())
-    profile = profile_from_metadata(metadata["search"])
-    slos = recorded_slos(metadata)
+    profile = profile_from_metadata(metadata.search)
+    slos = recorded_slos(metadata.document())
     steps = []
     for step_dir, row in zip(_step_dirs(run_dir), document["steps"]):
         summary = RunSummary.read(step_dir / "summary.json")

@@ -19,6 +19,7 @@ def run_searches(specs: list, scenario: Scenario, slos: list[Slo], search: FindM
                  progress=print) -> list[Path]:
     """Run the search for each ServerSpec; returns the new run directories. Stops at Ctrl-C."""
     from tokenrig.loadtest import run_session
+    from tokenrig.loadtest_plan import LoadTestPlan
 
     made = []
     for number, spec in enumerate(specs, start=1):
@@ -27,8 +28,9 @@ def run_searches(specs: list, scenario: Scenario, slos: list[Slo], search: FindM
         # a fresh seed per search, as `loadtest` draws one per run: the default seed 0 would send every
         # capacity run the same prompts, one sample of the scenario's lengths repeated
         load, seed_source = with_run_seed(scenario.load, None)
-        code = run_session(spec, scenario.model_copy(update={"load": load}), results, slos=slos, profile=search,
-                           seed_source=seed_source, progress=progress)
+        plan = LoadTestPlan(spec, scenario.model_copy(update={"load": load}), results, profile=search,
+                            seed_source=seed_source, slos=slos)
+        code = run_session(plan, progress=progress)
         made += sorted(set(results.iterdir()) - before)
         if code == 130:
             raise KeyboardInterrupt

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import random
 from dataclasses import dataclass
 from functools import cached_property
@@ -105,9 +104,8 @@ class RequestBook:
         replies = random.Random(f"replies:{seed}:{index}")
         turns = []
         while (prepared := dialogue.next_request()) is not None:
-            body = json.loads(prepared.body)
-            ids = (encode_chat(self._encoder, body["messages"]) if "messages" in body
-                   else encode_prompt(self._encoder, body["prompt"]))
+            ids = (encode_chat(self._encoder, prepared.messages) if prepared.messages is not None
+                   else encode_prompt(self._encoder, prepared.prompt))
             turns.append(Turn(prepared, ids))
             dialogue.add_reply(" ".join(workload.words(prepared.max_tokens, replies)), prepared.max_tokens)
         return Conversation(turns, dialogue.think_time_s)

@@ -21,21 +21,12 @@ from tokenrig.cli.parser import build_parser, given_options
 from tokenrig.cli.reporting import cmd_capacity, cmd_report
 from tokenrig.cli.serving import cmd_fit, cmd_gpus, cmd_loadtest, cmd_model, cmd_serve
 from tokenrig.cli.training import cmd_train
-from tokenrig.exit_status import BAD_INPUT, DOES_NOT_FIT, FAILED, INTERRUPTED
+from tokenrig.errors import UserError
+from tokenrig.exit_status import FAILED, INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
     from tokenrig.metrics.records import RecordWriteError
-    from tokenrig.loadgen.scenario import ScenarioError
-    from tokenrig.monitor.exporter import ExporterPortError
-    from tokenrig.profiles import UnknownProfileError
-    from tokenrig.report.compare import CompareError
-    from tokenrig.report.rundir import ResultsDirError
-    from tokenrig.report.runs import NoRunsError
-    from tokenrig.serve.remote import RemoteError
-    from tokenrig.serve.fit import FitError, UnknownQuantError
-    from tokenrig.serve.spec import LaunchError
-    from tokenrig.train.spec import TrainSpecError
 
     args = build_parser().parse_args(argv)
     args.given = given_options(argv)
@@ -43,13 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                 "gpus": cmd_gpus, "fit": cmd_fit, "capacity": cmd_capacity, "report": cmd_report}
     try:
         return handlers[args.command](args)
-    except FitError as error:  # a valid question whose answer is no
-        print(f"tokenrig: does not fit: {error}", file=sys.stderr)
-        return DOES_NOT_FIT
-    except (UnknownProfileError, ScenarioError, LaunchError, TrainSpecError, CompareError,
-            ResultsDirError, NoRunsError, RemoteError, ExporterPortError, UnknownQuantError) as error:
-        print(f"tokenrig: error: {error}", file=sys.stderr)
-        return BAD_INPUT
+    except UserError as error:
+        print(f"tokenrig: {error.label}: {error}", file=sys.stderr)
+        return error.exit_code
     except RecordWriteError as error:
         print(f"tokenrig: error: {error}", file=sys.stderr)
         return FAILED

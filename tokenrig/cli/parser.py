@@ -318,11 +318,32 @@ def _add_train_parser(commands) -> None:
                        help="no run: one comparison table of every training run under these directories "
                             "(written to --results/comparison.md)")
     train.add_argument("--results", type=Path, default=Path("results"), help="where run directories go")
+    train.add_argument("--price", action="append", default=[], metavar="GPU=USD",
+                       help="replace a GPU's price per hour in the $ per billion tokens trained, e.g. --price "
+                            "h100-sxm=2.49 (repeatable; default: tokenrig/profiles/gpus.yaml)")
+    train.add_argument("--fit", action="store_true",
+                       help="no run: the memory each run needs (weights, gradients, optimizer state, activations) "
+                            "against the GPU's, and whether it fits")
     train.add_argument("--metrics-port", type=int, default=None,
                        help="expose live Prometheus gauges on this port (0 = any free port)")
     train.add_argument("--prometheus-targets", type=Path, default=None,
                        help="file_sd directory where the run announces its scrape target (implies --metrics-port 0)")
     train.add_argument("--dry-run", action="store_true", help="print the DeepSpeed config and launcher command, and exit")
+
+
+def parse_prices(items: list[str]) -> dict[str, float]:
+    """--price GPU=USD (repeatable) -> {GPU profile key: $ per GPU-hour}, for capacity and train."""
+    from tokenrig.errors import UsageError
+    from tokenrig.profiles import resolve_gpu
+
+    prices = {}
+    for item in items:
+        gpu, _, usd = item.partition("=")
+        try:
+            prices[resolve_gpu(gpu).key] = float(usd)
+        except ValueError:
+            raise UsageError(f"--price takes GPU=USD, e.g. h100-sxm=2.49, not {item!r}") from None
+    return prices
 
 
 def monitor_options(args):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from tokenrig.cli.parser import add_server_args
+from tokenrig.cli.parser import add_server_args, parse_prices
+from tokenrig.errors import UsageError
 from tokenrig.serve.spec import ServerSpec
 
 
@@ -14,29 +15,23 @@ def cmd_capacity(args) -> int:
     from tokenrig.capacity.inputs import read_results
     from tokenrig.capacity.planner import CapacityPlanner, CapacityQuestion
     from tokenrig.capacity.table import render, write_csv
-    from tokenrig.loadgen.load_profiles import FindMax
-    from tokenrig.loadgen.scenario import ScenarioError, load_scenario
-    from tokenrig.profiles import resolve_gpu, resolve_model
     from tokenrig.jsonfile import write_json
+    from tokenrig.loadgen.load_profiles import FindMax
+    from tokenrig.loadgen.scenario import load_scenario
     from tokenrig.metrics.slo import SloError, parse_slos
+    from tokenrig.profiles import resolve_gpu, resolve_model
     from tokenrig.serve.fit import normalise_quant
 
     if not args.inputs and not args.backend:
-        raise ScenarioError("give --from DIR (results of load tests, e.g. docs/results) or --backend to run the "
-                            "SLO searches here")
+        raise UsageError("give --from DIR (results of load tests, e.g. docs/results) or --backend to run the "
+                         "SLO searches here")
     if args.backend and not (args.gpu and args.model):
-        raise ScenarioError("--backend runs a search for each --gpu and --model: give both")
+        raise UsageError("--backend runs a search for each --gpu and --model: give both")
     try:
         slos = parse_slos(args.slo)
     except SloError as error:
-        raise ScenarioError(str(error)) from None
-    prices = {}
-    for item in args.price:
-        gpu, _, usd = item.partition("=")
-        try:
-            prices[resolve_gpu(gpu).key] = float(usd)
-        except ValueError:
-            raise ScenarioError(f"--price takes GPU=USD, e.g. h100-sxm=2.49, not {item!r}") from None
+        raise UsageError(str(error)) from None
+    prices = parse_prices(args.price)
     # what the command line names is checked before any run is read
     gpus = [resolve_gpu(name) for name in _names(args.gpu)] if args.gpu else None
     model = resolve_model(args.model) if args.model else None
@@ -49,6 +44,7 @@ def cmd_capacity(args) -> int:
 
         from tokenrig.capacity.searches import run_searches
 
+        assert gpus is not None and model is not None  # --backend without --gpu and --model was refused above
         defaults = vars(_capacity_server_defaults())
         specs = [ServerSpec.from_args(argparse.Namespace(**{**defaults, "backend": args.backend, "gpu": gpu.key,
                                                             "model": model.key, "quant": quant}))
@@ -58,13 +54,13 @@ def cmd_capacity(args) -> int:
     steps, searches = read_results(inputs, notes)
     if not steps:
         skipped = f" ({len(notes)} skipped: {notes[0]}{', ...' if len(notes) > 1 else ''})" if notes else ""
-        raise ScenarioError(f"no load-test runs capacity can use under {', '.join(map(str, inputs))}{skipped}")
+        raise UsageError(f"no load-test runs capacity can use under {', '.join(map(str, inputs))}{skipped}")
     print(f"capacity inputs: {len(steps)} measured steps, {len(searches)} --find-max runs"
           + (f"; {len(notes)} runs skipped (see the notes)" if notes else ""))
     # what the command line leaves out, the runs answer when they all agree: `--from RUN` sizes RUN's own setup
     runs = f"the runs under {', '.join(map(str, inputs))}"
-    gpus = gpus or [resolve_gpu(_shared(steps, "gpu", "--gpu GPU[,GPU...]", runs))]
-    model = model or resolve_model(_shared(steps, "model", "--model", runs))
+    gpus = gpus or [resolve_gpu(_agreed(steps, "gpu", "--gpu GPU[,GPU...]", runs))]
+    model = model or resolve_model(_agreed(steps, "model", "--model", runs))
     quants = quants or [_shared(steps, "quant") or "bf16"]
     if scenario is None:  # the runs' own scenario as they recorded it, which may be a file only their machine has
         name = _shared(steps, "scenario.name")
@@ -89,23 +85,30 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _shared(steps, attribute: str, flag: str | None = None, runs: str = "") -> str | None:
-    """The value of `attribute` (dotted) every step shares; when they differ, None, or with `flag` an error
-    asking for it."""
-    from tokenrig.loadgen.scenario import ScenarioError
-
+def _values(steps, attribute: str) -> set:
+    """The values of `attribute` (dotted) over the steps."""
     values = set()
     for step in steps:
         value = step
         for name in attribute.split("."):
             value = getattr(value, name)
         values.add(value)
-    if len(values) == 1:
-        return values.pop()
-    if flag:
-        raise ScenarioError(f"{runs} differ in {attribute} ({', '.join(sorted(map(str, values)))}): say which "
-                            f"with {flag}")
-    return None
+    return values
+
+
+def _shared(steps, attribute: str) -> str | None:
+    """The value of `attribute` (dotted) every step shares; None when they differ."""
+    values = _values(steps, attribute)
+    return values.pop() if len(values) == 1 else None
+
+
+def _agreed(steps, attribute: str, flag: str, runs: str) -> str:
+    """The value of `attribute` (dotted) every step shares; when they differ, an error asking for it with `flag`."""
+    values = _values(steps, attribute)
+    if len(values) != 1:
+        raise UsageError(f"{runs} differ in {attribute} ({', '.join(sorted(map(str, values)))}): say which "
+                         f"with {flag}")
+    return values.pop()
 
 
 def _capacity_server_defaults() -> argparse.Namespace:

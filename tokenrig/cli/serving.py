@@ -8,13 +8,15 @@ import shlex
 from pathlib import Path
 
 from tokenrig.cli.parser import monitor_options
+from tokenrig.errors import UsageError
 from tokenrig.serve.backends import BACKENDS, dry_run_plan
 from tokenrig.serve.spec import ServerSpec
 
 
-def print_launch(spec: ServerSpec, port: int) -> None:
-    """--dry-run: the command, environment and memory plan, nothing started or written."""
-    plan = dry_run_plan(spec, port)
+def print_launch(spec: ServerSpec, port: int, fit=None) -> None:
+    """--dry-run: the command, environment and memory plan (`fit`, when planned already), nothing started or
+    written."""
+    plan = dry_run_plan(spec, port, fit)
     if plan.fit is not None:
         print("fit:", plan.fit.describe())
     for key, value in plan.env.items():
@@ -26,15 +28,19 @@ def print_launch(spec: ServerSpec, port: int) -> None:
         print("note:", note)
 
 
-def print_load_fit(spec, scenario, with_plan: bool) -> None:
-    """A GPU server's memory plan (raising FitError before anything starts) and what the load puts in its
-    KV cache."""
+def load_fit(spec):
+    """A GPU server's memory plan, planned once before anything starts (raising FitError); None for a CPU or
+    simulated server, whose launch plans what it needs."""
     if spec.device == "cpu" or spec.backend == "sim":
-        return
+        return None
+    return dry_run_plan(spec, 0).fit
+
+
+def print_load_fit(fit, spec, scenario, with_plan: bool) -> None:
+    """A GPU server's memory plan and what the load puts in its KV cache."""
     from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES
     from tokenrig.serve.fit import load_in_flight
 
-    fit = dry_run_plan(spec, 0).fit
     load = scenario.load
     prompt, output = scenario.mean_tokens("input_tokens"), scenario.mean_tokens("output_tokens")
     in_flight, basis = load_in_flight(fit, spec.gpu, load.users if load.type in CLOSED_LOOP_TYPES else None,
@@ -78,13 +84,11 @@ def _choose_workers(args, scenario, profile, spec) -> int | None:
     """--workers as given, or for 'auto' what the plan needs; say so before the run when it needs more than
     the load generator has."""
     from tokenrig.loadgen.ceiling import capacity_advice, free_cores, per_core_ceiling, refusal, workers_needed
-    from tokenrig.loadgen.scenario import ScenarioError
-
     chunk_rate, ceiling = _planned_chunk_rate(scenario, profile, spec), per_core_ceiling()
     too_much = refusal(chunk_rate, free_cores() if args.workers == "auto" else args.workers or 1, ceiling)
     if too_much:
         flag = ("--sweep" if args.sweep else "--users" if scenario.load.type == "concurrency" else "--rate")
-        raise ScenarioError(f"{flag}: {too_much}; lower {flag}")
+        raise UsageError(f"{flag}: {too_much}; lower {flag}")
     if args.workers == "auto":
         workers = min(workers_needed(chunk_rate, ceiling), free_cores())
         print(f"load generator: {workers} process{'es' if workers > 1 else ''} for about {chunk_rate:,.0f} "
@@ -107,14 +111,32 @@ def cmd_loadtest(args) -> int:
         return 0
     import locust  # noqa: F401  - gevent must patch the standard library before anything else imports it
 
+    from tokenrig.loadtest import run_session
+
+    plan = loadtest_plan(args)
+    if args.dry_run:
+        print_launch(plan.spec, 0, plan.fit)
+    if plan.fit is not None:
+        print_load_fit(plan.fit, plan.spec, plan.scenario, with_plan=not args.dry_run)
+    if args.dry_run:
+        print("scenario:", plan.scenario.model_dump_json(indent=2))
+        return 0
+    return run_session(plan)
+
+
+def loadtest_plan(args):
+    """The LoadTestPlan a parsed `loadtest` command line asks for, every option checked and the server's fit
+    planned (FitError) before anything starts."""
     from tokenrig.loadgen.overrides import LoadOverrides, plan_run
-    from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES, ScenarioError, load_scenario
+    from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES, load_scenario
+    from tokenrig.loadtest_plan import LoadTestPlan, WorkerOptions
     from tokenrig.metrics.slo import SloError, parse_slos
+    from tokenrig.serve.remote import DECLARABLE, RemoteOptions, tokenizer_dir
 
     if args.ca_cert:
         if not args.ca_cert.is_file():
-            raise ScenarioError(f"--ca-cert {args.ca_cert}: no such file; give the PEM file of the CA that signed "
-                                "the server's certificate")
+            raise UsageError(f"--ca-cert {args.ca_cert}: no such file; give the PEM file of the CA that signed "
+                             "the server's certificate")
         # OpenSSL reads it for every TLS context made with the default paths here and in spawned workers
         os.environ["SSL_CERT_FILE"] = str(args.ca_cert.resolve())
     scenario = load_scenario(args.scenario)
@@ -125,11 +147,9 @@ def cmd_loadtest(args) -> int:
     try:
         slos = parse_slos(args.slo) if args.slo else None
     except SloError as error:
-        raise ScenarioError(str(error)) from None
-    from tokenrig.serve.remote import RemoteOptions, tokenizer_dir
-
+        raise UsageError(str(error)) from None
     if args.tokenizer and not args.url:
-        raise ScenarioError("--tokenizer goes with --url: a server tokenrig starts counts with its model's own")
+        raise UsageError("--tokenizer goes with --url: a server tokenrig starts counts with its model's own")
     tokenizer = tokenizer_dir(args.tokenizer) if args.tokenizer else None  # a Hub name is fetched before any load
     overrides = LoadOverrides(users=args.users, rate=args.rate, max_in_flight=args.max_in_flight,
                               arrival=args.arrival, burstiness=args.burstiness,
@@ -140,63 +160,52 @@ def cmd_loadtest(args) -> int:
     scenario, load = run.scenario, run.scenario.load
     profiling = _profiling(args)
     # the KV cache must hold the closed loop's users, or the open loop's in-flight cap (up to a typical batch limit)
-    closed = load.type in CLOSED_LOOP_TYPES
-    spec = ServerSpec.from_args(args, concurrency=load.users if closed else min(load.max_in_flight, 256))
+    user_sweep = getattr(run.profile, "users", False)  # its steps are closed loops; the server must hold the largest
+    closed = user_sweep or load.type in CLOSED_LOOP_TYPES
+    users = max(run.profile.loads) if user_sweep else load.users
+    spec = ServerSpec.from_args(args, concurrency=int(users) if closed else min(load.max_in_flight, 256))
     if not args.url:  # a server at --url runs wherever it runs, with its own memory plan
         _check_hardware(spec, args.dry_run)
     count = _choose_workers(args, scenario, run.profile, spec)
-    if args.dry_run:
-        print_launch(spec, 0)
-    if not args.url:
-        print_load_fit(spec, scenario, with_plan=not args.dry_run)
-    if args.dry_run:
-        print("scenario:", scenario.model_dump_json(indent=2))
-        return 0
-    from tokenrig.loadtest import WorkerOptions, run_session
-
+    fit = None if args.url else load_fit(spec)
     workers = None
-    if count:
+    if count and not args.dry_run:  # a dry run starts no worker
         local = count if args.local_workers is None else args.local_workers
         if not 0 <= local <= count:
-            raise ScenarioError("--local-workers must be between 0 and --workers")
+            raise UsageError("--local-workers must be between 0 and --workers")
         workers = WorkerOptions(count, local, args.master_host, args.master_port)
-    client = args.client or BACKENDS[spec.backend].default_client
-    from tokenrig.serve.remote import DECLARABLE
-
     remote = None
     if args.url:  # what the user declares about the server is the run's, the flags' defaults are not
         described = spec.describe()
         declared = {name: described[name] for name in DECLARABLE if name in getattr(args, "given", ())}
         remote = RemoteOptions(args.url, args.api_key, args.served_model, tokenizer, declared)
-    return run_session(spec, scenario, args.results, remote=remote, monitor=monitor_options(args), slos=slos,
-                       profile=run.profile, workers=workers, client=client, seed_source=run.seed_source,
-                       max_error_rate=args.max_error_rate, profiling=profiling,
-                       scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout,
-                       scrape=not args.no_scrape)
+    return LoadTestPlan(spec, scenario, args.results, fit=fit, remote=remote, profile=run.profile,
+                        seed_source=run.seed_source, slos=slos, workers=workers,
+                        client=args.client or BACKENDS[spec.backend].default_client, monitor=monitor_options(args),
+                        profiling=profiling, scrape=not args.no_scrape, scrape_interval_s=args.scrape_interval,
+                        request_timeout_s=args.request_timeout, max_error_rate=args.max_error_rate)
 
 
 def _profiling(args):
     """The operator-profile request of a load test, refused at once where it cannot be taken."""
-    from tokenrig.loadgen.scenario import ScenarioError
-
     if args.profile_steps is None:
         if args.profile_dir:
-            raise ScenarioError("--profile-dir is for --profile-steps; add --profile-steps N")
+            raise UsageError("--profile-dir is for --profile-steps; add --profile-steps N")
         return None
     from tokenrig.breakdown.capture import profiled_backends
-    from tokenrig.loadtest import ProfileOptions
+    from tokenrig.loadtest_plan import ProfileOptions
 
     if args.profile_steps < 1:
-        raise ScenarioError("--profile-steps must be at least 1")
+        raise UsageError("--profile-steps must be at least 1")
     if args.find_max:
-        raise ScenarioError("--profile-steps: a profiled step's latencies carry the profiler's cost, so an SLO search "
-                            "would judge the profiler; profile a run of its own (--users N or --rate R)")
+        raise UsageError("--profile-steps: a profiled step's latencies carry the profiler's cost, so an SLO search "
+                         "would judge the profiler; profile a run of its own (--users N or --rate R)")
     if args.backend not in profiled_backends():
-        raise ScenarioError(f"--profile-steps: the {args.backend} backend has no kernels to trace; profiling works "
-                            f"with {' and '.join(profiled_backends())}")
+        raise UsageError(f"--profile-steps: the {args.backend} backend has no kernels to trace; profiling works "
+                         f"with {' and '.join(profiled_backends())}")
     if args.url and not args.profile_dir:
-        raise ScenarioError("--profile-steps with --url: name where that server writes its traces (--profile-dir DIR; "
-                            "vLLM: its --profiler-config torch_profiler_dir)")
+        raise UsageError("--profile-steps with --url: name where that server writes its traces (--profile-dir DIR; "
+                         "vLLM: its --profiler-config torch_profiler_dir)")
     return ProfileOptions(args.profile_steps, args.profile_dir)
 
 

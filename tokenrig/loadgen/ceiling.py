@@ -74,11 +74,16 @@ def expected_chunk_rate(scenario: Scenario, tpot_s: float = ASSUMED_TPOT_S) -> f
     """Streamed chunks per second the plan asks the load generator to time, at most one per token."""
     load = scenario.load
     if load.type in CLOSED_LOOP_TYPES:
+        assert load.users is not None  # LoadPlanSpec's validation gives every closed-loop plan its users
         return load.users / tpot_s
     if load.type == "trace":
         return sum(row.output_tokens for _, row in trace_schedule(load)) / load.duration_s
     # the mean rate from the plan's spec, not from its arrivals: a plan of --rate 1e9 is not drawn to be judged
-    mean_rate = RateCurve(load.stages).total_u / load.duration_s if load.stages else load.rate
+    if load.stages:
+        mean_rate = RateCurve(load.stages).total_u / load.duration_s
+    else:
+        assert load.rate is not None  # LoadPlanSpec's validation: an open-loop plan has stages or a rate
+        mean_rate = load.rate
     return mean_rate * (scenario.mean_tokens("output_tokens") or 0.0)
 
 
@@ -93,8 +98,9 @@ def refusal(chunk_rate: float, processes: int, ceiling: Ceiling) -> str | None:
     if chunk_rate <= REFUSED_OVERLOAD * ceiling.chunks_per_s * processes:
         return None
     return (f"this plan streams about {chunk_rate:,.0f} chunks/s, over {REFUSED_OVERLOAD} times what {processes} "
-            f"load-generator process{'es time' if processes > 1 else ' times'} exactly ({ceiling.chunks_per_s:,} chunks/s "
-            f"each, {ceiling.source}); it needs --workers {workers_needed(chunk_rate, ceiling)} "
+            f"load-generator process{'es time' if processes > 1 else ' times'} exactly "
+            f"({ceiling.chunks_per_s:,} chunks/s each, {ceiling.source}); "
+            f"it needs --workers {workers_needed(chunk_rate, ceiling)} "
             f"(this machine has {free_cores()} free core(s))")
 
 

@@ -14,7 +14,10 @@ Workers: `--workers N` spawns N local worker processes; workers elsewhere run
 
 from __future__ import annotations
 
-import locust  # noqa: F401, I001  - first: gevent patches the standard library before anything else imports it
+# first: importing locust lets gevent patch the standard library before anything else imports it
+import locust  # noqa: F401
+
+# isort: split
 
 import argparse
 import contextlib
@@ -32,10 +35,10 @@ from tokenizers import Tokenizer
 
 from tokenrig.loadgen.driver import LoadOutcome, cpu_seconds, drive, freeze_heap
 from tokenrig.loadgen.plan import LoadPlan
-from tokenrig.metrics.records import RequestRecord
 from tokenrig.loadgen.scenario import Scenario
-from tokenrig.loadgen.users import USER_CLASSES, LoadContext
+from tokenrig.loadgen.users import USER_CLASSES, LoadContext, LoadEnvironment
 from tokenrig.loadgen.workload import Workload
+from tokenrig.metrics.records import RequestRecord, Sink
 
 CONFIG, READY, RECORDS, DONE = "tokenrig_config", "tokenrig_ready", "tokenrig_records", "tokenrig_done"
 SHIP_EVERY_S = 0.25
@@ -74,7 +77,7 @@ class Master:
         self.runner.register_message(RECORDS, self._on_records)
         self.runner.register_message(DONE, self._on_done)
         self.processes: list[subprocess.Popen] = []
-        self._sink = None
+        self._sink: Sink | None = None  # the step's, while run() collects records
         self._ready: set[str] = set()
         self._done: dict[str, WorkerReport] = {}
         self._arrivals_recorded: Counter[str] = Counter()  # first-turn records received, per worker node
@@ -103,8 +106,10 @@ class Master:
         self._ready.add(msg.node_id)
 
     def _on_records(self, environment, msg, **_kwargs) -> None:
+        sink = self._sink
+        assert sink is not None, "worker records arrived outside a step"
         for item in msg.data:
-            self._sink.write(RequestRecord(**item))
+            sink.write(RequestRecord(**item))
         self._arrivals_recorded[msg.node_id] += sum(1 for item in msg.data if item["turn"] == 0)
         self.received += len(msg.data)
 
@@ -215,7 +220,7 @@ def worker_main(argv: list[str] | None = None) -> None:
     freeze_heap()
 
     # the master names the class its users are (the run's API client); a worker can be either
-    environment = Environment(user_classes=list(USER_CLASSES.values()))
+    environment = LoadEnvironment(user_classes=list(USER_CLASSES.values()))
     runner = environment.create_worker_runner(args.master_host, args.master_port)
     shipper = _RecordShipper(runner)
 

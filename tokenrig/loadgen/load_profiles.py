@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, ClassVar
 
-from tokenrig.loadgen.scenario import OPEN_LOOP_TYPES, LoadPlanSpec
+from tokenrig.loadgen.scenario import LoadPlanSpec
 from tokenrig.metrics.verdict import StepResult, step_duration
 from tokenrig.report.console import LATE_BUT_JUDGED
 from tokenrig.metrics.slo import Slo
@@ -155,11 +155,16 @@ class FindMax(Search):
         """Where the walk of `steps` stands: its bracket and knee interval, and the next rate or why it stops."""
         if not steps:
             return SearchResult(steps, next_rate=self.start_rate, next_probe=True)
-        counted, notes = _counted_steps(steps)
+        judged, notes = _counted_steps(steps)
+        # A full step that missed where a probe had met: this server's overload shows only in full steps (a large
+        # batch absorbs a short probe's queue), so no probe's "met" bounds the answer and the search goes on with
+        # full steps only (13B on an H100: probes met at 8 and 16 req/s, full steps missed down to 8; capacity 7.3)
+        probes_refuted = _probes_refuted(judged)
+        counted = [step for step in judged if not (probes_refuted and step.probe and step.slo_met)]
         last = steps[-1]
         best, failing = _bracket(counted)
         result = SearchResult(steps, best and best.load, failing and failing.load, notes=notes)
-        if not any(step is last for step in counted):  # the last step is no verdict: run it again, or stop
+        if not any(step is last for step in judged):  # the last step is no verdict: run it again, or stop
             if last.late_sends_only:
                 result.next_rate, result.next_probe = last.load, last.probe
                 return result
@@ -176,7 +181,7 @@ class FindMax(Search):
                 far = best is not None and (margin := best.margin()) is not None and margin < math.log(FAR_BELOW)
                 growth = FAR_GROWTH if far and best.probe else 2.0
                 result.next_rate = best.load * growth if failing is None else failing.load / 2
-                result.next_probe = True
+                result.next_probe = not probes_refuted
             return result.with_knee(counted)
         # the bracket's own test: 10.5 / 10 - 1 is 0.0500...04 in floating point, above a 5 % precision
         bracketed = failing.load <= best.load * (1 + self.precision) * (1 + 1e-9)
@@ -225,8 +230,7 @@ class Sweep(Search):
 
     def step_load(self, base: LoadPlanSpec, value: float, slos: list[Slo] | None, step: int) -> LoadPlanSpec:
         if self.users:
-            return base.model_copy(update={"type": "concurrency", "users": int(value), "rate": None,
-                                           "stages": None, "trace": None, "seed": base.seed + step})
+            return base.as_closed_loop(int(value), seed=base.seed + step)
         return open_loop_step(base, value, base.duration_s, base.seed + step)
 
     def step_line(self, steps: list[StepResult]) -> str:
@@ -294,12 +298,21 @@ def _counted_steps(steps: list[StepResult]) -> tuple[list[StepResult], list[str]
     return counted, notes
 
 
+def _probes_refuted(steps: list[StepResult]) -> bool:
+    """Whether a full step missed the SLOs at a rate no higher than one a probe met."""
+    probe_met = max((step.load for step in steps if step.probe and step.slo_met), default=None)
+    return probe_met is not None and any(not step.probe and not step.slo_met and step.load <= probe_met
+                                         for step in steps)
+
+
 def _bracket(steps: list[StepResult]) -> tuple[StepResult | None, StepResult | None]:
-    """The step at the lowest rate that missed, and the one at the highest rate that met below it."""
+    """The step at the lowest rate that missed, and the one at the highest rate that met below it; of a probe and a
+    full step at one rate, the full step (else the full step that judged a probe's rate again left the probe as the
+    bracket's end, and the search ran that full step again until its step limit)."""
     missed = [step for step in steps if not step.slo_met]
-    failing = min(missed, key=lambda step: step.load, default=None)
+    failing = min(missed, key=lambda step: (step.load, step.probe), default=None)
     met = [step for step in steps if step.slo_met and (failing is None or step.load < failing.load)]
-    return max(met, key=lambda step: step.load, default=None), failing
+    return max(met, key=lambda step: (step.load, not step.probe), default=None), failing
 
 
 def crossing(met: StepResult, missed: StepResult) -> float | None:
@@ -340,11 +353,9 @@ def next_rate(steps: list[StepResult], precision: float) -> float:
 
 
 def open_loop_step(base: LoadPlanSpec, rate: float, duration_s: float, seed: int) -> LoadPlanSpec:
-    """`base` as an open loop at `rate` for `duration_s` (its arrival process kept when it has one)."""
-    open_type = base.type if base.type in OPEN_LOOP_TYPES else "poisson"
-    return LoadPlanSpec.model_validate({**base.model_dump(), "type": open_type, "rate": rate,
-                                        "stages": None, "trace": None, "duration_s": duration_s,
-                                        "cooldown_s": min(base.cooldown_s, duration_s / 4), "seed": seed})
+    """`base` as an open loop at `rate` for `duration_s` (its arrival process kept when it has one), validated."""
+    step = base.as_open_loop(rate, duration_s=duration_s, cooldown_s=min(base.cooldown_s, duration_s / 4), seed=seed)
+    return LoadPlanSpec.model_validate(step.model_dump())
 
 
 def profile_from_metadata(block: dict) -> Search:

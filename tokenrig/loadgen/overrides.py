@@ -4,7 +4,7 @@
 throughput mode), --max-in-flight, --arrival, --burstiness, --duration, --warmup, --seed, --sweep,
 --find-max and the search's settings, --quick); `plan_run` checks that they agree and returns the
 scenario with its load replaced, the load profile they ask for (a single run, a sweep, the SLO search)
-and where the run's seed came from. Every refusal is a ScenarioError worded for the flags.
+and where the run's seed came from. Every refusal is a UsageError worded for the flags.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from tokenrig.errors import UsageError
 from tokenrig.loadgen.load_profiles import QUICK_MIN_STEP_S, QUICK_TAIL_SAMPLES, FindMax, LoadProfile, SingleRun, Sweep
-from tokenrig.loadgen.scenario import Scenario, ScenarioError, with_run_seed
+from tokenrig.loadgen.scenario import Scenario, with_run_seed
 from tokenrig.metrics.slo import Slo
 
 SWEEP_USERS = "sweep"  # --users sweep: the --sweep values are user counts, not rates
@@ -51,52 +52,49 @@ class RunPlan:
 
 
 def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | None) -> RunPlan:
-    """`scenario` with `overrides` applied, or ScenarioError naming the flags that do not go together."""
+    """`scenario` with `overrides` applied, or UsageError naming the flags that do not go together."""
     load, seed_source = with_run_seed(scenario.load, overrides.seed)
     sweep_users = overrides.users == SWEEP_USERS
     users = None if sweep_users else overrides.users
     rate = overrides.rate
     if rate and users:
-        raise ScenarioError("give --users (closed loop) or --rate (open loop), not both")
+        raise UsageError("give --users (closed loop) or --rate (open loop), not both")
     if rate == math.inf:  # the throughput mode: one saturating run
         if overrides.find_max or overrides.sweep:
-            raise ScenarioError("--rate inf is the throughput mode, one run saturating the server: drop "
-                                f"{'--find-max' if overrides.find_max else '--sweep'}")
+            raise UsageError("--rate inf is the throughput mode, one run saturating the server: drop "
+                             f"{'--find-max' if overrides.find_max else '--sweep'}")
         if overrides.burstiness is not None:
-            raise ScenarioError("--burstiness shapes open-loop arrivals; --rate inf sends as fast as the server takes "
-                                "requests: drop it")
-        load = load.model_copy(update={"type": "throughput", "users": None, "rate": None, "stages": None,
-                                       "trace": None, "ramp_s": 0})
+            raise UsageError("--burstiness shapes open-loop arrivals; --rate inf sends as fast as the server takes "
+                             "requests: drop it")
+        load = load.as_throughput()
         rate = None
     profile: LoadProfile = SingleRun()
     if overrides.find_max and overrides.sweep:
-        raise ScenarioError("give --find-max (search for the highest rate within the SLOs) or --sweep (run the "
-                            "rates given), not both")
+        raise UsageError("give --find-max (search for the highest rate within the SLOs) or --sweep (run the "
+                         "rates given), not both")
     if overrides.find_max:
         if not slos:
-            raise ScenarioError("--find-max needs --slo, e.g. --slo ttft_p99=500ms,tpot_p99=50ms")
+            raise UsageError("--find-max needs --slo, e.g. --slo ttft_p99=500ms,tpot_p99=50ms")
         if overrides.quick and overrides.tail_samples is not None:
-            raise ScenarioError("--quick sets the samples per step (--tail-samples 3): give one of them")
+            raise UsageError("--quick sets the samples per step (--tail-samples 3): give one of them")
         tail = FindMax.tail_samples if overrides.tail_samples is None else overrides.tail_samples
         tail, shortest = (QUICK_TAIL_SAMPLES, QUICK_MIN_STEP_S) if overrides.quick else (tail, FindMax.min_step_s)
         profile = FindMax(start_rate=rate or 1.0, precision=overrides.precision, tail_samples=tail,
                           min_step_s=shortest, max_step_s=overrides.max_step_s)
     elif overrides.quick:
-        raise ScenarioError("--quick is a setting of --find-max: add --find-max --slo ...")
+        raise UsageError("--quick is a setting of --find-max: add --find-max --slo ...")
     elif overrides.sweep:
         values = sweep_values(overrides.sweep)
         profile = Sweep(loads=tuple(values), users=sweep_users)
         if not sweep_users and load.type == "concurrency" and not rate:
             rate = values[0]  # a rate sweep runs open loop
     if users:
-        load = load.model_copy(update={"type": "concurrency", "users": users, "rate": None, "stages": None,
-                                       "trace": None})
+        load = load.as_closed_loop(users)
     if rate:
-        load = load.model_copy(update={"type": overrides.arrival, "rate": rate, "stages": None, "trace": None,
-                                       "ramp_s": 0})
+        load = load.as_open_loop(rate, overrides.arrival)
     if overrides.max_in_flight is not None and load.type == "concurrency":
-        raise ScenarioError("--max-in-flight caps an open loop (--rate) or sets --rate inf's requests in flight; "
-                            "a closed loop has --users")
+        raise UsageError("--max-in-flight caps an open loop (--rate) or sets --rate inf's requests in flight; "
+                         "a closed loop has --users")
     updates = {k: v for k, v in {"duration_s": overrides.duration_s, "warmup_s": overrides.warmup_s,
                                  "burstiness": overrides.burstiness,
                                  "max_in_flight": overrides.max_in_flight}.items() if v is not None}
@@ -106,7 +104,7 @@ def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | Non
     except ValidationError as error:
         problems = "; ".join(f"{FLAGS.get('.'.join(map(str, e['loc'])), 'load.' + '.'.join(map(str, e['loc'])))}: "
                              f"{e['msg'].removeprefix('Value error, ')}" for e in error.errors())
-        raise ScenarioError(f"invalid load settings: {problems}") from None
+        raise UsageError(f"invalid load settings: {problems}") from None
     return RunPlan(scenario.model_copy(update={"load": load}), profile, seed_source)
 
 
@@ -125,9 +123,9 @@ def _check_window(load: dict, overrides: LoadOverrides) -> None:
         return
     duration_from = "--duration" if overrides.duration_s is not None else "the scenario's load.duration_s"
     warmup_from = "--warmup" if overrides.warmup_s is not None else "the scenario's load.warmup_s"
-    raise ScenarioError(f"{duration_from} {duration:g} s leaves nothing to measure after the warm-up ({warmup_from} "
-                        f"{warmup:g} s) and cool-down (the scenario's load.cooldown_s {cooldown:g} s): give "
-                        f"--duration above {warmup + cooldown:g}, or a shorter --warmup")
+    raise UsageError(f"{duration_from} {duration:g} s leaves nothing to measure after the warm-up ({warmup_from} "
+                     f"{warmup:g} s) and cool-down (the scenario's load.cooldown_s {cooldown:g} s): give "
+                     f"--duration above {warmup + cooldown:g}, or a shorter --warmup")
 
 
 def sweep_values(text: str) -> list[float]:
@@ -135,7 +133,7 @@ def sweep_values(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ScenarioError(f"--sweep takes comma-separated numbers, not {text!r}") from None
+        raise UsageError(f"--sweep takes comma-separated numbers, not {text!r}") from None
     if not all(math.isfinite(value) and value > 0 for value in values):
-        raise ScenarioError(f"--sweep takes finite numbers above 0, not {text!r} (--rate inf is the throughput mode)")
+        raise UsageError(f"--sweep takes finite numbers above 0, not {text!r} (--rate inf is the throughput mode)")
     return values

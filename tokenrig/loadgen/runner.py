@@ -10,10 +10,8 @@ from __future__ import annotations
 import logging
 import time
 
-from locust.env import Environment
-
 from tokenrig.loadgen.driver import LoadOutcome, cpu_seconds, drive, freeze_heap
-from tokenrig.loadgen.users import USER_CLASSES, LoadContext
+from tokenrig.loadgen.users import USER_CLASSES, LoadContext, LoadEnvironment
 
 SPAWN_LEAD_S = 0.5  # users are spawned before the plan's first due time
 
@@ -32,7 +30,7 @@ logging.getLogger("locust.runners").addFilter(_QuietSpawnRate())
 
 def run_load(ctx: LoadContext, progress=print, progress_every_s: float = 5.0, stop_when=None) -> LoadOutcome:
     """Run the plan to its end (and until in-flight requests finish), Ctrl-C, or `stop_when()`."""
-    environment = Environment(user_classes=[USER_CLASSES[ctx.client]])
+    environment = LoadEnvironment(user_classes=[USER_CLASSES[ctx.client]])
     environment.tokenrig = ctx
     runner = environment.create_local_runner()
     plan = ctx.plan

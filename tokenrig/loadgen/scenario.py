@@ -17,12 +17,14 @@ import math
 import random
 import secrets
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tokenrig.errors import UserError
 from tokenrig.paths import SCENARIOS, SERVING_SCENARIOS
 
 
@@ -38,6 +40,7 @@ def column_values(path: str, column: str) -> tuple[float, ...]:
     if not file.exists():
         raise ValueError(f"file {file} does not exist")
     with file.open(newline="") as handle:
+        rows: Iterable[dict]
         if file.suffix == ".jsonl":
             rows = (json.loads(line) for line in handle if line.strip())
         else:
@@ -51,7 +54,7 @@ def column_values(path: str, column: str) -> tuple[float, ...]:
     return values
 
 
-class ScenarioError(ValueError):
+class ScenarioError(UserError, ValueError):
     pass
 
 
@@ -284,6 +287,8 @@ class TraceReplay(_Strict):
 
 OPEN_LOOP_TYPES = ("poisson", "constant", "gamma")
 CLOSED_LOOP_TYPES = ("concurrency", "throughput")  # each user sends its next request when its last one ends
+# what shapes a load besides its type: reset when a load becomes another kind (as_open_loop, as_closed_loop, ...)
+LOAD_SHAPE_RESET = {"rate": None, "stages": None, "trace": None, "ramp_s": 0}
 
 
 class LoadPlanSpec(_Strict):
@@ -331,6 +336,22 @@ class LoadPlanSpec(_Strict):
         if self.warmup_s + self.cooldown_s >= self.duration_s:
             raise ValueError("warmup_s + cooldown_s must be shorter than duration_s")
         return self
+
+    # The reshaping copies are not validated: the caller validates the load it ends with, once every field is set.
+    def as_open_loop(self, rate: float, arrival: str | None = None, **fields) -> LoadPlanSpec:
+        """This load as an open loop at `rate` requests/s with `arrival`'s process (by default its own when it is
+        one, else Poisson); its stages, trace and closed-loop ramp dropped, `fields` set."""
+        arrival = arrival or (self.type if self.type in OPEN_LOOP_TYPES else "poisson")
+        return self.model_copy(update={**LOAD_SHAPE_RESET, "type": arrival, "rate": rate, **fields})
+
+    def as_closed_loop(self, users: int, **fields) -> LoadPlanSpec:
+        """This load as `users` users in a closed loop (its ramp kept); its rate, stages and trace dropped."""
+        return self.model_copy(update={**LOAD_SHAPE_RESET, "type": "concurrency", "users": users,
+                                       "ramp_s": self.ramp_s, **fields})
+
+    def as_throughput(self) -> LoadPlanSpec:
+        """This load as the throughput mode (--rate inf): its streams are its max_in_flight once validated."""
+        return self.model_copy(update={**LOAD_SHAPE_RESET, "type": "throughput", "users": None})
 
 
 class Scenario(_Strict):

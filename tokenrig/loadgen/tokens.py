@@ -26,13 +26,18 @@ class TokenCounter:
         """The tokenizer's count of each text, alone. Looked up, a request's 128 chunks take 14 µs, where
         tokenizing its reply took 0.12 ms offline and 2 ms p50 inside a 16-stream run."""
         known = self._known
-        counts = list(map(known.get, texts))
-        if None in counts:
-            for index, text in enumerate(texts):
-                if counts[index] is None:
-                    if len(known) >= self.capacity:  # a server of many tokens a chunk: its texts rarely recur
-                        known.clear()
-                    counts[index] = known[text] = len(self._encode(text, add_special_tokens=False).ids)
+        try:
+            return [known[text] for text in texts]
+        except KeyError:  # a text not seen before (or since the cache started over): tokenize what is missing
+            pass
+        counts = []
+        for text in texts:
+            count = known.get(text)
+            if count is None:
+                if len(known) >= self.capacity:  # a server of many tokens a chunk: its texts rarely recur
+                    known.clear()
+                count = known[text] = len(self._encode(text, add_special_tokens=False).ids)
+            counts.append(count)
         return counts
 
     def __call__(self, record: RequestRecord, texts: list[str]) -> None:

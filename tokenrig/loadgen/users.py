@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 import gevent
 from gevent.pool import Group
 from locust import User, constant, task
+from locust.env import Environment
 from locust.exception import StopUser
 from tokenizers import Tokenizer
 
 from tokenrig.loadgen.clients import StreamResult, openai
 from tokenrig.loadgen.plan import LoadPlan
-from tokenrig.metrics.records import CANCELLED, GAVE_UP, RequestRecord, Sink
 from tokenrig.loadgen.tokens import TokenCounter
 from tokenrig.loadgen.workload import PreparedRequest, Workload
+from tokenrig.metrics.records import CANCELLED, GAVE_UP, RequestRecord, Sink
 
 SLOT_LATE_TOLERANCE_S = 0.001
 
@@ -85,6 +86,12 @@ class LoadContext:
 
 class StreamTimeout(TimeoutError):
     """The server sent nothing for the request timeout."""
+
+
+class LoadEnvironment(Environment):
+    """Locust's environment with the run's LoadContext, which every user reads; set before the users start."""
+
+    tokenrig: LoadContext
 
 
 class OpenAIStreamingUser(User):
@@ -200,13 +207,13 @@ class TGIStreamingUser(OpenAIStreamingUser):
 
         self.ctx: LoadContext = self.environment.tokenrig
         self.tgi = tgi
-        self.client = tgi.connect(self.ctx.base_url, self.ctx.request_timeout_s)
+        self.inference_client = tgi.connect(self.ctx.base_url, self.ctx.request_timeout_s)
 
     def on_stop(self) -> None:
         pass  # InferenceClient keeps no connection of its own to close
 
     def _send(self, prepared: PreparedRequest, result: StreamResult) -> None:
-        self.tgi.stream(self.client, prepared.body, prepared.max_tokens, result)
+        self.tgi.stream(self.inference_client, prepared.text, prepared.max_tokens, result)
 
 
 USER_CLASSES = {"openai": OpenAIStreamingUser, "tgi": TGIStreamingUser}

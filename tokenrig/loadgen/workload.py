@@ -1,4 +1,5 @@
-"""Request sampling: turn a scenario's request mix into ready-to-send request bodies.
+"""Request sampling: turn a scenario's request mix into ready-to-send requests (`PreparedRequest`: the request as
+data, which the clients and capacity's replay read, and its OpenAI body serialized once).
 
 Synthetic prompts are drawn from the served model's own tokenizer vocabulary, so their length
 in tokens is exact; prompts from files and ShareGPT conversations are counted with it (a ShareGPT
@@ -15,12 +16,19 @@ from __future__ import annotations
 import json
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
 from tokenrig.loadgen.plan import TraceRow
-from tokenrig.loadgen.scenario import FilePrompt, RequestClass, Scenario, SharedPrefix, ShareGptPrompt
+from tokenrig.loadgen.scenario import (
+    FilePrompt,
+    LengthDist,
+    RequestClass,
+    Scenario,
+    SharedPrefix,
+    ShareGptPrompt,
+)
 from tokenrig.serve.tokenizer import content_words
 
 API_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -28,17 +36,57 @@ API_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 TEMPLATE_MARGIN = 8
 
 
+def _sample(lengths: LengthDist | None, rng: random.Random, request_class: RequestClass) -> int:
+    """A token length from the class's distribution, which the scenario's validation requires wherever one is drawn."""
+    if lengths is None:
+        raise ValueError(f"request class {request_class.name!r} has no token length distribution to draw from")
+    return lengths.sample(rng)
+
+
 @dataclass
 class PreparedRequest:
+    """One request ready to send: what it asks as data (the chat messages or the completions prompt, the
+    token counts), what its record says of it, and `body`, the same request in the OpenAI API's JSON."""
+
     request_class: str
     api: str
     path: str
-    body: bytes
+    model: str
+    messages: list[dict] | None  # chat: the conversation so far, this turn's user message last
+    prompt: str | None  # completions: the prompt text
     prompt_tokens: int  # content tokens the client put in the prompt (before any chat template)
-    max_tokens: int
+    max_tokens: int  # exactly this many come back: min_tokens = max_tokens, and the end-of-sequence ignored
+    temperature: float
     turn: int = 0
     prefix_id: int | None = None  # shared prefix sent (pool prefixes and Mooncake's first block)
     prefix_reused: bool = False  # that prefix had been sent before (a prefix-cache hit is possible)
+    ignore_eos: bool = True
+    body: bytes = field(init=False, repr=False)  # serialized once, when prepared
+
+    def __post_init__(self) -> None:
+        body = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "min_tokens": self.max_tokens,
+            "ignore_eos": self.ignore_eos,
+            "temperature": self.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.messages is not None:
+            body["messages"] = self.messages
+        else:
+            body["prompt"] = self.prompt
+        self.body = json.dumps(body).encode()
+
+    @property
+    def text(self) -> str:
+        """The request as one text (what TGI takes): the prompt, or the messages' contents one a line."""
+        if self.messages is not None:
+            return "\n".join(m["content"] for m in self.messages)
+        if self.prompt is None:
+            raise ValueError("a prepared request holds chat messages or a completions prompt, and this has neither")
+        return self.prompt
 
 
 class PrefixPool:
@@ -102,12 +150,12 @@ class Workload:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def data_prompt(self, request_class: RequestClass, rng: random.Random) -> tuple[str, int]:
-        """A prompt from a prompt file or a ShareGPT file, and its output length: the class's distribution, else
-        (ShareGPT) the tokens of the reply the conversation had, counted once a run."""
-        source = request_class.prompt
+    def data_prompt(self, request_class: RequestClass, source: FilePrompt | ShareGptPrompt,
+                    rng: random.Random) -> tuple[str, int]:
+        """A prompt from the class's prompt file or ShareGPT file `source`, and its output length: the class's
+        distribution, else (ShareGPT) the tokens of the reply the conversation had, counted once a run."""
         if isinstance(source, FilePrompt):
-            return rng.choice(source.prompts()), request_class.output_tokens.sample(rng)
+            return rng.choice(source.prompts()), _sample(request_class.output_tokens, rng, request_class)
         pairs = source.pairs()
         index = rng.randrange(len(pairs))
         prompt, reply = pairs[index]
@@ -125,22 +173,6 @@ class Workload:
         self.clamped += 1
         output_tokens = min(output_tokens, room // 2)
         return room - output_tokens, output_tokens
-
-    def body(self, request_class: RequestClass, messages: list[dict], max_tokens: int) -> bytes:
-        body = {
-            "model": self.model_name,
-            "max_tokens": max_tokens,
-            "min_tokens": max_tokens,
-            "ignore_eos": True,
-            "temperature": request_class.temperature,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if request_class.api == "chat":
-            body["messages"] = messages
-        else:
-            body["prompt"] = " ".join(message["content"] for message in messages)
-        return json.dumps(body).encode()
 
 
 class Dialogue:
@@ -193,7 +225,7 @@ class Dialogue:
             words, prefix_id, reused = self._trace_prompt(row, new_tokens)
             text = " ".join(words)
         elif isinstance(request_class.prompt, (FilePrompt, ShareGptPrompt)):
-            text, output_tokens = workload.data_prompt(request_class, rng)
+            text, output_tokens = workload.data_prompt(request_class, request_class.prompt, rng)
             new_tokens = workload.count_tokens(text)
             if self.turn == 0:
                 fitted, output_tokens = workload.fit(new_tokens, output_tokens)
@@ -201,8 +233,8 @@ class Dialogue:
                     text = " ".join(text.split()[:fitted])
                     new_tokens = workload.count_tokens(text)
         else:
-            new_tokens = request_class.input_tokens.sample(rng)
-            output_tokens = request_class.output_tokens.sample(rng)
+            new_tokens = _sample(request_class.input_tokens, rng, request_class)
+            output_tokens = _sample(request_class.output_tokens, rng, request_class)
             if self.turn == 0:
                 new_tokens, output_tokens = workload.fit(len(prefix_words) + new_tokens, output_tokens)
                 new_tokens -= len(prefix_words)
@@ -218,9 +250,13 @@ class Dialogue:
                 return None
         self._history.append({"role": "user", "content": text})
         self._history_tokens = prompt_tokens
+        chat = request_class.api == "chat"
         prepared = PreparedRequest(request_class.name, request_class.api, API_PATHS[request_class.api],
-                                   workload.body(request_class, self._history, output_tokens), prompt_tokens,
-                                   output_tokens, self.turn, prefix_id, reused)
+                                   workload.model_name, messages=list(self._history) if chat else None,
+                                   prompt=None if chat else " ".join(m["content"] for m in self._history),
+                                   prompt_tokens=prompt_tokens, max_tokens=output_tokens,
+                                   temperature=request_class.temperature, turn=self.turn, prefix_id=prefix_id,
+                                   prefix_reused=reused)
         self.turn += 1
         return prepared
 

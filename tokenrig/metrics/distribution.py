@@ -7,6 +7,7 @@ approximation); the interval is the pair of order statistics at ranks np -/+ 1.9
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def distribution(values) -> Distribution | None:
     data = np.asarray(list(values), dtype=float)
     if data.size == 0:
         return None
-    stats = {f"p{p:g}": float(np.percentile(data, p)) for p in PERCENTILES}
+    stats: dict[str, Any] = {f"p{p:g}": float(np.percentile(data, p)) for p in PERCENTILES}
     stats.update(mean=float(data.mean()), min=float(data.min()), max=float(data.max()), count=int(data.size))
     stats["p99_ci95"] = percentile_interval(data, 99)
     return Distribution.model_validate(stats)

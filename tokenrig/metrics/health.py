@@ -10,7 +10,7 @@ rate instead (server saturated).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -86,6 +86,11 @@ def load_generator_health(measured: list[RequestRecord], facts: RunFacts, counts
                   f"{counts.completions / counts.seconds:.2f} req/s of the {facts.target_rate or achieved_rate:.2f} "
                   "offered" if server_saturated else None)
     late_sends_only = bool(late_sends) and len(problems) == 1
+    measured_only: dict[str, Any] = {}  # recorded only where there is something to say
+    if saturation:
+        measured_only["server_saturated"] = saturation
+    if workers is not None:
+        measured_only["workers"] = workers
     return LoadGenerator(
         schedule_lag_s=lag,
         target_rate_rps=facts.target_rate,
@@ -99,9 +104,8 @@ def load_generator_health(measured: list[RequestRecord], facts: RunFacts, counts
         valid=not problems,
         problems=problems,
         late_sends_only=late_sends_only,
-        **({"server_saturated": saturation} if saturation else {}),
         remedy=_remedy(problems, late_sends_only, facts.client_cpu_fraction),
-        **({"workers": workers} if workers is not None else {}),
+        **measured_only,
     )
 
 
@@ -116,7 +120,7 @@ def _late_sends(measured: list[RequestRecord], judged_sends: list[RequestRecord]
     if late_sends <= max(1, MAX_LATE_SEND_FRACTION * len(judged_sends)):
         return None
     return (f"{late_sends} of {len(judged_sends)} sends more than {late_after_s * 1000:.0f} ms late "
-            f"(schedule lag p99 {lag.p99 * 1000:.1f} ms)")
+            f"(schedule lag p99 {(lag.p99 if lag else 0.0) * 1000:.1f} ms)")
 
 
 def _remedy(problems: list[str], late_sends_only: bool, client_cpu: float) -> str | None:

@@ -53,7 +53,7 @@ class Slo:
 def parse_slos(text: str) -> list[Slo]:
     """'ttft_p99=500ms,tpot_p99=50ms' -> [Slo(...), ...]; each threshold above 0 with its unit (us, ms or s),
     each metric and percentile once: `ttft_p99=500` is 500 what? and two ttft_p99 leave the judge to guess."""
-    slos = []
+    slos: list[Slo] = []
     names = "|".join(map(re.escape, METRICS))
     for part in filter(None, (p.strip() for p in text.split(","))):
         match = re.fullmatch(rf"({names})_p(\d+(?:\.\d+)?)\s*=\s*(\d+(?:\.\d+)?)\s*(us|ms|s)?", part)
@@ -177,8 +177,8 @@ def judge(records: list[RequestRecord], slos: list[Slo], window_s: float) -> Slo
                                         confidence=confidence)
     good = 0
     for record in ok:
-        values = [slo.request_value(record) for slo in slos]
-        if all(v is not None and v <= slo.threshold_s for v, slo in zip(values, slos)):
+        per_request = [slo.request_value(record) for slo in slos]
+        if all(v is not None and v <= slo.threshold_s for v, slo in zip(per_request, slos)):
             good += 1
     return SloJudgement(slos=verdicts, all_met=all(v.met for v in verdicts.values()),
                         goodput_rps=good / window_s if window_s else 0.0, good_requests=good,

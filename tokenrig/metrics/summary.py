@@ -16,8 +16,18 @@ from tokenrig.metrics.distribution import distribution
 from tokenrig.metrics.health import SHIPPED, Ceiling, load_generator_health
 from tokenrig.metrics.records import RequestRecord
 from tokenrig.metrics.registry import METRICS
-from tokenrig.metrics.run_summary import (SCHEMA_VERSION, Latency, LoadFacts, Requests, RunSummary, Throughput, Tokens,
-                                          Window, WorkerCpu, WorkloadFacts)
+from tokenrig.metrics.run_summary import (
+    SCHEMA_VERSION,
+    Latency,
+    LoadFacts,
+    Requests,
+    RunSummary,
+    Throughput,
+    Tokens,
+    Window,
+    WorkerCpu,
+    WorkloadFacts,
+)
 from tokenrig.metrics.slo import Slo, judge
 
 DEFAULT_MAX_ERROR_RATE = 0.05
@@ -101,6 +111,7 @@ def summarize(records: list[RequestRecord], facts: RunFacts, slos: list[Slo] | N
     measured = [r for r in records if r.in_window]
     ok = [r for r in measured if r.ok]
     input_tokens = sum(r.prompt_tokens_usage or r.prompt_tokens_sent for r in ok)
+    judged: dict[str, Any] = {"slo": judge(records, slos, counts.seconds)} if slos else {}
     return RunSummary(
         schema_version=SCHEMA_VERSION,
         requests=_requests(records, measured, facts.max_error_rate),
@@ -113,7 +124,7 @@ def summarize(records: list[RequestRecord], facts: RunFacts, slos: list[Slo] | N
         tokens=_tokens(ok, input_tokens),
         load_generator=load_generator_health(measured, facts, counts, parts.workers if parts else None),
         interrupted=facts.interrupted,
-        **({"slo": judge(records, slos, counts.seconds)} if slos else {}),
+        **judged,
         **(parts.recorded() if parts else {}),
     )
 

@@ -15,14 +15,14 @@ import json
 import sys
 from pathlib import Path
 
-from tokenrig.metrics.registry import by_row
-from tokenrig.paths import GRAFANA
-from tokenrig.serve.backends import preferred_metric_names
-
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.builders import prometheus, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
+
+from tokenrig.metrics.registry import by_row
+from tokenrig.paths import GRAFANA
+from tokenrig.serve.backends import preferred_metric_names
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="tokenrig-prometheus")
 RUN_VARIABLES = ("run_id", "scenario", "backend", "model", "gpu")
@@ -73,7 +73,8 @@ def loadtest_dashboard() -> db.Dashboard:
         d = d.with_panel(_panel(metric.title, metric.unit, *_quantiles(metric.prometheus_name, s)))
     d = d.with_row(db.Row("Throughput and load"))
     d = d.with_panel(_panel("Output tokens/s", "short",
-                            (f"sum by (run_id) (rate(tokenrig_output_tokens_total{{{s}}}[$__rate_interval]))", "{{run_id}}")))
+                            (f"sum by (run_id) (rate(tokenrig_output_tokens_total{{{s}}}[$__rate_interval]))",
+                             "{{run_id}}")))
     d = d.with_panel(_panel("Requests/s by outcome", "reqps",
                             (f"sum by (run_id, outcome) (rate(tokenrig_requests_total{{{s}}}[$__rate_interval]))",
                              "{{outcome}} {{run_id}}")))
@@ -87,7 +88,8 @@ def loadtest_dashboard() -> db.Dashboard:
     d = d.with_panel(_panel("Schedule lag (actual - scheduled send)", "s",
                             *_quantiles("tokenrig_schedule_lag_seconds", s)))
     d = d.with_panel(_panel("Input tokens/s", "short",
-                            (f"sum by (run_id) (rate(tokenrig_input_tokens_total{{{s}}}[$__rate_interval]))", "{{run_id}}")))
+                            (f"sum by (run_id) (rate(tokenrig_input_tokens_total{{{s}}}[$__rate_interval]))",
+                             "{{run_id}}")))
     return d
 
 

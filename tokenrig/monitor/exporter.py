@@ -18,12 +18,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from tokenrig.metrics.records import FanoutSink, RequestRecord
+from tokenrig.errors import UserError
+from tokenrig.metrics.records import RequestRecord
 from tokenrig.metrics.registry import by_row
 from tokenrig.monitor.discovery import TargetFile
 
 
-class ExporterPortError(OSError):
+class ExporterPortError(UserError, OSError):
     """The exporter's port cannot be bound (taken, or not allowed)."""
 
 # 1 ms .. 10 min, roughly 2.5x apart: resolves ITL milliseconds and minute-long E2E alike
@@ -85,7 +86,8 @@ class LoadgenMetrics:
         self.label_values = [labels[name] for name in RUN_LABELS]
 
         def histogram(name, doc):
-            return Histogram(name, doc, names, buckets=LATENCY_BUCKETS, registry=self.registry).labels(*self.label_values)
+            family = Histogram(name, doc, names, buckets=LATENCY_BUCKETS, registry=self.registry)
+            return family.labels(*self.label_values)
 
         # one histogram per registered metric: a per-token one takes a request's values in one call
         self.latency = {metric: (BulkHistogram(metric.prometheus_name, metric.description, names, self.label_values,
@@ -138,7 +140,7 @@ class PrometheusSink:
         if not record.ok:
             return
         for metric, histogram in m.latency.items():
-            if metric.per_token:
+            if isinstance(histogram, BulkHistogram):
                 histogram.observe_many(metric.samples(record))
             else:
                 for value in metric.samples(record):
@@ -157,13 +159,12 @@ def wait_for_final_scrape(seconds: float) -> None:
 
 
 @contextlib.contextmanager
-def live_loadgen_metrics(ctx, labels: dict[str, str], server_metrics_url: str | None, port: int,
+def live_loadgen_metrics(labels: dict[str, str], server_metrics_url: str | None, port: int,
                          targets_dir: Path, linger_s: float, progress=print):
-    """Expose the run's metrics and announce them (and the server's /metrics) to Prometheus."""
+    """Expose the run's metrics and announce them (and the server's /metrics) to Prometheus; yields the
+    LoadgenMetrics, which a PrometheusSink in the record stream feeds and `bind` ties to the load's state."""
     metrics = LoadgenMetrics(labels)
     bound_port = metrics.serve(port)
-    metrics.bind(ctx)
-    ctx.sink = FanoutSink(ctx.sink, PrometheusSink(metrics))
     target_files = [TargetFile.announce(targets_dir, "loadgen", f"127.0.0.1:{bound_port}", labels)]
     if server_metrics_url:
         target_files.append(TargetFile.announce(targets_dir, "server", urlsplit(server_metrics_url).netloc, labels))

@@ -20,8 +20,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from tokenrig.errors import UserError
 
-class UnknownProfileError(ValueError):
+
+class UnknownProfileError(UserError, ValueError):
     """A GPU or model name that no profile matches."""
 
 

@@ -55,9 +55,9 @@ def latency_cdfs(series: dict[str, dict[str, list[float]]], slos: list[Slo], tit
             if not values:
                 continue
             x, y = cdf_points(np.asarray(values) * 1000)
+            hover = f"{name} %{{x:.1f}} ms<br>%{{y:.1%}} of requests<extra>{label}</extra>"
             figure.add_trace(go.Scatter(x=x, y=y, mode="lines", name=label, legendgroup=label,
-                                        showlegend=position == 0, line={"color": colour},
-                                        hovertemplate=f"{name} %{{x:.1f}} ms<br>%{{y:.1%}} of requests<extra>{label}</extra>"),
+                                        showlegend=position == 0, line={"color": colour}, hovertemplate=hover),
                              row=position // 2 + 1, col=position % 2 + 1)
     for slo in slos:
         position = list(METRICS).index(slo.metric)
@@ -101,21 +101,21 @@ def timeline(tl: Timeline, windows: list[tuple[str, float, float]], title: str) 
         if any(tl.cancelled):  # in flight when the load stopped (Ctrl-C, an early stop): not the server's errors
             series.insert(3, ("cancelled", tl.cancelled, "#bcbd22"))
         for name, values, colour in series:
-            figure.add_trace(go.Scatter(x=x, y=values, name=name, mode="lines", line={"color": colour,
-                                        "shape": "hv", "dash": "dot" if name == "in flight" else "solid"}), row=1, col=1)
+            line = {"color": colour, "shape": "hv", "dash": "dot" if name == "in flight" else "solid"}
+            figure.add_trace(go.Scatter(x=x, y=values, name=name, mode="lines", line=line), row=1, col=1)
         figure.add_trace(go.Scatter(x=x, y=tl.output_tokens, name="output tok/s", mode="lines",
                                     line={"color": "#9467bd", "shape": "hv"}), row=2, col=1)
     row = 3
     if server_rows:
         for key, colour in (("running", "#17becf"), ("waiting", "#ff7f0e")):
             if key in tl.server:
-                times, values = tl.server[key]
-                figure.add_trace(go.Scatter(x=times, y=values, name=f"server {key}", mode="lines+markers",
+                times, samples = tl.server[key]
+                figure.add_trace(go.Scatter(x=times, y=samples, name=f"server {key}", mode="lines+markers",
                                             marker={"size": 3}, line={"color": colour}), row=row, col=1)
         row += 1
     if has_kv:
-        times, values = tl.server["kv_cache_usage"]
-        figure.add_trace(go.Scatter(x=times, y=values, name="server KV usage", mode="lines+markers",
+        times, samples = tl.server["kv_cache_usage"]
+        figure.add_trace(go.Scatter(x=times, y=samples, name="server KV usage", mode="lines+markers",
                                     marker={"size": 3}, line={"color": "#8c564b"}), row=row, col=1)
         figure.update_yaxes(tickformat=".0%", row=row, col=1)
     if not figure.data:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from tokenrig.errors import UserError
 from tokenrig.metrics.registry import compared_metrics
 from tokenrig.metrics.run_summary import Distribution, RunSummary, SummaryVersionError
 from tokenrig.report.console import failed_line
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     pass
 
 
@@ -74,8 +75,15 @@ def _metadata_path(result_dir: Path) -> Path | None:
     return None
 
 
+def _read_metadata(result_dir: Path) -> dict:
+    path = _metadata_path(result_dir)
+    if path is None:
+        raise FileNotFoundError(f"{result_dir}: no metadata.json, neither its own nor its run's")
+    return json.loads(path.read_text())
+
+
 def run_row(run_dir: Path) -> dict:
-    metadata = json.loads(_metadata_path(run_dir).read_text())
+    metadata = _read_metadata(run_dir)
     summary = RunSummary.read(run_dir / "summary.json")
     latency, server_metrics = summary.latency_s, summary.server or {}
     running = server_metrics.get("running") or {}
@@ -108,7 +116,7 @@ def run_row(run_dir: Path) -> dict:
 def _not_a_load_test(run_dir: Path) -> str | None:
     """Why a directory with metadata.json and summary.json is no load test to table (None: it is one)."""
     try:
-        metadata = json.loads(_metadata_path(run_dir).read_text())
+        metadata = _read_metadata(run_dir)
         if metadata.get("kind") == "train":
             return "a training run (tokenrig train --compare tables those)"
         RunSummary.read(run_dir / "summary.json")

@@ -150,7 +150,8 @@ def _configuration(page: Page, run: LoadRun) -> None:
                                                            f"{(scenario.get('description') or '').strip()}"],
             ["SLOs", ", ".join(metadata.get("slos") or []) or "none"],
             ["command", shlex.join(server["command"]) if server.get("command") else server.get("url", "–")],
-            ["host", f"{metadata.get('host', '?')} ({metadata.get('platform', '?')}, {metadata.get('cpu_count', '?')} CPUs)"],
+            ["host", f"{metadata.get('host', '?')} "
+                     f"({metadata.get('platform', '?')}, {metadata.get('cpu_count', '?')} CPUs)"],
             ["versions", versions], ["git", metadata.get("git_sha") or "–"],
             ["started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(metadata["created_unix"]))
              if metadata.get("created_unix") else "–"]]
@@ -263,11 +264,12 @@ def _training(page: Page, runs: list[TrainRun]) -> None:
     specs = [(run, TrainSpec.model_validate(run.metadata["spec"])) for run in runs if run.metadata.get("spec")]
     rows = comparison_rows([(spec, run.summary or {"status": "no summary.json (stopped before it was written)"})
                             for run, spec in specs])
-    page.table(["run", "status", "step ms", "tok/s", "tok/s/GPU", "TFLOP/s/GPU", "MFU", "HFU", "GPU alloc GiB",
-                "host GiB", "loss", "comm share"],
+    page.table(["run", "status", "step ms", "tok/s", "tok/s/GPU", "TFLOP/s/GPU", "MFU", "HFU", "$/B tok",
+                "GPU alloc GiB", "host GiB", "loss", "comm share"],
                [[r["label"], r["status"], _number(r["step_ms"], ".0f"), _number(r["tokens_per_s"], ",.0f"),
                  _number(r["tokens_per_s_per_gpu"], ",.0f"), _number(r["tflops_per_gpu"], ".2f"),
-                 _number(r["mfu"], ".1%"), _number(r["hfu"], ".1%"), _number(r["gpu_allocated_gib"], ".1f"),
+                 _number(r["mfu"], ".1%"), _number(r["hfu"], ".1%"), _number(r["usd_per_billion_tokens"], ",.2f"),
+                 _number(r["gpu_allocated_gib"], ".1f"),
                  _number(r["host_rss_gib"], ".2f"), _number(r["loss"], ".3f"), _number(r["comm_share"], ".1%")]
                 for r in rows], text_columns=2)
     for run, spec in specs:
@@ -289,7 +291,8 @@ def _capacity(page: Page, document: dict) -> None:
     q = document["question"]
     page.section("capacity", f"capacity: {q['model']}, scenario {q['scenario']}")
     slos = ", ".join(f"{name} ≤ {seconds * 1000:g} ms" for name, seconds in q["slos"].items())
-    target = f"{q['target_rps']:g} req/s, headroom {q['headroom']:.0%}" if q["target_rps"] is not None else "one replica"
+    target = (f"{q['target_rps']:g} req/s, headroom {q['headroom']:.0%}" if q["target_rps"] is not None
+              else "one replica")
     page.text(f"SLOs {slos}; sized for {target}. Measured rows come from --find-max runs; projected rows from the "
               "engine's calibrated roofline, ± its worst held-out error.")
     page.table(["GPU", "weights", "engine", "TP", "source", "goodput req/s", "band", "out tok/s", "replicas", "GPUs",

@@ -15,19 +15,21 @@ import time
 from pathlib import Path
 
 import tokenrig
+from tokenrig.errors import UserError
 from tokenrig.serve.backends import BACKENDS
 
 # the serving engines' packages (vllm, sglang) come from the backend registry
 PACKAGES = ("torch", "transformers", "locust", "tokenizers", "aiohttp", "prometheus-client", "deepspeed")
 
 
-class ResultsDirError(OSError):
+class ResultsDirError(UserError, OSError):
     """The results root cannot hold run directories (a file, unwritable, ...)."""
 
 
 def new_run_dir(root: Path, *parts: str) -> Path:
     if root.exists() and not root.is_dir():
-        raise ResultsDirError(f"--results {root} is a file, not a directory: give a directory (it is created if missing)")
+        raise ResultsDirError(f"--results {root} is a file, not a directory: "
+                              "give a directory (it is created if missing)")
     # a served model's name may hold '/' (org/model): one path component per run
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + "-".join(re.sub(r"[^\w.-]", "_", p) for p in parts if p)
     path = root / run_id
@@ -38,7 +40,8 @@ def new_run_dir(root: Path, *parts: str) -> Path:
     try:
         path.mkdir(parents=True)
     except OSError as error:
-        raise ResultsDirError(f"cannot create a run directory under --results {root}: {error.strerror or error}") from None
+        raise ResultsDirError(f"cannot create a run directory under --results {root}: "
+                              f"{error.strerror or error}") from None
     return path
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from tokenrig.errors import UserError
 from tokenrig.metrics.records import RequestRecord, read_records
 from tokenrig.metrics.run_summary import THROUGHPUT_MODE_NOTE, RunSummary, SummaryVersionError
 from tokenrig.report.console import failed_line
@@ -48,7 +49,7 @@ def _jsonl(path: Path) -> list[dict]:
     return rows
 
 
-class NoRunsError(ValueError):
+class NoRunsError(UserError, ValueError):
     """A path given to the report is no directory, or nothing under the paths is a run."""
 
 
@@ -121,7 +122,7 @@ class LoadRun:
 class TrainRun:
     path: Path
     metadata: dict
-    summary: RunSummary | None
+    summary: dict | None  # the training summary.json as written (train/summary.py), not a load step's RunSummary
     steps: list[dict]
     breakdown: dict | None
 
@@ -174,7 +175,10 @@ def find_runs(paths: list[Path], progress=print) -> Runs:
                 continue
             progress(f"reading {metadata_path.parent}")
             run = read_run(metadata_path.parent, metadata, progress)
-            (runs.train if isinstance(run, TrainRun) else runs.load).append(run)
+            if isinstance(run, TrainRun):
+                runs.train.append(run)
+            else:
+                runs.load.append(run)
             found += 1
         if not found:
             runs.skipped.append(f"{path}: no load-test or training run (metadata.json) under it")

@@ -13,6 +13,8 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -20,6 +22,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tokenizers import Tokenizer
 
 from tokenrig.serve.engines import Engine, GenerationRequest
+
+if TYPE_CHECKING:
+    from tokenrig.serve.engines.step_profiler import StepProfiler
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
@@ -43,12 +48,15 @@ class ServerMetrics:
         if cache_config:  # as vLLM tells its KV cache (what `loadtest --url` records of a server)
             info = Gauge("vllm:cache_config_info", "KV-cache configuration", list(cache_config), registry=self.registry)
             info.labels(**{key: str(value) for key, value in cache_config.items()}).set(1)
-        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch", labels, registry=self.registry)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled", labels, registry=self.registry)
+        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch", labels,
+                             registry=self.registry)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled", labels,
+                             registry=self.registry)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full", labels, registry=self.registry)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed", labels, registry=self.registry)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens", labels, registry=self.registry)
-        self.success = Counter("vllm:request_success", "Finished requests", labels + ["finished_reason"], registry=self.registry)
+        self.success = Counter("vllm:request_success", "Finished requests", labels + ["finished_reason"],
+                               registry=self.registry)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", labels,
                               buckets=LATENCY_BUCKETS, registry=self.registry)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens", labels,
@@ -70,7 +78,8 @@ class ServerMetrics:
         self.waiting.labels(self.model_name).set(load.waiting)
         if load.kv_cache_usage is not None:
             self.kv_usage.labels(self.model_name).set(load.kv_cache_usage)
-        if load.prefix_cache_queries is not None:  # engines report totals; counters take the increase
+        # engines report totals; counters take the increase
+        if load.prefix_cache_queries is not None and load.prefix_cache_hits is not None:
             queries, hits = self._prefix_seen
             self.prefix_queries.labels(self.model_name).inc(load.prefix_cache_queries - queries)
             self.prefix_hits.labels(self.model_name).inc(load.prefix_cache_hits - hits)
@@ -157,6 +166,8 @@ class OpenAIServer:
         self.eos_id = tokenizer.eos_token_id
         self.metrics = ServerMetrics(model_name, cache_config)
         self.ready = False
+        # the hf engine's step profiler, when profiling is on
+        self.profiler: StepProfiler | None = getattr(engine, "profiler", None)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024**2)
@@ -167,9 +178,9 @@ class OpenAIServer:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/generate", self.tgi_generate)
         app.router.add_post("/generate_stream", self.tgi_generate_stream)
-        if getattr(self.engine, "profiler", None) is not None:  # vLLM's routes, as vLLM has them: when profiling is on
-            app.router.add_post("/start_profile", self.start_profile)
-            app.router.add_post("/stop_profile", self.stop_profile)
+        if self.profiler is not None:  # vLLM's routes, as vLLM has them: when profiling is on
+            app.router.add_post("/start_profile", partial(self.start_profile, self.profiler))
+            app.router.add_post("/stop_profile", partial(self.stop_profile, self.profiler))
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -200,12 +211,12 @@ class OpenAIServer:
         self.metrics.observe_load(self.engine)
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def start_profile(self, _request: web.Request) -> web.Response:
-        self.engine.profiler.request_start()
+    async def start_profile(self, profiler: StepProfiler, _request: web.Request) -> web.Response:
+        profiler.request_start()
         return web.Response(status=200)
 
-    async def stop_profile(self, _request: web.Request) -> web.Response:
-        await asyncio.to_thread(self.engine.profiler.request_stop)  # writing the trace takes a while
+    async def stop_profile(self, profiler: StepProfiler, _request: web.Request) -> web.Response:
+        await asyncio.to_thread(profiler.request_stop)  # writing the trace takes a while
         return web.Response(status=200)
 
     # -- generation core ----------------------------------------------------------------------
@@ -277,7 +288,8 @@ class OpenAIServer:
             sampling = _sampling(body, default_max=16)
             self._admit(prompt_ids, sampling)
         except BadRequest as error:
-            return web.json_response({"error": {"message": str(error), "type": "BadRequestError", "code": 400}}, status=400)
+            return web.json_response({"error": {"message": str(error), "type": "BadRequestError", "code": 400}},
+                                     status=400)
         except EngineUnavailable as error:
             return web.json_response({"error": {"message": str(error), "type": "ServiceUnavailable", "code": 503}},
                                      status=503)
@@ -363,7 +375,7 @@ class OpenAIServer:
         async for token_ids, finish in tokens:
             count += len(token_ids)
             text += detokenizer.add(token_ids) if token_ids else ""
-        result = {"generated_text": text}
+        result: dict[str, object] = {"generated_text": text}
         if parameters.get("details"):
             result["details"] = {"finish_reason": finish, "generated_tokens": count, "seed": None,
                                  "prefill": [], "tokens": []}

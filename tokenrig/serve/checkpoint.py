@@ -19,11 +19,14 @@ import os
 import shutil
 import time
 from pathlib import Path
-
+from typing import TYPE_CHECKING
 
 from tokenrig.profiles import ModelProfile
 from tokenrig.serve.fit import GROUP_SIZE, linear_shapes, tp_is_valid
 from tokenrig.serve.tokenizer import CHAT_TEMPLATE, build_tokenizer
+
+if TYPE_CHECKING:  # for annotations only: the functions that build tensors import torch themselves
+    import torch
 
 MARKER = "tokenrig-checkpoint.json"
 SHARD_BYTES = 4 * 1024**3
@@ -73,7 +76,8 @@ def quantization_config(quant: str) -> dict:
     raise ValueError(f"unknown checkpoint quantization {quant!r}; known: gptq, awq")
 
 
-def tensor_layout(model: ModelProfile, dtype: torch.dtype, quant: str | None) -> dict[str, tuple[tuple, torch.dtype]]:
+def tensor_layout(model: ModelProfile, dtype: torch.dtype,
+                  quant: str | None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of every stored tensor; quantized linears expand to their packed tensors."""
     import torch
 
@@ -93,7 +97,7 @@ def tensor_layout(model: ModelProfile, dtype: torch.dtype, quant: str | None) ->
     return layout
 
 
-def _packed_zero(quant: str) -> int:
+def _packed_zero(quant: str | None) -> int:
     """Every nibble the zero point of symmetric 4-bit: 8, which GPTQ's v1 format stores as 7."""
     nibble = 7 if quant == "gptq" else 8
     word = sum(nibble << (4 * i) for i in range(PACK))
@@ -189,7 +193,8 @@ def make_checkpoint(
         total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({name: filename for name in names})
         del tensors
-        progress(f"  wrote shard {index}/{len(shards)} ({total_bytes / 1e9:.1f} GB, {time.monotonic() - started:.0f} s)")
+        progress(f"  wrote shard {index}/{len(shards)} "
+                 f"({total_bytes / 1e9:.1f} GB, {time.monotonic() - started:.0f} s)")
     if len(shards) > 1:
         index_doc = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenrig import exit_status
+from tokenrig.errors import UserError
 from tokenrig.profiles import GpuProfile, ModelProfile, gpu_profiles
 
 GROUP_SIZE = 128  # quantization group along the input dimension (GPTQ/AWQ default)
@@ -31,11 +33,14 @@ ACTIVATION_BYTES = 2  # bf16/fp16 activations
 LOGIT_BYTES = 4  # samplers upcast logits to fp32
 
 
-class FitError(ValueError):
-    """The model does not fit; the message says what would."""
+class FitError(UserError, ValueError):
+    """The model does not fit; the message says what would. A valid question whose answer is no."""
+
+    exit_code = exit_status.DOES_NOT_FIT
+    label = "does not fit"
 
 
-class UnknownQuantError(ValueError):
+class UnknownQuantError(UserError, ValueError):
     """A weight format tokenrig does not know: bad input, not a model that does not fit."""
 
 
@@ -165,8 +170,9 @@ class FitPlan:
 
     def describe(self) -> str:
         gb = 1e9
-        return (f"{self.model} {self.quant} on {self.tp} x {self.gpu}: per GPU {self.usable_bytes / gb:.1f} GB usable = "
-                f"weights {self.weight_bytes / gb:.1f} + activations {self.activation_bytes / gb:.1f} + runtime "
+        return (f"{self.model} {self.quant} on {self.tp} x {self.gpu}: "
+                f"per GPU {self.usable_bytes / gb:.1f} GB usable = weights {self.weight_bytes / gb:.1f} "
+                f"+ activations {self.activation_bytes / gb:.1f} + runtime "
                 f"{self.reserve_bytes / gb:.1f} + KV {self.kv_budget_bytes / gb:.1f} GB "
                 f"({self.kv_capacity_tokens} tokens, {self.full_context_sequences()} sequences of "
                 f"{self.context_tokens}); the engine pages its KV cache and needs room for "

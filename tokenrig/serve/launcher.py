@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tokenrig.serve import backends
 from tokenrig.serve.backends.base import LaunchPlan
+from tokenrig.serve.fit import FitPlan
 from tokenrig.serve.spec import Endpoint, LaunchError, ServerSpec
 
 
@@ -59,8 +60,9 @@ def _program_installed(command: list[str]) -> bool:
 
 class LaunchedServer:
     def __init__(self, spec: ServerSpec, log_path: Path, health_timeout_s: float = 900, progress=print,
-                 progress_every_s: float = 15):
+                 progress_every_s: float = 15, fit: FitPlan | None = None):
         self.spec = spec
+        self.fit = fit  # the spec's fit plan when planned already
         self.log_path = log_path
         self.health_timeout_s = health_timeout_s
         self.progress_every_s = progress_every_s
@@ -85,38 +87,39 @@ class LaunchedServer:
     def start(self) -> Endpoint:
         model_dir = backends.model_dir(self.spec, self.progress)
         port = self.spec.port or free_port(self.spec.host)
-        self.plan = backends.launch_plan(self.spec, model_dir, port)
-        self.command = self.plan.command
+        self.plan = plan = backends.launch_plan(self.spec, model_dir, port, self.fit)
+        self.command = plan.command
         if not _program_installed(self.command):
             raise LaunchError(f"{self.command[0]} is not installed on this machine. "
                               f"{backends.BACKENDS[self.spec.backend].setup}\n"
                               f"The command it would run: {shlex.join(self.command)}")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.plan.env.items())
-        self.progress(f"starting {self.spec.backend} server: {env_text + ' ' if env_text else ''}{shlex.join(self.command)}")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.plan.env)
-        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True, preexec_fn=_die_with_parent())
+        env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.env.items())
+        env_prefix = env_text + " " if env_text else ""
+        self.progress(f"starting {self.spec.backend} server: {env_prefix}{shlex.join(self.command)}")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **plan.env)
+        self.process = process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                  start_new_session=True, preexec_fn=_die_with_parent())
         log.close()
         base_url = f"http://{self.spec.host}:{port}"
-        self._wait_healthy(base_url + self.plan.health_path)
-        self._check_served()
-        max_context = (self.plan.fit.max_model_len if self.plan.fit is not None
+        self._wait_healthy(process, base_url + plan.health_path)
+        self._check_served(plan)
+        max_context = (plan.fit.max_model_len if plan.fit is not None
                        else self.spec.max_model_len or self.spec.model.max_context)
-        self.endpoint = Endpoint(base_url, base_url + self.plan.metrics_path, self.spec.model.key, model_dir,
+        self.endpoint = Endpoint(base_url, base_url + plan.metrics_path, self.spec.model.key, model_dir,
                                  max_context)
         return self.endpoint
 
-    def _wait_healthy(self, health_url: str) -> None:
+    def _wait_healthy(self, process: subprocess.Popen, health_url: str) -> None:
         """Poll the health route; every `progress_every_s` say how long it has taken and the log's last line
         (vLLM compiles and captures CUDA graphs for minutes before it answers)."""
         started = time.monotonic()
         deadline = started + self.health_timeout_s
         next_report = started + self.progress_every_s
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise LaunchError(f"server exited with code {self.process.returncode} before it was healthy; "
+            if process.poll() is not None:
+                raise LaunchError(f"server exited with code {process.returncode} before it was healthy; "
                                   f"last log lines:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(health_url, timeout=2) as response:
@@ -134,7 +137,7 @@ class LaunchedServer:
         raise LaunchError(f"server not healthy after {self.health_timeout_s:g} s (polled {health_url}); "
                           f"log {self.log_path} ends:\n{self.log_tail()}")
 
-    def _check_served(self) -> None:
+    def _check_served(self, plan: LaunchPlan) -> None:
         """Read from the log what the engine served; refuse a server that is not what was asked for."""
         backend = backends.BACKENDS[self.spec.backend]
         if backend.read_served is None:
@@ -142,7 +145,7 @@ class LaunchedServer:
         self.served = backend.read_served(self.log_path.read_text(errors="replace"))
         if self.served:
             self.progress("served: " + ", ".join(f"{key} {value}" for key, value in self.served.items()))
-        problem = backend.check_served(self.spec, self.plan, self.served) if backend.check_served else None
+        problem = backend.check_served(self.spec, plan, self.served) if backend.check_served else None
         if problem:
             raise LaunchError(problem)
 
@@ -153,6 +156,8 @@ class LaunchedServer:
             return "(no log)"
 
     def wait(self) -> int:
+        if self.process is None:
+            raise LaunchError("the server was never started: start() it before waiting on it")
         return self.process.wait()
 
     def stop(self, grace_s: float = 15) -> None:

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tokenrig.errors import UserError
+from tokenrig.serve.backends.base import BatchLimits
 from tokenrig.serve.scrape import parse_metrics
 
 STREAM_TYPE = "text/event-stream"
@@ -35,7 +37,7 @@ CACHE_CONFIG_LABELS = {"num_gpu_blocks": int, "block_size": int, "kv_cache_size_
                        "gpu_memory_utilization": float}
 
 
-class RemoteError(Exception):
+class RemoteError(UserError):
     """The remote server cannot be load-tested as asked; the message names the fix."""
 
 
@@ -106,14 +108,20 @@ def read_metrics_page(text: str) -> tuple[str | None, dict | None]:
 def server_facts(declared: dict, base_url: str, served_model: str, report: ServerReport) -> dict:
     """metadata.json's `server` for a --url run: named by what its user declared (the GPU is `remote` when
     undeclared), the engine the server reports where --backend was not given, with `reported` holding what
-    it told and `batch_limits` the per-step limits known (a declared --max-num-seqs)."""
+    it told and `batch_limits` the per-step limits known: a declared --max-num-seqs, the KV cache it told."""
     reported_backend = report.engine if report.engine != "tokenrig" else None
     facts = {"backend": declared.get("backend") or reported_backend or "url", "url": base_url,
              "model": declared.get("model", served_model), "gpu": declared.get("gpu", "remote"),
              **{key: declared[key] for key in ("quant", "tp") if key in declared},
              "served_model": served_model, "declared": sorted(declared), "reported": report.document()}
-    if declared.get("max_num_seqs"):
-        facts["batch_limits"] = {"max_num_seqs": declared["max_num_seqs"]}
+    kv_cache = report.kv_cache or {}
+    limits = BatchLimits.known(max_num_seqs=declared.get("max_num_seqs"),
+                               kv_cache_tokens=kv_cache.get("kv_cache_size_tokens"),
+                               kv_cache_blocks=kv_cache.get("num_gpu_blocks"),
+                               kv_block_tokens=kv_cache.get("block_size"),
+                               gpu_memory_utilization=kv_cache.get("gpu_memory_utilization"))
+    if limits.model_fields_set:
+        facts["batch_limits"] = limits.model_dump(exclude_unset=True)
     return facts
 
 
@@ -162,7 +170,7 @@ class RemoteServer:
         models = self.models(asked)
         if models is None:
             return asked or profile_key, {}
-        names = [entry.get("id") for entry in models]
+        names = [entry["id"] for entry in models if entry.get("id")]  # an entry without one cannot be asked for
         if asked is None:
             if profile_key in names:
                 asked = profile_key
@@ -216,7 +224,8 @@ class RemoteServer:
                 raise RemoteError(f"{self.base_url}{path}: HTTP 404 for model {model!r} ({detail}): pass the served "
                                   "name with --served-model, or check --url") from None
             if error.code == 429 or error.code >= 500:
-                return f"the test request to {self.base_url}{path} got HTTP {error.code} ({detail}); load testing anyway"
+                return (f"the test request to {self.base_url}{path} got HTTP {error.code} ({detail}); "
+                        "load testing anyway")
             raise RemoteError(f"{self.base_url}{path}: HTTP {error.code} to a test request ({detail})") from None
         return None
 

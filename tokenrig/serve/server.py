@@ -16,8 +16,8 @@ from aiohttp import web
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.serve.api import OpenAIServer
 from tokenrig.serve.engines.hf import HFEngine
-from tokenrig.serve.engines.step_profiler import StepProfiler
 from tokenrig.serve.engines.sim import BLOCK_TOKENS, FixedSchedule, RooflineEngine, RooflineParams
+from tokenrig.serve.engines.step_profiler import StepProfiler
 from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, FitError, UnknownQuantError
 from tokenrig.serve.spec import HfOptions, LaunchError, SimOptions
 from tokenrig.serve.tokenizer import SPECIAL_TOKENS, TEMPLATE_WORDS
@@ -58,11 +58,12 @@ def build_engine(args):
     """The engine the parsed arguments ask for, and its model profile."""
     model = resolve_model(args.model)
     if args.engine == "hf":
+        profiler = StepProfiler(args.profile_dir, args.profile_steps) if args.profile_dir else None
         return HFEngine(args.model_dir, device=args.device, dtype=args.dtype,
                         attn_implementation=args.attn_implementation,
                         max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
                         kv_cache_tokens=args.kv_cache_tokens, options=HfOptions.from_args(args),
-                        profiler=StepProfiler(args.profile_dir, args.profile_steps) if args.profile_dir else None), model
+                        profiler=profiler), model
     options = SimOptions.from_args(args)
     options.validate()
     first_content_id = len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS)

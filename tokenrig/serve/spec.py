@@ -5,7 +5,8 @@ options class (`HfOptions`, `SimOptions`, `VllmOptions`, `SglangOptions`, `TgiOp
 themselves and say how tokenrig's server or the engine takes them (`to_args`). Which backends exist, and
 which options class each takes, is the registry's (serve/backends): `add_server_arguments` puts
 --backend with its choices and every backend's flags on a parser; `ServerSpec.from_args` builds the
-spec and refuses a flag that the chosen backend would not use. `Endpoint` is where a started server answers; `LaunchError` says why one cannot start.
+spec and refuses a flag that the chosen backend would not use. `Endpoint` is where a started server
+answers; `LaunchError` says why one cannot start.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+from tokenrig.errors import UserError
 from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
 from tokenrig.serve.engines.sim import RooflineParams
 from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, normalise_quant
@@ -23,7 +25,7 @@ from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, normalise_quant
 DEFAULT_CONCURRENCY = 16
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     pass
 
 
@@ -117,6 +119,9 @@ class BackendOptions:
     def env(self) -> dict[str, str]:
         """Environment variables the engine reads these options from."""
         return {}
+
+
+OptionsT = TypeVar("OptionsT", bound=BackendOptions)
 
 
 @dataclass(frozen=True)
@@ -299,6 +304,13 @@ class ServerSpec:
                               f"{type(self.options).__name__}")
         self.options.validate()
 
+    def options_as(self, kind: type[OptionsT]) -> OptionsT:
+        """The backend's own options as `kind`, its options class (or BackendOptions for what every one has)."""
+        if not isinstance(self.options, kind):  # __post_init__ set them to the backend's class
+            raise TypeError(f"the {self.backend} backend's options are {type(self.options).__name__}, "
+                            f"not {kind.__name__}")
+        return self.options
+
     @classmethod
     def from_args(cls, args: argparse.Namespace, concurrency: int | None = None) -> ServerSpec:
         """The spec a parsed command line asks for (`concurrency`: the load's, when --concurrency is not given).
@@ -322,7 +334,7 @@ class ServerSpec:
         options: dict = {}
         for defaults in backend_options().values():
             options.update(dataclasses.asdict(defaults()))
-        options.update(dataclasses.asdict(self.options))
+        options.update(dataclasses.asdict(self.options_as(BackendOptions)))
         return {"backend": self.backend, "model": self.model.key, "gpu": self.gpu.key, "device": self.device,
                 "quant": self.quant, "attention": self.attention, "tp": self.tp, "max_model_len": self.max_model_len,
                 "concurrency": self.concurrency, "max_num_seqs": self.max_num_seqs,

@@ -20,6 +20,7 @@ from tokenrig.paths import TRAINING_MATRICES
 from tokenrig.report.rundir import environment_facts, new_run_dir
 from tokenrig.train.session import run_training
 from tokenrig.train.spec import TrainSpec, TrainSpecError, make_spec
+from tokenrig.train.summary import training_cost
 
 
 class MatrixFile(BaseModel):
@@ -47,19 +48,38 @@ def find_matrix(name_or_path: str) -> Path:
 
 def expand(matrix: MatrixFile, overrides: dict | None = None) -> list[TrainSpec]:
     """The matrix's TrainSpecs; `overrides` (e.g. from the command line) apply to every run."""
+    specs = expand_each(matrix, overrides)
+    for spec in specs:
+        if isinstance(spec, TrainSpecError):
+            raise spec
+    return specs
+
+
+def expand_each(matrix: MatrixFile, overrides: dict | None = None) -> list[TrainSpec | TrainSpecError]:
+    """Each run's TrainSpec, or the error that says why its settings cannot run (e.g. QLoRA on CPU)."""
     entries = [dict(run) for run in matrix.runs]
     if matrix.grid:
         keys = list(matrix.grid)
         entries += [dict(zip(keys, values)) for values in itertools.product(*(matrix.grid[k] for k in keys))]
     if not entries:
         entries = [{}]
-    specs = []
+    specs: list[TrainSpec | TrainSpecError] = []
     for index, entry in enumerate(entries, start=1):
         try:
             specs.append(make_spec(**{**matrix.base, **entry, **(overrides or {})}))
         except TrainSpecError as error:
-            raise TrainSpecError(f"matrix {matrix.name!r}, run {index} ({entry}): {error}") from None
+            specs.append(TrainSpecError(f"matrix {matrix.name!r}, run {index} ({entry}): {error}"))
     return specs
+
+
+def choose(specs: list[TrainSpec | TrainSpecError], only: list[int] | None) -> list[tuple[int, TrainSpec]]:
+    """(number, spec) of the runs numbered in `only` (1-based; all if None). Only those must be able to run
+    here: `--runs 3` of a matrix whose run 2 is QLoRA still runs on CPU."""
+    chosen = [(i, s) for i, s in enumerate(specs, start=1) if not only or i in only]
+    for _, spec in chosen:
+        if isinstance(spec, TrainSpecError):
+            raise spec
+    return chosen
 
 
 def load_matrix(name_or_path: str) -> MatrixFile:
@@ -76,7 +96,15 @@ def _group_key(spec: TrainSpec) -> str:
     return spec.model_copy(update={"gpus": 1, "nodes": 1, "hostfile": None}).label()
 
 
-def comparison_rows(results: list[tuple[TrainSpec, dict]]) -> list[dict]:
+def _usd_per_billion_tokens(spec: TrainSpec, summary: dict, prices: dict[str, float]) -> float | None:
+    """At the --price given here, else at the price the run was costed at, else the GPU profile's."""
+    if not summary.get("tokens_per_s"):
+        return None
+    price = prices.get(spec.gpu_profile.key, (summary.get("cost") or {}).get("usd_per_gpu_hour"))
+    return training_cost(spec, summary["tokens_per_s"], price)["usd_per_billion_tokens"]
+
+
+def comparison_rows(results: list[tuple[TrainSpec, dict]], prices: dict[str, float] | None = None) -> list[dict]:
     smallest: dict[str, tuple[int, float]] = {}
     for spec, summary in results:
         if summary.get("status") == "ok" and summary.get("tokens_per_s_per_gpu"):
@@ -97,6 +125,7 @@ def comparison_rows(results: list[tuple[TrainSpec, dict]]) -> list[dict]:
             "tokens_per_s": summary.get("tokens_per_s"), "tokens_per_s_per_gpu": per_gpu,
             "tflops_per_gpu": summary.get("achieved_tflops_per_gpu"), "mfu": summary.get("mfu"),
             "hfu": summary.get("hfu"), "mfu_6n": summary.get("mfu_6n"),
+            "usd_per_billion_tokens": _usd_per_billion_tokens(spec, summary, prices or {}),
             "gpu_allocated_gib": (memory.get("gpu_allocated_peak_bytes") or 0) / 2**30 or None,
             "gpu_reserved_gib": (memory.get("gpu_reserved_peak_bytes") or 0) / 2**30 or None,
             "host_rss_gib": (memory.get("host_rss_peak_bytes") or 0) / 2**30 or None,
@@ -114,14 +143,15 @@ def markdown(rows: list[dict], title: str) -> str:
         return "" if value is None else format(value, fmt)
 
     lines = [f"# {title}", "",
-             "| run | status | step ms | tok/s | tok/s/GPU | TFLOP/s/GPU | MFU | HFU | 6N-MFU | GPU alloc GiB | "
-             "GPU resv GiB | host GiB | loss | scaling | comm share |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | status | step ms | tok/s | tok/s/GPU | TFLOP/s/GPU | MFU | HFU | 6N-MFU | $/B tok | "
+             "GPU alloc GiB | GPU resv GiB | host GiB | loss | scaling | comm share |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['status']} | {number(r['step_ms'], '.0f')} | {number(r['tokens_per_s'], ',.0f')} | "
             f"{number(r['tokens_per_s_per_gpu'], ',.0f')} | {number(r['tflops_per_gpu'], '.1f')} | "
             f"{number(r['mfu'], '.1%')} | {number(r['hfu'], '.1%')} | {number(r['mfu_6n'], '.1%')} | "
+            f"{number(r['usd_per_billion_tokens'], ',.2f')} | "
             f"{number(r['gpu_allocated_gib'], '.1f')} | {number(r['gpu_reserved_gib'], '.1f')} | "
             f"{number(r['host_rss_gib'], '.1f')} | {number(r['loss'], '.3f')} | "
             f"{number(r['scaling_efficiency'], '.1%')} | {number(r['comm_share'], '.1%')} |")
@@ -133,7 +163,8 @@ def markdown(rows: list[dict], title: str) -> str:
               "6 x all parameters per token, the figure most public numbers quote. Scaling = tokens/s per GPU "
               "against the same configuration on the fewest GPUs in this table. Comm share = kernel time of "
               "all-gather, reduce-scatter, all-reduce and other collectives in the profiled step, over the "
-              "unprofiled median step time."]
+              "unprofiled median step time. $/B tok = the GPUs' price per hour (tokenrig/profiles/gpus.yaml, or "
+              "--price) over the billions of tokens trained in an hour."]
     return "\n".join(lines) + "\n"
 
 
@@ -144,7 +175,7 @@ def available_gpus() -> int | None:
     return torch.cuda.device_count() if torch.cuda.is_available() else None
 
 
-def compare_dirs(directories: list[Path], out: Path | None = None) -> str:
+def compare_dirs(directories: list[Path], out: Path | None = None, prices: dict[str, float] | None = None) -> str:
     """One comparison table over every run (summary.json + spec.json) found under `directories`."""
     found = []
     for directory in directories:
@@ -155,7 +186,7 @@ def compare_dirs(directories: list[Path], out: Path | None = None) -> str:
                               json.loads(summary_path.read_text())))
     if not found:
         raise TrainSpecError(f"no training runs (summary.json + spec.json) under {', '.join(map(str, directories))}")
-    rows = comparison_rows(found)
+    rows = comparison_rows(found, prices)
     text = markdown(rows, "Training runs compared")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -165,10 +196,11 @@ def compare_dirs(directories: list[Path], out: Path | None = None) -> str:
 
 
 def run_matrix(matrix: MatrixFile, results: Path, overrides: dict | None = None, only: list[int] | None = None,
-               max_gpus: int | None = None, say=print) -> Path:
-    """Run the matrix (or the runs numbered in `only`, 1-based); runs needing more than `max_gpus` are skipped."""
-    specs = expand(matrix, overrides)
-    chosen = [(i, s) for i, s in enumerate(specs, start=1) if not only or i in only]
+               max_gpus: int | None = None, say=print, prices: dict[str, float] | None = None) -> Path:
+    """Run the matrix (or the runs numbered in `only`, 1-based); runs needing more than `max_gpus` are skipped,
+    and so are runs whose kernel choices this host cannot run (a row saying why)."""
+    specs = expand_each(matrix, overrides)
+    chosen = choose(specs, only)
     matrix_dir = new_run_dir(results, "matrix", matrix.name)
     write_json(matrix_dir / "metadata.json", {"matrix": matrix.model_dump(), "overrides": overrides or {},
                                               "runs": only, "max_gpus": max_gpus,
@@ -183,9 +215,13 @@ def run_matrix(matrix: MatrixFile, results: Path, overrides: dict | None = None,
                        "message": f"needs {spec.world_size} GPUs, this host has {max_gpus}"}
             say(f"  skipped: {summary['message']}")
         else:
-            summary = run_training(spec, results, run_dir=run_dir)
+            try:
+                summary = run_training(spec, results, run_dir=run_dir, prices=prices)
+            except TrainSpecError as error:
+                summary = {"status": "skipped", "label": spec.label(), "message": str(error)}
+                say(f"  skipped: {error}")
         finished.append((spec, summary))
-        rows = comparison_rows(finished)
+        rows = comparison_rows(finished, prices)
         (matrix_dir / "comparison.json").write_text(json.dumps(rows, indent=2))
         (matrix_dir / "comparison.md").write_text(markdown(rows, f"Training matrix {matrix.name}"))
         if summary["status"] == "interrupted":

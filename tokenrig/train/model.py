@@ -1,7 +1,8 @@
 """The trained model: a model profile's exact architecture with random weights, as the mode needs it.
 
 pretrain: every weight trainable, BF16. lora: frozen BF16 base + peft adapters. qlora: the base's
-decoder linears quantised to 4-bit NF4 by bitsandbytes (optional extra), then peft adapters.
+decoder linears quantised to 4-bit NF4 by bitsandbytes (optional extra), then peft adapters. The
+kernel choices (Liger's fused kernels, torch.compile of the blocks) are applied last (kernels.py).
 Training speed does not depend on weight values, so weights are initialised on the device
 directly (no checkpoint to read), which takes seconds even for 70B-class shapes.
 """
@@ -14,6 +15,7 @@ import importlib.util
 import torch
 from torch import nn
 
+from tokenrig.train.kernels import apply_liger, compile_blocks
 from tokenrig.train.spec import TrainSpec
 
 FLASH_ATTN_MISSING = ("attention=flash_attention_2 needs the flash-attn package (GPU only): pip install 'tokenrig[flash]'; "
@@ -45,14 +47,18 @@ def build_model(spec: TrainSpec, device: torch.device, ds_config: dict) -> nn.Mo
         construction = torch.device(device)
     with construction:
         model = AutoModelForCausalLM.from_config(config, attn_implementation=spec.attention, dtype=torch.bfloat16)
+    if spec.liger:
+        apply_liger(model, spec)
     if spec.recompute:
         # non-reentrant checkpointing: works with frozen inputs (LoRA) and with ZeRO-3's parameter hooks
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if spec.mode == "pretrain":
-        return model
     if spec.mode == "qlora":
         quantize_decoder_linears_4bit(model, device)
-    return add_lora(model, spec)
+    if spec.mode != "pretrain":
+        model = add_lora(model, spec)
+    if spec.compile:
+        compile_blocks(model)
+    return model
 
 
 def add_lora(model: nn.Module, spec: TrainSpec) -> nn.Module:

@@ -26,6 +26,7 @@ from tokenrig.report.rundir import environment_facts, new_run_dir
 from tokenrig.train import breakdown
 from tokenrig.train.dsconfig import deepspeed_config
 from tokenrig.train.flops import training_flops
+from tokenrig.train.kernels import unavailable
 from tokenrig.train.records import StepRecord, read_outcomes, read_steps
 from tokenrig.train.spec import TrainSpec, TrainSpecError
 from tokenrig.train.summary import summarize
@@ -80,9 +81,16 @@ def _progress_line(spec: TrainSpec, record: StepRecord, flops_per_token: float) 
 
 
 def run_training(spec: TrainSpec, results: Path, monitor: MonitorOptions | None = None, quiet: bool = False,
-                 run_dir: Path | None = None) -> dict:
-    """Run one configuration; returns the summary (also written to run_dir/summary.json)."""
+                 run_dir: Path | None = None, prices: dict[str, float] | None = None) -> dict:
+    """Run one configuration; returns the summary (also written to run_dir/summary.json). `prices` (GPU key ->
+    $/hour, from --price) replace the GPU profile's in the cost.
+
+    A kernel choice this host cannot run (kernels.unavailable) raises TrainSpecError before any run directory.
+    """
     say = (lambda *_: None) if quiet else print
+    reason = unavailable(spec)
+    if reason:
+        raise TrainSpecError(reason)
     run_dir = run_dir or new_run_dir(results, "train", spec.label())
     run_dir.mkdir(parents=True, exist_ok=True)
     ds_config = deepspeed_config(spec)
@@ -139,7 +147,7 @@ def run_training(spec: TrainSpec, results: Path, monitor: MonitorOptions | None 
     if target:
         wait_for_final_scrape(monitor.linger_s)
         target.remove()
-    return finish(spec, run_dir, process.returncode, interrupted, say)
+    return finish(spec, run_dir, process.returncode, interrupted, say, (prices or {}).get(spec.gpu_profile.key))
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
@@ -149,7 +157,8 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def finish(spec: TrainSpec, run_dir: Path, returncode: int, interrupted: bool, say=print) -> dict:
+def finish(spec: TrainSpec, run_dir: Path, returncode: int, interrupted: bool, say=print,
+           price_usd_per_hour: float | None = None) -> dict:
     steps = read_steps(run_dir / "steps.jsonl")
     outcomes = read_outcomes(run_dir)
     if any(o.status == "oom" for o in outcomes):
@@ -163,7 +172,7 @@ def finish(spec: TrainSpec, run_dir: Path, returncode: int, interrupted: bool, s
     messages = [o.message for o in outcomes if o.message]
     summary = {"run_id": run_dir.name, "label": spec.label(), "status": status, "launcher_returncode": returncode,
                "message": messages[0] if messages else (None if status != "error" else _log_tail(run_dir)),
-               "spec": spec.model_dump(), **summarize(spec, steps)}
+               "spec": spec.model_dump(), **summarize(spec, steps, price_usd_per_hour)}
     trainable = [o.trainable_params for o in outcomes if o.trainable_params]
     if trainable:
         summary["trainable_params"] = trainable[0]
@@ -210,6 +219,10 @@ def render(summary: dict) -> str:
              "  MFU                not on CPU: no measured peak FLOP/s to hold the FLOP/s above against"),
             f"  loss               {summary['loss']['first']:.3f} -> {summary['loss']['last']:.3f}",
         ]
+    if summary.get("cost"):
+        cost = summary["cost"]
+        lines.append(f"  cost               ${cost['usd_per_billion_tokens']:,.2f} per billion tokens trained "
+                     f"({cost['gpus']} GPU(s) at ${cost['usd_per_gpu_hour']:.2f}/h, {cost['price_source']})")
     memory = summary.get("memory") or {}
     if memory.get("gpu_allocated_peak_bytes"):
         lines.append(f"  GPU memory peak    {memory['gpu_allocated_peak_bytes'] / 2**30:.1f} GiB allocated, "

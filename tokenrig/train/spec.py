@@ -13,11 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tokenrig.errors import UserError
 from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
 from tokenrig.train.flops import LORA_DEFAULT_TARGETS, projection_shapes
 
 
-class TrainSpecError(ValueError):
+class TrainSpecError(UserError, ValueError):
     """Training settings that cannot run; the message says which field and what to do."""
 
 
@@ -40,6 +41,22 @@ class TrainSpec(BaseModel):
     offload: Literal["none", "optimizer", "params"] = option("none", "ZeRO-Offload to host memory")
     recompute: bool = option(False, "activation recomputation (gradient checkpointing) of every decoder layer")
     attention: Literal["eager", "sdpa", "flash_attention_2"] = option("sdpa")
+    sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = option(
+        "auto", "with --attention sdpa: run only this SDPA kernel (default auto: PyTorch picks per call)")
+    compile: bool = option(False, "torch.compile each decoder block (composes with --recompute and ZeRO)")
+    liger: bool = option(False, "Liger-Kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy "
+                                "(triton, CUDA only: pip install 'tokenrig[liger]')")
+    optimizer: Literal["adamw-fused", "adamw", "deepspeed-fused"] = option(
+        "adamw-fused", "AdamW as torch's fused kernel (default), torch's multi-tensor (foreach) one, or "
+                       "DeepSpeed's FusedAdam (CUDA op built on first use)")
+    sync_every: int = option(1, "wait for the GPU and write step records every N steps (default 1); N > 1 "
+                                "times each step with CUDA events and lets the host queue the next one", ge=1)
+    bucket_size: int | None = option(None, "elements per ZeRO reduce and all-gather bucket, e.g. 5e8 "
+                                           "(default 5e8 for ZeRO-1/2, hidden size squared for ZeRO-3)", gt=0)
+    overlap_comm: bool | None = option(None, "ZeRO: overlap gradient reduction with backward "
+                                             "(default: on with 2+ GPUs, off on one, where it only costs memory)")
+    contiguous_gradients: bool = option(True, "ZeRO: copy gradients into one contiguous buffer as they are "
+                                              "reduced (default on)")
     micro_batch: int = option(1, "sequences per GPU per micro-step", ge=1)
     seq_len: int = option(512, "tokens per sequence", ge=8)
     grad_accum: int = option(1, "micro-steps per optimizer step", ge=1)
@@ -70,6 +87,21 @@ class TrainSpec(BaseModel):
                                  "use --zero 0, 1 or 2")
         if self.attention == "flash_attention_2" and gpu.key == "cpu":
             raise TrainSpecError("attention=flash_attention_2 needs a CUDA GPU; use --attention sdpa or eager on CPU")
+        if self.sdpa_backend != "auto" and self.attention != "sdpa":
+            raise TrainSpecError(f"sdpa_backend={self.sdpa_backend} needs --attention sdpa "
+                                 f"(not {self.attention}); or leave out --sdpa-backend")
+        if self.liger and gpu.key == "cpu":
+            raise TrainSpecError("liger=true needs a CUDA GPU: Liger-Kernel's fused kernels are triton kernels; "
+                                 "leave out --liger on CPU")
+        if self.liger and model.config.get("model_type") != "llama":
+            raise TrainSpecError(f"liger=true is wired for Llama models; {model.key} is "
+                                 f"{model.config.get('model_type')}: leave out --liger")
+        if self.optimizer == "deepspeed-fused" and gpu.key == "cpu":
+            raise TrainSpecError("optimizer=deepspeed-fused needs a CUDA GPU (DeepSpeed's FusedAdam is a CUDA op); "
+                                 "use --optimizer adamw-fused on CPU")
+        if self.offload != "none" and self.optimizer != "adamw-fused":
+            raise TrainSpecError(f"optimizer={self.optimizer} does not apply with offload={self.offload}: "
+                                 "ZeRO-Offload runs DeepSpeed's CPU Adam; leave out --optimizer")
         if self.seq_len > model.max_context:
             raise TrainSpecError(f"seq_len={self.seq_len} exceeds {model.key}'s context of {model.max_context}")
         unknown = set(self.lora_targets) - set(projection_shapes(model))
@@ -102,14 +134,26 @@ class TrainSpec(BaseModel):
 
     def label(self) -> str:
         """Short name of the configuration, used in run ids and comparison tables."""
+        attention = self.attention if self.sdpa_backend == "auto" else f"sdpa-{self.sdpa_backend}"
         parts = [self.model_profile.key, self.mode, f"z{self.zero}", f"{self.world_size}x{self.gpu_profile.key}",
-                 f"b{self.micro_batch}x{self.seq_len}", self.attention]
+                 f"b{self.micro_batch}x{self.seq_len}", attention]
         if self.grad_accum > 1:
             parts.append(f"ga{self.grad_accum}")
         if self.offload != "none":
             parts.append(f"off-{self.offload}")
         if self.recompute:
             parts.append("recompute")
+        parts += [name for name, on in (("compiled", self.compile), ("liger", self.liger)) if on]
+        if self.optimizer != "adamw-fused":
+            parts.append(self.optimizer)
+        if self.sync_every > 1:
+            parts.append(f"sync{self.sync_every}")
+        if self.bucket_size is not None:
+            parts.append(f"bucket{self.bucket_size:.0e}".replace("+0", "").replace("+", ""))
+        if self.overlap_comm is not None:
+            parts.append("overlap" if self.overlap_comm else "no-overlap")
+        if not self.contiguous_gradients:
+            parts.append("no-contiguous")
         return "-".join(parts)
 
 
@@ -143,10 +187,23 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
             kinds = {"choices": list(choices), **({"type": int} if isinstance(choices[0], int) else {})}
         elif info.annotation is bool:
             kinds = {"action": argparse.BooleanOptionalAction}
-        elif info.annotation is int:
-            kinds = {"type": int}
+        elif info.annotation in (bool | None,):
+            kinds = {"action": argparse.BooleanOptionalAction}
+        elif info.annotation in (int, int | None):
+            kinds = {"type": _count}
         parser.add_argument("--" + name.replace("_", "-"), default=None, help=info.json_schema_extra[CLI_HELP],
                             **kinds)
+
+
+def _count(text: str) -> int:
+    """A whole number, also written as 5e8 or 500_000_000 (bucket sizes are counts of elements)."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(value)
 
 
 def train_options_given(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Step records -> the run's figures: step time, tokens/s, TFLOP/s, MFU/HFU, memory, loss.
+"""Step records -> the run's figures: step time, tokens/s, TFLOP/s, MFU/HFU, $ per billion tokens, memory, loss.
 
 Warm-up and profiled steps are excluded; docs/metrics.md defines every figure. On CPU the FLOP/s are
 real but the utilisations (MFU, HFU, 6N-MFU) are left out: there is no measured peak to hold them against.
@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from tokenrig.capacity.cost import usd_per_billion_tokens_trained
 from tokenrig.train.flops import training_flops, utilisation
 from tokenrig.train.records import StepRecord
 from tokenrig.train.spec import TrainSpec
 
 
-def summarize(spec: TrainSpec, steps: list[StepRecord]) -> dict:
+def training_cost(spec: TrainSpec, tokens_per_s: float, price_usd_per_hour: float | None = None) -> dict:
+    """$ per billion tokens trained at `tokens_per_s`, at the GPU profile's price or the one given (--price)."""
+    gpu = spec.gpu_profile
+    price = gpu.price_usd_per_hour if price_usd_per_hour is None else price_usd_per_hour
+    return {"gpus": spec.world_size, "usd_per_gpu_hour": price,
+            "price_source": "--price" if price_usd_per_hour is not None else f"{gpu.key} profile, {gpu.price_date}",
+            "usd_per_billion_tokens": usd_per_billion_tokens_trained(spec.world_size, price, tokens_per_s)}
+
+
+def summarize(spec: TrainSpec, steps: list[StepRecord], price_usd_per_hour: float | None = None) -> dict:
     measured = [s for s in steps if s.phase == "measured"]
     flops = training_flops(spec.model_profile, spec.seq_len, spec.mode, spec.recompute, spec.lora_rank,
                            spec.lora_targets)
@@ -40,6 +50,7 @@ def summarize(spec: TrainSpec, steps: list[StepRecord]) -> dict:
                          "stdev": float(times.std(ddof=1)) if len(times) > 1 else 0.0},
             tokens_per_s=tokens_per_s, tokens_per_s_per_gpu=per_gpu,
             achieved_tflops_per_gpu=achieved, mfu=mfu, hardware_tflops_per_gpu=hardware, hfu=hfu, mfu_6n=mfu_6n,
+            cost=training_cost(spec, tokens_per_s, price_usd_per_hour),
             loss={"first": measured[0].loss, "last": measured[-1].loss,
                   "finite": bool(np.isfinite([s.loss for s in measured]).all())})
     if steps:

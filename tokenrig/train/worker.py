@@ -2,9 +2,9 @@
 
 Reads RUN_DIR/spec.json and ds_config.json, builds the model and the DeepSpeed engine, trains on
 random token batches (speed does not depend on the data) and, on rank 0, appends one StepRecord
-per step to steps.jsonl as it finishes. After the measured steps it profiles a few more for the
-module breakdown. Out-of-memory and Ctrl-C end the run with an outcome file, never a traceback,
-and keep every step already written.
+per step to steps.jsonl, every `sync_every` steps: the only time the host waits for the GPU (the loss is
+read then too). After the measured steps it profiles a few more for the module breakdown. Out-of-memory
+and Ctrl-C end the run with an outcome file, never a traceback, and keep every step already written.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import os
 import signal
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from pathlib import Path
 
 import psutil
 import torch
 
+from tokenrig.train.kernels import sdpa_backend
 from tokenrig.train.records import Outcome, StepRecord, StepSink, write_outcome
 from tokenrig.train.spec import TrainSpec
 
@@ -36,14 +38,15 @@ class StopFlag:
         self.set = True
 
 
-def make_optimizer(spec: TrainSpec, parameters: list, device: torch.device):
-    """The client optimizer, unless ZeRO-Offload asks DeepSpeed for its CPU Adam (see dsconfig).
-
-    torch's AdamW (fused on CUDA) needs no DeepSpeed op build, so a run starts in seconds.
+def make_optimizer(spec: TrainSpec, parameters: list):
+    """The client optimizer: torch's AdamW, fused (one kernel over each tensor list) or foreach (a few
+    multi-tensor kernels); None where the config names DeepSpeed's own, CPU Adam under ZeRO-Offload or
+    FusedAdam (see dsconfig). torch's needs no DeepSpeed op build, so a run starts in seconds.
     """
-    if spec.offload != "none":
+    if spec.offload != "none" or spec.optimizer == "deepspeed-fused":
         return None
-    return torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=0.0, fused=device.type == "cuda")
+    fused = spec.optimizer == "adamw-fused"
+    return torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=0.0, fused=fused, foreach=not fused)
 
 
 def parameter_count(parameters: list) -> int:
@@ -54,6 +57,38 @@ def parameter_count(parameters: list) -> int:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Each step's time: the host clock between two waits for the device, or, when the records are written only
+    every few steps on CUDA, the time between two CUDA events, read then, so the host queues the next step's
+    kernels while the GPU still runs this one."""
+
+    def __init__(self, device: torch.device, sync_every: int):
+        self.device = device
+        self.events = sync_every > 1 and device.type == "cuda"
+
+    def start(self):
+        if self.events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        synchronize(self.device)
+        return time.perf_counter()
+
+    def stop(self, started):
+        """A function that returns the step's seconds once the device has caught up."""
+        if self.events:
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+
+            def seconds() -> float:
+                ended.synchronize()
+                return started.elapsed_time(ended) / 1e3
+            return seconds
+        synchronize(self.device)
+        elapsed = time.perf_counter() - started
+        return lambda: elapsed
 
 
 def memory_fields(device: torch.device) -> dict:
@@ -91,8 +126,9 @@ def release_shm_allreduce_buffer(rank: int) -> None:
     (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
-def train_step(engine, spec: TrainSpec, device: torch.device, phase_ranges: bool) -> float:
-    """One optimizer step (grad_accum micro-batches); returns the last micro-batch's loss."""
+def train_step(engine, spec: TrainSpec, device: torch.device, phase_ranges: bool) -> torch.Tensor:
+    """One optimizer step (grad_accum micro-batches); returns the last micro-batch's loss, still on the device
+    (reading it waits for the GPU)."""
     from torch.autograd.profiler import record_function
 
     from tokenrig.train.breakdown import PHASE_PREFIX
@@ -108,7 +144,7 @@ def train_step(engine, spec: TrainSpec, device: torch.device, phase_ranges: bool
         with record_function(PHASE_PREFIX + "optimizer") if phase_ranges else nullcontext():
             engine.step()
         loss_value = loss.detach().float()
-    return float(loss_value)
+    return loss_value
 
 
 def run(run_dir: Path) -> int:
@@ -131,30 +167,17 @@ def run(run_dir: Path) -> int:
     from tokenrig.train.model import build_model, trainable_parameters
 
     try:
-        model = build_model(spec, device, ds_config)
-        parameters = trainable_parameters(model)
-        optimizer = make_optimizer(spec, parameters, device)
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=parameters, optimizer=optimizer,
-                                          config=ds_config)
-        if rank == 0:
-            write_outcome(run_dir, Outcome(status="running", rank=rank,
-                                           trainable_params=parameter_count(parameters)))
-        total = spec.warmup_steps + spec.steps
-        step, stopped = 0, False
-        while step < total and not stopped:
-            synchronize(device)
-            started = time.perf_counter()
-            loss = train_step(engine, spec, device, phase_ranges=False)
-            synchronize(device)
-            elapsed = time.perf_counter() - started
-            step += 1
-            if sink:
-                sink.write(StepRecord(step=step, phase="warmup" if step <= spec.warmup_steps else "measured",
-                                      step_time_s=elapsed, loss=loss, tokens=spec.tokens_per_step,
-                                      time=time.time(), **memory_fields(device)))
-            stopped = all_ranks_agree_to_stop(stop.set, device)
-        if spec.profile_steps and not stopped:
-            profile_steps(engine, spec, device, run_dir, rank, sink, step)
+        with sdpa_backend(spec):
+            model = build_model(spec, device, ds_config)
+            parameters = trainable_parameters(model)
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=parameters,
+                                              optimizer=make_optimizer(spec, parameters), config=ds_config)
+            if rank == 0:
+                write_outcome(run_dir, Outcome(status="running", rank=rank,
+                                               trainable_params=parameter_count(parameters)))
+            stopped, step = measure_steps(engine, spec, device, sink, stop)
+            if spec.profile_steps and not stopped:
+                profile_steps(engine, spec, device, run_dir, rank, sink, step)
         status = "interrupted" if stopped or stop.set else "ok"
     except torch.OutOfMemoryError as error:
         write_outcome(run_dir, Outcome(status="oom", rank=rank, message=str(error).splitlines()[0][:400]))
@@ -165,6 +188,30 @@ def run(run_dir: Path) -> int:
     if rank == 0:
         write_outcome(run_dir, Outcome(status=status, rank=rank, trainable_params=parameter_count(parameters)))
     return 0
+
+
+def measure_steps(engine, spec: TrainSpec, device: torch.device, sink, stop: StopFlag) -> tuple[bool, int]:
+    """The warm-up and measured steps; records are written, and a stop honoured, every `sync_every` steps.
+    Returns (stopped, steps run)."""
+    timer = StepTimer(device, spec.sync_every)
+    total = spec.warmup_steps + spec.steps
+    pending: list[tuple[int, torch.Tensor, typing.Callable[[], float], float]] = []
+    step, stopped = 0, False
+    while step < total and not stopped:
+        started = timer.start()
+        loss = train_step(engine, spec, device, phase_ranges=False)
+        step += 1
+        pending.append((step, loss, timer.stop(started), time.time()))  # wall clock once the step is queued
+        if len(pending) < spec.sync_every and step < total:
+            continue
+        for done, loss, elapsed, ended in pending:
+            if sink:
+                sink.write(StepRecord(step=done, phase="warmup" if done <= spec.warmup_steps else "measured",
+                                      step_time_s=elapsed(), loss=float(loss), tokens=spec.tokens_per_step,
+                                      time=ended, **memory_fields(device)))
+        pending.clear()
+        stopped = all_ranks_agree_to_stop(stop.set, device)
+    return stopped, step
 
 
 def profile_steps(engine, spec: TrainSpec, device: torch.device, run_dir: Path, rank: int, sink, step: int) -> None:
@@ -185,7 +232,7 @@ def profile_steps(engine, spec: TrainSpec, device: torch.device, run_dir: Path, 
             step += 1
             if sink:
                 sink.write(StepRecord(step=step, phase="profiled", step_time_s=time.perf_counter() - started,
-                                      loss=loss, tokens=spec.tokens_per_step, time=time.time(),
+                                      loss=float(loss), tokens=spec.tokens_per_step, time=time.time(),
                                       **memory_fields(device)))
     if rank == 0:
         try:

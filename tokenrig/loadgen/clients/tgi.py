@@ -6,7 +6,6 @@ is the server's count of the reply.
 
 from __future__ import annotations
 
-import json
 import time
 
 from huggingface_hub import InferenceClient
@@ -20,17 +19,10 @@ def connect(base_url: str, timeout_s: float) -> InferenceClient:
     return InferenceClient(model=f"{base}/generate_stream", timeout=timeout_s)
 
 
-def prompt_of(body: bytes) -> str:
-    """The text TGI is sent for an OpenAI request body: the prompt, or the messages' contents one a line."""
-    request = json.loads(body)
-    return "\n".join(m["content"] for m in request["messages"]) if "messages" in request else request["prompt"]
-
-
-def stream(client: InferenceClient, body: bytes, max_new_tokens: int, result: StreamResult) -> StreamResult:
-    """Send one request as TGI's /generate_stream and read its tokens into `result`; every failure becomes
-    `result.error`; a stop propagates with the tokens read so far in `result`."""
+def stream(client: InferenceClient, prompt: str, max_new_tokens: int, result: StreamResult) -> StreamResult:
+    """Send one request's text (PreparedRequest.text) as TGI's /generate_stream and read its tokens into `result`;
+    every failure becomes `result.error`; a stop propagates with the tokens read so far in `result`."""
     due = result.due
-    prompt = prompt_of(body)
     result.send_lag_s = time.perf_counter() - due
     try:
         tokens = client.text_generation(prompt, max_new_tokens=max_new_tokens, stream=True, details=True)

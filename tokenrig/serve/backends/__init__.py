@@ -3,7 +3,7 @@
 `hf` and `sim` (tokenrig's own server with the transformers or the simulated engine), `vllm` (`vllm serve`),
 `sglang` (`python -m sglang.launch_server`) and `tgi` (`text-generation-launcher`, plus the equivalent
 `docker run` line). `--backend`'s choices, the server-metrics scraper, the Grafana server dashboard and
-capacity's batch limits read them from `BACKENDS`; adding an engine is one module listed here.
+capacity's reading of old runs' batch limits read them from `BACKENDS`; adding an engine is one module listed here.
 """
 
 from __future__ import annotations
@@ -11,15 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenrig.serve.backends import hf, sglang, sim, tgi, vllm
-from tokenrig.serve.backends.base import Backend, BatchLimits, LaunchPlan
+from tokenrig.serve.backends.base import Backend, LaunchPlan
+from tokenrig.serve.fit import FitPlan
 from tokenrig.serve.spec import ServerSpec
 
 BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
     hf.BACKEND, sim.BACKEND, vllm.BACKEND, sglang.BACKEND, tgi.BACKEND)}
 
 
-def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
-    return BACKENDS[spec.backend].launch_plan(spec, model_dir, port)
+def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | None = None) -> LaunchPlan:
+    """What runs the server `spec` asks for; `fit`: its fit plan when planned already (else planned here)."""
+    return BACKENDS[spec.backend].launch_plan(spec, model_dir, port, fit)
 
 
 def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
@@ -27,19 +29,9 @@ def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
     return BACKENDS[spec.backend].model_dir(spec, progress, write)
 
 
-def dry_run_plan(spec: ServerSpec, port: int) -> LaunchPlan:
+def dry_run_plan(spec: ServerSpec, port: int, fit: FitPlan | None = None) -> LaunchPlan:
     """The plan, with nothing written: what --dry-run prints and what is checked before a load starts."""
-    return launch_plan(spec, model_dir(spec, write=False), port)
-
-
-def batch_limits(server: dict) -> BatchLimits:
-    """The batch limits a run's recorded server (metadata.json's "server": backend, command) was launched with;
-    none for a server tokenrig did not launch (--url) or a backend it no longer knows."""
-    backend = BACKENDS.get(server.get("backend"))
-    command = server.get("command")
-    if backend is None or not command:
-        return BatchLimits()
-    return backend.batch_limits(command)
+    return launch_plan(spec, model_dir(spec, write=False), port, fit)
 
 
 def metric_names(figure: str) -> tuple[str, ...]:

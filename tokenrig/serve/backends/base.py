@@ -17,9 +17,31 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
+
+from pydantic import BaseModel, ConfigDict
 
 from tokenrig.serve.fit import FitPlan, plan_fit
 from tokenrig.serve.spec import BackendOptions, LaunchError, ServerSpec
+
+
+class BatchLimits(BaseModel):
+    """The limits an engine step runs with, as the launch sets them or a server's user declares or it tells;
+    None where nothing says (the engine keeps its own default)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_num_seqs: int | None = None  # requests in one engine step
+    max_batch_tokens: int | None = None  # tokens in one engine step, the prefill chunk (vLLM max_num_batched_tokens)
+    kv_cache_tokens: int | None = None  # the KV cache's size in tokens
+    kv_cache_blocks: int | None = None  # ... in blocks of kv_block_tokens tokens
+    kv_block_tokens: int | None = None
+    gpu_memory_utilization: float | None = None  # the fraction of GPU memory the engine may take
+
+    @classmethod
+    def known(cls, **limits) -> BatchLimits:
+        """The limits given a value, the others unset (a recorded document names only what is known)."""
+        return cls(**{name: value for name, value in limits.items() if value is not None})
 
 
 @dataclass
@@ -27,6 +49,7 @@ class LaunchPlan:
     command: list[str]
     env: dict[str, str]  # only what tokenrig sets on top of the inherited environment
     fit: FitPlan | None = None  # when the server runs on a GPU
+    batch_limits: BatchLimits = field(default_factory=BatchLimits)  # what the command sets
     docker: list[str] | None = None  # the same server as a container, for users who run it that way
     health_path: str = "/health"
     metrics_path: str = "/metrics"
@@ -34,15 +57,8 @@ class LaunchPlan:
 
     def describe(self) -> dict:
         return {"command": self.command, "env": self.env, "docker": self.docker,
-                "fit": self.fit.as_dict() if self.fit is not None else None, "notes": self.notes}
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    """An engine's batch limits as its server command sets them; None where the command leaves one to the engine."""
-
-    max_seqs: int | None = None  # requests in one engine step
-    max_batch_tokens: int | None = None  # tokens in one engine step (the prefill chunk)
+                "fit": self.fit.as_dict() if self.fit is not None else None, "notes": self.notes,
+                "batch_limits": self.batch_limits.model_dump(exclude_unset=True)}
 
 
 @dataclass(frozen=True)
@@ -53,11 +69,13 @@ class Backend:
     summary: str  # what --backend's help says of it
     options: type[BackendOptions]
     model_dir: Callable[[ServerSpec, Callable, bool], Path]  # (spec, progress, write) -> the directory it reads
-    launch_plan: Callable[[ServerSpec, Path, int], LaunchPlan]  # (spec, model dir, port) -> command, env, fit
+    # (spec, model dir, port, the spec's fit plan or None to plan it) -> command, env, fit
+    launch_plan: Callable[[ServerSpec, Path, int, FitPlan | None], LaunchPlan]
     # tokenrig's server figure (serve/scrape.py, the server dashboard) -> the sample names this engine's
     # /metrics page exports it under, preferred first
     metrics: dict[str, tuple[str, ...]]
-    max_seqs_flags: tuple[str, ...] = ()  # the server command's flags that set its batch limits
+    # the server command's flags that set its batch limits: how runs recorded before the structured limits are read
+    max_seqs_flags: tuple[str, ...] = ()
     max_batch_tokens_flags: tuple[str, ...] = ()
     # server log -> what the engine says it served (weights loaded, kernels, attention backend)
     read_served: Callable[[str], dict] | None = None
@@ -71,8 +89,9 @@ class Backend:
     setup: str = ""  # how to install or stage it: what the launcher says when its program is missing
 
     def batch_limits(self, command: list[str]) -> BatchLimits:
-        """The batch limits a server command of this engine sets."""
-        return BatchLimits(_flag_value(command, self.max_seqs_flags), _flag_value(command, self.max_batch_tokens_flags))
+        """The batch limits a server command of this engine sets (a run recorded before the structured limits)."""
+        return BatchLimits.known(max_num_seqs=_flag_value(command, self.max_seqs_flags),
+                                 max_batch_tokens=_flag_value(command, self.max_batch_tokens_flags))
 
 
 def _flag_value(command: list[str], names: tuple[str, ...]) -> int | None:
@@ -82,6 +101,10 @@ def _flag_value(command: list[str], names: tuple[str, ...]) -> int | None:
     return None
 
 
+@overload
+def resolve_attention(spec: ServerSpec, choices: dict[str, str], default: str) -> str: ...
+@overload
+def resolve_attention(spec: ServerSpec, choices: dict[str, str], default: None) -> str | None: ...
 def resolve_attention(spec: ServerSpec, choices: dict[str, str], default: str | None) -> str | None:
     """The backend's own name for the requested attention ('flash'/'noflash' are portable aliases)."""
     if spec.attention is None:

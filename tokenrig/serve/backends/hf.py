@@ -12,7 +12,14 @@ import os
 from pathlib import Path
 
 from tokenrig.serve.backends import vllm
-from tokenrig.serve.backends.base import Backend, LaunchPlan, plan_for, resolve_attention, tokenrig_server_command
+from tokenrig.serve.backends.base import (
+    Backend,
+    BatchLimits,
+    LaunchPlan,
+    plan_for,
+    resolve_attention,
+    tokenrig_server_command,
+)
 from tokenrig.serve.checkpoint import checkpoint_dir, is_complete, make_checkpoint
 from tokenrig.serve.fit import FitPlan
 from tokenrig.serve.spec import HfOptions, LaunchError, ServerSpec
@@ -30,6 +37,13 @@ CPU_MAX_NUM_SEQS = 64  # on CPU there is no fit plan: room for this many full-co
 EAGER_SCORE_BYTES = 2 + 2 + 4 + 2
 EAGER_HEADROOM_SHARE = 0.5
 EAGER_MIN_STEP_TOKENS = 128
+# transformers' paged cache (5.17-5.25) checks, before its first step, that the cache plus what scales with
+# it fits its share of free memory: per cache token one layer's K and V read back at the attention peak, and
+# attention masks of step tokens x (cache + step tokens), double-buffered (2 bytes an entry in bf16/fp16).
+# Planned as plain KV they overflowed it on an H100 (7B: "Memory footprint 65.4 GB is more than available
+# memory 63.9 GB"), so the cache is shrunk until both fit in the plan's KV budget.
+PAGED_MASK_BUFFERS = 2
+PAGED_MASK_ENTRY_BYTES = 2
 
 
 def _check(spec: ServerSpec) -> None:
@@ -62,28 +76,39 @@ def allocator_env(device: str) -> dict[str, str]:
     return {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
 
 
-def engine_limits(spec: ServerSpec) -> tuple[FitPlan | None, int | None, int, int]:
-    """(fit plan or None, max_num_seqs, KV-cache tokens, per-step tokens) that the hf engine runs with.
+def engine_limits(spec: ServerSpec, fit: FitPlan | None = None) -> tuple[FitPlan | None, int | None, int, int]:
+    """(fit plan or None, max_num_seqs, KV-cache tokens, per-step tokens) that the hf engine runs with (`fit`:
+    the spec's, planned already).
 
     One GPU: what one card holds, never a larger TP's share. On CPU, bounded: left to itself
     transformers sizes the cache and step from free memory, which on CPU is host RAM (14 GB for tiny).
     """
-    fit = plan_for(spec, tp=1) if spec.device != "cpu" else None
+    fit = fit or (plan_for(spec, tp=1) if spec.device != "cpu" else None)
     max_num_seqs = spec.max_num_seqs or (fit.max_num_seqs if fit else None)
     kv_tokens = fit.kv_capacity_tokens if fit else (max_num_seqs or CPU_MAX_NUM_SEQS) * spec.model.max_context
     batch_tokens = fit.prefill_chunk_tokens if fit else spec.model.max_context
+    if fit:
+        kv_tokens = paged_cache_tokens(fit, batch_tokens, spec.model.num_layers)
     if fit and resolve_attention(spec, ATTENTION, "sdpa") == "eager":
-        kv_span = min(kv_tokens, max_num_seqs * fit.max_model_len)  # the most KV one step can read
+        seqs = spec.max_num_seqs or fit.max_num_seqs
+        kv_span = min(kv_tokens, seqs * fit.max_model_len)  # the most KV one step can read
         budget = EAGER_HEADROOM_SHARE * (1 - spec.gpu_memory_utilization) * spec.gpu.memory_bytes
         fits = int(budget / (spec.model.num_heads * (kv_span + batch_tokens) * EAGER_SCORE_BYTES))
         batch_tokens = max(EAGER_MIN_STEP_TOKENS, min(batch_tokens, fits))
     return fit, max_num_seqs, kv_tokens, batch_tokens
 
 
-def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
+def paged_cache_tokens(fit: FitPlan, batch_tokens: int, num_layers: int) -> int:
+    """The most cache tokens whose KV, per-token read-back and attention masks fit the plan's KV budget."""
+    mask_per_cache_token = PAGED_MASK_BUFFERS * PAGED_MASK_ENTRY_BYTES * batch_tokens
+    per_token = fit.kv_bytes_per_token * (1 + 1 / num_layers) + mask_per_cache_token
+    return max(0, int((fit.kv_budget_bytes - mask_per_cache_token * batch_tokens) // per_token))
+
+
+def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | None = None) -> LaunchPlan:
     _check(spec)
     attention = resolve_attention(spec, ATTENTION, "sdpa")
-    fit, max_num_seqs, kv_tokens, batch_tokens = engine_limits(spec)
+    fit, max_num_seqs, kv_tokens, batch_tokens = engine_limits(spec, fit)
     command = tokenrig_server_command("hf", spec, model_dir, port) + [
         "--device", spec.device, "--dtype", DTYPES[spec.quant], "--attn-implementation", attention]
     if max_num_seqs:
@@ -92,7 +117,9 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
     context = fit.max_model_len if fit else spec.max_model_len
     if context:
         command += ["--max-model-len", str(context)]
-    return LaunchPlan(command + spec.options.to_args() + spec.extra_args, env=allocator_env(spec.device), fit=fit)
+    limits = BatchLimits.known(max_num_seqs=max_num_seqs, max_batch_tokens=batch_tokens, kv_cache_tokens=kv_tokens)
+    return LaunchPlan(command + spec.options_as(HfOptions).to_args() + spec.extra_args,
+                      env=allocator_env(spec.device), fit=fit, batch_limits=limits)
 
 
 def profile_args(trace_dir: Path, steps: int) -> list[str]:

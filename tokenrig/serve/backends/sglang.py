@@ -29,9 +29,9 @@ import re
 import sys
 from pathlib import Path
 
-from tokenrig.serve.backends.base import Backend, LaunchPlan, plan_for, resolve_attention
+from tokenrig.serve.backends.base import Backend, BatchLimits, LaunchPlan, plan_for, resolve_attention
 from tokenrig.serve.backends.vllm import DTYPES, check_servable, model_dir, weights_problem
-from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION
+from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, FitPlan
 from tokenrig.serve.spec import ServerSpec, SglangOptions
 
 SGLANG_VERSION = "0.5.17"
@@ -44,7 +44,7 @@ NO_MULTICAST_FLAGS = ["--enforce-disable-flashinfer-allreduce-fusion"]
 # prefix-cache lookup counter: every prompt token is looked up in the radix cache, so the queries are its
 # prompt tokens and the hits its cached tokens (both counted as each request finishes). Preemptions are
 # SGLang's retractions.
-METRICS = {
+METRICS: dict[str, tuple[str, ...]] = {
     "running": ("sglang:num_running_reqs",),
     "waiting": ("sglang:num_queue_reqs",),
     "kv_cache_usage": ("sglang:token_usage",),
@@ -60,9 +60,9 @@ METRICS = {
 }
 
 
-def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
+def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | None = None) -> LaunchPlan:
     check_servable(spec)
-    fit = plan_for(spec)
+    fit = fit or plan_for(spec)
     attention = resolve_attention(spec, ATTENTION, None)
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir),
                "--served-model-name", spec.model.key, "--host", spec.host, "--port", str(port), "--enable-metrics",
@@ -80,14 +80,18 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
         command += ["--quantization", QUANTIZATION[spec.quant]]
     if attention:
         command += ["--attention-backend", attention]
-    command += spec.options.to_args()
+    command += spec.options_as(SglangOptions).to_args()
     env: dict[str, str] = {}
-    if fit.tp > 1 and not spec.options.nvls:
+    if fit.tp > 1 and not spec.options_as(SglangOptions).nvls:
         command += NO_MULTICAST_FLAGS
         env.update(NO_MULTICAST_ENV)
         notes.append("TP > 1: NVLink multicast off (no FlashInfer all-reduce fusion, custom all-reduce v1, "
                      "NCCL_NVLS_ENABLE=0, no multicast in torch symmetric memory); --nvls allows it")
-    return LaunchPlan(command + spec.extra_args, env=env, fit=fit, notes=notes)
+    limits = BatchLimits.known(max_num_seqs=spec.max_num_seqs or fit.max_num_seqs,
+                               max_batch_tokens=fit.prefill_chunk_tokens,
+                               gpu_memory_utilization=spec.gpu_memory_utilization
+                               if spec.gpu_memory_utilization != DEFAULT_GPU_MEMORY_UTILIZATION else None)
+    return LaunchPlan(command + spec.extra_args, env=env, fit=fit, notes=notes, batch_limits=limits)
 
 
 # Log lines of SGLang 0.5.17: model_executor/model_runner.py ("Load weight end. elapsed=%.2f s, type=%s,
@@ -134,7 +138,7 @@ def check_served(spec: ServerSpec, plan: LaunchPlan, facts: dict) -> str | None:
     if problem:
         return problem
     multicast = facts.get("multicast")
-    if multicast and plan.fit is not None and plan.fit.tp > 1 and not spec.options.nvls:
+    if multicast and plan.fit is not None and plan.fit.tp > 1 and not spec.options_as(SglangOptions).nvls:
         return (f"SGLang resolved {', '.join(multicast)}, which can use NVLink multicast, though tokenrig turned it "
                 "off; stopped (--nvls allows multicast)")
     return None

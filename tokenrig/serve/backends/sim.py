@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenrig.serve.backends import vllm
-from tokenrig.serve.backends.base import Backend, LaunchPlan, plan_for, tokenrig_server_command
+from tokenrig.serve.backends.base import Backend, BatchLimits, LaunchPlan, plan_for, tokenrig_server_command
 from tokenrig.serve.checkpoint import tokenizer_dir
-from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION
+from tokenrig.serve.fit import DEFAULT_GPU_MEMORY_UTILIZATION, FitPlan
 from tokenrig.serve.spec import LaunchError, ServerSpec, SimOptions
 
 
@@ -20,12 +20,12 @@ def model_dir(spec: ServerSpec, progress=print, write: bool = True) -> Path:
     return tokenizer_dir(spec.model, write=write)
 
 
-def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
+def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | None = None) -> LaunchPlan:
     if spec.attention is not None:
         raise LaunchError("the sim backend models one attention cost; drop --attention")
     # the roofline engine holds the model's weights and KV cache in the GPU profile's memory: without --tp it
     # takes the smallest TP the fit planner finds (llama2-70b bf16 on h100-sxm: 2), as a GPU backend does
-    fit = None if spec.options.fixed_schedule or spec.tp else plan_for(spec)
+    fit = fit or (None if spec.options_as(SimOptions).fixed_schedule or spec.tp else plan_for(spec))
     tp = spec.tp or (fit.tp if fit else 1)
     command = tokenrig_server_command("sim", spec, model_dir, port) + ["--quant", spec.quant, "--tp", str(tp)]
     if spec.max_num_seqs:
@@ -34,7 +34,9 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
         command += ["--max-model-len", str(spec.max_model_len)]
     if spec.gpu_memory_utilization != DEFAULT_GPU_MEMORY_UTILIZATION:
         command += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
-    return LaunchPlan(command + spec.options.to_args() + spec.extra_args, env={}, fit=fit)
+    limits = BatchLimits.known(max_num_seqs=spec.max_num_seqs)  # else the engine's own default
+    return LaunchPlan(command + spec.options_as(SimOptions).to_args() + spec.extra_args, env={}, fit=fit,
+                      batch_limits=limits)
 
 
 BACKEND = Backend(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenrig.serve.backends.base import Backend, LaunchPlan, plan_for, resolve_attention
+from tokenrig.serve.backends.base import Backend, BatchLimits, LaunchPlan, plan_for, resolve_attention
 from tokenrig.serve.checkpoint import checkpoint_dir, make_checkpoint
 from tokenrig.serve.fit import FitPlan
 from tokenrig.serve.spec import LaunchError, ServerSpec, TgiOptions
@@ -28,7 +28,7 @@ ATTENTION = {"flashinfer": "flashinfer", "flashdecoding": "flashdecoding", "page
 QUANTIZE = {"gptq": "gptq", "awq": "awq", "int8": "eetq", "fp8": "fp8"}  # eetq, fp8: quantized at load
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 MIN_CONCURRENT_REQUESTS = 128  # TGI's default; more would only queue in the router
-METRICS = {"running": ("tgi_batch_current_size",), "waiting": ("tgi_queue_size",),
+METRICS: dict[str, tuple[str, ...]] = {"running": ("tgi_batch_current_size",), "waiting": ("tgi_queue_size",),
            "batch_tokens": ("tgi_batch_current_max_tokens",)}
 
 
@@ -63,14 +63,14 @@ def server_args(spec: ServerSpec, fit: FitPlan, model_id: str) -> list[str]:
     return args
 
 
-def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
+def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | None = None) -> LaunchPlan:
     _check(spec)
-    fit = plan_for(spec)
+    fit = fit or plan_for(spec)
     env = {}
     attention = resolve_attention(spec, ATTENTION, None)
     if attention:
         env["ATTENTION"] = attention
-    env.update(spec.options.env())
+    env.update(spec.options_as(TgiOptions).env())
     command = ["text-generation-launcher", *server_args(spec, fit, str(model_dir)),
                "--hostname", spec.host, "--port", str(port)] + spec.extra_args
     docker = ["docker", "run", "--gpus", "all", "--shm-size", "1g", "-p", f"{port}:80",
@@ -78,7 +78,9 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
     for key, value in env.items():
         docker += ["-e", f"{key}={value}"]
     docker += [TGI_IMAGE, *server_args(spec, fit, "/data/model")] + spec.extra_args
-    return LaunchPlan(command, env=env, fit=fit, docker=docker,
+    limits = BatchLimits.known(max_batch_tokens=max(fit.prefill_chunk_tokens, fit.max_model_len),
+                               gpu_memory_utilization=fit.gpu_memory_utilization)
+    return LaunchPlan(command, env=env, fit=fit, docker=docker, batch_limits=limits,
                       notes=[f"flags checked against TGI {TGI_VERSION}'s launcher reference"])
 
 

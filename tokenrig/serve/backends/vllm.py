@@ -27,8 +27,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from tokenrig.serve.backends.base import Backend, LaunchPlan, plan_for, resolve_attention
+from tokenrig.serve.backends.base import Backend, BatchLimits, LaunchPlan, plan_for, resolve_attention
 from tokenrig.serve.checkpoint import config_dir
+from tokenrig.serve.fit import FitPlan
 from tokenrig.serve.spec import LaunchError, ServerSpec, VllmOptions
 
 VLLM_VERSION = "0.26.0"
@@ -88,9 +89,9 @@ def vllm_entrypoint() -> list[str]:
     return ["vllm"]
 
 
-def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
+def launch_plan(spec: ServerSpec, model_dir: Path, port: int, fit: FitPlan | None = None) -> LaunchPlan:
     check_servable(spec)
-    fit = plan_for(spec)
+    fit = fit or plan_for(spec)
     attention = resolve_attention(spec, ATTENTION, None)
     command = [*vllm_entrypoint(), "serve", str(model_dir), "--served-model-name", spec.model.key,
                "--host", spec.host, "--port", str(port),
@@ -103,15 +104,18 @@ def launch_plan(spec: ServerSpec, model_dir: Path, port: int) -> LaunchPlan:
         command += ["--quantization", QUANTIZATION[spec.quant]]
     if attention:
         command += ["--attention-backend", attention]
-    command += spec.options.to_args()
+    command += spec.options_as(VllmOptions).to_args()
     env: dict[str, str] = {}
     notes = [f"flags checked against vLLM {VLLM_VERSION}"]
-    if fit.tp > 1 and not spec.options.nvls:
+    if fit.tp > 1 and not spec.options_as(VllmOptions).nvls:
         command += ["--compilation-config", json.dumps(NO_MULTICAST_COMPILATION, separators=(",", ":"))]
         env.update(NO_MULTICAST_ENV)
         notes.append("TP > 1: NVLink multicast off (no FlashInfer all-reduce fusion, no symmetric-memory "
                      "all-reduce, NCCL_NVLS_ENABLE=0); --nvls allows it")
-    return LaunchPlan(command + spec.extra_args, env=env, fit=fit, notes=notes)
+    limits = BatchLimits.known(max_num_seqs=spec.max_num_seqs or fit.max_num_seqs,
+                               max_batch_tokens=fit.prefill_chunk_tokens,
+                               gpu_memory_utilization=fit.gpu_memory_utilization)
+    return LaunchPlan(command + spec.extra_args, env=env, fit=fit, notes=notes, batch_limits=limits)
 
 
 # Log lines of vLLM 0.26.0: v1/worker/gpu/model_runner.py ("Model loading took %s GiB and ..."),
@@ -151,7 +155,7 @@ def check_served(spec: ServerSpec, plan: LaunchPlan, facts: dict) -> str | None:
     if problem:
         return problem
     multicast = sorted(set(facts.get("allreduce_backends", ())) & set(MULTICAST_ALLREDUCE))
-    if multicast and not spec.options.nvls:
+    if multicast and not spec.options_as(VllmOptions).nvls:
         return (f"vLLM uses the all-reduce backends {', '.join(multicast)}, which can use NVLink multicast, "
                 "though tokenrig turned them off; stopped (--nvls allows multicast)")
     return None

@@ -8,7 +8,7 @@ honours them the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncGenerator, Protocol
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[list[int], None]:
         """Yield newly generated token ids as they are produced; closing the iterator cancels."""
 
     def load(self) -> EngineLoad: ...

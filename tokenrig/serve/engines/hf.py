@@ -9,11 +9,14 @@ is the one used, since continuous batching would otherwise swap sdpa/eager for f
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncGenerator
 
 from tokenrig.serve.engines import EngineLoad, GenerationRequest
 from tokenrig.serve.engines.step_profiler import StepProfiler
 from tokenrig.serve.spec import HfOptions
+
+if TYPE_CHECKING:
+    from transformers.generation.continuous_batching import ContinuousBatchingManager
 
 NO_EOS = -1  # the API layer decides when to stop; the engine generates max_tokens
 
@@ -40,7 +43,7 @@ class HFEngine:
         self.kv_cache_tokens = kv_cache_tokens
         self.options = options
         self.profiler = profiler  # /start_profile and /stop_profile record its steps
-        self._manager = None
+        self._manager: ContinuousBatchingManager | None = None
         self._waiting: set[str] = set()
         self._running: set[str] = set()
 
@@ -65,9 +68,11 @@ class HFEngine:
         model.eval()
         if self.profiler:
             self.profiler.wrap(model)
-        generation_config = GenerationConfig(do_sample=False, eos_token_id=NO_EOS, pad_token_id=model.config.pad_token_id)
-        batching = {"max_requests_per_batch": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
-                    "default_compile_level": self.options.compile_level, "use_cuda_graph": self.options.cuda_graphs}
+        generation_config = GenerationConfig(do_sample=False, eos_token_id=NO_EOS,
+                                             pad_token_id=model.config.pad_token_id)
+        batching: dict[str, Any] = {
+            "max_requests_per_batch": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
+            "default_compile_level": self.options.compile_level, "use_cuda_graph": self.options.cuda_graphs}
         if self.options.kv_padding_tokens:
             # CUDA graphs need static shapes, so each step's KV read is padded up to a multiple of this;
             # transformers' default (16384) makes a short request attend over 16k masked slots every layer
@@ -78,12 +83,14 @@ class HFEngine:
         cb_config = ContinuousBatchingConfig(**batching)
         if self.kv_cache_tokens:
             # Left to itself the paged cache takes a share of *free* memory: on CPU that is host RAM.
-            tokens_per_block = getattr(cb_config, "page_size", None) or cb_config.block_size
+            # named page_size since transformers 5.2x, block_size before
+            tokens_per_block = getattr(cb_config, "page_size", None) or getattr(cb_config, "block_size")
             cb_config.num_blocks = -(-self.kv_cache_tokens // tokens_per_block)
-        self._manager = model.init_continuous_batching(
+        manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config
         )
-        self._manager.start()
+        manager.start()
+        self._manager = manager
         quantizer = getattr(model, "hf_quantizer", None)
         logging.getLogger(__name__).warning(
             "hf engine ready: attention %s, dtype %s, device %s, quantization %s",
@@ -117,14 +124,17 @@ class HFEngine:
         fatal = getattr(getattr(self._manager, "background_thread_status", None), "fatal_error", None)
         return f"transformers' generation thread stopped{f': {fatal}' if fatal else ''}"
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[list[int], None]:
         problem = self.failure()
         if problem:
             raise RuntimeError(f"engine error: {problem}")
+        manager = self._manager
+        if manager is None:
+            raise RuntimeError("engine error: the engine has not started")
         outputs: asyncio.Queue = asyncio.Queue()
         rid = request.request_id
-        self._manager.register_result_handler(rid, outputs.put_nowait)
-        self._manager.add_request(
+        manager.register_result_handler(rid, outputs.put_nowait)
+        manager.add_request(
             input_ids=request.prompt_ids, request_id=rid, max_new_tokens=request.max_tokens,
             streaming=True, eos_token_id=NO_EOS,
         )
@@ -148,4 +158,4 @@ class HFEngine:
             self._waiting.discard(rid)
             self._running.discard(rid)
             if not finished:
-                self._manager.cancel_request(rid)
+                manager.cancel_request(rid)

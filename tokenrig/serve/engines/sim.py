@@ -28,8 +28,9 @@ import asyncio
 import heapq
 import random
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncGenerator
 
 from tokenrig.profiles import GpuProfile, ModelProfile
 from tokenrig.serve.engines import EngineLoad, GenerationRequest
@@ -88,7 +89,7 @@ class FixedSchedule:
         self._reservations.append((start, end))
         return start
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[list[int], None]:
         loop = asyncio.get_running_loop()
         start = self._schedule_start(request)
         self._active.add(request.request_id)
@@ -143,7 +144,7 @@ class BlockPool:
         holders = self._holders.get(block_hash)
         return next(iter(holders)) if holders else None
 
-    def unreferenced(self, blocks: list[int]) -> int:
+    def unreferenced(self, blocks: Iterable[int]) -> int:
         """Of these cached blocks, those no request holds: taking them uses up free blocks."""
         return sum(self._references[block] == 0 for block in blocks)
 
@@ -157,7 +158,7 @@ class BlockPool:
             blocks.append(block)
         return blocks
 
-    def touch(self, blocks: list[int]) -> None:
+    def touch(self, blocks: Iterable[int]) -> None:
         """Share cached blocks with one more request (off the free queue if no one held them)."""
         for block in blocks:
             if self._references[block] == 0:
@@ -251,7 +252,7 @@ class PagedKvCache:
             blocks.append(block)
         return blocks
 
-    def allocate(self, sequence: SimSequence, new_tokens: int, hit: list[int] = (),
+    def allocate(self, sequence: SimSequence, new_tokens: int, hit: Sequence[int] = (),
                  whole_sequence: bool = False) -> bool:
         """Blocks for `new_tokens` more tokens after those computed (and the cached `hit` of a request being
         admitted), or False, changing nothing, if the free blocks are too few. `whole_sequence`: admit
@@ -528,13 +529,14 @@ class RooflineEngine(RooflineScheduler):
             return None
         return f"scheduler loop ended: {task.exception()!r}"
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[list[int], None]:
         self.check_fits(request)
-        sequence = self.submit(request, asyncio.Queue())
+        out: asyncio.Queue = asyncio.Queue()
+        sequence = self.submit(request, out)
         self._wake.set()
         try:
             while True:
-                token = await sequence.out.get()
+                token = await out.get()
                 if token is None:
                     return
                 yield [token]
@@ -558,6 +560,7 @@ class RooflineEngine(RooflineScheduler):
             else:
                 deadline = loop.time()  # fell behind (host pause): do not try to catch up
             for sequence, token in self.finish_step(work):
+                assert sequence.out is not None  # generate() gives every sequence of this engine its queue
                 sequence.out.put_nowait(token)
                 if sequence.done:
                     sequence.out.put_nowait(None)

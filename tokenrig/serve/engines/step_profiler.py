@@ -16,8 +16,12 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenrig.breakdown.trace import StepComposition
+
+if TYPE_CHECKING:
+    import torch
 
 
 def composition_of(kwargs: dict) -> StepComposition | None:
@@ -49,8 +53,10 @@ class StepProfiler:
         self.max_steps = max_steps
         self._lock = threading.Lock()
         self._requested = False
-        self._profiler = None
+        self._profiler: torch.profiler.profile | None = None
         self._steps = 0
+        self._in_step = False  # a profiled forward runs on the engine's thread
+        self._stop_asked = False  # /stop_profile came during that forward: it stops the profiler when it ends
         self.last_trace: Path | None = None
 
     def wrap(self, model) -> None:
@@ -64,16 +70,19 @@ class StepProfiler:
             with self._lock:
                 if self._requested and self._profiler is None:
                     self._start()
-            composition = composition_of(kwargs) if self._profiler is not None else None
+                composition = composition_of(kwargs) if self._profiler is not None else None
+                self._in_step = composition is not None
             if composition is None:
                 return forward(*args, **kwargs)
-            with torch.profiler.record_function(composition.annotation()):
-                output = forward(*args, **kwargs)
-            with self._lock:
-                self._steps += 1
-                if self._steps >= self.max_steps:
-                    self._finish()
-            return output
+            try:
+                with torch.profiler.record_function(composition.annotation()):
+                    return forward(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self._in_step = False
+                    self._steps += 1
+                    if self._steps >= self.max_steps or self._stop_asked:
+                        self._finish()
 
         model.forward = annotated_forward
 
@@ -82,10 +91,13 @@ class StepProfiler:
             self._requested = True
 
     def request_stop(self) -> None:
-        """Stop now (from any thread) if the engine has not stopped it after its steps."""
+        """Stop (from any thread) if the engine has not stopped it after its steps: now, or while a profiled
+        forward runs, when it ends (torch's profiler stopped under an open step annotation crashes the process)."""
         with self._lock:
             self._requested = False
-            if self._profiler is not None:
+            if self._in_step:
+                self._stop_asked = True
+            elif self._profiler is not None:
                 self._finish()
 
     def _start(self) -> None:
@@ -94,12 +106,15 @@ class StepProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self._profiler = torch.profiler.profile(activities=activities)
-        self._profiler.start()
-        self._steps = 0
+        profiler = torch.profiler.profile(activities=activities)
+        profiler.start()
+        self._profiler, self._steps = profiler, 0
 
     def _finish(self) -> None:
-        profiler, self._profiler, self._requested = self._profiler, None, False
+        """Stop and write the trace (under the lock, the profiler running)."""
+        profiler, self._profiler, self._requested, self._stop_asked = self._profiler, None, False, False
+        if profiler is None:
+            raise RuntimeError("the step profiler is not running")
         profiler.stop()
         self.trace_dir.mkdir(parents=True, exist_ok=True)
         path = self.trace_dir / f"hf-engine.{time.time_ns()}.pt.trace.json"
