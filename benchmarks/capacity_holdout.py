@@ -114,7 +114,7 @@ def measure_case(search, key) -> Case | None:
 def project(case: Case, search, steps, searches, profiles, calibrator, progress, options=None) -> None:
     from tokenrig.capacity.planner import CapacityPlanner, CapacityQuestion
     from tokenrig.capacity.simulate import replay
-    from tokenrig.loadgen.search import StepResult
+    from tokenrig.metrics.verdict import StepResult
     from tokenrig.profiles import resolve_gpu, resolve_model
 
     held = (case.engine, case.quant, case.gpu, case.model)
@@ -146,9 +146,9 @@ def project(case: Case, search, steps, searches, profiles, calibrator, progress,
     step = best[0]
     setup = calibration.model.setup(question.model, question.gpus[0], case.quant, row.tp)
     at_measured = replay(setup, planner.book(), step.load, search.slos).summary
-    latency = at_measured.latency_s
-    case.projected_ttft_p99_s = latency.ttft.p99 if latency.ttft else None
-    case.projected_tpot_p99_s = latency.tpot.p99 if latency.tpot else None
+    ttft, tpot = at_measured.latency_s.get("ttft"), at_measured.latency_s.get("tpot")
+    case.projected_ttft_p99_s = ttft.p99 if ttft else None
+    case.projected_tpot_p99_s = tpot.p99 if tpot else None
     # the measured search's own steps (same arrivals, seeds and early stops): the projection's error without the
     # difference between two searches' random arrivals
     case.seed_matched, met = [], []

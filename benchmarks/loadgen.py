@@ -149,14 +149,14 @@ def tokenrig_level(url: str, streams: int, duration: float, core: int, workdir: 
     if result.returncode not in (exit_status.OK, exit_status.INVALID):
         raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
     run_dir = Path(next(line for line in result.stdout.splitlines() if line.startswith("results: ")).split(": ", 1)[1])
-    from tokenrig.report.run_summary import RunSummary  # as the other tokenrig imports: once REPO is on the path
+    from tokenrig.metrics.run_summary import RunSummary  # as the other tokenrig imports: once REPO is on the path
 
     summary = RunSummary.read(run_dir / "summary.json")
     latency, health = summary.latency_s, summary.load_generator
     if not (summary.server or {}).get("scrapes_in_window"):
         raise RuntimeError(f"tokenrig did not scrape the server's /metrics: {summary.server}")
     return {"tool": "tokenrig", "streams": streams, "tokens_per_s": summary.throughput.output_tokens_per_s,
-            "ttft_p50_s": latency.ttft.p50, "itl_p99_s": latency.itl.p99,
+            "ttft_p50_s": latency.get("ttft").p50, "itl_p99_s": latency.get("itl").p99,
             "client_cpu": health.client_cpu_fraction, "valid": health.valid}
 
 
@@ -234,9 +234,10 @@ def per_request_profile() -> dict[str, float]:
     from prometheus_client import CollectorRegistry, Histogram
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tokenrig.loadgen.records import RequestRecord
     from tokenrig.loadgen.tokens import TokenCounter
-    from tokenrig.monitor.exporter import LATENCY_BUCKETS, RUN_LABELS, LoadgenMetrics, PrometheusSink
+    from tokenrig.metrics.records import RequestRecord
+    from tokenrig.metrics.registry import METRICS
+    from tokenrig.monitor.exporter import LATENCY_BUCKETS, RUN_LABELS, LoadgenMetrics
     from tokenrig.serve.scrape import parse_metrics
     from tokenrig.serve.tokenizer import build_tokenizer, content_words
 
@@ -249,7 +250,7 @@ def per_request_profile() -> dict[str, float]:
                            output_tokens_usage=TOKENS, output_tokens_tokenizer=TOKENS)
     counter = TokenCounter(tokenizer)
     counter(record, texts)
-    sink = PrometheusSink(LoadgenMetrics({name: "x" for name in RUN_LABELS}))
+    itl_histogram = LoadgenMetrics({name: "x" for name in RUN_LABELS}).latency[METRICS["itl"]]
     per_gap = Histogram("itl", "ITL", buckets=LATENCY_BUCKETS, registry=CollectorRegistry())
     page = METRICS_PAGE.read_text()
 
@@ -266,7 +267,7 @@ def per_request_profile() -> dict[str, float]:
         "tokens, each chunk's count looked up, usage agreeing (kept)": us(lambda: counter(record, texts)),
         "tokens, the reply tokenized whole (was every request)": us(
             lambda: tokenizer.encode("".join(texts), add_special_tokens=False)),
-        "live exporter, ITL gaps in bulk (kept)": us(lambda: sink.metrics.itl.observe_many(record.itl_gaps())),
+        "live exporter, ITL gaps in bulk (kept)": us(lambda: itl_histogram.observe_many(record.itl_gaps())),
         "live exporter, one observe per gap (was)": us(observe_each_gap),
         "server /metrics page (vLLM 0.26, 50 KB), wanted lines parsed (kept; once a second)": us(
             lambda: parse_metrics(page), 50),

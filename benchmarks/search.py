@@ -147,9 +147,9 @@ def run_search(url: str, scenario: Path, work: Path, log: Path, seed: int, knee:
 
 
 def run_sweep(url: str, scenario: Path, work: Path, log: Path, seed: int, knee: float) -> dict:
-    from tokenrig.loadgen.search import StepResult
-    from tokenrig.report.run_summary import RunSummary
-    from tokenrig.report.slo import samples_for
+    from tokenrig.metrics.run_summary import RunSummary
+    from tokenrig.metrics.slo import samples_for
+    from tokenrig.metrics.verdict import StepResult
 
     samples = samples_for(SLO_PERCENTILE, 10)  # a full search step's (--tail-samples 10)
     rows, start = [], time.perf_counter()

@@ -1,7 +1,7 @@
 """Hand-made RunSummary objects for tests of what reads summaries (the SLO search, sweeps): a step's
 figures as the test states them, every other field empty."""
 
-from tokenrig.report.run_summary import RunSummary, SloJudgement, SloVerdict
+from tokenrig.metrics.run_summary import RunSummary, SloJudgement, SloVerdict
 
 LAG = {"p50": 0.002, "p90": 0.005, "p95": 0.01, "p99": 0.03, "p99.9": 0.04, "mean": 0.003, "min": 0.0, "max": 0.04,
        "count": 313}

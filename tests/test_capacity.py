@@ -18,12 +18,12 @@ from tokenrig.capacity.inputs import read_results
 from tokenrig.capacity.simulate import VirtualSearch
 from tokenrig.capacity.table import CSV_COLUMNS, render
 from tokenrig.cli import main
-from tokenrig.loadgen.records import read_records
-from tokenrig.loadgen.search import StepResult
+from tokenrig.metrics.records import read_records
+from tokenrig.metrics.run_summary import RunSummary
+from tokenrig.metrics.slo import judge, parse_slos
+from tokenrig.metrics.verdict import StepResult
 from tokenrig.profiles import gpu_profiles, resolve_gpu
 from tokenrig.report.run_metadata import ServerFacts
-from tokenrig.report.run_summary import RunSummary
-from tokenrig.report.slo import judge, parse_slos
 from tokenrig.serve.engines.sim import RooflineParams
 from tokenrig.serve.remote import read_metrics_page
 from tokenrig.serve.spec import SimOptions

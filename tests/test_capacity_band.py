@@ -114,8 +114,8 @@ def test_a_configuration_nothing_calibrates_says_what_was_measured_near_it_and_w
     from tokenrig.capacity.inputs import read_results
     from tokenrig.capacity.planner import CapacityPlanner, CapacityQuestion
     from tokenrig.loadgen.scenario import load_scenario
+    from tokenrig.metrics.slo import parse_slos
     from tokenrig.profiles import resolve_model
-    from tokenrig.report.slo import parse_slos
 
     runs = Path(__file__).resolve().parents[1] / "docs" / "results" / "serve-h200-2026-11-29"
     steps, _ = read_results([runs / "sdpa-graphs", runs / "awq-graphs", runs / "eager-graphs"])

@@ -9,9 +9,9 @@ from tokenizers import Tokenizer
 from tests.conftest import DATA, run_cli, run_dir_of
 from tokenrig.errors import UsageError
 from tokenrig.loadgen.data import with_data
-from tokenrig.loadgen.records import read_records
 from tokenrig.loadgen.scenario import load_scenario, parse_scenario
 from tokenrig.loadgen.workload import Workload
+from tokenrig.metrics.records import read_records
 from tokenrig.profiles import resolve_model
 from tokenrig.serve.checkpoint import tokenizer_dir
 

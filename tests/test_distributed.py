@@ -15,8 +15,8 @@ import pytest
 from tests.conftest import REPO, load_summary, run_cli, run_dir_of
 from tests.schedule import assert_latency_follows_schedule
 from tokenrig.loadgen.plan import LoadPlan
-from tokenrig.loadgen.records import read_records
 from tokenrig.loadgen.scenario import LoadPlanSpec
+from tokenrig.metrics.records import read_records
 
 ARGS = ("loadtest", "--backend", "sim", "--sim-ttft-ms", "100", "--sim-tpot-ms", "10",
         "--scenario", "tests/data/timing.yaml", "--rate", "12", "--duration", "6", "--warmup", "1")

@@ -8,7 +8,7 @@ import random
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tokenrig.loadgen.records import RequestRecord
+from tokenrig.metrics.records import RequestRecord
 from tokenrig.monitor.exporter import LATENCY_BUCKETS, RUN_LABELS, LoadgenMetrics, PrometheusSink
 
 ITL = "tokenrig_request_itl_seconds"

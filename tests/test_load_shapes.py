@@ -12,13 +12,13 @@ from tests.schedule import assert_ttft_follows_schedule
 from tests.summaries import step_summary
 from tokenrig.loadgen.load_profiles import FindMax, walk
 from tokenrig.loadgen.plan import trace_schedule
-from tokenrig.loadgen.records import read_records
 from tokenrig.loadgen.scenario import LoadPlanSpec, load_scenario
-from tokenrig.loadgen.search import SATURATION_DEFICIT, SATURATION_SIGMAS, StepResult
+from tokenrig.metrics.records import read_records
+from tokenrig.metrics.run_summary import RunSummary
+from tokenrig.metrics.slo import parse_slos
+from tokenrig.metrics.verdict import SATURATION_DEFICIT, SATURATION_SIGMAS, StepResult
 from tokenrig.profiles import resolve_gpu, resolve_model
 from tokenrig.report.console import render_steps
-from tokenrig.report.run_summary import RunSummary
-from tokenrig.report.slo import parse_slos
 from tokenrig.serve.engines.sim import RooflineEngine, StepWork
 from tokenrig.serve.spec import SimOptions
 

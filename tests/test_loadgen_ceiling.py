@@ -9,9 +9,6 @@ import pytest
 from tests.conftest import REPO, run_cli
 from tokenrig.loadgen.ceiling import (
     CEILING_FILE_ENV,
-    CHUNKS_PER_S_PER_CORE,
-    SHIPPED,
-    Ceiling,
     capacity_advice,
     expected_chunk_rate,
     free_cores,
@@ -21,9 +18,10 @@ from tokenrig.loadgen.ceiling import (
     workers_needed,
 )
 from tokenrig.loadgen.plan import trace_schedule
-from tokenrig.loadgen.records import RequestRecord
 from tokenrig.loadgen.scenario import load_scenario
-from tokenrig.report.summary import RunFacts, summarize
+from tokenrig.metrics.health import CHUNKS_PER_S_PER_CORE, SHIPPED, Ceiling
+from tokenrig.metrics.records import RequestRecord
+from tokenrig.metrics.summary import RunFacts, summarize
 
 TIMING = REPO / "tests" / "data" / "timing.yaml"  # fixed 50 output tokens, 1 user
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import DATA, REPO, load_summary, run_cli, run_dir_of, without_torch
 from tests.schedule import assert_latency_follows_schedule
-from tokenrig.loadgen.records import read_records
+from tokenrig.metrics.records import read_records
 
 TIMING = str(DATA / "timing.yaml")
 

@@ -81,7 +81,7 @@ def test_capacity_projects_a_config_file_model_on_the_roofline():
     from tokenrig.capacity.simulate import EngineSetup, RequestBook, VirtualSearch
     from tokenrig.loadgen.load_profiles import FindMax
     from tokenrig.loadgen.scenario import load_scenario
-    from tokenrig.report.slo import parse_slos
+    from tokenrig.metrics.slo import parse_slos
     from tokenrig.serve.engines.sim import RooflineParams
 
     scenario = load_scenario(str(DATA / "capacity.yaml"))

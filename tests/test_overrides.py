@@ -7,7 +7,7 @@ from tokenrig.errors import UsageError
 from tokenrig.loadgen.load_profiles import FindMax, SingleRun, Sweep
 from tokenrig.loadgen.overrides import LoadOverrides, plan_run
 from tokenrig.loadgen.scenario import Scenario
-from tokenrig.report.slo import parse_slos
+from tokenrig.metrics.slo import parse_slos
 
 REQUESTS = [{"name": "short", "api": "chat", "input_tokens": {"dist": "fixed", "value": 64},
              "output_tokens": {"dist": "fixed", "value": 16}}]

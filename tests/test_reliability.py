@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import DATA, REPO, instant_server_env, load_summary, run_cli, run_dir_of
-from tokenrig.loadgen.records import read_records
+from tokenrig.metrics.records import read_records
 from tokenrig.profiles import resolve_model
 from tokenrig.serve.checkpoint import tokenizer_dir
 from tokenrig.serve.launcher import free_port

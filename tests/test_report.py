@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.browser import CHARTS_JS, chromium, needs_chromium, wait_for_charts
 from tests.conftest import DATA, REPO, run_cli, run_dir_of
 from tests.test_reliability import FaultServer, error_reply
-from tokenrig.loadgen.records import RequestRecord, read_records
+from tokenrig.metrics.records import RequestRecord, read_records
 from tokenrig.report.charts import CDF_POINTS
 from tokenrig.report.timeline import build
 
@@ -153,9 +153,9 @@ def test_report_on_a_stopped_run_and_a_run_where_nothing_succeeded(tmp_path):
 def _summarised_run(run_dir: Path, ok: int, failed: int, slos=None, step: bool = False) -> Path:
     """A plain run directory as `tokenrig loadtest` leaves it (a step's, without metadata.json): records at
     10 req/s summarised by the real summariser, and the metadata a report reads."""
-    from tokenrig.loadgen.records import JsonlSink
-    from tokenrig.report.slo import judge
-    from tokenrig.report.summary import RunFacts, summarize
+    from tokenrig.metrics.records import JsonlSink
+    from tokenrig.metrics.slo import judge
+    from tokenrig.metrics.summary import RunFacts, summarize
 
     run_dir.mkdir(parents=True)
     records = [_record(i, 1000.5 + i * 0.1, 0.0, 0.3 if i < ok else None, [0.1, 0.2, 0.3] if i < ok else [],
@@ -216,11 +216,11 @@ def test_report_of_a_path_that_does_not_exist_refuses_with_exit_2(tmp_path):
 def test_a_sweep_shows_the_percentile_its_slo_judges_and_the_comparison_counts_what_it_lists(tmp_path):
     """--sweep with --slo ttft_p90: the console's and the report's step tables have a TTFT p90 column; a
     comparison of a plain run and a sweep says so, not 'of 2 load tests' over a table of one."""
-    from tokenrig.loadgen.search import StepResult
+    from tokenrig.metrics.run_summary import RunSummary
+    from tokenrig.metrics.slo import parse_slos
+    from tokenrig.metrics.verdict import StepResult
     from tokenrig.report.console import render_steps
     from tokenrig.report.html import write_report
-    from tokenrig.report.run_summary import RunSummary
-    from tokenrig.report.slo import parse_slos
 
     slos = parse_slos("ttft_p90=1s")
     sweep = tmp_path / "sweep"
@@ -241,9 +241,9 @@ def test_a_sweep_shows_the_percentile_its_slo_judges_and_the_comparison_counts_w
 
 
 def test_charts_sort_curves_by_load_label_steps_keep_slo_labels_clear_and_draw_cancelled_apart():
-    from tokenrig.loadgen.records import CANCELLED
+    from tokenrig.metrics.records import CANCELLED
+    from tokenrig.metrics.slo import parse_slos
     from tokenrig.report import charts
-    from tokenrig.report.slo import parse_slos
 
     # a search visits 8, 16, then 12 req/s: its curves join 8, 12, 16
     rows = [{"load": load, "completed_rps": load * 0.9, "goodput_rps": None, "ttft_p50_s": load / 1000,

@@ -13,9 +13,9 @@ from tests.summaries import step_summary
 from tokenrig.loadgen.load_profiles import (FindMax, SearchResult, StepPlan, Sweep, crossing, next_rate,
                                             profile_from_metadata, walk)
 from tokenrig.loadgen.scenario import LoadPlanSpec
-from tokenrig.loadgen.search import StepResult
+from tokenrig.metrics.slo import parse_slos, tail_design_effect, threshold_verdict
+from tokenrig.metrics.verdict import StepResult
 from tokenrig.report.console import render_steps
-from tokenrig.report.slo import parse_slos, tail_design_effect, threshold_verdict
 
 BASE = LoadPlanSpec(type="poisson", rate=1.0, duration_s=60, seed=100)
 

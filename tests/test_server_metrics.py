@@ -9,7 +9,7 @@ import requests
 
 from tests.conftest import DATA, SGLANG_0_5_17_PAGE, VLLM_0_26_PAGE, load_summary, run_cli, run_dir_of
 from tests.schedule import assert_latency_follows_schedule
-from tokenrig.loadgen.records import read_records
+from tokenrig.metrics.records import read_records
 from tokenrig.serve.scrape import (
     COUNTERS,
     GAUGES,

@@ -12,8 +12,8 @@ from tokenrig.serve.engines.sim import (
     RooflineEngine,
     RooflineParams,
     RooflineScheduler,
+    SimSequence,
     StepWork,
-    _Sequence,
 )
 from tokenrig.serve.fit import FitError
 
@@ -107,10 +107,9 @@ def scheduler(kv_cache_tokens=1024, **params):
 
 
 def submit(sim, name, prompt, max_tokens):
-    sequence = _Sequence(GenerationRequest(name, list(prompt), max_tokens, 0.0))
-    sim.check_fits(sequence.request)
-    sim.submit(sequence)
-    return sequence
+    request = GenerationRequest(name, list(prompt), max_tokens, 0.0)
+    sim.check_fits(request)
+    return sim.submit(request)
 
 
 def step(sim):
@@ -227,7 +226,7 @@ def test_the_prefix_cache_is_the_kv_pool_shared_by_reference_and_evicted_least_r
     run_alone(sim, list(range(3000, 3080)))
 
     def cached(prompt):
-        return len(sim.kv_cache.cached_prefix(_Sequence(GenerationRequest("?", prompt, 1, 0.0)))) * 16
+        return len(sim.kv_cache.cached_prefix(SimSequence(GenerationRequest("?", prompt, 1, 0.0)))) * 16
 
     assert (cached(a), cached(b)) == (16, 32)
     # two requests with one prompt at once: the second shares the first's 2 full blocks (cached when allocated)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from tests.test_summary import record
-from tokenrig.loadgen.search import SloWatch, step_duration, violations_that_miss
-from tokenrig.report.slo import Slo, SloError, judge, parse_slos, percentile_interval, samples_for
+from tokenrig.metrics.distribution import percentile_interval
+from tokenrig.metrics.slo import Slo, SloError, judge, parse_slos, samples_for
+from tokenrig.metrics.verdict import SloWatch, step_duration, violations_that_miss
 
 
 def test_parse_slos_reads_units_and_rejects_nonsense():

@@ -7,9 +7,9 @@ threshold once the value at floor(h) is, that is once n - floor(h) of the n valu
 
 from __future__ import annotations
 
-from tokenrig.loadgen.records import RequestRecord
-from tokenrig.loadgen.search import SloWatch
-from tokenrig.report.slo import parse_slos
+from tokenrig.metrics.records import RequestRecord
+from tokenrig.metrics.slo import parse_slos
+from tokenrig.metrics.verdict import SloWatch
 
 
 def request(ttft: float | None = 0.1, tpot: float = 0.01, tokens: int = 10, failed: bool = False,

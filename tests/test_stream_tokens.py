@@ -16,8 +16,8 @@ import threading
 import time
 
 from tests.conftest import instant_server_env, load_summary, run_cli, run_dir_of
-from tokenrig.loadgen.records import read_records
 from tokenrig.loadgen.tokens import TokenCounter
+from tokenrig.metrics.records import read_records
 from tokenrig.serve.tokenizer import build_tokenizer, content_words
 
 BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "tiny"}

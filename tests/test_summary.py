@@ -4,10 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tokenrig.loadgen.records import RequestRecord
+from tokenrig.metrics.distribution import distribution
+from tokenrig.metrics.records import RequestRecord
+from tokenrig.metrics.run_summary import SCHEMA_VERSION, RunSummary, SummaryVersionError
+from tokenrig.metrics.summary import RunFacts, summarize
 from tokenrig.report.console import render
-from tokenrig.report.run_summary import SCHEMA_VERSION, RunSummary, SummaryVersionError
-from tokenrig.report.summary import RunFacts, distribution, summarize
 
 
 def record(i, scheduled_at, ttft, offsets, tokens, e2e, usage, error=None, lag=0.0, in_window=True):
@@ -47,7 +48,7 @@ def test_summary_windows_errors_and_health():
                                    "excluded_warmup_cooldown": 1, "errors_by_type": {"HTTP 500": 1},
                                    "error_examples": {"HTTP 500": "HTTP 500: boom"}, "error_rate": pytest.approx(1 / 3),
                                    "max_error_rate": 0.05, "too_many_errors": True}
-    assert summary.latency_s.ttft.p50 == pytest.approx(0.25)
+    assert summary.latency_s.get("ttft").p50 == pytest.approx(0.25)
     # 5 tokens of requests 2 and 3 arrive in the 9-s window, plus none of request 1 (it ended at start+0.7)
     assert summary.throughput.output_tokens_per_s == pytest.approx(5 / 9)
     assert summary.load_generator.valid
@@ -62,7 +63,7 @@ def test_a_window_shorter_than_every_request_says_so_instead_of_reporting_nothin
     start = 1000.0
     records = [record(i, start, 0.5, [0.5, 21.0], [1, 1], 21.0, 2, in_window=False) for i in range(32)]
     summary = summarize(records, RunFacts(20, 3, 0, start, None, client_cpu_fraction=0.02))
-    assert summary.requests.measured == 0 and summary.latency_s.ttft is None
+    assert summary.requests.measured == 0 and summary.latency_s.get("ttft") is None
     assert summary.window.problem == ("no request was scheduled inside the 17.0-s window "
                                             "(requests took 21.0 s, median E2E); lengthen --duration")
     assert "NO MEASUREMENT: no request was scheduled" in render(summary, "t")
@@ -166,3 +167,14 @@ def test_a_summary_from_a_newer_tokenrig_is_refused_by_name():
     document = json.loads(OLD_SUMMARIES[0].read_text())
     with pytest.raises(SummaryVersionError, match="upgrade tokenrig"):
         RunSummary.from_json({**document, "schema_version": SCHEMA_VERSION + 1})
+
+
+def test_a_step_stopped_early_ends_its_window_when_the_load_stopped():
+    facts = RunFacts(duration_s=60, warmup_s=5, cooldown_s=2, plan_start_unix=100.0, target_rate=None,
+                     client_cpu_fraction=0.0)
+    assert facts.window() == (105.0, 158.0)
+    stopped = RunFacts(**{**vars(facts), "stopped_after_s": 20.0})  # the cool-down still follows the stop
+    assert stopped.window() == (105.0, 120.0)
+    at_once = RunFacts(**{**vars(facts), "stopped_after_s": 1.0})  # never a window of no length
+    assert at_once.window() == pytest.approx((105.0, 105.001))
+    assert summarize([], at_once).window.seconds == pytest.approx(0.001)

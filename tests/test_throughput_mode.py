@@ -10,11 +10,11 @@ from tests.conftest import DATA, run_cli, run_dir_of
 from tokenrig.errors import UsageError
 from tokenrig.loadgen.overrides import LoadOverrides, plan_run
 from tokenrig.loadgen.plan import LoadPlan
-from tokenrig.loadgen.records import read_records
 from tokenrig.loadgen.scenario import ScenarioError, load_scenario, parse_scenario
-from tokenrig.report.run_summary import THROUGHPUT_MODE_NOTE
+from tokenrig.metrics.records import read_records
+from tokenrig.metrics.run_summary import THROUGHPUT_MODE_NOTE
+from tokenrig.metrics.slo import parse_slos
 from tokenrig.report.runs import find_runs
-from tokenrig.report.slo import parse_slos
 
 INF = float("inf")
 

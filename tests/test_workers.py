@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import DATA, REPO, load_summary, run_cli, run_dir_of
 from tokenrig.loadgen.plan import LoadPlan
-from tokenrig.loadgen.records import read_records
 from tokenrig.loadgen.scenario import LoadPlanSpec, load_scenario
+from tokenrig.metrics.records import read_records
 
 
 def slots(plan: LoadPlan) -> list:

@@ -20,25 +20,27 @@ from tokenizers import Tokenizer
 
 from tokenrig import exit_status
 from tokenrig.breakdown.capture import ProfileError, TraceCapture, server_profile_args
+from tokenrig.breakdown.table import OperatorBreakdown
 from tokenrig.interrupts import stop_signals_interrupt
 from tokenrig.loadgen.ceiling import per_core_ceiling
 from tokenrig.loadgen.plan import LoadPlan
 from tokenrig.loadgen.driver import WorkerLostError
-from tokenrig.loadgen.records import FanoutSink, JsonlSink, read_records
+from tokenrig.metrics.records import FanoutSink, JsonlSink, read_records
 from tokenrig.loadgen.runner import run_load
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
 from tokenrig.loadgen.load_profiles import Search, StepPlan, walk
-from tokenrig.loadgen.search import SloWatch, StepResult
+from tokenrig.metrics.verdict import SloWatch, StepResult
 from tokenrig.loadgen.users import LoadContext
 from tokenrig.loadgen.workload import API_PATHS, Workload
 from tokenrig.loadtest_plan import LoadTestPlan
 from tokenrig.monitor.discovery import MonitorOptions
 from tokenrig.report.console import failed_line, render, render_steps
+from tokenrig.jsonfile import write_json
+from tokenrig.metrics.run_summary import LoadFacts, RunSummary, WorkerCpu, WorkloadFacts
+from tokenrig.metrics.slo import Slo
+from tokenrig.metrics.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, SummaryParts, summarize
 from tokenrig.report.run_metadata import RunMetadata, ServerFacts
-from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
-from tokenrig.report.run_summary import LoadFacts, RunSummary, WorkerCpu, WorkloadFacts
-from tokenrig.report.slo import Slo, judge
-from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, summarize
+from tokenrig.report.rundir import environment_facts, new_run_dir
 from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
 from tokenrig.serve.launcher import LaunchedServer
 from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, server_facts, whole_url
@@ -148,47 +150,44 @@ class Session:
                 outcome = run_load(ctx, progress=self.progress, stop_when=stop_when)
         sink.check()
         records = read_records(step_dir / "requests.jsonl")
-        duration, ran = load.duration_s, None
+        ran = None
         if outcome.interrupted or outcome.stopped_early:  # the window ends when the load stopped
             ran = (outcome.stopped_at or time.perf_counter()) - plan.start
-            duration = max(min(duration, ran + load.cooldown_s), load.warmup_s + load.cooldown_s + 1e-3)
-        facts = RunFacts(duration_s=duration, warmup_s=load.warmup_s, cooldown_s=load.cooldown_s,
+        facts = RunFacts(duration_s=load.duration_s, warmup_s=load.warmup_s, cooldown_s=load.cooldown_s,
                          plan_start_unix=plan.start + ctx.unix_offset, target_rate=plan.target_rate,
                          client_cpu_fraction=outcome.client_cpu_fraction, interrupted=outcome.interrupted,
                          scheduled_in_window=plan.scheduled_in_window(until_s=ran),
                          load_processes=self.master.expected if self.master else 1,
                          max_error_rate=self.max_error_rate, ceiling=per_core_ceiling(),
-                         in_flight_cap=load.max_in_flight if plan.open_loop else None)
-        summary = summarize(records, facts)
-        if self.master:
-            summary.load_generator.workers = [
-                WorkerCpu(index=w.index, cpu_fraction=w.cpu_fraction, cpu_s=w.cpu_s) for w in outcome.workers]
-        if self.slos:
-            summary.slo = judge(records, self.slos, summary.window.seconds)
-        summary.workload = WorkloadFacts(requests_clamped_to_context=workload.clamped,
-                                         conversations_cut_at_context=workload.conversations_cut)
+                         in_flight_cap=load.max_in_flight if plan.open_loop else None, stopped_after_s=ran)
         missed = outcome.stopped_early and (watch is None or watch.verdict != "met")  # else its SLOs were surely met
-        summary.load = LoadFacts(plan=plan.describe(), stopped_early_slo_missed=missed,
-                                 spec=load.model_dump(), throughput_mode=load.type == "throughput")
-        summary.server = summarize_server_metrics(step_dir / "server_metrics.jsonl", summary.window.start_unix,
-                                                  summary.window.end_unix, scraper.errors if scraper else 0)
-        if capture is not None:
-            self._add_breakdown(capture, summary, step_dir)
+        window_start, window_end = facts.window()
+        parts = SummaryParts(
+            workload=WorkloadFacts(requests_clamped_to_context=workload.clamped,
+                                   conversations_cut_at_context=workload.conversations_cut),
+            load=LoadFacts(plan=plan.describe(), stopped_early_slo_missed=missed, spec=load.model_dump(),
+                           throughput_mode=load.type == "throughput"),
+            server=summarize_server_metrics(step_dir / "server_metrics.jsonl", window_start, window_end,
+                                            scraper.errors if scraper else 0),
+            breakdown=self._breakdown(capture, step_dir) if capture is not None else None,
+            workers=[WorkerCpu(index=w.index, cpu_fraction=w.cpu_fraction, cpu_s=w.cpu_s) for w in outcome.workers]
+            if self.master else None)
+        summary = summarize(records, facts, self.slos, parts)
         summary.write(step_dir / "summary.json")
         return summary, outcome
 
-    def _add_breakdown(self, capture: TraceCapture, summary: RunSummary, step_dir: Path) -> None:
+    def _breakdown(self, capture: TraceCapture, step_dir: Path) -> OperatorBreakdown | None:
         try:
             breakdown = capture.finish()
         except ProfileError as error:
             self.progress(f"profile: none ({error})")
-            return
+            return None
         try:
             breakdown.trace = os.path.relpath(breakdown.trace, step_dir)
         except ValueError:  # another drive
             pass
-        summary.breakdown = breakdown
         self.progress(breakdown.render())
+        return breakdown
 
 
 def run_session(plan: LoadTestPlan, progress=print) -> int:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from tokenrig.loadgen.load_profiles import LoadProfile, SingleRun
 from tokenrig.loadgen.scenario import Scenario
+from tokenrig.metrics.slo import Slo
+from tokenrig.metrics.summary import DEFAULT_MAX_ERROR_RATE
 from tokenrig.monitor.discovery import MonitorOptions
-from tokenrig.report.slo import Slo
-from tokenrig.report.summary import DEFAULT_MAX_ERROR_RATE
 from tokenrig.serve.fit import FitPlan
 from tokenrig.serve.remote import RemoteOptions
 from tokenrig.serve.spec import ServerSpec

@@ -31,7 +31,7 @@ from tokenrig.capacity.operators import ChosenProfile, OperatorModel, ProfileKey
 from tokenrig.capacity.simulate import EngineSetup, RequestBook, replay
 from tokenrig.loadgen.scenario import Scenario
 from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
-from tokenrig.report.run_summary import RunSummary
+from tokenrig.metrics.run_summary import RunSummary
 from tokenrig.serve.engines.sim import RooflineParams
 
 FIGURES = ("ttft_p50_s", "tpot_p50_s", "output_tokens_per_s")
@@ -62,7 +62,7 @@ SEQUENCE_OVERHEAD_GRID = (1e-6, 3e-5, 1e-3)
 
 def figures(summary: RunSummary) -> dict[str, float]:
     latency = summary.latency_s
-    return {"ttft_p50_s": latency.ttft.p50, "tpot_p50_s": latency.tpot.p50,
+    return {"ttft_p50_s": latency.get("ttft").p50, "tpot_p50_s": latency.get("tpot").p50,
             "output_tokens_per_s": summary.throughput.output_tokens_per_s}
 
 
@@ -292,7 +292,7 @@ class Calibrator:
     def predict(self, step: MeasuredStep, model: EngineModel) -> dict[str, float]:
         setup = model.setup(resolve_model(step.model), resolve_gpu(step.gpu), step.quant, step.tp, batch_limits(step))
         summary = replay(setup, self.book(step), step.load).summary
-        if not summary.latency_s.ttft or not summary.latency_s.tpot:
+        if not summary.latency_s.get("ttft") or not summary.latency_s.get("tpot"):
             return {k: math.inf for k in FIGURES}
         return figures(summary)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenrig.loadgen.scenario import Scenario, with_run_seed
 from tokenrig.loadgen.load_profiles import FindMax
-from tokenrig.report.slo import Slo
+from tokenrig.metrics.slo import Slo
 
 
 def run_searches(specs: list, scenario: Scenario, slos: list[Slo], search: FindMax, results: Path,

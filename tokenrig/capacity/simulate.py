@@ -10,6 +10,7 @@ the SLO search are then the code a real run uses, and minutes of load replay in 
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,16 +18,16 @@ from functools import cached_property
 from tokenrig.capacity.operators import OperatorModel, OperatorScheduler
 from tokenrig.loadgen.load_profiles import FindMax, SearchResult, StepPlan, walk
 from tokenrig.loadgen.plan import LoadPlan, TraceRow
-from tokenrig.loadgen.records import RequestRecord
+from tokenrig.metrics.records import CANCELLED, RequestRecord
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
-from tokenrig.loadgen.search import SloWatch, StepResult
+from tokenrig.metrics.verdict import SloWatch, StepResult
 from tokenrig.loadgen.workload import PreparedRequest, Workload
 from tokenrig.profiles import GpuProfile, ModelProfile
-from tokenrig.report.slo import Slo, judge
-from tokenrig.report.run_summary import RunSummary
-from tokenrig.report.summary import RunFacts, summarize
+from tokenrig.metrics.slo import Slo
+from tokenrig.metrics.run_summary import RunSummary
+from tokenrig.metrics.summary import RunFacts, summarize
 from tokenrig.serve.engines import GenerationRequest
-from tokenrig.serve.engines.sim import RooflineParams, RooflineScheduler, _Sequence
+from tokenrig.serve.engines.sim import RooflineParams, RooflineScheduler
 from tokenrig.serve.tokenizer import SPECIAL_TOKENS, TEMPLATE_WORDS
 
 # how long requests still in flight at the plan's end may run on (the load test's --request-timeout default)
@@ -127,116 +128,126 @@ class _Pending:
     turn: int
 
 
-def replay(setup: EngineSetup, book: RequestBook, load: LoadPlanSpec, slos: list[Slo] | None = None,
-           stop_early: bool = False) -> Replay:
-    """Run `load` against the simulated replica; with `stop_early`, stop once an SLO can no longer be met."""
-    scheduler = setup.scheduler()
-    plan = LoadPlan(load, start=0.0)
-    watch = SloWatch(slos, plan.scheduled_in_window() or 0) if stop_early and slos and plan.open_loop else None
-    queue: list[tuple[float, int, _Pending]] = []
-    order = 0
+class VirtualClient:
+    """A perfect client of a simulated replica, in virtual time: it sends the load plan's requests (and the later
+    turns of their conversations) as they fall due, times each token the engine's steps emit, and keeps one
+    RequestRecord per request, as the load test's users do, with no network and no client lag. With `stop_on`,
+    an open loop stops as soon as those SLOs' verdict is certain (SloWatch), as a live step stopped early."""
 
-    def schedule(pending: _Pending) -> None:
+    def __init__(self, setup: EngineSetup, book: RequestBook, load: LoadPlanSpec, stop_on: list[Slo] | None = None):
+        self.setup, self.book, self.load = setup, book, load
+        self.scheduler = setup.scheduler()
+        self.plan = LoadPlan(load, start=0.0)
+        self.watch = (SloWatch(stop_on, self.plan.scheduled_in_window() or 0) if stop_on and self.plan.open_loop
+                      else None)
+        self.records: list[RequestRecord] = []
+        self.clock = 0.0
+        self._queue: list[tuple[float, int, _Pending]] = []  # (reaches the engine at, order sent, turn)
+        self._sent = itertools.count()
+        self._active: dict[int, tuple[RequestRecord, _Pending]] = {}  # by id() of the engine's sequence
+        for _ in range(self.plan.pool_size if not self.plan.open_loop else self.plan.scheduled_total):
+            self._take_slot(0.0)
+
+    def run(self) -> bool:
+        """Step the engine until the load has drained (or the watch decided); True when the watch stopped it."""
+        stopped_early, judged = False, 0
+        while True:
+            if self.watch and len(self.records) > judged:  # a verdict changes only with a new record: judge once
+                judged = len(self.records)
+                if self.watch.decided():
+                    stopped_early = True
+                    break
+            if self.scheduler.busy:
+                # the engine plans its next step the moment the last one ends, before a request sent in
+                # reply to its tokens can arrive: what is due now waits for the step after
+                self._start_due(lambda arrives: arrives < self.clock)
+            else:
+                if not self._queue:
+                    break
+                self.clock = max(self.clock, self._queue[0][0])  # an idle engine wakes for the next request
+                self._start_due(lambda arrives: arrives <= self.clock)
+                continue
+            if self.clock > self.plan.end + DRAIN_S:
+                break
+            self._step()
+        for record, _pending in self._active.values():  # still running when the replay stopped
+            record.error = CANCELLED
+            self.records.append(record)
+        return stopped_early
+
+    def _schedule(self, pending: _Pending) -> None:
         """Queue a request for the moment it reaches the engine."""
-        nonlocal order
-        heapq.heappush(queue, (pending.due + setup.api_latency_s, order, pending))
-        order += 1
+        heapq.heappush(self._queue, (pending.due + self.setup.api_latency_s, next(self._sent), pending))
 
-    def take_slot(now: float) -> None:
-        slot = plan.next_slot(now)
+    def _take_slot(self, now: float) -> None:
+        slot = self.plan.next_slot(now)
         if slot is not None:
-            schedule(_Pending(slot.due, slot.index, slot.trace_row, 0))
+            self._schedule(_Pending(slot.due, slot.index, slot.trace_row, 0))
 
-    for _ in range(plan.pool_size if not plan.open_loop else plan.scheduled_total):
-        take_slot(0.0)
+    def _start_due(self, due) -> None:
+        while self._queue and due(self._queue[0][0]):
+            self._start(heapq.heappop(self._queue)[2])
 
-    records: list[RequestRecord] = []
-    active: dict[int, tuple[RequestRecord, _Pending]] = {}
-    clock = 0.0
-
-    def start(pending: _Pending) -> None:
-        conversation = book.conversation(load.seed, pending.arrival, pending.trace_row)
-        turn = conversation.turns[pending.turn]
+    def _start(self, pending: _Pending) -> None:
+        turn = self.book.conversation(self.load.seed, pending.arrival, pending.trace_row).turns[pending.turn]
         record = RequestRecord(
-            request_id=len(records) + len(active) + 1, request_class=turn.prepared.request_class,
+            request_id=len(self.records) + len(self._active) + 1, request_class=turn.prepared.request_class,
             api=turn.prepared.api, scheduled_at=pending.due, send_lag_s=0.0, slot_late=False,
-            in_window=plan.in_steady_window(pending.due), prompt_tokens_sent=turn.prepared.prompt_tokens,
+            in_window=self.plan.in_steady_window(pending.due), prompt_tokens_sent=turn.prepared.prompt_tokens,
             max_tokens=turn.prepared.max_tokens, status=200, prompt_tokens_usage=len(turn.prompt_ids),
             arrival_index=pending.arrival, turn=pending.turn, prefix_id=turn.prepared.prefix_id,
             prefix_reused=turn.prepared.prefix_reused)
         request = GenerationRequest(str(record.request_id), turn.prompt_ids, turn.prepared.max_tokens, pending.due)
         try:
-            scheduler.check_fits(request)
+            self.scheduler.check_fits(request)
         except ValueError as error:
             record.status, record.error, record.e2e_s = 400, f"HTTP 400: {error}", REFUSAL_S
-            finish(record, pending, pending.due + REFUSAL_S)
+            self._finish(record, pending, pending.due + REFUSAL_S)
             return
-        sequence = _Sequence(request)
-        scheduler.submit(sequence)
-        active[id(sequence)] = (record, pending)
+        sequence = self.scheduler.submit(request)
+        self._active[id(sequence)] = (record, pending)
 
-    def finish(record: RequestRecord, pending: _Pending, ended: float) -> None:
-        records.append(record)
-        if watch:
-            watch.write(record)
-        conversation = book.conversation(load.seed, pending.arrival, pending.trace_row)
-        if record.ok and pending.turn + 1 < len(conversation.turns):
-            due = ended + conversation.think_time_s
-            if due < plan.end:
-                schedule(_Pending(due, pending.arrival, pending.trace_row, pending.turn + 1))
-                return
-        if not plan.open_loop:
-            take_slot(ended)  # a closed-loop user takes its next arrival the moment it is done
-
-    stopped_early, judged = False, 0
-    while True:
-        if watch and len(records) > judged:  # a verdict changes only with a new record: judge each once
-            judged = len(records)
-            if watch.decided():
-                stopped_early = True
-                break
-        if scheduler.busy:
-            # the engine plans its next step the moment the last one ends, before a request sent in
-            # reply to its tokens can arrive: what is due now waits for the step after
-            while queue and queue[0][0] < clock:
-                start(heapq.heappop(queue)[2])
-        else:
-            if not queue:
-                break
-            clock = max(clock, queue[0][0])  # an idle engine wakes for the next request
-            while queue and queue[0][0] <= clock:
-                start(heapq.heappop(queue)[2])
-            continue
-        if clock > plan.end + DRAIN_S:
-            break
-        work = scheduler.plan_step()
-        clock += scheduler.step_time(work)
-        for sequence, _token in scheduler.finish_step(work):
-            record, pending = active[id(sequence)]
-            offset = clock - pending.due
+    def _step(self) -> None:
+        """One engine step on the virtual clock, each token it emits timed as its request's next chunk."""
+        work = self.scheduler.plan_step()
+        self.clock += self.scheduler.step_time(work)
+        for sequence, _token in self.scheduler.finish_step(work):
+            record, pending = self._active[id(sequence)]
+            offset = self.clock - pending.due
             if record.ttft_s is None:
                 record.ttft_s = offset
             record.chunk_offsets_s.append(offset)
             record.chunk_tokens.append(1)
             if sequence.done:
-                del active[id(sequence)]
+                del self._active[id(sequence)]
                 record.e2e_s = offset
                 record.output_tokens_usage = record.output_tokens_tokenizer = sequence.generated
-                finish(record, pending, clock)
-    for record, _pending in active.values():  # still running when the replay stopped
-        record.error = "aborted: load test stopped before the response ended"
-        records.append(record)
+                self._finish(record, pending, self.clock)
 
-    duration = load.duration_s
-    if stopped_early:  # as a real step stopped early: the window ends when the load stopped
-        duration = max(min(duration, clock + load.cooldown_s), load.warmup_s + load.cooldown_s + 1e-3)
-    facts = RunFacts(duration_s=duration, warmup_s=load.warmup_s, cooldown_s=load.cooldown_s, plan_start_unix=0.0,
-                     target_rate=plan.target_rate, client_cpu_fraction=0.0,
-                     scheduled_in_window=None if stopped_early else plan.scheduled_in_window())
-    summary = summarize(records, facts)
-    if slos:
-        summary.slo = judge(records, slos, summary.window.seconds)
-    return Replay(summary, stopped_early)
+    def _finish(self, record: RequestRecord, pending: _Pending, ended: float) -> None:
+        self.records.append(record)
+        if self.watch:
+            self.watch.write(record)
+        conversation = self.book.conversation(self.load.seed, pending.arrival, pending.trace_row)
+        if record.ok and pending.turn + 1 < len(conversation.turns):
+            due = ended + conversation.think_time_s
+            if due < self.plan.end:
+                self._schedule(_Pending(due, pending.arrival, pending.trace_row, pending.turn + 1))
+                return
+        if not self.plan.open_loop:
+            self._take_slot(ended)  # a closed-loop user takes its next arrival the moment it is done
+
+
+def replay(setup: EngineSetup, book: RequestBook, load: LoadPlanSpec, slos: list[Slo] | None = None,
+           stop_early: bool = False) -> Replay:
+    """Run `load` against the simulated replica; with `stop_early`, stop once an SLO can no longer be met."""
+    client = VirtualClient(setup, book, load, slos if stop_early else None)
+    stopped_early, plan = client.run(), client.plan
+    facts = RunFacts(duration_s=load.duration_s, warmup_s=load.warmup_s, cooldown_s=load.cooldown_s,
+                     plan_start_unix=0.0, target_rate=plan.target_rate, client_cpu_fraction=0.0,
+                     scheduled_in_window=None if stopped_early else plan.scheduled_in_window(),
+                     stopped_after_s=client.clock if stopped_early else None)  # as a real step stopped early
+    return Replay(summarize(client.records, facts, slos), stopped_early)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from tokenrig.exit_status import FAILED, INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokenrig.loadgen.records import RecordWriteError
+    from tokenrig.metrics.records import RecordWriteError
 
     args = build_parser().parse_args(argv)
     args.given = given_options(argv)

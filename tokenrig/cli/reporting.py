@@ -15,11 +15,11 @@ def cmd_capacity(args) -> int:
     from tokenrig.capacity.inputs import read_results
     from tokenrig.capacity.planner import CapacityPlanner, CapacityQuestion
     from tokenrig.capacity.table import render, write_csv
+    from tokenrig.jsonfile import write_json
     from tokenrig.loadgen.load_profiles import FindMax
     from tokenrig.loadgen.scenario import load_scenario
+    from tokenrig.metrics.slo import SloError, parse_slos
     from tokenrig.profiles import resolve_gpu, resolve_model
-    from tokenrig.report.rundir import write_json
-    from tokenrig.report.slo import SloError, parse_slos
     from tokenrig.serve.fit import normalise_quant
 
     if not args.inputs and not args.backend:

@@ -130,7 +130,7 @@ def loadtest_plan(args):
     from tokenrig.loadgen.overrides import LoadOverrides, plan_run
     from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES, load_scenario
     from tokenrig.loadtest_plan import LoadTestPlan, WorkerOptions
-    from tokenrig.report.slo import SloError, parse_slos
+    from tokenrig.metrics.slo import SloError, parse_slos
     from tokenrig.serve.remote import DECLARABLE, RemoteOptions, tokenizer_dir
 
     if args.ca_cert:

@@ -1,1 +1,1 @@
-"""Load generation: scenarios, request sampling, arrival plans, Locust users, per-request records."""
+"""Load generation: scenarios, request sampling, arrival plans, Locust users, the load walks over steps."""

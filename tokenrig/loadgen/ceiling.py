@@ -14,28 +14,16 @@ import json
 import math
 import os
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 
 from tokenrig.loadgen.plan import RateCurve, trace_schedule
 from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES, Scenario
+from tokenrig.metrics.health import SHIPPED, Ceiling
 
-# 64 streams at 10 ms a token, measured on a shared 2-vCPU VM: TTFT p50 within 1 ms of the truth in every
-# run, ITL p99 within 2.5 ms in 2 of 5 (+1.8 to +3.0 ms); at 128 streams and above the ITL goal held once
-CHUNKS_PER_S_PER_CORE = 6_000
 CEILING_FILE_ENV = "TOKENRIG_LOADGEN_CEILING"  # where the machine's measured ceiling is kept, if not the default
 # A closed loop's chunk rate depends on the server's decode speed, unknown before the run: one token
 # every 10 ms per stream (7-13B models on one GPU at moderate batch) unless the sim server says otherwise.
 ASSUMED_TPOT_S = 0.010
-
-
-@dataclass(frozen=True)
-class Ceiling:
-    chunks_per_s: int  # per load-generator process (one core)
-    source: str  # where the figure comes from, for every message that cites it
-
-
-SHIPPED = Ceiling(CHUNKS_PER_S_PER_CORE, "docs/results/loadgen-capacity.md")
 
 
 def ceiling_file() -> Path:

@@ -35,10 +35,10 @@ from tokenizers import Tokenizer
 
 from tokenrig.loadgen.driver import LoadOutcome, cpu_seconds, drive, freeze_heap
 from tokenrig.loadgen.plan import LoadPlan
-from tokenrig.loadgen.records import RequestRecord, Sink
 from tokenrig.loadgen.scenario import Scenario
 from tokenrig.loadgen.users import USER_CLASSES, LoadContext, LoadEnvironment
 from tokenrig.loadgen.workload import Workload
+from tokenrig.metrics.records import RequestRecord, Sink
 
 CONFIG, READY, RECORDS, DONE = "tokenrig_config", "tokenrig_ready", "tokenrig_records", "tokenrig_done"
 SHIP_EVERY_S = 0.25

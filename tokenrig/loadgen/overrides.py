@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from tokenrig.errors import UsageError
 from tokenrig.loadgen.load_profiles import QUICK_MIN_STEP_S, QUICK_TAIL_SAMPLES, FindMax, LoadProfile, SingleRun, Sweep
 from tokenrig.loadgen.scenario import Scenario, with_run_seed
-from tokenrig.report.slo import Slo
+from tokenrig.metrics.slo import Slo
 
 SWEEP_USERS = "sweep"  # --users sweep: the --sweep values are user counts, not rates
 

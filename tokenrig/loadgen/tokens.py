@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer
 
-from tokenrig.loadgen.records import RequestRecord
+from tokenrig.metrics.records import RequestRecord
 
 CHUNK_COUNT_CACHE_SIZE = 1 << 16  # distinct chunk texts whose token counts a run keeps
 

@@ -20,9 +20,9 @@ from tokenizers import Tokenizer
 
 from tokenrig.loadgen.clients import StreamResult, openai
 from tokenrig.loadgen.plan import LoadPlan
-from tokenrig.loadgen.records import CANCELLED, GAVE_UP, RequestRecord, Sink
 from tokenrig.loadgen.tokens import TokenCounter
 from tokenrig.loadgen.workload import PreparedRequest, Workload
+from tokenrig.metrics.records import CANCELLED, GAVE_UP, RequestRecord, Sink
 
 SLOT_LATE_TOLERANCE_S = 0.001
 

@@ -20,6 +20,7 @@ from grafana_foundation_sdk.builders import prometheus, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
 
+from tokenrig.metrics.registry import by_row
 from tokenrig.paths import GRAFANA
 from tokenrig.serve.backends import preferred_metric_names
 
@@ -68,10 +69,8 @@ def loadtest_dashboard() -> db.Dashboard:
          .refresh("5s").time("now-30m", "now"))
     d = _variables(d, "tokenrig_requests_total")
     d = d.with_row(db.Row("Latency (client side, from the scheduled send time)"))
-    d = d.with_panel(_panel("TTFT", "s", *_quantiles("tokenrig_request_ttft_seconds", s)))
-    d = d.with_panel(_panel("Inter-token latency", "s", *_quantiles("tokenrig_request_itl_seconds", s)))
-    d = d.with_panel(_panel("TPOT", "s", *_quantiles("tokenrig_request_tpot_seconds", s)))
-    d = d.with_panel(_panel("End-to-end latency", "s", *_quantiles("tokenrig_request_e2e_seconds", s)))
+    for metric in by_row():
+        d = d.with_panel(_panel(metric.title, metric.unit, *_quantiles(metric.prometheus_name, s)))
     d = d.with_row(db.Row("Throughput and load"))
     d = d.with_panel(_panel("Output tokens/s", "short",
                             (f"sum by (run_id) (rate(tokenrig_output_tokens_total{{{s}}}[$__rate_interval]))",

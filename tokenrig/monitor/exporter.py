@@ -19,7 +19,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from tokenrig.errors import UserError
-from tokenrig.loadgen.records import RequestRecord
+from tokenrig.metrics.records import RequestRecord
+from tokenrig.metrics.registry import by_row
 from tokenrig.monitor.discovery import TargetFile
 
 
@@ -88,11 +89,11 @@ class LoadgenMetrics:
             family = Histogram(name, doc, names, buckets=LATENCY_BUCKETS, registry=self.registry)
             return family.labels(*self.label_values)
 
-        self.ttft = histogram("tokenrig_request_ttft_seconds", "Time to first token, from the scheduled send time")
-        self.itl = BulkHistogram("tokenrig_request_itl_seconds", "Inter-token latency, one observation per token",
-                                 names, self.label_values, self.registry, LATENCY_BUCKETS)
-        self.tpot = histogram("tokenrig_request_tpot_seconds", "Time per output token after the first, per request")
-        self.e2e = histogram("tokenrig_request_e2e_seconds", "End-to-end latency, from the scheduled send time")
+        # one histogram per registered metric: a per-token one takes a request's values in one call
+        self.latency = {metric: (BulkHistogram(metric.prometheus_name, metric.description, names, self.label_values,
+                                               self.registry, LATENCY_BUCKETS) if metric.per_token
+                                 else histogram(metric.prometheus_name, metric.description))
+                        for metric in by_row()}
         self.lag = histogram("tokenrig_schedule_lag_seconds", "Actual minus scheduled send time")
         self.requests = Counter("tokenrig_requests", "Finished requests by outcome", names + ["outcome"],
                                 registry=self.registry)
@@ -138,12 +139,12 @@ class PrometheusSink:
         m.requests.labels(*m.label_values, outcome).inc()
         if not record.ok:
             return
-        m.ttft.observe(record.ttft_s)
-        m.e2e.observe(record.e2e_s)
-        per_token = record.tpot()
-        if per_token is not None:
-            m.tpot.observe(per_token)
-        m.itl.observe_many(record.itl_gaps())
+        for metric, histogram in m.latency.items():
+            if isinstance(histogram, BulkHistogram):
+                histogram.observe_many(metric.samples(record))
+            else:
+                for value in metric.samples(record):
+                    histogram.observe(value)
         m.output_tokens.inc(record.output_tokens)
         m.input_tokens.inc(record.prompt_tokens_usage or record.prompt_tokens_sent)
 

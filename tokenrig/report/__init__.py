@@ -1,1 +1,1 @@
-"""Reports: summaries with exact percentiles, the console table, run directories."""
+"""Reports: the console table, run directories, comparisons, charts, the HTML report and CSV exports."""

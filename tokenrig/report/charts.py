@@ -15,11 +15,11 @@ from plotly.subplots import make_subplots
 
 from tokenrig.breakdown.operators import LABELS as OPERATOR_LABELS
 from tokenrig.breakdown.table import OperatorBreakdown
-from tokenrig.report.slo import Slo
+from tokenrig.metrics.registry import METRICS, stepped_metrics
+from tokenrig.metrics.slo import Slo
 from tokenrig.report.timeline import Timeline
 
 CDF_POINTS = 2000
-METRICS = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E"))
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 VERDICT_COLOURS = {"meets SLOs": "#2ca02c", "misses SLOs": "#d62728", "saturated": "#ff7f0e", "step": "#1f77b4"}
 
@@ -39,15 +39,19 @@ def cdf_points(values) -> tuple[list[float], list[float]]:
 
 
 def latency_cdfs(series: dict[str, dict[str, list[float]]], slos: list[Slo], title: str) -> go.Figure | None:
-    """TTFT, TPOT, ITL and E2E distributions (ms), one curve per label, SLO thresholds as dashed lines."""
+    """Each registered metric's distribution (ms: TTFT, TPOT, ITL, E2E), one curve per label, two plots a row,
+    SLO thresholds as dashed lines."""
     if not any(values for per_metric in series.values() for values in per_metric.values()):
         return None
-    figure = make_subplots(rows=2, cols=2, subplot_titles=[f"{name} (ms)" for _, name in METRICS],
-                           horizontal_spacing=0.08, vertical_spacing=0.14)
+    metrics = list(METRICS.values())
+    rows = -(-len(metrics) // 2)
+    figure = make_subplots(rows=rows, cols=2, subplot_titles=[f"{metric.label} (ms)" for metric in metrics],
+                           horizontal_spacing=0.08, vertical_spacing=0.28 / rows)
     for index, (label, per_metric) in enumerate(series.items()):
         colour = PALETTE[index % len(PALETTE)]
-        for position, (metric, name) in enumerate(METRICS):
-            values = per_metric.get(metric) or []
+        for position, metric in enumerate(metrics):
+            name = metric.label
+            values = per_metric.get(metric.name) or []
             if not values:
                 continue
             x, y = cdf_points(np.asarray(values) * 1000)
@@ -56,14 +60,14 @@ def latency_cdfs(series: dict[str, dict[str, list[float]]], slos: list[Slo], tit
                                         showlegend=position == 0, line={"color": colour}, hovertemplate=hover),
                              row=position // 2 + 1, col=position % 2 + 1)
     for slo in slos:
-        position = [metric for metric, _ in METRICS].index(slo.metric)
+        position = list(METRICS).index(slo.metric)
         figure.add_vline(x=slo.threshold_s * 1000, line_dash="dash", line_color="#555",
                          # at the foot of the line: at its top the label sat on the subplot's title
                          annotation_text=f"{slo.name} ≤ {slo.threshold_s * 1000:g} ms",
                          annotation_position="bottom right",
                          row=position // 2 + 1, col=position % 2 + 1)
     figure.update_yaxes(range=[0, 1.02], tickformat=".0%")
-    return _layout(figure, title, 620)
+    return _layout(figure, title, 310 * rows)
 
 
 def schedule_lag(lags_s: list[float], threshold_s: float, title: str) -> go.Figure | None:
@@ -129,30 +133,33 @@ def search_curves(rows: list[dict], slos: list[Slo], users: bool, title: str) ->
     if not rows:
         return None
     load_name = "users" if users else "offered req/s"
-    figure = make_subplots(rows=1, cols=3, horizontal_spacing=0.07, subplot_titles=(
-        "TTFT (ms) vs completed req/s", "TPOT (ms) vs completed req/s", f"completed and goodput req/s vs {load_name}"))
+    stepped = stepped_metrics()
+    throughput_col = len(stepped) + 1
+    figure = make_subplots(rows=1, cols=throughput_col, horizontal_spacing=0.07, subplot_titles=(
+        *(f"{metric.label} (ms) vs completed req/s" for metric in stepped),
+        f"completed and goodput req/s vs {load_name}"))
     # a curve joins the steps by load, not in the order a search visited them (up, then bisecting back)
     order = sorted(range(len(rows)), key=lambda i: rows[i]["load"])
     done = [rows[i]["completed_rps"] for i in order]
-    for metric, col in (("ttft", 1), ("tpot", 2)):
+    for col, metric in enumerate(stepped, start=1):
         for quantile, dash in (("p50", "dot"), ("p99", "solid")):
-            values = [(rows[i][f"{metric}_{quantile}_s"] or np.nan) * 1000 for i in order]
-            figure.add_trace(go.Scatter(x=done, y=values, mode="lines+markers", name=f"{metric.upper()} {quantile}",
+            values = [(rows[i][f"{metric.name}_{quantile}_s"] or np.nan) * 1000 for i in order]
+            figure.add_trace(go.Scatter(x=done, y=values, mode="lines+markers", name=f"{metric.label} {quantile}",
                                         line={"dash": dash}, text=[f"step {i + 1}" for i in order]),
                              row=1, col=col)
         for slo in slos:
-            if slo.metric == metric:
+            if slo.metric == metric.name:
                 figure.add_hline(y=slo.threshold_s * 1000, line_dash="dash", line_color="#d62728",
                                  annotation_text=f"{slo.name} ≤ {slo.threshold_s * 1000:g} ms", row=1, col=col)
     loads = [rows[i]["load"] for i in order]
     figure.add_trace(go.Scatter(x=loads, y=[rows[i]["completed_rps"] for i in order], mode="lines+markers",
-                                name="completed req/s"), row=1, col=3)
+                                name="completed req/s"), row=1, col=throughput_col)
     if any(row["goodput_rps"] is not None for row in rows):
         figure.add_trace(go.Scatter(x=loads, y=[rows[i]["goodput_rps"] or 0.0 for i in order], mode="lines+markers",
-                                    name="goodput req/s (meeting every SLO)"), row=1, col=3)
-    figure.update_xaxes(title="completed req/s", row=1, col=1)
-    figure.update_xaxes(title="completed req/s", row=1, col=2)
-    figure.update_xaxes(title=load_name, row=1, col=3)
+                                    name="goodput req/s (meeting every SLO)"), row=1, col=throughput_col)
+    for col in range(1, throughput_col):
+        figure.update_xaxes(title="completed req/s", row=1, col=col)
+    figure.update_xaxes(title=load_name, row=1, col=throughput_col)
     return _layout(figure, title, 420)
 
 
@@ -200,17 +207,19 @@ def search_walk(document: dict, slos: list[Slo], users: bool, title: str) -> go.
 
 
 def sweep_overlay(curves: dict[str, list[dict]], title: str) -> go.Figure | None:
-    """Several runs' sweeps or searches on one plot: output tok/s against TTFT p99 and TPOT p99."""
+    """Several runs' sweeps or searches on one plot: output tok/s against each stepped metric's p99 (TTFT, TPOT)."""
     if not curves:
         return None
-    figure = make_subplots(rows=1, cols=2,
-                           subplot_titles=("TTFT p99 (ms) vs output tok/s", "TPOT p99 (ms) vs output tok/s"))
+    stepped = stepped_metrics()
+    figure = make_subplots(rows=1, cols=len(stepped),
+                           subplot_titles=[f"{metric.label} p99 (ms) vs output tok/s" for metric in stepped])
     for index, (label, rows) in enumerate(curves.items()):
         rows = sorted(rows, key=lambda r: r["output_tokens_per_s"])
         colour = PALETTE[index % len(PALETTE)]
-        for col, metric in ((1, "ttft_p99_s"), (2, "tpot_p99_s")):
+        for col, metric in enumerate(stepped, start=1):
             figure.add_trace(go.Scatter(x=[r["output_tokens_per_s"] for r in rows],
-                                        y=[(r[metric] or np.nan) * 1000 for r in rows], mode="lines+markers",
+                                        y=[(r[f"{metric.name}_p99_s"] or np.nan) * 1000 for r in rows],
+                                        mode="lines+markers",
                                         name=label, legendgroup=label, showlegend=col == 1, line={"color": colour}),
                              row=1, col=col)
     figure.update_xaxes(title="output tok/s")

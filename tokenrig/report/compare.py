@@ -15,8 +15,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from tokenrig.errors import UserError
+from tokenrig.metrics.registry import compared_metrics
+from tokenrig.metrics.run_summary import Distribution, RunSummary, SummaryVersionError
 from tokenrig.report.console import failed_line
-from tokenrig.report.run_summary import Distribution, RunSummary, SummaryVersionError
 
 
 class CompareError(UserError, ValueError):
@@ -103,8 +104,8 @@ def run_row(run_dir: Path) -> dict:
         "load": summary.plan,
         "window_s": summary.window.seconds,
         "ok": summary.requests.ok, "failed": summary.requests.failed,
-        **{f"{metric}_{key}_ms": _ms(latency.get(metric), key)
-           for metric in ("ttft", "tpot", "itl") for key in ("p50", "p99")},
+        **{f"{metric.name}_{key}_ms": _ms(latency.get(metric.name), key)
+           for metric in compared_metrics() for key in ("p50", "p99")},
         "output_tokens_per_s": summary.throughput.output_tokens_per_s,
         "requests_per_s": summary.throughput.requests_per_s,
         "server_running_mean": running.get("mean"), "server_running_max": running.get("max"),
@@ -150,16 +151,17 @@ def markdown(rows: list[dict]) -> str:
     def pair(row, metric):
         return f"{number(row[f'{metric}_p50_ms'])} / {number(row[f'{metric}_p99_ms'])}"
 
-    lines = ["| config | load | window s | ok | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms "
-             "| output tok/s | req/s | server running mean / max |",
-             "|---|---|---:|---:|---|---|---|---:|---:|---|"]
+    compared = compared_metrics()
+    lines = ["| config | load | window s | ok | " + "".join(f"{metric.label} p50 / p99 ms | " for metric in compared)
+             + "output tok/s | req/s | server running mean / max |",
+             "|---|---|---:|---:|" + "---|" * len(compared) + "---:|---:|---|"]
     for row in rows:
         running = (f"{number(row['server_running_mean'])} / {number(row['server_running_max'], '.0f')}"
                    if row["server_running_mean"] is not None else "–")
         ok = f"{row['ok']}" + (f" (+{row['failed']} failed)" if row["failed"] else "")
         lines.append(f"| {row['config']} | {row['load']} | {number(row['window_s'], '.0f')} | {ok} "
-                     f"| {pair(row, 'ttft')} | {pair(row, 'tpot')} | {pair(row, 'itl')} "
-                     f"| {number(row['output_tokens_per_s'])} | {number(row['requests_per_s'], '.2f')} | {running} |")
+                     + "".join(f"| {pair(row, metric.name)} " for metric in compared)
+                     + f"| {number(row['output_tokens_per_s'])} | {number(row['requests_per_s'], '.2f')} | {running} |")
     marked = [row for row in rows if row["notes"]]
     if marked:
         lines += [""] + [f"- {row['run_id']} ({row['config']}, {row['load']}): {'; '.join(row['notes'])}"

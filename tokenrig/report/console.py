@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tokenrig.report.run_summary import THROUGHPUT_MODE_NOTE, Distribution, Requests, RunSummary, Tokens
+from tokenrig.metrics.registry import by_row
+from tokenrig.metrics.run_summary import THROUGHPUT_MODE_NOTE, Distribution, Requests, RunSummary, Tokens
+from tokenrig.metrics.verdict import step_columns
 
 
 def _ms(stats: Distribution | None, key: str) -> str:
@@ -41,13 +43,13 @@ def render(summary: RunSummary, title: str) -> str:
         lines += [THROUGHPUT_MODE_NOTE, ""]
     lines.append(f"{'metric (ms)':<12}{'p50':>9}{'p90':>9}{'p99':>9}{'mean':>9}{'max':>9}  n")
     uncertain = []  # metrics whose p99 has too few samples for a 95 % interval
-    for name in ("ttft", "itl", "tpot", "e2e"):
-        stats = latency.get(name)
+    for metric in by_row():
+        stats = latency.get(metric.name)
         cells = "".join(_ms(stats, key) for key in ("p50", "p90", "p99", "mean", "max"))
         if stats and stats.p99_uncertain:
-            uncertain.append(f"{name.upper()} ({stats.count})")
+            uncertain.append(f"{metric.label} ({stats.count})")
             cells = cells[:18] + f"{stats.p99 * 1000:8.1f}*" + cells[27:]
-        lines.append(f"{name.upper():<12}{cells}  {stats.count if stats else 0}")
+        lines.append(f"{metric.label:<12}{cells}  {stats.count if stats else 0}")
     if uncertain:
         lines.append(f"* p99 from too few samples for a 95 % confidence interval (about 380 needed): "
                      f"{', '.join(uncertain)}; indicative only, measure longer")
@@ -101,7 +103,7 @@ LATE_BUT_JUDGED = "load generator late, missed beyond its lag"
 
 def loadgen_note(row: dict) -> str:
     """What a search step's row says of its load generator: nothing when valid; that the step's failure stands
-    when its one fault was late sends that cannot explain it (search.StepResult.judged); else INVALID."""
+    when its one fault was late sends that cannot explain it (verdict.StepResult.judged); else INVALID."""
     if row["loadgen_valid"]:
         return ""
     if row.get("judged"):
@@ -109,13 +111,12 @@ def loadgen_note(row: dict) -> str:
     return " (sends late: run again)" if row.get("late_sends_only") else " LOADGEN INVALID"
 
 
-STEP_PERCENTILES = ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")  # every step table's latency columns
 
 
 def extra_slo_columns(slos) -> list:
     """The SLOs judged at a percentile the step table does not show (ttft_p90, e2e_p99, ...): each gets its
     own column, so the figure an SLO was judged on stands next to the verdict."""
-    return [slo for slo in slos or [] if slo.name not in STEP_PERCENTILES]
+    return [slo for slo in slos or [] if slo.name not in {f"{metric.name}_{key}" for metric, key in step_columns()}]
 
 
 def slo_value(row: dict, slo) -> float | None:
@@ -128,11 +129,11 @@ def render_steps(document: dict, title: str, slos) -> str:
     def ms(value):
         return f"{value * 1000:9.1f}" if value is not None else f"{'-':>9}"
 
-    extra = extra_slo_columns(slos)
+    extra, columns = extra_slo_columns(slos), step_columns()
     lines = [f"{title} | {document['mode']}", "",
-             f"{'load':>9}{'sent/s':>9}{'done/s':>9}{'tok/s':>9}{'TTFT p50':>9}{'TTFT p99':>9}"
-             f"{'TPOT p50':>9}{'TPOT p99':>9}"
-             + "".join(f"{slo.metric.upper() + f' p{slo.percentile:g}':>10}" for slo in extra)
+             f"{'load':>9}{'sent/s':>9}{'done/s':>9}{'tok/s':>9}"
+             + "".join(f"{f'{metric.label} {key}':>9}" for metric, key in columns)
+             + "".join(f"{slo.spec.label + f' p{slo.percentile:g}':>10}" for slo in extra)
              + f"{'goodput':>9}  verdict"]
     for row in document["steps"]:
         if slos:
@@ -150,8 +151,8 @@ def render_steps(document: dict, title: str, slos) -> str:
         verdict += loadgen_note(row)
         goodput = f"{row['goodput_rps']:9.2f}" if row["goodput_rps"] is not None else f"{'-':>9}"
         lines.append(f"{row['load']:9.3g}{row['achieved_rps']:9.2f}{row['completed_rps']:9.2f}"
-                     f"{row['output_tokens_per_s']:9.0f}{ms(row['ttft_p50_s'])}{ms(row['ttft_p99_s'])}"
-                     f"{ms(row['tpot_p50_s'])}{ms(row['tpot_p99_s'])}"
+                     f"{row['output_tokens_per_s']:9.0f}"
+                     + "".join(ms(row[f"{metric.name}_{key}_s"]) for metric, key in columns)
                      + "".join(f" {ms(slo_value(row, slo))}" for slo in extra) + f"{goodput}  {verdict.strip()}")
     if document["mode"] == "find-max":
         best = document.get("max_rate_meeting_slos")

@@ -12,6 +12,7 @@ import csv
 import json
 from pathlib import Path
 
+from tokenrig.metrics.registry import METRICS
 from tokenrig.report.runs import Runs
 
 REQUEST_SKIPPED = ("chunk_offsets_s", "chunk_tokens")
@@ -42,7 +43,9 @@ def write_csv(runs: Runs, directory: Path, progress=print) -> tuple[Path, Path]:
                 for record in step.records or []:
                     row = {"run_id": run.run_id, "step": step.label,
                            **{k: v for k, v in vars(record).items() if k not in REQUEST_SKIPPED},
-                           "ok": record.ok, "output_tokens": record.output_tokens, "tpot_s": record.tpot(),
+                           "ok": record.ok, "output_tokens": record.output_tokens,
+                           **{metric.csv_column: metric.request_value(record, percentile=50)
+                              for metric in METRICS.values() if metric.csv_column},
                            "chunks": len(record.chunk_offsets_s)}
                     if writer is None:
                         writer = csv.DictWriter(handle, list(row))

@@ -17,13 +17,15 @@ import shlex
 import time
 from pathlib import Path
 
+from tokenrig.metrics.health import MAX_HEALTHY_LAG_S
+from tokenrig.metrics.registry import METRICS, compared_metrics
+from tokenrig.metrics.run_summary import RunSummary
+from tokenrig.metrics.slo import recorded_slos
+from tokenrig.metrics.verdict import step_columns
 from tokenrig.report import charts, timeline
 from tokenrig.report.compare import run_row, server_label
 from tokenrig.report.console import extra_slo_columns, loadgen_note, slo_value
-from tokenrig.report.run_summary import RunSummary
 from tokenrig.report.runs import LoadRun, LoadStep, NoRunsError, Runs, TrainRun, find_runs
-from tokenrig.report.slo import recorded_slos
-from tokenrig.report.summary import MAX_HEALTHY_LAG_S
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1280px;
@@ -98,18 +100,15 @@ def _number(value, fmt: str = ".2f") -> str:
 def latency_values(records) -> dict[str, list[float]]:
     """Per-request TTFT, TPOT, E2E and per-token ITL of the measured successful requests (docs/metrics.md)."""
     ok = [r for r in records if r.in_window and r.ok]
-    return {"ttft": [r.ttft_s for r in ok if r.ttft_s is not None],
-            "tpot": [t for t in (r.tpot() for r in ok) if t is not None],
-            "itl": [g for r in ok for g in r.itl_gaps()],
-            "e2e": [r.e2e_s for r in ok if r.e2e_s is not None]}
+    return {metric.name: metric.values(ok) for metric in METRICS.values()}
 
 
 def _summary_tables(page: Page, summary: RunSummary) -> None:
     latency = summary.latency_s
     page.table(["metric (ms)", "p50", "p90", "p99", "p99.9", "mean", "max", "n"],
-               [[name.upper()] + [_ms(getattr(latency.get(name), k, None))
+               [[metric.label] + [_ms(getattr(latency.get(metric.name), k, None))
                                   for k in ("p50", "p90", "p99", "p99_9", "mean", "max")]
-                + [getattr(latency.get(name), "count", 0)] for name in ("ttft", "tpot", "itl", "e2e")])
+                + [getattr(latency.get(metric.name), "count", 0)] for metric in METRICS.values()])
     throughput, requests, window = summary.throughput, summary.requests, summary.window
     errors = ", ".join(f"{k} x{v}" for k, v in requests.errors_by_type.items()) or "none"
     page.table(["output tok/s", "req/s", "input tok/s", "ok", "failed", "warm-up/cool-down", "window s", "errors"],
@@ -189,11 +188,12 @@ def _load_run(page: Page, run: LoadRun, anchor: str) -> None:
         if search.get("stop_reason"):
             page.text(f"search: {search['stop_reason']}")
         extra = extra_slo_columns(slos)
-        page.table(["step", "load", "sent/s", "done/s", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99"]
+        columns = step_columns()
+        page.table(["step", "load", "sent/s", "done/s", "tok/s"] + [f"{metric.label} {key}" for metric, key in columns]
                    + [slo.name for slo in extra] + ["goodput", "verdict"],
                    [[i + 1, f"{row['load']:.4g}", _number(row["achieved_rps"]), _number(row["completed_rps"]),
-                     _number(row["output_tokens_per_s"], ".0f"), _ms(row["ttft_p50_s"]), _ms(row["ttft_p99_s"]),
-                     _ms(row["tpot_p50_s"]), _ms(row["tpot_p99_s"])]
+                     _number(row["output_tokens_per_s"], ".0f")]
+                    + [_ms(row[f"{metric.name}_{key}_s"]) for metric, key in columns]
                     + [_ms(slo_value(row, slo)) for slo in extra] + [_number(row["goodput_rps"]),
                      ("meets SLOs" if row["slo_met"] else "misses SLOs" if slos else "")
                      + (" saturated" if row["saturated"] else "") + (" stopped early" if row["stopped_early"] else "")
@@ -243,14 +243,13 @@ def _comparison(page: Page, runs: list[LoadRun]) -> None:
         page.text(f"{unshown} more load test{'s' if unshown > 1 else ''} without a summary or steps: see "
                   "their own sections")
     if plain:
-        rows = [run_row(run.path) for run in plain]
-        page.table(["run", "config", "load", "window s", "ok", "failed", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms",
-                    "ITL p50 / p99 ms", "output tok/s", "req/s", "notes"],
-                   [[r["run_id"], r["config"], r["load"], _number(r["window_s"], ".0f"), r["ok"], r["failed"],
-                     f"{_number(r['ttft_p50_ms'], '.1f')} / {_number(r['ttft_p99_ms'], '.1f')}",
-                     f"{_number(r['tpot_p50_ms'], '.1f')} / {_number(r['tpot_p99_ms'], '.1f')}",
-                     f"{_number(r['itl_p50_ms'], '.1f')} / {_number(r['itl_p99_ms'], '.1f')}",
-                     _number(r["output_tokens_per_s"], ".1f"), _number(r["requests_per_s"]), "; ".join(r["notes"])]
+        rows, compared = [run_row(run.path) for run in plain], compared_metrics()
+        page.table(["run", "config", "load", "window s", "ok", "failed"]
+                   + [f"{metric.label} p50 / p99 ms" for metric in compared] + ["output tok/s", "req/s", "notes"],
+                   [[r["run_id"], r["config"], r["load"], _number(r["window_s"], ".0f"), r["ok"], r["failed"]]
+                    + [f"{_number(r[f'{metric.name}_p50_ms'], '.1f')} / {_number(r[f'{metric.name}_p99_ms'], '.1f')}"
+                       for metric in compared]
+                    + [_number(r["output_tokens_per_s"], ".1f"), _number(r["requests_per_s"]), "; ".join(r["notes"])]
                     for r in rows], text_columns=3)
     page.figure(charts.latency_cdfs({run.run_id: latency_values(run.steps[0].records) for run in plain
                                      if run.steps[0].records}, [], "latency distributions, overlaid"))

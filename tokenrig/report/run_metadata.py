@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from tokenrig.report.rundir import write_json
+from tokenrig.jsonfile import write_json
 from tokenrig.serve.backends import BACKENDS
 from tokenrig.serve.backends.base import BatchLimits
 

@@ -7,7 +7,6 @@ server command. It is written incrementally so a crash or Ctrl-C keeps what was 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import platform
 import re
 import socket
@@ -64,9 +63,3 @@ def environment_facts() -> dict:
             pass
     return {"versions": versions, "git_sha": _git_sha(), "host": socket.gethostname(),
             "platform": platform.platform(), "cpu_count": __import__("os").cpu_count()}
-
-
-def write_json(path: Path, document: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2, default=str))
-    tmp.replace(path)

@@ -16,9 +16,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from tokenrig.errors import UserError
-from tokenrig.loadgen.records import RequestRecord, read_records
+from tokenrig.metrics.records import RequestRecord, read_records
+from tokenrig.metrics.run_summary import THROUGHPUT_MODE_NOTE, RunSummary, SummaryVersionError
 from tokenrig.report.console import failed_line
-from tokenrig.report.run_summary import THROUGHPUT_MODE_NOTE, RunSummary, SummaryVersionError
 
 
 def _json(path: Path) -> dict | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tokenrig.loadgen.records import RequestRecord
+from tokenrig.metrics.records import RequestRecord
 
 
 @dataclass

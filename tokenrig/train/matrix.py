@@ -15,8 +15,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from tokenrig.jsonfile import write_json
 from tokenrig.paths import TRAINING_MATRICES
-from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
+from tokenrig.report.rundir import environment_facts, new_run_dir
 from tokenrig.train.session import run_training
 from tokenrig.train.spec import TrainSpec, TrainSpecError, make_spec
 from tokenrig.train.summary import training_cost

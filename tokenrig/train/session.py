@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from tokenrig.interrupts import stop_signals_interrupt
+from tokenrig.jsonfile import write_json
 from tokenrig.monitor.discovery import MonitorOptions, TargetFile
 from tokenrig.monitor.exporter import wait_for_final_scrape
-from tokenrig.report.rundir import environment_facts, new_run_dir, write_json
+from tokenrig.report.rundir import environment_facts, new_run_dir
 from tokenrig.train import breakdown
 from tokenrig.train.dsconfig import deepspeed_config
 from tokenrig.train.flops import training_flops

@@ -193,7 +193,7 @@ class BlockPool:
 
 
 @dataclass(slots=True)
-class _Sequence:
+class SimSequence:
     """A request in the engine, as vLLM's Request: its tokens (prompt + generated), how many of them have
     KV computed, the KV blocks it holds and the hashes of its full blocks."""
 
@@ -241,7 +241,7 @@ class PagedKvCache:
     def usage(self) -> float:
         return 1 - self.pool.free_blocks / self.pool.num_blocks
 
-    def cached_prefix(self, sequence: _Sequence) -> list[int]:
+    def cached_prefix(self, sequence: SimSequence) -> list[int]:
         """The cached blocks of the sequence's leading full blocks, up to the first miss. The last token is
         always computed (its logits give the next token), so a hit covers at most num_tokens - 1."""
         blocks = []
@@ -252,7 +252,7 @@ class PagedKvCache:
             blocks.append(block)
         return blocks
 
-    def allocate(self, sequence: _Sequence, new_tokens: int, hit: Sequence[int] = (),
+    def allocate(self, sequence: SimSequence, new_tokens: int, hit: Sequence[int] = (),
                  whole_sequence: bool = False) -> bool:
         """Blocks for `new_tokens` more tokens after those computed (and the cached `hit` of a request being
         admitted), or False, changing nothing, if the free blocks are too few. `whole_sequence`: admit
@@ -280,7 +280,7 @@ class PagedKvCache:
             sequence.hashed_blocks = index + 1
         return True
 
-    def free(self, sequence: _Sequence) -> None:
+    def free(self, sequence: SimSequence) -> None:
         self.pool.release(sequence.blocks[::-1])  # tail first: a prefix outlives its continuations
         sequence.blocks, sequence.hashed_blocks = [], 0
 
@@ -350,8 +350,8 @@ class RooflineScheduler:
         self.kv_capacity_tokens = kv_cache_tokens or planned
         self.kv_cache = PagedKvCache(self.kv_capacity_tokens // BLOCK_TOKENS)
         self._tokens = _TokenSource(model.vocab_size, first_content_id)
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
+        self._waiting: deque[SimSequence] = deque()
+        self._running: list[SimSequence] = []
         self.prefix_cache_queries = 0  # prompt tokens of the requests admitted (resumed ones not counted)
         self.prefix_cache_hits = 0  # of those, tokens found in the prefix cache
         self.preemptions = 0
@@ -376,8 +376,12 @@ class RooflineScheduler:
         if -(-(len(request.prompt_ids) + request.max_tokens - 1) // BLOCK_TOKENS) > self.kv_cache.pool.num_blocks:
             raise ValueError("prompt + max_tokens exceed the whole KV cache")
 
-    def submit(self, sequence: _Sequence) -> None:
+    def submit(self, request: GenerationRequest, out: asyncio.Queue | None = None) -> SimSequence:
+        """Queue a request (check_fits first); the sequence returned is the request in the engine, whose tokens
+        finish_step emits (and, with `out`, the event loop's engine streams)."""
+        sequence = SimSequence(request, out)
         self._waiting.append(sequence)
+        return sequence
 
     def step_time(self, work: StepWork) -> float:
         """Roofline time of one engine iteration."""
@@ -409,7 +413,7 @@ class RooflineScheduler:
                 self.kv_cache.free(sequence)
         self._running = [s for s in self._running if not s.done]
         budget = self.params.max_batch_tokens
-        scheduled: list[tuple[_Sequence, int]] = []
+        scheduled: list[tuple[SimSequence, int]] = []
         preempted = 0
         for sequence in self._running:  # a preemption pops the list's end, which this loop has not reached
             if budget == 0:
@@ -452,14 +456,14 @@ class RooflineScheduler:
             budget -= new_tokens
         return self._work(scheduled, preempted)
 
-    def _preempt(self, sequence: _Sequence) -> None:
+    def _preempt(self, sequence: SimSequence) -> None:
         self.kv_cache.free(sequence)
         sequence.computed = 0
         sequence.preemptions += 1
         self.preemptions += 1
         self._waiting.appendleft(sequence)
 
-    def _work(self, scheduled: list[tuple[_Sequence, int]], preempted: int) -> StepWork:
+    def _work(self, scheduled: list[tuple[SimSequence, int]], preempted: int) -> StepWork:
         work = StepWork(preemptions=preempted)
         decodes = decode_kv_tokens = 0  # locals: this loop runs for every sequence of every step
         for sequence, new_tokens in scheduled:
@@ -482,7 +486,7 @@ class RooflineScheduler:
         work.kv_tokens_written = work.prefill_tokens + decodes
         return work
 
-    def finish_step(self, work: StepWork) -> list[tuple[_Sequence, int]]:
+    def finish_step(self, work: StepWork) -> list[tuple[SimSequence, int]]:
         """The step has ended: one new token for each of its live sequences; the last one marks it done."""
         emitted = []
         next_token = self._tokens.next
@@ -528,8 +532,7 @@ class RooflineEngine(RooflineScheduler):
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[list[int], None]:
         self.check_fits(request)
         out: asyncio.Queue = asyncio.Queue()
-        sequence = _Sequence(request, out)
-        self.submit(sequence)
+        sequence = self.submit(request, out)
         self._wake.set()
         try:
             while True:

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenrig.breakdown.table import OperatorBreakdown
-from tokenrig.report.rundir import write_json
+from tokenrig.jsonfile import write_json
 
 SCHEMA_VERSION = 1
 
@@ -73,13 +73,14 @@ class Window(_Part):
 
 
 class Latency(_Part):
-    ttft: Distribution | None
-    tpot: Distribution | None
-    itl: Distribution | None
-    e2e: Distribution | None
+    """One distribution per registered metric (metrics/registry.py), by its name: ttft, tpot, itl, e2e, ..."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, Distribution | None] = Field(init=False)
 
     def get(self, metric: str) -> Distribution | None:
-        return getattr(self, metric)
+        """The metric's distribution; None without samples, or in a summary written before the metric existed."""
+        return (self.__pydantic_extra__ or {}).get(metric)
 
 
 class Throughput(_Part):
@@ -130,7 +131,7 @@ class SloVerdict(_Part):
     beyond_percentile: int | None = None
     ci95_s: tuple[float, float] | None = None
     beyond_threshold: int | None = None  # samples over the threshold (summaries before it was recorded lack it)
-    design_effect: float | None = None  # samples per independent one in the tail (report/slo.tail_design_effect)
+    design_effect: float | None = None  # samples per independent one in the tail (metrics/slo.tail_design_effect)
     confidence: str
 
 

@@ -1,11 +1,11 @@
 """A search step's verdict: whether the server kept up with a load and met its SLOs at it, and how sure that is.
 
 `StepResult` judges one measured step (SLOs met, saturated, interrupted, load generator valid; met, missed or
-marginal at 95 %, report/slo.threshold_verdict) and is its row in search.json; `step_duration` sizes an SLO
+marginal at 95 %, metrics/slo.threshold_verdict) and is its row in search.json; `step_duration` sizes an SLO
 step so that the percentile it judges has `tail_samples` samples beyond it; `SloWatch` ends a step once its
 verdict is certain: an SLO already lost (its percentile cannot be met whatever the remaining requests
 measure, or its exceedances are too many for chance), or every SLO certainly met even if every request still
-pending missed it. The walks over steps are load_profiles.py.
+pending missed it. The walks over steps are loadgen/load_profiles.py.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Callable
 
 import numpy as np
 
-from tokenrig.loadgen.records import RequestRecord
-from tokenrig.report.run_summary import RunSummary
-from tokenrig.report.slo import Slo, ThresholdVerdict, samples_for, tail_design_effect, threshold_verdict
+from tokenrig.metrics.records import RequestRecord
+from tokenrig.metrics.registry import METRICS, Metric, stepped_metrics
+from tokenrig.metrics.run_summary import RunSummary
+from tokenrig.metrics.slo import Slo, ThresholdVerdict, samples_for, tail_design_effect, threshold_verdict
 
 # A server is saturated when it completes fewer requests than were sent: the queue grows. Over a window,
 # completions trail sends by the growth of the requests in flight; for a server that keeps up the two counts
@@ -26,13 +27,12 @@ from tokenrig.report.slo import Slo, ThresholdVerdict, samples_for, tail_design_
 # so a deficit counts when it is larger than both SATURATION_DEFICIT of the sends and SATURATION_SIGMAS of that.
 SATURATION_DEFICIT = 0.1
 SATURATION_SIGMAS = 3.0
-# SLOs on these metrics count from the request's due time, so a late send adds its lag to them
-LAGGED_METRICS = ("ttft_", "e2e_")
 # A step looked at while it runs is judged at a stricter confidence than at its end, since it is looked at
 # many times, and only once this fraction of its samples is in: a host hiccup makes a run of consecutive
 # slow requests that, early in a step, the binomial rule (which takes samples as independent) reads as certain.
 WATCH_CONFIDENCE = 0.998
 WATCH_MIN_FRACTION = 0.25
+STEP_PERCENTILES = ("p50", "p99")  # a step row's percentiles of each stepped metric (metrics/registry.py)
 
 
 @dataclass
@@ -73,7 +73,7 @@ class StepResult:
         lag = health.schedule_lag_s.max if health.schedule_lag_s else 0.0
         missed_beyond_lag = any(
             verdict.value_s is not None
-            and verdict.value_s - (lag if name.startswith(LAGGED_METRICS) else 0.0) > verdict.threshold_s
+            and verdict.value_s - (lag if _from_due_time(name) else 0.0) > verdict.threshold_s
             for name, verdict in (self.summary.slo.slos if self.summary.slo else {}).items())
         return not self.slo_met and (missed_beyond_lag or self.fell_behind)
 
@@ -124,15 +124,14 @@ class StepResult:
 
     def row(self) -> dict:
         latency, slo = self.summary.latency_s, self.summary.slo
-        ttft, tpot = latency.ttft, latency.tpot
         return {
             "load": self.load,
             "achieved_rps": self.summary.load_generator.achieved_send_rate_rps,
             "completed_rps": self.summary.throughput.requests_per_s,
             "output_tokens_per_s": self.summary.throughput.output_tokens_per_s,
             "goodput_rps": slo.goodput_rps if slo else None,
-            "ttft_p50_s": ttft.p50 if ttft else None, "ttft_p99_s": ttft.p99 if ttft else None,
-            "tpot_p50_s": tpot.p50 if tpot else None, "tpot_p99_s": tpot.p99 if tpot else None,
+            **{f"{metric.name}_{key}_s": getattr(latency.get(metric.name), key, None)
+               for metric, key in step_columns()},
             "slo_met": self.slo_met, "saturated": self.saturated, "stopped_early": self.stopped_early,
             "interrupted": self.interrupted, "probe": self.probe, "late_sends_only": self.late_sends_only,
             "certainty": certainty.verdict if (certainty := self.certainty) else None,
@@ -142,6 +141,17 @@ class StepResult:
                                                        "design_effect", "ci95_s", "confidence"})
                      for name, verdict in (slo.slos if slo else {}).items()},
         }
+
+
+def step_columns() -> list[tuple[Metric, str]]:
+    """Every step table's latency columns, (metric, percentile key): each stepped metric's STEP_PERCENTILES."""
+    return [(metric, key) for metric in stepped_metrics() for key in STEP_PERCENTILES]
+
+
+def _from_due_time(slo_name: str) -> bool:
+    """Whether an SLO's metric counts from the due time, so that a late send adds its lag to it."""
+    metric = METRICS.get(slo_name.rsplit("_p", 1)[0])
+    return metric is not None and metric.from_due_time
 
 
 def _slo_certainty(name: str, verdict) -> ThresholdVerdict:
@@ -167,12 +177,12 @@ class SloWatch:
     statistic is a violation even if every later request is fast (fewer may still leave the percentile under
     the threshold: 39 x 20 ms and 1 x 60 ms have p99 44.4 ms), or, past WATCH_MIN_FRACTION of them, when the
     violations are too many for chance at WATCH_CONFIDENCE (counting the samples as fewer when slow ones come
-    in runs, report/slo.tail_design_effect). Met: with `pending()` (requests due in the window
+    in runs, metrics/slo.tail_design_effect). Met: with `pending()` (requests due in the window
     and not yet recorded), once every SLO is certainly met at WATCH_CONFIDENCE even counting each pending
     request as a violation, so stopping cannot drop the slow requests a queue is still holding."""
 
     def __init__(self, slos: list[Slo], expected_requests: int, pending: Callable[[], int] | None = None):
-        self.slos = [slo for slo in slos if slo.metric != "itl"]  # ITL is judged per token, not per request
+        self.slos = [slo for slo in slos if not slo.spec.per_token]  # ITL is judged per token, not per request
         self.judges_every_slo = len(self.slos) == len(slos)
         self.expected = expected_requests
         self.pending = pending

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import beta, binom
 
-from tokenrig.loadgen.records import RequestRecord
-from tokenrig.report.run_summary import SloJudgement, SloVerdict
-from tokenrig.report.summary import percentile_interval
+from tokenrig.metrics.distribution import percentile_interval
+from tokenrig.metrics.records import RequestRecord
+from tokenrig.metrics.registry import METRICS, Metric
+from tokenrig.metrics.run_summary import SloJudgement, SloVerdict
 
-METRICS = ("ttft", "tpot", "itl", "e2e")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
@@ -33,7 +33,7 @@ class SloError(ValueError):
 
 @dataclass(frozen=True)
 class Slo:
-    metric: str  # ttft | tpot | itl | e2e
+    metric: str  # a registered metric's name (metrics/registry.py)
     percentile: float  # e.g. 99
     threshold_s: float
 
@@ -41,24 +41,22 @@ class Slo:
     def name(self) -> str:
         return f"{self.metric}_p{self.percentile:g}"
 
+    @property
+    def spec(self) -> Metric:
+        return METRICS[self.metric]
+
     def request_value(self, record: RequestRecord) -> float | None:
         """The per-request figure goodput judges: TTFT, TPOT, E2E, or the request's own ITL percentile."""
-        if self.metric == "ttft":
-            return record.ttft_s
-        if self.metric == "e2e":
-            return record.e2e_s
-        if self.metric == "tpot":
-            return record.tpot()
-        gaps = record.itl_gaps()
-        return float(np.percentile(gaps, self.percentile)) if gaps else None
+        return self.spec.request_value(record, self.percentile)
 
 
 def parse_slos(text: str) -> list[Slo]:
     """'ttft_p99=500ms,tpot_p99=50ms' -> [Slo(...), ...]; each threshold above 0 with its unit (us, ms or s),
     each metric and percentile once: `ttft_p99=500` is 500 what? and two ttft_p99 leave the judge to guess."""
-    slos = []
+    slos: list[Slo] = []
+    names = "|".join(map(re.escape, METRICS))
     for part in filter(None, (p.strip() for p in text.split(","))):
-        match = re.fullmatch(r"(ttft|tpot|itl|e2e)_p(\d+(?:\.\d+)?)\s*=\s*(\d+(?:\.\d+)?)\s*(us|ms|s)?", part)
+        match = re.fullmatch(rf"({names})_p(\d+(?:\.\d+)?)\s*=\s*(\d+(?:\.\d+)?)\s*(us|ms|s)?", part)
         if not match:
             raise SloError(f"cannot read SLO {part!r}: write METRIC_pPCT=VALUE(us|ms|s) with METRIC one of "
                            f"{', '.join(METRICS)}, e.g. ttft_p99=500ms,tpot_p99=50ms")
@@ -157,10 +155,7 @@ def judge(records: list[RequestRecord], slos: list[Slo], window_s: float) -> Slo
     measured = [r for r in records if r.in_window]
     verdicts = {}
     for slo in slos:
-        if slo.metric == "itl":
-            values = np.asarray([g for r in ok for g in r.itl_gaps()], dtype=float)
-        else:
-            values = np.asarray([v for v in map(slo.request_value, ok) if v is not None], dtype=float)
+        values = np.asarray(slo.spec.values(ok), dtype=float)
         if values.size == 0:
             verdicts[slo.name] = SloVerdict(threshold_s=slo.threshold_s, value_s=None, met=False, samples=0,
                                             confidence="no samples")
@@ -182,8 +177,8 @@ def judge(records: list[RequestRecord], slos: list[Slo], window_s: float) -> Slo
                                         confidence=confidence)
     good = 0
     for record in ok:
-        values = [slo.request_value(record) for slo in slos]
-        if all(v is not None and v <= slo.threshold_s for v, slo in zip(values, slos)):
+        per_request = [slo.request_value(record) for slo in slos]
+        if all(v is not None and v <= slo.threshold_s for v, slo in zip(per_request, slos)):
             good += 1
     return SloJudgement(slos=verdicts, all_met=all(v.met for v in verdicts.values()),
                         goodput_rps=good / window_s if window_s else 0.0, good_requests=good,
