@@ -165,7 +165,8 @@ def test_capacity_answers_measured_and_projected_rows_cheapest_first(known_engin
 
     with table.open() as handle:
         exported = list(csv.DictReader(handle))
-    assert list(exported[0]) == list(CSV_COLUMNS) and [r["gpu"] for r in exported] == [r["gpu"] for r in document["rows"]]
+    assert list(exported[0]) == list(CSV_COLUMNS)
+    assert [r["gpu"] for r in exported] == [r["gpu"] for r in document["rows"]]
     assert "projected" in result.stdout and "measured" in result.stdout and "±" in result.stdout
     assert "calibration sim, roofline compute 0.35 bandwidth 0.45 overhead 4 ms bf16" in result.stdout
 
@@ -320,8 +321,8 @@ def test_a_probe_is_no_answer_of_a_projected_or_measured_search(tmp_path):
 
     scenario = load_scenario("chat")
     server = ServerFacts(backend="vllm", gpu="h100-sxm", model="llama2-7b")
-    steps = [MeasuredStep(tmp_path / name, server, scenario,
-                          scenario.load, result.summary) for name, result in (("1", probe), ("2", saturated), ("3", met))]
+    steps = [MeasuredStep(tmp_path / name, server, scenario, scenario.load, result.summary)
+             for name, result in (("1", probe), ("2", saturated), ("3", met))]
     rows = [{"load": s.load, "stopped_early": s.stopped_early, "probe": s.probe} for s in (probe, saturated, met)]
     slos = parse_slos("ttft_p99=500ms")
     run = SearchRun(tmp_path, slos, {"mode": "find-max", "steps": rows}, steps)

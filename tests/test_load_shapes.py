@@ -198,7 +198,8 @@ def _late_step(rate: float, sent: int, completed: int, max_lag_s: float, slos: d
            "min": 0.0001, "max": max_lag_s, "count": sent}
     document["load_generator"].update(
         schedule_lag_s=lag, valid=False, late_sends_only=late_sends_only, client_cpu_fraction=0.2,
-        problems=[f"3 of {sent} sends more than 12 ms late"] + ([] if late_sends_only else ["load generator CPU 97% of a core"]))
+        problems=[f"3 of {sent} sends more than 12 ms late"]
+        + ([] if late_sends_only else ["load generator CPU 97% of a core"]))
     document["slo"]["slos"] = {name: {"threshold_s": threshold, "value_s": value, "met": value <= threshold,
                                       "samples": completed, "confidence": "low"}
                                for name, (value, threshold) in slos.items()}

@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from tests.summaries import step_summary
-from tokenrig.loadgen.load_profiles import (FindMax, SearchResult, StepPlan, Sweep, crossing, next_rate,
-                                            profile_from_metadata, walk)
+from tokenrig.loadgen.load_profiles import (
+    FindMax,
+    SearchResult,
+    StepPlan,
+    Sweep,
+    crossing,
+    next_rate,
+    profile_from_metadata,
+    walk,
+)
 from tokenrig.loadgen.scenario import LoadPlanSpec
 from tokenrig.metrics.slo import parse_slos, tail_design_effect, threshold_verdict
 from tokenrig.metrics.verdict import StepResult

@@ -22,23 +22,23 @@ from tokenrig import exit_status
 from tokenrig.breakdown.capture import ProfileError, TraceCapture, server_profile_args
 from tokenrig.breakdown.table import OperatorBreakdown
 from tokenrig.interrupts import stop_signals_interrupt
+from tokenrig.jsonfile import write_json
 from tokenrig.loadgen.ceiling import per_core_ceiling
-from tokenrig.loadgen.plan import LoadPlan
 from tokenrig.loadgen.driver import WorkerLostError
-from tokenrig.metrics.records import FanoutSink, JsonlSink, read_records
+from tokenrig.loadgen.load_profiles import Search, StepPlan, walk
+from tokenrig.loadgen.plan import LoadPlan
 from tokenrig.loadgen.runner import run_load
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
-from tokenrig.loadgen.load_profiles import Search, StepPlan, walk
-from tokenrig.metrics.verdict import SloWatch, StepResult
 from tokenrig.loadgen.users import LoadContext
 from tokenrig.loadgen.workload import API_PATHS, Workload
 from tokenrig.loadtest_plan import LoadTestPlan
-from tokenrig.monitor.discovery import MonitorOptions
-from tokenrig.report.console import failed_line, render, render_steps
-from tokenrig.jsonfile import write_json
+from tokenrig.metrics.records import FanoutSink, JsonlSink, read_records
 from tokenrig.metrics.run_summary import LoadFacts, RunSummary, WorkerCpu, WorkloadFacts
 from tokenrig.metrics.slo import Slo
 from tokenrig.metrics.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, SummaryParts, summarize
+from tokenrig.metrics.verdict import SloWatch, StepResult
+from tokenrig.monitor.discovery import MonitorOptions
+from tokenrig.report.console import failed_line, render, render_steps
 from tokenrig.report.run_metadata import RunMetadata, ServerFacts
 from tokenrig.report.rundir import environment_facts, new_run_dir
 from tokenrig.serve.checkpoint import tokenizer_dir as profile_tokenizer_dir
@@ -70,7 +70,8 @@ def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenar
     else:
         tokenizer = profile_tokenizer_dir(spec.model)
         progress(f"prompt lengths are counted with tokenrig's word-level tokenizer of the {spec.model.key} profile; "
-                 "the server's own tokenizer may count them differently: --tokenizer gives its tokenizer.json or Hub name")
+                 "the server's own tokenizer may count them differently: --tokenizer gives its tokenizer.json "
+                 "or Hub name")
     if client == "openai":
         first = scenario.requests[0]
         note = server.preflight(API_PATHS[first.api], model, chat=first.api == "chat")

@@ -30,8 +30,8 @@ from tokenrig.capacity.inputs import MeasuredStep
 from tokenrig.capacity.operators import ChosenProfile, OperatorModel, ProfileKey, scalings
 from tokenrig.capacity.simulate import EngineSetup, RequestBook, replay
 from tokenrig.loadgen.scenario import Scenario
-from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
 from tokenrig.metrics.run_summary import RunSummary
+from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
 from tokenrig.serve.engines.sim import RooflineParams
 
 FIGURES = ("ttft_p50_s", "tpot_p50_s", "output_tokens_per_s")
@@ -205,7 +205,8 @@ class Calibration:
         profile the way the projection does, in this order: exactly as it does; scaling less, each scaling they
         miss added in quadrature from its own check (weight format: OperatorProfiles.format_error); scaling more
         (each such group bounds the error, its own including scalings the projection does not make: the tightest
-        bound); scaling less with a scaling nothing checked (named in `unchecked`). Never narrower than the profile's own summed-time error."""
+        bound); scaling less with a scaling nothing checked (named in `unchecked`). Never narrower than the
+        profile's own summed-time error."""
         if not self.held_out:
             return None
         if self.profile is None:
@@ -260,7 +261,8 @@ class Calibration:
             profile = {"gpu": self.profile.key.gpu, "model": self.profile.key.model, "quant": self.profile.key.quant,
                        "scaled": self.profile.scaled, "steps": self.profile.model.steps_fitted,
                        "fit_error": self.profile.model.fit_error, "sources": self.profile.model.sources}
-        return {"engine": self.engine, "quant": self.quant, "operator_profile": profile, "compute_efficiency": p.compute_efficiency,
+        return {"engine": self.engine, "quant": self.quant, "operator_profile": profile,
+                "compute_efficiency": p.compute_efficiency,
                 "bandwidth_efficiency": p.bandwidth_efficiency, "step_overhead_s": p.step_overhead_s,
                 "sequence_overhead_s": p.sequence_overhead_s, "api_latency_s": self.model.api_latency_s,
                 "max_num_seqs": p.max_num_seqs, "max_batch_tokens": p.max_batch_tokens, "band": self.band,

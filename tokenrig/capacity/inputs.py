@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenrig.loadgen.load_profiles import profile_from_metadata
-from tokenrig.metrics.records import RequestRecord, read_records
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
+from tokenrig.metrics.records import RequestRecord, read_records
+from tokenrig.metrics.run_summary import RunSummary, SloJudgement
+from tokenrig.metrics.slo import Slo, judge, recorded_slos
 from tokenrig.metrics.verdict import StepResult
 from tokenrig.profiles import UnknownProfileError, resolve_gpu, resolve_model
 from tokenrig.report.compare import engine_label
 from tokenrig.report.run_metadata import RunMetadata, ServerFacts
-from tokenrig.metrics.run_summary import RunSummary, SloJudgement
-from tokenrig.metrics.slo import Slo, judge, recorded_slos
 
 
 @dataclass

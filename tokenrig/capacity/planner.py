@@ -27,9 +27,9 @@ from tokenrig.capacity.operators import ChosenProfile, OperatorProfiles
 from tokenrig.capacity.simulate import RequestBook, VirtualSearch
 from tokenrig.loadgen.load_profiles import FindMax
 from tokenrig.loadgen.scenario import Scenario
-from tokenrig.profiles import GpuProfile, ModelProfile
 from tokenrig.metrics.run_summary import RunSummary
 from tokenrig.metrics.slo import Slo
+from tokenrig.profiles import GpuProfile, ModelProfile
 from tokenrig.serve.fit import FitError, plan_fit
 
 # the replica a projection sizes: the smallest TP holding the weights plus KV for this many of the

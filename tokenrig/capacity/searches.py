@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenrig.loadgen.scenario import Scenario, with_run_seed
 from tokenrig.loadgen.load_profiles import FindMax
+from tokenrig.loadgen.scenario import Scenario, with_run_seed
 from tokenrig.metrics.slo import Slo
 
 

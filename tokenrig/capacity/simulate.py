@@ -18,14 +18,14 @@ from functools import cached_property
 from tokenrig.capacity.operators import OperatorModel, OperatorScheduler
 from tokenrig.loadgen.load_profiles import FindMax, SearchResult, StepPlan, walk
 from tokenrig.loadgen.plan import LoadPlan, TraceRow
-from tokenrig.metrics.records import CANCELLED, RequestRecord
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
-from tokenrig.metrics.verdict import SloWatch, StepResult
 from tokenrig.loadgen.workload import PreparedRequest, Workload
-from tokenrig.profiles import GpuProfile, ModelProfile
-from tokenrig.metrics.slo import Slo
+from tokenrig.metrics.records import CANCELLED, RequestRecord
 from tokenrig.metrics.run_summary import RunSummary
+from tokenrig.metrics.slo import Slo
 from tokenrig.metrics.summary import RunFacts, summarize
+from tokenrig.metrics.verdict import SloWatch, StepResult
+from tokenrig.profiles import GpuProfile, ModelProfile
 from tokenrig.serve.engines import GenerationRequest
 from tokenrig.serve.engines.sim import RooflineParams, RooflineScheduler
 from tokenrig.serve.tokenizer import SPECIAL_TOKENS, TEMPLATE_WORDS

@@ -54,9 +54,10 @@ def render(document: dict) -> str:
     for calibration in document["calibrations"]:
         profile = calibration.get("operator_profile")
         if profile:
-            lines.append(f"calibration {calibration['engine']} {calibration['quant']}: step times by operator, profiled "
-                         f"on {profile['gpu']} ({profile['model']}, {profile['quant']}, {profile['steps']} steps), API "
-                         f"{calibration['api_latency_s'] * 1e3:.1f} ms, checked on {len(calibration['steps'])} steps "
+            lines.append(f"calibration {calibration['engine']} {calibration['quant']}: step times by operator, "
+                         f"profiled on {profile['gpu']} ({profile['model']}, {profile['quant']}, {profile['steps']} "
+                         f"steps), API {calibration['api_latency_s'] * 1e3:.1f} ms, checked on "
+                         f"{len(calibration['steps'])} steps "
                          f"on {', '.join(calibration['gpus'])}, held-out {band_text(calibration['band'])}")
             continue
         lines.append(f"calibration {calibration['engine']} {calibration['quant']}: compute "
@@ -72,7 +73,8 @@ def render(document: dict) -> str:
     lines += [f"note: {note}" for note in document["notes"]]
     prices = "; ".join(f"{gpu} ${p['usd_per_hour']:.2f}/h ({'--price' if p['overridden'] else p['date']})"
                        for gpu, p in q["prices"].items())
-    lines.append(f"prices: {prices}; sources in tokenrig/profiles/gpus.yaml. Energy at TDP ({', '.join(f'{g} {w:g} W' for g, w in q['tdp_w'].items())}).")
+    tdp = ", ".join(f"{g} {w:g} W" for g, w in q["tdp_w"].items())
+    lines.append(f"prices: {prices}; sources in tokenrig/profiles/gpus.yaml. Energy at TDP ({tdp}).")
     return "\n".join(lines)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from tokenrig.serve.spec import add_server_arguments, backend_flag
 from tokenrig.train.spec import add_train_options
 
-
 EXAMPLES = """examples:
   tokenrig loadtest                                  tiny model, hf server on CPU, chat scenario
   tokenrig loadtest --backend sim --gpu a800 --model 13b --users 32
@@ -158,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--tail-samples", type=int,
                           help="--find-max: samples beyond the judged percentile each step must collect (default 10: "
                                "1000 requests for a p99; 3 with --quick)")
-    loadtest.add_argument("--precision", type=_positive, default=0.05, help="--find-max: stop when the bracket is this tight")
+    loadtest.add_argument("--precision", type=_positive, default=0.05,
+                          help="--find-max: stop when the bracket is this tight")
     loadtest.add_argument("--max-step", type=_positive, default=300, help="--find-max: longest step, seconds")
     loadtest.add_argument("--profile-steps", type=int, metavar="N",
                           help="after each step's warm-up, trace N engine steps with the engine's profiler (vllm, hf) "
@@ -254,8 +254,8 @@ def _add_capacity_parser(commands) -> None:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     capacity.add_argument("--gpu", help="comma-separated GPU profiles, e.g. h100-sxm,a800,rtx4090 (default: the GPU "
                                         "every run under --from ran on)")
-    capacity.add_argument("--model", help="model profile, e.g. 13b, or a Hugging Face config.json (default: the model every run "
-                                          "under --from served)")
+    capacity.add_argument("--model", help="model profile, e.g. 13b, or a Hugging Face config.json (default: the model "
+                                          "every run under --from served)")
     capacity.add_argument("--quant", help="comma-separated weight formats, e.g. bf16,awq (default: the runs' one "
                                           "format, else bf16)")
     capacity.add_argument("--scenario", help="name in tokenrig/scenarios/serving/ or a path (default: the runs' one "
@@ -328,7 +328,8 @@ def _add_train_parser(commands) -> None:
                        help="expose live Prometheus gauges on this port (0 = any free port)")
     train.add_argument("--prometheus-targets", type=Path, default=None,
                        help="file_sd directory where the run announces its scrape target (implies --metrics-port 0)")
-    train.add_argument("--dry-run", action="store_true", help="print the DeepSpeed config and launcher command, and exit")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the DeepSpeed config and launcher command, and exit")
 
 
 def parse_prices(items: list[str]) -> dict[str, float]:

@@ -216,14 +216,16 @@ def cmd_serve(args) -> int:
     spec = ServerSpec.from_args(args)
     _check_hardware(spec, args.dry_run)
     if args.dry_run:
-        print_launch(spec, spec.port)
+        print_launch(spec, spec.port or 0)  # 0: a free port, chosen at launch
         return 0
     log = Path("results") / "serve" / f"{spec.backend}-{spec.model.key}-{spec.quant}-{spec.gpu.key}.log"
     # the server runs in its own session: any stop signal must go through the launcher to reach it
     with stop_signals_interrupt(), LaunchedServer(spec, log) as server:
+        endpoint = server.endpoint
+        assert endpoint is not None  # a LaunchedServer's context is entered only once its server is healthy
         try:  # from the announcement on: whoever read it may stop the server the next instant
-            print(f"serving {spec.model.key} at {server.endpoint.base_url}/v1 (metrics: {server.endpoint.metrics_url}); "
-                  f"log: {log}; Ctrl-C or SIGTERM stops it", flush=True)
+            print(f"serving {spec.model.key} at {endpoint.base_url}/v1 "
+                  f"(metrics: {endpoint.metrics_url}); log: {log}; Ctrl-C or SIGTERM stops it", flush=True)
             return server.wait()
         except KeyboardInterrupt:
             print("stopping server")

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, ClassVar
 
 from tokenrig.loadgen.scenario import LoadPlanSpec
+from tokenrig.metrics.slo import Slo
 from tokenrig.metrics.verdict import StepResult, step_duration
 from tokenrig.report.console import LATE_BUT_JUDGED
-from tokenrig.metrics.slo import Slo
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | Non
         if not sweep_users and load.type == "concurrency" and not rate:
             rate = values[0]  # a rate sweep runs open loop
     if users:
-        load = load.as_closed_loop(users)
+        load = load.as_closed_loop(int(users))
     if rate:
         load = load.as_open_loop(rate, overrides.arrival)
     if overrides.max_in_flight is not None and load.type == "concurrency":

@@ -242,7 +242,8 @@ class LoadPlan:
                     f"{self.target_rate:.2f} req/s mean)")
         process = f"gamma (CV {spec.burstiness:g})" if spec.type == "gamma" else spec.type
         if spec.stages:
-            steps = " -> ".join(f"{'ramp to ' if s.ramp else ''}{s.rate:g}/s for {s.duration_s:g} s" for s in spec.stages)
+            steps = " -> ".join(f"{'ramp to ' if s.ramp else ''}{s.rate:g}/s for {s.duration_s:g} s"
+                                for s in spec.stages)
             return f"{process} arrivals in stages: {steps}"
         return f"{process} arrivals at {spec.rate:g} req/s"
 

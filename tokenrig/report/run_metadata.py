@@ -118,7 +118,7 @@ def _recorded_limits(server: dict) -> dict:
     """A version-0 server's batch limits: those recorded as such (what a --url run's user declared), else what
     the backend reads from the command it launched, else the --max-num-seqs asked for."""
     recorded = server.get("batch_limits") or {}
-    backend = BACKENDS.get(server.get("backend"))
+    backend = BACKENDS.get(server.get("backend") or "")
     launched = backend.batch_limits(server["command"]) if backend and server.get("command") else BatchLimits()
     limits = BatchLimits.known(
         max_num_seqs=recorded.get("max_num_seqs") or launched.max_num_seqs or server.get("max_num_seqs"),

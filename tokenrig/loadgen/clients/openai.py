@@ -92,7 +92,8 @@ def stream(client: HTTPClient, path: str, body: bytes, headers: dict, result: St
             return result
         done = False
         # the per-chunk loop: bound methods in locals, nothing allocated but the line and the text
-        readline, clock, offsets, add_text = response.readline, time.perf_counter, result.chunk_offsets_s, result.texts.append
+        readline, clock, add_text = response.readline, time.perf_counter, result.texts.append
+        offsets = result.chunk_offsets_s
         add_offset = offsets.append
         while True:
             line = readline(b"\n")
