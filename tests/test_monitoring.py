@@ -247,3 +247,30 @@ def test_sigterm_stops_the_monitor_wrappers_prometheus_and_a_docker_without_daem
         if wrapper.poll() is None:
             wrapper.kill()
             wrapper.communicate()
+
+
+def test_a_stop_signal_while_the_wrapper_starts_its_child_still_stops_the_childs_group(tmp_path):
+    """A SIGTERM that reached `make monitor`'s wrapper while it was forking Prometheus was raised inside Popen:
+    the wrapper died (exit -2) and left the child running. Here the signal is sent from inside the real Popen,
+    after its fork; the wrapper must still stop the child's whole group and exit 0."""
+    marker = tmp_path / "still-running"
+    script = f"""
+import os, signal, subprocess, sys
+
+class SignalledWhileStarting(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # lands before Popen has returned the child's handle
+
+subprocess.Popen = SignalledWhileStarting
+from tokenrig.monitor.local import run_until_stopped
+sys.exit(run_until_stopped(["sh", "-c", "sleep 30 & wait; touch {marker}"]))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    started = time.monotonic()
+    wrapper = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    leftover = subprocess.run(["pgrep", "-f", f"touch {marker}"], capture_output=True, text=True).stdout.split()
+    for pid in leftover:
+        os.killpg(int(pid), signal.SIGKILL)
+    assert wrapper.returncode == 0, wrapper.stdout + wrapper.stderr
+    assert not leftover and time.monotonic() - started < 20  # stopped at once, not after the child's 30 s

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from tokenrig.interrupts import stop_signals_interrupt
 from tokenrig.monitor.discovery import DEFAULT_TARGETS_DIR
 from tokenrig.paths import GRAFANA
+
+STOP_POLL_S = 0.2  # how soon a stop signal is acted on
 
 
 def prometheus_config(targets_dir: Path) -> dict:
@@ -61,19 +62,28 @@ def main(argv: list[str] | None = None) -> int:
 def run_until_stopped(command: list[str]) -> int:
     """Run `command` in a process group of its own until it exits, or until Ctrl-C or SIGTERM reaches this
     process: then its whole group is stopped (SIGTERM, SIGKILL after 30 s), so no Prometheus outlives
-    the wrapper that a script or a service manager stopped."""
-    with stop_signals_interrupt():
+    the wrapper that a script or a service manager stopped. A stop signal only sets a flag: raised as an
+    exception it could land inside Popen after the fork, leaving a Prometheus nobody had the handle of."""
+    stops: list[int] = []
+    handlers = {number: signal.signal(number, lambda received, _frame: stops.append(received))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
         child = subprocess.Popen(command, start_new_session=True)
-        try:
-            return child.wait()
-        except KeyboardInterrupt:
-            os.killpg(child.pid, signal.SIGTERM)
+        while not stops:
             try:
-                child.wait(timeout=30)
+                return child.wait(timeout=STOP_POLL_S)
             except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
-            return 0
+                pass
+        os.killpg(child.pid, signal.SIGTERM)
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        return 0
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 def grafana_advice() -> str:
