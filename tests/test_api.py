@@ -150,3 +150,31 @@ def test_streams_send_their_headers_before_the_first_token(tmp_path_factory):
     assert response.status_code == 200 and headers_after < 0.3 and role_after < 0.3
     assert json.loads(role[5:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert first_token_after >= 0.6 and events[-1].strip() == b"data: [DONE]"
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "fana", "max_tokens": 200, "stream": True, "ignore_eos": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "fana"}], "max_tokens": 200, "stream": True,
+                              "ignore_eos": True}),
+    ("/generate_stream", {"inputs": "fana", "parameters": {"max_new_tokens": 200}}),
+])
+def test_a_client_that_leaves_mid_stream_takes_its_request_out_of_the_engine(tmp_path_factory, path, body):
+    """A load test stops early by dropping its streams, then waits for the server to drain before the next step.
+    The dropped request must leave the engine at once: left to the garbage collector, it stayed counted as
+    running for minutes (a find-max test hung 300 s in CI waiting for 2 such requests)."""
+    import time
+
+    from tests.conftest import start_server
+    from tokenrig.serve.scrape import fetch_metrics
+    from tokenrig.serve.spec import SimOptions
+
+    with start_server(tmp_path_factory, "sim", options=SimOptions(sim_ttft_ms=10, sim_tpot_ms=100)) as server:
+        base = server.endpoint.base_url
+        with requests.post(f"{base}{path}", json=body, stream=True, timeout=30) as response:
+            lines = (line for line in response.iter_lines() if line.startswith(b"data:"))
+            next(lines), next(lines)  # streaming: 200 tokens at 100 ms would take 20 s
+            assert fetch_metrics(f"{base}/metrics", timeout_s=5)["running"] == 1
+        deadline = time.monotonic() + 3
+        while fetch_metrics(f"{base}/metrics", timeout_s=5)["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fetch_metrics(f"{base}/metrics", timeout_s=5)["running"] == 0

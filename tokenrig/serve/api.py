@@ -9,6 +9,7 @@ and scrapers written for vLLM work unchanged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -296,61 +297,63 @@ class OpenAIServer:
         if body.get("model") not in (None, self.model_name):  # as vLLM answers a model it does not serve
             return web.json_response({"error": {"message": f"The model `{body['model']}` does not exist.",
                                                 "type": "NotFoundError", "code": 404}}, status=404)
-        tokens = self._tokens(prompt_ids, sampling, arrival)
+        # Closed here, not left to the garbage collector: a client gone mid-stream ends the handler with a write
+        # error, and its request must leave the engine with it (as vLLM aborts it), or /metrics counts it running
+        # until a collection happens to run, and a load test waiting for the server to drain waits that long.
+        async with contextlib.aclosing(self._tokens(prompt_ids, sampling, arrival)) as tokens:
+            object_name = "chat.completion" if chat else "text_completion"
+            response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+            created = int(time.time())
+            detokenizer = Detokenizer(self.fast)
+            base = {"id": response_id, "created": created, "model": self.model_name}
 
-        object_name = "chat.completion" if chat else "text_completion"
-        response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        created = int(time.time())
-        detokenizer = Detokenizer(self.fast)
-        base = {"id": response_id, "created": created, "model": self.model_name}
+            def usage(completion_tokens: int) -> dict:
+                return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+                        "total_tokens": len(prompt_ids) + completion_tokens}
 
-        def usage(completion_tokens: int) -> dict:
-            return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
-                    "total_tokens": len(prompt_ids) + completion_tokens}
+            if not body.get("stream"):
+                text, count, finish = "", 0, None
+                async for token_ids, finish in tokens:
+                    count += len(token_ids)
+                    text += detokenizer.add(token_ids) if token_ids else ""
+                choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                          if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+                return web.json_response({**base, "object": object_name, "choices": [choice], "usage": usage(count)})
 
-        if not body.get("stream"):
-            text, count, finish = "", 0, None
-            async for token_ids, finish in tokens:
-                count += len(token_ids)
-                text += detokenizer.add(token_ids) if token_ids else ""
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                      if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
-            return web.json_response({**base, "object": object_name, "choices": [choice], "usage": usage(count)})
+            # Headers (and the chat role chunk) go out now, not with the first token: at a burst of first tokens
+            # their cost would land inside the measured TTFT of every stream but the first.
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            chunk_object = "chat.completion.chunk" if chat else "text_completion"
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-        # Headers (and the chat role chunk) go out now, not with the first token: at a burst of first tokens
-        # their cost would land inside the measured TTFT of every stream but the first.
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        chunk_object = "chat.completion.chunk" if chat else "text_completion"
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            def chunk(text: str | None, finish: str | None) -> dict:
+                if chat:
+                    delta = {} if text is None else {"content": text}
+                    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                else:
+                    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                payload = {**base, "object": chunk_object, "choices": [choice]}
+                if include_usage:
+                    payload["usage"] = None
+                return payload
 
-        def chunk(text: str | None, finish: str | None) -> dict:
             if chat:
-                delta = {} if text is None else {"content": text}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            payload = {**base, "object": chunk_object, "choices": [choice]}
+                role_chunk = chunk("", None)
+                role_chunk["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                await response.write(_sse(role_chunk))
+            count = 0
+            async for token_ids, finish in tokens:
+                if token_ids:
+                    count += len(token_ids)
+                    await response.write(_sse(chunk(detokenizer.add(token_ids), None)))
+                if finish:
+                    await response.write(_sse(chunk(None if chat else "", finish)))
             if include_usage:
-                payload["usage"] = None
-            return payload
-
-        if chat:
-            role_chunk = chunk("", None)
-            role_chunk["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            await response.write(_sse(role_chunk))
-        count = 0
-        async for token_ids, finish in tokens:
-            if token_ids:
-                count += len(token_ids)
-                await response.write(_sse(chunk(detokenizer.add(token_ids), None)))
-            if finish:
-                await response.write(_sse(chunk(None if chat else "", finish)))
-        if include_usage:
-            await response.write(_sse({**base, "object": chunk_object, "choices": [], "usage": usage(count)}))
-        await response.write(_sse("[DONE]"))
-        await response.write_eof()
-        return response
+                await response.write(_sse({**base, "object": chunk_object, "choices": [], "usage": usage(count)}))
+            await response.write(_sse("[DONE]"))
+            await response.write_eof()
+            return response
 
     # -- TGI -----------------------------------------------------------------------------------
     async def _tgi_start(self, request: web.Request):
@@ -362,19 +365,20 @@ class OpenAIServer:
         sampling = _sampling({"max_new_tokens": parameters.get("max_new_tokens"), "ignore_eos": True}, default_max=20)
         prompt_ids = self.fast.encode(body["inputs"], add_special_tokens=True).ids
         self._admit(prompt_ids, sampling)
-        return sampling, parameters, prompt_ids, self._tokens(prompt_ids, sampling, arrival)
+        return sampling, parameters, prompt_ids, arrival
 
     async def tgi_generate(self, request: web.Request) -> web.Response:
         try:
-            _, parameters, prompt_ids, tokens = await self._tgi_start(request)
+            sampling, parameters, prompt_ids, arrival = await self._tgi_start(request)
         except BadRequest as error:
             return web.json_response({"error": str(error), "error_type": "validation"}, status=422)
         except EngineUnavailable as error:
             return web.json_response({"error": str(error), "error_type": "unavailable"}, status=503)
         detokenizer, text, count, finish = Detokenizer(self.fast), "", 0, None
-        async for token_ids, finish in tokens:
-            count += len(token_ids)
-            text += detokenizer.add(token_ids) if token_ids else ""
+        async with contextlib.aclosing(self._tokens(prompt_ids, sampling, arrival)) as tokens:
+            async for token_ids, finish in tokens:
+                count += len(token_ids)
+                text += detokenizer.add(token_ids) if token_ids else ""
         result: dict[str, object] = {"generated_text": text}
         if parameters.get("details"):
             result["details"] = {"finish_reason": finish, "generated_tokens": count, "seed": None,
@@ -383,7 +387,7 @@ class OpenAIServer:
 
     async def tgi_generate_stream(self, request: web.Request) -> web.StreamResponse:
         try:
-            sampling, parameters, prompt_ids, tokens = await self._tgi_start(request)
+            sampling, parameters, prompt_ids, arrival = await self._tgi_start(request)
         except BadRequest as error:
             return web.json_response({"error": str(error), "error_type": "validation"}, status=422)
         except EngineUnavailable as error:
@@ -393,17 +397,18 @@ class OpenAIServer:
         detokenizer, text, index = Detokenizer(self.fast), "", 0
         # Each token goes out as it is generated, like TGI's router; the event of the last token (the
         # max_new_tokens-th: TGI requests never stop early here) also carries generated_text and details.
-        async for token_ids, _finish in tokens:
-            for token_id in token_ids:
-                piece = detokenizer.add([token_id])
-                text += piece
-                index += 1
-                event = {"index": index, "token": {"id": token_id, "text": piece, "logprob": 0.0, "special": False},
-                         "generated_text": None, "details": None, "top_tokens": None}
-                if index == sampling.max_tokens:
-                    event["generated_text"] = text
-                    event["details"] = {"finish_reason": "length", "generated_tokens": index, "seed": None,
-                                        "input_length": len(prompt_ids)}
-                await response.write(_sse(event))
+        async with contextlib.aclosing(self._tokens(prompt_ids, sampling, arrival)) as tokens:
+            async for token_ids, _finish in tokens:
+                for token_id in token_ids:
+                    piece = detokenizer.add([token_id])
+                    text += piece
+                    index += 1
+                    event = {"index": index, "token": {"id": token_id, "text": piece, "logprob": 0.0, "special": False},
+                             "generated_text": None, "details": None, "top_tokens": None}
+                    if index == sampling.max_tokens:
+                        event["generated_text"] = text
+                        event["details"] = {"finish_reason": "length", "generated_tokens": index, "seed": None,
+                                            "input_length": len(prompt_ids)}
+                    await response.write(_sse(event))
         await response.write_eof()
         return response
