@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tokenrig.capacity.inputs import read_results
     from tokenrig.capacity.operators import OperatorProfiles
+    from tokenrig.errors import UserError
     from tokenrig.loadgen.load_profiles import FindMax
 
     quiet, parallel = args.quiet, args.jobs > 1
@@ -264,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                     cases.append(case)
     except KeyboardInterrupt:
         print("interrupted: the cases finished so far", flush=True)
+    except UserError as error:
+        print(f"capacity_holdout: {error}", file=sys.stderr)
+        return error.exit_code
     print(table(cases))
     if args.json:
         document = {"cases": [{**asdict(c), "error": c.error, "within_band": c.within_band,

@@ -103,6 +103,9 @@ def test_the_throughput_mode_drops_every_other_shape_and_takes_its_streams_from_
     (LoadOverrides(duration_s=3), None,  # the scenario's own 3-s warm-up
      "--duration 3 s leaves nothing to measure after the warm-up (the scenario's load.warmup_s 3 s) and cool-down "
      "(the scenario's load.cooldown_s 0 s): give --duration above 3, or a shorter --warmup"),
+    (LoadOverrides(find_max=True, max_step_s=2.5, warmup_s=3), SLOS,
+     "--max-step 2.5 s leaves nothing to measure after the warm-up (3 s) and cool-down (0 s): give --max-step above "
+     "3, or a shorter --warmup"),
     (LoadOverrides(find_max=True, sweep="1,2"), SLOS,
      "give --find-max (search for the highest rate within the SLOs) or --sweep (run the rates given), not both"),
 ])

@@ -275,6 +275,8 @@ def test_an_interrupted_run_keeps_its_health_checks_and_reports_in_flight_reques
     (["--find-max", "--sweep", "1,2", "--slo", "ttft_p99=1s"], "give --find-max (search for the highest rate"),
     (["--duration", "1"], "--duration 1 s leaves nothing to measure after the warm-up (the scenario's "
                           "load.warmup_s 1 s)"),
+    (["--find-max", "--slo", "ttft_p99=1s", "--max-step", "1"], "--max-step 1 s leaves nothing to measure after "
+                                                                  "the warm-up (1 s)"),
     (["--quant", "int3"], "unknown quantization 'int3'"),
 ])
 def test_bad_input_is_refused_with_one_line(tmp_path, args, says):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.summaries import step_summary
+from tokenrig.errors import UsageError
 from tokenrig.loadgen.load_profiles import (
     FindMax,
     SearchResult,
@@ -350,3 +351,17 @@ def test_once_a_full_step_refutes_a_probe_the_search_trusts_full_steps_only():
     assert loads[refuted + 1:refuted + 3] == [(8, False), (4, False)]
     assert not any(probe for _, probe in loads[refuted:])
     assert result.best <= 7.3 < result.lowest_failing and result.stop_reason.startswith("bracketed")
+
+
+@pytest.mark.parametrize("warmup, cooldown, shortest", [(30, 5, 35), (3, 5, 4)])
+def test_a_longest_step_that_leaves_nothing_after_warm_up_and_cool_down_is_refused_by_flag(warmup, cooldown,
+                                                                                          shortest):
+    """A step's cool-down is cut to a quarter of the step: the shortest --max-step is the warm-up plus the
+    scenario's cool-down, or 4/3 of the warm-up where that quarter is the shorter."""
+    base = LoadPlanSpec(type="poisson", rate=1.0, duration_s=600, warmup_s=warmup, cooldown_s=cooldown)
+    with pytest.raises(UsageError, match=f"--max-step {shortest:g} s .* give --max-step above {shortest:g},"):
+        FindMax(max_step_s=shortest).check_window(base)
+    FindMax(max_step_s=shortest * 1.01).check_window(base)
+    slos = parse_slos("ttft_p99=1s")
+    with pytest.raises(UsageError):
+        FindMax(max_step_s=shortest).next_step(base, slos, [])

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, ClassVar
 
+from tokenrig.errors import UsageError
 from tokenrig.loadgen.scenario import LoadPlanSpec
 from tokenrig.metrics.slo import Slo
 from tokenrig.metrics.verdict import StepResult, step_duration
@@ -130,7 +131,17 @@ class FindMax(Search):
     max_step_s: float = 300.0
     max_steps: int = 16
 
+    def check_window(self, base: LoadPlanSpec) -> None:
+        """Refuse a longest step that leaves nothing to measure after `base`'s warm-up and its cool-down."""
+        warmup, cooldown = base.warmup_s, min(base.cooldown_s, self.max_step_s / 4)  # as open_loop_step cuts it
+        if warmup + cooldown >= self.max_step_s:
+            shortest = min(warmup * 4 / 3, warmup + base.cooldown_s)  # where M - min(cooldown, M / 4) passes warmup
+            raise UsageError(f"--max-step {self.max_step_s:g} s leaves nothing to measure after the warm-up "
+                             f"({warmup:g} s) and cool-down ({cooldown:g} s): give --max-step above {shortest:g}, "
+                             "or a shorter --warmup")
+
     def next_step(self, base: LoadPlanSpec, slos: list[Slo] | None, steps: list[StepResult]) -> StepPlan | None:
+        self.check_window(base)
         result = self.conclude(steps)
         if result.next_rate is None:
             return None

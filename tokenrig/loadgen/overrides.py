@@ -105,6 +105,8 @@ def plan_run(scenario: Scenario, overrides: LoadOverrides, slos: list[Slo] | Non
         problems = "; ".join(f"{FLAGS.get('.'.join(map(str, e['loc'])), 'load.' + '.'.join(map(str, e['loc'])))}: "
                              f"{e['msg'].removeprefix('Value error, ')}" for e in error.errors())
         raise UsageError(f"invalid load settings: {problems}") from None
+    if isinstance(profile, FindMax):
+        profile.check_window(load)  # before a server starts
     return RunPlan(scenario.model_copy(update={"load": load}), profile, seed_source)
 
 
