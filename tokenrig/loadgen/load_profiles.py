@@ -35,6 +35,13 @@ class StepPlan:
     probe: bool = False  # a short first look of the SLO search, not a full verdict
 
 
+@dataclass(frozen=True)
+class SearchStepPlan(StepPlan):
+    """A step of a sweep or SLO search: always at a rate or user count."""
+
+    value: float
+
+
 class LoadProfile(ABC):
     """What the steps of one run apply."""
 
@@ -82,11 +89,12 @@ class Search(LoadProfile):
         """What search.json says of the walk besides its steps."""
         return {}
 
-    def next_step(self, base: LoadPlanSpec, slos: list[Slo] | None, steps: list[StepResult]) -> StepPlan | None:
+    def next_step(self, base: LoadPlanSpec, slos: list[Slo] | None,
+                  steps: list[StepResult]) -> SearchStepPlan | None:
         value = self.next_value(steps)
         if value is None:
             return None
-        return StepPlan(value, self.step_load(base, value, slos, len(steps)), self.stop_early)
+        return SearchStepPlan(value, self.step_load(base, value, slos, len(steps)), self.stop_early)
 
     def label(self, value: float) -> str:
         """The step directory's name after its number."""
@@ -140,13 +148,14 @@ class FindMax(Search):
                              f"({warmup:g} s) and cool-down ({cooldown:g} s): give --max-step above {shortest:g}, "
                              "or a shorter --warmup")
 
-    def next_step(self, base: LoadPlanSpec, slos: list[Slo] | None, steps: list[StepResult]) -> StepPlan | None:
+    def next_step(self, base: LoadPlanSpec, slos: list[Slo] | None,
+                  steps: list[StepResult]) -> SearchStepPlan | None:
         self.check_window(base)
         result = self.conclude(steps)
         if result.next_rate is None:
             return None
         load = self.step_load(base, result.next_rate, slos, len(steps), probe=result.next_probe)
-        return StepPlan(result.next_rate, load, self.stop_early, probe=result.next_probe)
+        return SearchStepPlan(result.next_rate, load, self.stop_early, probe=result.next_probe)
 
     def step_load(self, base: LoadPlanSpec, value: float, slos: list[Slo] | None, step: int,
                   probe: bool = False) -> LoadPlanSpec:
@@ -174,7 +183,8 @@ class FindMax(Search):
         counted = [step for step in judged if not (probes_refuted and step.probe and step.slo_met)]
         last = steps[-1]
         best, failing = _bracket(counted)
-        result = SearchResult(steps, best and best.load, failing and failing.load, notes=notes)
+        result = SearchResult(steps, best.load if best is not None else None,
+                              failing.load if failing is not None else None, notes=notes)
         if not any(step is last for step in judged):  # the last step is no verdict: run it again, or stop
             if last.late_sends_only:
                 result.next_rate, result.next_probe = last.load, last.probe
@@ -184,14 +194,12 @@ class FindMax(Search):
                                   f"{health.remedy}")
             return result.with_knee(counted)
         if best is None or failing is None:  # probing: up while every step met the SLOs, /2 while none did
-            if best is None and failing.load / 2 < self.start_rate / 64:
+            if failing is not None and best is None and failing.load / 2 < self.start_rate / 64:
                 result.stop_reason = f"SLOs missed even at {failing.load:.3g} req/s"
             elif len(steps) >= self.max_steps:
                 result.stop_reason = "step limit reached while probing"
             else:
-                far = best is not None and (margin := best.margin()) is not None and margin < math.log(FAR_BELOW)
-                growth = FAR_GROWTH if far and best.probe else 2.0
-                result.next_rate = best.load * growth if failing is None else failing.load / 2
+                result.next_rate = _probe_rate(best, failing)
                 result.next_probe = not probes_refuted
             return result.with_knee(counted)
         # the bracket's own test: 10.5 / 10 - 1 is 0.0500...04 in floating point, above a 5 % precision
@@ -326,6 +334,17 @@ def _bracket(steps: list[StepResult]) -> tuple[StepResult | None, StepResult | N
     return max(met, key=lambda step: (step.load, not step.probe), default=None), failing
 
 
+def _probe_rate(best: StepResult | None, failing: StepResult | None) -> float:
+    """The next probe's rate: half the lowest that missed; else above the highest that met, x4 after a probe far
+    under the SLOs."""
+    if failing is not None:
+        return failing.load / 2
+    # no counted step missed, so no full one did: no probe was refuted, and the last step, counted, met
+    assert best is not None, "a walk whose counted steps all met has a highest"
+    far = (margin := best.margin()) is not None and margin < math.log(FAR_BELOW)
+    return best.load * (FAR_GROWTH if far and best.probe else 2.0)
+
+
 def crossing(met: StepResult, missed: StepResult) -> float | None:
     """The rate where the line through the two steps' margins (StepResult.margin: log(percentile / threshold))
     crosses 0; None when it does not rise from one to the other (a step with no percentile, or the higher
@@ -342,6 +361,7 @@ def next_rate(steps: list[StepResult], precision: float) -> float:
     from the threshold each time (Illinois), kept END_CLEARANCE x precision away from each end; the
     geometric midpoint when the margins say nothing."""
     best, failing = _bracket(steps)
+    assert best is not None and failing is not None, "next_rate is asked only within a bracket"
     weight = {id(best): 1.0, id(failing): 1.0}
     moved = []  # which end each step became, in order
     for index, step in enumerate(steps):
@@ -377,7 +397,7 @@ def profile_from_metadata(block: dict) -> Search:
 
 
 def walk(profile: Search, base: LoadPlanSpec, slos: list[Slo] | None,
-         measure: Callable[[StepPlan], StepResult], progress=print) -> list[StepResult]:
+         measure: Callable[[SearchStepPlan], StepResult], progress: Callable[[str], None] = print) -> list[StepResult]:
     """Run `profile`'s steps with `measure` until it is done, announcing each step as it ends."""
     steps: list[StepResult] = []
     while (plan := profile.next_step(base, slos, steps)) is not None:

@@ -94,7 +94,11 @@ class RateCurve:
 
 def synthetic_offsets(spec: LoadPlanSpec) -> list[float]:
     """Due offsets (seconds from plan start) of an open-loop plan, deterministic for its seed."""
-    stages = spec.stages or [Stage(duration_s=spec.duration_s, rate=spec.rate)]
+    if spec.stages:
+        stages = spec.stages
+    else:
+        assert spec.rate is not None, "an open-loop plan has a rate or stages (LoadPlanSpec validates it)"
+        stages = [Stage(duration_s=spec.duration_s, rate=spec.rate)]
     curve = RateCurve(stages)
     rng = random.Random(spec.seed)
     offsets = []
@@ -162,6 +166,7 @@ def spread_buckets(times: list[float], rng: random.Random) -> list[float]:
 def trace_schedule(spec: LoadPlanSpec) -> list[tuple[float, TraceRow]]:
     """Due offsets and rows of a trace replay: from `start_s`, k times faster, within duration_s."""
     replay = spec.trace
+    assert replay is not None, "a trace plan names its trace (LoadPlanSpec validates it)"
     rows = read_trace(replay)
     times = [stamp for stamp, _ in rows]
     if replay.format == "mooncake" and replay.spread_buckets:
@@ -210,7 +215,13 @@ class LoadPlan:
     @property
     def pool_size(self) -> int:
         """How many Locust users run the plan: the concurrency, or the open-loop safety cap."""
-        return self.spec.users if not self.open_loop else self.spec.max_in_flight
+        return self.users if not self.open_loop else self.spec.max_in_flight
+
+    @property
+    def users(self) -> int:
+        """Closed loop: its users, each sending its next request when its last one ends."""
+        assert self.spec.users is not None, "a closed-loop plan has users (LoadPlanSpec validates it)"
+        return self.spec.users
 
     @property
     def target_rate(self) -> float | None:
@@ -223,9 +234,12 @@ class LoadPlan:
 
     def scheduled_in_window(self, until_s: float | None = None) -> int | None:
         """Open loop: arrivals of the plan due inside the steady-state window (and before `until_s`, seconds
-        from the start, when the load was stopped then)."""
-        if not self.open_loop:
-            return None
+        from the start, when the load was stopped then); None for a closed loop."""
+        return self.due_in_window(until_s) if self.open_loop else None
+
+    def due_in_window(self, until_s: float | None = None) -> int:
+        """Arrivals of the plan due inside the steady-state window (and before `until_s`); 0 for a closed loop,
+        which schedules none."""
         low, high = self.spec.warmup_s, self.spec.duration_s - self.spec.cooldown_s
         if until_s is not None:
             high = min(high, until_s)
@@ -238,6 +252,7 @@ class LoadPlan:
         if not self.open_loop:
             return f"{spec.users} concurrent users"
         if spec.type == "trace":
+            assert spec.trace is not None, "a trace plan names its trace (LoadPlanSpec validates it)"
             return (f"replay of {spec.trace.path} x{spec.trace.speedup:g} ({self.scheduled_total} arrivals, "
                     f"{self.target_rate:.2f} req/s mean)")
         process = f"gamma (CV {spec.burstiness:g})" if spec.type == "gamma" else spec.type
@@ -255,7 +270,8 @@ class LoadPlan:
                 return None
             index = self.issued * workers + worker
             self.issued += 1
-            first_due = self.start + self.spec.ramp_s * index / self.spec.users if index < self.spec.users else 0.0
+            users = self.users
+            first_due = self.start + self.spec.ramp_s * index / users if index < users else 0.0
             return Slot(max(now, self.start, first_due), index)
         if self._cursor >= len(self._offsets):
             return None

@@ -26,11 +26,14 @@ CHAT_CONTENT, COMPLETION_TEXT = b'"content":"', b'"text":"'
 def connect(base_url: str) -> tuple[HTTPClient, str]:
     """A one-connection client for the server at `base_url`, and the path prefix its API routes take."""
     url = urlsplit(base_url)
+    if url.hostname is None:
+        raise ValueError(f"{base_url!r} names no host")
     https = url.scheme == "https"
-    # no network_timeout: silence is the load context's watchdog's (LoadContext.watch_stream), not a timer per read
+    # no network_timeout: silence is the load context's watchdog's (LoadContext.watch_stream), not a timer per read.
+    # geventhttpclient annotates it as a float, but hands it to socket.settimeout, where None means no timeout
     client = HTTPClient(url.hostname, url.port or (443 if https else 80), ssl=https, concurrency=1,
-                        connection_timeout=30, network_timeout=None,
-                        **({"ssl_context_factory": trusted_tls_context} if https else {}))
+                        connection_timeout=30, network_timeout=None,  # type: ignore[arg-type]
+                        ssl_context_factory=trusted_tls_context if https else None)
     return client, url.path.rstrip("/")
 
 
@@ -86,6 +89,8 @@ def stream(client: HTTPClient, path: str, body: bytes, headers: dict, result: St
             result.error = f"HTTP {response.status_code}: {response.read()[:300].decode(errors='replace')}"
             return result
         content_type = response.get("content-type") or ""
+        if isinstance(content_type, list):  # the header sent more than once: its values as one, as HTTP joins them
+            content_type = ", ".join(content_type)
         if content_type and not content_type.startswith("text/event-stream"):
             result.error = (f"not an event stream: HTTP 200 with Content-Type {content_type}, "
                             f"{response.read()[:200].decode(errors='replace')}")
