@@ -321,6 +321,27 @@ def test_a_plain_json_reply_is_reported_as_not_an_event_stream(tmp_path):
     assert "Content-Type application/json" in summary["requests"]["error_examples"]["not an event stream"]
 
 
+def test_a_content_type_sent_twice_streams_as_one():
+    """A reply whose Content-Type header comes twice is read as HTTP reads a repeated field, its values joined:
+    the stream is an event stream, not a failed request."""
+    from tokenrig.loadgen.clients import StreamResult, openai  # gevent's HTTP client: loaded by this test alone
+
+    def respond(number, handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.wfile.write(chunk_line(" word") * 3 + b"data: [DONE]\n\n")
+        handler.close_connection = True
+
+    with FaultServer(respond) as server:
+        client, prefix = openai.connect(server.url)
+        result = openai.stream(client, prefix + "/v1/chat/completions", b"{}", dict(openai.HEADERS),
+                               StreamResult(time.perf_counter()), [0.0])
+    assert result.error is None and result.texts == [" word"] * 3, result
+
+
 def test_a_p99_from_few_samples_is_flagged_not_printed_plain(tmp_path):
     result = run_cli("loadtest", "--backend", "sim", "--sim-ttft-ms", "20", "--sim-tpot-ms", "2",
                      "--scenario", TIMING, "--users", "1", "--duration", "2", "--warmup", "0",
