@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
 
@@ -24,15 +26,15 @@ from tokenrig.breakdown.table import OperatorBreakdown
 from tokenrig.interrupts import stop_signals_interrupt
 from tokenrig.jsonfile import write_json
 from tokenrig.loadgen.ceiling import per_core_ceiling
-from tokenrig.loadgen.driver import WorkerLostError
-from tokenrig.loadgen.load_profiles import Search, StepPlan, walk
+from tokenrig.loadgen.driver import LoadOutcome, WorkerLostError
+from tokenrig.loadgen.load_profiles import Search, SearchStepPlan, walk
 from tokenrig.loadgen.plan import LoadPlan
 from tokenrig.loadgen.runner import run_load
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
 from tokenrig.loadgen.users import LoadContext
 from tokenrig.loadgen.workload import API_PATHS, Workload
 from tokenrig.loadtest_plan import LoadTestPlan
-from tokenrig.metrics.records import FanoutSink, JsonlSink, read_records
+from tokenrig.metrics.records import FanoutSink, JsonlSink, Sink, read_records
 from tokenrig.metrics.run_summary import LoadFacts, RunSummary, WorkerCpu, WorkloadFacts
 from tokenrig.metrics.slo import Slo
 from tokenrig.metrics.summary import DEFAULT_MAX_ERROR_RATE, RunFacts, SummaryParts, summarize
@@ -47,9 +49,12 @@ from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, ser
 from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics, wait_server_idle
 from tokenrig.serve.spec import Endpoint, ServerSpec
 
+if TYPE_CHECKING:  # importing distributed imports Locust, which patches the standard library: only when it runs
+    from tokenrig.loadgen.distributed import Master
+
 
 def _existing_endpoint(remote: RemoteOptions, spec: ServerSpec, scenario: Scenario, client: str,
-                       progress=print) -> tuple[Endpoint, dict, str | None]:
+                       progress: Callable[[str], None] = print) -> tuple[Endpoint, dict, str | None]:
     """The server at --url, checked by one streaming request before any load (RemoteError names the fix), the
     `server` facts its run records, and why its /metrics is no page to scrape (None: it is one)."""
     server = RemoteServer(whole_url(remote.url), remote.api_key)
@@ -92,8 +97,8 @@ class Session:
     labels: dict
     slos: list[Slo] | None
     monitor: MonitorOptions | None
-    progress: object
-    master: object = None  # a distributed.Master when the load runs on worker processes
+    progress: Callable[[str], None]
+    master: Master | None = None  # when the load runs on worker processes
     client: str = "openai"  # "tgi": requests go to /generate_stream through InferenceClient
     scrape_interval_s: float = 1.0  # the server's /metrics -> server_metrics.jsonl, every this many seconds
     request_timeout_s: float = 600.0  # silence that fails a request; also how long in-flight ones may drain
@@ -103,19 +108,15 @@ class Session:
     trace_source: str = ""
     scrape: bool = True  # the server's /metrics is scraped (not with --no-scrape, nor when it has none)
 
-    def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False) -> tuple[RunSummary, object]:
+    def run_step(self, load: LoadPlanSpec, step_dir: Path, stop_early: bool = False
+                 ) -> tuple[RunSummary, LoadOutcome]:
         """Run one load plan; write step_dir/requests.jsonl and summary.json; return (summary, outcome)."""
         step_dir.mkdir(parents=True, exist_ok=True)
         scenario = self.scenario.model_copy(update={"load": load})
         workload = Workload(scenario, self.tokenizer, self.endpoint.model_name, self.endpoint.max_context,
                             seed=load.seed)
         plan = LoadPlan(load)
-        watch = None
-        if stop_early and self.slos and plan.open_loop:
-            def pending() -> int:  # due in the window so far and not recorded yet: in flight, or about to be sent
-                return plan.scheduled_in_window(until_s=time.perf_counter() - plan.start) - watch.seen
-
-            watch = SloWatch(self.slos, plan.scheduled_in_window(), pending)
+        watch = _slo_watch(self.slos, plan) if stop_early and self.slos and plan.open_loop else None
         with contextlib.ExitStack() as stack:
             # the record stream's sinks, all assembled before the load's context: requests.jsonl first (the source
             # of truth), the early stop's SLO watch, the Prometheus exporter
@@ -127,7 +128,7 @@ class Session:
                     self.labels, self.endpoint.metrics_url if self.scrape else None, self.monitor.port,
                     self.monitor.targets_dir, self.monitor.linger_s, self.progress))
             sink = JsonlSink(step_dir / "requests.jsonl")
-            sinks = [sink, *([watch] if watch else []), *([PrometheusSink(exporter)] if exporter else [])]
+            sinks: list[Sink] = [sink, *([watch] if watch else []), *([PrometheusSink(exporter)] if exporter else [])]
             record_stream = FanoutSink(*sinks) if len(sinks) > 1 else sink
             stack.callback(record_stream.close)
             ctx = LoadContext(self.endpoint.base_url, plan, workload, self.tokenizer, record_stream, unix_offset=0.0,
@@ -145,8 +146,13 @@ class Session:
             def stop_when() -> bool:  # a record that cannot be written stops the load as a missed SLO does
                 return sink.failing or (watch is not None and watch.decided())
 
+            outcome: LoadOutcome
+            workers = None
             if self.master:
-                outcome = self.master.run(ctx, scenario, self.tokenizer.to_str(), stop_when=stop_when)
+                distributed = self.master.run(ctx, scenario, self.tokenizer.to_str(), stop_when=stop_when)
+                outcome = distributed
+                workers = [WorkerCpu(index=w.index, cpu_fraction=w.cpu_fraction, cpu_s=w.cpu_s)
+                           for w in distributed.workers]
             else:
                 outcome = run_load(ctx, progress=self.progress, stop_when=stop_when)
         sink.check()
@@ -170,9 +176,7 @@ class Session:
                            throughput_mode=load.type == "throughput"),
             server=summarize_server_metrics(step_dir / "server_metrics.jsonl", window_start, window_end,
                                             scraper.errors if scraper else 0),
-            breakdown=self._breakdown(capture, step_dir) if capture is not None else None,
-            workers=[WorkerCpu(index=w.index, cpu_fraction=w.cpu_fraction, cpu_s=w.cpu_s) for w in outcome.workers]
-            if self.master else None)
+            breakdown=self._breakdown(capture, step_dir) if capture is not None else None, workers=workers)
         summary = summarize(records, facts, self.slos, parts)
         summary.write(step_dir / "summary.json")
         return summary, outcome
@@ -183,29 +187,44 @@ class Session:
         except ProfileError as error:
             self.progress(f"profile: none ({error})")
             return None
-        try:
-            breakdown.trace = os.path.relpath(breakdown.trace, step_dir)
-        except ValueError:  # another drive
-            pass
+        if breakdown.trace is not None:
+            try:
+                breakdown.trace = os.path.relpath(breakdown.trace, step_dir)
+            except ValueError:  # another drive
+                pass
         self.progress(breakdown.render())
         return breakdown
 
 
-def run_session(plan: LoadTestPlan, progress=print) -> int:
+def _slo_watch(slos: list[Slo], plan: LoadPlan) -> SloWatch:
+    """The watch that stops an open-loop step early once its verdict on `slos` is certain."""
+    watch = SloWatch(slos, plan.due_in_window())
+
+    def pending() -> int:  # due in the window so far and not recorded yet: in flight, or about to be sent
+        return plan.due_in_window(until_s=time.perf_counter() - plan.start) - watch.seen
+
+    watch.pending = pending
+    return watch
+
+
+def run_session(plan: LoadTestPlan, progress: Callable[[str], None] = print) -> int:
     """Run a load test end to end; returns its exit status (tokenrig/exit_status.py)."""
     spec, scenario, remote, slos, profile = plan.spec, plan.scenario, plan.remote, plan.slos, plan.profile
     client, workers, profiling, scrape, seed_source = (plan.client, plan.workers, plan.profiling, plan.scrape,
                                                        plan.seed_source)
     # a server tokenrig did not start is named by what its user declared and it reports, not by the flags' defaults
-    endpoint, facts, metrics_problem = (_existing_endpoint(remote, spec, scenario, client, progress) if remote
-                                        else (None, spec.describe(), None))
+    endpoint: Endpoint | None = None  # the server at --url; else the one tokenrig starts, once it has started
+    if remote:
+        endpoint, facts, metrics_problem = _existing_endpoint(remote, spec, scenario, client, progress)
+        where = f"the server at {endpoint.base_url}"
+    else:
+        facts, metrics_problem = spec.describe(), None
+        where = f"{spec.backend} backend, {spec.model.key} on {spec.gpu.key}"
     run_dir = new_run_dir(plan.results_root, scenario.name, facts["backend"], facts["model"], facts["gpu"])
     metadata = RunMetadata.new(run_id=run_dir.name, created_unix=time.time(), scenario=scenario.model_dump(),
                                seed=scenario.load.seed, seed_source=seed_source, server=facts,
                                slos=[slo.name + f"<={slo.threshold_s:g}s" for slo in slos or []],
                                search=profile.metadata(), **environment_facts())
-    where = (f"the server at {endpoint.base_url}" if remote
-             else f"{spec.backend} backend, {spec.model.key} on {spec.gpu.key}")
     progress(f"run {run_dir.name}: scenario {scenario.name}, {where}, seed {scenario.load.seed} ({seed_source})")
 
     with contextlib.ExitStack() as stack:
@@ -217,12 +236,14 @@ def run_session(plan: LoadTestPlan, progress=print) -> int:
                 spec.extra_args = [*spec.extra_args, *server_profile_args(spec.backend, trace_dir, profiling.steps)]
         master = None
         try:  # metadata.json is written once: when the load is ready, or with what is known when it cannot start
-            if not remote:
+            if endpoint is None:  # no --url: tokenrig starts the server
                 server = stack.enter_context(LaunchedServer(spec, run_dir / "server.log", progress=progress,
                                                             fit=plan.fit))
+                launch = server.plan
+                assert server.endpoint is not None and launch is not None, "a LaunchedServer entered has started"
                 endpoint = server.endpoint
                 # the exact command, environment, memory plan and batch limits; what the engine's log says it served
-                metadata.server = ServerFacts.model_validate({**metadata.server.document(), **server.plan.describe(),
+                metadata.server = ServerFacts.model_validate({**metadata.server.document(), **launch.describe(),
                                                               "served": server.served})
             if scrape and metrics_problem:  # every scrape of every step would fail
                 progress(f"{endpoint.metrics_url} {metrics_problem}: the server exports no metrics there, so it is "
@@ -254,6 +275,7 @@ def run_session(plan: LoadTestPlan, progress=print) -> int:
             status = _run_search(session, profile, title)
         else:
             step = profile.next_step(scenario.load, slos, [])
+            assert step is not None, "a run that is no search has one step"
             summary, outcome = session.run_step(step.load, run_dir)
             progress("")
             progress(render(summary, f"{title} | {summary.plan}"))
@@ -282,7 +304,7 @@ def _run_search(session: Session, profile: Search, title: str) -> int:
     steps: list[StepResult] = []
     interrupted, lost = False, None
 
-    def measure(plan: StepPlan) -> StepResult:
+    def measure(plan: SearchStepPlan) -> StepResult:
         step_dir = session.run_dir / "steps" / f"{len(steps) + 1:02d}-{profile.label(plan.value)}"
         if session.scrape:
             wait_server_idle(session.endpoint.metrics_url, progress=progress)
