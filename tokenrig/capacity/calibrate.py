@@ -37,9 +37,10 @@ from tokenrig.serve.engines.sim import RooflineParams
 FIGURES = ("ttft_p50_s", "tpot_p50_s", "output_tokens_per_s")
 STEP_TIME_FIGURES = ("tpot_p50_s", "output_tokens_per_s")
 DEFAULTS = RooflineParams()
-NAMES = ("compute_efficiency", "bandwidth_efficiency", "step_overhead_s", "sequence_overhead_s", "api_latency_s")
-# where each fit starts and what it is pulled towards (RooflineParams' defaults; 10 us per sequence and
-# 1 ms to reach the engine, as zero has no logarithm), and the bounds of each parameter
+# a fit's parameters, in the order of its vector of logarithms (EngineModel.vector): compute_efficiency,
+# bandwidth_efficiency, step_overhead_s, sequence_overhead_s, api_latency_s; where each fit starts and what it is
+# pulled towards (RooflineParams' defaults; 10 us per sequence and 1 ms to reach the engine, as zero has no
+# logarithm), and the bounds of each parameter
 TYPICAL = (DEFAULTS.compute_efficiency, DEFAULTS.bandwidth_efficiency, DEFAULTS.step_overhead_s, 1e-5, 1e-3)
 BOUNDS = ((0.005, 1.0), (0.005, 1.0), (1e-5, 1.0), (1e-8, 0.05), (1e-5, 1.0))
 PRIOR_WEIGHT = 0.02  # residual per factor e between a parameter and its typical value
@@ -61,8 +62,11 @@ SEQUENCE_OVERHEAD_GRID = (1e-6, 3e-5, 1e-3)
 
 
 def figures(summary: RunSummary) -> dict[str, float]:
-    latency = summary.latency_s
-    return {"ttft_p50_s": latency.get("ttft").p50, "tpot_p50_s": latency.get("tpot").p50,
+    """What a calibration fits, of a step with TTFT and TPOT samples (MeasuredStep.unusable screens the others)."""
+    ttft, tpot = summary.latency_s.get("ttft"), summary.latency_s.get("tpot")
+    if ttft is None or tpot is None:
+        raise ValueError("a step without TTFT or TPOT samples has no figures to fit")
+    return {"ttft_p50_s": ttft.p50, "tpot_p50_s": tpot.p50,
             "output_tokens_per_s": summary.throughput.output_tokens_per_s}
 
 
@@ -76,9 +80,9 @@ class EngineModel:
 
     @classmethod
     def from_vector(cls, x: np.ndarray, limits: RooflineParams) -> EngineModel:
-        values = dict(zip(NAMES, map(float, np.exp(x))))
-        latency = values.pop("api_latency_s")
-        return cls(replace(limits, **values), latency)
+        compute, bandwidth, per_step, per_sequence, latency = map(float, np.exp(x))  # the vector's order
+        return cls(replace(limits, compute_efficiency=compute, bandwidth_efficiency=bandwidth,
+                           step_overhead_s=per_step, sequence_overhead_s=per_sequence), latency)
 
     def vector(self) -> np.ndarray:
         p = self.params
@@ -94,7 +98,7 @@ class EngineModel:
 
 def in_flight(step: MeasuredStep) -> float:
     """Requests the step held in flight on average (Little's law: completions/s x median end-to-end latency)."""
-    e2e = step.summary.latency_s.e2e
+    e2e = step.summary.latency_s.get("e2e")
     return step.summary.throughput.requests_per_s * e2e.p50 if e2e else 0.0
 
 
@@ -223,6 +227,7 @@ class Calibration:
             return order, len(missing), len(extra)
 
         best = min(rank(scale)[0] for scale in groups)
+        chosen: tuple[frozenset[str], ...]
         if best == 1:  # every group that scaled more bounds the error: the tightest bound answers
             chosen = (min((scale for scale in groups if rank(scale)[0] == 1),
                           key=lambda scale: (max(held.error for held in groups[scale]), sorted(scale))),)

@@ -83,7 +83,7 @@ class MeasuredStep:
             return "no measured request"
         if summary.requests.failed:
             return f"{summary.requests.failed} failed requests"
-        if not summary.latency_s.ttft or not summary.latency_s.tpot:
+        if not summary.latency_s.get("ttft") or not summary.latency_s.get("tpot"):
             return "no TTFT/TPOT"
         return None
 
@@ -121,7 +121,9 @@ class SearchRun:
                 verdict = judge(records, slos, step.summary.window.seconds)
             result = StepResult(row["load"], step.summary.model_copy(update={"slo": verdict}),
                                 stopped_early=row["stopped_early"], probe=row.get("probe", False))
-            if result.slo_met and result.valid and not result.probe and (best is None or result.load > best[0]):
+            # a step that met the SLOs was judged against them: its verdict is there
+            if (result.slo_met and verdict is not None and result.valid and not result.probe
+                    and (best is None or result.load > best[0])):
                 best = (result.load, step, verdict)
         if best is None:
             return "no step met the SLOs"
@@ -144,6 +146,7 @@ def read_run(run_dir: Path) -> tuple[list[MeasuredStep], SearchRun | None]:
         summary = RunSummary.read(run_dir / "summary.json")
         return [MeasuredStep(run_dir, server, scenario, scenario.load, summary)], None
     document = json.loads(search_file.read_text())
+    assert metadata.search is not None, "a run that wrote search.json recorded its search in metadata.json"
     profile = profile_from_metadata(metadata.search)
     slos = recorded_slos(metadata.document())
     steps = []

@@ -188,40 +188,44 @@ def fit_operator_model(breakdowns: list[OperatorBreakdown], model: ModelProfile,
         gemm = tuple(math.exp(v) for v in x)
         return [math.log(_gemm_time(gemm, batch, shapes, bw, flops) / seconds) for batch, seconds in observed_gemm]
 
+    gemm: tuple[float, float, float] = (0.0, 1.0, 1.0)
     if observed_gemm:
         solution = least_squares(gemm_residuals, x0=[math.log(5e-6), math.log(0.7), math.log(0.6)],
                                  bounds=([math.log(1e-8), math.log(0.01), math.log(0.01)],
                                          [math.log(1e-3), math.log(1.5), math.log(1.5)]))
-        gemm = tuple(float(math.exp(v)) for v in solution.x)
-    else:
-        gemm = (0.0, 1.0, 1.0)
+        launch, e_bw, e_f = (float(math.exp(v)) for v in solution.x)
+        gemm = (launch, e_bw, e_f)
 
-    def nonneg(features: list[list[float]], seconds: list[float]) -> tuple[float, ...]:
-        """Non-negative least squares on relative error (each row divided by what it measured)."""
+    def nonneg(features: list[list[float]], seconds: list[float]) -> list[float]:
+        """Non-negative least squares on relative error (each row divided by what it measured): one coefficient
+        per feature (every row has the same features, and there are at least 3 rows)."""
         keep = [(f, s) for f, s in zip(features, seconds) if s > 0]
         if not keep:
-            return tuple(0.0 for _ in features[0]) if features else ()
+            return [0.0] * len(features[0])
         a = np.array([[v / s for v in f] for f, s in keep])
         coefficients, _ = nnls(a, np.ones(len(keep)))
-        return tuple(float(c) for c in coefficients)
+        return [float(c) for c in coefficients]
 
     layers = shapes.layers
-    attention = nonneg([[layers, layers * b.decode_kv_tokens * shapes.kv_bytes_per_token_layer / bw,
-                         layers * b.prefill_attention_pairs * shapes.pair_flops_layer / flops] for b in batches],
-                       [_class_ms(row, ATTENTION) / 1000 for row in rows])
-    elementwise = {}
+    attention_launch, inv_kv, inv_pf = nonneg(
+        [[layers, layers * b.decode_kv_tokens * shapes.kv_bytes_per_token_layer / bw,
+          layers * b.prefill_attention_pairs * shapes.pair_flops_layer / flops] for b in batches],
+        [_class_ms(row, ATTENTION) / 1000 for row in rows])
+    elementwise: dict[str, tuple[float, float]] = {}
     for name in PER_LAYER_ELEMENTWISE:
         seconds = [row.per_class_ms.get(name, 0.0) / 1000 for row in rows]
         if any(seconds):
-            elementwise[name] = nonneg([[layers, layers * b.tokens * shapes.hidden * 2 / bw] for b in batches],
-                                       seconds)
-    sampling = nonneg([[1.0, b.sequences * shapes.vocab * 4 / bw] for b in batches],
-                      [row.per_class_ms.get("sampling", 0.0) / 1000 for row in rows]) or (0.0, 0.0)
-    idle = nonneg([[1.0, float(b.sequences)] for b in batches],
-                  [row.per_class_ms.get("gpu_idle", 0.0) / 1000 for row in rows]) or (0.0, 0.0)
+            per_layer, per_byte = nonneg([[layers, layers * b.tokens * shapes.hidden * 2 / bw] for b in batches],
+                                         seconds)
+            elementwise[name] = (per_layer, per_byte)
+    sampling_a, sampling_b = nonneg([[1.0, b.sequences * shapes.vocab * 4 / bw] for b in batches],
+                                    [row.per_class_ms.get("sampling", 0.0) / 1000 for row in rows])
+    idle_a, idle_b = nonneg([[1.0, float(b.sequences)] for b in batches],
+                            [row.per_class_ms.get("gpu_idle", 0.0) / 1000 for row in rows])
     ridge_tokens = min(shapes.gemm_bytes[role] / bw / (2 * shapes.gemm_params[role] / flops) for role in GEMM_SHAPES)
     prefill_seen = any(b.prefill_attention_pairs for b in batches) and any(b.tokens > ridge_tokens for b in batches)
-    fitted = OperatorModel(gpu, quant, gemm, attention, elementwise, sampling, idle, len(rows),
+    fitted = OperatorModel(gpu, quant, gemm, (attention_launch, inv_kv, inv_pf), elementwise,
+                           (sampling_a, sampling_b), (idle_a, idle_b), len(rows),
                            unmeasured=[] if prefill_seen else ["prefill"], sources=list(sources or []))
     errors = _cross_validated_error(breakdowns, rows, model, gpu, quant, tp) if check else None
     if errors:

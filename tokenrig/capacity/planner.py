@@ -139,10 +139,11 @@ class CapacityPlanner:
                         if key not in calibrations:
                             calibrations[key] = self._calibration(engine, quant, device_class(gpu.key), notes,
                                                                   profile)
-                        if calibrations[key] is None:
+                        calibration = calibrations[key]
+                        if calibration is None:
                             continue
                         self.progress(f"projecting {label} (virtual-time SLO search)")
-                        row = self._projected(calibrations[key], gpu, notes)
+                        row = self._projected(calibration, gpu, profile, notes)
                     if row is not None:
                         rows.append(row)
         rows.sort(key=lambda r: (r.sizing["usd_per_hour"], r.sizing["usd_per_million_output_tokens"]))
@@ -224,7 +225,10 @@ class CapacityPlanner:
         return max(len(turn.prompt_ids) + turn.prepared.max_tokens for index in range(LARGEST_REQUEST_SAMPLE)
                    for turn in book.conversation(seed, index, None).turns)
 
-    def _projected(self, calibration: Calibration, gpu: GpuProfile, notes: list[str]) -> CapacityRow | None:
+    def _projected(self, calibration: Calibration, gpu: GpuProfile, profile: ChosenProfile | None,
+                   notes: list[str]) -> CapacityRow | None:
+        """The row a virtual-time SLO search on `calibration` answers for `gpu`; `profile` is the operator profile
+        nearest `gpu`, which the calibration rests on when there is one (the calibration is made per profile)."""
         q = self.question
         label = f"{gpu.key} {calibration.quant} {calibration.engine}"
         try:
@@ -242,16 +246,17 @@ class CapacityPlanner:
             notes.append(f"{label}: projected, no rate meets the SLOs ({search.result.stop_reason})")
             return None
         transfers = gpu.key in calibration.gpus
-        if calibration.profile:
-            chosen = self.profiles.nearest(calibration.engine, calibration.quant, gpu, q.model.key)
-            band = calibration.band_for(chosen.kinds)
-            basis = (calibration.profile.describe(with_scaling=False)
-                     + (f"; {'; '.join(chosen.scaled)}" if chosen.scaled else "")
+        if profile is not None:
+            band = calibration.band_for(profile.kinds)
+            basis = (profile.describe(with_scaling=False)
+                     + (f"; {'; '.join(profile.scaled)}" if profile.scaled else "")
                      + f"; checked on {len(calibration.steps)} load steps on {', '.join(calibration.gpus)}"
                      + (f"; {band.describe()}" if band else ""))
         else:
             band = calibration.band_for()
             basis = (f"calibrated on {len(calibration.steps)} steps on {', '.join(calibration.gpus)}"
                      + ("" if transfers else f"; {gpu.key} not among them"))
+        judged = best.summary.slo
+        assert judged is not None, "the best step met every SLO, so it was judged against them"
         return self._row(calibration.engine, calibration.quant, gpu, tp, "projected", basis,
-                         band.value if band else None, best.summary.slo.goodput_rps, best.summary)
+                         band.value if band else None, judged.goodput_rps, best.summary)

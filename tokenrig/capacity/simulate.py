@@ -12,11 +12,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 from tokenrig.capacity.operators import OperatorModel, OperatorScheduler
-from tokenrig.loadgen.load_profiles import FindMax, SearchResult, StepPlan, walk
+from tokenrig.loadgen.load_profiles import FindMax, SearchResult, SearchStepPlan, walk
 from tokenrig.loadgen.plan import LoadPlan, TraceRow
 from tokenrig.loadgen.scenario import LoadPlanSpec, Scenario
 from tokenrig.loadgen.workload import PreparedRequest, Workload
@@ -138,7 +139,7 @@ class VirtualClient:
         self.setup, self.book, self.load = setup, book, load
         self.scheduler = setup.scheduler()
         self.plan = LoadPlan(load, start=0.0)
-        self.watch = (SloWatch(stop_on, self.plan.scheduled_in_window() or 0) if stop_on and self.plan.open_loop
+        self.watch = (SloWatch(stop_on, self.plan.due_in_window()) if stop_on and self.plan.open_loop
                       else None)
         self.records: list[RequestRecord] = []
         self.clock = 0.0
@@ -259,11 +260,11 @@ class VirtualSearch:
     base: LoadPlanSpec
     slos: list[Slo]
     options: FindMax
-    progress: object = print
+    progress: Callable[[str], None] = print
 
     @cached_property
     def result(self) -> SearchResult:
-        def measure(plan: StepPlan) -> StepResult:
+        def measure(plan: SearchStepPlan) -> StepResult:
             step = replay(self.setup, self.book, plan.load, self.slos, stop_early=plan.stop_early)
             return StepResult(plan.value, step.summary, stopped_early=step.stopped_early)
 
