@@ -7,6 +7,7 @@ from tokenrig import exit_status
 from tokenrig.cli import main
 from tokenrig.errors import UsageError, UserError
 from tokenrig.loadgen.scenario import ScenarioError
+from tokenrig.metrics.records import RecordWriteError
 from tokenrig.monitor.exporter import ExporterPortError
 from tokenrig.profiles import UnknownProfileError
 from tokenrig.report.compare import CompareError
@@ -30,6 +31,12 @@ def test_every_bad_input_error_is_a_user_error_exiting_2(error_class):
 def test_a_model_that_does_not_fit_is_a_user_error_exiting_3_and_keeps_its_old_base():
     assert issubclass(FitError, UserError) and issubclass(FitError, ValueError)
     assert FitError.exit_code == exit_status.DOES_NOT_FIT and FitError.label == "does not fit"
+
+
+def test_records_that_cannot_be_written_are_a_user_error_exiting_1_and_keep_their_old_base():
+    """main() prints it as any user error; test_reliability runs the CLI out of disk (one line, exit 1)."""
+    assert issubclass(RecordWriteError, UserError) and issubclass(RecordWriteError, OSError)
+    assert RecordWriteError.exit_code == exit_status.FAILED and RecordWriteError.label == "error"
 
 
 def test_usage_errors_are_not_scenario_errors():

@@ -6,7 +6,9 @@ the search found no rate, or the user stopped it.
 """
 
 OK = 0
-FAILED = 1  # more than --max-error-rate of the measured requests failed, or a load-generator worker was lost
+# more than --max-error-rate of the measured requests failed, a load-generator worker was lost, or the records could
+# not be written
+FAILED = 1
 BAD_INPUT = 2  # one line on stderr names the flag and the fix
 DOES_NOT_FIT = 3  # a valid question whose answer is no: the model does not fit the GPUs asked for
 INVALID = 4  # the load generator, not the server, shaped the result, or the window measured nothing

@@ -22,12 +22,10 @@ from tokenrig.cli.reporting import cmd_capacity, cmd_report
 from tokenrig.cli.serving import cmd_fit, cmd_gpus, cmd_loadtest, cmd_model, cmd_serve
 from tokenrig.cli.training import cmd_train
 from tokenrig.errors import UserError
-from tokenrig.exit_status import FAILED, INTERRUPTED
+from tokenrig.exit_status import INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokenrig.metrics.records import RecordWriteError
-
     args = build_parser().parse_args(argv)
     args.given = given_options(argv)
     handlers = {"loadtest": cmd_loadtest, "serve": cmd_serve, "train": cmd_train, "model": cmd_model,
@@ -37,9 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"tokenrig: {error.label}: {error}", file=sys.stderr)
         return error.exit_code
-    except RecordWriteError as error:
-        print(f"tokenrig: error: {error}", file=sys.stderr)
-        return FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED

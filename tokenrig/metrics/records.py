@@ -15,6 +15,9 @@ from typing import Protocol
 import numpy as np
 import orjson
 
+from tokenrig import exit_status
+from tokenrig.errors import UserError
+
 # A request in flight when the load test was stopped: the server did nothing wrong, so it is cancelled,
 # not failed.
 CANCELLED = "aborted: load test stopped before the response ended"
@@ -100,8 +103,10 @@ class FanoutSink:
             sink.close()
 
 
-class RecordWriteError(OSError):
-    """Records could not be written (disk full, file-size limit, directory gone): the run must stop."""
+class RecordWriteError(UserError, OSError):
+    """Records could not be written (disk full, file-size limit, directory gone): the run must stop, and failed."""
+
+    exit_code = exit_status.FAILED
 
 
 class JsonlSink:
