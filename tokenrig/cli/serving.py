@@ -127,6 +127,7 @@ def cmd_loadtest(args) -> int:
 def loadtest_plan(args):
     """The LoadTestPlan a parsed `loadtest` command line asks for, every option checked and the server's fit
     planned (FitError) before anything starts."""
+    from tokenrig.loadgen.load_profiles import Sweep
     from tokenrig.loadgen.overrides import LoadOverrides, plan_run
     from tokenrig.loadgen.scenario import CLOSED_LOOP_TYPES, load_scenario
     from tokenrig.loadtest_plan import LoadTestPlan, WorkerOptions
@@ -160,9 +161,10 @@ def loadtest_plan(args):
     scenario, load = run.scenario, run.scenario.load
     profiling = _profiling(args)
     # the KV cache must hold the closed loop's users, or the open loop's in-flight cap (up to a typical batch limit)
-    user_sweep = getattr(run.profile, "users", False)  # its steps are closed loops; the server must hold the largest
-    closed = user_sweep or load.type in CLOSED_LOOP_TYPES
-    users = max(run.profile.loads) if user_sweep else load.users
+    # a --users sweep's steps are closed loops: the server must hold the largest
+    swept_users = run.profile.loads if isinstance(run.profile, Sweep) and run.profile.users else None
+    closed = swept_users is not None or load.type in CLOSED_LOOP_TYPES
+    users = max(swept_users) if swept_users is not None else load.users
     spec = ServerSpec.from_args(args, concurrency=int(users) if closed else min(load.max_in_flight, 256))
     if not args.url:  # a server at --url runs wherever it runs, with its own memory plan
         _check_hardware(spec, args.dry_run)
