@@ -49,7 +49,7 @@ from tokenrig.serve.remote import RemoteOptions, RemoteServer, auth_headers, ser
 from tokenrig.serve.scrape import MetricsScraper, summarize_server_metrics, wait_server_idle
 from tokenrig.serve.spec import Endpoint, ServerSpec
 
-if TYPE_CHECKING:  # importing distributed imports Locust, which patches the standard library: only when it runs
+if TYPE_CHECKING:  # the distributed load's master is imported where --workers asks for one (run_session)
     from tokenrig.loadgen.distributed import Master
 
 
