@@ -22,6 +22,7 @@ separate bandwidth from per-step overhead.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -282,7 +283,7 @@ class Calibration:
 class Calibrator:
     """Fits and checks calibrations; request books are built once per scenario and model."""
 
-    def __init__(self, progress=print):
+    def __init__(self, progress: Callable[[str], None] = print):
         self.progress = progress
         self._books: dict[tuple[str, str], RequestBook] = {}
 

@@ -27,12 +27,14 @@ percentile of single held-out steps' errors (host stalls make single steps miss)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import least_squares, nnls
 
 from tokenrig.breakdown.table import OperatorBreakdown, StepRow
+from tokenrig.capacity.inputs import MeasuredStep
 from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
 from tokenrig.serve.engines.sim import RooflineScheduler
 from tokenrig.serve.fit import GROUP_SIZE, linear_bytes
@@ -318,19 +320,20 @@ class OperatorProfiles:
     """The operator models fitted to every profiled step in the inputs, one per engine configuration, weight
     format, GPU type, model and TP size, and the nearest one to a question."""
 
-    def __init__(self, steps, progress=print):
-        groups: dict[ProfileKey, list] = {}
+    def __init__(self, steps: list[MeasuredStep], progress: Callable[[str], None] = print):
+        groups: dict[ProfileKey, list[tuple[MeasuredStep, OperatorBreakdown]]] = {}
         for step in steps:
-            if step.summary.breakdown is not None and step.summary.breakdown.device == "gpu":
+            breakdown = step.summary.breakdown
+            if breakdown is not None and breakdown.device == "gpu":
                 key = ProfileKey(step.engine, step.quant, step.gpu, step.model, step.tp)
-                groups.setdefault(key, []).append(step)
+                groups.setdefault(key, []).append((step, breakdown))
         self.fitted: dict[ProfileKey, OperatorModel] = {}  # each as its own steps showed it
         self.profiled: dict[ProfileKey, list[StepRow]] = {}  # the profiled steps each was fitted to
         for key, members in groups.items():
-            breakdowns = [s.summary.breakdown for s in members]
+            breakdowns = [breakdown for _, breakdown in members]
             try:
                 self.fitted[key] = fit_operator_model(breakdowns, resolve_model(key.model), resolve_gpu(key.gpu),
-                                                      key.quant, key.tp, sources=[str(s.path) for s in members])
+                                                      key.quant, key.tp, sources=[str(s.path) for s, _ in members])
                 self.profiled[key] = _rows(breakdowns)
             except ValueError as error:
                 progress(f"operator profile {key}: not used ({error})")

@@ -18,6 +18,7 @@ cost.py turns each goodput into replicas, GPUs, dollars and energy; rows come ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenrig.capacity.calibrate import Calibration, Calibrator
@@ -106,8 +107,8 @@ def _per_request(summary: RunSummary) -> tuple[float, float]:
 
 class CapacityPlanner:
     def __init__(self, question: CapacityQuestion, steps: list[MeasuredStep], searches: list[SearchRun],
-                 progress=print, notes: list[str] | None = None, profiles: OperatorProfiles | None = None,
-                 calibrator: Calibrator | None = None):
+                 progress: Callable[[str], None] = print, notes: list[str] | None = None,
+                 profiles: OperatorProfiles | None = None, calibrator: Calibrator | None = None):
         self.question = question
         self.notes = list(notes or [])  # about the inputs (runs skipped), ahead of the answer's own
         self.steps = steps

@@ -8,6 +8,7 @@ file sets one, as `loadtest` does. The caller must have imported locust first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenrig.loadgen.load_profiles import FindMax
@@ -16,7 +17,7 @@ from tokenrig.metrics.slo import Slo
 
 
 def run_searches(specs: list, scenario: Scenario, slos: list[Slo], search: FindMax, results: Path,
-                 progress=print) -> list[Path]:
+                 progress: Callable[[str], None] = print) -> list[Path]:
     """Run the search for each ServerSpec; returns the new run directories. Stops at Ctrl-C."""
     from tokenrig.loadtest import run_session
     from tokenrig.loadtest_plan import LoadTestPlan

@@ -49,7 +49,7 @@ class LoadContext:
     finishers: Group = field(default_factory=Group)  # records being finished after their stream ended
     count_tokens: TokenCounter = field(init=False)
     reading: dict = field(default_factory=dict)  # greenlet -> [when its stream last delivered a line]
-    _watchdog: object = None
+    _watchdog: gevent.Greenlet | None = None  # the one that fails silent streams, while any is read
     _next_id: int = 0
 
     def __post_init__(self) -> None:
