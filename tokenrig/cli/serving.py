@@ -165,7 +165,8 @@ def loadtest_plan(args):
     swept_users = run.profile.loads if isinstance(run.profile, Sweep) and run.profile.users else None
     closed = swept_users is not None or load.type in CLOSED_LOOP_TYPES
     users = max(swept_users) if swept_users is not None else load.users
-    spec = ServerSpec.from_args(args, concurrency=int(users) if closed else min(load.max_in_flight, 256))
+    spec = ServerSpec.from_args(args, concurrency=int(users) if closed and users is not None  # a closed plan's
+                                else min(load.max_in_flight, 256))  # users are validated; the check narrows
     if not args.url:  # a server at --url runs wherever it runs, with its own memory plan
         _check_hardware(spec, args.dry_run)
     count = _choose_workers(args, scenario, run.profile, spec)

@@ -68,6 +68,7 @@ def build_engine(args):
     options.validate()
     first_content_id = len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS)
     if options.fixed_schedule:
+        assert options.sim_ttft_ms is not None and options.sim_tpot_ms is not None, "validate() refuses one alone"
         return FixedSchedule(options.sim_ttft_ms / 1000, options.sim_tpot_ms / 1000, model.vocab_size,
                              first_content_id, slots=args.max_num_seqs), model
     params = RooflineParams(gpu_memory_utilization=args.gpu_memory_utilization)

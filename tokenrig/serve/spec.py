@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 from tokenrig.errors import UserError
 from tokenrig.profiles import GpuProfile, ModelProfile, resolve_gpu, resolve_model
@@ -91,7 +91,7 @@ class BackendOptions:
             flag.add_to(parser)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> BackendOptions:
+    def from_args(cls, args: argparse.Namespace) -> Self:
         """The options given on a parsed command line; the rest keep their defaults."""
         given = {flag.dest: getattr(args, flag.dest) for flag in cls.flags() if getattr(args, flag.dest) is not None}
         return cls(**given)
