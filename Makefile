@@ -35,7 +35,7 @@ ifneq ($(filter $(ENGINES),$(BACKEND)),)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[$(BACKEND),test]'
 else
 	# torch through pip, which reads the machine's pip configuration (a local CPU wheel, constraints); the rest
-	# through uv, which resolves and downloads in parallel: the whole set-up took 40 s against pip's 110 s on a
+	# through uv, which resolves and downloads in parallel: the whole set-up took 47 s against pip's 110 s on a
 	# 2-core CI VM (cold caches both), the same 125 packages. uv keeps the torch installed here (it only replaces
 	# what no longer satisfies a requirement). --compile-bytecode as pip does: uv writes no .pyc by default, and where
 	# PYTHONDONTWRITEBYTECODE is set (this CI's machines) every process then compiled torch, transformers and DeepSpeed
