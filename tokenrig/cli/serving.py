@@ -161,12 +161,13 @@ def loadtest_plan(args):
     scenario, load = run.scenario, run.scenario.load
     profiling = _profiling(args)
     # the KV cache must hold the closed loop's users, or the open loop's in-flight cap (up to a typical batch limit)
-    # a --users sweep's steps are closed loops: the server must hold the largest
-    swept_users = run.profile.loads if isinstance(run.profile, Sweep) and run.profile.users else None
-    closed = swept_users is not None or load.type in CLOSED_LOOP_TYPES
-    users = max(swept_users) if swept_users is not None else load.users
-    spec = ServerSpec.from_args(args, concurrency=int(users) if closed and users is not None  # a closed plan's
-                                else min(load.max_in_flight, 256))  # users are validated; the check narrows
+    if isinstance(run.profile, Sweep) and run.profile.users:  # closed-loop steps: the server must hold the largest
+        concurrency = int(max(run.profile.loads))
+    elif load.type in CLOSED_LOOP_TYPES and load.users is not None:  # a closed loop's plan always has users
+        concurrency = load.users
+    else:
+        concurrency = min(load.max_in_flight, 256)
+    spec = ServerSpec.from_args(args, concurrency=concurrency)
     if not args.url:  # a server at --url runs wherever it runs, with its own memory plan
         _check_hardware(spec, args.dry_run)
     count = _choose_workers(args, scenario, run.profile, spec)
